@@ -1,0 +1,113 @@
+"""The shared projected-optimisation core.
+
+Every search over an L-inf ball in this project (PGD and the high-confidence attack in
+``attacks``, the MCN shell's per-label ascent in ``shells``) is one call of
+:func:`projected_ascent`: maximise a per-example objective over ``N(x, r) = {z : |z - x|_inf <= r}
+intersected with the pixel box [0, 255]``, by signed-gradient steps or Adam, keeping the best iterate
+per example. It is written to run inside a caller's ``tf.function`` (it traces to a single
+``tf.while_loop``), so the caller decides the batch layout and the compilation (XLA or not).
+
+Units: pixels (0..255); ``radius`` and ``step_size`` are in pixel units.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import tensorflow as tf
+
+from manifold_tf.validation import PIXEL_MAX, PIXEL_MIN
+
+Objective = Callable[[tf.Tensor], tf.Tensor]
+
+OPTIMIZERS = ("sign", "adam")
+
+
+def project(z: tf.Tensor, x: tf.Tensor, radius) -> tf.Tensor:
+    """Projects ``z`` onto ``N(x, radius)``: the L-inf ball around ``x`` intersected with the box.
+
+    ``radius`` is a scalar or a tensor broadcastable to ``x`` (e.g. ``[N, 1, 1, 1]`` per example).
+    """
+    z = tf.clip_by_value(z, x - radius, x + radius)
+    return tf.clip_by_value(z, PIXEL_MIN, PIXEL_MAX)
+
+
+def random_start(x: tf.Tensor, radius, seed: tf.Tensor) -> tf.Tensor:
+    """A uniform random point of ``N(x, radius)``; ``seed`` is a stateless ``[2]`` int seed."""
+    noise = tf.random.stateless_uniform(tf.shape(x), seed=seed, minval=-1.0, maxval=1.0)
+    return project(x + noise * radius, x, radius)
+
+
+def projected_ascent(
+    objective: Objective,
+    x: tf.Tensor,
+    z0: tf.Tensor,
+    *,
+    radius,
+    steps: int,
+    step_size,
+    optimizer: str = "sign",
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    adam_epsilon: float = 1e-8,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """Maximises ``objective`` over ``N(x, radius)`` starting from ``z0``.
+
+    Args:
+      objective: maps a batch ``z`` ``[B, ...]`` to per-example values ``[B]`` to maximise. It is
+        differentiated with respect to ``z``; examples must not interact (the gradient of the sum
+        is then each example's own gradient).
+      x: centres of the balls ``[B, ...]`` (pixels).
+      z0: starting points ``[B, ...]``, inside the ball (see :func:`random_start`).
+      radius: ball radius in pixels: scalar or broadcastable to ``x``.
+      steps: number of gradient steps ``K`` (each one forward+backward pass).
+      step_size: pixels per step. ``"sign"``: ``z += step_size * sign(grad)`` (PGD).
+        ``"adam"``: Adam on ``z`` with learning rate ``step_size`` (bias-corrected moments).
+      optimizer: ``"sign"`` or ``"adam"``.
+
+    Returns:
+      ``(z_best, f_best)``: per example the iterate with the highest objective among the ``K + 1``
+      visited (sign steps are not monotone, so the last iterate is not always the best) and its
+      value. Cost: ``K`` forward+backward passes and one forward pass.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {optimizer!r}.")
+    steps = int(steps)
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0; got {steps}.")
+    batch_shape = tf.shape(x)[:1]
+    expand = [-1] + [1] * (len(x.shape) - 1)
+
+    def value_and_grad(z):
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            f = objective(z)
+        return f, tape.gradient(f, z)
+
+    def keep_best(z, f, z_best, f_best):
+        better = f > f_best
+        z_best = tf.where(tf.reshape(better, expand), z, z_best)
+        return z_best, tf.where(better, f, f_best)
+
+    def body(i, z, m, v, z_best, f_best):
+        f, g = value_and_grad(z)
+        z_best, f_best = keep_best(z, f, z_best, f_best)
+        if optimizer == "sign":
+            z_new = z + step_size * tf.sign(g)
+        else:
+            t = tf.cast(i + 1, z.dtype)
+            m = beta1 * m + (1.0 - beta1) * g
+            v = beta2 * v + (1.0 - beta2) * tf.square(g)
+            m_hat = m / (1.0 - tf.pow(beta1, t))
+            v_hat = v / (1.0 - tf.pow(beta2, t))
+            z_new = z + step_size * m_hat / (tf.sqrt(v_hat) + adam_epsilon)
+        return i + 1, project(z_new, x, radius), m, v, z_best, f_best
+
+    z0 = project(z0, x, radius)
+    zeros = tf.zeros_like(z0)
+    f_init = tf.fill(batch_shape, tf.constant(-float("inf"), z0.dtype))
+    loop_vars = (tf.constant(0), z0, zeros, zeros, z0, f_init)
+    _, z, _, _, z_best, f_best = tf.while_loop(
+        lambda i, *_: i < steps, body, loop_vars, maximum_iterations=steps
+    )
+    return keep_best(z, objective(z), z_best, f_best)

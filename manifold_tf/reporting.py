@@ -1,0 +1,158 @@
+"""Reports: atomic JSON/Markdown/PNG writers, output directories that never clobber, progress lines.
+
+Nothing a user wrote is overwritten silently: :func:`prepare_output_dir` refuses a non-empty
+directory unless the caller resumes or overwrites, and every file is written to a temporary name in
+the same directory and then renamed, so a killed run leaves either the old file or the new one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _to_jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(v) for v in obj]
+    if hasattr(obj, "numpy"):  # tf.Tensor
+        obj = obj.numpy()
+    if isinstance(obj, np.ndarray):
+        return _to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    return obj
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically (UTF-8)."""
+    _atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Writes ``obj`` as indented JSON, atomically; numpy/TF values are converted."""
+    write_text(path, json.dumps(_to_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str) -> Any:
+    with open(path, "r", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> None:
+    """Saves a matplotlib figure as PNG atomically and closes it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    _atomic_write_bytes(path, buf.getvalue())
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub-flavoured Markdown table; floats are shown with 4 significant digits."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, (float, np.floating)):
+            return f"{v:.4g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(map(str, headers)) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def prepare_output_dir(path: str, *, overwrite: bool = False, resume: bool = False) -> str:
+    """Creates ``path`` or checks that it may be used.
+
+    A non-empty directory is accepted only with ``resume`` (its contents are kept, to continue) or
+    ``overwrite`` (its files are replaced as the run writes new ones). Raises ``FileExistsError``
+    otherwise, naming the two flags.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"output path {path!r} exists and is not a directory.")
+    if os.path.isdir(path) and os.listdir(path) and not (overwrite or resume):
+        raise FileExistsError(
+            f"output directory {path!r} is not empty: pass --resume to continue the run it holds, "
+            f"or --overwrite to replace it, or choose another directory."
+        )
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """Prints ``desc: done/total unit (pct), rate, elapsed, ETA`` lines to stderr.
+
+    ``initial`` counts work already done by an earlier run (resume): it is shown in the counts
+    but excluded from the rate.
+    """
+
+    def __init__(self, total: int, desc: str, unit: str = "items", initial: int = 0, stream=None):
+        self.total = int(total)
+        self.desc = desc
+        self.unit = unit
+        self.done = int(initial)
+        self._initial = int(initial)
+        self._start = time.perf_counter()
+        self._stream = stream if stream is not None else sys.stderr
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.perf_counter() - self._start
+        new = self.done - self._initial
+        return new / elapsed if elapsed > 0 and new > 0 else float("nan")
+
+    def eta(self) -> float:
+        rate = self.rate
+        return (self.total - self.done) / rate if rate and math.isfinite(rate) else float("inf")
+
+    def line(self) -> str:
+        elapsed = time.perf_counter() - self._start
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        rate = self.rate
+        rate_s = f"{rate:.3g} {self.unit}/s" if math.isfinite(rate) else f"? {self.unit}/s"
+        return (
+            f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), {rate_s}, "
+            f"elapsed {format_duration(elapsed)}, ETA {format_duration(self.eta())}"
+        )
+
+    def update(self, n: int = 1, extra: str = "") -> None:
+        self.done += int(n)
+        print(self.line() + (f", {extra}" if extra else ""), file=self._stream, flush=True)

@@ -1,0 +1,119 @@
+"""Input checks shared by every entry point (models, attacks, shells, scripts).
+
+Every check raises ``ValueError`` naming what was expected and what was received, so that a user
+who passes images in [0, 1], a batch without its batch axis, or a model that ends in a softmax
+learns it at once instead of reading a meaningless robustness number.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+PIXEL_MIN = 0.0
+PIXEL_MAX = 255.0
+IMAGE_SHAPE = (32, 32, 3)
+
+
+def validate_images(
+    x,
+    *,
+    image_shape: Sequence[int] | None = IMAGE_SHAPE,
+    check_range: bool = True,
+    name: str = "x",
+) -> tf.Tensor:
+    """Checks a batch of images and returns it as a float32 tensor.
+
+    Args:
+      x: array-like ``[N, H, W, C]``, floating point, pixel scale 0..255.
+      image_shape: expected ``(H, W, C)``; ``None`` accepts any rank-4 shape.
+      check_range: also check that every value lies in [0, 255] (needs eager values).
+      name: how the argument is called in error messages.
+    """
+    if isinstance(x, (tf.Tensor, tf.Variable)):
+        dtype = x.dtype
+        shape = tuple(x.shape)
+    else:
+        x = np.asarray(x)
+        dtype = tf.as_dtype(x.dtype) if x.dtype != object else None
+        shape = x.shape
+    if dtype is None or not dtype.is_floating:
+        raise ValueError(
+            f"{name} must be a floating-point image batch (float32, pixel scale 0..255); "
+            f"got dtype {getattr(x, 'dtype', type(x))}. Convert uint8 images with "
+            f"tf.cast(x, tf.float32) (no division by 255)."
+        )
+    if len(shape) != 4:
+        raise ValueError(
+            f"{name} must have shape [batch, height, width, channels]; got shape {shape}. "
+            f"A single image needs a batch axis: x[None]."
+        )
+    if image_shape is not None and tuple(shape[1:]) != tuple(image_shape):
+        raise ValueError(
+            f"{name} must have images of shape {tuple(image_shape)} (NHWC); got {tuple(shape[1:])}."
+        )
+    x = tf.convert_to_tensor(x, dtype=tf.float32)
+    if check_range and tf.executing_eagerly() and tf.size(x) > 0:
+        lo = float(tf.reduce_min(x))
+        hi = float(tf.reduce_max(x))
+        if lo < PIXEL_MIN or hi > PIXEL_MAX or not (np.isfinite(lo) and np.isfinite(hi)):
+            hint = " (looks like [0, 1] images: multiply by 255)" if hi <= 1.0 else ""
+            raise ValueError(
+                f"{name} must have pixel values in [0, 255]; got values in [{lo:g}, {hi:g}]{hint}."
+            )
+    return x
+
+
+def validate_labels(y, *, num_examples: int, num_classes: int, name: str = "y") -> tf.Tensor:
+    """Checks integer labels ``[N]`` in ``0..num_classes-1`` and returns them as int32."""
+    y_np = np.asarray(y)
+    if y_np.dtype.kind not in "iu":
+        raise ValueError(f"{name} must hold integer class labels; got dtype {y_np.dtype}.")
+    if y_np.shape != (num_examples,):
+        raise ValueError(
+            f"{name} must have shape [{num_examples}] (one label per image); got {y_np.shape}."
+        )
+    if y_np.size and (y_np.min() < 0 or y_np.max() >= num_classes):
+        raise ValueError(
+            f"{name} must lie in 0..{num_classes - 1}; got values in [{y_np.min()}, {y_np.max()}]."
+        )
+    return tf.convert_to_tensor(y_np, dtype=tf.int32)
+
+
+def validate_radius(value: float, name: str) -> float:
+    """Checks a perturbation budget in pixel units (>= 0, finite)."""
+    value = float(value)
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0 (pixel units, 0..255); got {value}.")
+    if value > PIXEL_MAX:
+        raise ValueError(
+            f"{name}={value} exceeds the pixel range 255: budgets are in pixel units (8 means 8/255)."
+        )
+    return value
+
+
+def check_logits(model, x: tf.Tensor) -> tf.Tensor:
+    """Runs ``model`` on ``x`` and checks that it returns logits ``[N, num_classes]``.
+
+    A model whose outputs are all in [0, 1] and sum to 1 per row is taken to end in a softmax:
+    attacks and shells need logits (their losses apply their own softmax), so this raises.
+    Returns the model's outputs.
+    """
+    out = model(x, training=False)
+    if len(out.shape) != 2:
+        raise ValueError(
+            f"the model must return logits of shape [batch, num_classes]; got shape {tuple(out.shape)}."
+        )
+    if out.shape[-1] is not None and out.shape[-1] < 2:
+        raise ValueError(f"the model must return at least 2 logits; got {out.shape[-1]}.")
+    if tf.executing_eagerly() and out.shape[0]:
+        o = out.numpy()
+        if o.min() >= 0.0 and o.max() <= 1.0 and np.allclose(o.sum(axis=-1), 1.0, atol=1e-3):
+            raise ValueError(
+                "the model appears to return probabilities (every row is in [0, 1] and sums to 1), "
+                "but logits are expected: remove the final softmax (e.g. build the model with "
+                "activation=None in its last layer)."
+            )
+    return out
