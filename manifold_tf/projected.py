@@ -50,6 +50,7 @@ def projected_ascent(
     beta1: float = 0.9,
     beta2: float = 0.999,
     adam_epsilon: float = 1e-8,
+    return_best: bool = True,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Maximises ``objective`` over ``N(x, radius)`` starting from ``z0``.
 
@@ -64,6 +65,9 @@ def projected_ascent(
       step_size: pixels per step. ``"sign"``: ``z += step_size * sign(grad)`` (PGD).
         ``"adam"``: Adam on ``z`` with learning rate ``step_size`` (bias-corrected moments).
       optimizer: ``"sign"`` or ``"adam"``.
+      return_best: keep the best iterate (default). ``False`` returns the last iterate and skips
+        the final forward pass (``f_best`` is then the objective at the previous iterate); this is
+        Madry et al.'s PGD as used in adversarial training.
 
     Returns:
       ``(z_best, f_best)``: per example the iterate with the highest objective among the ``K + 1``
@@ -110,4 +114,6 @@ def projected_ascent(
     _, z, _, _, z_best, f_best = tf.while_loop(
         lambda i, *_: i < steps, body, loop_vars, maximum_iterations=steps
     )
+    if not return_best:
+        return z, f_best
     return keep_best(z, objective(z), z_best, f_best)

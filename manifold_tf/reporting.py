@@ -156,3 +156,37 @@ class Progress:
     def update(self, n: int = 1, extra: str = "") -> None:
         self.done += int(n)
         print(self.line() + (f", {extra}" if extra else ""), file=self._stream, flush=True)
+
+
+def plot_separation_curve(
+    curves: dict, path: str, *, p: float | None = None, title: str = "", reference: dict | None = None
+) -> None:
+    """Plots ``s_p`` (fraction of points with a wrong label of confidence ``>= p``) vs ``p``.
+
+    ``curves`` maps a model name to the ``curve`` dict of ``separation.summarize`` (lists ``p``,
+    ``fraction``, ``ci_low``, ``ci_high``); each is drawn with its confidence band. ``p`` draws a
+    vertical line at the reported threshold; ``reference`` maps a name to a fraction at ``p`` (e.g.
+    the paper's Table 1) drawn as a marker. Saved as PNG with :func:`save_figure`.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, curve in curves.items():
+        line, = ax.plot(curve["p"], curve["fraction"], label=name)
+        ax.fill_between(curve["p"], curve["ci_low"], curve["ci_high"], color=line.get_color(),
+                        alpha=0.2, linewidth=0)
+    if p is not None:
+        ax.axvline(p, color="grey", linestyle=":", linewidth=1)
+        for name, value in (reference or {}).items():
+            ax.plot([p], [value], marker="x", linestyle="none", label=name)
+    ax.set_xlabel("p (wrong-label confidence threshold)")
+    ax.set_ylabel("s_p (fraction of points attacked)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    save_figure(fig, path)

@@ -1,0 +1,214 @@
+"""Benchmark: PGD and CW L-inf throughput and success, against the raw model and against ART.
+
+One run, one model, one set of points:
+1. raw forward+backward throughput of the model (gradient of the cross-entropy w.r.t. the input,
+   compiled, same batch): the ceiling for any gradient attack;
+2. ``attacks.pgd`` and ``attacks.cw_linf_details``: passes per second (images x gradient steps /
+   seconds) and success rate;
+3. ART 1.20 (``bench/requirements-bench.txt``): ``ProjectedGradientDescent`` and
+   ``CarliniLInfMethod`` through ``TensorFlowV2Classifier`` at the same settings.
+
+Timings are the minimum over ``--repeats`` runs after a warm-up (compilation excluded): on a shared
+CPU the minimum is the least disturbed figure. ART's CW L-inf attacks one image at a time and is
+slow, so it runs on the first ``--art_cw_images`` points only; our CW runs on those same points
+for the comparison (and is also timed on all points).
+
+ART's CW L-inf measures ``tau`` in input units starting at 1.0 and stopping at 1/256, i.e. it
+assumes inputs in [0, 1]; with ``clip_values=(0, 255)`` its first tau would be one pixel. So it
+attacks ``x / 255`` through a wrapper ``z -> model(255 z)`` with ``clip_values=(0, 1)`` (the same
+problem, the paper's units); PGD runs in pixels with ``clip_values=(0, 255)``, ``eps=8``.
+
+Usage (about 10-20 minutes on 2 shared cores)::
+
+  python bench/bench_attacks.py --checkpoint=weights/narrow_natural.keras --num_images=24
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from manifold_tf import attacks, reporting  # noqa: E402
+from manifold_tf.data import load_arrays  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "Model (.keras, .weights.h5 or TF1 checkpoint); "
+                    "default weights/narrow_natural.keras, else a randomly initialised narrow model.")
+flags.DEFINE_string("dataset", "cifar10", "cifar10 or synthetic.")
+flags.DEFINE_string("data_dir", "../shared/data/cifar10-sample", "CIFAR-10 python batches.")
+flags.DEFINE_integer("num_images", 24, "Points (correctly classified test points, seeded order).")
+flags.DEFINE_integer("seed", 0, "Seed of the point order and the random starts.")
+flags.DEFINE_float("epsilon", 8.0, "L-inf budget in pixels.")
+flags.DEFINE_integer("pgd_steps", 10, "PGD steps.")
+flags.DEFINE_float("pgd_step_size", 2.0, "PGD step in pixels.")
+flags.DEFINE_integer("cw_max_iterations", 10, "CW Adam steps per constant (paper: 1000; ART: 10).")
+flags.DEFINE_float("cw_learning_rate", 5e-3, "CW Adam learning rate (paper 5e-3; ART default 0.01).")
+flags.DEFINE_integer("art_cw_images", 3, "Points for ART's CW L-inf (one image at a time, slow).")
+flags.DEFINE_integer("repeats", 3, "Timed repetitions (the minimum is reported).")
+flags.DEFINE_boolean("art", True, "Also run ART (needs adversarial-robustness-toolbox).")
+flags.DEFINE_boolean("jit_compare", True, "Also time PGD with jit_compile=True.")
+flags.DEFINE_string("output_dir", "bench/results", "Where the JSON goes.")
+
+
+def best_time(fn, repeats: int) -> tuple[float, object]:
+    out, times = None, []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return min(times), out
+
+
+def load_model():
+    from manifold_tf.checkpoints import load_model_weights
+    from manifold_tf.models import madry_resnet
+
+    path = FLAGS.checkpoint or "weights/narrow_natural.keras"
+    if os.path.exists(path) or FLAGS.checkpoint:
+        return load_model_weights(path), path
+    print(f"warning: {path} not found: benchmarking a randomly initialised narrow model.")
+    return madry_resnet("narrow"), "random-init narrow"
+
+
+def pick_points(model):
+    x, y = load_arrays(FLAGS.dataset, "test", FLAGS.data_dir if FLAGS.dataset == "cifar10" else None)
+    order = np.random.default_rng(FLAGS.seed).permutation(len(x))
+    x, y = x[order], y[order]
+    pred = np.concatenate([np.argmax(model(x[i:i + 100], training=False).numpy(), 1)
+                           for i in range(0, len(x), 100)])
+    keep = np.flatnonzero(pred == y)[: FLAGS.num_images]
+    return x[keep], y[keep].astype(np.int32), float((pred == y).mean())
+
+
+def misclassified(model, x_adv, y):
+    return np.argmax(model(tf.constant(x_adv, tf.float32), training=False).numpy(), 1) != y
+
+
+def linf(a, b):
+    return np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).reshape(len(a), -1).max(1)
+
+
+def main(argv):
+    del argv
+    model, model_name = load_model()
+    x, y, clean_acc = pick_points(model)
+    n, eps, reps = len(x), FLAGS.epsilon, FLAGS.repeats
+    xt, yt = tf.constant(x), tf.constant(y)
+    rows, result = [], dict(model=model_name, points=n, clean_accuracy_sample=clean_acc,
+                            epsilon=eps, repeats=reps, cpu_count=os.cpu_count())
+
+    @tf.function
+    def raw_step(z):
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            loss = tf.nn.sparse_softmax_cross_entropy_with_logits(yt, model(z, training=False))
+        return tape.gradient(loss, z)
+
+    raw_step(xt)
+    k = FLAGS.pgd_steps
+    t_raw, _ = best_time(lambda: [raw_step(xt) for _ in range(k)][-1].numpy(), reps)
+    raw_rate = n * k / t_raw
+    result["raw"] = dict(passes_per_second=raw_rate, seconds_for_k_steps=t_raw)
+    rows.append(["raw fwd+bwd (ceiling)", n, f"{raw_rate:.1f}", "1.00", "-", f"{t_raw:.2f}"])
+
+    pgd_kw = dict(epsilon=eps, steps=k, step_size=FLAGS.pgd_step_size, random_start=True,
+                  seed=FLAGS.seed)
+    for jit in ([False, True] if FLAGS.jit_compare else [False]):
+        attacks.pgd(model, x, y, jit_compile=jit, **pgd_kw)  # compile
+        t, x_adv = best_time(lambda: attacks.pgd(model, x, y, jit_compile=jit, **pgd_kw).numpy(), reps)
+        rate = n * k / t
+        ok = misclassified(model, x_adv, y)
+        name = "pgd" + ("_xla" if jit else "")
+        result[name] = dict(passes_per_second=rate, ratio_to_raw=rate / raw_rate, seconds=t,
+                            success_rate=float(ok.mean()), settings=dict(pgd_kw, jit_compile=jit))
+        rows.append([f"ours PGD-{k}{' XLA' if jit else ''}", n, f"{rate:.1f}",
+                     f"{rate / raw_rate:.2f}", f"{ok.mean():.3f}", f"{t:.2f}"])
+
+    cw_kw = dict(epsilon=eps, max_iterations=FLAGS.cw_max_iterations,
+                 learning_rate=FLAGS.cw_learning_rate)
+    m = min(FLAGS.art_cw_images, n)
+    attacks.cw_linf_details(model, x[:1], y[:1], **dict(cw_kw, max_iterations=1))  # compile
+    for name, sl in (("cw_linf_all", slice(None)), ("cw_linf_subset", slice(0, m))):
+        t, out = best_time(lambda: attacks.cw_linf_details(model, x[sl], y[sl], **cw_kw), 1)
+        steps = out["total_steps"] * len(x[sl])
+        ok = out["success"].numpy() & misclassified(model, out["x_adv"], y[sl])
+        result[name] = dict(seconds=t, passes_per_second=steps / t, ratio_to_raw=steps / t / raw_rate,
+                            useful_passes=int(out["iterations"].numpy().sum()), batched_passes=steps,
+                            success_rate=float(ok.mean()), points=len(x[sl]),
+                            median_distance=float(np.median(out["distance"].numpy())),
+                            settings=out["settings"])
+        rows.append([f"ours CW-Linf ({name.split('_')[-1]})", len(x[sl]), f"{steps / t:.1f}",
+                     f"{steps / t / raw_rate:.2f}", f"{ok.mean():.3f}", f"{t:.2f}"])
+
+    if FLAGS.art:
+        rows += run_art(model, x, y, eps, k, m, cw_kw, result)
+
+    table = reporting.markdown_table(
+        ["attack", "points", "fwd+bwd/s", "x raw", "success", "seconds"], rows)
+    print(table)
+    if "art_cw_linf" in result:
+        speedup = result["art_cw_linf"]["seconds"] / result["cw_linf_subset"]["seconds"]
+        result["cw_speedup_vs_art"] = speedup
+        print(f"CW L-inf on {m} points: ours {result['cw_linf_subset']['seconds']:.1f}s, "
+              f"ART {result['art_cw_linf']['seconds']:.1f}s: {speedup:.1f}x faster")
+    result["table"] = table
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    path = os.path.join(FLAGS.output_dir, f"bench_attacks_{time.strftime('%Y%m%d-%H%M%S')}.json")
+    reporting.write_json(path, result)
+    print(f"wrote {path}")
+
+
+def run_art(model, x, y, eps, k, m, cw_kw, result):
+    import keras
+    from art.attacks.evasion import CarliniLInfMethod, ProjectedGradientDescent
+    from art.estimators.classification import TensorFlowV2Classifier
+
+    rows = []
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    clf = TensorFlowV2Classifier(model=model, nb_classes=10, input_shape=x.shape[1:],
+                                 loss_object=loss, clip_values=(0.0, 255.0))
+    pgd = ProjectedGradientDescent(clf, norm=np.inf, eps=eps, eps_step=FLAGS.pgd_step_size,
+                                   max_iter=k, num_random_init=1, batch_size=len(x), verbose=False)
+    pgd.generate(x[:2], y[:2])  # warm-up
+    t, x_adv = best_time(lambda: pgd.generate(x, y), FLAGS.repeats)
+    ok = misclassified(model, x_adv, y) & (linf(x_adv, x) <= eps + 1e-3)
+    result["art_pgd"] = dict(seconds=t, passes_per_second=len(x) * k / t, success_rate=float(ok.mean()),
+                             settings=dict(eps=eps, eps_step=FLAGS.pgd_step_size, max_iter=k,
+                                           num_random_init=1, clip_values=[0, 255]))
+    rows.append([f"ART PGD-{k}", len(x), f"{len(x) * k / t:.1f}",
+                 f"{len(x) * k / t / result['raw']['passes_per_second']:.2f}", f"{ok.mean():.3f}",
+                 f"{t:.2f}"])
+
+    # CW L-inf in [0, 1] units (see the module docstring).
+    inp = keras.Input(x.shape[1:])
+    unit_model = keras.Model(inp, model(keras.layers.Rescaling(255.0)(inp)))
+    clf01 = TensorFlowV2Classifier(model=unit_model, nb_classes=10, input_shape=x.shape[1:],
+                                   loss_object=loss, clip_values=(0.0, 1.0))
+    cw = CarliniLInfMethod(clf01, learning_rate=cw_kw["learning_rate"],
+                           max_iter=cw_kw["max_iterations"], initial_const=1e-5, largest_const=20.0,
+                           const_factor=2.0, decrease_factor=0.9, batch_size=1, verbose=False)
+    start = time.perf_counter()
+    x_adv = cw.generate(x[:m] / 255.0, y[:m]) * 255.0
+    t = time.perf_counter() - start
+    ok = misclassified(model, x_adv, y[:m]) & (linf(x_adv, x[:m]) <= eps + 1e-3)
+    result["art_cw_linf"] = dict(
+        seconds=t, success_rate=float(ok.mean()), points=m,
+        median_distance=float(np.median(linf(x_adv, x[:m]))),
+        settings=dict(learning_rate=cw_kw["learning_rate"], max_iter=cw_kw["max_iterations"],
+                      initial_const=1e-5, largest_const=20.0, const_factor=2.0,
+                      decrease_factor=0.9, units="[0,1] via z -> model(255 z)"))
+    rows.append([f"ART CW-Linf", m, "-", "-", f"{ok.mean():.3f}", f"{t:.2f}"])
+    return rows
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,493 @@
+"""Loading Madry et al.'s TF1 checkpoints (and Keras files) into :func:`madry_resnet`.
+
+A pure name mapping: every variable of a TF1 checkpoint written by ``MadryLab/cifar10_challenge``
+(``input/init_conv/DW``, ``unit_1_0/shared_activation/BatchNorm/gamma`` ... ``logit/biases``) is
+assigned to the Keras variable that :func:`manifold_tf.models.tf1_variable_map` names for it.
+Loading is strict: every mismatch is collected and reported in one ``ValueError`` before any weight
+is assigned, so a failed load never leaves a half-loaded model.
+
+``fetch_madry_model`` downloads one of the released zips (``natural``, ``adv_trained``, ``secret``),
+checks it and unpacks it into a cache; offline, it says how to place the files by hand.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+import shutil
+import socket
+import stat
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from manifold_tf.models import FILTERS, madry_resnet, tf1_variable_map
+
+# The released checkpoints, as fetched by Madry's ``fetch_model.py``. ``sha256`` is None where no
+# digest has been published; then only the zip's own CRCs are checked.
+MADRY_MODELS: dict[str, dict[str, str | None]] = {
+    "natural": {
+        "url": "https://www.dropbox.com/s/cgzd5odqoojvxzk/natural.zip?dl=1",
+        "sha256": None,
+    },
+    "adv_trained": {
+        "url": "https://www.dropbox.com/s/g4b6ntrp8zrudbz/adv_trained.zip?dl=1",
+        "sha256": None,
+    },
+    "secret": {"url": "https://www.dropbox.com/s/ywc0hg8lr5ba8zd/secret.zip?dl=1", "sha256": None},
+}
+
+# The variable whose output channels tell the width: [3, 3, 16, 160] (wide) or [3, 3, 16, 16].
+WIDTH_PROBE = "unit_1_0/sub1/conv1/DW"
+
+# Checkpoint entries that are not model weights: the step counter and optimizer state (Momentum for
+# Madry's SGD; Adam's slots and beta powers in case a checkpoint was trained with Adam).
+_IGNORED_NAMES = frozenset({"global_step", "beta1_power", "beta2_power"})
+_IGNORED_SUFFIXES = ("/Momentum", "/Adam", "/Adam_1", "/RMSProp", "/RMSProp_1", "/Adagrad")
+
+_DOWNLOAD_CHUNK = 1 << 20  # bytes per read
+_DOWNLOAD_TIMEOUT = 60.0  # seconds without data before giving up
+
+
+class ModelDownloadError(OSError):
+    """A released model could not be downloaded (no network, host unreachable, HTTP error)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding checkpoints
+
+
+def _is_ignored(name: str) -> bool:
+    return name in _IGNORED_NAMES or name.endswith(_IGNORED_SUFFIXES)
+
+
+def find_checkpoint_prefix(directory: str) -> str | None:
+    """Returns the newest TF1 checkpoint prefix in ``directory``, or None when it holds none.
+
+    Uses the ``checkpoint`` state file (as ``tf.train.latest_checkpoint`` does). A state file
+    written with paths relative to the training job's working directory
+    (``models/x/checkpoint-70000``) points nowhere after the files moved, so its basename is tried
+    in ``directory`` next; without a usable state file, the highest ``checkpoint-<step>.index``
+    wins.
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return None
+    # tf.train.latest_checkpoint's logic, minus its error log when the state file's path is stale.
+    state = tf.train.get_checkpoint_state(directory)
+    if state is not None and state.model_checkpoint_path:
+        named = (
+            state.model_checkpoint_path
+        )  # get_checkpoint_state joins relative paths to directory
+        for candidate in (named, os.path.join(directory, os.path.basename(named))):
+            if os.path.isfile(candidate + ".index"):
+                return candidate
+    steps = []
+    for index in glob.glob(os.path.join(glob.escape(directory), "checkpoint-*.index")):
+        match = re.fullmatch(r"checkpoint-(\d+)\.index", os.path.basename(index))
+        if match:
+            steps.append((int(match.group(1)), index[: -len(".index")]))
+    return max(steps)[1] if steps else None
+
+
+def resolve_checkpoint(path: str) -> str:
+    """Turns a checkpoint prefix, a ``.index`` file or a checkpoint directory into a prefix.
+
+    Raises:
+      FileNotFoundError: nothing at ``path``, or a directory without a checkpoint (lists its files).
+    """
+    path = os.fspath(path)
+    if path.endswith(".index") and os.path.isfile(path):
+        return path[: -len(".index")]
+    if os.path.isdir(path):
+        prefix = find_checkpoint_prefix(path)
+        if prefix is None:
+            listing = sorted(os.listdir(path))
+            raise FileNotFoundError(
+                f"no TF1 checkpoint in directory {path!r}: expected a 'checkpoint' state file or "
+                f"'checkpoint-<step>.index' files; it holds {listing[:20]}"
+                f"{' ...' if len(listing) > 20 else ''}."
+            )
+        return prefix
+    if os.path.isfile(path + ".index"):
+        return path
+    raise FileNotFoundError(
+        f"no TF1 checkpoint at {path!r}: neither a directory with a 'checkpoint' file nor a prefix "
+        f"with {path + '.index'!r}."
+    )
+
+
+def _width_of_channels(channels: int) -> str | None:
+    for width, filters in FILTERS.items():
+        if filters[1] == channels:
+            return width
+    return None
+
+
+def detect_width(path: str) -> str:
+    """``"wide"`` or ``"narrow"`` from the shape of ``unit_1_0/sub1/conv1/DW`` in a TF1 checkpoint.
+
+    Args:
+      path: checkpoint prefix, ``.index`` file or directory (see :func:`resolve_checkpoint`).
+    """
+    prefix = resolve_checkpoint(path)
+    shapes = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+    if WIDTH_PROBE not in shapes:
+        raise ValueError(
+            f"checkpoint {prefix!r} has no variable {WIDTH_PROBE!r}: not one of Madry's CIFAR-10 "
+            f"ResNets (it holds {len(shapes)} variables, e.g. {sorted(shapes)[:5]})."
+        )
+    shape = list(shapes[WIDTH_PROBE])
+    width = _width_of_channels(shape[-1]) if len(shape) == 4 else None
+    if width is None:
+        raise ValueError(
+            f"{WIDTH_PROBE!r} in {prefix!r} has shape {shape}; expected [3, 3, 16, 160] (wide) or "
+            f"[3, 3, 16, 16] (narrow)."
+        )
+    return width
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _model_width(variables: dict) -> str | None:
+    probe = variables.get(WIDTH_PROBE)
+    return None if probe is None else _width_of_channels(int(probe.shape[-1]))
+
+
+def load_tf1_checkpoint(model: keras.Model, path: str) -> dict:
+    """Assigns every weight of ``model`` from a TF1 checkpoint of Madry's ResNet, by TF1 name.
+
+    Optimizer slots (``*/Momentum``, Adam's) and ``global_step`` are skipped. Every other entry must
+    match a model variable in name and shape, and every model variable must be in the checkpoint;
+    all problems are collected and raised together before anything is assigned.
+
+    Args:
+      model: a model built by :func:`manifold_tf.models.madry_resnet`.
+      path: checkpoint prefix (``models/adv_trained/checkpoint-70000``), its ``.index`` file, or a
+        directory holding a ``checkpoint`` state file.
+
+    Returns:
+      ``{"prefix": str, "num_loaded": int, "num_ignored": int, "global_step": int | None}``.
+
+    Raises:
+      FileNotFoundError: no checkpoint at ``path``.
+      ValueError: names or shapes do not match (each problem listed; a width mismatch says which
+        ``width`` to build).
+    """
+    prefix = resolve_checkpoint(path)
+    reader = tf.train.load_checkpoint(prefix)
+    shapes = reader.get_variable_to_shape_map()
+    dtypes = reader.get_variable_to_dtype_map()
+    variables = tf1_variable_map(model)
+    if not variables:
+        raise ValueError(
+            f"model {model.name!r} has no layers named after Madry's TF1 scopes; build it with "
+            f"manifold_tf.models.madry_resnet(width)."
+        )
+
+    weights = {name: shape for name, shape in shapes.items() if not _is_ignored(name)}
+    unexpected = sorted(set(weights) - set(variables))
+    missing = sorted(set(variables) - set(weights))
+    mismatched = []
+    for name in sorted(set(weights) & set(variables)):
+        want, got = tuple(variables[name].shape), tuple(weights[name])
+        if want != got:
+            mismatched.append(f"  {name}: checkpoint {list(got)} vs model {list(want)}")
+        elif not dtypes[name].is_floating:
+            mismatched.append(f"  {name}: checkpoint dtype {dtypes[name].name}, expected float")
+
+    if unexpected or missing or mismatched:
+        lines = [f"cannot load TF1 checkpoint {prefix!r} into model {model.name!r}:"]
+        if mismatched:
+            lines.append(f"{len(mismatched)} shape mismatch(es) (checkpoint vs model):")
+            lines.extend(mismatched)
+        if missing:
+            lines.append(f"{len(missing)} model variable(s) missing from the checkpoint:")
+            lines.extend(f"  {name}" for name in missing)
+        if unexpected:
+            lines.append(f"{len(unexpected)} checkpoint variable(s) the model does not have:")
+            lines.extend(f"  {name} {list(weights[name])}" for name in unexpected)
+        ckpt_width = (
+            _width_of_channels(int(weights[WIDTH_PROBE][-1])) if WIDTH_PROBE in weights else None
+        )
+        if ckpt_width is not None and ckpt_width != _model_width(variables):
+            lines.append(
+                f"The checkpoint holds the {ckpt_width} model: build it with "
+                f'madry_resnet(width="{ckpt_width}") (or use load_model_weights(path), which '
+                f"detects the width)."
+            )
+        raise ValueError("\n".join(lines))
+
+    for name, variable in variables.items():
+        variable.assign(np.asarray(reader.get_tensor(name), dtype=variable.dtype))
+    global_step = int(reader.get_tensor("global_step")) if "global_step" in shapes else None
+    return {
+        "prefix": prefix,
+        "num_loaded": len(variables),
+        "num_ignored": len(shapes) - len(weights),
+        "global_step": global_step,
+    }
+
+
+def _is_tf1_checkpoint(path: str) -> bool:
+    if os.path.isdir(path):
+        return (
+            os.path.isfile(os.path.join(path, "checkpoint"))
+            or find_checkpoint_prefix(path) is not None
+        )
+    return (path.endswith(".index") and os.path.isfile(path)) or os.path.isfile(path + ".index")
+
+
+def _h5_width(path: str) -> str | None:
+    """The width of a ``.weights.h5`` saved from :func:`madry_resnet`, or None when unreadable.
+
+    Keras 3 stores layers by class-derived names; the first residual unit (``unit_1_0``) is
+    ``layers/residual_unit`` and its ``conv1`` kernel is ``[3, 3, 16, 16 or 160]``.
+    """
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as f:
+            return _width_of_channels(int(f["layers/residual_unit/conv1/vars/0"].shape[-1]))
+    except (ImportError, OSError, KeyError, IndexError, TypeError):
+        return None
+
+
+def load_model_weights(path: str, width: str | None = None) -> keras.Model:
+    """Builds Madry's ResNet and loads weights from a TF1 checkpoint or a Keras file.
+
+    Formats, by what ``path`` is:
+      * a TF1 checkpoint (prefix with ``.index``, the ``.index`` file, or a directory with a
+        ``checkpoint`` state file): the width is read from the checkpoint when ``width`` is None;
+      * ``*.keras``: a full saved model (``width``, when given, is checked against it);
+      * ``*.weights.h5``: weights only; with ``width=None`` the width is read from the file (or, if
+        that fails, the narrow then the wide model is tried).
+
+    Returns:
+      The model: ``[N, 32, 32, 3]`` pixels in 0..255 -> ``[N, 10]`` logits.
+
+    Raises:
+      FileNotFoundError: nothing at ``path``.
+      ValueError: unknown format, or weights that fit neither width / the requested width.
+    """
+    path = os.fspath(path)
+    if width is not None and width not in FILTERS:
+        raise ValueError(f"width must be one of {sorted(FILTERS)} or None; got {width!r}.")
+    if _is_tf1_checkpoint(path):
+        model = madry_resnet(width or detect_width(path))
+        load_tf1_checkpoint(model, path)
+        return model
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"no model at {path!r}: expected a TF1 checkpoint prefix (with '.index'), a directory "
+            f"with a 'checkpoint' file, a '.keras' file or a '.weights.h5' file."
+        )
+    if path.endswith(".keras"):
+        # The custom layers are registered by importing manifold_tf.models (done above).
+        model = keras.saving.load_model(path)
+        got = _model_width(tf1_variable_map(model))
+        if width is not None and got != width:
+            raise ValueError(f"{path!r} holds a {got} model; width={width!r} was requested.")
+        return model
+    if path.endswith(".weights.h5"):
+        errors = []
+        chosen = width or _h5_width(path)
+        candidates = [chosen] if chosen else ["narrow", "wide"]  # narrow first: cheaper to build
+        for candidate in candidates:
+            model = madry_resnet(candidate)
+            try:
+                model.load_weights(path)
+                return model
+            except ValueError as error:  # keras raises ValueError on a shape/layer mismatch
+                errors.append(f"width={candidate!r}: {error}")
+        raise ValueError(f"weights {path!r} fit no Madry ResNet:\n" + "\n".join(errors))
+    raise ValueError(
+        f"unknown model format at {path!r}: expected a TF1 checkpoint (prefix with '.index', or a "
+        f"directory with a 'checkpoint' file), '*.keras' or '*.weights.h5'."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Downloading the released checkpoints
+
+
+def _manual_instructions(name: str, url: str, cache_dir: str) -> str:
+    return (
+        f"To install it by hand: download {url} on a machine with network access, then either "
+        f"unzip it so that {os.path.join(cache_dir, name, 'checkpoint-<step>.index')} exists "
+        f"(with its '.data-*' files and the 'checkpoint' file beside it), or copy the zip here "
+        f"and call fetch_madry_model({name!r}, {cache_dir!r}, url='file:///path/to/{name}.zip')."
+    )
+
+
+def _cached_prefix(target: str, name: str) -> str | None:
+    # Accept both the intended layout and an archive unzipped in place (target/models/<name>/...).
+    return find_checkpoint_prefix(target) or find_checkpoint_prefix(
+        os.path.join(target, "models", name)
+    )
+
+
+def _download(url: str, destination, *, name: str, cache_dir: str, verbose: bool) -> str:
+    """Streams ``url`` into the open binary file ``destination``; returns the hex SHA-256."""
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT) as response:
+            total = response.headers.get("Content-Length") if response.headers else None
+            total = int(total) if total and total.isdigit() else None
+            done, next_report = 0, 0
+            while True:
+                chunk = response.read(_DOWNLOAD_CHUNK)
+                if not chunk:
+                    break
+                destination.write(chunk)
+                digest.update(chunk)
+                done += len(chunk)
+                if verbose and done >= next_report:
+                    of = f" of {total:,}" if total else ""
+                    print(f"[fetch_madry_model] {name}: {done:,}{of} bytes", file=sys.stderr)
+                    next_report = done + 16 * _DOWNLOAD_CHUNK
+    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise ModelDownloadError(
+            f"could not download model {name!r} from {url}: {reason}. "
+            + _manual_instructions(name, url, cache_dir)
+        ) from error
+    if verbose:
+        print(f"[fetch_madry_model] {name}: downloaded {done:,} bytes from {url}", file=sys.stderr)
+    return digest.hexdigest()
+
+
+def _checked_members(archive: zipfile.ZipFile, source: str, name: str) -> str:
+    """Validates the zip and returns the member directory holding the checkpoint (``models/x/``)."""
+    bad = archive.testzip()
+    if bad is not None:
+        raise ValueError(f"corrupt zip {source}: member {bad!r} fails its CRC check.")
+    names = archive.namelist()
+    for info in archive.infolist():
+        member = info.filename
+        parts = member.replace("\\", "/").split("/")
+        mode = info.external_attr >> 16
+        if member.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", member) or ".." in parts:
+            raise ValueError(f"unsafe path {member!r} in zip {source}: refusing to extract.")
+        if stat.S_ISLNK(mode):
+            raise ValueError(f"symbolic link {member!r} in zip {source}: refusing to extract.")
+    expected = f"models/{name}/checkpoint"
+    if expected in names:
+        return f"models/{name}/"
+    indexes = sorted(m for m in names if re.search(r"(^|/)checkpoint-\d+\.index$", m))
+    if indexes:
+        return indexes[-1][: indexes[-1].rfind("/") + 1]
+    raise ValueError(
+        f"zip {source} holds no Madry checkpoint: expected {expected!r} or a "
+        f"'checkpoint-<step>.index' member; it holds {names[:10]}"
+        f"{' ...' if len(names) > 10 else ''}."
+    )
+
+
+def fetch_madry_model(
+    name: str,
+    cache_dir: str,
+    *,
+    url: str | None = None,
+    sha256: str | None = None,
+    overwrite: bool = False,
+    verbose: bool = True,
+) -> str:
+    """Downloads (once) one of Madry et al.'s released CIFAR-10 checkpoints; returns its prefix.
+
+    The zip is streamed into a temporary file in ``cache_dir``, its SHA-256 checked when one is
+    given or configured in :data:`MADRY_MODELS`, its CRCs and member paths checked, and it is
+    unpacked into a temporary directory that is then renamed atomically to ``cache_dir/<name>``. A
+    later call finds ``cache_dir/<name>`` and returns without touching the network.
+
+    Args:
+      name: ``"natural"``, ``"adv_trained"`` or ``"secret"`` (any ``[A-Za-z0-9_-]`` name when
+        ``url`` is given).
+      cache_dir: directory of the cache; created when absent.
+      url: overrides the configured URL (``https://``, ``http://`` or ``file://``).
+      sha256: expected hex digest of the zip; overrides the configured one.
+      overwrite: download again even when the cache holds the model.
+      verbose: print download progress (bytes) to stderr.
+
+    Returns:
+      The checkpoint prefix, e.g. ``cache_dir/adv_trained/checkpoint-70000``.
+
+    Raises:
+      ModelDownloadError: the download failed (offline); the message says how to install by hand.
+      ValueError: unknown name, digest mismatch, corrupt or unexpected zip.
+    """
+    if url is None and name not in MADRY_MODELS:
+        raise ValueError(
+            f"unknown model {name!r}; expected one of {sorted(MADRY_MODELS)} or a url."
+        )
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name or ""):
+        raise ValueError(f"model name must match [A-Za-z0-9_-]+; got {name!r}.")
+    config = MADRY_MODELS.get(name, {})
+    url = url or config["url"]
+    expected = (sha256 or config.get("sha256") or "").lower() or None
+    cache_dir = os.path.abspath(os.fspath(cache_dir))
+    target = os.path.join(cache_dir, name)
+
+    if os.path.exists(target) and not overwrite:
+        prefix = _cached_prefix(target, name)
+        if prefix is None:
+            raise ValueError(
+                f"{target!r} exists but holds no checkpoint ('checkpoint-<step>.index'); remove it "
+                f"or pass overwrite=True. " + _manual_instructions(name, url, cache_dir)
+            )
+        return prefix
+
+    os.makedirs(cache_dir, exist_ok=True)
+    fd, zip_path = tempfile.mkstemp(prefix=f".{name}-", suffix=".zip.part", dir=cache_dir)
+    staging = None
+    try:
+        with os.fdopen(fd, "wb") as destination:
+            got = _download(url, destination, name=name, cache_dir=cache_dir, verbose=verbose)
+        if expected is not None and got != expected:
+            raise ValueError(
+                f"SHA-256 mismatch for {url}: expected {expected}, got {got}. The file is corrupt "
+                f"or not the released model; nothing was installed."
+            )
+        try:
+            with zipfile.ZipFile(zip_path) as archive:
+                member_dir = _checked_members(archive, url, name)
+                staging = tempfile.mkdtemp(prefix=f".{name}-", dir=cache_dir)
+                archive.extractall(staging)
+        except zipfile.BadZipFile as error:
+            raise ValueError(f"corrupt zip from {url}: {error}.") from error
+        source = (
+            os.path.join(staging, *member_dir.rstrip("/").split("/")) if member_dir else staging
+        )
+        if overwrite and os.path.exists(target):
+            # A directory cannot be replaced by os.replace: move the old one aside first (atomic).
+            old = tempfile.mkdtemp(prefix=f".{name}-old-", dir=cache_dir)
+            os.replace(target, os.path.join(old, name))
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.replace(source, target)
+        except OSError:
+            # Another process installed the model meanwhile: use its copy if it is complete.
+            if _cached_prefix(target, name) is None:
+                raise
+    finally:
+        if os.path.exists(zip_path):
+            os.remove(zip_path)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    prefix = _cached_prefix(target, name)
+    if prefix is None:  # unreachable after _checked_members, kept as a guard
+        raise ValueError(f"no checkpoint found in {target!r} after extracting {url}.")
+    if verbose:
+        print(f"[fetch_madry_model] {name}: installed {prefix}", file=sys.stderr)
+    return prefix

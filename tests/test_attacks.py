@@ -1,0 +1,235 @@
+"""Attacks against oracles: closed-form optima of linear models, invariants, bad inputs."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from manifold_tf import attacks
+from manifold_tf.carlini_wagner import from_tanh_space, to_tanh_space
+
+SHAPE = (4, 4, 3)
+DIM = int(np.prod(SHAPE))
+TOL = 1e-3  # pixels: float32 rounding of x +- epsilon near 255
+
+
+def linear_model(weights: np.ndarray, bias: np.ndarray) -> keras.Model:
+    """Logits ``Z = flatten(x) @ weights + bias``; ``weights [DIM, K]``."""
+    inp = keras.Input(SHAPE)
+    dense = keras.layers.Dense(weights.shape[1])
+    out = dense(keras.layers.Flatten()(inp))
+    dense.set_weights([weights.astype(np.float32), bias.astype(np.float32)])
+    return keras.Model(inp, out)
+
+
+@pytest.fixture(scope="module")
+def binary():
+    """A 2-class linear model, images with some pixels at the box edges, labels = predictions."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(0.0, 0.01, size=(DIM, 2))
+    model = linear_model(w, np.zeros(2))
+    x = rng.uniform(20.0, 235.0, size=(6,) + SHAPE).astype(np.float32)
+    x[:, 0, 0, :] = 0.0  # on the box: the optimum must be clipped there
+    x[:, 1, 1, :] = 255.0
+    y = np.argmax(model(x).numpy(), axis=1).astype(np.int32)
+    return model, w, x, y
+
+
+def corner(x, w, source, target, delta):
+    """The maximiser of ``Z_t - Z_s`` (and of ``F_t`` for 2 classes) over ``N(x, delta)``."""
+    d = np.sign(w[:, target] - w[:, source]).reshape(SHAPE)
+    return np.clip(x + delta * d, 0.0, 255.0)
+
+
+def small_conv(seed: int = 0, classes: int = 4) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((8, 8, 3))
+    h = keras.layers.Rescaling(1.0 / 255.0)(inp)
+    h = keras.layers.Conv2D(4, 3, activation="relu")(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inp, keras.layers.Dense(classes)(h))
+
+
+@pytest.fixture(scope="module")
+def conv():
+    model = small_conv()
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0.0, 255.0, size=(5, 8, 8, 3)).astype(np.float32)
+    y = rng.integers(0, 4, size=5).astype(np.int32)
+    return model, x, y
+
+
+def assert_in_ball(x_adv, x, eps):
+    x_adv = np.asarray(x_adv)
+    assert x_adv.shape == x.shape
+    assert np.abs(x_adv - x).max() <= eps + TOL
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 255.0
+
+
+# ---- closed-form oracles (linear models) ---------------------------------------------------
+
+
+def test_high_confidence_reaches_linear_optimum(binary):
+    model, w, x, y = binary
+    delta = 8.0
+    x_best, conf, label = attacks.high_confidence(model, x, y, delta=delta, steps=10, step_size=2.0)
+    for i in range(len(x)):
+        z = corner(x[i], w, y[i], 1 - y[i], delta)
+        assert int(label[i]) == 1 - y[i]
+        np.testing.assert_allclose(x_best[i], z, atol=TOL)
+        expected = tf.nn.softmax(model(z[None]))[0, 1 - y[i]].numpy()
+        assert abs(float(conf[i]) - expected) < 1e-3
+
+
+@pytest.mark.parametrize("loss", ["xent", "cw"])
+def test_targeted_pgd_reaches_linear_optimum(binary, loss):
+    model, w, x, y = binary
+    delta = 6.0
+    target = (1 - y).astype(np.int32)
+    x_adv = attacks.pgd(model, x, target, epsilon=delta, steps=12, step_size=1.5, loss=loss,
+                        targeted=True, random_start=True, seed=3)
+    for i in range(len(x)):
+        np.testing.assert_allclose(x_adv[i], corner(x[i], w, y[i], target[i], delta), atol=TOL)
+
+
+def test_cw_linf_close_to_minimal_distance():
+    """Binary linear classifier, x far from the box: the minimal L-inf flip is margin / ||w_diff||_1."""
+    rng = np.random.default_rng(2)
+    w = rng.normal(0.0, 0.01, size=(DIM, 2))
+    model = linear_model(w, np.zeros(2))
+    x = rng.uniform(100.0, 155.0, size=(4,) + SHAPE).astype(np.float32)
+    logits = model(x).numpy()
+    y = np.argmax(logits, axis=1).astype(np.int32)
+    w_diff = w[:, 0] - w[:, 1]
+    r_star = np.abs(logits[:, 0] - logits[:, 1]) / np.abs(w_diff).sum()
+    assert r_star.max() < 40.0  # the optimum stays inside the box
+    out = attacks.cw_linf_details(model, x, y, epsilon=255.0, max_iterations=150)
+    dist = out["distance"].numpy()
+    assert out["success"].numpy().all()
+    # Tau shrinks by 0.9 after each success and the penalty is soft: within a factor ~1/0.9^2.
+    assert np.all(dist >= r_star - TOL), (dist, r_star)
+    assert np.all(dist <= r_star / 0.88), (dist, r_star)  # measured: 1.06-1.08 x optimal
+    assert np.all(np.argmax(model(out["x_adv"]).numpy(), axis=1) != y)
+    # With a budget below the optimum nothing can succeed and x comes back unchanged.
+    low = attacks.cw_linf_details(model, x, y, epsilon=0.9 * float(r_star.min()), max_iterations=150)
+    assert not low["success"].numpy().any()
+    np.testing.assert_array_equal(low["x_adv"].numpy(), x)
+    assert low["settings"]["max_iterations"] == 150 and low["settings"]["learning_rate"] == 5e-3
+
+
+def test_cw_inner_targeted_fixed_tau(binary):
+    model, _, x, y = binary
+    target = tf.constant(1 - y, tf.int32)
+    xt = tf.constant(x)
+    fn = tf.function(lambda: attacks.cw_inner(model, xt, target, to_tanh_space(xt), tau=255.0,
+                                              const=tf.fill([len(x)], 1e-5), max_iterations=500,
+                                              targeted=True))
+    x_new, ok = fn()
+    assert ok.numpy().all()
+    assert np.all(np.argmax(model(x_new).numpy(), axis=1) == target.numpy())
+    assert x_new.numpy().min() > 0.0 and x_new.numpy().max() < 255.0
+
+
+def test_tanh_space_round_trip():
+    x = tf.constant([[0.0, 1.0, 127.5, 254.0, 255.0]])
+    np.testing.assert_allclose(from_tanh_space(to_tanh_space(x)).numpy(), x.numpy(), atol=1e-3)
+
+
+# ---- invariants on a small conv model ----------------------------------------------------
+
+
+def test_outputs_inside_ball_and_box(conv):
+    model, x, y = conv
+    eps = 8.0
+    assert_in_ball(attacks.pgd(model, x, y, epsilon=eps, steps=5, step_size=3.0, restarts=2), x, eps)
+    assert_in_ball(attacks.pgd(model, x, y, epsilon=eps, steps=5, step_size=3.0, loss="cw"), x, eps)
+    for opt in ("sign", "adam"):
+        x_best, conf, label = attacks.high_confidence(model, x, y, delta=eps, steps=4, step_size=2.0,
+                                                      optimizer=opt, random_start=True)
+        assert_in_ball(x_best, x, eps)
+        assert np.all((conf.numpy() >= 0) & (conf.numpy() <= 1)) and np.all(label.numpy() != y)
+    out = attacks.cw_linf_details(model, x, y, epsilon=eps, max_iterations=5, largest_const=1e-3)
+    assert_in_ball(out["x_adv"], x, eps)
+
+
+def test_zero_budget_returns_x(conv):
+    model, x, y = conv
+    np.testing.assert_array_equal(attacks.pgd(model, x, y, epsilon=0.0, steps=3, step_size=1.0), x)
+    x_best, _, _ = attacks.high_confidence(model, x, y, delta=0.0, steps=2, step_size=1.0)
+    np.testing.assert_array_equal(x_best, x)
+
+
+def test_high_confidence_label_matches_confidence(conv):
+    model, x, y = conv
+    x_best, conf, label = attacks.high_confidence(model, x, y, delta=4.0, steps=3, step_size=2.0)
+    probs = tf.nn.softmax(model(x_best)).numpy()
+    np.testing.assert_allclose(probs[np.arange(len(x)), label.numpy()], conf.numpy(), atol=1e-5)
+    probs[np.arange(len(x)), y] = -1.0
+    np.testing.assert_allclose(probs.max(axis=1), conf.numpy(), atol=1e-5)
+
+
+def test_deterministic_under_seed(conv):
+    model, x, y = conv
+    kw = dict(epsilon=8.0, steps=2, step_size=1.0, random_start=True)
+    a = attacks.pgd(model, x, y, seed=7, **kw).numpy()
+    b = attacks.pgd(model, x, y, seed=7, **kw).numpy()
+    c = attacks.pgd(model, x, y, seed=8, **kw).numpy()
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_restarts_keep_successes(conv):
+    model, x, y = conv
+    kw = dict(epsilon=12.0, steps=3, step_size=4.0, seed=1)
+    one = attacks.pgd(model, x, y, restarts=1, **kw)
+    many = attacks.pgd(model, x, y, restarts=4, **kw)
+    ok_one = np.argmax(model(one).numpy(), 1) != y
+    ok_many = np.argmax(model(many).numpy(), 1) != y
+    assert np.all(ok_many[ok_one])
+
+
+def test_no_retracing_on_repeated_calls():
+    model = small_conv(seed=3)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        x = rng.uniform(0, 255, size=(3, 8, 8, 3)).astype(np.float32)
+        y = rng.integers(0, 4, size=3).astype(np.int32)
+        attacks.pgd(model, x, y, epsilon=4.0 + i, steps=2, step_size=1.0 + i, seed=i)
+        attacks.high_confidence(model, x, y, delta=4.0 + i, steps=2, step_size=1.0, seed=i)
+        attacks.cw_linf(model, x, y, epsilon=4.0 + i, max_iterations=2, largest_const=1e-4)
+    counts = attacks.tracing_counts(model)
+    assert len(counts) == 3 and all(c == 1 for c in counts.values()), counts
+
+
+# ---- bad inputs ---------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise(conv):
+    model, x, y = conv
+    with pytest.raises(ValueError, match="epsilon"):
+        attacks.pgd(model, x, y, epsilon=-1.0, steps=1, step_size=1.0)
+    with pytest.raises(ValueError, match="delta"):
+        attacks.high_confidence(model, x, y, delta=-0.5, steps=1, step_size=1.0)
+    with pytest.raises(ValueError, match="shape"):
+        attacks.pgd(model, x[0], y, epsilon=1.0, steps=1, step_size=1.0)
+    with pytest.raises(ValueError, match=r"0\.\.3"):
+        attacks.pgd(model, x, np.full(5, 4, np.int32), epsilon=1.0, steps=1, step_size=1.0)
+    with pytest.raises(ValueError, match=r"shape \[5\]"):
+        attacks.cw_linf(model, x, y[:3], epsilon=1.0)
+    with pytest.raises(ValueError, match="pixel values"):
+        attacks.pgd(model, x / 255.0 - 0.5, y, epsilon=1.0, steps=1, step_size=1.0)
+    with pytest.raises(ValueError, match="loss"):
+        attacks.pgd(model, x, y, epsilon=1.0, steps=1, step_size=1.0, loss="l2")
+    with pytest.raises(ValueError, match="const"):
+        attacks.cw_linf(model, x, y, epsilon=1.0, initial_const=30.0)
+
+
+def test_probability_model_is_rejected(conv):
+    model, x, y = conv
+    probs = keras.Model(model.input, keras.layers.Softmax()(model.output))
+    with pytest.raises(ValueError, match="probabilities"):
+        attacks.pgd(probs, x, y, epsilon=1.0, steps=1, step_size=1.0)
+    with pytest.raises(ValueError, match="probabilities"):
+        attacks.cw_linf(probs, x, y, epsilon=1.0)

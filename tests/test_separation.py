@@ -1,0 +1,101 @@
+"""Separation statistics against known values, and the batched run with resume."""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from manifold_tf import reporting, separation
+
+
+def test_chebyshev_epsilon_known_values():
+    assert separation.chebyshev_epsilon(300, 0.9) == pytest.approx(np.sqrt(1.0 / 120.0))
+    assert separation.chebyshev_epsilon(300, 0.9) == pytest.approx(0.0913, abs=1e-4)
+    # The paper's e = 0.1 at alpha = 0.9 holds from t = 250 on.
+    assert separation.chebyshev_epsilon(250, 0.9) == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        separation.chebyshev_epsilon(300, 1.0)
+
+
+def test_clopper_pearson_known_values():
+    lo, hi = separation.clopper_pearson(5, 10)
+    assert (lo, hi) == pytest.approx((0.187086, 0.812914), abs=1e-5)  # textbook value
+    # Edges are closed-form: k = 0 -> [0, 1 - (a/2)^(1/n)], k = n -> [(a/2)^(1/n), 1].
+    assert separation.clopper_pearson(0, 300) == pytest.approx((0.0, 1 - 0.025 ** (1 / 300)))
+    assert separation.clopper_pearson(300, 300) == pytest.approx((0.025 ** (1 / 300), 1.0))
+    lo, hi = separation.clopper_pearson(26, 300)
+    assert lo < 26 / 300 < hi and hi < 26 / 300 + separation.chebyshev_epsilon(300)
+    with pytest.raises(ValueError):
+        separation.clopper_pearson(4, 3)
+
+
+def test_curve_monotone_and_consistent_with_count():
+    rng = np.random.default_rng(0)
+    conf = rng.beta(0.5, 0.5, size=(10, 30))
+    conf[0, :3] = [0.9, 0.5, 0.99]  # values exactly on the grid count as ">= p"
+    s = separation.summarize(conf, p=0.9)
+    counts = np.array(s["curve"]["count"])
+    assert np.all(np.diff(counts) <= 0)
+    assert s["curve"]["p"][0] == 0.5 and max(s["curve"]["p"]) < 1.0
+    i = s["curve"]["p"].index(0.9)
+    assert counts[i] == s["total"] == int((conf >= 0.9).sum()) == sum(s["per_batch"])
+    assert s["points"] == 300 and s["fraction"] == pytest.approx(s["total"] / 300)
+    assert s["chebyshev"]["q_upper"] == pytest.approx(s["fraction"] + np.sqrt(1 / 120))
+    lo, hi = s["clopper_pearson"]["interval"]
+    assert s["curve"]["ci_low"][i] == lo and s["curve"]["ci_high"][i] == hi
+
+
+def test_sample_indices_seeded_and_distinct():
+    a = separation.sample_indices(100, num_batches=3, batch_points=7, seed=4)
+    assert a.shape == (3, 7) and len(set(a.ravel())) == 21
+    np.testing.assert_array_equal(a, separation.sample_indices(100, num_batches=3, batch_points=7, seed=4))
+    with pytest.raises(ValueError, match="only 20"):
+        separation.sample_indices(20, num_batches=3, batch_points=7, seed=0)
+
+
+def tiny_model():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4, 4, 3))
+    h = keras.layers.Flatten()(keras.layers.Rescaling(1 / 64.0)(inp))
+    return keras.Model(inp, keras.layers.Dense(3)(h))
+
+
+def test_run_separation_saves_and_resumes(tmp_path, monkeypatch):
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, size=(20, 4, 4, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, size=20).astype(np.int32)
+    kw = dict(delta=8.0, num_batches=3, batch_points=4, seed=1, attack=dict(steps=3))
+    batch_dir = str(tmp_path / "batches")
+    first = separation.run_separation(model, images, labels, batch_dir=batch_dir, **kw)
+    assert first["confidence"].shape == (3, 4)
+    assert sorted(os.listdir(batch_dir)) == [f"batch_{b:03d}.json" for b in range(3)]
+    assert first["settings"]["attack"]["step_size"] == pytest.approx(2.5 * 8 / 3)
+
+    # Resume: only the missing batch is recomputed, and the results are identical.
+    os.remove(os.path.join(batch_dir, "batch_001.json"))
+    from manifold_tf import attacks
+
+    calls = []
+    real = attacks.high_confidence
+    monkeypatch.setattr(attacks, "high_confidence", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second = separation.run_separation(model, images, labels, batch_dir=batch_dir, **kw)
+    assert len(calls) == 1
+    np.testing.assert_allclose(second["confidence"], first["confidence"], atol=1e-6)
+
+    # Other settings in the same directory are refused rather than mixed.
+    with pytest.raises(ValueError, match="other settings"):
+        separation.run_separation(model, images, labels, batch_dir=batch_dir,
+                                  **dict(kw, delta=4.0))
+
+
+def test_plot_separation_curve(tmp_path):
+    conf = np.random.default_rng(1).uniform(size=(2, 30))
+    curves = {"a": separation.summarize(conf)["curve"], "b": separation.summarize(conf ** 3)["curve"]}
+    path = str(tmp_path / "curve.png")
+    reporting.plot_separation_curve(curves, path, p=0.9, title="t", reference={"paper": 0.5})
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
