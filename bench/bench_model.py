@@ -4,10 +4,12 @@ Every variant runs in the same process on the same batch: the Keras model in a `
 (without and with ``jit_compile=True``) and the independent TF1 graph of ``tests/tf1_reference.py``
 in a ``tf.compat.v1.Session`` (without and with XLA). "grad" is the gradient of the summed
 cross-entropy with respect to the input images, the step every attack and shell optimiser repeats.
-Reported: images per second, the median over timed repeats after warm-up.
+Reported: images per second, the median over timed repeats after warm-up; the variants take turns
+within each repeat. The TF1 graph standardises images one by one with ``map_fn`` as Madry's
+``model.py`` does; the Keras model standardises the batch at once.
 
     python bench/bench_model.py            # narrow (batch 128) and wide (batch 32)
-    python bench/bench_model.py --quick    # narrow only, fewer iterations: a smoke run of seconds
+    python bench/bench_model.py --quick    # narrow only, one call per repeat (~1 min idle)
 
 Writes ``bench/results/bench_model.json``.
 """
@@ -20,6 +22,9 @@ import os
 import platform
 import sys
 import time
+from typing import Callable
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -30,11 +35,11 @@ BATCH = {"narrow": 128, "wide": 32}
 
 def _parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="narrow only, 1 warm-up, 2x2 runs")
+    parser.add_argument("--quick", action="store_true", help="narrow only, 1 call per repeat")
     parser.add_argument("--widths", default=None, help="comma list of narrow,wide (default: both)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per variant")
-    parser.add_argument("--iters", type=int, default=3, help="calls per timed repeat")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls per variant")
+    parser.add_argument("--iters", type=int, default=2, help="calls per timed repeat")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     parser.add_argument("--no_xla", action="store_true", help="skip the XLA variants")
     parser.add_argument(
         "--out",
@@ -43,7 +48,7 @@ def _parse(argv=None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.warmup, args.iters, args.repeats = 1, 2, 3
+        args.warmup, args.iters, args.repeats = 1, 1, 3
         args.widths = args.widths or "narrow"
     args.widths = (args.widths or "narrow,wide").split(",")
     for width in args.widths:
@@ -52,22 +57,8 @@ def _parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def _median_seconds(fn, warmup: int, iters: int, repeats: int) -> float:
-    """Median over ``repeats`` of the mean wall time of ``iters`` calls of ``fn`` (seconds)."""
-    import numpy as np
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        times.append((time.perf_counter() - start) / iters)
-    return float(np.median(times))
-
-
-def _time_keras(width, images, labels, *, jit: bool, warmup, iters, repeats) -> dict:
+def _keras_runner(width, images, labels, *, jit: bool) -> tuple[Callable, Callable]:
+    """``(forward, grad)`` thunks of the Keras model in ``tf.function`` on one fixed batch."""
     import keras
     import tensorflow as tf
 
@@ -86,21 +77,35 @@ def _time_keras(width, images, labels, *, jit: bool, warmup, iters, repeats) -> 
         with tf.GradientTape() as tape:
             tape.watch(x)
             logits = model(x, training=False)
-            loss = tf.reduce_sum(
-                keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-            )
+            xent = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+            loss = tf.reduce_sum(xent)
         return tape.gradient(loss, x)
 
     # .numpy() waits for the result, so the wall time covers the whole computation.
-    return {
-        "forward_s": _median_seconds(lambda: forward(x).numpy(), warmup, iters, repeats),
-        "grad_s": _median_seconds(lambda: grad(x, y).numpy(), warmup, iters, repeats),
-    }
+    return (lambda: forward(x).numpy()), (lambda: grad(x, y).numpy())
+
+
+def _time_interleaved(thunks: dict[str, Callable], warmup: int, iters: int, repeats: int) -> dict:
+    """Median over ``repeats`` of the mean seconds of ``iters`` calls, for every thunk.
+
+    The thunks take turns within each repeat, so a load that comes and goes on a shared machine
+    slows every variant alike instead of whichever happened to run at the time.
+    """
+    for fn in thunks.values():
+        for _ in range(warmup):  # includes tracing and XLA compilation
+            fn()
+    times = {name: [] for name in thunks}
+    for _ in range(repeats):
+        for name, fn in thunks.items():
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            times[name].append((time.perf_counter() - start) / iters)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main(argv=None) -> dict:
     args = _parse(argv)
-    import numpy as np
     import tensorflow as tf
     import tf1_reference
 
@@ -114,8 +119,10 @@ def main(argv=None) -> dict:
             "tensorflow": tf.__version__,
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
-            "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "load_average_at_start": _load(),
             "grad": "d sum(cross-entropy) / d images",
+            "tf1_standardization": "map_fn(per_image_standardization), as Madry's model.py",
+            "keras_standardization": "batched tf.image.per_image_standardization",
         },
         "rows": [],
     }
@@ -123,30 +130,38 @@ def main(argv=None) -> dict:
         batch = BATCH[width]
         images = rng.uniform(0, 255, (batch, 32, 32, 3)).astype(np.float32)
         labels = rng.integers(0, 10, batch).astype(np.int64)
-        seconds = {}
+        thunks, closers = {}, []
         for xla in xla_options:
+            runner = tf1_reference.make_reference_runner(width, images, labels, xla=xla)
+            closers.append(runner.close)
             name = "tf1_xla" if xla else "tf1"
-            print(f"[bench] {width}: {name} ...", file=sys.stderr, flush=True)
-            seconds[name] = tf1_reference.time_reference(width, images, labels, xla=xla, **timing)
+            thunks[f"{name}/forward"], thunks[f"{name}/grad"] = runner.forward, runner.grad
             name = "keras_jit" if xla else "keras"
-            print(f"[bench] {width}: {name} ...", file=sys.stderr, flush=True)
-            seconds[name] = _time_keras(width, images, labels, jit=xla, **timing)
-        for name, s in seconds.items():
-            baseline = seconds["tf1_xla" if name.endswith(("_xla", "_jit")) else "tf1"]
+            thunks[f"{name}/forward"], thunks[f"{name}/grad"] = _keras_runner(
+                width, images, labels, jit=xla
+            )
+        print(f"[bench] {width}, batch {batch}: {sorted(thunks)}", file=sys.stderr, flush=True)
+        seconds = _time_interleaved(thunks, **timing)
+        for close in closers:
+            close()
+        for name in dict.fromkeys(k.split("/")[0] for k in thunks):
+            base = "tf1_xla" if name in ("tf1_xla", "keras_jit") else "tf1"
+            fwd, grad = seconds[f"{name}/forward"], seconds[f"{name}/grad"]
             results["rows"].append(
                 {
                     "width": width,
                     "batch": batch,
                     "variant": name,
-                    "forward_img_per_s": batch / s["forward_s"],
-                    "grad_img_per_s": batch / s["grad_s"],
-                    "forward_s": s["forward_s"],
-                    "grad_s": s["grad_s"],
+                    "forward_img_per_s": batch / fwd,
+                    "grad_img_per_s": batch / grad,
+                    "forward_s": fwd,
+                    "grad_s": grad,
                     # Throughput ratio against the TF1 graph with the same compilation (>1: faster).
-                    "forward_ratio_vs_tf1": baseline["forward_s"] / s["forward_s"],
-                    "grad_ratio_vs_tf1": baseline["grad_s"] / s["grad_s"],
+                    "forward_ratio_vs_tf1": seconds[f"{base}/forward"] / fwd,
+                    "grad_ratio_vs_tf1": seconds[f"{base}/grad"] / grad,
                 }
             )
+    results["settings"]["load_average_at_end"] = _load()
 
     header = (
         f"{'width':7}{'batch':>6}  {'variant':10}{'fwd img/s':>11}{'grad img/s':>12}"
@@ -161,11 +176,19 @@ def main(argv=None) -> dict:
             f"{r['grad_ratio_vs_tf1']:>12.2f}"
         )
     print("(x TF1: Keras throughput / TF1 throughput, each against TF1 with the same XLA setting)")
+    print(
+        f"load average at start/end: {results['settings']['load_average_at_start']} / "
+        f"{results['settings']['load_average_at_end']} on {os.cpu_count()} cores"
+    )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     print(f"wrote {args.out}")
     return results
+
+
+def _load():
+    return [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 if __name__ == "__main__":

@@ -189,19 +189,29 @@ def make_dataset(
 ) -> tf.data.Dataset:
     """A ``tf.data`` pipeline of ``(images float32 [B, 32, 32, 3] in 0..255, labels int32 [B])``.
 
-    ``training=True``: shuffled every epoch, augmented, repeated forever, full batches only; the
-    order and the augmentation are a function of ``seed`` (stateless RNG), so a resumed run can
-    skip to where it stopped with ``ds.skip(step)``.
+    ``training=True``: a fresh permutation every epoch, augmented, repeated forever, full batches
+    only. The order and the augmentation are a function of ``seed`` alone (stateless RNG, not the
+    global TF seed), so a resumed run can skip to where it stopped with ``ds.skip(step)``.
     """
-    ds = tf.data.Dataset.from_tensor_slices((images.astype(np.float32), labels.astype(np.int32)))
+    images = np.asarray(images, np.float32)
+    labels = np.asarray(labels, np.int32)
     if not training:
+        ds = tf.data.Dataset.from_tensor_slices((images, labels))
         return ds.batch(batch_size, drop_remainder=bool(drop_remainder)).prefetch(tf.data.AUTOTUNE)
-    ds = ds.repeat().shuffle(min(len(images), 10000), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.enumerate().map(
-        lambda i, xy: (augment(xy[0], tf.stack([tf.cast(seed, tf.int64), i])), xy[1]),
-        num_parallel_calls=tf.data.AUTOTUNE,
-        deterministic=True,
-    )
+    n = len(images)
+    images_t, labels_t = tf.constant(images), tf.constant(labels)
+    seed64 = tf.constant(seed, tf.int64)
+
+    def epoch_order(epoch):
+        perm = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=tf.stack([seed64, epoch]))
+        return tf.data.Dataset.from_tensor_slices(perm)
+
+    def example(i, index):
+        image = augment(tf.gather(images_t, index), tf.stack([seed64, i]))
+        return image, tf.gather(labels_t, index)
+
+    ds = tf.data.Dataset.counter().flat_map(epoch_order).enumerate()
+    ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.batch(batch_size, drop_remainder=True if drop_remainder is None else drop_remainder).prefetch(
         tf.data.AUTOTUNE
     )

@@ -131,6 +131,7 @@ def run_separation(
     batch_dir: str | None = None,
     desc: str = "separation",
     p: float = 0.9,
+    model_name: str | None = None,
 ) -> dict:
     """Runs the high-confidence attack on ``num_batches`` seeded random batches.
 
@@ -144,6 +145,7 @@ def run_separation(
       batch_dir: if given, each batch is saved there as ``batch_XXX.json`` when it finishes, and a
         batch already saved with the same settings is loaded instead of recomputed (resume).
       p: the threshold shown in the progress lines (the statistics come from :func:`summarize`).
+      model_name: recorded in the settings, so that a resumed run never mixes two models.
 
     Returns:
       dict: ``settings``, ``indices``/``labels``/``wrong_label``/``clean_correct`` per batch,
@@ -160,7 +162,7 @@ def run_separation(
     indices = sample_indices(len(images), num_batches=num_batches, batch_points=batch_points, seed=seed)
     settings = dict(delta=delta, num_batches=int(num_batches), batch_points=int(batch_points),
                     seed=int(seed), attack={k: v for k, v in attack.items() if k != "jit_compile"},
-                    num_test_points=int(len(images)))
+                    num_test_points=int(len(images)), model=model_name)
     batches: list[dict | None] = [None] * num_batches
     if batch_dir is not None:
         os.makedirs(batch_dir, exist_ok=True)

@@ -70,6 +70,19 @@ def _check_positive(value, name: str) -> float:
     return value
 
 
+def log_odds(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """``log(F_t / (1 - F_t)) = Z_t - logsumexp_{j != t} Z_j`` per row: logits ``[B, C]``, labels ``[B]``.
+
+    A strictly increasing function of ``F_t``, so it has the same maximiser and ranks candidates as
+    ``F_t`` does; unlike ``F_t`` or ``log F_t`` it does not round to a constant in float32 once the
+    softmax saturates (``F_t`` = 1.0 for margins above ~17), and its gradient does not vanish there.
+    """
+    logits = tf.cast(logits, tf.float32)
+    own = tf.one_hot(labels, tf.shape(logits)[-1], on_value=True, off_value=False)
+    others = tf.where(own, tf.constant(-1e30, tf.float32), logits)  # finite: no inf - inf
+    return tf.gather(logits, labels, batch_dims=1) - tf.reduce_logsumexp(others, axis=-1)
+
+
 class _FactorShell(keras.Model):
     """What MCN and NCN share: the wrapped base, the batch layout, the compiled embedding, I/O.
 
@@ -130,8 +143,8 @@ class _FactorShell(keras.Model):
 
     # -- shared pieces of the graph --------------------------------------------------------------
 
-    def _log_probs(self, z: tf.Tensor) -> tf.Tensor:
-        return tf.nn.log_softmax(tf.cast(self.base(z, training=False), tf.float32))
+    def _logits(self, z: tf.Tensor) -> tf.Tensor:
+        return tf.cast(self.base(z, training=False), tf.float32)
 
     def _tile(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """``[N, ...]`` -> (``[N * C, ...]`` with row ``i * C + t`` = image ``i``, labels ``[N * C]``)."""
@@ -145,9 +158,26 @@ class _FactorShell(keras.Model):
     def _output(self, z: tf.Tensor, label: tf.Tensor) -> tf.Tensor:
         """``F(z_t*)`` ``[N, C]`` from ``z`` ``[N, C, ...]``: one forward pass on the ``N`` chosen points."""
         chosen = tf.gather(z, label, batch_dims=1)
-        return tf.exp(self._log_probs(chosen))
+        return tf.nn.softmax(self._logits(chosen))
 
     # -- Keras plumbing --------------------------------------------------------------------------
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """As Keras', except that ``compile(metrics=[...])`` without a loss evaluates metrics only.
+
+        A shell is evaluated, never trained, so a loss is optional: without one the reported loss
+        is 0.
+        """
+        if self._compile_loss is None and not self.losses:
+            return tf.constant(0.0)
+        return super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                    training=training)
+
+    def train_step(self, data):
+        raise NotImplementedError(
+            f"{type(self).__name__} wraps a fixed base model and is not trained (it is not "
+            f"differentiable in its input): train the base model, then wrap it."
+        )
 
     def get_config(self) -> dict:
         return {
@@ -186,9 +216,11 @@ class _FactorShell(keras.Model):
 class MCNShell(_FactorShell):
     """MCN_delta (Algorithm 1): the most confident point of ``N(x, delta)`` for every label.
 
-    For every label ``t`` the optimiser ascends ``log F(z)_t`` over ``N(x, delta)`` (the L-inf
-    ball, intersected with the pixel box); ``t* = argmax_t F(z_t)_t`` (scores compared in log
-    space, so saturated softmaxes still rank; ties go to the smaller label); output ``F(z_t*)``.
+    For every label ``t`` the optimiser ascends the log-odds ``log(F(z)_t / (1 - F(z)_t))`` over
+    ``N(x, delta)`` (the L-inf ball, intersected with the pixel box): the same maximiser as
+    ``log F(z)_t``, and the same signed steps, but no float32 saturation (see :func:`log_odds`).
+    ``t* = argmax_t F(z_t)_t``, compared by log-odds so that saturated candidates still rank (ties
+    go to the smaller label); the output is ``F(z_t*)``.
 
     Optimisers:
       ``"pgd"``: ``steps`` signed-gradient steps of ``step_size`` pixels, best iterate kept
@@ -225,7 +257,8 @@ class MCNShell(_FactorShell):
       jit_compile: compile the embedding with XLA.
 
     ``embed(x)`` returns ``z`` ``[N, C, H, W, 3]``, ``label`` ``[N]`` (``t*``), ``confidences``
-    ``[N, C]`` (``F(z_t)_t``; for ``paper_code`` each candidate's top confidence),
+    ``[N, C]`` (``F(z_t)_t``; for ``paper_code`` each candidate's top confidence) and
+    ``log_odds`` ``[N, C]`` (the same, as log-odds: finite where a confidence rounds to 0 or 1),
     ``probabilities`` ``[N, C]``, and for ``"cw"`` ``cw_success`` ``[N, C]`` (the CW run met its
     goal) and ``candidate_labels`` ``[N, C]`` (top label at each ``z_t``).
     """
@@ -309,13 +342,13 @@ class MCNShell(_FactorShell):
                 targeted=True,
             )
             z = projected.project(z, xt, self.delta)
-            logp = self._log_probs(z)
-            score = tf.gather(logp, labels, batch_dims=1)
+            logits = self._logits(z)
+            score = log_odds(logits, labels)
             extra = dict(cw_success=self._per_label(ok),
-                         candidate_labels=self._per_label(tf.argmax(logp, -1, output_type=tf.int32)))
+                         candidate_labels=self._per_label(tf.argmax(logits, -1, output_type=tf.int32)))
         else:
             def objective(z):
-                return tf.gather(self._log_probs(z), labels, batch_dims=1)
+                return log_odds(self._logits(z), labels)
 
             z0 = xt
             if self.random_start:
@@ -326,7 +359,7 @@ class MCNShell(_FactorShell):
             )
         z, score = self._per_label(z), self._per_label(score)
         label = tf.argmax(score, axis=1, output_type=tf.int32)
-        return dict(z=z, label=label, confidences=tf.exp(score),
+        return dict(z=z, label=label, confidences=tf.sigmoid(score), log_odds=score,
                     probabilities=self._output(z, label), **extra)
 
     def _paper_code(self, x: tf.Tensor) -> dict:
@@ -334,7 +367,7 @@ class MCNShell(_FactorShell):
 
         c = self.num_classes
         n = tf.shape(x)[0]
-        pred = tf.argmax(self._log_probs(x), axis=-1, output_type=tf.int32)
+        pred = tf.argmax(self._logits(x), axis=-1, output_type=tf.int32)
         # Row i * (C - 1) + (s - 1) targets (pred_i + s) mod C: every label but the prediction.
         shifts = tf.range(1, c, dtype=tf.int32)
         targets = tf.reshape((pred[:, None] + shifts[None, :]) % c, [-1])
@@ -357,12 +390,13 @@ class MCNShell(_FactorShell):
         order = (tf.range(c)[None, :] - pred[:, None]) % c  # label t sits in slot (t - pred) mod C
         z = tf.gather(all_cand, order, batch_dims=1)
         ok = tf.gather(all_ok, order, batch_dims=1)
-        logp = self._per_label(self._log_probs(tf.reshape(z, tf.concat([[-1], tf.shape(x)[1:]], 0))))
-        top_label = tf.argmax(logp, axis=-1, output_type=tf.int32)
-        top_score = tf.reduce_max(logp, axis=-1)
+        logits = self._logits(tf.reshape(z, tf.concat([[-1], tf.shape(x)[1:]], 0)))
+        top = tf.argmax(logits, axis=-1, output_type=tf.int32)
+        top_label = self._per_label(top)
+        top_score = self._per_label(log_odds(logits, top))  # ranks as the top confidence does
         best = tf.argmax(top_score, axis=1, output_type=tf.int32)
         label = tf.gather(top_label, best, batch_dims=1)
-        return dict(z=z, label=label, confidences=tf.exp(top_score),
+        return dict(z=z, label=label, confidences=tf.sigmoid(top_score), log_odds=top_score,
                     probabilities=tf.one_hot(label, c, dtype=tf.float32),
                     cw_success=ok, candidate_labels=top_label)
 
@@ -373,14 +407,15 @@ class NCNShell(_FactorShell):
 
     Problem per label ``t``: ``min ||z - x||_inf`` subject to ``F(z)_t >= p``, searched within the
     box ``N(x, delta_max)``. Solved by the quadratic penalty method: minimise
-    ``Q = r + alpha * max(log p - log F(z)_t, 0)^2`` for ``alpha = alpha0 * alpha_factor^k``,
+    ``Q = r + alpha * max(logit(p) - o_t(z), 0)^2`` for ``alpha = alpha0 * alpha_factor^k``,
     ``k = 0 .. rounds - 1``, ``steps`` Adam steps per round, warm-started. Two choices, both for the
     optimiser's sake (the feasible set and the objective are unchanged):
       * the L-inf norm is written in epigraph form, ``z = clip(x + r * tanh(w), 0, 255)`` with
         ``r = delta_max * s``, ``s in [0, 1]``, so ``||z - x||_inf <= r`` and the distance has a
         dense gradient (the gradient of ``max_i |z_i - x_i|`` touches one pixel);
-      * the constraint is ``log F(z)_t >= log p`` (the same set), whose violation keeps a gradient
-        where the softmax saturates.
+      * the constraint is ``o_t(z) >= logit(p)`` with ``o_t`` the log-odds of :func:`log_odds`
+        (the same set as ``F(z)_t >= p``), whose violation keeps a gradient where the softmax
+        saturates.
     Every iterate is checked; per label the nearest feasible iterate (distance measured as
     ``||z - x||_inf``) is kept, and ``x`` itself when ``F(x)_t >= p``. ``t*`` is the label with the
     smallest distance among those meeting ``p`` (ties: the smaller label). When no label meets
@@ -392,13 +427,14 @@ class NCNShell(_FactorShell):
       p: the confidence threshold, in (0, 1).
       delta_max: radius of the search box in pixels.
       steps: Adam steps per penalty round; rounds: number of ``alpha`` values.
-      alpha: the first penalty weight (pixels per squared nat); alpha_factor: its growth per round.
+      alpha: the first penalty weight (pixels per squared unit of log-odds); alpha_factor: its
+        growth per round.
       learning_rate: Adam's, for ``s`` (fraction of ``delta_max``) and ``w`` (tanh space).
       jit_compile: compile the embedding with XLA.
 
     ``embed(x)`` returns ``z`` ``[N, C, H, W, 3]``, ``label`` ``[N]``, ``distances`` ``[N, C]``
     (pixels, L-inf), ``met`` bool ``[N, C]`` (``F(z_t)_t >= p``), ``confidences`` ``[N, C]``
-    (``F(z_t)_t``), ``unmet`` bool ``[N]`` (no label met ``p``: fallback used) and
+    (``F(z_t)_t``) and ``log_odds`` (the same as log-odds), ``unmet`` bool ``[N]`` (no label met ``p``: fallback used) and
     ``probabilities``. Cost: ``C * (steps * rounds + 1)`` forward+backward passes per image.
     """
 
@@ -441,38 +477,38 @@ class NCNShell(_FactorShell):
         rows = tf.shape(xt)[0]
         axes = list(range(1, len(xt.shape)))
         expand = [-1] + [1] * len(axes)
-        log_p = float(np.log(self.p))
+        logit_p = float(np.log(self.p) - np.log1p(-self.p))  # F_t >= p  <=>  log-odds >= logit(p)
         beta1, beta2, eps = 0.9, 0.999, 1e-8
 
         def point(s, w):
             return tf.clip_by_value(xt + tf.reshape(self.delta_max * s, expand) * tf.tanh(w),
                                     0.0, PIXEL_MAX)
 
-        def target_logp(z):
-            return tf.gather(self._log_probs(z), labels, batch_dims=1)
+        def target_odds(z):
+            return log_odds(self._logits(z), labels)
 
-        def keep(z, logp, best):
-            """Nearest feasible point so far (and its log F_t), and most confident point so far."""
+        def keep(z, odds, best):
+            """Nearest feasible point so far (and its log-odds), and most confident point so far."""
             bz, bd, bf, cz, cf = best
             d = tf.reduce_max(tf.abs(z - xt), axis=axes)
-            nearer = (logp >= log_p) & (d < bd)
+            nearer = (odds >= logit_p) & (d < bd)
             bz = tf.where(tf.reshape(nearer, expand), z, bz)
             bd = tf.where(nearer, d, bd)
-            bf = tf.where(nearer, logp, bf)
-            surer = logp > cf
+            bf = tf.where(nearer, odds, bf)
+            surer = odds > cf
             cz = tf.where(tf.reshape(surer, expand), z, cz)
-            return bz, bd, bf, cz, tf.where(surer, logp, cf)
+            return bz, bd, bf, cz, tf.where(surer, odds, cf)
 
         def body(i, s, w, ms, vs, mw, vw, best):
             alpha = self.alpha * tf.pow(self.alpha_factor, tf.cast(i // max(self.steps, 1), tf.float32))
             with tf.GradientTape() as tape:
                 tape.watch([s, w])
                 z = point(s, w)
-                logp = target_logp(z)
-                q = self.delta_max * s + alpha * tf.square(tf.nn.relu(log_p - logp))
+                odds = target_odds(z)
+                q = self.delta_max * s + alpha * tf.square(tf.nn.relu(logit_p - odds))
                 total_q = tf.reduce_sum(q)  # rows are independent: the sum's gradient is per row
             gs, gw = tape.gradient(total_q, [s, w])
-            best = keep(z, logp, best)
+            best = keep(z, odds, best)
             t = tf.cast(i + 1, tf.float32)
             correction = tf.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
             ms = beta1 * ms + (1.0 - beta1) * gs
@@ -483,9 +519,9 @@ class NCNShell(_FactorShell):
             w = w - self.learning_rate * correction * mw / (tf.sqrt(vw) + eps)
             return i + 1, s, w, ms, vs, mw, vw, best
 
-        logp0 = target_logp(xt)
+        odds0 = target_odds(xt)
         inf = tf.fill([rows], np.float32(np.inf))
-        best = keep(xt, logp0, (xt, inf, -inf, xt, -inf))
+        best = keep(xt, odds0, (xt, inf, -inf, xt, -inf))
         # Start at x (w = 0) with the whole box available (s = 1): dz/dw = r is then non-zero.
         s0 = tf.ones([rows])
         w0 = tf.zeros_like(xt)
@@ -495,7 +531,7 @@ class NCNShell(_FactorShell):
             lambda i, *_: i < total, body, state, maximum_iterations=total
         )
         z_last = point(s, w)
-        bz, bd, bf, cz, cf = keep(z_last, target_logp(z_last), best)
+        bz, bd, bf, cz, cf = keep(z_last, target_odds(z_last), best)
 
         found = tf.math.is_finite(bd)
         z_rows = tf.where(tf.reshape(found, expand), bz, cz)
@@ -506,6 +542,7 @@ class NCNShell(_FactorShell):
         nearest = tf.argmin(tf.where(met, distances, np.float32(np.inf)), axis=1, output_type=tf.int32)
         surest = tf.argmax(self._per_label(cf), axis=1, output_type=tf.int32)
         label = tf.where(any_met, nearest, surest)
+        odds = self._per_label(tf.where(found, bf, cf))
         return dict(z=z, label=label, distances=distances, met=met,
-                    confidences=self._per_label(tf.exp(tf.where(found, bf, cf))), unmet=~any_met,
+                    confidences=tf.sigmoid(odds), log_odds=odds, unmet=~any_met,
                     probabilities=self._output(z, label))

@@ -245,8 +245,8 @@ def train(
         previous = reporting.read_json(saved)
         mine = reporting._to_jsonable(dataclasses.asdict(config))
         diff = {k: (previous.get(k), v) for k, v in mine.items() if previous.get(k) != v}
-        diff.pop("strategy", None)
-        diff.pop("jit_compile", None)
+        for free in ("strategy", "jit_compile", "steps", "log_every"):  # may change on resume
+            diff.pop(free, None)
         if diff:
             raise ValueError(
                 f"--resume with settings that differ from the run in {model_dir!r}: "
@@ -292,6 +292,7 @@ def train(
             initial_epoch=start // config.checkpoint_every,
             steps_per_epoch=config.checkpoint_every,
             verbose=0,
+            shuffle=False,
             callbacks=[
                 _ProgressLogger(start, epochs * config.checkpoint_every, config.batch_size, config.log_every),
                 _Checkpointer(manager, trainer.optimizer),

@@ -233,3 +233,17 @@ def test_probability_model_is_rejected(conv):
         attacks.pgd(probs, x, y, epsilon=1.0, steps=1, step_size=1.0)
     with pytest.raises(ValueError, match="probabilities"):
         attacks.cw_linf(probs, x, y, epsilon=1.0)
+
+
+def test_cache_does_not_keep_the_model_alive(conv):
+    import gc
+    import weakref
+
+    _, x, y = conv
+    model = small_conv(seed=5)
+    attacks.pgd(model, x, y, epsilon=2.0, steps=1, step_size=1.0)
+    assert len(attacks.tracing_counts(model)) == 1
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -259,6 +259,32 @@ def read_checkpoint(prefix: str) -> dict[str, np.ndarray]:
     return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()}
 
 
+class ReferenceRunner(NamedTuple):
+    forward: Callable[[], np.ndarray]  # runs the logits [N, 10] on the fixed batch
+    grad: Callable[[], np.ndarray]  # runs d sum(xent) / d images, [N, 32, 32, 3]
+    close: Callable[[], None]  # closes the session
+
+
+def make_reference_runner(
+    width: str, images: np.ndarray, labels: np.ndarray, *, xla: bool = False, seed: int = 0
+) -> ReferenceRunner:
+    """An open session on the reference graph with random weights, fed one fixed batch.
+
+    Args:
+      images: ``[N, 32, 32, 3]`` pixels in 0..255; labels: ``[N]`` ints in 0..9.
+      xla: compile the model and its gradient with XLA (``jit_scope``).
+    """
+    graph, x, y, logits, grad = _build_graph(width, seed, loss=True, xla=xla)
+    with graph.as_default():
+        init = v1.global_variables_initializer()
+    feed = {x: np.asarray(images, np.float32), y: np.asarray(labels, np.int64)}
+    sess = v1.Session(graph=graph)
+    sess.run(init)
+    return ReferenceRunner(
+        forward=lambda: sess.run(logits, feed), grad=lambda: sess.run(grad, feed), close=sess.close
+    )
+
+
 def time_reference(
     width: str,
     images: np.ndarray,
@@ -280,21 +306,19 @@ def time_reference(
     Returns:
       ``{"forward_s": ..., "grad_s": ...}``: median seconds per batch over the repeats.
     """
-    graph, x, y, logits, grad = _build_graph(width, seed, loss=True, xla=xla)
-    with graph.as_default():
-        init = v1.global_variables_initializer()
-    feed = {x: np.asarray(images, np.float32), y: np.asarray(labels, np.int64)}
+    runner = make_reference_runner(width, images, labels, xla=xla, seed=seed)
     result = {}
-    with v1.Session(graph=graph) as sess:
-        sess.run(init)
-        for key, fetch in (("forward_s", logits), ("grad_s", grad)):
+    try:
+        for key, fn in (("forward_s", runner.forward), ("grad_s", runner.grad)):
             for _ in range(warmup):
-                sess.run(fetch, feed)
+                fn()
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
                 for _ in range(iters):
-                    sess.run(fetch, feed)
+                    fn()
                 times.append((time.perf_counter() - start) / iters)
             result[key] = float(np.median(times))
+    finally:
+        runner.close()
     return result

@@ -1,0 +1,103 @@
+"""Tests of training: adversarial batches inside train_step, resume == uninterrupted, no clobbering."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from manifold_tf import data, models, training
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(**overrides):
+    base = dict(
+        width="narrow", dataset="synthetic", adversarial=True, epsilon=8.0, pgd_steps=1,
+        pgd_step_size=8.0, batch_size=8, steps=4, lr_boundaries=(2,), lr_values=(0.1, 0.01),
+        checkpoint_every=2, log_every=2, seed=3,
+    )
+    base.update(overrides)
+    return training.TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def arrays():
+    return data.synthetic_arrays("train", num_examples=48)
+
+
+def _weights(model):
+    return [v.numpy() for v in model.weights]
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path, arrays):
+    keras.utils.set_random_seed(0)
+    full = training.train(_config(), str(tmp_path / "full"), train_arrays=arrays)
+    keras.utils.set_random_seed(0)
+    training.train(_config(steps=2), str(tmp_path / "split"), train_arrays=arrays)
+    keras.utils.set_random_seed(99)  # a different init must be overwritten by the checkpoint
+    resumed = training.train(_config(), str(tmp_path / "split"), resume=True, train_arrays=arrays)
+    for a, b in zip(_weights(full), _weights(resumed)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    loaded = keras.models.load_model(str(tmp_path / "full" / training.FINAL_WEIGHTS))
+    x = arrays[0][:4]
+    np.testing.assert_allclose(loaded(x).numpy(), full(x).numpy(), rtol=1e-6)
+
+
+def test_refuses_a_non_empty_model_dir_and_mismatched_resume(tmp_path, arrays):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--resume"):
+        training.train(_config(steps=2), str(run), train_arrays=arrays)
+    assert (run / "notes.txt").read_text() == "mine"
+    training.train(_config(steps=2), str(tmp_path / "r2"), train_arrays=arrays)
+    with pytest.raises(ValueError, match="pgd_steps"):
+        training.train(_config(steps=2, pgd_steps=2), str(tmp_path / "r2"), resume=True, train_arrays=arrays)
+
+
+def test_adversarial_batches_stay_in_the_ball_and_raise_the_loss(arrays):
+    keras.utils.set_random_seed(0)
+    trainer = training.build_trainer(_config(pgd_steps=5, pgd_step_size=2.0))
+    x, y = tf.constant(arrays[0][:8]), tf.constant(arrays[1][:8])
+    x_adv = trainer.perturb(x, y).numpy()
+    assert np.abs(x_adv - x.numpy()).max() <= 8.0 + 1e-4
+    assert x_adv.min() >= 0 and x_adv.max() <= 255
+    xent = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    assert float(xent(y, trainer.base(x_adv))) > float(xent(y, trainer.base(x)))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(lr_values=(0.1,)), "one more learning rate"),
+    (dict(steps=5), "multiple of checkpoint_every"),
+    (dict(width="tiny"), "width must be one of"),
+    (dict(strategy="tpu"), "strategy must be"),
+])
+def test_bad_config_is_rejected(bad, message):
+    with pytest.raises(ValueError, match=message):
+        _config(**bad).validate()
+
+
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+    script = f"""
+import sys, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.path.insert(0, {ROOT!r})
+from manifold_tf import data, training
+arrays = data.synthetic_arrays("train", num_examples=32)
+config = training.TrainConfig(width="narrow", dataset="synthetic", adversarial=True, pgd_steps=1,
+    batch_size=8, steps=2, lr_boundaries=(), lr_values=(0.05,), checkpoint_every=2, log_every=1,
+    strategy="mirrored")
+model = training.train(config, {str(tmp_path / "m")!r}, train_arrays=arrays)
+import numpy as np
+assert all(np.all(np.isfinite(v.numpy())) for v in model.weights)
+print("replicas", tf.distribute.MirroredStrategy().num_replicas_in_sync)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "replicas 2" in out.stdout
+    assert os.path.exists(tmp_path / "m" / training.FINAL_WEIGHTS)
