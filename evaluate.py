@@ -44,6 +44,34 @@ flags.DEFINE_integer("attack_steps", 20, "Separation: ascent steps per wrong lab
 flags.DEFINE_float("attack_step_size", None, "Separation: step, pixels (default 2.5*delta/steps).")
 flags.DEFINE_enum("attack_optimizer", "sign", ["sign", "adam"], "Separation: ascent optimiser.")
 flags.DEFINE_bool("attack_random_start", False, "Separation: start the ascent at a random point.")
+# Defence mode (Table 2). Also uses --shell, --delta, --p, --epsilon (CW budget), --seed,
+# --batch_points and --num_batches (default 5 in this mode unless given).
+flags.DEFINE_enum("shell_optimizer", "pgd", ["pgd", "adam", "cw"], "Defence: MCN optimiser.")
+flags.DEFINE_integer("shell_steps", 10, "Defence: optimiser steps K per label (MCN; NCN per round).")
+flags.DEFINE_float("shell_step_size", None, "Defence: MCN step / Adam rate, px (default 2.5*delta/K).")
+flags.DEFINE_bool("shell_random_start", False, "Defence: MCN ascent from a random point of the ball.")
+flags.DEFINE_enum("cw_variant", "algorithm1", ["algorithm1", "paper_code"],
+                  "Defence: --shell_optimizer=cw as Algorithm 1, or as the paper's code did.")
+flags.DEFINE_float("shell_cw_const", 0.1, "Defence: CW shell constant (algorithm1).")
+flags.DEFINE_integer("shell_cw_max_iterations", 100, "Defence: CW shell Adam steps per constant (paper: 1000).")
+flags.DEFINE_float("ncn_delta_max", 16.0, "Defence: NCN search box radius, px.")
+flags.DEFINE_integer("ncn_rounds", 3, "Defence: NCN penalty rounds (alpha values).")
+flags.DEFINE_float("ncn_alpha", 1.0, "Defence: NCN first penalty weight.")
+flags.DEFINE_float("ncn_alpha_factor", 10.0, "Defence: NCN penalty growth per round.")
+flags.DEFINE_float("ncn_learning_rate", 0.05, "Defence: NCN Adam learning rate.")
+flags.DEFINE_integer("cw_max_iterations", 100, "Defence: base CW attack Adam steps per constant (paper: 1000).")
+flags.DEFINE_float("cw_learning_rate", 5e-3, "Defence: base CW attack Adam learning rate (paper: 5e-3).")
+flags.DEFINE_float("cw_initial_const", 1e-5, "Defence: base CW attack first constant (paper: 1e-5).")
+flags.DEFINE_float("cw_largest_const", 20.0, "Defence: base CW attack largest constant (paper: 20).")
+flags.DEFINE_bool("cw_stop_within_epsilon", True,
+                  "Defence: stop attacking a point once it has a success within epsilon (same success "
+                  "set; the paper's code shrinks tau further).")
+flags.DEFINE_integer("shell_batch_size", 30, "Defence: images per shell batch (global, all devices).")
+flags.DEFINE_bool("jit_compile", None, "Defence: compile the shell with XLA (default: the shell's).")
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored"],
+                  "Defence: spread shell batches over devices (tf.distribute.MirroredStrategy).")
+flags.DEFINE_enum("permutation", "numpy", ["numpy", "paper"],
+                  "Defence: order of test points (paper: Python random.sample, seed 123, reversed).")
 
 
 def _load_model():
@@ -155,7 +183,56 @@ def _run_separation() -> None:
 
 
 def _run_defence() -> None:
-    raise NotImplementedError("defence mode is being added")
+    """Table 2: CW L-inf on the base model, the shell on x and x', four categories, per batch.
+
+    Without --checkpoint/--data_dir: the CIFAR-10 sample next to the repository with
+    weights/narrow_adv.keras if both exist, else synthetic data (see evaluation.defence_inputs).
+    """
+    import tensorflow as tf
+
+    from manifold_tf import checkpoints, data, evaluation, shells
+
+    out = _output_dir("defence")
+    inputs = evaluation.defence_inputs(FLAGS.dataset, FLAGS.data_dir, FLAGS.checkpoint, out)
+    if FLAGS.overwrite and inputs["train_quick_model"] and os.path.exists(inputs["checkpoint"]):
+        os.remove(inputs["checkpoint"])
+    print(f"defence evaluation on {inputs['dataset']} ({inputs['note']}): {inputs['checkpoint']}",
+          flush=True)
+    strategy = tf.distribute.MirroredStrategy() if FLAGS.strategy == "mirrored" \
+        else tf.distribute.get_strategy()
+    with strategy.scope():
+        if inputs["train_quick_model"]:
+            base = evaluation.quick_synthetic_model(inputs["checkpoint"], seed=FLAGS.seed)
+        else:
+            base = checkpoints.load_model_weights(inputs["checkpoint"], width=FLAGS.width)
+        common = {} if FLAGS.jit_compile is None else dict(jit_compile=FLAGS.jit_compile)
+        if FLAGS.shell == "ncn":
+            shell = shells.NCNShell(
+                base, FLAGS.p, delta_max=FLAGS.ncn_delta_max, steps=FLAGS.shell_steps,
+                rounds=FLAGS.ncn_rounds, alpha=FLAGS.ncn_alpha, alpha_factor=FLAGS.ncn_alpha_factor,
+                learning_rate=FLAGS.ncn_learning_rate, **common)
+        else:
+            shell = shells.MCNShell(
+                base, FLAGS.delta, optimizer=FLAGS.shell_optimizer, steps=FLAGS.shell_steps,
+                step_size=FLAGS.shell_step_size, random_start=FLAGS.shell_random_start,
+                seed=FLAGS.seed, cw_variant=FLAGS.cw_variant, cw_const=FLAGS.shell_cw_const,
+                cw_max_iterations=FLAGS.shell_cw_max_iterations, **common)
+    x, y = data.load_arrays(inputs["dataset"], "test", inputs["data_dir"])
+    attack = dict(max_iterations=FLAGS.cw_max_iterations, learning_rate=FLAGS.cw_learning_rate,
+                  initial_const=FLAGS.cw_initial_const, largest_const=FLAGS.cw_largest_const,
+                  stop_within_epsilon=FLAGS.cw_stop_within_epsilon)
+    num_batches = FLAGS.num_batches if FLAGS["num_batches"].present else 5
+    metadata = dict(checkpoint=os.path.abspath(inputs["checkpoint"]), dataset=inputs["dataset"],
+                    data_dir=inputs["data_dir"] and os.path.abspath(inputs["data_dir"]),
+                    strategy=f"{FLAGS.strategy} ({strategy.num_replicas_in_sync} replicas)")
+    report = evaluation.run_defence(
+        base, shell, x, y, output_dir=out, epsilon=FLAGS.epsilon, num_batches=num_batches,
+        batch_points=FLAGS.batch_points, seed=FLAGS.seed, permutation=FLAGS.permutation,
+        attack=attack, shell_batch_size=FLAGS.shell_batch_size, resume=FLAGS.resume,
+        metadata=metadata,
+        class_names=data.CIFAR10_LABELS if inputs["dataset"] == "cifar10" else None)
+    print(evaluation.defence_markdown(report))
+    print(f"reports written to {out}")
 
 
 def main(argv):

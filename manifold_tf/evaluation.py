@@ -97,3 +97,435 @@ def accuracy_report(
         },
         "seconds": time.perf_counter() - start,
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Defence evaluation of a model shell (paper, Section 6 and Table 2)
+#
+# Protocol (METHOD.md, "Defence evaluation"): walk a seeded random permutation of the test set, keep
+# the points the base model classifies correctly, cut them into batches; per point run CW L-inf
+# (untargeted, against the base prediction, budget epsilon) on the base model -> x'; apply the shell
+# to x and x'; sort every point into one of four categories. Each finished batch is written at once
+# (JSON + the x' array), and the report is always assembled from those files, so a resumed run
+# produces the same report as an uninterrupted one.
+
+CATEGORIES = ("robust_kept", "vulnerable_fixed", "wrong_but_robust", "wrong_not_robust")
+CATEGORY_TITLES = {
+    "robust_kept": "base robust, shell correct and consistent",
+    "vulnerable_fixed": "base vulnerable, shell correct and robust",
+    "wrong_but_robust": "shell wrong but robust (G(x) = G(x') != y)",
+    "wrong_not_robust": "shell wrong and not robust (G(x) != G(x'))",
+}
+# The paper's Table 2 (wide adv_trained model, full CIFAR-10 test set, CarliniWagnerShell); batch 4's
+# printed shell rate "0.07%" is 2/30 = 6.67% (the 2 failures of the text are both in batch 4).
+PAPER_TABLE2 = dict(
+    points=150,
+    base_attack_success=[0.30, 1 / 3, 0.40, 1 / 3, 0.4667],
+    shell_attack_success=[0.0, 0.0, 0.0, 2 / 30, 0.0],
+    retained_accuracy=[0.9667, 1.0, 1.0, 0.9933, 1.0],
+    average=dict(base_attack_success=56 / 150, shell_attack_success=2 / 150,
+                 retained_accuracy=147 / 150),
+    categories=dict(robust_kept=94, vulnerable_fixed=53, wrong_but_robust=1, wrong_not_robust=2),
+)
+# CPU-cheap defaults for the base attack: the paper's CW schedule (CW_PAPER) except 100 Adam steps
+# per constant instead of 1000, and stopping a point once it has a success within epsilon (the
+# success set is the same; only the size of the final perturbation would shrink further).
+DEFENCE_ATTACK_DEFAULTS = dict(max_iterations=100, stop_within_epsilon=True)
+PERMUTATIONS = ("numpy", "paper")
+
+
+def walk_order(num_test: int, *, seed: int, kind: str = "numpy") -> np.ndarray:
+    """The order in which test points are walked.
+
+    ``"numpy"``: ``np.random.default_rng(seed).permutation(num_test)``. ``"paper"``: the authors'
+    order, Python ``random.seed(seed)`` (they used 123), ``random.sample(range(n), n)``, taken from
+    the end.
+    """
+    if kind == "numpy":
+        return np.random.default_rng(seed).permutation(num_test)
+    if kind == "paper":
+        import random
+
+        rng = random.Random(seed)
+        return np.asarray(rng.sample(range(num_test), num_test)[::-1])
+    raise ValueError(f"permutation must be one of {PERMUTATIONS}; got {kind!r}.")
+
+
+def select_correct_points(
+    model, x: np.ndarray, y: np.ndarray, *, num_points: int, seed: int, permutation: str = "numpy",
+    chunk: int = 256,
+) -> np.ndarray:
+    """The first ``num_points`` indices, in permutation order, that ``model`` classifies correctly.
+
+    Predictions are computed chunk by chunk along the permutation, only as far as needed.
+    Raises ``ValueError`` when the test set holds fewer correct points.
+    """
+    order = walk_order(len(x), seed=seed, kind=permutation)
+    chosen: list[int] = []
+    for start in range(0, len(order), chunk):
+        idx = order[start : start + chunk]
+        pred = predict_logits(model, x[idx], batch_size=chunk).argmax(-1)
+        chosen.extend(int(i) for i in idx[pred == y[idx]])
+        if len(chosen) >= num_points:
+            return np.asarray(chosen[:num_points])
+    raise ValueError(
+        f"the base model classifies only {len(chosen)} of the {len(x)} test points correctly; "
+        f"{num_points} are needed (num_batches x batch_points): lower them."
+    )
+
+
+def categorize(base_success, shell_clean, shell_adv, labels) -> np.ndarray:
+    """The category name of every point (see :data:`CATEGORY_TITLES`); all arguments ``[N]``.
+
+    ``base_success``: the attack found a valid ``x'`` (``||x' - x||_inf <= eps``, base wrong);
+    ``shell_clean``/``shell_adv``: the shell's labels ``G(x)`` and ``G(x')``.
+    """
+    base_success, shell_clean = np.asarray(base_success, bool), np.asarray(shell_clean)
+    shell_adv, labels = np.asarray(shell_adv), np.asarray(labels)
+    correct = (shell_clean == labels) & (shell_adv == labels)
+    out = np.where(shell_clean == shell_adv, "wrong_but_robust", "wrong_not_robust").astype(object)
+    out[correct & ~base_success] = "robust_kept"
+    out[correct & base_success] = "vulnerable_fixed"
+    return out.astype(str)
+
+
+def batch_rates(record: dict) -> dict:
+    """Table 2's three rates and the category counts of one batch record (or of several merged)."""
+    y = np.asarray(record["labels"])
+    g_x, g_adv = np.asarray(record["shell_clean"]), np.asarray(record["shell_adv"])
+    n = len(y)
+    shell_success = (g_adv != y) & (g_adv != g_x)  # the attack changed a prediction into an error
+    counts = {c: int(np.sum(np.asarray(record["category"]) == c)) for c in CATEGORIES}
+    return dict(
+        points=n,
+        base_attack_success=int(np.sum(record["base_success"])) / n,
+        shell_attack_success=int(np.sum(shell_success)) / n,
+        retained_accuracy=int(np.sum(g_x == y)) / n,
+        shell_adversarial_accuracy=int(np.sum(g_adv == y)) / n,
+        base_successes=int(np.sum(record["base_success"])),
+        shell_successes=int(np.sum(shell_success)),
+        retained=int(np.sum(g_x == y)),
+        new_vulnerabilities=int(np.sum(~np.asarray(record["base_success"], bool) & (g_adv != g_x))),
+        categories=counts,
+    )
+
+
+def _write_array_atomic(path: str, array: np.ndarray) -> None:
+    import io
+    import tempfile
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
+    with os.fdopen(fd, "wb") as f:
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _shell_labels(shell, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    if len(x) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    probs = shell.predict(x, batch_size=batch_size, verbose=0)
+    return probs.argmax(-1), probs.max(-1)
+
+
+def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, attack: dict,
+                  shell_batch_size: int) -> tuple[dict, np.ndarray]:
+    """Table 2 on one batch of base-correct points: ``(record, x_adv [N, 32, 32, 3])``.
+
+    The shell is run on ``x`` and on ``x'`` where the attack succeeded; where it failed,
+    ``x' = x`` and ``G(x') = G(x)`` is taken as is (the shells are deterministic per point; with a
+    random start they are not, and ``x'`` is then run as well).
+    """
+    from manifold_tf import attacks
+
+    t0 = time.perf_counter()
+    cw = attacks.cw_linf_details(base, x, y, epsilon=epsilon, **attack)
+    x_adv = np.asarray(cw["x_adv"])
+    base_adv = predict_logits(base, x_adv).argmax(-1)
+    success = np.asarray(cw["success"], bool) & (base_adv != y)
+    linf = np.abs(x_adv - x).reshape(len(x), -1).max(-1)
+    t1 = time.perf_counter()
+    g_x, c_x = _shell_labels(shell, x, shell_batch_size)
+    rerun = success | bool(getattr(shell, "random_start", False))
+    g_adv, c_adv = g_x.copy(), c_x.copy()
+    g_adv[rerun], c_adv[rerun] = _shell_labels(shell, x_adv[rerun], shell_batch_size)
+    t2 = time.perf_counter()
+    record = dict(
+        labels=y.tolist(),
+        base_success=success.tolist(),
+        base_adv_pred=base_adv.tolist(),
+        linf=linf.tolist(),
+        attack_iterations=np.asarray(cw["iterations"]).tolist(),
+        shell_clean=g_x.tolist(),
+        shell_adv=g_adv.tolist(),
+        shell_clean_confidence=c_x.tolist(),
+        shell_adv_confidence=c_adv.tolist(),
+        category=categorize(success, g_x, g_adv, y).tolist(),
+        seconds=dict(attack=t1 - t0, shell=t2 - t1),
+    )
+    return record, x_adv
+
+
+def run_defence(
+    base,
+    shell,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    output_dir: str,
+    epsilon: float = 8.0,
+    num_batches: int = 5,
+    batch_points: int = 30,
+    seed: int = 0,
+    permutation: str = "numpy",
+    attack: dict | None = None,
+    shell_batch_size: int = 30,
+    resume: bool = False,
+    metadata: dict | None = None,
+    class_names=None,
+    max_figure_cases: int = 12,
+) -> dict:
+    """Runs (or resumes) the Table-2 protocol and writes its reports to ``output_dir``.
+
+    Args:
+      base: Keras model, images -> logits. shell: a shell wrapping it (``MCNShell``/``NCNShell``).
+      images, labels: the test set, ``[M, 32, 32, 3]`` pixels, ``[M]`` ints.
+      output_dir: an existing directory (see :func:`reporting.prepare_output_dir`). Receives
+        ``batches/batch_XXX.json`` and ``batch_XXX_xadv.npy`` (written as each batch finishes),
+        ``defence.json``, ``defence.md`` and ``failures.png``.
+      epsilon: CW L-inf budget in pixels (a success needs ``||x' - x||_inf <= epsilon``).
+      attack: keyword arguments of :func:`attacks.cw_linf_details` (default
+        :data:`DEFENCE_ATTACK_DEFAULTS` over the paper's CW settings).
+      resume: keep the batches already in ``output_dir`` (they must have the same settings);
+        otherwise earlier batch files there are deleted first.
+      metadata: recorded in the settings (checkpoint, dataset ...): a resumed run must match it.
+      class_names: label names for the figure.
+
+    Returns:
+      The report dict written to ``defence.json``.
+    """
+    attack = {**DEFENCE_ATTACK_DEFAULTS, **(attack or {})}
+    images = np.asarray(images, np.float32)
+    labels = np.asarray(labels).astype(np.int64)
+    validate_images(images)
+    num_points = int(num_batches) * int(batch_points)
+    indices = select_correct_points(base, images, labels, num_points=num_points, seed=seed,
+                                    permutation=permutation).reshape(num_batches, batch_points)
+    settings = reporting._to_jsonable(dict(
+        protocol="Table 2 (METHOD.md, Defence evaluation)",
+        shell=shell.settings(), epsilon=float(epsilon),
+        attack={k: v for k, v in attack.items() if k != "jit_compile"},  # speed only
+        num_batches=int(num_batches), batch_points=int(batch_points), seed=int(seed),
+        permutation=permutation, num_test_points=int(len(images)), **(metadata or {}),
+    ))
+    comparable = {k: v for k, v in settings.items() if k != "strategy"}
+    batch_dir = os.path.join(output_dir, "batches")
+    os.makedirs(batch_dir, exist_ok=True)
+    if not resume:
+        for name in os.listdir(batch_dir):
+            if name.startswith("batch_"):
+                os.remove(os.path.join(batch_dir, name))
+
+    def path(b: int, suffix: str) -> str:
+        return os.path.join(batch_dir, f"batch_{b:03d}{suffix}")
+
+    records: list[dict | None] = [None] * num_batches
+    for b in range(num_batches):
+        if os.path.exists(path(b, ".json")):
+            saved = reporting.read_json(path(b, ".json"))
+            theirs = {k: v for k, v in saved["settings"].items() if k != "strategy"}
+            if theirs != comparable or saved["indices"] != indices[b].tolist():
+                raise ValueError(
+                    f"{path(b, '.json')} comes from a run with other settings or points:\n"
+                    f"  saved: {saved['settings']}\n  now:   {settings}\n"
+                    f"Use another --output_dir, or --overwrite to start again."
+                )
+            records[b] = saved
+    done = sum(r is not None for r in records)
+    progress = reporting.Progress(num_points, "defence", unit="points", initial=done * batch_points)
+    if done:
+        print(f"resuming: {done}/{num_batches} batches already done in {batch_dir}", flush=True)
+    for b in range(num_batches):
+        if records[b] is not None:
+            continue
+        idx = indices[b]
+        record, x_adv = defence_batch(base, shell, images[idx], labels[idx], epsilon=epsilon,
+                                      attack=attack, shell_batch_size=shell_batch_size)
+        record = dict(settings=settings, batch=b, indices=idx.tolist(), **record)
+        # x' first, then the JSON that marks the batch as finished.
+        _write_array_atomic(path(b, "_xadv.npy"), x_adv.astype(np.float32))
+        reporting.write_json(path(b, ".json"), record)
+        records[b] = record
+        r = batch_rates(record)
+        progress.update(batch_points, extra=(
+            f"batch {b + 1}/{num_batches}: base attack {r['base_successes']}/{batch_points}, "
+            f"shell attack {r['shell_successes']}/{batch_points}, retained {r['retained']}/"
+            f"{batch_points} (attack {record['seconds']['attack']:.0f} s, shell "
+            f"{record['seconds']['shell']:.0f} s)"))
+    return write_defence_report(records, images, output_dir, class_names=class_names,
+                                max_figure_cases=max_figure_cases)
+
+
+def summarize_defence(records: list[dict]) -> dict:
+    """Per-batch and overall rates and counts (the overall rates are over all points)."""
+    merged = {k: sum((list(r[k]) for r in records), []) for k in
+              ("labels", "base_success", "shell_clean", "shell_adv", "category")}
+    per_batch = [batch_rates(r) for r in records]
+    return dict(per_batch=per_batch, average=batch_rates(merged))
+
+
+def _pct(rate: float, count: int, n: int) -> str:
+    return f"{100 * rate:.2f}% ({count}/{n})"
+
+
+def defence_markdown(report: dict) -> str:
+    """The report as Markdown: settings, Table 2 per batch and on average, categories, the paper's."""
+    import json
+    s = report["settings"]
+    rows = []
+    for name, r in [(f"Batch #{i + 1}", r) for i, r in enumerate(report["per_batch"])] + [
+        ("Average", report["average"])
+    ]:
+        n = r["points"]
+        rows.append([name, n, _pct(r["base_attack_success"], r["base_successes"], n),
+                     _pct(r["shell_attack_success"], r["shell_successes"], n),
+                     _pct(r["retained_accuracy"], r["retained"], n),
+                     *[r["categories"][c] for c in CATEGORIES]])
+    table = reporting.markdown_table(
+        ["", "points", "base attack success", "shell attack success", "shell retained accuracy",
+         *CATEGORIES], rows)
+    avg = report["average"]
+    cats = "\n".join(f"- `{c}` ({CATEGORY_TITLES[c]}): {avg['categories'][c]}" for c in CATEGORIES)
+    paper = PAPER_TABLE2
+    return (
+        f"# Defence evaluation (Table 2 protocol): {s['shell']['shell'].upper()} shell\n\n"
+        f"Points: {avg['points']} base-correct test points ({s['num_batches']} batches x "
+        f"{s['batch_points']}), {s['permutation']} permutation, seed {s['seed']}, of "
+        f"{s['num_test_points']} test images.\n\n"
+        f"Settings:\n\n- shell: `{json.dumps(s['shell'])}`\n"
+        f"- base attack: CW L-inf, untargeted, epsilon {s['epsilon']:g} px: "
+        f"`{json.dumps(s['attack'])}`\n"
+        + "".join(f"- {k}: `{v}`\n" for k, v in s.items()
+                  if k not in ("shell", "attack", "epsilon", "protocol", "num_batches",
+                               "batch_points", "seed", "permutation", "num_test_points"))
+        + f"\n{table}\n"
+        f"Shell attack success: `G(x') != y` and `G(x') != G(x)`. Retained accuracy: `G(x) = y`. "
+        f"Base attack success: CW found `x'` with `||x' - x||_inf <= {s['epsilon']:g}` that the "
+        f"base misclassifies.\n\nCategories:\n\n{cats}\n- base-robust points the shell made "
+        f"inconsistent (new vulnerabilities): {avg['new_vulnerabilities']}\n\n"
+        f"Paper's Table 2 (wide adv_trained model, full CIFAR-10, CarliniWagnerShell, "
+        f"{paper['points']} points): base attack success "
+        f"{100 * paper['average']['base_attack_success']:.2f}%, shell attack success "
+        f"{100 * paper['average']['shell_attack_success']:.2f}%, retained accuracy "
+        f"{100 * paper['average']['retained_accuracy']:.0f}%; categories {paper['categories']}.\n\n"
+        f"Time: attack {report['seconds']['attack']:.0f} s, shell {report['seconds']['shell']:.0f} s.\n"
+    )
+
+
+def write_defence_report(records: list[dict], images: np.ndarray, output_dir: str, *,
+                         class_names=None, max_figure_cases: int = 12) -> dict:
+    """Assembles ``defence.json``, ``defence.md`` and ``failures.png`` from the batch records."""
+    summary = summarize_defence(records)
+    report = dict(
+        settings=records[0]["settings"],
+        per_batch=summary["per_batch"],
+        average=summary["average"],
+        paper_table2=PAPER_TABLE2,
+        points=[
+            dict(index=i, batch=r["batch"], label=r["labels"][k], category=r["category"][k],
+                 base_success=r["base_success"][k], base_adv_pred=r["base_adv_pred"][k],
+                 linf=r["linf"][k], shell_clean=r["shell_clean"][k], shell_adv=r["shell_adv"][k])
+            for r in records for k, i in enumerate(r["indices"])
+        ],
+        seconds=dict(attack=sum(r["seconds"]["attack"] for r in records),
+                     shell=sum(r["seconds"]["shell"] for r in records)),
+    )
+    reporting.write_json(os.path.join(output_dir, "defence.json"), report)
+    reporting.write_text(os.path.join(output_dir, "defence.md"), defence_markdown(report))
+    cases = []
+    for r in records:
+        bad = [k for k, c in enumerate(r["category"]) if c in ("wrong_but_robust", "wrong_not_robust")]
+        if not bad:
+            continue
+        x_adv = np.load(os.path.join(output_dir, "batches", f"batch_{r['batch']:03d}_xadv.npy"))
+        for k in bad:
+            cases.append(dict(
+                index=r["indices"][k], x=images[r["indices"][k]], x_adv=x_adv[k], label=r["labels"][k],
+                shell_clean=r["shell_clean"][k], shell_adv=r["shell_adv"][k],
+                shell_clean_confidence=r["shell_clean_confidence"][k],
+                shell_adv_confidence=r["shell_adv_confidence"][k],
+                base_adv=r["base_adv_pred"][k], category=r["category"][k]))
+    s = report["settings"]
+    reporting.plot_failure_cases(
+        cases[:max_figure_cases], os.path.join(output_dir, "failures.png"), class_names=class_names,
+        title=(f"{s['shell']['shell'].upper()} shell failures ({len(cases)} of "
+               f"{report['average']['points']} points; CW eps {s['epsilon']:g})"))
+    return report
+
+
+SAMPLE_DIR = os.path.join(os.path.dirname(ROOT), "shared", "data", "cifar10-sample")
+QUICK_MODEL = "quick_synthetic_model.keras"
+
+
+def defence_inputs(dataset: str, data_dir: str | None, checkpoint: str | None,
+                   output_dir: str) -> dict:
+    """What the defence evaluation runs on: ``dataset``, ``data_dir``, ``checkpoint``, ``note``.
+
+    Explicit flags win (``--dataset=auto`` then means CIFAR-10 when ``--data_dir`` is given). With
+    neither ``--checkpoint`` nor ``--data_dir`` the embedded default is, in order:
+      1. the CIFAR-10 sample at ``../shared/data/cifar10-sample`` (next to the repository) with the
+         committed ``weights/narrow_adv.keras``, when both exist;
+      2. the synthetic data set with the committed ``weights/synthetic_narrow.keras``;
+      3. the synthetic data set with a narrow model trained here for a few hundred steps
+         (:func:`quick_synthetic_model`, about a minute), saved in ``output_dir`` so that
+         ``--resume`` reuses the same model.
+    So the command works on a fresh checkout with nothing else present.
+    """
+    quick = os.path.join(output_dir, QUICK_MODEL)
+    if checkpoint or data_dir or dataset != "auto":
+        dataset = resolve_dataset(dataset, data_dir)
+        if checkpoint:
+            path, note = checkpoint, "as given"
+        elif os.path.exists(DEFAULT_CHECKPOINTS[dataset]) or dataset == "cifar10":
+            path, note = default_checkpoint(dataset), "default model"  # raises if missing
+        else:
+            path, note = quick, "quickly trained model"
+        return dict(dataset=dataset, data_dir=data_dir, checkpoint=path,
+                    train_quick_model=path == quick, note=note)
+    sample = os.path.isfile(os.path.join(SAMPLE_DIR, "cifar-10-batches-py", "test_batch"))
+    if sample and os.path.exists(DEFAULT_CHECKPOINTS["cifar10"]):
+        return dict(dataset="cifar10", data_dir=SAMPLE_DIR, checkpoint=DEFAULT_CHECKPOINTS["cifar10"],
+                    train_quick_model=False, note="embedded default: CIFAR-10 sample + narrow_adv.keras")
+    if os.path.exists(DEFAULT_CHECKPOINTS["synthetic"]):
+        return dict(dataset="synthetic", data_dir=None, checkpoint=DEFAULT_CHECKPOINTS["synthetic"],
+                    train_quick_model=False, note="embedded default: synthetic data + committed model")
+    return dict(dataset="synthetic", data_dir=None, checkpoint=quick, train_quick_model=True,
+                note="embedded default: synthetic data + a quickly trained narrow model")
+
+
+def quick_synthetic_model(path: str, *, steps: int = 300, batch_size: int = 32, seed: int = 0):
+    """A narrow Madry ResNet trained naturally on the synthetic set for ``steps`` steps, cached at ``path``.
+
+    The synthetic classes are far apart, so a few hundred SGD steps reach near-perfect test
+    accuracy. An existing ``path`` is loaded instead (a resumed run must use the same model).
+    """
+    import keras
+
+    from manifold_tf import data, models
+
+    if os.path.exists(path):
+        return keras.saving.load_model(path)
+    keras.utils.set_random_seed(seed)
+    x, y = data.synthetic_arrays("train", seed=0)
+    model = models.madry_resnet("narrow")
+    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    ds = data.make_dataset(x, y, batch_size=batch_size, training=True, seed=seed)
+    model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
+    tmp = path + ".tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, path)
+    return model

@@ -190,3 +190,53 @@ def plot_separation_curve(
     if title:
         ax.set_title(title, fontsize=10)
     save_figure(fig, path)
+
+
+def plot_failure_cases(cases: Sequence[dict], path: str, *, class_names=None, title: str = "") -> None:
+    """Draws the defence evaluation's failure cases, one row each, and saves a PNG.
+
+    Each case is a dict with ``x`` and ``x_adv`` (``[32, 32, 3]`` pixels 0..255), ``label`` (true),
+    ``shell_clean``/``shell_adv`` (the shell's labels on ``x`` and ``x'``) and optionally their
+    ``*_confidence``, ``base_adv`` (the base's label on ``x'``), ``category`` and ``index``. A row
+    shows ``x``, ``x'`` and ``|x' - x|`` (scaled to its maximum). With no cases the figure says so.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def name(label) -> str:
+        return str(class_names[int(label)]) if class_names is not None else str(int(label))
+
+    if not cases:
+        fig, ax = plt.subplots(figsize=(4, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no failure cases", ha="center", va="center")
+        if title:
+            ax.set_title(title, fontsize=9)
+        save_figure(fig, path)
+        return
+    fig, axes = plt.subplots(len(cases), 3, figsize=(7.5, 2.3 * len(cases)), squeeze=False)
+    for row, case in zip(axes, cases):
+        x = np.asarray(case["x"], np.float64)
+        x_adv = np.asarray(case["x_adv"], np.float64)
+        diff = np.abs(x_adv - x)
+        conf_c = case.get("shell_clean_confidence")
+        conf_a = case.get("shell_adv_confidence")
+        row[0].imshow(np.clip(x / 255.0, 0, 1))
+        row[0].set_title(
+            f"x (#{case.get('index', '?')}), true {name(case['label'])}\nshell: {name(case['shell_clean'])}"
+            + (f" ({conf_c:.2f})" if conf_c is not None else ""), fontsize=8)
+        row[1].imshow(np.clip(x_adv / 255.0, 0, 1))
+        base = f"base: {name(case['base_adv'])}, " if "base_adv" in case else ""
+        row[1].set_title(
+            f"x' (L-inf {diff.max():.1f} px)\n{base}shell: {name(case['shell_adv'])}"
+            + (f" ({conf_a:.2f})" if conf_a is not None else ""), fontsize=8)
+        row[2].imshow(diff.max(-1) / max(diff.max(), 1e-12), cmap="gray", vmin=0, vmax=1)
+        row[2].set_title(f"|x' - x| (scaled)\n{case.get('category', '')}", fontsize=8)
+        for ax in row:
+            ax.axis("off")
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the title
+    if title:
+        fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)

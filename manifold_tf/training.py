@@ -206,9 +206,12 @@ def build_trainer(config: TrainConfig) -> AdversarialTrainer:
         pgd_step_size=config.pgd_step_size,
         seed=config.seed,
     )
-    schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
-        list(config.lr_boundaries), list(config.lr_values)
-    )
+    if config.lr_boundaries:
+        schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
+            list(config.lr_boundaries), list(config.lr_values)
+        )
+    else:  # PiecewiseConstantDecay fails on an empty boundary list.
+        schedule = float(config.lr_values[0])
     trainer.compile(
         optimizer=keras.optimizers.SGD(learning_rate=schedule, momentum=config.momentum),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

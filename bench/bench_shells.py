@@ -1,0 +1,165 @@
+"""Throughput of the MCN shell vs its limit and vs a per-image, per-label loop (narrow ResNet).
+
+Variants, all in one process on the same images, taking turns within each timed repeat:
+
+- ``shell``: ``MCNShell(base, delta, steps=K).embed`` on ``N`` images: the ``N * C`` ascents run
+  as one batch in one compiled ``tf.function``.
+- ``limit``: one forward+backward pass of the base on the same ``N * C`` rows (the gradient of the
+  target labels' log-odds with respect to the input, the shell's step), timed alone; the shell
+  cannot beat ``K`` of them, so the limit is ``N / (K * t_pass)`` images/s.
+- ``loop_step``: the paper's own code's structure: for every image and every label, ``K`` steps,
+  each a separate call of a compiled one-image step (as TF1's ``session.run`` per iteration).
+- ``loop_eager``: the same loop written eagerly (a ``GradientTape`` per step, no ``tf.function``).
+
+Both loops are timed on one image (``C * K`` steps) and reported per image. Each batched variant
+is run without and with XLA. Reported: images per second (median over repeats after warm-up),
+the shell's fraction of the limit (goal >= 0.85) and its speed-up over the loops (goal >= 50).
+
+    python bench/bench_shells.py                 # N=4 images, K=5 steps, 3 repeats
+    python bench/bench_shells.py --images 8 --steps 10
+
+Writes ``bench/results/bench_shells.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _parse(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=4, help="N images per shell call")
+    parser.add_argument("--steps", type=int, default=5, help="K optimiser steps per label")
+    parser.add_argument("--delta", type=float, default=8.0, help="ball radius, pixels")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    parser.add_argument("--width", default="narrow", choices=["narrow", "wide"])
+    parser.add_argument("--weights", default=None, help="optional .keras base (default: random init)")
+    parser.add_argument(
+        "--out", default=os.path.join(ROOT, "bench", "results", "bench_shells.json"), help="JSON path"
+    )
+    return parser.parse_args(argv)
+
+
+def _median_times(thunks: dict[str, Callable], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each thunk, after one warm-up call (tracing, XLA compilation)."""
+    for fn in thunks.values():
+        fn()
+    times: dict[str, list] = {name: [] for name in thunks}
+    for _ in range(repeats):
+        for name, fn in thunks.items():  # interleaved: a passing load slows every variant alike
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def main(argv=None) -> dict:
+    args = _parse(argv)
+    import keras
+    import tensorflow as tf
+
+    from manifold_tf import models, projected, reporting
+    from manifold_tf.shells import MCNShell, log_odds
+
+    base = keras.saving.load_model(args.weights) if args.weights else models.madry_resnet(args.width)
+    num_classes = int(base.outputs[0].shape[-1])
+    n, k, delta = args.images, args.steps, args.delta
+    step = 2.5 * delta / k
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(0, 255, size=(n, 32, 32, 3)).astype(np.float32))
+    rows = tf.repeat(x, num_classes, axis=0)
+    labels = tf.tile(tf.range(num_classes), [n])
+
+    def make_pass(jit: bool):
+        @tf.function(jit_compile=jit)
+        def one_pass(z, t):
+            with tf.GradientTape() as tape:
+                tape.watch(z)
+                f = tf.reduce_sum(log_odds(base(z, training=False), t))
+            return tape.gradient(f, z)
+
+        return one_pass
+
+    passes = {jit: make_pass(jit) for jit in (False, True)}
+    shells = {jit: MCNShell(base, delta, steps=k, step_size=step, jit_compile=jit) for jit in (False, True)}
+    step_fn = make_pass(False)  # compiled one-image step, called C * K times per image
+
+    def loop_step():
+        xi = x[:1]
+        for t in range(num_classes):
+            z, lab = xi, tf.constant([t])
+            for _ in range(k):
+                z = projected.project(z + step * tf.sign(step_fn(z, lab)), xi, delta)
+        return z.numpy()
+
+    def loop_eager():
+        xi = x[:1]
+        for t in range(num_classes):
+            z, lab = xi, tf.constant([t])
+            for _ in range(k):
+                with tf.GradientTape() as tape:
+                    tape.watch(z)
+                    f = tf.reduce_sum(log_odds(base(z, training=False), lab))
+                z = projected.project(z + step * tf.sign(tape.gradient(f, z)), xi, delta)
+        return z.numpy()
+
+    thunks = {}
+    for jit in (False, True):
+        tag = "xla" if jit else "no_xla"
+        thunks[f"limit_pass_{tag}"] = lambda jit=jit: passes[jit](rows, labels).numpy()
+        thunks[f"shell_{tag}"] = lambda jit=jit: shells[jit].embed_function(x)["label"].numpy()
+    thunks["loop_step"] = loop_step
+    thunks["loop_eager"] = loop_eager
+    seconds = _median_times(thunks, args.repeats)
+
+    rate = {}
+    for tag in ("no_xla", "xla"):
+        rate[f"limit_{tag}"] = n / (k * seconds[f"limit_pass_{tag}"])
+        rate[f"shell_{tag}"] = n / seconds[f"shell_{tag}"]
+    rate["loop_step"] = 1.0 / seconds["loop_step"]
+    rate["loop_eager"] = 1.0 / seconds["loop_eager"]
+    best_limit = max(rate["limit_no_xla"], rate["limit_xla"])
+    rows_out = []
+    for tag in ("no_xla", "xla"):
+        shell = rate[f"shell_{tag}"]
+        rows_out.append([
+            f"shell ({tag})", f"{shell:.3f}", f"{rate[f'limit_{tag}']:.3f}",
+            f"{shell / rate[f'limit_{tag}']:.2f}", f"{shell / best_limit:.2f}",
+            f"{shell / rate['loop_step']:.1f}", f"{shell / rate['loop_eager']:.1f}",
+        ])
+    for name in ("loop_step", "loop_eager"):
+        rows_out.append([name, f"{rate[name]:.3f}", "", "", "", "", ""])
+    table = reporting.markdown_table(
+        ["variant", "images/s", "limit images/s (same XLA)", "x limit", "x best limit",
+         "x loop_step", "x loop_eager"], rows_out)
+    results = dict(
+        settings=dict(images=n, steps=k, delta=delta, num_classes=num_classes, rows=n * num_classes,
+                      repeats=args.repeats, width=args.width, weights=args.weights,
+                      tensorflow=tf.__version__, cpu_count=os.cpu_count(), machine=platform.machine(),
+                      load_average=os.getloadavg()),
+        seconds_per_call=seconds,
+        images_per_second=rate,
+        goals=dict(shell_vs_limit=0.85, shell_vs_loop=50.0),
+        table=table,
+    )
+    print(f"MCN shell, {args.width} ResNet, N={n} images x C={num_classes} labels, K={k} steps "
+          f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)\n")
+    print(table)
+    reporting.write_json(args.out, results)
+    print(f"written to {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Tests of the defence evaluation (Table 2 protocol): categories, point selection, the CLI, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from manifold_tf import evaluation
+from manifold_tf.data import synthetic_manifold
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_categories_and_rates_follow_the_paper():
+    y = np.array([1, 1, 1, 1, 1, 1])
+    base_success = np.array([False, True, True, True, False, False])
+    g_x = np.array([1, 1, 2, 2, 1, 3])
+    g_adv = np.array([1, 1, 2, 3, 4, 1])
+    cats = evaluation.categorize(base_success, g_x, g_adv, y)
+    assert cats.tolist() == ["robust_kept", "vulnerable_fixed", "wrong_but_robust",
+                             "wrong_not_robust", "wrong_not_robust", "wrong_not_robust"]
+    r = evaluation.batch_rates(dict(labels=y, base_success=base_success, shell_clean=g_x,
+                                    shell_adv=g_adv, category=cats))
+    assert r["base_successes"] == 3
+    # The attack "succeeds" on the shell where it changes the answer into a wrong one: points
+    # 3 (2 -> 3) and 4 (1 -> 4); point 5 (3 -> 1) was wrong before and is right after.
+    assert r["shell_successes"] == 2
+    assert r["retained"] == 4 - 1  # G(x) == y at points 0, 1, 4
+    assert r["categories"] == dict(robust_kept=1, vulnerable_fixed=1, wrong_but_robust=1,
+                                   wrong_not_robust=3)
+    assert r["new_vulnerabilities"] == 2  # base-robust points 4 and 5, inconsistent under G
+
+
+def test_paper_permutation_is_the_authors_order():
+    random.seed(123)
+    expected = random.sample(range(50), 50)[::-1]
+    assert evaluation.walk_order(50, seed=123, kind="paper").tolist() == expected
+    with pytest.raises(ValueError, match="permutation.*'shuffled'"):
+        evaluation.walk_order(5, seed=0, kind="shuffled")
+
+
+class LabelInPixel(keras.Model):
+    """Predicts the label stored in pixel (0, 0, 0) as a one-hot logit vector."""
+
+    def call(self, x, training=False):
+        return keras.ops.one_hot(keras.ops.cast(x[:, 0, 0, 0], "int32"), 3) * 10.0
+
+
+def test_selection_walks_the_permutation_and_keeps_correct_points():
+    x = np.zeros((20, 32, 32, 3), np.float32)
+    y = np.arange(20) % 3
+    pred = y.copy()
+    pred[::2] = (y[::2] + 1) % 3  # even indices are misclassified
+    x[:, 0, 0, 0] = pred
+    chosen = evaluation.select_correct_points(LabelInPixel(), x, y, num_points=5, seed=4, chunk=3)
+    order = evaluation.walk_order(20, seed=4)
+    assert chosen.tolist() == [int(i) for i in order if i % 2][:5]
+    with pytest.raises(ValueError, match="only 10 of the 20"):
+        evaluation.select_correct_points(LabelInPixel(), x, y, num_points=11, seed=4)
+
+
+def test_default_inputs_prefer_the_cifar_sample_then_synthetic(tmp_path, monkeypatch):
+    sample = tmp_path / "sample"
+    (sample / "cifar-10-batches-py").mkdir(parents=True)
+    (sample / "cifar-10-batches-py" / "test_batch").write_bytes(b"")
+    adv, synth = tmp_path / "narrow_adv.keras", tmp_path / "synthetic_narrow.keras"
+    monkeypatch.setattr(evaluation, "SAMPLE_DIR", str(sample))
+    monkeypatch.setattr(evaluation, "DEFAULT_CHECKPOINTS", dict(cifar10=str(adv), synthetic=str(synth)))
+    out = str(tmp_path / "out")
+    pick = lambda **kw: evaluation.defence_inputs(  # noqa: E731
+        kw.get("dataset", "auto"), kw.get("data_dir"), kw.get("checkpoint"), out)
+    got = pick()
+    assert (got["dataset"], got["train_quick_model"]) == ("synthetic", True)
+    assert got["checkpoint"] == os.path.join(out, evaluation.QUICK_MODEL)
+    synth.write_bytes(b"")
+    assert pick()["checkpoint"] == str(synth)
+    adv.write_bytes(b"")
+    got = pick()
+    assert (got["dataset"], got["data_dir"], got["checkpoint"]) == ("cifar10", str(sample), str(adv))
+    got = pick(checkpoint="/m.keras", data_dir="/d")
+    assert (got["dataset"], got["data_dir"], got["checkpoint"]) == ("cifar10", "/d", "/m.keras")
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line, on a small synthetic run with a tiny nearest-centre base model
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    centres, _ = synthetic_manifold(num_classes=10)
+    flat = centres.reshape(10, -1).astype(np.float64)
+    temperature = 3e4
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    model.layers[-1].set_weights([(2 * flat.T / temperature).astype(np.float32),
+                                  (-(flat**2).sum(1) / temperature).astype(np.float32)])
+    path = str(tmp_path_factory.mktemp("model") / "nearest_centre.keras")
+    model.save(path)
+    return path
+
+
+def _cli(checkpoint: str, output_dir: str, *extra: str) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "evaluate.py"), "--shell=mcn", "--delta=8",
+            f"--checkpoint={checkpoint}", "--dataset=synthetic", f"--output_dir={output_dir}",
+            "--num_batches=4", "--batch_points=4", "--epsilon=36", "--cw_max_iterations=10",
+            "--shell_steps=20", "--nojit_compile", *extra]
+
+
+def _env(**extra) -> dict:
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT, **extra)
+
+
+def _without_timings(obj):
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_checkpoint, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("runs") / "uninterrupted")
+    done = subprocess.run(_cli(tiny_checkpoint, out), env=_env(), capture_output=True, text=True,
+                          timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_cli_writes_the_report_and_refuses_to_clobber(uninterrupted, tiny_checkpoint):
+    report = json.load(open(os.path.join(uninterrupted, "defence.json")))
+    assert report["average"]["points"] == 16
+    assert len(report["per_batch"]) == 4
+    assert sum(report["average"]["categories"].values()) == 16
+    assert report["settings"]["shell"]["steps"] == 20
+    assert report["settings"]["attack"]["max_iterations"] == 10
+    for name in ("defence.md", "failures.png", "batches/batch_003.json", "batches/batch_003_xadv.npy"):
+        assert os.path.exists(os.path.join(uninterrupted, name)), name
+    text = open(os.path.join(uninterrupted, "defence.md")).read()
+    assert "Average" in text and "shell retained accuracy" in text and "37.33%" in text
+    again = subprocess.run(_cli(tiny_checkpoint, uninterrupted), env=_env(), capture_output=True,
+                           text=True, timeout=600, cwd=ROOT)
+    assert again.returncode != 0
+    assert "--resume" in again.stderr and "--overwrite" in again.stderr
+
+
+def test_resume_after_kill_gives_the_uninterrupted_report(uninterrupted, tiny_checkpoint, tmp_path):
+    out = str(tmp_path / "killed")
+    proc = subprocess.Popen(_cli(tiny_checkpoint, out), env=_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = os.path.join(out, "batches", "batch_000.json")
+    deadline = time.time() + 600
+    while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(first), "the run died before finishing its first batch"
+    assert not os.path.exists(os.path.join(out, "defence.json")), "killed too late to test resume"
+    # A resume with other settings is refused.
+    other = subprocess.run(_cli(tiny_checkpoint, out, "--resume", "--shell_steps=3"), env=_env(),
+                           capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert other.returncode != 0 and "other settings" in other.stderr
+    done = subprocess.run(_cli(tiny_checkpoint, out, "--resume"), env=_env(), capture_output=True,
+                          text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming" in done.stdout + done.stderr
+    a = json.load(open(os.path.join(uninterrupted, "defence.json")))
+    b = json.load(open(os.path.join(out, "defence.json")))
+    assert _without_timings(a) == _without_timings(b)
+
+
+_MIRRORED = """
+import runpy, sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_mirrored_strategy_on_two_logical_cpus_gives_the_same_results(uninterrupted, tiny_checkpoint,
+                                                                      tmp_path):
+    out = str(tmp_path / "mirrored")
+    cmd = _cli(tiny_checkpoint, out, "--strategy=mirrored")
+    done = subprocess.run([sys.executable, "-c", _MIRRORED, *cmd[1:]], env=_env(),
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = json.load(open(os.path.join(uninterrupted, "defence.json")))
+    b = json.load(open(os.path.join(out, "defence.json")))
+    assert b["settings"]["strategy"] == "mirrored (2 replicas)"
+    assert a["points"] == b["points"]
+    assert _without_timings(a["per_batch"]) == _without_timings(b["per_batch"])
+
+
+@pytest.mark.slow
+def test_default_command_runs_on_a_fresh_checkout(tmp_path):
+    # No --checkpoint/--data_dir: the embedded default (CIFAR-10 sample + narrow_adv.keras, or
+    # synthetic data with a committed or quickly trained model), shrunk to one tiny batch.
+    out = str(tmp_path / "default")
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "evaluate.py"), "--shell=mcn", f"--output_dir={out}",
+         "--num_batches=1", "--batch_points=2", "--cw_max_iterations=5", "--shell_steps=1"],
+        env=_env(), capture_output=True, text=True, timeout=3600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert os.path.exists(os.path.join(out, "defence.json"))
