@@ -113,6 +113,16 @@ def _run_accuracy() -> None:
     print(f"reports written to {out}")
 
 
+def _model_identity(path: str) -> str:
+    """A file's SHA-256 (so a resumed run accepts a copied or renamed model), else its path."""
+    import hashlib
+
+    if not os.path.isfile(path):
+        return os.path.abspath(path)
+    with open(path, "rb") as f:
+        return "sha256:" + hashlib.sha256(f.read()).hexdigest()[:16]
+
+
 def _run_separation() -> None:
     """Table 1: counts at --p per batch, the s_p curve, Chebyshev and Clopper-Pearson bounds."""
     from manifold_tf import checkpoints, data, reporting, separation
@@ -139,7 +149,7 @@ def _run_separation() -> None:
             m, x, y, delta=FLAGS.delta, num_batches=FLAGS.num_batches,
             batch_points=FLAGS.batch_points, seed=FLAGS.seed, attack=attack, p=FLAGS.p,
             batch_dir=os.path.join(out, "batches", name), desc=f"separation {name}",
-            model_name=os.path.abspath(ckpt))
+            model_name=_model_identity(ckpt))
         summary = separation.summarize(run["confidence"], p=FLAGS.p)
         report["settings"] = run["settings"]
         report["models"][name] = dict(

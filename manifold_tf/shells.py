@@ -38,7 +38,7 @@ CW_VARIANTS = ("algorithm1", "paper_code")
 # the range, constants 1e-5 then 0.1 (const_factor 10000 under a largest constant of 20).
 PAPER_CODE_TAU = PIXEL_MAX / 32.0
 PAPER_CODE_CONSTS = dict(initial_const=1e-5, const_factor=1e4, largest_const=20.0)
-DEFAULT_JIT_COMPILE = True  # measured: bench/bench_shells.py (XLA vs not, narrow ResNet, 2 CPUs)
+DEFAULT_JIT_COMPILE = False  # XLA runs the tf.while_loop several times slower on CPU: bench/bench_shells.py
 
 
 def _base_signature(base) -> tuple[tuple[int, ...], int]:
