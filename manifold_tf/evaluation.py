@@ -232,7 +232,7 @@ def _shell_labels(shell, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np
 
 
 def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, attack: dict,
-                  shell_batch_size: int) -> tuple[dict, np.ndarray]:
+                  shell_batch_size: int, desc: str = "") -> tuple[dict, np.ndarray]:
     """Table 2 on one batch of base-correct points: ``(record, x_adv [N, 32, 32, 3])``.
 
     The shell is run on ``x`` and on ``x'`` where the attack succeeded; where it failed,
@@ -248,6 +248,9 @@ def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, 
     success = np.asarray(cw["success"], bool) & (base_adv != y)
     linf = np.abs(x_adv - x).reshape(len(x), -1).max(-1)
     t1 = time.perf_counter()
+    if desc:
+        print(f"{desc}: CW attack done in {t1 - t0:.0f} s ({int(success.sum())}/{len(x)} successes); "
+              f"shell on {len(x)} + {int(success.sum())} images ...", flush=True)
     g_x, c_x = _shell_labels(shell, x, shell_batch_size)
     rerun = success | bool(getattr(shell, "random_start", False))
     g_adv, c_adv = g_x.copy(), c_x.copy()
@@ -352,8 +355,11 @@ def run_defence(
         if records[b] is not None:
             continue
         idx = indices[b]
+        print(f"batch {b + 1}/{num_batches}: CW L-inf attack (eps {epsilon:g}) on {batch_points} "
+              f"points ...", flush=True)
         record, x_adv = defence_batch(base, shell, images[idx], labels[idx], epsilon=epsilon,
-                                      attack=attack, shell_batch_size=shell_batch_size)
+                                      attack=attack, shell_batch_size=shell_batch_size,
+                                      desc=f"batch {b + 1}/{num_batches}")
         record = dict(settings=settings, batch=b, indices=idx.tolist(), **record)
         # x' first, then the JSON that marks the batch as finished.
         _write_array_atomic(path(b, "_xadv.npy"), x_adv.astype(np.float32))

@@ -434,8 +434,9 @@ class NCNShell(_FactorShell):
 
     ``embed(x)`` returns ``z`` ``[N, C, H, W, 3]``, ``label`` ``[N]``, ``distances`` ``[N, C]``
     (pixels, L-inf), ``met`` bool ``[N, C]`` (``F(z_t)_t >= p``), ``confidences`` ``[N, C]``
-    (``F(z_t)_t``) and ``log_odds`` (the same as log-odds), ``unmet`` bool ``[N]`` (no label met ``p``: fallback used) and
-    ``probabilities``. Cost: ``C * (steps * rounds + 1)`` forward+backward passes per image.
+    (``F(z_t)_t``) and ``log_odds`` (the same, as log-odds), ``unmet`` bool ``[N]`` (no label met
+    ``p``: the fallback was used) and ``probabilities``. Cost: ``C * steps * rounds``
+    forward+backward passes per image and ``2 C + 1`` forward passes.
     """
 
     def __init__(

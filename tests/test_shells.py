@@ -218,7 +218,7 @@ def test_ncn_two_class_linear_matches_closed_form_distance():
     got = out["distances"].numpy()
     assert out["met"].numpy().all()
     assert (got >= expected - 1e-3).all(), (got, expected)  # nothing nearer is feasible
-    np.testing.assert_allclose(got, expected, rtol=0.1, atol=0.3)
+    np.testing.assert_allclose(got, expected, atol=0.05)
     np.testing.assert_array_equal(out["label"].numpy(), expected.argmin(1))
 
 
@@ -470,5 +470,5 @@ def test_madry_resnet_shell_saves_and_exports(tmp_path):
     np.testing.assert_allclose(keras.saving.load_model(str(tmp_path / "shell.keras"))(x).numpy(),
                                expected, atol=1e-6)
     shell.export(str(tmp_path / "export"))
-    np.testing.assert_allclose(tf.saved_model.load(str(tmp_path / "export")).serve(x).numpy(),
-                               expected, atol=1e-6)
+    loaded = tf.saved_model.load(str(tmp_path / "export"))  # keep it: its variables live with it
+    np.testing.assert_allclose(loaded.serve(x).numpy(), expected, atol=1e-6)
