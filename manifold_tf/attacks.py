@@ -53,6 +53,8 @@ _CHECK_ROWS = 8
 
 # model -> {static settings: tf.function}. Weak keys: a cache entry dies with its model.
 _CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# model -> number of classes, once check_logits has accepted its outputs.
+_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def _compiled(model, key: tuple, build, jit_compile: bool):
@@ -86,9 +88,13 @@ def _prepare(model, x, y, budget: float, budget_name: str):
     """Validates inputs; returns ``(x float32 [N, ...], y int32 [N], num_classes, budget)``."""
     budget = validate_radius(budget, budget_name)
     x = validate_images(x, image_shape=None)
-    # A few rows suffice to see logits vs probabilities, and cost little next to the attack.
-    logits = check_logits(model, x[:_CHECK_ROWS])
-    num_classes = int(logits.shape[-1])
+    num_classes = _CHECKED.get(model)
+    if num_classes is None:
+        # Logits vs probabilities is a property of the model: check it once, on a few rows (an
+        # eager forward pass costs about as much as a few attack steps).
+        num_classes = int(check_logits(model, x[:_CHECK_ROWS]).shape[-1])
+        if x.shape[0]:
+            _CHECKED[model] = num_classes
     y = validate_labels(y, num_examples=int(x.shape[0]), num_classes=num_classes)
     return x, y, num_classes, budget
 
