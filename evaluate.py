@@ -70,6 +70,9 @@ flags.DEFINE_integer("shell_batch_size", 30, "Defence: images per shell batch (g
 flags.DEFINE_bool("jit_compile", None, "Defence: compile the shell with XLA (default: the shell's).")
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored"],
                   "Defence: spread shell batches over devices (tf.distribute.MirroredStrategy).")
+flags.DEFINE_string("attack_from", None,
+                    "Defence: reuse the CW adversarial examples of an earlier run's --output_dir "
+                    "(same model, data, points and attack; checked) to compare shells cheaply.")
 flags.DEFINE_enum("permutation", "numpy", ["numpy", "paper"],
                   "Defence: order of test points (paper: Python random.sample, seed 123, reversed).")
 
@@ -242,7 +245,7 @@ def _run_defence() -> None:
         base, shell, x, y, output_dir=out, epsilon=FLAGS.epsilon, num_batches=num_batches,
         batch_points=FLAGS.batch_points, seed=FLAGS.seed, permutation=FLAGS.permutation,
         attack=attack, shell_batch_size=FLAGS.shell_batch_size, resume=FLAGS.resume,
-        metadata=metadata,
+        metadata=metadata, attack_from=FLAGS.attack_from,
         class_names=data.CIFAR10_LABELS if inputs["dataset"] == "cifar10" else None)
     print(evaluation.defence_markdown(report))
     print(f"reports written to {out}")

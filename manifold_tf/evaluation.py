@@ -232,18 +232,23 @@ def _shell_labels(shell, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np
 
 
 def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, attack: dict,
-                  shell_batch_size: int, desc: str = "") -> tuple[dict, np.ndarray]:
+                  shell_batch_size: int, desc: str = "",
+                  precomputed: tuple[np.ndarray, list] | None = None) -> tuple[dict, np.ndarray]:
     """Table 2 on one batch of base-correct points: ``(record, x_adv [N, 32, 32, 3])``.
 
     The shell is run on ``x`` and on ``x'`` where the attack succeeded; where it failed,
     ``x' = x`` and ``G(x') = G(x)`` is taken as is (the shells are deterministic per point; with a
-    random start they are not, and ``x'`` is then run as well).
+    random start they are not, and ``x'`` is then run as well). ``precomputed``: ``(x_adv,
+    attack_iterations)`` of the same attack on the same points (another shell's run), reused.
     """
     from manifold_tf import attacks
 
     t0 = time.perf_counter()
-    cw = attacks.cw_linf_details(base, x, y, epsilon=epsilon, **attack)
-    x_adv = np.asarray(cw["x_adv"])
+    if precomputed is None:
+        cw = attacks.cw_linf_details(base, x, y, epsilon=epsilon, **attack)
+        x_adv, iterations = np.asarray(cw["x_adv"]), np.asarray(cw["iterations"]).tolist()
+    else:
+        x_adv, iterations = precomputed
     base_adv = predict_logits(base, x_adv).argmax(-1)
     success = np.asarray(cw["success"], bool) & (base_adv != y)
     linf = np.abs(x_adv - x).reshape(len(x), -1).max(-1)
@@ -261,7 +266,7 @@ def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, 
         base_success=success.tolist(),
         base_adv_pred=base_adv.tolist(),
         linf=linf.tolist(),
-        attack_iterations=np.asarray(cw["iterations"]).tolist(),
+        attack_iterations=iterations,
         shell_clean=g_x.tolist(),
         shell_adv=g_adv.tolist(),
         shell_clean_confidence=c_x.tolist(),
@@ -290,6 +295,7 @@ def run_defence(
     metadata: dict | None = None,
     class_names=None,
     max_figure_cases: int = 12,
+    attack_from: str | None = None,
 ) -> dict:
     """Runs (or resumes) the Table-2 protocol and writes its reports to ``output_dir``.
 
@@ -306,6 +312,10 @@ def run_defence(
         otherwise earlier batch files there are deleted first.
       metadata: recorded in the settings (checkpoint, dataset ...): a resumed run must match it.
       class_names: label names for the figure.
+      attack_from: the output directory of an earlier run with the same base model, data, points,
+        epsilon and attack settings (checked): its ``x'`` are reused instead of attacking again,
+        so that two shells are compared on the same adversarial examples at the cost of the
+        shells alone. Batches it lacks are attacked here.
 
     Returns:
       The report dict written to ``defence.json``.
@@ -355,11 +365,13 @@ def run_defence(
         if records[b] is not None:
             continue
         idx = indices[b]
-        print(f"batch {b + 1}/{num_batches}: CW L-inf attack (eps {epsilon:g}) on {batch_points} "
-              f"points ...", flush=True)
+        precomputed = _reusable_attack(attack_from, b, settings, idx) if attack_from else None
+        print(f"batch {b + 1}/{num_batches}: "
+              + (f"reusing x' from {attack_from}" if precomputed else
+                 f"CW L-inf attack (eps {epsilon:g}) on {batch_points} points ..."), flush=True)
         record, x_adv = defence_batch(base, shell, images[idx], labels[idx], epsilon=epsilon,
                                       attack=attack, shell_batch_size=shell_batch_size,
-                                      desc=f"batch {b + 1}/{num_batches}")
+                                      desc=f"batch {b + 1}/{num_batches}", precomputed=precomputed)
         record = dict(settings=settings, batch=b, indices=idx.tolist(), **record)
         # x' first, then the JSON that marks the batch as finished.
         _write_array_atomic(path(b, "_xadv.npy"), x_adv.astype(np.float32))
@@ -373,6 +385,26 @@ def run_defence(
             f"{record['seconds']['shell']:.0f} s)"))
     return write_defence_report(records, images, output_dir, class_names=class_names,
                                 max_figure_cases=max_figure_cases)
+
+
+ATTACK_KEYS = ("epsilon", "attack", "checkpoint", "dataset", "data_dir", "num_test_points")
+
+
+def _reusable_attack(run_dir: str, b: int, settings: dict, indices: np.ndarray):
+    """``(x_adv, iterations)`` of batch ``b`` from another run, if it exists; checks it matches."""
+    path = os.path.join(run_dir, "batches", f"batch_{b:03d}.json")
+    if not os.path.exists(path):
+        return None
+    saved = reporting.read_json(path)
+    theirs = {k: saved["settings"].get(k) for k in ATTACK_KEYS}
+    mine = {k: settings.get(k) for k in ATTACK_KEYS}
+    if theirs != mine or saved["indices"] != indices.tolist():
+        raise ValueError(
+            f"cannot reuse the attack of {path}: other points or attack settings.\n"
+            f"  saved: {theirs}\n  now:   {mine}"
+        )
+    x_adv = np.load(os.path.join(run_dir, "batches", f"batch_{b:03d}_xadv.npy"))
+    return x_adv, saved["attack_iterations"]
 
 
 def summarize_defence(records: list[dict]) -> dict:

@@ -212,3 +212,23 @@ def test_default_command_runs_on_a_fresh_checkout(tmp_path):
         env=_env(), capture_output=True, text=True, timeout=3600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert os.path.exists(os.path.join(out, "defence.json"))
+
+
+def test_a_second_shell_reuses_the_first_runs_adversarial_examples(uninterrupted, tiny_checkpoint,
+                                                                   tmp_path):
+    out = str(tmp_path / "ncn")
+    cmd = _cli(tiny_checkpoint, out, f"--attack_from={uninterrupted}")
+    cmd[cmd.index("--shell=mcn")] = "--shell=ncn"
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "reusing x'" in done.stdout + done.stderr
+    a = json.load(open(os.path.join(uninterrupted, "defence.json")))
+    b = json.load(open(os.path.join(out, "defence.json")))
+    assert b["settings"]["shell"]["shell"] == "ncn"
+    for pa, pb in zip(a["points"], b["points"]):
+        assert (pa["index"], pa["base_success"], pa["linf"]) == (pb["index"], pb["base_success"], pb["linf"])
+    # Another attack budget cannot reuse them.
+    saved = json.load(open(os.path.join(uninterrupted, "batches", "batch_000.json")))
+    settings = dict(saved["settings"], epsilon=4.0)
+    with pytest.raises(ValueError, match="cannot reuse"):
+        evaluation._reusable_attack(uninterrupted, 0, settings, np.asarray(saved["indices"]))
