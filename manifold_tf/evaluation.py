@@ -247,11 +247,14 @@ def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, 
     if precomputed is None:
         cw = attacks.cw_linf_details(base, x, y, epsilon=epsilon, **attack)
         x_adv, iterations = np.asarray(cw["x_adv"]), np.asarray(cw["iterations"]).tolist()
+        found = np.asarray(cw["success"], bool)
     else:
         x_adv, iterations = precomputed
+        found = np.ones(len(x), bool)  # x' = x where that attack failed: caught below
     base_adv = predict_logits(base, x_adv).argmax(-1)
-    success = np.asarray(cw["success"], bool) & (base_adv != y)
     linf = np.abs(x_adv - x).reshape(len(x), -1).max(-1)
+    # Valid: within the budget (up to float rounding of the projection) and misclassified.
+    success = found & (base_adv != y) & (linf <= epsilon + 1e-3)
     t1 = time.perf_counter()
     if desc:
         print(f"{desc}: CW attack done in {t1 - t0:.0f} s ({int(success.sum())}/{len(x)} successes); "
