@@ -73,6 +73,11 @@ flags.DEFINE_enum("strategy", "default", ["default", "mirrored"],
 flags.DEFINE_string("attack_from", None,
                     "Defence: reuse the CW adversarial examples of an earlier run's --output_dir "
                     "(same model, data, points and attack; checked) to compare shells cheaply.")
+flags.DEFINE_enum("adaptive", "none", ["none", "bpda"],
+                  "Defence: after Table 2, attack the shell itself (BPDA from the CW x') on the "
+                  "points both G(x) and G(x') got right; reports adaptive.{json,md,png}.")
+flags.DEFINE_integer("adaptive_steps", 20, "Defence: BPDA steps (each one shell prediction).")
+flags.DEFINE_float("adaptive_step_size", None, "Defence: BPDA step, px (default 2.5*epsilon/steps).")
 flags.DEFINE_enum("permutation", "numpy", ["numpy", "paper"],
                   "Defence: order of test points (paper: Python random.sample, seed 123, reversed).")
 
@@ -248,6 +253,11 @@ def _run_defence() -> None:
         metadata=metadata, attack_from=FLAGS.attack_from,
         class_names=data.CIFAR10_LABELS if inputs["dataset"] == "cifar10" else None)
     print(evaluation.defence_markdown(report))
+    if FLAGS.adaptive == "bpda":
+        evaluation.run_adaptive(
+            base, shell, x, output_dir=out, epsilon=FLAGS.epsilon, steps=FLAGS.adaptive_steps,
+            step_size=FLAGS.adaptive_step_size, resume=FLAGS.resume,
+            class_names=data.CIFAR10_LABELS if inputs["dataset"] == "cifar10" else None)
     print(f"reports written to {out}")
 
 

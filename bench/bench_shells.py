@@ -17,7 +17,7 @@ Both loops are timed on one image (``C * K`` steps) and reported per image. Each
 is run without and with XLA. Reported: images per second (median over repeats after warm-up),
 the shell's fraction of the limit (goal >= 0.85) and its speed-up over the loops (goal >= 50).
 
-    python bench/bench_shells.py                 # N=4 images, K=5 steps, 3 repeats
+    python bench/bench_shells.py                 # N=4 images, K=10 steps (MCNShell default), 3 repeats
     python bench/bench_shells.py --images 8 --steps 10
 
 Writes ``bench/results/bench_shells.json``.
@@ -42,7 +42,7 @@ sys.path.insert(0, ROOT)
 def _parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=4, help="N images per shell call")
-    parser.add_argument("--steps", type=int, default=5, help="K optimiser steps per label")
+    parser.add_argument("--steps", type=int, default=10, help="K optimiser steps per label (the shell default)")
     parser.add_argument("--delta", type=float, default=8.0, help="ball radius, pixels")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     parser.add_argument("--width", default="narrow", choices=["narrow", "wide"])

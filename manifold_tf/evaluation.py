@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 
 import numpy as np
 import tensorflow as tf
@@ -42,9 +43,22 @@ def default_checkpoint(dataset: str) -> str:
     return path
 
 
+# One inference function per model, traced once per image shape: a new tf.function per call would
+# retrace on every batch of an evaluation.
+_PREDICT_FUNCTIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _predict_function(model):
+    fn = _PREDICT_FUNCTIONS.get(model)
+    if fn is None:
+        fn = tf.function(lambda b: model(b, training=False), reduce_retracing=True)
+        _PREDICT_FUNCTIONS[model] = fn
+    return fn
+
+
 def predict_logits(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Logits ``[N, C]`` of ``model`` on ``x`` ``[N, 32, 32, 3]`` (pixels), in batches, inference mode."""
-    fn = tf.function(lambda b: model(b, training=False))
+    fn = _predict_function(model)
     outs = [fn(tf.constant(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)]
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
@@ -257,7 +271,8 @@ def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, 
     success = found & (base_adv != y) & (linf <= epsilon + 1e-3)
     t1 = time.perf_counter()
     if desc:
-        print(f"{desc}: CW attack done in {t1 - t0:.0f} s ({int(success.sum())}/{len(x)} successes); "
+        what = "reused x'" if precomputed is not None else f"CW attack done in {t1 - t0:.0f} s"
+        print(f"{desc}: {what} ({int(success.sum())}/{len(x)} successes); "
               f"shell on {len(x)} + {int(success.sum())} images ...", flush=True)
     g_x, c_x = _shell_labels(shell, x, shell_batch_size)
     rerun = success | bool(getattr(shell, "random_start", False))
@@ -504,6 +519,163 @@ def write_defence_report(records: list[dict], images: np.ndarray, output_dir: st
         cases[:max_figure_cases], os.path.join(output_dir, "failures.png"), class_names=class_names,
         title=(f"{s['shell']['shell'].upper()} shell failures ({len(cases)} of "
                f"{report['average']['points']} points; CW eps {s['epsilon']:g})"))
+    return report
+
+
+def run_adaptive(
+    base,
+    shell,
+    images: np.ndarray,
+    *,
+    output_dir: str,
+    epsilon: float = 8.0,
+    steps: int = 20,
+    step_size: float | None = None,
+    resume: bool = False,
+    class_names=None,
+    max_figure_cases: int = 12,
+) -> dict:
+    """Attacks the shell itself (BPDA, :func:`adaptive.bpda`) on the points of a finished Table-2 run.
+
+    Reads the batch records and ``x'`` of :func:`run_defence` in ``output_dir``. For every point the
+    shell still gets right at ``x`` and at the transferred ``x'`` (``G(x) = G(x') = y``), BPDA runs
+    from that ``x'`` (the base's CW example, or ``x`` where CW failed) within the same ``epsilon``;
+    the other points already count as failures. The shell's robust accuracy is then the share of
+    points with ``G(x) = y`` that neither attack broke. A lower bound on the shell's
+    vulnerability, like every attack.
+
+    Writes ``batches/batch_XXX_adaptive.json`` and ``batch_XXX_adaptive_xadv.npy`` per batch (a
+    resumed run skips batches whose file has the same settings) and ``adaptive.json``,
+    ``adaptive.md`` and ``adaptive_failures.png``.
+    """
+    from manifold_tf import adaptive
+
+    batch_dir = os.path.join(output_dir, "batches")
+    names = sorted(n for n in os.listdir(batch_dir) if n.endswith(".json") and "_" not in n[6:])
+    records = [reporting.read_json(os.path.join(batch_dir, n)) for n in names] if names else []
+    if not records:
+        raise ValueError(f"{output_dir} holds no finished Table-2 batches: run the defence "
+                         f"evaluation there first (evaluate.py --shell=... --output_dir={output_dir}).")
+    shell_settings = reporting._to_jsonable(shell.settings())
+    for r in records:
+        if r["settings"]["shell"] != shell_settings:
+            raise ValueError(f"the shell differs from the one of the Table-2 run in {output_dir}:\n"
+                             f"  run:   {r['settings']['shell']}\n  now:   {shell_settings}")
+    settings = reporting._to_jsonable(dict(
+        attack="BPDA (identity approximation of the search factor), untargeted, sign steps",
+        epsilon=float(epsilon), steps=int(steps),
+        step_size=float(step_size if step_size is not None else 2.5 * epsilon / max(int(steps), 1)),
+        start="the base model's CW x' of the Table-2 run (x where CW failed)",
+        shell=shell_settings))
+    results = []
+    total = sum(len(r["labels"]) for r in records)
+    progress = reporting.Progress(total, "adaptive", unit="points")
+    for r in records:
+        b = r["batch"]
+        path = os.path.join(batch_dir, f"batch_{b:03d}_adaptive.json")
+        xpath = os.path.join(batch_dir, f"batch_{b:03d}_adaptive_xadv.npy")
+        if resume and os.path.exists(path):
+            saved = reporting.read_json(path)
+            if saved["settings"] == settings:
+                results.append(saved)
+                progress.update(len(r["labels"]), extra=f"batch {b + 1}: already done")
+                continue
+        idx = np.asarray(r["indices"])
+        x = images[idx]
+        y = np.asarray(r["labels"])
+        x_transfer = np.load(os.path.join(batch_dir, f"batch_{b:03d}_xadv.npy"))
+        g_x, g_t = np.asarray(r["shell_clean"]), np.asarray(r["shell_adv"])
+        todo = (g_x == y) & (g_t == y)
+        x_out = x_transfer.copy()
+        broken = np.zeros(len(y), bool)
+        label = g_t.copy()
+        steps_used = np.zeros(len(y), np.int64)
+        t0 = time.perf_counter()
+        if todo.any():
+            out = adaptive.bpda(shell, x[todo], y[todo], epsilon=epsilon, steps=steps,
+                                step_size=step_size, x_init=x_transfer[todo])
+            x_out[todo] = out["x_adv"]
+            broken[todo] = out["success"]
+            label[todo] = out["shell_label"]
+            steps_used[todo] = out["steps_used"]
+        seconds = time.perf_counter() - t0
+        linf = np.abs(x_out - x).reshape(len(y), -1).max(-1)
+        robust = (g_x == y) & (g_t == y) & ~broken
+        result = dict(settings=settings, batch=b, indices=idx.tolist(), labels=y.tolist(),
+                      shell_clean=g_x.tolist(), shell_transfer=g_t.tolist(), attacked=todo.tolist(),
+                      adaptive_success=broken.tolist(), shell_adaptive=label.tolist(),
+                      steps_used=steps_used.tolist(), linf=linf.tolist(), robust=robust.tolist(),
+                      seconds=seconds)
+        _write_array_atomic(xpath, x_out.astype(np.float32))
+        reporting.write_json(path, result)
+        results.append(result)
+        progress.update(len(y), extra=(
+            f"batch {b + 1}: BPDA broke {int(broken.sum())}/{int(todo.sum())} points the transfer "
+            f"attack left intact; robust {int(robust.sum())}/{len(y)} ({seconds:.0f} s)"))
+    return write_adaptive_report(results, images, output_dir, class_names=class_names,
+                                 max_figure_cases=max_figure_cases)
+
+
+def _adaptive_rates(results: list[dict]) -> dict:
+    y = np.concatenate([r["labels"] for r in results])
+    g_x = np.concatenate([r["shell_clean"] for r in results])
+    g_t = np.concatenate([r["shell_transfer"] for r in results])
+    attacked = np.concatenate([r["attacked"] for r in results]).astype(bool)
+    broken = np.concatenate([r["adaptive_success"] for r in results]).astype(bool)
+    robust = np.concatenate([r["robust"] for r in results]).astype(bool)
+    n = len(y)
+    return dict(points=n, retained=int(np.sum(g_x == y)),
+                robust_transfer=int(np.sum((g_x == y) & (g_t == y))),
+                attacked=int(attacked.sum()), broken_by_bpda=int(broken.sum()),
+                robust_adaptive=int(robust.sum()),
+                robust_accuracy_transfer=float(np.mean((g_x == y) & (g_t == y))),
+                robust_accuracy_adaptive=float(np.mean(robust)))
+
+
+def write_adaptive_report(results: list[dict], images: np.ndarray, output_dir: str, *,
+                          class_names=None, max_figure_cases: int = 12) -> dict:
+    """``adaptive.json``, ``adaptive.md`` and ``adaptive_failures.png`` from the batch results."""
+    import json
+
+    per_batch = [_adaptive_rates([r]) for r in results]
+    average = _adaptive_rates(results)
+    report = dict(settings=results[0]["settings"], per_batch=per_batch, average=average,
+                  seconds=float(sum(r["seconds"] for r in results)))
+    reporting.write_json(os.path.join(output_dir, "adaptive.json"), report)
+    rows = []
+    for name, r in [(f"Batch #{res['batch'] + 1}", r) for res, r in zip(results, per_batch)] + [
+            ("Total", average)]:
+        n = r["points"]
+        rows.append([name, n, f"{r['retained']}/{n}", f"{r['robust_transfer']}/{n}",
+                     f"{r['broken_by_bpda']}/{r['attacked']}", f"{r['robust_adaptive']}/{n}"])
+    table = reporting.markdown_table(
+        ["", "points", "G(x) = y", "robust to transfer (CW on F)", "broken by BPDA / attacked",
+         "robust to both"], rows)
+    s = report["settings"]
+    text = (f"# Adaptive attack on the {s['shell']['shell'].upper()} shell\n\n"
+            f"Attack: {s['attack']}; epsilon {s['epsilon']:g} px, {s['steps']} steps of "
+            f"{s['step_size']:g} px, start: {s['start']}.\n\nShell: `{json.dumps(s['shell'])}`\n\n"
+            f"{table}\nRobust accuracy of the shell: {100 * average['robust_accuracy_transfer']:.1f}% "
+            f"against the transfer attack of Table 2, {100 * average['robust_accuracy_adaptive']:.1f}% "
+            f"against transfer + BPDA (a lower bound on what an adaptive attacker achieves).\n\n"
+            f"Time: {report['seconds']:.0f} s.\n")
+    reporting.write_text(os.path.join(output_dir, "adaptive.md"), text)
+    cases = []
+    for r in results:
+        hits = [k for k, ok in enumerate(r["adaptive_success"]) if ok]
+        if not hits:
+            continue
+        x_adv = np.load(os.path.join(output_dir, "batches", f"batch_{r['batch']:03d}_adaptive_xadv.npy"))
+        for k in hits:
+            cases.append(dict(index=r["indices"][k], x=images[r["indices"][k]], x_adv=x_adv[k],
+                              label=r["labels"][k], shell_clean=r["shell_clean"][k],
+                              shell_adv=r["shell_adaptive"][k]))
+    reporting.plot_failure_cases(
+        cases[:max_figure_cases], os.path.join(output_dir, "adaptive_failures.png"),
+        class_names=class_names,
+        title=(f"BPDA on the {s['shell']['shell'].upper()} shell: {len(cases)} points broken "
+               f"(eps {s['epsilon']:g})"))
+    print(text, flush=True)
     return report
 
 

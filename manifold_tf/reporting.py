@@ -236,7 +236,8 @@ def plot_failure_cases(cases: Sequence[dict], path: str, *, class_names=None, ti
         row[2].set_title(f"|x' - x| (scaled)\n{case.get('category', '')}", fontsize=8)
         for ax in row:
             ax.axis("off")
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.5 / fig.get_figheight()))  # room for the title
+    height = fig.get_figheight()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / height))  # room for the title above two-line titles
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=10, y=1 - 0.08 / height, va="top")
     save_figure(fig, path)

@@ -232,3 +232,46 @@ def test_a_second_shell_reuses_the_first_runs_adversarial_examples(uninterrupted
     settings = dict(saved["settings"], epsilon=4.0)
     with pytest.raises(ValueError, match="cannot reuse"):
         evaluation._reusable_attack(uninterrupted, 0, settings, np.asarray(saved["indices"]))
+
+
+def test_adaptive_attack_runs_on_a_finished_table2_run_and_resumes(uninterrupted, tiny_checkpoint,
+                                                                   tmp_path):
+    import shutil
+
+    out = str(tmp_path / "adaptive")
+    shutil.copytree(uninterrupted, out)
+    cmd = _cli(tiny_checkpoint, out, "--resume", "--adaptive=bpda", "--adaptive_steps=3")
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.load(open(os.path.join(out, "adaptive.json")))
+    table2 = json.load(open(os.path.join(out, "defence.json")))
+    avg = report["average"]
+    assert avg["points"] == 16 and report["settings"]["steps"] == 3
+    assert avg["robust_adaptive"] == avg["robust_transfer"] - avg["broken_by_bpda"]
+    assert avg["retained"] == table2["average"]["retained"]
+    assert avg["attacked"] == avg["robust_transfer"]
+    for b in range(4):
+        rec = json.load(open(os.path.join(out, "batches", f"batch_{b:03d}_adaptive.json")))
+        x_adv = np.load(os.path.join(out, "batches", f"batch_{b:03d}_adaptive_xadv.npy"))
+        assert x_adv.shape == (4, 32, 32, 3) and x_adv.min() >= 0 and x_adv.max() <= 255
+        assert max(rec["linf"]) <= 36 + 1e-3
+        # Points the shell got wrong before the attack are never counted robust.
+        assert not any(r and c != y for r, c, y in zip(rec["robust"], rec["shell_clean"], rec["labels"]))
+    for name in ("adaptive.md", "adaptive_failures.png"):
+        assert os.path.exists(os.path.join(out, name)), name
+    again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already done" in again.stdout + again.stderr
+    assert _without_timings(json.load(open(os.path.join(out, "adaptive.json")))) == \
+        _without_timings(report)
+
+
+def test_predict_logits_reuses_one_function_per_model():
+    model = LabelInPixel()
+    x = np.zeros((7, 32, 32, 3), np.float32)
+    x[:, 0, 0, 0] = np.arange(7) % 3
+    for batch_size in (7, 3, 2, 7):
+        np.testing.assert_array_equal(evaluation.predict_logits(model, x, batch_size).argmax(-1),
+                                      np.arange(7) % 3)
+    # Shapes 7, 3, 1, 2: reduce_retracing relaxes the batch axis after the second shape.
+    assert evaluation._predict_function(model).experimental_get_tracing_count() <= 2
