@@ -51,6 +51,7 @@ def projected_ascent(
     beta2: float = 0.999,
     adam_epsilon: float = 1e-8,
     return_best: bool = True,
+    unroll: bool = False,
 ) -> tuple[tf.Tensor, tf.Tensor]:
     """Maximises ``objective`` over ``N(x, radius)`` starting from ``z0``.
 
@@ -68,6 +69,9 @@ def projected_ascent(
       return_best: keep the best iterate (default). ``False`` returns the last iterate and skips
         the final forward pass (``f_best`` is then the objective at the previous iterate); this is
         Madry et al.'s PGD as used in adversarial training.
+      unroll: trace the ``steps`` iterations one after another (a graph ``steps`` times larger)
+        instead of a ``tf.while_loop``. XLA on CPU runs the unrolled form several times faster
+        than the loop (``bench/bench_shells.py``); without XLA the two are alike.
 
     Returns:
       ``(z_best, f_best)``: per example the iterate with the highest objective among the ``K + 1``
@@ -111,9 +115,14 @@ def projected_ascent(
     zeros = tf.zeros_like(z0)
     f_init = tf.fill(batch_shape, tf.constant(-float("inf"), z0.dtype))
     loop_vars = (tf.constant(0), z0, zeros, zeros, z0, f_init)
-    _, z, _, _, z_best, f_best = tf.while_loop(
-        lambda i, *_: i < steps, body, loop_vars, maximum_iterations=steps
-    )
+    if unroll:
+        for _ in range(steps):
+            loop_vars = body(*loop_vars)
+        _, z, _, _, z_best, f_best = loop_vars
+    else:
+        _, z, _, _, z_best, f_best = tf.while_loop(
+            lambda i, *_: i < steps, body, loop_vars, maximum_iterations=steps
+        )
     if not return_best:
         return z, f_best
     return keep_best(z, objective(z), z_best, f_best)

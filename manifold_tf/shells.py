@@ -356,6 +356,7 @@ class MCNShell(_FactorShell):
             z, score = projected.projected_ascent(
                 objective, xt, z0, radius=self.delta, steps=self.steps, step_size=self.step_size,
                 optimizer="sign" if self.optimizer_name == "pgd" else "adam",
+                unroll=self.jit_compile,  # XLA on CPU runs a tf.while_loop several times slower
             )
         z, score = self._per_label(z), self._per_label(score)
         label = tf.argmax(score, axis=1, output_type=tf.int32)

@@ -7,6 +7,7 @@ learns it at once instead of reading a meaningless robustness number.
 
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -63,6 +64,12 @@ def validate_images(
             raise ValueError(
                 f"{name} must have pixel values in [0, 255]; got values in [{lo:g}, {hi:g}]{hint}."
             )
+        if PIXEL_MIN < hi <= 1.0 and lo < hi:
+            # Legal but almost surely a [0, 1] image: every radius would then be 255x too large.
+            warnings.warn(
+                f"{name} has all pixel values in [{lo:g}, {hi:g}]: manifold_tf expects pixels in "
+                f"0..255 (delta and epsilon are in pixels). Multiply [0, 1] images by 255.",
+                UserWarning, stacklevel=2)
     return x
 
 

@@ -1,6 +1,7 @@
 """Tests of the Keras Madry ResNet: shapes, serialisation, the TF1 name map, input checks."""
 
 import json
+import warnings
 
 import keras
 import numpy as np
@@ -133,6 +134,16 @@ def test_bad_width_is_rejected():
 def test_validate_images_names_the_problem(x, message):
     with pytest.raises(ValueError, match=message):
         validate_images(x)
+
+
+def test_unit_interval_images_warn_but_pixel_images_do_not():
+    rng = np.random.default_rng(0)
+    with pytest.warns(UserWarning, match="multiply|Multiply"):
+        validate_images(rng.uniform(0, 1, (2, 32, 32, 3)).astype(np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate_images(rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32))
+        validate_images(np.zeros((2, 32, 32, 3), np.float32))  # a black image is legal and silent
 
 
 def test_check_logits_rejects_a_softmax_model(narrow):

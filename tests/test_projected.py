@@ -62,3 +62,16 @@ def test_bad_optimizer_is_rejected():
     x, _, objective = _linear_problem()
     with pytest.raises(ValueError, match="optimizer must be one of"):
         projected_ascent(objective, x, x, radius=1.0, steps=1, step_size=1.0, optimizer="lbfgs")
+
+
+@pytest.mark.parametrize("optimizer", ["sign", "adam"])
+def test_unrolled_steps_give_the_while_loop_result(optimizer):
+    # A non-linear objective, so the iterates depend on every step's gradient.
+    x, w, _ = _linear_problem(seed=3)
+    objective = lambda z: tf.reduce_sum(tf.sin(z / 7.0) * w, axis=[1, 2, 3])
+    kwargs = dict(radius=6.0, steps=7, step_size=1.5, optimizer=optimizer)
+    z_loop, f_loop = projected_ascent(objective, x, x, **kwargs)
+    z_unrolled, f_unrolled = projected_ascent(objective, x, x, unroll=True, **kwargs)
+    np.testing.assert_allclose(z_unrolled.numpy(), z_loop.numpy(), atol=1e-5)
+    np.testing.assert_allclose(f_unrolled.numpy(), f_loop.numpy(), rtol=1e-6)
+    assert float(tf.reduce_max(tf.abs(z_loop - x))) > 1.0  # it moved
