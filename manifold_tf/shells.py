@@ -38,7 +38,11 @@ CW_VARIANTS = ("algorithm1", "paper_code")
 # the range, constants 1e-5 then 0.1 (const_factor 10000 under a largest constant of 20).
 PAPER_CODE_TAU = PIXEL_MAX / 32.0
 PAPER_CODE_CONSTS = dict(initial_const=1e-5, const_factor=1e4, largest_const=20.0)
-DEFAULT_JIT_COMPILE = False  # XLA runs the tf.while_loop several times slower on CPU: bench/bench_shells.py
+# Measured on 2 CPU cores (bench/bench_shells.py, BUILD.md): with XLA the shell (its K steps
+# unrolled) is 1.6-2.2x faster per call at a fixed batch size, but compiles for 30-45 s for every
+# new batch size; an evaluation calls the shell on many batch sizes (x, then the x' that succeeded),
+# so the default is plain TensorFlow. Pass jit_compile=True for long runs at a fixed batch size.
+DEFAULT_JIT_COMPILE = False
 
 
 def _base_signature(base) -> tuple[tuple[int, ...], int]:
@@ -254,7 +258,7 @@ class MCNShell(_FactorShell):
       seed: int, the random start's seed.
       cw_variant, cw_const, cw_max_iterations, cw_learning_rate: the ``"cw"`` settings above.
         Defaults are CPU-cheap (100 iterations); the paper used 1000 and learning rate 5e-3.
-      jit_compile: compile the embedding with XLA.
+      jit_compile: compile the embedding with XLA (once per batch size; see DEFAULT_JIT_COMPILE).
 
     ``embed(x)`` returns ``z`` ``[N, C, H, W, 3]``, ``label`` ``[N]`` (``t*``), ``confidences``
     ``[N, C]`` (``F(z_t)_t``; for ``paper_code`` each candidate's top confidence) and
@@ -431,7 +435,7 @@ class NCNShell(_FactorShell):
       alpha: the first penalty weight (pixels per squared unit of log-odds); alpha_factor: its
         growth per round.
       learning_rate: Adam's, for ``s`` (fraction of ``delta_max``) and ``w`` (tanh space).
-      jit_compile: compile the embedding with XLA.
+      jit_compile: compile the embedding with XLA (once per batch size; see DEFAULT_JIT_COMPILE).
 
     ``embed(x)`` returns ``z`` ``[N, C, H, W, 3]``, ``label`` ``[N]``, ``distances`` ``[N, C]``
     (pixels, L-inf), ``met`` bool ``[N, C]`` (``F(z_t)_t >= p``), ``confidences`` ``[N, C]``

@@ -250,6 +250,9 @@ def test_adaptive_attack_runs_on_a_finished_table2_run_and_resumes(uninterrupted
     assert avg["robust_adaptive"] == avg["robust_transfer"] - avg["broken_by_bpda"]
     assert avg["retained"] == table2["average"]["retained"]
     assert avg["attacked"] == avg["robust_transfer"]
+    # The base alone, under CW and PGD: never robust where CW already succeeded.
+    cw_robust = sum(not p["base_success"] for p in table2["points"])
+    assert 0 <= avg["base_robust"] <= cw_robust
     for b in range(4):
         rec = json.load(open(os.path.join(out, "batches", f"batch_{b:03d}_adaptive.json")))
         x_adv = np.load(os.path.join(out, "batches", f"batch_{b:03d}_adaptive_xadv.npy"))
@@ -259,9 +262,15 @@ def test_adaptive_attack_runs_on_a_finished_table2_run_and_resumes(uninterrupted
         assert not any(r and c != y for r, c, y in zip(rec["robust"], rec["shell_clean"], rec["labels"]))
     for name in ("adaptive.md", "adaptive_failures.png"):
         assert os.path.exists(os.path.join(out, name)), name
+    # A batch file from before the base comparison existed gets it added on resume.
+    first = os.path.join(out, "batches", "batch_000_adaptive.json")
+    rec = json.load(open(first))
+    del rec["base_robust"]
+    json.dump(rec, open(first, "w"))
     again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already done" in again.stdout + again.stderr
+    assert "base_robust" in json.load(open(first))
     assert _without_timings(json.load(open(os.path.join(out, "adaptive.json")))) == \
         _without_timings(report)
 
