@@ -265,6 +265,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     mode = FLAGS.mode or ("defence" if FLAGS.shell else "accuracy")
+    if mode != "defence" and (FLAGS.adaptive != "none" or FLAGS.attack_from):
+        raise app.UsageError("--adaptive and --attack_from belong to the defence evaluation: "
+                             "give --shell=mcn|ncn (or --mode=defence).")
     {"accuracy": _run_accuracy, "separation": _run_separation, "defence": _run_defence}[mode]()
 
 

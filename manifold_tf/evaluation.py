@@ -238,11 +238,23 @@ def _write_array_atomic(path: str, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def _shell_labels(shell, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _shell_labels(shell, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The shell's labels and top probabilities on ``x``, and for NCN which points met no label.
+
+    Under a multi-device strategy the shell runs through ``predict`` (spread over the devices) and
+    the NCN diagnostic is ``None``; otherwise ``embed`` runs batch by batch and keeps it.
+    """
     if len(x) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    probs = shell.predict(x, batch_size=batch_size, verbose=0)
-    return probs.argmax(-1), probs.max(-1)
+        return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, bool)
+    # A shell built under a strategy's scope remembers it (Keras' trainer), unlike the global one.
+    strategy = getattr(shell, "_distribute_strategy", None) or tf.distribute.get_strategy()
+    if strategy.num_replicas_in_sync > 1:
+        probs = shell.predict(x, batch_size=batch_size, verbose=0)
+        return probs.argmax(-1), probs.max(-1), None
+    outs = [shell.embed(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    probs = np.concatenate([o["probabilities"].numpy() for o in outs])
+    unmet = np.concatenate([o["unmet"].numpy() for o in outs]) if "unmet" in outs[0] else None
+    return probs.argmax(-1), probs.max(-1), unmet
 
 
 def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, attack: dict,
@@ -274,10 +286,15 @@ def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, 
         what = "reused x'" if precomputed is not None else f"CW attack done in {t1 - t0:.0f} s"
         print(f"{desc}: {what} ({int(success.sum())}/{len(x)} successes); "
               f"shell on {len(x)} + {int(success.sum())} images ...", flush=True)
-    g_x, c_x = _shell_labels(shell, x, shell_batch_size)
+    g_x, c_x, unmet_x = _shell_labels(shell, x, shell_batch_size)
     rerun = success | bool(getattr(shell, "random_start", False))
     g_adv, c_adv = g_x.copy(), c_x.copy()
-    g_adv[rerun], c_adv[rerun] = _shell_labels(shell, x_adv[rerun], shell_batch_size)
+    g_adv[rerun], c_adv[rerun], unmet_rerun = _shell_labels(shell, x_adv[rerun], shell_batch_size)
+    diagnostics = {}
+    if unmet_x is not None and unmet_rerun is not None:
+        unmet_adv = unmet_x.copy()
+        unmet_adv[rerun] = unmet_rerun
+        diagnostics = dict(shell_clean_unmet=unmet_x.tolist(), shell_adv_unmet=unmet_adv.tolist())
     t2 = time.perf_counter()
     record = dict(
         labels=y.tolist(),
@@ -289,6 +306,7 @@ def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, 
         shell_adv=g_adv.tolist(),
         shell_clean_confidence=c_x.tolist(),
         shell_adv_confidence=c_adv.tolist(),
+        **diagnostics,
         category=categorize(success, g_x, g_adv, y).tolist(),
         seconds=dict(attack=t1 - t0, shell=t2 - t1),
     )
@@ -430,7 +448,13 @@ def summarize_defence(records: list[dict]) -> dict:
     merged = {k: sum((list(r[k]) for r in records), []) for k in
               ("labels", "base_success", "shell_clean", "shell_adv", "category")}
     per_batch = [batch_rates(r) for r in records]
-    return dict(per_batch=per_batch, average=batch_rates(merged))
+    summary = dict(per_batch=per_batch, average=batch_rates(merged))
+    if all("shell_clean_unmet" in r for r in records):  # NCN: points where the fallback was used
+        summary["ncn_unmet"] = dict(
+            clean=int(sum(map(sum, (r["shell_clean_unmet"] for r in records)))),
+            adversarial=int(sum(map(sum, (r["shell_adv_unmet"] for r in records)))),
+            points=len(merged["labels"]))
+    return summary
 
 
 def _pct(rate: float, count: int, n: int) -> str:
@@ -456,6 +480,11 @@ def defence_markdown(report: dict) -> str:
     avg = report["average"]
     cats = "\n".join(f"- `{c}` ({CATEGORY_TITLES[c]}): {avg['categories'][c]}" for c in CATEGORIES)
     paper = PAPER_TABLE2
+    unmet = report.get("ncn_unmet")
+    unmet_text = (
+        f"NCN fallback (no label met p, the most confident label answered): "
+        f"{unmet['clean']}/{unmet['points']} points at x, {unmet['adversarial']}/{unmet['points']} "
+        f"at x'.\n\n" if unmet else "")
     return (
         f"# Defence evaluation (Table 2 protocol): {s['shell']['shell'].upper()} shell\n\n"
         f"Points: {avg['points']} base-correct test points ({s['num_batches']} batches x "
@@ -471,7 +500,7 @@ def defence_markdown(report: dict) -> str:
         f"Shell attack success: `G(x') != y` and `G(x') != G(x)`. Retained accuracy: `G(x) = y`. "
         f"Base attack success: CW found `x'` with `||x' - x||_inf <= {s['epsilon']:g}` that the "
         f"base misclassifies.\n\nCategories:\n\n{cats}\n- base-robust points the shell made "
-        f"inconsistent (new vulnerabilities): {avg['new_vulnerabilities']}\n\n"
+        f"inconsistent (new vulnerabilities): {avg['new_vulnerabilities']}\n\n{unmet_text}"
         f"Paper's Table 2 (wide adv_trained model, full CIFAR-10, CarliniWagnerShell, "
         f"{paper['points']} points): base attack success "
         f"{100 * paper['average']['base_attack_success']:.2f}%, shell attack success "
@@ -489,6 +518,7 @@ def write_defence_report(records: list[dict], images: np.ndarray, output_dir: st
         settings=records[0]["settings"],
         per_batch=summary["per_batch"],
         average=summary["average"],
+        **({"ncn_unmet": summary["ncn_unmet"]} if "ncn_unmet" in summary else {}),
         paper_table2=PAPER_TABLE2,
         points=[
             dict(index=i, batch=r["batch"], label=r["labels"][k], category=r["category"][k],

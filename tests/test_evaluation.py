@@ -225,6 +225,11 @@ def test_a_second_shell_reuses_the_first_runs_adversarial_examples(uninterrupted
     a = json.load(open(os.path.join(uninterrupted, "defence.json")))
     b = json.load(open(os.path.join(out, "defence.json")))
     assert b["settings"]["shell"]["shell"] == "ncn"
+    # NCN says where no label met p (the fallback answered); MCN has no such diagnostic.
+    assert "ncn_unmet" not in a
+    assert b["ncn_unmet"]["points"] == 16
+    assert 0 <= b["ncn_unmet"]["clean"] <= 16 and 0 <= b["ncn_unmet"]["adversarial"] <= 16
+    assert "NCN fallback" in open(os.path.join(out, "defence.md")).read()
     for pa, pb in zip(a["points"], b["points"]):
         assert (pa["index"], pa["base_success"], pa["linf"]) == (pb["index"], pb["base_success"], pb["linf"])
     # Another attack budget cannot reuse them.
