@@ -43,6 +43,7 @@ PAPER_CODE_CONSTS = dict(initial_const=1e-5, const_factor=1e4, largest_const=20.
 # new batch size; an evaluation calls the shell on many batch sizes (x, then the x' that succeeded),
 # so the default is plain TensorFlow. Pass jit_compile=True for long runs at a fixed batch size.
 DEFAULT_JIT_COMPILE = False
+MAX_UNROLLED_STEPS = 32
 
 
 def _base_signature(base) -> tuple[tuple[int, ...], int]:
@@ -360,7 +361,9 @@ class MCNShell(_FactorShell):
             z, score = projected.projected_ascent(
                 objective, xt, z0, radius=self.delta, steps=self.steps, step_size=self.step_size,
                 optimizer="sign" if self.optimizer_name == "pgd" else "adam",
-                unroll=self.jit_compile,  # XLA on CPU runs a tf.while_loop several times slower
+                # XLA on CPU runs a tf.while_loop several times slower than the unrolled steps;
+                # past a few dozen steps the unrolled graph's compile time would dominate.
+                unroll=self.jit_compile and self.steps <= MAX_UNROLLED_STEPS,
             )
         z, score = self._per_label(z), self._per_label(score)
         label = tf.argmax(score, axis=1, output_type=tf.int32)
