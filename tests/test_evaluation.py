@@ -280,6 +280,22 @@ def test_adaptive_attack_runs_on_a_finished_table2_run_and_resumes(uninterrupted
         _without_timings(report)
 
 
+def test_adaptive_attack_needs_a_finished_run_with_the_same_shell(uninterrupted, tiny_checkpoint,
+                                                                 tmp_path):
+    from manifold_tf.shells import MCNShell
+
+    base = keras.saving.load_model(tiny_checkpoint)
+    x = np.zeros((1, 32, 32, 3), np.float32)
+    os.makedirs(tmp_path / "empty" / "batches")
+    with pytest.raises(ValueError, match="no finished Table-2 batches"):
+        evaluation.run_adaptive(base, MCNShell(base, 8.0, steps=20, jit_compile=False), x,
+                                output_dir=str(tmp_path / "empty"))
+    # The run used delta 8 and 20 steps: another shell would attack what the run did not measure.
+    with pytest.raises(ValueError, match="shell differs"):
+        evaluation.run_adaptive(base, MCNShell(base, 4.0, steps=20, jit_compile=False), x,
+                                output_dir=uninterrupted)
+
+
 def test_predict_logits_reuses_one_function_per_model():
     model = LabelInPixel()
     x = np.zeros((7, 32, 32, 3), np.float32)
