@@ -254,10 +254,11 @@ def _run_defence() -> None:
         class_names=data.CIFAR10_LABELS if inputs["dataset"] == "cifar10" else None)
     print(evaluation.defence_markdown(report))
     if FLAGS.adaptive == "bpda":
-        evaluation.run_adaptive(
+        adaptive = evaluation.run_adaptive(
             base, shell, x, output_dir=out, epsilon=FLAGS.epsilon, steps=FLAGS.adaptive_steps,
             step_size=FLAGS.adaptive_step_size, resume=FLAGS.resume,
             class_names=data.CIFAR10_LABELS if inputs["dataset"] == "cifar10" else None)
+        print(evaluation.adaptive_markdown(adaptive))
     print(f"reports written to {out}")
 
 

@@ -8,6 +8,7 @@ data set and the committed model trained on it (``weights/synthetic_narrow.keras
 from __future__ import annotations
 
 import os
+import re
 import time
 import weakref
 
@@ -224,20 +225,6 @@ def batch_rates(record: dict) -> dict:
     )
 
 
-def _write_array_atomic(path: str, array: np.ndarray) -> None:
-    import io
-    import tempfile
-
-    buf = io.BytesIO()
-    np.save(buf, array)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".npy")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _shell_labels(shell, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The shell's labels and top probabilities on ``x``, and for NCN which points met no label.
 
@@ -410,7 +397,7 @@ def run_defence(
                                       desc=f"batch {b + 1}/{num_batches}", precomputed=precomputed)
         record = dict(settings=settings, batch=b, indices=idx.tolist(), **record)
         # x' first, then the JSON that marks the batch as finished.
-        _write_array_atomic(path(b, "_xadv.npy"), x_adv.astype(np.float32))
+        reporting.write_array(path(b, "_xadv.npy"), x_adv.astype(np.float32))
         reporting.write_json(path(b, ".json"), record)
         records[b] = record
         r = batch_rates(record)
@@ -581,7 +568,7 @@ def run_adaptive(
     from manifold_tf import adaptive
 
     batch_dir = os.path.join(output_dir, "batches")
-    names = sorted(n for n in os.listdir(batch_dir) if n.endswith(".json") and "_" not in n[6:])
+    names = sorted(n for n in os.listdir(batch_dir) if re.fullmatch(r"batch_\d{3}\.json", n))
     records = [reporting.read_json(os.path.join(batch_dir, n)) for n in names] if names else []
     if not records:
         raise ValueError(f"{output_dir} holds no finished Table-2 batches: run the defence "
@@ -642,7 +629,7 @@ def run_adaptive(
                       base_robust=_base_robust(base, x, y, r, epsilon=epsilon, steps=steps,
                                                step_size=settings["step_size"]),
                       seconds=seconds)
-        _write_array_atomic(xpath, x_out.astype(np.float32))
+        reporting.write_array(xpath, x_out.astype(np.float32))
         reporting.write_json(path, result)
         results.append(result)
         progress.update(len(y), extra=(
@@ -685,18 +672,13 @@ def _adaptive_rates(results: list[dict]) -> dict:
                 robust_accuracy_adaptive=float(np.mean(robust)))
 
 
-def write_adaptive_report(results: list[dict], images: np.ndarray, output_dir: str, *,
-                          class_names=None, max_figure_cases: int = 12) -> dict:
-    """``adaptive.json``, ``adaptive.md`` and ``adaptive_failures.png`` from the batch results."""
+def adaptive_markdown(report: dict) -> str:
+    """The adaptive-attack report as Markdown: settings, the table per batch and in total."""
     import json
 
-    per_batch = [_adaptive_rates([r]) for r in results]
-    average = _adaptive_rates(results)
-    report = dict(settings=results[0]["settings"], per_batch=per_batch, average=average,
-                  seconds=float(sum(r["seconds"] for r in results)))
-    reporting.write_json(os.path.join(output_dir, "adaptive.json"), report)
+    s, average = report["settings"], report["average"]
     rows = []
-    for name, r in [(f"Batch #{res['batch'] + 1}", r) for res, r in zip(results, per_batch)] + [
+    for name, r in [(f"Batch #{i + 1}", r) for i, r in enumerate(report["per_batch"])] + [
             ("Total", average)]:
         n = r["points"]
         rows.append([name, n, f"{r['retained']}/{n}", f"{r['robust_transfer']}/{n}",
@@ -704,10 +686,8 @@ def write_adaptive_report(results: list[dict], images: np.ndarray, output_dir: s
                      f"{r['base_robust']}/{n}"])
     table = reporting.markdown_table(
         ["", "points", "G(x) = y", "shell robust to transfer (CW on F)", "broken by BPDA / attacked",
-         "shell robust to both", f"base alone robust to CW + PGD-{results[0]['settings']['steps']}"],
-        rows)
-    s = report["settings"]
-    text = (f"# Adaptive attack on the {s['shell']['shell'].upper()} shell\n\n"
+         "shell robust to both", f"base alone robust to CW + PGD-{s['steps']}"], rows)
+    return (f"# Adaptive attack on the {s['shell']['shell'].upper()} shell\n\n"
             f"Attack: {s['attack']}; epsilon {s['epsilon']:g} px, {s['steps']} steps of "
             f"{s['step_size']:g} px, start: {s['start']}.\n\nShell: `{json.dumps(s['shell'])}`\n\n"
             f"{table}\nRobust accuracy of the shell: {100 * average['robust_accuracy_transfer']:.1f}% "
@@ -716,7 +696,17 @@ def write_adaptive_report(results: list[dict], images: np.ndarray, output_dir: s
             f"For comparison, the base model alone: {100 * average['base_robust_accuracy']:.1f}% "
             f"against CW and PGD with the same budget and steps (CW margin loss, from x).\n\n"
             f"Time: {report['seconds']:.0f} s.\n")
-    reporting.write_text(os.path.join(output_dir, "adaptive.md"), text)
+
+
+def write_adaptive_report(results: list[dict], images: np.ndarray, output_dir: str, *,
+                          class_names=None, max_figure_cases: int = 12) -> dict:
+    """``adaptive.json``, ``adaptive.md`` and ``adaptive_failures.png`` from the batch results."""
+    per_batch = [_adaptive_rates([r]) for r in results]
+    average = _adaptive_rates(results)
+    report = dict(settings=results[0]["settings"], per_batch=per_batch, average=average,
+                  seconds=float(sum(r["seconds"] for r in results)))
+    reporting.write_json(os.path.join(output_dir, "adaptive.json"), report)
+    reporting.write_text(os.path.join(output_dir, "adaptive.md"), adaptive_markdown(report))
     cases = []
     for r in results:
         hits = [k for k, ok in enumerate(r["adaptive_success"]) if ok]
@@ -730,9 +720,8 @@ def write_adaptive_report(results: list[dict], images: np.ndarray, output_dir: s
     reporting.plot_failure_cases(
         cases[:max_figure_cases], os.path.join(output_dir, "adaptive_failures.png"),
         class_names=class_names,
-        title=(f"BPDA on the {s['shell']['shell'].upper()} shell: {len(cases)} points broken "
-               f"(eps {s['epsilon']:g})"))
-    print(text, flush=True)
+        title=(f"BPDA on the {report['settings']['shell']['shell'].upper()} shell: {len(cases)} "
+               f"points broken (eps {report['settings']['epsilon']:g})"))
     return report
 
 

@@ -7,6 +7,7 @@ the same directory and then renamed, so a killed run leaves either the old file 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -58,6 +59,13 @@ def write_text(path: str, text: str) -> None:
 def write_json(path: str, obj: Any) -> None:
     """Writes ``obj`` as indented JSON, atomically; numpy/TF values are converted."""
     write_text(path, json.dumps(_to_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+def write_array(path: str, array: np.ndarray) -> None:
+    """Writes ``array`` as a ``.npy`` file, atomically."""
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(array))
+    _atomic_write_bytes(path, buf.getvalue())
 
 
 def read_json(path: str) -> Any:

@@ -296,6 +296,16 @@ def test_adaptive_attack_needs_a_finished_run_with_the_same_shell(uninterrupted,
                                 output_dir=uninterrupted)
 
 
+def test_defence_only_flags_without_a_shell_are_refused(tmp_path):
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "evaluate.py"), "--mode=accuracy", "--adaptive=bpda",
+         f"--output_dir={tmp_path / 'out'}"],
+        env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode != 0
+    assert "--adaptive and --attack_from belong to the defence evaluation" in done.stderr
+    assert not os.path.exists(tmp_path / "out")  # refused before anything was written
+
+
 def test_predict_logits_reuses_one_function_per_model():
     model = LabelInPixel()
     x = np.zeros((7, 32, 32, 3), np.float32)
