@@ -18,6 +18,14 @@ flags.DEFINE_enum("width", _D.width, ["narrow", "wide"], "Model width.")
 flags.DEFINE_enum("dataset", _D.dataset, ["cifar10", "synthetic"], "Training data.")
 flags.DEFINE_string("data_dir", None, "cifar-10-batches-py folder (default: TensorFlow Datasets).")
 flags.DEFINE_bool("adversarial", _D.adversarial, "Train on PGD adversarial examples.")
+flags.DEFINE_enum("attack", _D.attack, ["pgd", "fgsm"], "Training attack: Madry's PGD-k, or FGSM from a random start (Wong et al.).")
+flags.DEFINE_float("fgsm_step_factor", _D.fgsm_step_factor, "FGSM step as a multiple of epsilon.")
+flags.DEFINE_enum("lr_schedule", _D.lr_schedule, ["piecewise", "cyclic"], "Learning-rate schedule.")
+flags.DEFINE_float("lr_max", _D.lr_max, "Peak learning rate of the cyclic schedule.")
+flags.DEFINE_float("lr_peak", _D.lr_peak, "Where the cyclic schedule peaks, as a fraction of the steps.")
+flags.DEFINE_integer("holdout", _D.holdout, "Training images held out for PGD early stopping (0: none).")
+flags.DEFINE_integer("holdout_pgd_steps", _D.holdout_pgd_steps, "PGD steps of the held-out check.")
+flags.DEFINE_float("overfit_drop", _D.overfit_drop, "Stop when held-out PGD accuracy falls this far below its best.")
 flags.DEFINE_float("epsilon", _D.epsilon, "PGD L-inf budget, pixels (0..255).")
 flags.DEFINE_integer("pgd_steps", _D.pgd_steps, "PGD steps per batch.")
 flags.DEFINE_float("pgd_step_size", _D.pgd_step_size, "PGD step size, pixels.")
@@ -45,6 +53,14 @@ def main(argv):
         dataset=FLAGS.dataset,
         data_dir=FLAGS.data_dir,
         adversarial=FLAGS.adversarial,
+        attack=FLAGS.attack,
+        fgsm_step_factor=FLAGS.fgsm_step_factor,
+        lr_schedule=FLAGS.lr_schedule,
+        lr_max=FLAGS.lr_max,
+        lr_peak=FLAGS.lr_peak,
+        holdout=FLAGS.holdout,
+        holdout_pgd_steps=FLAGS.holdout_pgd_steps,
+        overfit_drop=FLAGS.overfit_drop,
         epsilon=FLAGS.epsilon,
         pgd_steps=FLAGS.pgd_steps,
         pgd_step_size=FLAGS.pgd_step_size,

@@ -38,6 +38,25 @@ def random_start(x: tf.Tensor, radius, seed: tf.Tensor) -> tf.Tensor:
     return project(x + noise * radius, x, radius)
 
 
+ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.9, 0.999, 1e-8  # tf.compat.v1.train.AdamOptimizer's
+
+
+def adam_step(g, m, v, t, learning_rate, *, beta1: float = ADAM_BETA1, beta2: float = ADAM_BETA2,
+              epsilon: float = ADAM_EPSILON):
+    """One Adam update as ``tf.compat.v1.train.AdamOptimizer`` computes it: ``(delta, m, v)``.
+
+    ``delta = lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + epsilon)`` is the step to
+    *descend* (subtract it to minimise, add it to ascend). ``t`` is the 1-based step count: a scalar
+    or a tensor broadcastable to ``g`` (per-example counts, as the batched CW attack keeps);
+    ``learning_rate`` likewise. Shared by the projected core, Carlini-Wagner and the NCN shell.
+    """
+    m = beta1 * m + (1.0 - beta1) * g
+    v = beta2 * v + (1.0 - beta2) * tf.square(g)
+    t = tf.cast(t, g.dtype)
+    lr_t = learning_rate * tf.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+    return lr_t * m / (tf.sqrt(v) + epsilon), m, v
+
+
 def projected_ascent(
     objective: Objective,
     x: tf.Tensor,
@@ -103,12 +122,9 @@ def projected_ascent(
         if optimizer == "sign":
             z_new = z + step_size * tf.sign(g)
         else:
-            t = tf.cast(i + 1, z.dtype)
-            m = beta1 * m + (1.0 - beta1) * g
-            v = beta2 * v + (1.0 - beta2) * tf.square(g)
-            m_hat = m / (1.0 - tf.pow(beta1, t))
-            v_hat = v / (1.0 - tf.pow(beta2, t))
-            z_new = z + step_size * m_hat / (tf.sqrt(v_hat) + adam_epsilon)
+            delta, m, v = adam_step(g, m, v, i + 1, step_size, beta1=beta1, beta2=beta2,
+                                    epsilon=adam_epsilon)
+            z_new = z + delta
         return i + 1, project(z_new, x, radius), m, v, z_best, f_best
 
     z0 = project(z0, x, radius)

@@ -1,4 +1,4 @@
-"""Natural and PGD-adversarial training as Madry et al. did it, Keras-native and resumable.
+"""Natural, PGD-adversarial (Madry et al.) and fast FGSM adversarial training (Wong et al.), resumable.
 
 :class:`AdversarialTrainer` wraps a base model; its compiled ``train_step`` replaces each batch by
 its PGD adversarial examples (random start, cross-entropy, ``k`` signed steps, last iterate, as in
@@ -6,6 +6,13 @@ Madry's ``pgd_attack.py``) before the usual Keras step. :func:`train` drives ``f
 Madry's optimiser (SGD, momentum 0.9, piecewise-constant learning rate), checkpoints every N
 steps, resumes to the same weights an uninterrupted run reaches, logs to TensorBoard and writes the
 final base model as ``final.keras``.
+
+Fast adversarial training (Wong, Rice & Kolter 2020, "Fast is better than free") is the same trainer
+with one step: ``attack="fgsm"`` starts at a uniform point of the ball and takes one signed step of
+``1.25 * epsilon``. It is known to overfit catastrophically (PGD accuracy collapses within an epoch
+while FGSM accuracy soars), so a run may hold out part of the training set: after every checkpoint
+interval the model is attacked there with PGD, ``best.keras`` keeps the weights with the best held-out
+PGD accuracy, and a drop of ``overfit_drop`` below that best stops the run.
 
 One deliberate difference from Madry's TF1 code: the attack runs the model in inference mode (BN
 moving statistics, no statistics updates), so attack steps do not move the BN averages; the
@@ -27,7 +34,34 @@ from manifold_tf import models, reporting
 from manifold_tf.projected import projected_ascent, random_start
 
 FINAL_WEIGHTS = "final.keras"
+BEST_WEIGHTS = "best.keras"
+HOLDOUT_LOG = "holdout.json"
 CHECKPOINT_SUBDIR = "checkpoints"
+ATTACKS = ("pgd", "fgsm")
+LR_SCHEDULES = ("piecewise", "cyclic")
+
+
+@keras.saving.register_keras_serializable(package="manifold_tf")
+class CyclicLearningRate(keras.optimizers.schedules.LearningRateSchedule):
+    """Triangular one-cycle schedule: 0 at step 0, ``peak_lr`` at ``peak * total_steps``, 0 at the end.
+
+    Wong et al.'s schedule for fast adversarial training (linear up for 2/5 of the run, then down).
+    """
+
+    def __init__(self, peak_lr: float, total_steps: int, peak: float = 0.4):
+        self.peak_lr = float(peak_lr)
+        self.total_steps = int(total_steps)
+        self.peak = float(peak)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        top = self.peak * self.total_steps
+        up = step / top
+        down = (self.total_steps - step) / (self.total_steps - top)
+        return self.peak_lr * tf.maximum(0.0, tf.minimum(up, down))
+
+    def get_config(self) -> dict:
+        return {"peak_lr": self.peak_lr, "total_steps": self.total_steps, "peak": self.peak}
 
 
 @keras.saving.register_keras_serializable(package="manifold_tf")
@@ -122,13 +156,22 @@ class TrainConfig:
     dataset: str = "cifar10"
     data_dir: str | None = None
     adversarial: bool = False
+    attack: str = "pgd"
     epsilon: float = 8.0
     pgd_steps: int = 7
     pgd_step_size: float = 2.0
+    fgsm_step_factor: float = 1.25
     batch_size: int = 128
     steps: int = 80000
+    lr_schedule: str = "piecewise"
     lr_boundaries: tuple[int, ...] = (40000, 60000)
     lr_values: tuple[float, ...] = (0.1, 0.01, 0.001)
+    lr_max: float = 0.2
+    lr_peak: float = 0.4
+    holdout: int = 0
+    holdout_pgd_steps: int = 10
+    holdout_pgd_step_size: float = 2.0
+    overfit_drop: float = 0.2
     momentum: float = 0.9
     seed: int = 0
     checkpoint_every: int = 100
@@ -136,7 +179,29 @@ class TrainConfig:
     strategy: str = "default"
     jit_compile: bool = False
 
+    @property
+    def attack_steps(self) -> int:
+        """Attack steps per training batch (0: natural training)."""
+        if not self.adversarial:
+            return 0
+        return 1 if self.attack == "fgsm" else self.pgd_steps
+
+    @property
+    def attack_step_size(self) -> float:
+        return self.fgsm_step_factor * self.epsilon if self.attack == "fgsm" else self.pgd_step_size
+
     def validate(self) -> None:
+        if self.attack not in ATTACKS:
+            raise ValueError(f"attack must be one of {ATTACKS}; got {self.attack!r}.")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}.")
+        if not 0.0 < self.lr_peak < 1.0:
+            raise ValueError(f"lr_peak must be in (0, 1) (a fraction of the steps); got {self.lr_peak}.")
+        if self.holdout < 0 or self.holdout_pgd_steps < 1:
+            raise ValueError(
+                f"holdout must be >= 0 and holdout_pgd_steps >= 1; got {self.holdout}, "
+                f"{self.holdout_pgd_steps}."
+            )
         if self.width not in models.FILTERS:
             raise ValueError(f"width must be one of {sorted(models.FILTERS)}; got {self.width!r}.")
         if self.dataset not in data_lib.DATASETS:
@@ -190,6 +255,77 @@ class _Checkpointer(keras.callbacks.Callback):
         print(f"checkpoint: {path}", flush=True)
 
 
+class _HoldoutMonitor(keras.callbacks.Callback):
+    """After each checkpoint interval: clean and PGD accuracy on held-out training images.
+
+    Keeps ``best.keras`` (highest held-out PGD accuracy) and stops the run when that accuracy falls
+    ``overfit_drop`` below its best: the signature of catastrophic overfitting in FGSM training.
+    The history lives in ``holdout.json`` so that a resumed run keeps its best and its verdict.
+    """
+
+    def __init__(self, config: TrainConfig, model_dir: str, images: np.ndarray, labels: np.ndarray,
+                 history: dict):
+        super().__init__()
+        self.config = config
+        self.model_dir = model_dir
+        self.images = images
+        self.labels = labels
+        self.history = history
+
+    def measure(self, base: keras.Model) -> tuple[float, float]:
+        from manifold_tf import attacks  # attacks imports nothing from training; avoids a cycle at import
+
+        clean = pgd_ok = 0
+        for i in range(0, len(self.images), 250):
+            x, y = self.images[i:i + 250], self.labels[i:i + 250]
+            clean += int(np.sum(np.argmax(base(x, training=False), -1) == y))
+            x_adv = attacks.pgd(
+                base, x, y, epsilon=self.config.epsilon, steps=self.config.holdout_pgd_steps,
+                step_size=self.config.holdout_pgd_step_size, seed=self.config.seed,
+            )
+            pgd_ok += int(np.sum(np.argmax(base(x_adv, training=False), -1) == y))
+        n = len(self.images)
+        return clean / n, pgd_ok / n
+
+    def on_epoch_end(self, epoch, logs=None):
+        base = self.model.base
+        step = int(self.model.optimizer.iterations.numpy())
+        start = time.perf_counter()
+        clean, robust = self.measure(base)
+        entry = {"step": step, "clean_accuracy": clean, "pgd_accuracy": robust, "n": len(self.images),
+                 "train_accuracy": float((logs or {}).get("accuracy", float("nan")))}
+        self.history["entries"].append(entry)
+        best = self.history.get("best")
+        if best is None or robust >= best["pgd_accuracy"]:  # ties: the later, longer-trained model
+            self.history["best"] = entry
+            tmp = os.path.join(self.model_dir, ".tmp-" + BEST_WEIGHTS)
+            base.save(tmp)
+            os.replace(tmp, os.path.join(self.model_dir, BEST_WEIGHTS))
+        best = self.history["best"]
+        if robust < best["pgd_accuracy"] - self.config.overfit_drop:
+            self.history["stopped"] = {"step": step, "reason": (
+                f"held-out PGD accuracy {robust:.3f} fell more than {self.config.overfit_drop} below "
+                f"its best {best['pgd_accuracy']:.3f} (step {best['step']}): catastrophic overfitting")}
+            self.model.stop_training = True
+        reporting.write_json(os.path.join(self.model_dir, HOLDOUT_LOG), self.history)
+        print(
+            f"holdout @ step {step}: clean {clean:.3f}, PGD-{self.config.holdout_pgd_steps} {robust:.3f} "
+            f"(n={len(self.images)}, best {best['pgd_accuracy']:.3f} @ {best['step']}, "
+            f"{time.perf_counter() - start:.0f}s)", flush=True,
+        )
+        if "stopped" in self.history:
+            print("stopping: " + self.history["stopped"]["reason"], flush=True)
+
+
+def split_holdout(images: np.ndarray, labels: np.ndarray, n: int, seed: int):
+    """``(train_images, train_labels, held_images, held_labels)``: ``n`` images held out by a seeded permutation."""
+    if n >= len(images):
+        raise ValueError(f"holdout ({n}) must be smaller than the training set ({len(images)}).")
+    order = np.random.default_rng(seed).permutation(len(images))
+    keep, held = np.sort(order[n:]), np.sort(order[:n])
+    return images[keep], labels[keep], images[held], labels[held]
+
+
 def _strategy(name: str) -> tf.distribute.Strategy:
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
@@ -202,11 +338,13 @@ def build_trainer(config: TrainConfig) -> AdversarialTrainer:
     trainer = AdversarialTrainer(
         base,
         epsilon=config.epsilon if config.adversarial else 0.0,
-        pgd_steps=config.pgd_steps if config.adversarial else 0,
-        pgd_step_size=config.pgd_step_size,
+        pgd_steps=config.attack_steps,
+        pgd_step_size=config.attack_step_size,
         seed=config.seed,
     )
-    if config.lr_boundaries:
+    if config.lr_schedule == "cyclic":
+        schedule = CyclicLearningRate(config.lr_max, config.steps, config.lr_peak)
+    elif config.lr_boundaries:
         schedule = keras.optimizers.schedules.PiecewiseConstantDecay(
             list(config.lr_boundaries), list(config.lr_values)
         )
@@ -248,8 +386,11 @@ def train(
         previous = reporting.read_json(saved)
         mine = reporting._to_jsonable(dataclasses.asdict(config))
         diff = {k: (previous.get(k), v) for k, v in mine.items() if previous.get(k) != v}
-        for free in ("strategy", "jit_compile", "steps", "log_every"):  # may change on resume
-            diff.pop(free, None)
+        free = ["strategy", "jit_compile", "log_every"]  # may change on resume
+        if config.lr_schedule != "cyclic":  # a cyclic schedule is a function of the total steps
+            free.append("steps")
+        for name in free:
+            diff.pop(name, None)
         if diff:
             raise ValueError(
                 f"--resume with settings that differ from the run in {model_dir!r}: "
@@ -260,6 +401,13 @@ def train(
     if train_arrays is None:
         train_arrays = data_lib.load_arrays(config.dataset, "train", config.data_dir)
     images, labels = train_arrays
+    callbacks = []
+    history_path = os.path.join(model_dir, HOLDOUT_LOG)
+    history = {"entries": [], "best": None}
+    if config.holdout:
+        images, labels, held_x, held_y = split_holdout(images, labels, config.holdout, config.seed)
+        if resume and os.path.exists(history_path):
+            history = reporting.read_json(history_path)
 
     strategy = _strategy(config.strategy)
     with strategy.scope():
@@ -272,6 +420,9 @@ def train(
     if resume and manager.latest_checkpoint:
         ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         start = int(trainer.optimizer.iterations.numpy())
+        history["entries"] = [e for e in history["entries"] if e["step"] <= start]
+        if history["entries"]:
+            history["best"] = max(history["entries"], key=lambda e: e["pgd_accuracy"])
         print(f"resumed from {manager.latest_checkpoint} at step {start}", flush=True)
     elif overwrite and manager.latest_checkpoint:
         for name in os.listdir(manager.directory):
@@ -281,8 +432,13 @@ def train(
         raise ValueError(
             f"checkpoint step {start} is not a multiple of checkpoint_every={config.checkpoint_every}."
         )
+    if config.holdout:
+        callbacks.append(_HoldoutMonitor(config, model_dir, held_x, held_y, history))
     if start >= config.steps:
         print(f"already trained for {start} >= {config.steps} steps", flush=True)
+    elif history.get("stopped"):
+        print(f"not resuming: the run stopped at step {history['stopped']['step']}: "
+              f"{history['stopped']['reason']}", flush=True)
     else:
         ds = data_lib.make_dataset(
             images, labels, batch_size=config.batch_size, training=True, seed=config.seed
@@ -296,7 +452,7 @@ def train(
             steps_per_epoch=config.checkpoint_every,
             verbose=0,
             shuffle=False,
-            callbacks=[
+            callbacks=callbacks + [
                 _ProgressLogger(start, epochs * config.checkpoint_every, config.batch_size, config.log_every),
                 _Checkpointer(manager, trainer.optimizer),
                 keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), update_freq=config.log_every),

@@ -101,6 +101,29 @@ def validate_radius(value: float, name: str) -> float:
     return value
 
 
+def check_int(value, name: str, minimum: int = 0) -> int:
+    """Checks an integer setting (steps, rounds, restarts ...) ``>= minimum``; bools are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer, float)) or int(value) != value \
+            or int(value) < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
+    return int(value)
+
+
+def check_positive(value, name: str) -> float:
+    """Checks a finite setting ``> 0`` (a learning rate, a constant, a factor)."""
+    value = float(value)
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0; got {value}.")
+    return value
+
+
+def check_choice(value, name: str, choices: Sequence) -> str:
+    """Checks that ``value`` is one of ``choices`` (an optimiser, a loss, a variant ...)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}; got {value!r}.")
+    return value
+
+
 def check_logits(model, x: tf.Tensor) -> tf.Tensor:
     """Runs ``model`` on ``x`` and checks that it returns logits ``[N, num_classes]``.
 

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from manifold_tf import attacks
-from manifold_tf.carlini_wagner import from_tanh_space, to_tanh_space
+from manifold_tf.attacks.carlini_wagner import from_tanh_space, to_tanh_space
 
 SHAPE = (4, 4, 3)
 DIM = int(np.prod(SHAPE))

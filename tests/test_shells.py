@@ -16,7 +16,7 @@ import tensorflow as tf
 from manifold_tf import shells
 from manifold_tf.data import synthetic_arrays, synthetic_manifold
 from manifold_tf.models import LeakyReLU, PerImageStandardization, madry_resnet
-from manifold_tf.shells import MCNShell, NCNShell
+from manifold_tf.shells import CarliniWagnerShell, MCNShell, NCNShell, cw_shell
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (32, 32, 3)
@@ -265,10 +265,10 @@ def test_confident_points_are_their_own_nearest_neighbour_under_ncn():
 # The paper's CW machinery
 
 
-def test_cw_algorithm1_stays_in_the_ball_and_scores_like_algorithm1():
+def test_cw_all_labels_stays_in_the_ball_and_scores_by_own_label():
     base, kernel, bias, x = two_class_problem()
-    shell = MCNShell(base, 8.0, optimizer="cw", cw_max_iterations=50, cw_const=1.0,
-                     jit_compile=False)
+    shell = CarliniWagnerShell(base, variant="all_labels", delta=8.0, max_iterations=50, const=1.0,
+                               jit_compile=False)
     out = shell.embed(x)
     z = out["z"].numpy()
     assert np.abs(z - x[:, None]).max() <= 8.0 + 1e-3
@@ -280,8 +280,7 @@ def test_cw_algorithm1_stays_in_the_ball_and_scores_like_algorithm1():
 
 def test_cw_paper_code_variant_is_one_hot_of_the_most_confident_candidate():
     base, kernel, bias, x = two_class_problem()
-    shell = MCNShell(base, optimizer="cw", cw_variant="paper_code", cw_max_iterations=30,
-                     jit_compile=False)
+    shell = CarliniWagnerShell(base, variant="paper_code", max_iterations=30, jit_compile=False)
     out = shell.embed(x)
     pred = np_logits(x, kernel, bias).argmax(1)
     z = out["z"].numpy()
@@ -291,7 +290,7 @@ def test_cw_paper_code_variant_is_one_hot_of_the_most_confident_candidate():
     assert ok[np.arange(len(x)), pred].all()
     for i, t in zip(*np.nonzero(~ok)):
         np.testing.assert_array_equal(z[i, t], x[i])
-    assert np.abs(z - x[:, None]).max() <= shells.PAPER_CODE_TAU + 0.05
+    assert np.abs(z - x[:, None]).max() <= cw_shell.PAPER_CODE_TAU + 0.05
     probs = out["probabilities"].numpy()
     np.testing.assert_array_equal(probs.sum(1), 1.0)
     conf = np.stack([np_softmax(np_logits(z[:, t], kernel, bias)).max(1) for t in (0, 1)], 1)
@@ -313,8 +312,10 @@ def test_bad_arguments_raise_with_the_value():
             NCNShell(base, p)
     with pytest.raises(ValueError, match="optimizer.*'sgd'"):
         MCNShell(base, optimizer="sgd")
-    with pytest.raises(ValueError, match="cw_variant.*'paper'"):
-        MCNShell(base, optimizer="cw", cw_variant="paper")
+    with pytest.raises(ValueError, match="variant.*'paper'"):
+        CarliniWagnerShell(base, variant="paper")
+    with pytest.raises(ValueError, match="optimizer.*'cw'"):
+        MCNShell(base, optimizer="cw")  # the CW search is CarliniWagnerShell, not Algorithm 1
     with pytest.raises(ValueError, match="steps.*-3"):
         MCNShell(base, steps=-3)
     with pytest.raises(ValueError, match="delta_max.*-2"):

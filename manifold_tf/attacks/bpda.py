@@ -30,24 +30,14 @@ Units: images are float32 NHWC pixels in 0..255; ``epsilon`` and ``step_size`` a
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 import tensorflow as tf
 
-from manifold_tf import projected
-from manifold_tf.shells import log_odds
+from manifold_tf import compiled, projected
+from manifold_tf.shells.base import log_odds
 from manifold_tf.validation import validate_images, validate_labels, validate_radius
 
-__all__ = ["bpda", "tracing_counts"]
-
-# base model -> {(image shape, num_classes): tf.function}. Weak keys: an entry dies with its model.
-_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def tracing_counts(model) -> dict:
-    """``{(image shape, num_classes): number of traces}`` of the BPDA step compiled for ``model``."""
-    return {k: f.experimental_get_tracing_count() for k, f in _CACHE.get(model, {}).items()}
+__all__ = ["bpda"]
 
 
 def _step_function(base, image_shape: tuple[int, ...], num_classes: int):
@@ -57,16 +47,12 @@ def _step_function(base, image_shape: tuple[int, ...], num_classes: int):
     the next iterate ``[M, ...]``, projected onto ``N(x, epsilon)``. The batch axis is ``None``, so
     the function is traced once although the batch shrinks as examples succeed.
     """
-    per_model = _CACHE.setdefault(base, {})
-    key = (tuple(image_shape), int(num_classes))
-    if key not in per_model:
-        # A strong reference inside the cached function would keep the cache's key alive forever.
-        ref = weakref.ref(base)
-        image = tf.TensorSpec((None,) + tuple(image_shape), tf.float32)
-        labels = tf.TensorSpec((None,), tf.int32)
-        scalar = tf.TensorSpec((), tf.float32)
-        z_spec = tf.TensorSpec((None, num_classes) + tuple(image_shape), tf.float32)
+    image = tf.TensorSpec((None,) + tuple(image_shape), tf.float32)
+    labels = tf.TensorSpec((None,), tf.int32)
+    scalar = tf.TensorSpec((), tf.float32)
+    z_spec = tf.TensorSpec((None, num_classes) + tuple(image_shape), tf.float32)
 
+    def build(net):
         def step(x_adv, x, z, t_hat, y, epsilon, step_size):
             m = tf.shape(x_adv)[0]
             points = tf.concat([tf.gather(z, t_hat, batch_dims=1), tf.gather(z, y, batch_dims=1)], 0)
@@ -76,17 +62,19 @@ def _step_function(base, image_shape: tuple[int, ...], num_classes: int):
                 # Identity approximation: the forward pass runs at z_t itself (x2 - x2 is exactly
                 # 0), the backward pass sees z_t = x' + constant, so d z_t / d x' = I.
                 moved = points + (x2 - tf.stop_gradient(x2))
-                logits = tf.cast(ref()(moved, training=False), tf.float32)
+                logits = tf.cast(net(moved, training=False), tf.float32)
                 lo = log_odds(logits, tf.concat([t_hat, y], 0))
                 # L summed over rows: rows are independent, so its gradient is each row's own.
                 total = tf.reduce_sum(lo[:m] - lo[m:])
             grad = tape.gradient(total, x_adv)
             return projected.project(x_adv + step_size * tf.sign(grad), x, epsilon)
 
-        per_model[key] = tf.function(
-            step, input_signature=[image, image, z_spec, labels, labels, scalar, scalar]
-        )
-    return per_model[key]
+        return step
+
+    return compiled.cached(
+        base, ("bpda", tuple(image_shape), int(num_classes)), build,
+        input_signature=[image, image, z_spec, labels, labels, scalar, scalar],
+    )
 
 
 def _check_shell(shell) -> None:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from manifold_tf import adaptive, attacks
-from manifold_tf.adaptive import bpda
+from manifold_tf import attacks, compiled
+from manifold_tf.attacks.bpda import bpda
 from manifold_tf.shells import MCNShell, NCNShell
 
 SHAPE = (8, 8, 3)
@@ -73,7 +73,7 @@ def test_outputs_stay_in_the_ball_and_success_is_the_shells_answer(conv, kind):
     assert not np.array_equal(out["x_adv"], other["x_adv"])
     # Finished rows leave the batch, yet nothing retraces: one trace for every batch size.
     assert shell.embed_function.experimental_get_tracing_count() == 1
-    assert list(adaptive.tracing_counts(base).values()) == [1]
+    assert list(compiled.tracing_counts(base, "bpda").values()) == [1]
 
 
 def test_x_init_is_projected_and_a_start_that_already_fools_the_shell_is_kept(conv):

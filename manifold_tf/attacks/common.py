@@ -1,0 +1,63 @@
+"""What every attack on a base model shares: input checks, margins, goals, seeds.
+
+Units: pixels (0..255) for images and budgets.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import tensorflow as tf
+
+from manifold_tf.validation import check_logits, validate_images, validate_labels, validate_radius
+
+# XLA measured on the narrow ResNet, 2 CPU cores: see bench/bench_attacks.py and the module notes.
+DEFAULT_JIT_COMPILE = False
+_CHECK_ROWS = 8
+# model -> number of classes, once check_logits has accepted its outputs.
+_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def seed_tensor(seed: int) -> tf.Tensor:
+    return tf.constant([int(seed), 0], dtype=tf.int64)
+
+
+def prepare(model, x, y, budget: float, budget_name: str):
+    """Validates inputs; returns ``(x float32 [N, ...], y int32 [N], num_classes, budget)``."""
+    budget = validate_radius(budget, budget_name)
+    x = validate_images(x, image_shape=None)
+    num_classes = _CHECKED.get(model)
+    if num_classes is None:
+        # Logits vs probabilities is a property of the model: check it once, on a few rows (an
+        # eager forward pass costs about as much as a few attack steps).
+        num_classes = int(check_logits(model, x[:_CHECK_ROWS]).shape[-1])
+        if x.shape[0]:
+            _CHECKED[model] = num_classes
+    y = validate_labels(y, num_examples=int(x.shape[0]), num_classes=num_classes)
+    return x, y, num_classes, budget
+
+
+def margin(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """``Z_label - max_{j != label} Z_j`` per example, ``[N]``."""
+    onehot = tf.one_hot(labels, tf.shape(logits)[-1], dtype=logits.dtype)
+    own = tf.reduce_sum(onehot * logits, axis=-1)
+    other = tf.reduce_max(logits - onehot * 1e9, axis=-1)
+    return own - other
+
+
+def goal(logits: tf.Tensor, labels: tf.Tensor, targeted: bool) -> tf.Tensor:
+    pred = tf.argmax(logits, axis=-1, output_type=tf.int32)
+    return tf.equal(pred, labels) if targeted else tf.not_equal(pred, labels)
+
+
+def check_positive_int(value, name: str) -> int:
+    if int(value) != value or int(value) < 1:
+        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    return int(value)
+
+
+
+
+def bcast(mask: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
+    """A per-example ``[N]`` mask reshaped to broadcast against ``x`` ``[N, ...]``."""
+    return tf.reshape(mask, [-1] + [1] * (len(x.shape) - 1))

@@ -1,0 +1,111 @@
+"""L-inf projected gradient descent (Madry et al. 2018), untargeted or targeted, on the shared core."""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from manifold_tf import compiled, projected
+from manifold_tf.attacks.common import (
+    DEFAULT_JIT_COMPILE,
+    check_positive_int,
+    goal,
+    margin,
+    prepare,
+    seed_tensor,
+)
+from manifold_tf.validation import validate_radius
+
+LOSSES = ("xent", "cw")
+
+
+def pgd(
+    model,
+    x,
+    y,
+    *,
+    epsilon: float,
+    steps: int,
+    step_size: float,
+    loss: str = "xent",
+    random_start: bool = True,
+    restarts: int = 1,
+    targeted: bool = False,
+    seed: int = 0,
+    jit_compile: bool = DEFAULT_JIT_COMPILE,
+) -> tf.Tensor:
+    """L-inf PGD: ``restarts`` runs of ``steps`` signed-gradient steps of ``step_size`` pixels.
+
+    Args:
+      model: Keras model, images ``[N, H, W, C]`` (0..255) -> logits ``[N, K]``.
+      x: images ``[N, H, W, C]`` float, pixels 0..255.
+      y: int labels ``[N]``: the true labels (untargeted: move away from them) or the targets.
+      epsilon: L-inf budget in pixels (8 means 8/255 of the range).
+      loss: ``"xent"`` ascends the cross-entropy of ``y`` (targeted: ascends ``log F(x)_y``);
+        ``"cw"`` ascends ``max_{j != y} Z_j - Z_y`` (targeted: ``Z_y - max_{j != y} Z_j``).
+      random_start: start each run at a uniform point of ``N(x, epsilon)`` (else at ``x``).
+      restarts: independent runs; per example the best is kept: a successful point (misclassified,
+        or classified as the target) before an unsuccessful one, then the highest loss.
+      seed: seeds the random starts (deterministic for a given seed).
+      jit_compile: compile the loop with XLA.
+
+    Returns:
+      ``x_adv`` ``[N, H, W, C]`` float32 inside ``N(x, epsilon)`` and [0, 255]. Cost:
+      ``restarts * steps`` forward+backward passes and ``restarts * 2`` (1 if ``restarts == 1``)
+      forward passes of the model.
+    """
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}; got {loss!r}.")
+    steps = int(steps)
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0; got {steps}.")
+    restarts = check_positive_int(restarts, "restarts")
+    step_size = validate_radius(step_size, "step_size")
+    x, y, _, epsilon = prepare(model, x, y, epsilon, "epsilon")
+    if x.shape[0] == 0:
+        return x
+    key = ("pgd", steps, loss, bool(random_start), restarts, bool(targeted))
+
+    def build(net):
+        def objective_fn(labels):
+            def objective(z):
+                logits = net(z, training=False)
+                if loss == "cw":
+                    m = margin(logits, labels)
+                    return m if targeted else -m
+                logp = tf.gather(tf.nn.log_softmax(logits), labels, batch_dims=1)
+                return logp if targeted else -logp
+
+            return objective
+
+        def run(x, labels, eps, step, seed):
+            objective = objective_fn(labels)
+            expand = [-1] + [1] * (len(x.shape) - 1)
+
+            def one_restart(r, best_z, best_f, best_ok):
+                z0 = x
+                if random_start:
+                    seed_r = tf.random.experimental.stateless_fold_in(seed, r)
+                    z0 = projected.random_start(x, eps, seed_r)
+                z, f = projected.projected_ascent(
+                    objective, x, z0, radius=eps, steps=steps, step_size=step
+                )
+                if restarts == 1:  # nothing to choose between: skip the forward pass
+                    return r + 1, z, f, best_ok
+                ok = goal(net(z, training=False), labels, targeted)
+                # A success beats a failure; among equals, the higher loss wins.
+                better = (ok & ~best_ok) | ((ok == best_ok) & (f > best_f))
+                best_z = tf.where(tf.reshape(better, expand), z, best_z)
+                return r + 1, best_z, tf.where(better, f, best_f), best_ok | ok
+
+            n = tf.shape(x)[:1]
+            init = (tf.constant(0), x, tf.fill(n, -np.inf), tf.zeros(n, tf.bool))
+            _, z, _, _ = tf.while_loop(
+                lambda r, *_: r < restarts, one_restart, init, maximum_iterations=restarts
+            )
+            return projected.project(z, x, eps)
+
+        return run
+
+    fn = compiled.cached(model, key, build, jit_compile=jit_compile)
+    return fn(x, y, tf.constant(epsilon, tf.float32), tf.constant(step_size, tf.float32), seed_tensor(seed))

@@ -1,0 +1,181 @@
+"""What every factor shell shares: the wrapped base, the batch layout, the compiled embedding, I/O.
+
+A factor shell wraps a fixed base model ``F`` (images -> logits) and answers ``G(x) = F(H(F, x))``
+(paper, Section 5). The ``N`` images of a call and the ``C`` labels are optimised together as one
+batch of ``N * C`` rows (row ``i * C + t`` is image ``i``, label ``t``) inside one compiled
+``tf.function`` (XLA optional, ``jit_compile``), traced once for all batch sizes. The shell is not
+differentiable in ``x``: its output is a function of an argmax/argmin.
+
+Units: images are float32 NHWC pixels in 0..255; radii, step sizes and distances are pixels.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from manifold_tf.validation import IMAGE_SHAPE, PIXEL_MAX, check_logits, validate_images
+
+# Measured on 2 CPU cores (bench/bench_shells.py, BUILD.md): with XLA the shell (its K steps
+# unrolled) is 1.6-2.2x faster per call at a fixed batch size, but compiles for 30-45 s for every
+# new batch size; an evaluation calls the shell on many batch sizes (x, then the x' that succeeded),
+# so the default is plain TensorFlow. Pass jit_compile=True for long runs at a fixed batch size.
+DEFAULT_JIT_COMPILE = False
+
+
+def _base_signature(base) -> tuple[tuple[int, ...], int]:
+    """The base model's image shape ``(H, W, C)`` and number of classes; checks it returns logits."""
+    shape = None
+    inputs = getattr(base, "inputs", None)
+    if inputs:
+        shape = tuple(inputs[0].shape[1:])
+    if not shape or any(d is None for d in shape):
+        shape = IMAGE_SHAPE
+    if len(shape) != 3:
+        raise ValueError(f"the base model must take images [N, H, W, C]; its input shape is {shape}.")
+    # A fixed probe (not the user's data): enough to tell logits from probabilities.
+    probe = tf.random.stateless_uniform((4,) + tuple(shape), seed=[0, 0], minval=0.0, maxval=PIXEL_MAX)
+    logits = check_logits(base, probe)
+    return tuple(int(d) for d in shape), int(logits.shape[-1])
+
+
+def log_odds(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
+    """``log(F_t / (1 - F_t)) = Z_t - logsumexp_{j != t} Z_j`` per row: logits ``[B, C]``, labels ``[B]``.
+
+    A strictly increasing function of ``F_t``, so it has the same maximiser and ranks candidates as
+    ``F_t`` does; unlike ``F_t`` or ``log F_t`` it does not round to a constant in float32 once the
+    softmax saturates (``F_t`` = 1.0 for margins above ~17), and its gradient does not vanish there.
+    """
+    logits = tf.cast(logits, tf.float32)
+    own = tf.one_hot(labels, tf.shape(logits)[-1], on_value=True, off_value=False)
+    others = tf.where(own, tf.constant(-1e30, tf.float32), logits)  # finite: no inf - inf
+    return tf.gather(logits, labels, batch_dims=1) - tf.reduce_logsumexp(others, axis=-1)
+
+
+class FactorShell(keras.Model):
+    """What MCN and NCN share: the wrapped base, the batch layout, the compiled embedding, I/O.
+
+    Subclasses implement ``_embed_graph(x) -> dict`` (traceable) and ``_shell_config() -> dict``.
+    """
+
+    def __init__(self, base: keras.Model, *, jit_compile: bool = DEFAULT_JIT_COMPILE, **kwargs):
+        super().__init__(**kwargs)
+        if not callable(base):
+            raise ValueError(f"base must be a Keras model (images -> logits); got {type(base).__name__}.")
+        self.image_shape, self.num_classes = _base_signature(base)
+        self.base = base
+        self.jit_compile = bool(jit_compile)
+        self._embed_function = None
+        self.built = True  # no weights of its own: the base's are already built.
+
+    # -- the compiled embedding ------------------------------------------------------------------
+
+    @property
+    def embed_function(self):
+        """The cached ``tf.function`` ``x [N, H, W, C] -> diagnostics dict`` (see :meth:`embed`).
+
+        Built on first use, with a ``None`` batch axis, so it is traced once for all batch sizes
+        (XLA still compiles once per concrete batch size).
+        """
+        if self._embed_function is None:
+            spec = tf.TensorSpec((None,) + self.image_shape, tf.float32, name="x")
+            self._embed_function = tf.function(
+                self._embed_graph, input_signature=[spec], jit_compile=self.jit_compile
+            )
+        return self._embed_function
+
+    def embed(self, x) -> dict:
+        """Runs the search factor on ``x`` and returns its diagnostics (a dict of tensors).
+
+        Args:
+          x: images ``[N, H, W, C]``, float, pixels 0..255.
+
+        Returns:
+          ``z`` ``[N, C, H, W, 3]`` (the point found for each label), ``label`` int32 ``[N]`` (the
+          chosen ``t*``), ``probabilities`` ``[N, C]`` (``F(z_t*)``, the shell's output), and the
+          per-label scores of the subclass (see its docstring).
+        """
+        x = validate_images(x, image_shape=self.image_shape)
+        return self.embed_function(x)
+
+    def call(self, x, training=None):
+        """``x [N, H, W, C]`` pixels -> probabilities ``[N, num_classes]`` (``training`` is ignored)."""
+        del training  # the base always runs in inference mode inside a shell
+        x = validate_images(x, image_shape=self.image_shape)
+        return self.embed_function(x)["probabilities"]
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_classes)
+
+    def build(self, input_shape=None):
+        self.built = True
+
+    # -- shared pieces of the graph --------------------------------------------------------------
+
+    def _logits(self, z: tf.Tensor) -> tf.Tensor:
+        return tf.cast(self.base(z, training=False), tf.float32)
+
+    def _tile(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """``[N, ...]`` -> (``[N * C, ...]`` with row ``i * C + t`` = image ``i``, labels ``[N * C]``)."""
+        n = tf.shape(x)[0]
+        return tf.repeat(x, self.num_classes, axis=0), tf.tile(tf.range(self.num_classes), [n])
+
+    def _per_label(self, v: tf.Tensor) -> tf.Tensor:
+        """``[N * C, ...]`` -> ``[N, C, ...]``."""
+        return tf.reshape(v, tf.concat([[-1, self.num_classes], tf.shape(v)[1:]], axis=0))
+
+    def _output(self, z: tf.Tensor, label: tf.Tensor) -> tf.Tensor:
+        """``F(z_t*)`` ``[N, C]`` from ``z`` ``[N, C, ...]``: one forward pass on the ``N`` chosen points."""
+        chosen = tf.gather(z, label, batch_dims=1)
+        return tf.nn.softmax(self._logits(chosen))
+
+    # -- Keras plumbing --------------------------------------------------------------------------
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """As Keras', except that ``compile(metrics=[...])`` without a loss evaluates metrics only.
+
+        A shell is evaluated, never trained, so a loss is optional: without one the reported loss
+        is 0.
+        """
+        if self._compile_loss is None and not self.losses:
+            return tf.constant(0.0)
+        return super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
+                                    training=training)
+
+    def train_step(self, data):
+        raise NotImplementedError(
+            f"{type(self).__name__} wraps a fixed base model and is not trained (it is not "
+            f"differentiable in its input): train the base model, then wrap it."
+        )
+
+    def get_config(self) -> dict:
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "base": keras.saving.serialize_keras_object(self.base),
+            "jit_compile": self.jit_compile,
+            **self._shell_config(),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        base = keras.saving.deserialize_keras_object(config.pop("base"))
+        return cls(base, **config)
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+        """Writes a SavedModel with endpoints ``serve`` (probabilities) and ``embed`` (diagnostics).
+
+        Both take ``x`` float32 ``[None, H, W, C]`` (pixels). The SavedModel needs neither Keras
+        nor ``manifold_tf`` to run: ``tf.saved_model.load(path).serve(x)``. Other formats are
+        delegated to :meth:`keras.Model.export`.
+        """
+        if format != "tf_saved_model":
+            return super().export(filepath, format=format, verbose=verbose,
+                                  input_signature=input_signature, **kwargs)
+        spec = tf.TensorSpec((None,) + self.image_shape, tf.float32, name="x")
+        archive = keras.export.ExportArchive()
+        archive.track(self)
+        archive.add_endpoint("serve", lambda x: self.embed_function(x)["probabilities"], [spec])
+        archive.add_endpoint("embed", lambda x: self.embed_function(x), [spec])
+        archive.write_out(filepath, verbose=bool(verbose))

@@ -1,0 +1,154 @@
+"""NCN_p (paper, Algorithm 2): for every label, the nearest point where the base is p-confident."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from manifold_tf.projected import adam_step
+from manifold_tf.shells.base import DEFAULT_JIT_COMPILE, FactorShell, log_odds
+from manifold_tf.validation import PIXEL_MAX, check_int, check_positive, validate_radius
+
+
+@keras.saving.register_keras_serializable(package="manifold_tf")
+class NCNShell(FactorShell):
+    """NCN_p (Algorithm 2): for every label, the nearest point where ``F`` is ``p``-confident in it.
+
+    Problem per label ``t``: ``min ||z - x||_inf`` subject to ``F(z)_t >= p``, searched within the
+    box ``N(x, delta_max)``. Solved by the quadratic penalty method: minimise
+    ``Q = r + alpha * max(logit(p) - o_t(z), 0)^2`` for ``alpha = alpha0 * alpha_factor^k``,
+    ``k = 0 .. rounds - 1``, ``steps`` Adam steps per round, warm-started. Two choices, both for the
+    optimiser's sake (the feasible set and the objective are unchanged):
+      * the L-inf norm is written in epigraph form, ``z = clip(x + r * tanh(w), 0, 255)`` with
+        ``r = delta_max * s``, ``s in [0, 1]``, so ``||z - x||_inf <= r`` and the distance has a
+        dense gradient (the gradient of ``max_i |z_i - x_i|`` touches one pixel);
+      * the constraint is ``o_t(z) >= logit(p)`` with ``o_t`` the log-odds of :func:`log_odds`
+        (the same set as ``F(z)_t >= p``), whose violation keeps a gradient where the softmax
+        saturates.
+    Every iterate is checked; per label the nearest feasible iterate (distance measured as
+    ``||z - x||_inf``) is kept, and ``x`` itself when ``F(x)_t >= p``. ``t*`` is the label with the
+    smallest distance among those meeting ``p`` (ties: the smaller label). When no label meets
+    ``p``, the shell falls back to the most confident ``z_t`` seen (largest ``F(z_t)_t``) and
+    flags the point in ``unmet``.
+
+    Args:
+      base: Keras model, images -> logits.
+      p: the confidence threshold, in (0, 1).
+      delta_max: radius of the search box in pixels.
+      steps: Adam steps per penalty round; rounds: number of ``alpha`` values.
+      alpha: the first penalty weight (pixels per squared unit of log-odds); alpha_factor: its
+        growth per round.
+      learning_rate: Adam's, for ``s`` (fraction of ``delta_max``) and ``w`` (tanh space).
+      jit_compile: compile the embedding with XLA (once per batch size; see DEFAULT_JIT_COMPILE).
+
+    ``embed(x)`` returns ``z`` ``[N, C, H, W, 3]``, ``label`` ``[N]``, ``distances`` ``[N, C]``
+    (pixels, L-inf), ``met`` bool ``[N, C]`` (``F(z_t)_t >= p``), ``confidences`` ``[N, C]``
+    (``F(z_t)_t``) and ``log_odds`` (the same, as log-odds), ``unmet`` bool ``[N]`` (no label met
+    ``p``: the fallback was used) and ``probabilities``. Cost: ``C * steps * rounds``
+    forward+backward passes per image and ``2 C + 1`` forward passes.
+    """
+
+    def __init__(
+        self,
+        base: keras.Model,
+        p: float = 0.9,
+        *,
+        delta_max: float = 16.0,
+        steps: int = 10,
+        rounds: int = 3,
+        alpha: float = 1.0,
+        alpha_factor: float = 10.0,
+        learning_rate: float = 0.05,
+        jit_compile: bool = DEFAULT_JIT_COMPILE,
+        **kwargs,
+    ):
+        p = float(p)
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"p must lie in (0, 1) (a confidence); got {p}.")
+        self.p = p
+        self.delta_max = validate_radius(delta_max, "delta_max")
+        self.steps = check_int(steps, "steps", 0)
+        self.rounds = check_int(rounds, "rounds", 1)
+        self.alpha = check_positive(alpha, "alpha")
+        self.alpha_factor = check_positive(alpha_factor, "alpha_factor")
+        self.learning_rate = check_positive(learning_rate, "learning_rate")
+        super().__init__(base, jit_compile=jit_compile, **kwargs)
+
+    def _shell_config(self) -> dict:
+        return dict(p=self.p, delta_max=self.delta_max, steps=self.steps, rounds=self.rounds,
+                    alpha=self.alpha, alpha_factor=self.alpha_factor,
+                    learning_rate=self.learning_rate)
+
+    def settings(self) -> dict:
+        return dict(shell="ncn", **self._shell_config(), jit_compile=self.jit_compile)
+
+    def _embed_graph(self, x: tf.Tensor) -> dict:
+        xt, labels = self._tile(x)
+        rows = tf.shape(xt)[0]
+        axes = list(range(1, len(xt.shape)))
+        expand = [-1] + [1] * len(axes)
+        logit_p = float(np.log(self.p) - np.log1p(-self.p))  # F_t >= p  <=>  log-odds >= logit(p)
+
+        def point(s, w):
+            return tf.clip_by_value(xt + tf.reshape(self.delta_max * s, expand) * tf.tanh(w),
+                                    0.0, PIXEL_MAX)
+
+        def target_odds(z):
+            return log_odds(self._logits(z), labels)
+
+        def keep(z, odds, best):
+            """Nearest feasible point so far (and its log-odds), and most confident point so far."""
+            bz, bd, bf, cz, cf = best
+            d = tf.reduce_max(tf.abs(z - xt), axis=axes)
+            nearer = (odds >= logit_p) & (d < bd)
+            bz = tf.where(tf.reshape(nearer, expand), z, bz)
+            bd = tf.where(nearer, d, bd)
+            bf = tf.where(nearer, odds, bf)
+            surer = odds > cf
+            cz = tf.where(tf.reshape(surer, expand), z, cz)
+            return bz, bd, bf, cz, tf.where(surer, odds, cf)
+
+        def body(i, s, w, ms, vs, mw, vw, best):
+            alpha = self.alpha * tf.pow(self.alpha_factor, tf.cast(i // max(self.steps, 1), tf.float32))
+            with tf.GradientTape() as tape:
+                tape.watch([s, w])
+                z = point(s, w)
+                odds = target_odds(z)
+                q = self.delta_max * s + alpha * tf.square(tf.nn.relu(logit_p - odds))
+                total_q = tf.reduce_sum(q)  # rows are independent: the sum's gradient is per row
+            gs, gw = tape.gradient(total_q, [s, w])
+            best = keep(z, odds, best)
+            ds, ms, vs = adam_step(gs, ms, vs, i + 1, self.learning_rate)
+            dw, mw, vw = adam_step(gw, mw, vw, i + 1, self.learning_rate)
+            s = tf.clip_by_value(s - ds, 0.0, 1.0)
+            w = w - dw
+            return i + 1, s, w, ms, vs, mw, vw, best
+
+        odds0 = target_odds(xt)
+        inf = tf.fill([rows], np.float32(np.inf))
+        best = keep(xt, odds0, (xt, inf, -inf, xt, -inf))
+        # Start at x (w = 0) with the whole box available (s = 1): dz/dw = r is then non-zero.
+        s0 = tf.ones([rows])
+        w0 = tf.zeros_like(xt)
+        total = self.steps * self.rounds
+        state = (tf.constant(0), s0, w0, tf.zeros_like(s0), tf.zeros_like(s0), w0, w0, best)
+        _, s, w, *_, best = tf.while_loop(
+            lambda i, *_: i < total, body, state, maximum_iterations=total
+        )
+        z_last = point(s, w)
+        bz, bd, bf, cz, cf = keep(z_last, target_odds(z_last), best)
+
+        found = tf.math.is_finite(bd)
+        z_rows = tf.where(tf.reshape(found, expand), bz, cz)
+        distances = self._per_label(tf.reduce_max(tf.abs(z_rows - xt), axis=axes))
+        met = self._per_label(found)
+        z = self._per_label(z_rows)
+        any_met = tf.reduce_any(met, axis=1)
+        nearest = tf.argmin(tf.where(met, distances, np.float32(np.inf)), axis=1, output_type=tf.int32)
+        surest = tf.argmax(self._per_label(cf), axis=1, output_type=tf.int32)
+        label = tf.where(any_met, nearest, surest)
+        odds = self._per_label(tf.where(found, bf, cf))
+        return dict(z=z, label=label, distances=distances, met=met,
+                    confidences=tf.sigmoid(odds), log_odds=odds, unmet=~any_met,
+                    probabilities=self._output(z, label))
