@@ -1,31 +1,31 @@
 """The separation test of the goodness property (paper, Section 4, Table 1 and Appendix A).
 
 ``(p, q, delta)``-separation: ``Pr_{(x,y)~D}[exists y' != y, x' in N(x, delta): F(x')_{y'} >= p] <= q``.
-The test draws ``num_batches`` batches of ``batch_points`` random test points (paper: 10 x 30) by a
+The test draws ``batches`` batches of ``batch_points`` random test points (paper: 10 x 30) by a
 seeded permutation, and for every point finds the largest wrong-label confidence reachable in
 ``N(x, delta)`` with :func:`attacks.high_confidence`. From those confidences one run gives:
 
 - the count of points with confidence ``>= p`` per batch and in total (Table 1's form);
 - the whole curve ``s_p`` (fraction of points with confidence ``>= p``) for ``p`` in [0.5, 1);
 - Appendix A's Chebyshev bound: ``Pr[|mu_hat - mu| >= e] <= 1 / (4 e^2 t)``, so with probability at
-  least ``alpha`` the bad-event rate ``q`` is ``<= mu_hat + e`` for ``e = sqrt(1 / (4 (1 - alpha) t))``
+  least ``alpha`` the rate is ``<= mu_hat + e`` for ``e = sqrt(1 / (4 (1 - alpha) t))``
   (0.0913 for ``t = 300, alpha = 0.9``; the paper rounds to 0.1, valid for ``t >= 250``);
-- an exact Clopper-Pearson interval for ``q`` (two-sided, 95% by default).
+- an exact Clopper-Pearson interval (two-sided, 95% by default).
 
 Every point counts, including those the model already misclassifies at ``x`` (the paper's event is
 about any wrong label ``y' != y``, with ``y`` the true label). The attack is a lower bound on the
-true maximum, so every count and interval bounds the model's separation from below.
+true maximum, so every count, and both bounds, are about the attack's success rate: they bound
+``q`` from below, not from above.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import numpy as np
 
 from manifold_tf import reporting
+from manifold_tf.evaluation.stats import chebyshev_epsilon, clopper_pearson
 from manifold_tf.validation import validate_radius
 
 PAPER_TABLE1 = {"robust": 26, "natural": 277, "points": 300, "p": 0.9, "delta": 8.0}
@@ -59,25 +59,6 @@ def counts_at(confidence: np.ndarray, ps) -> np.ndarray:
     c = np.asarray(confidence, dtype=np.float64).reshape(-1)
     ps = np.atleast_1d(np.asarray(ps, dtype=np.float64))
     return (c[None, :] >= ps[:, None]).sum(axis=1)
-
-
-def chebyshev_epsilon(t: int, alpha: float = 0.9) -> float:
-    """The ``e`` with ``1 / (4 e^2 t) = 1 - alpha``: ``|mu_hat - mu| < e`` with probability ``>= alpha``."""
-    if t < 1 or not 0.0 < alpha < 1.0:
-        raise ValueError(f"need t >= 1 and 0 < alpha < 1; got t={t}, alpha={alpha}.")
-    return float(np.sqrt(1.0 / (4.0 * (1.0 - alpha) * t)))
-
-
-def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Exact two-sided binomial (Clopper-Pearson) interval for ``k`` successes in ``n`` trials."""
-    from scipy.stats import beta
-
-    if n < 1 or not 0 <= k <= n or not 0.0 < level < 1.0:
-        raise ValueError(f"need n >= 1, 0 <= k <= n and 0 < level < 1; got k={k}, n={n}, level={level}.")
-    a = (1.0 - level) / 2.0
-    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
-    hi = 1.0 if k == n else float(beta.ppf(1.0 - a, k + 1, n - k))
-    return lo, hi
 
 
 def summarize(
@@ -118,21 +99,10 @@ def summarize(
     )
 
 
-def run_separation(
-    model,
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    delta: float,
-    num_batches: int = 10,
-    batch_points: int = 30,
-    seed: int = 0,
-    attack: dict | None = None,
-    batch_dir: str | None = None,
-    desc: str = "separation",
-    p: float = 0.9,
-    model_name: str | None = None,
-) -> dict:
+def run_separation(model, images: np.ndarray, labels: np.ndarray, *, delta: float,
+                   num_batches: int = 10, batch_points: int = 30, seed: int = 0,
+                   attack: dict | None = None, store=None, protocol: str = "separation",
+                   desc: str = "separation", p: float = 0.9, model_name: str | None = None) -> dict:
     """Runs the high-confidence attack on ``num_batches`` seeded random batches.
 
     Args:
@@ -142,8 +112,8 @@ def run_separation(
       attack: keyword arguments of :func:`attacks.high_confidence` (``steps``, ``step_size``,
         ``optimizer``, ``random_start``, ``jit_compile``); defaults: 20 sign steps of
         ``delta / 8`` pixels (2.5 * delta / steps, Madry's rule), no random start.
-      batch_dir: if given, each batch is saved there as ``batch_XXX.json`` when it finishes, and a
-        batch already saved with the same settings is loaded instead of recomputed (resume).
+      store: a :class:`~manifold_tf.evaluation.store.RunStore`: each batch is saved as it finishes
+        under ``protocol``, and a resumed run loads the finished ones (same settings, checked).
       p: the threshold shown in the progress lines (the statistics come from :func:`summarize`).
       model_name: recorded in the settings, so that a resumed run never mixes two models.
 
@@ -164,18 +134,10 @@ def run_separation(
                     seed=int(seed), attack={k: v for k, v in attack.items() if k != "jit_compile"},
                     num_test_points=int(len(images)), model=model_name)
     batches: list[dict | None] = [None] * num_batches
-    if batch_dir is not None:
-        os.makedirs(batch_dir, exist_ok=True)
+    if store is not None:
+        settings = store.bind(protocol, settings)
         for b in range(num_batches):
-            path = os.path.join(batch_dir, f"batch_{b:03d}.json")
-            if os.path.exists(path):
-                saved = reporting.read_json(path)
-                if saved.get("settings") != json.loads(json.dumps(settings)):
-                    raise ValueError(
-                        f"{path} was computed with other settings ({saved.get('settings')}); "
-                        f"now {settings}. Use another output directory or --overwrite."
-                    )
-                batches[b] = saved
+            batches[b] = store.load(protocol, b)
     done = sum(r is not None for r in batches)
     progress = reporting.Progress(num_batches * batch_points, desc, unit="points",
                                   initial=done * batch_points)
@@ -188,12 +150,12 @@ def run_separation(
         _, conf, wrong = attacks.high_confidence(model, x, y, delta=delta, seed=seed + b, **attack)
         pred = np.argmax(model(x, training=False).numpy(), axis=-1)
         result = dict(
-            settings=settings, batch=b, indices=idx.tolist(), labels=y.tolist(),
+            batch=b, indices=idx.tolist(), labels=y.tolist(),
             confidence=np.asarray(conf, np.float64).tolist(), wrong_label=np.asarray(wrong).tolist(),
             clean_correct=(pred == y).tolist(), seconds=time.perf_counter() - start,
         )
-        if batch_dir is not None:
-            reporting.write_json(os.path.join(batch_dir, f"batch_{b:03d}.json"), result)
+        if store is not None:
+            store.save(protocol, b, result)
         batches[b] = result
         count = int(counts_at(result["confidence"], p)[0])
         progress.update(batch_points, extra=f"batch {b + 1}: {count}/{batch_points} at p={p:g}")
@@ -206,3 +168,63 @@ def run_separation(
         confidence=np.array([r["confidence"] for r in batches], dtype=np.float64),
         seconds=[r["seconds"] for r in batches],
     )
+
+
+def separation_report(runs: dict, *, p: float, dataset: str, data_dir: str | None) -> dict:
+    """The report of one or more models' runs: ``{name: (checkpoint, run)}`` -> the JSON dict."""
+    report = dict(dataset=dataset, data_dir=data_dir, models={}, paper_table1=PAPER_TABLE1)
+    for name, (checkpoint, run) in runs.items():
+        summary = summarize(run["confidence"], p=p)
+        report["settings"] = run["settings"]
+        report["models"][name] = dict(
+            checkpoint=checkpoint, summary=summary, seconds=float(sum(run["seconds"])),
+            clean_accuracy=float(sum(map(sum, run["clean_correct"]))) / summary["points"],
+            confidence=run["confidence"], wrong_label=run["wrong_label"], indices=run["indices"])
+    s0 = next(iter(report["models"].values()))["summary"]
+    cheb = s0["chebyshev"]
+    report["bound_note"] = (
+        f"Chebyshev (paper, Appendix A): Pr[|mu_hat - mu| >= e] <= 1/(4 e^2 t); with t = "
+        f"{s0['points']} and alpha = {cheb['alpha']:g}, e = sqrt(1/(4 (1 - alpha) t)) = "
+        f"{cheb['epsilon']:.4f}, so q <= mu_hat + e (and q >= mu_hat - e) each with probability "
+        f">= {cheb['alpha']:g}. "
+        f"Clopper-Pearson: exact two-sided {s0['clopper_pearson']['level']:.0%} binomial interval.")
+    return report
+
+
+def separation_markdown(report: dict) -> str:
+    """Table 1 per batch, the statistics per model, the bound note and the paper's figures."""
+    models = report["models"]
+    names = list(models)
+    s = report["settings"]
+    p = next(iter(models.values()))["summary"]["p"]
+    cheb = next(iter(models.values()))["summary"]["chebyshev"]
+    batch_rows = [[f"Batch #{b + 1}"] + [r["summary"]["per_batch"][b] for r in models.values()]
+                  for b in range(s["num_batches"])]
+    batch_rows.append(["Total"] + [f"{r['summary']['total']}/{r['summary']['points']}"
+                                   for r in models.values()])
+    stats_rows = [[n, f"{r['summary']['total']}/{r['summary']['points']}",
+                   r["summary"]["fraction"], r["summary"]["chebyshev"]["q_lower"],
+                   r["summary"]["chebyshev"]["q_upper"],
+                   "[{:.4f}, {:.4f}]".format(*r["summary"]["clopper_pearson"]["interval"]),
+                   r["clean_accuracy"], f"{r['seconds']:.0f}"]
+                  for n, r in models.items()]
+    return (f"# Separation test: delta = {s['delta']:g} px, p = {p:g}\n\n"
+            f"Attack: {s['attack']}; seed {s['seed']}; dataset {report['dataset']}.\n\n"
+            + reporting.markdown_table(["", *names], batch_rows) + "\n"
+            + reporting.markdown_table(
+                ["model", f"count at p={p:g}", "fraction", "q >= (Chebyshev)",
+                 f"q <= (Chebyshev, alpha={cheb['alpha']:g})",
+                 "Clopper-Pearson 95%", "clean accuracy (points)", "seconds"], stats_rows)
+            + f"\n{report['bound_note']}\n\nPaper's Table 1 (wide models, delta 8, p 0.9): robust "
+            f"26/300, natural 277/300.\n")
+
+
+def plot_separation(report: dict, path: str) -> None:
+    s = report["settings"]
+    first = next(iter(report["models"].values()))["summary"]
+    p = first["p"]
+    reporting.plot_separation_curve(
+        {n: r["summary"]["curve"] for n, r in report["models"].items()}, path, p=p,
+        reference=({"paper robust (wide)": 26 / 300, "paper natural (wide)": 277 / 300}
+                   if (s["delta"], p) == (8.0, 0.9) else None),
+        title=f"s_p at delta={s['delta']:g} px, {first['points']} points (95% Clopper-Pearson bands)")

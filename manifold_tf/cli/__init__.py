@@ -1,0 +1,1 @@
+"""Command-line entry points: ``manifold-tf-evaluate`` and ``manifold-tf-train`` (and the top-level scripts)."""

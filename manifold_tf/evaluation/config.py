@@ -1,0 +1,253 @@
+"""Typed settings of every evaluation, with the paper's protocol as a named preset.
+
+One dataclass per thing a user configures: the data and model (:class:`InputConfig`), where the run
+lives (:class:`RunConfig`), and one per protocol (:class:`AccuracyConfig`, :class:`SeparationConfig`,
+:class:`DefenceConfig` with its :class:`BaseAttackConfig` and :class:`ShellConfig`,
+:class:`AdaptiveConfig`). The command-line flags are generated from these fields
+(:mod:`manifold_tf.cli.flags`), so a setting is declared once, with its help text, here.
+
+Units: pixels (0..255) for every radius, budget and step size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from manifold_tf.validation import check_choice, check_int, check_positive, validate_radius
+
+
+def setting(default, help: str, **kwargs):  # noqa: A002  (the name absl uses)
+    """A dataclass field carrying its command-line help text."""
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """What is evaluated: the model and the data."""
+
+    checkpoint: str | None = setting(
+        None, "TF1 checkpoint (prefix or dir), .keras or .weights.h5 (default: a shipped model).")
+    width: str | None = setting(None, "Model width, narrow or wide (default: detected).",
+                                choices=("narrow", "wide"))
+    dataset: str = setting("auto", "Data: cifar10, synthetic, or auto (cifar10 when a CIFAR-10 "
+                                   "folder is known, else synthetic).",
+                           choices=("auto", "cifar10", "synthetic"))
+    data_dir: str | None = setting(None, "cifar-10-batches-py folder (default: $MANIFOLD_TF_CIFAR10_DIR).")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where a run's files go and how an existing run directory is treated."""
+
+    output_dir: str | None = setting(None, "Where reports go (default: results/<mode>).")
+    seed: int = setting(0, "Seed for point selection and attacks.")
+    resume: bool = setting(False, "Continue the run in --output_dir, skipping finished batches.")
+    overwrite: bool = setting(False, "Replace the run in a non-empty --output_dir.")
+
+
+@dataclass(frozen=True)
+class AccuracyConfig:
+    """Clean accuracy and PGD accuracy of a base model."""
+
+    epsilon: float = setting(8.0, "Attack budget (L-inf), pixels.")
+    pgd_steps: int = setting(20, "PGD steps.")
+    pgd_step_size: float = setting(2.0, "PGD step size, pixels.")
+    pgd_restarts: int = setting(1, "PGD random restarts.")
+    batch_size: int = setting(128, "Images per attack batch.")
+    num_examples: int | None = setting(None, "Evaluate only the first N test images.")
+
+    def __post_init__(self):
+        validate_radius(self.epsilon, "epsilon")
+        validate_radius(self.pgd_step_size, "pgd_step_size")
+        check_int(self.pgd_steps, "pgd_steps", 0)
+        check_int(self.pgd_restarts, "pgd_restarts", 1)
+        check_int(self.batch_size, "batch_size", 1)
+        if self.num_examples is not None:
+            check_int(self.num_examples, "num_examples", 1)
+
+
+@dataclass(frozen=True)
+class SeparationConfig:
+    """The (p, q, delta)-separation test (Table 1): the high-confidence search on random points."""
+
+    delta: float = setting(8.0, "Radius of the neighbourhood N(x, delta), pixels.")
+    p: float = setting(0.9, "Confidence level p.")
+    batches: int = setting(10, "Batches of random test points (paper: 10).")
+    batch_points: int = setting(30, "Points per batch (paper: 30).")
+    steps: int = setting(20, "Ascent steps per wrong label.")
+    step_size: float | None = setting(None, "Ascent step, pixels (default 2.5 * delta / steps).")
+    optimizer: str = setting("sign", "Ascent optimiser.", choices=("sign", "adam"))
+    random_start: bool = setting(False, "Start the ascent at a random point of the ball.")
+    compare_checkpoint: str | None = setting(None, "A second model, run on the same points.")
+
+    def __post_init__(self):
+        validate_radius(self.delta, "delta")
+        if not 0.0 < self.p < 1.0:
+            raise ValueError(f"p must lie in (0, 1); got {self.p}.")
+        check_int(self.batches, "batches", 1)
+        check_int(self.batch_points, "batch_points", 1)
+        check_int(self.steps, "steps", 0)
+        check_choice(self.optimizer, "optimizer", ("sign", "adam"))
+
+    def attack(self) -> dict:
+        """Keyword arguments of :func:`manifold_tf.attacks.high_confidence`."""
+        steps = int(self.steps)
+        step = self.step_size if self.step_size is not None else 2.5 * self.delta / max(steps, 1)
+        return dict(steps=steps, step_size=float(step), optimizer=self.optimizer,
+                    random_start=bool(self.random_start))
+
+
+@dataclass(frozen=True)
+class BaseAttackConfig:
+    """The transfer attack of Table 2: Carlini-Wagner L-inf on the base model."""
+
+    max_iterations: int = setting(100, "Adam steps per constant (paper: 1000).")
+    learning_rate: float = setting(5e-3, "Adam learning rate (paper: 5e-3).")
+    initial_const: float = setting(1e-5, "First constant (paper: 1e-5).")
+    largest_const: float = setting(20.0, "Largest constant (paper: 20).")
+    stop_within_epsilon: bool = setting(
+        True, "Stop a point once it has a success within epsilon (same success set; the paper's "
+              "code shrinks tau further).")
+    from_run: str | None = setting(
+        None, "Reuse the x' of an earlier run's output dir (same model, data, points and attack; "
+              "checked) to compare shells cheaply.")
+
+    def __post_init__(self):
+        check_int(self.max_iterations, "max_iterations", 1)
+        check_positive(self.learning_rate, "learning_rate")
+
+    def cw_kwargs(self) -> dict:
+        """Keyword arguments of :func:`manifold_tf.attacks.cw_linf_details`."""
+        return dict(max_iterations=int(self.max_iterations), stop_within_epsilon=bool(self.stop_within_epsilon),
+                    learning_rate=float(self.learning_rate), initial_const=float(self.initial_const),
+                    largest_const=float(self.largest_const))
+
+
+@dataclass(frozen=True)
+class ShellConfig:
+    """The model shell around the base: MCN_delta, NCN_p or the paper's CarliniWagnerShell."""
+
+    kind: str = setting("mcn", "Shell: mcn (Algorithm 1), ncn (Algorithm 2) or cw (the paper's code).",
+                        choices=("mcn", "ncn", "cw"), flag="shell")
+    delta: float = setting(8.0, "MCN radius delta (and the cw shell's all_labels tau), pixels.")
+    p: float = setting(0.9, "NCN confidence level p.")
+    optimizer: str = setting("pgd", "MCN optimiser.", choices=("pgd", "adam"))
+    steps: int = setting(10, "Optimiser steps K per label (MCN; NCN per penalty round).")
+    step_size: float | None = setting(None, "MCN step / Adam rate, pixels (default 2.5 * delta / K).")
+    random_start: bool = setting(False, "MCN ascent from a random point of the ball.")
+    ncn_delta_max: float = setting(16.0, "NCN search box radius, pixels.")
+    ncn_rounds: int = setting(3, "NCN penalty rounds (alpha values).")
+    ncn_alpha: float = setting(1.0, "NCN first penalty weight.")
+    ncn_alpha_factor: float = setting(10.0, "NCN penalty growth per round.")
+    ncn_learning_rate: float = setting(0.05, "NCN Adam learning rate.")
+    cw_variant: str = setting("paper_code", "cw shell: the authors' code, or every label at tau = delta.",
+                              choices=("paper_code", "all_labels"))
+    cw_const: float = setting(0.1, "cw shell constant (all_labels).")
+    cw_max_iterations: int = setting(100, "cw shell Adam steps per constant (paper: 1000).")
+    batch_size: int = setting(30, "Images per shell call (global, all devices).")
+    jit_compile: bool | None = setting(None, "Compile the shell with XLA (default: the shell's).")
+
+    def build(self, base, *, seed: int = 0):
+        """The shell around ``base`` (call inside the strategy scope the evaluation uses)."""
+        from manifold_tf import shells
+
+        common = {} if self.jit_compile is None else dict(jit_compile=bool(self.jit_compile))
+        if self.kind == "ncn":
+            return shells.NCNShell(
+                base, self.p, delta_max=self.ncn_delta_max, steps=self.steps, rounds=self.ncn_rounds,
+                alpha=self.ncn_alpha, alpha_factor=self.ncn_alpha_factor,
+                learning_rate=self.ncn_learning_rate, **common)
+        if self.kind == "cw":
+            return shells.CarliniWagnerShell(
+                base, variant=self.cw_variant, delta=self.delta, const=self.cw_const,
+                max_iterations=self.cw_max_iterations, **common)
+        check_choice(self.kind, "shell", ("mcn", "ncn", "cw"))
+        return shells.MCNShell(
+            base, self.delta, optimizer=self.optimizer, steps=self.steps, step_size=self.step_size,
+            random_start=self.random_start, seed=seed, **common)
+
+
+@dataclass(frozen=True)
+class DefenceConfig:
+    """Table 2: CW on the base model, the shell applied to x and x' (paper, Section 6)."""
+
+    epsilon: float = setting(8.0, "Attack budget (L-inf), pixels.")
+    batches: int = setting(5, "Batches of base-correct test points (paper: 5).")
+    batch_points: int = setting(30, "Points per batch (paper: 30).")
+    permutation: str = setting("numpy", "Order of test points (paper: Python random.sample, seed 123, "
+                                        "reversed).", choices=("numpy", "paper"))
+    strategy: str = setting("default", "Spread shell batches over devices (MirroredStrategy).",
+                            choices=("default", "mirrored"))
+    shell: ShellConfig = field(default_factory=ShellConfig)
+    attack: BaseAttackConfig = field(default_factory=BaseAttackConfig)
+
+    def __post_init__(self):
+        validate_radius(self.epsilon, "epsilon")
+        check_int(self.batches, "batches", 1)
+        check_int(self.batch_points, "batch_points", 1)
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    """Attacks on the shell itself, after Table 2, on the points it still gets right."""
+
+    attack: str = setting("none", "Attack the shell itself after Table 2 (BPDA from the CW x').",
+                          choices=("none", "bpda"), flag="adaptive")
+    steps: int = setting(20, "BPDA steps (each one shell prediction).")
+    step_size: float | None = setting(None, "BPDA step, pixels (default 2.5 * epsilon / steps).")
+
+    def __post_init__(self):
+        check_int(self.steps, "steps", 0)
+
+
+# The paper's protocol: Table 1 as printed (10 x 30 points, delta 8, p 0.9) and Table 2 with the
+# original Carlini-Wagner settings (1000 Adam steps per constant, no early stop) and the authors'
+# CarliniWagnerShell, on their point order. Hours on a CPU: the defaults are a cheaper version.
+PRESETS = {
+    "default": dict(),
+    "paper": dict(
+        separation=SeparationConfig(batches=10, batch_points=30, delta=8.0, p=0.9),
+        defence=DefenceConfig(
+            batches=5, batch_points=30, permutation="paper",
+            attack=BaseAttackConfig(max_iterations=1000, stop_within_epsilon=False),
+            shell=ShellConfig(kind="cw", cw_variant="paper_code", cw_max_iterations=1000)),
+    ),
+}
+
+
+def replace(config, **changes):
+    """``dataclasses.replace`` that also accepts nested dataclasses' fields as ``"shell.steps"``."""
+    nested: dict[str, dict] = {}
+    flat = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            flat[key] = value
+    for head, sub in nested.items():
+        flat[head] = replace(getattr(config, head), **sub)
+    return dataclasses.replace(config, **flat)
+
+
+MODES = ("accuracy", "separation", "defence")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Everything one ``evaluate.py`` run needs: the mode and every protocol's settings."""
+
+    mode: str = "accuracy"
+    inputs: InputConfig = field(default_factory=InputConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
+    separation: SeparationConfig = field(default_factory=SeparationConfig)
+    defence: DefenceConfig = field(default_factory=DefenceConfig)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+
+    def __post_init__(self):
+        check_choice(self.mode, "mode", MODES)
+        if self.mode != "defence" and (self.adaptive.attack != "none" or self.defence.attack.from_run):
+            raise ValueError("the adaptive attack and --base_attack_from_run belong to the defence "
+                             "evaluation: give --shell=mcn|ncn|cw (or --mode=defence).")

@@ -1,0 +1,303 @@
+"""Defence evaluation of a model shell (paper, Section 6 and Table 2).
+
+Protocol (METHOD.md, "Defence evaluation"): walk a seeded random permutation of the test set, keep
+the points the base model classifies correctly, cut them into batches; per point run CW L-inf
+(untargeted, against the base prediction, budget epsilon) on the base model -> x'; apply the shell
+to x and x'; sort every point into one of four categories. Each finished batch is written at once
+to the run store (JSON + the x' array), and the report is always assembled from those records, so a
+resumed run produces the same report as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from manifold_tf import reporting
+from manifold_tf.evaluation.config import DefenceConfig
+from manifold_tf.evaluation.inputs import predict_logits
+from manifold_tf.validation import validate_images
+
+PROTOCOL = "defence"
+
+CATEGORIES = ("robust_kept", "vulnerable_fixed", "wrong_but_robust", "wrong_not_robust")
+CATEGORY_TITLES = {
+    "robust_kept": "base robust, shell correct and consistent",
+    "vulnerable_fixed": "base vulnerable, shell correct and robust",
+    "wrong_but_robust": "shell wrong but robust (G(x) = G(x') != y)",
+    "wrong_not_robust": "shell wrong and not robust (G(x) != G(x'))",
+}
+# The paper's Table 2 (wide adv_trained model, full CIFAR-10 test set, CarliniWagnerShell); batch 4's
+# printed shell rate "0.07%" is 2/30 = 6.67% (the 2 failures of the text are both in batch 4).
+PAPER_TABLE2 = dict(
+    points=150,
+    base_attack_success=[0.30, 1 / 3, 0.40, 1 / 3, 0.4667],
+    shell_attack_success=[0.0, 0.0, 0.0, 2 / 30, 0.0],
+    retained_accuracy=[0.9667, 1.0, 1.0, 0.9933, 1.0],
+    average=dict(base_attack_success=56 / 150, shell_attack_success=2 / 150,
+                 retained_accuracy=147 / 150),
+    categories=dict(robust_kept=94, vulnerable_fixed=53, wrong_but_robust=1, wrong_not_robust=2),
+)
+PERMUTATIONS = ("numpy", "paper")
+
+
+def walk_order(num_test: int, *, seed: int, kind: str = "numpy") -> np.ndarray:
+    """The order in which test points are walked.
+
+    ``"numpy"``: ``np.random.default_rng(seed).permutation(num_test)``. ``"paper"``: the authors'
+    order, Python ``random.seed(seed)`` (they used 123), ``random.sample(range(n), n)``, taken from
+    the end.
+    """
+    if kind == "numpy":
+        return np.random.default_rng(seed).permutation(num_test)
+    if kind == "paper":
+        import random
+
+        rng = random.Random(seed)
+        return np.asarray(rng.sample(range(num_test), num_test)[::-1])
+    raise ValueError(f"permutation must be one of {PERMUTATIONS}; got {kind!r}.")
+
+
+def select_correct_points(
+    model, x: np.ndarray, y: np.ndarray, *, num_points: int, seed: int, permutation: str = "numpy",
+    chunk: int = 256,
+) -> np.ndarray:
+    """The first ``num_points`` indices, in permutation order, that ``model`` classifies correctly.
+
+    Predictions are computed chunk by chunk along the permutation, only as far as needed.
+    Raises ``ValueError`` when the test set holds fewer correct points.
+    """
+    order = walk_order(len(x), seed=seed, kind=permutation)
+    chosen: list[int] = []
+    for start in range(0, len(order), chunk):
+        idx = order[start : start + chunk]
+        pred = predict_logits(model, x[idx], batch_size=chunk).argmax(-1)
+        chosen.extend(int(i) for i in idx[pred == y[idx]])
+        if len(chosen) >= num_points:
+            return np.asarray(chosen[:num_points])
+    raise ValueError(
+        f"the base model classifies only {len(chosen)} of the {len(x)} test points correctly; "
+        f"{num_points} are needed (num_batches x batch_points): lower them."
+    )
+
+
+def categorize(base_success, shell_clean, shell_adv, labels) -> np.ndarray:
+    """The category name of every point (see :data:`CATEGORY_TITLES`); all arguments ``[N]``.
+
+    ``base_success``: the attack found a valid ``x'`` (``||x' - x||_inf <= eps``, base wrong);
+    ``shell_clean``/``shell_adv``: the shell's labels ``G(x)`` and ``G(x')``.
+    """
+    base_success, shell_clean = np.asarray(base_success, bool), np.asarray(shell_clean)
+    shell_adv, labels = np.asarray(shell_adv), np.asarray(labels)
+    correct = (shell_clean == labels) & (shell_adv == labels)
+    out = np.where(shell_clean == shell_adv, "wrong_but_robust", "wrong_not_robust").astype(object)
+    out[correct & ~base_success] = "robust_kept"
+    out[correct & base_success] = "vulnerable_fixed"
+    return out.astype(str)
+
+
+def batch_rates(record: dict) -> dict:
+    """Table 2's three rates and the category counts of one batch record (or of several merged)."""
+    y = np.asarray(record["labels"])
+    g_x, g_adv = np.asarray(record["shell_clean"]), np.asarray(record["shell_adv"])
+    n = len(y)
+    shell_success = (g_adv != y) & (g_adv != g_x)  # the attack changed a prediction into an error
+    counts = {c: int(np.sum(np.asarray(record["category"]) == c)) for c in CATEGORIES}
+    return dict(
+        points=n,
+        base_attack_success=int(np.sum(record["base_success"])) / n,
+        shell_attack_success=int(np.sum(shell_success)) / n,
+        retained_accuracy=int(np.sum(g_x == y)) / n,
+        shell_adversarial_accuracy=int(np.sum(g_adv == y)) / n,
+        base_successes=int(np.sum(record["base_success"])),
+        shell_successes=int(np.sum(shell_success)),
+        retained=int(np.sum(g_x == y)),
+        new_vulnerabilities=int(np.sum(~np.asarray(record["base_success"], bool) & (g_adv != g_x))),
+        categories=counts,
+    )
+
+
+def _shell_labels(shell, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The shell's labels and top probabilities on ``x``, and for NCN which points met no label.
+
+    Under a multi-device strategy the shell runs through ``predict`` (spread over the devices) and
+    the NCN diagnostic is ``None``; otherwise ``embed`` runs batch by batch and keeps it.
+    """
+    if len(x) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, bool)
+    # A shell built under a strategy's scope remembers it (Keras' trainer), unlike the global one.
+    strategy = getattr(shell, "_distribute_strategy", None) or tf.distribute.get_strategy()
+    if strategy.num_replicas_in_sync > 1:
+        probs = shell.predict(x, batch_size=batch_size, verbose=0)
+        return probs.argmax(-1), probs.max(-1), None
+    outs = [shell.embed(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+    probs = np.concatenate([o["probabilities"].numpy() for o in outs])
+    unmet = np.concatenate([o["unmet"].numpy() for o in outs]) if "unmet" in outs[0] else None
+    return probs.argmax(-1), probs.max(-1), unmet
+
+
+def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, attack: dict,
+                  shell_batch_size: int, desc: str = "",
+                  precomputed: tuple[np.ndarray, list] | None = None) -> tuple[dict, np.ndarray]:
+    """Table 2 on one batch of base-correct points: ``(record, x_adv [N, 32, 32, 3])``.
+
+    The shell is run on ``x`` and on ``x'`` where the attack succeeded; where it failed,
+    ``x' = x`` and ``G(x') = G(x)`` is taken as is (the shells are deterministic per point; with a
+    random start they are not, and ``x'`` is then run as well). ``precomputed``: ``(x_adv,
+    attack_iterations)`` of the same attack on the same points (another shell's run), reused.
+    """
+    from manifold_tf import attacks
+
+    t0 = time.perf_counter()
+    if precomputed is None:
+        cw = attacks.cw_linf_details(base, x, y, epsilon=epsilon, **attack)
+        x_adv, iterations = np.asarray(cw["x_adv"]), np.asarray(cw["iterations"]).tolist()
+        found = np.asarray(cw["success"], bool)
+    else:
+        x_adv, iterations = precomputed
+        found = np.ones(len(x), bool)  # x' = x where that attack failed: caught below
+    base_adv = predict_logits(base, x_adv).argmax(-1)
+    linf = np.abs(x_adv - x).reshape(len(x), -1).max(-1)
+    # Valid: within the budget (up to float rounding of the projection) and misclassified.
+    success = found & (base_adv != y) & (linf <= epsilon + 1e-3)
+    t1 = time.perf_counter()
+    if desc:
+        what = "reused x'" if precomputed is not None else f"CW attack done in {t1 - t0:.0f} s"
+        print(f"{desc}: {what} ({int(success.sum())}/{len(x)} successes); "
+              f"shell on {len(x)} + {int(success.sum())} images ...", flush=True)
+    g_x, c_x, unmet_x = _shell_labels(shell, x, shell_batch_size)
+    rerun = success | bool(getattr(shell, "random_start", False))
+    g_adv, c_adv = g_x.copy(), c_x.copy()
+    g_adv[rerun], c_adv[rerun], unmet_rerun = _shell_labels(shell, x_adv[rerun], shell_batch_size)
+    diagnostics = {}
+    if unmet_x is not None and unmet_rerun is not None:
+        unmet_adv = unmet_x.copy()
+        unmet_adv[rerun] = unmet_rerun
+        diagnostics = dict(shell_clean_unmet=unmet_x.tolist(), shell_adv_unmet=unmet_adv.tolist())
+    t2 = time.perf_counter()
+    record = dict(
+        labels=y.tolist(),
+        base_success=success.tolist(),
+        base_adv_pred=base_adv.tolist(),
+        linf=linf.tolist(),
+        attack_iterations=iterations,
+        shell_clean=g_x.tolist(),
+        shell_adv=g_adv.tolist(),
+        shell_clean_confidence=c_x.tolist(),
+        shell_adv_confidence=c_adv.tolist(),
+        **diagnostics,
+        category=categorize(success, g_x, g_adv, y).tolist(),
+        seconds=dict(attack=t1 - t0, shell=t2 - t1),
+    )
+    return record, x_adv
+
+
+def run_defence(base, shell, images: np.ndarray, labels: np.ndarray, config: DefenceConfig, store,
+                *, seed: int = 0, metadata: dict | None = None, class_names=None,
+                max_figure_cases: int = 12) -> dict:
+    """Runs (or resumes) the Table-2 protocol in ``store`` and writes its reports.
+
+    Args:
+      base: Keras model, images -> logits. shell: a shell wrapping it (built from ``config.shell``).
+      images, labels: the test set, ``[M, 32, 32, 3]`` pixels, ``[M]`` ints.
+      config: points, budget and the base attack (``config.attack``: CW L-inf; a success needs
+        ``||x' - x||_inf <= epsilon``). ``config.attack.from_run``: the run directory of an
+        earlier run with the same base model, data, points, epsilon and attack settings (checked):
+        its ``x'`` are reused instead of attacking again, so that two shells are compared on the
+        same adversarial examples at the cost of the shells alone.
+      store: the :class:`~manifold_tf.evaluation.store.RunStore`; receives ``defence/batch_XXX.json``
+        and ``batch_XXX_xadv.npy`` as each batch finishes, then ``defence.json``, ``defence.md`` and
+        ``failures.png``.
+      metadata: recorded in the settings (checkpoint, dataset ...): a resumed run must match it.
+      class_names: label names for the figure.
+
+    Returns:
+      The report dict written to ``defence.json``.
+    """
+    from manifold_tf.evaluation.defence_report import write_defence_report
+
+    attack = config.attack.cw_kwargs()
+    epsilon, num_batches, batch_points = config.epsilon, config.batches, config.batch_points
+    images = np.asarray(images, np.float32)
+    labels = np.asarray(labels).astype(np.int64)
+    validate_images(images)
+    num_points = int(num_batches) * int(batch_points)
+    indices = select_correct_points(base, images, labels, num_points=num_points, seed=seed,
+                                    permutation=config.permutation).reshape(num_batches, batch_points)
+    settings = reporting._to_jsonable(dict(
+        protocol="Table 2 (METHOD.md, Defence evaluation)",
+        shell=shell.settings(), epsilon=float(epsilon), attack=attack,
+        num_batches=int(num_batches), batch_points=int(batch_points), seed=int(seed),
+        permutation=config.permutation, num_test_points=int(len(images)), **(metadata or {}),
+    ))
+    settings = store.bind(PROTOCOL, settings, free=("strategy",))
+    records: list[dict | None] = [store.load(PROTOCOL, b) for b in range(num_batches)]
+    for b, saved in enumerate(records):
+        if saved is not None and saved["indices"] != indices[b].tolist():
+            raise ValueError(f"batch {b} of {store.path(PROTOCOL)} holds other points than this run "
+                             f"selects: use another --output_dir, or --overwrite to start again.")
+    done = sum(r is not None for r in records)
+    progress = reporting.Progress(num_points, "defence", unit="points", initial=done * batch_points)
+    if done:
+        print(f"resuming: {done}/{num_batches} batches already done in {store.path(PROTOCOL)}", flush=True)
+    from_run = config.attack.from_run
+    for b in range(num_batches):
+        if records[b] is not None:
+            continue
+        idx = indices[b]
+        precomputed = _reusable_attack(from_run, b, settings, idx) if from_run else None
+        print(f"batch {b + 1}/{num_batches}: "
+              + (f"reusing x' from {from_run}" if precomputed else
+                 f"CW L-inf attack (eps {epsilon:g}) on {batch_points} points ..."), flush=True)
+        record, x_adv = defence_batch(base, shell, images[idx], labels[idx], epsilon=epsilon,
+                                      attack=attack, shell_batch_size=config.shell.batch_size,
+                                      desc=f"batch {b + 1}/{num_batches}", precomputed=precomputed)
+        record = dict(batch=b, indices=idx.tolist(), **record)
+        store.save(PROTOCOL, b, record, arrays={"xadv": x_adv.astype(np.float32)})
+        records[b] = record
+        r = batch_rates(record)
+        progress.update(batch_points, extra=(
+            f"batch {b + 1}/{num_batches}: base attack {r['base_successes']}/{batch_points}, "
+            f"shell attack {r['shell_successes']}/{batch_points}, retained {r['retained']}/"
+            f"{batch_points} (attack {record['seconds']['attack']:.0f} s, shell "
+            f"{record['seconds']['shell']:.0f} s)"))
+    return write_defence_report(records, settings, images, store, class_names=class_names,
+                                max_figure_cases=max_figure_cases)
+
+
+ATTACK_KEYS = ("epsilon", "attack", "checkpoint", "dataset", "data_dir", "num_test_points")
+
+
+def _reusable_attack(run_dir: str, b: int, settings: dict, indices: np.ndarray):
+    """``(x_adv, iterations)`` of batch ``b`` from another run, if it exists; checks it matches."""
+    from manifold_tf.evaluation.store import RunStore
+
+    other = RunStore(run_dir, resume=True)
+    saved = other.load(PROTOCOL, b)
+    if saved is None:
+        return None
+    path = other.path(PROTOCOL, f"batch_{b:03d}.json")
+    theirs = {k: (other.settings(PROTOCOL) or {}).get(k) for k in ATTACK_KEYS}
+    mine = {k: settings.get(k) for k in ATTACK_KEYS}
+    if theirs != mine or saved["indices"] != indices.tolist():
+        raise ValueError(
+            f"cannot reuse the attack of {path}: other points or attack settings.\n"
+            f"  saved: {theirs}\n  now:   {mine}"
+        )
+    return other.load_array(PROTOCOL, b, "xadv"), saved["attack_iterations"]
+
+
+def summarize_defence(records: list[dict]) -> dict:
+    """Per-batch and overall rates and counts (the overall rates are over all points)."""
+    merged = {k: sum((list(r[k]) for r in records), []) for k in
+              ("labels", "base_success", "shell_clean", "shell_adv", "category")}
+    per_batch = [batch_rates(r) for r in records]
+    summary = dict(per_batch=per_batch, average=batch_rates(merged))
+    if all("shell_clean_unmet" in r for r in records):  # NCN: points where the fallback was used
+        summary["ncn_unmet"] = dict(
+            clean=int(sum(map(sum, (r["shell_clean_unmet"] for r in records)))),
+            adversarial=int(sum(map(sum, (r["shell_adv_unmet"] for r in records)))),
+            points=len(merged["labels"]))
+    return summary

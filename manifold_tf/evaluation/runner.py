@@ -1,0 +1,95 @@
+"""One call per mode: resolve the inputs, open the run store, run the protocol, return the report text."""
+
+from __future__ import annotations
+
+import os
+
+from absl import logging
+
+from manifold_tf.evaluation import inputs as inputs_lib
+from manifold_tf.evaluation.config import EvaluationConfig
+from manifold_tf.evaluation.store import RunStore
+
+
+def _store(config: EvaluationConfig, mode: str) -> RunStore:
+    out = config.run.output_dir or os.path.join("results", mode)
+    return RunStore(out, resume=config.run.resume, overwrite=config.run.overwrite)
+
+
+def evaluate(config: EvaluationConfig) -> str:
+    """Runs ``config.mode`` and returns the Markdown the command prints (reports are on disk)."""
+    return {"accuracy": _accuracy, "separation": _separation, "defence": _defence}[config.mode](config)
+
+
+def _accuracy(config: EvaluationConfig) -> str:
+    from manifold_tf.evaluation.accuracy import run_accuracy
+
+    store = _store(config, "accuracy")
+    inputs = inputs_lib.resolve(config.inputs, run_dir=store.directory)
+    model = inputs_lib.load_model(inputs, width=config.inputs.width, seed=config.run.seed)
+    x, y = inputs.load_test()
+    _, text = run_accuracy(model, x, y, config.accuracy, store, seed=config.run.seed, metadata=dict(
+        checkpoint=inputs.checkpoint, dataset=inputs.dataset, data_dir=inputs.data_dir))
+    return f"{text}\nreports written to {store.directory}"
+
+
+def _separation(config: EvaluationConfig) -> str:
+    """Table 1: counts at p per batch, the s_p curve, Chebyshev and Clopper-Pearson bounds."""
+    from manifold_tf import checkpoints
+    from manifold_tf.evaluation import separation
+
+    cfg = config.separation
+    store = _store(config, "separation")
+    inputs = inputs_lib.resolve(config.inputs, run_dir=store.directory)
+    models = [(inputs.checkpoint, inputs_lib.load_model(inputs, width=config.inputs.width))]
+    if cfg.compare_checkpoint:
+        models.append((cfg.compare_checkpoint,
+                       checkpoints.load_model_weights(cfg.compare_checkpoint, width=config.inputs.width)))
+    x, y = inputs.load_test()
+    runs, names = {}, []
+    for i, (ckpt, model) in enumerate(models):
+        name = os.path.basename(os.path.normpath(ckpt)).replace(".keras", "").replace(".weights.h5", "")
+        name = name if name not in names else f"{name}_{i}"
+        names.append(name)
+        runs[name] = (ckpt, separation.run_separation(
+            model, x, y, delta=cfg.delta, num_batches=cfg.batches, batch_points=cfg.batch_points,
+            seed=config.run.seed, attack=cfg.attack(), p=cfg.p, store=store,
+            protocol=f"separation_{name}", desc=f"separation {name}",
+            model_name=inputs_lib.model_identity(ckpt)))
+    report = separation.separation_report(runs, p=cfg.p, dataset=inputs.dataset, data_dir=inputs.data_dir)
+    text = separation.separation_markdown(report)
+    store.write_report("separation", report, text)
+    separation.plot_separation(report, store.path("separation.png"))
+    return f"{text}\nreports written to {store.directory}"
+
+
+def _defence(config: EvaluationConfig) -> str:
+    """Table 2 (CW on the base, the shell on x and x'), then the adaptive attack if asked."""
+    import tensorflow as tf
+
+    from manifold_tf.evaluation import adaptive, defence, defence_report
+
+    cfg = config.defence
+    store = _store(config, "defence")
+    inputs = inputs_lib.resolve(config.inputs, run_dir=store.directory)
+    if config.run.overwrite and inputs.train_quick_model and os.path.exists(inputs.checkpoint):
+        os.remove(inputs.checkpoint)
+    logging.info("defence evaluation on %s (%s): %s", inputs.dataset, inputs.note, inputs.checkpoint)
+    print(f"defence evaluation on {inputs.dataset} ({inputs.note}): {inputs.checkpoint}", flush=True)
+    strategy = (tf.distribute.MirroredStrategy() if cfg.strategy == "mirrored"
+                else tf.distribute.get_strategy())
+    with strategy.scope():
+        base = inputs_lib.load_model(inputs, width=config.inputs.width, seed=config.run.seed)
+        shell = cfg.shell.build(base, seed=config.run.seed)
+    x, y = inputs.load_test()
+    metadata = dict(checkpoint=os.path.abspath(inputs.checkpoint), dataset=inputs.dataset,
+                    data_dir=inputs.data_dir and os.path.abspath(inputs.data_dir),
+                    strategy=f"{cfg.strategy} ({strategy.num_replicas_in_sync} replicas)")
+    report = defence.run_defence(base, shell, x, y, cfg, store, seed=config.run.seed,
+                                 metadata=metadata, class_names=inputs.class_names)
+    text = defence_report.defence_markdown(report)
+    if config.adaptive.attack == "bpda":
+        result = adaptive.run_adaptive(base, shell, x, config.adaptive, store,
+                                       class_names=inputs.class_names)
+        text += "\n" + adaptive.adaptive_markdown(result)
+    return f"{text}\nreports written to {store.directory}"

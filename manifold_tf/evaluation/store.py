@@ -1,0 +1,144 @@
+"""One resumable run store for every long run (separation, defence, adaptive, training's check).
+
+A run directory holds, per protocol, the settings it ran with (saved once) and one record per
+finished batch (a JSON file, plus optional ``.npy`` arrays written *before* it, so a JSON file marks
+a finished batch). Every file is written atomically (a temporary file, then ``os.replace``): a run
+killed at any moment leaves either the old file or the new one. On ``resume`` the saved settings are
+compared with the new ones in one place (:func:`compare_settings`), and a difference is one clear
+error naming each setting that differs; a corrupt file is an error naming the file.
+
+Layout::
+
+    <run>/<protocol>/settings.json
+    <run>/<protocol>/batch_000.json, batch_000_<array>.npy, ...
+    <run>/<report>.json, <report>.md, <figure>.png      (written by the protocols)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any, Iterable
+
+import numpy as np
+
+from manifold_tf import reporting
+
+
+class SettingsMismatch(ValueError):
+    """A resumed run was given settings that differ from the saved ones."""
+
+
+def compare_settings(saved: dict, now: dict, *, free: Iterable[str] = (), where: str = "") -> None:
+    """Raises :class:`SettingsMismatch` naming every key whose value differs (except ``free`` ones).
+
+    Both sides are compared in their JSON form (tuples and lists, numpy scalars and floats alike).
+    """
+    saved = json.loads(json.dumps(reporting._to_jsonable(saved)))
+    now = json.loads(json.dumps(reporting._to_jsonable(now)))
+    free = set(free)
+    keys = [k for k in sorted(set(saved) | set(now)) if k not in free]
+    diff = [k for k in keys if saved.get(k, "<missing>") != now.get(k, "<missing>")]
+    if diff:
+        lines = "\n".join(f"  {k}: saved {saved.get(k, '<missing>')!r}, now {now.get(k, '<missing>')!r}"
+                          for k in diff)
+        raise SettingsMismatch(
+            f"--resume with settings that differ from the run{' in ' + where if where else ''}:\n"
+            f"{lines}\nUse the same settings, another output directory, or --overwrite to start again.")
+
+
+def read_json_checked(path: str) -> Any:
+    """``read_json`` with a clear error for a truncated or corrupt file."""
+    try:
+        return reporting.read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is corrupt ({e}); delete it to recompute that batch, or use "
+                         f"--overwrite to start the run again.") from None
+
+
+class RunStore:
+    """A run directory: settings per protocol, batch records and arrays, reports.
+
+    Args:
+      directory: the run directory (created if needed).
+      resume: keep what the directory holds (settings must match on :meth:`bind`).
+      overwrite: allow a non-empty directory without ``resume``; a protocol's old batches are
+        deleted when it is bound.
+      Neither: the directory must be empty or missing (nothing a user wrote is clobbered).
+    """
+
+    def __init__(self, directory: str, *, resume: bool = False, overwrite: bool = False):
+        self.directory = reporting.prepare_output_dir(directory, overwrite=overwrite, resume=resume)
+        self.resume = bool(resume)
+        self.overwrite = bool(overwrite)
+
+    # -- settings --------------------------------------------------------------------------------
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.directory, *parts)
+
+    def bind(self, protocol: str, settings: dict, *, free: Iterable[str] = (),
+             settings_file: str | None = None) -> dict:
+        """Declares the settings of ``protocol`` for this run; returns them as saved (JSON form).
+
+        On resume, saved settings must equal ``settings`` except for the ``free`` keys (things that
+        may change between sessions, e.g. the device strategy). Without resume, the protocol's
+        old files are removed first.
+        """
+        folder = self.path(protocol)
+        path = os.path.join(folder, "settings.json") if settings_file is None else self.path(settings_file)
+        if os.path.exists(path) and self.resume:
+            compare_settings(read_json_checked(path), settings, free=free, where=repr(folder))
+        elif not self.resume and os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.makedirs(folder, exist_ok=True)
+        reporting.write_json(path, settings)
+        return json.loads(json.dumps(reporting._to_jsonable(settings)))
+
+    def settings(self, protocol: str) -> dict | None:
+        path = self.path(protocol, "settings.json")
+        return read_json_checked(path) if os.path.exists(path) else None
+
+    # -- batches ---------------------------------------------------------------------------------
+
+    def _batch(self, protocol: str, b: int, suffix: str = ".json") -> str:
+        return self.path(protocol, f"batch_{int(b):03d}{suffix}")
+
+    def save(self, protocol: str, b: int, record: dict, arrays: dict[str, np.ndarray] | None = None) -> None:
+        """Writes batch ``b``: its arrays first, then the JSON record that marks it finished."""
+        for name, array in (arrays or {}).items():
+            reporting.write_array(self._batch(protocol, b, f"_{name}.npy"), np.asarray(array))
+        reporting.write_json(self._batch(protocol, b), record)
+
+    def load(self, protocol: str, b: int) -> dict | None:
+        """Batch ``b``'s record, or ``None`` if it has not finished."""
+        path = self._batch(protocol, b)
+        return read_json_checked(path) if os.path.exists(path) else None
+
+    def load_array(self, protocol: str, b: int, name: str) -> np.ndarray:
+        path = self._batch(protocol, b, f"_{name}.npy")
+        try:
+            return np.load(path)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # a truncated or foreign file: name it
+            raise ValueError(f"{path} is corrupt ({type(e).__name__}: {e}); delete it and its "
+                             f"batch JSON to recompute that batch.") from None
+
+    def finished(self, protocol: str) -> list[int]:
+        """The numbers of the finished batches of ``protocol``, in order."""
+        folder = self.path(protocol)
+        if not os.path.isdir(folder):
+            return []
+        return sorted(int(m.group(1)) for n in os.listdir(folder)
+                      if (m := re.fullmatch(r"batch_(\d{3})\.json", n)))
+
+    # -- reports ---------------------------------------------------------------------------------
+
+    def write_report(self, name: str, report: dict, markdown: str | None = None) -> None:
+        """``<name>.json`` and, if given, ``<name>.md`` at the top of the run directory."""
+        reporting.write_json(self.path(f"{name}.json"), report)
+        if markdown is not None:
+            reporting.write_text(self.path(f"{name}.md"), markdown)
