@@ -20,29 +20,29 @@ problem, the paper's units); PGD runs in pixels with ``clip_values=(0, 255)``, `
 
 Usage (about 10-20 minutes on 2 shared cores)::
 
-  python bench/bench_attacks.py --checkpoint=weights/narrow_natural.keras --num_images=24
+  python -m bench.bench_attacks --num_images=24 --output=bench/results/bench_attacks.json
+
+(the default model is the shipped ``manifold_tf/weights/narrow_natural.keras``).
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import time
 
-from absl import app, flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
 
-from manifold_tf import attacks, reporting  # noqa: E402
+from bench import timing  # noqa: E402
+from manifold_tf import attacks, pretrained  # noqa: E402
 from manifold_tf.data import load_arrays  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Model (.keras, .weights.h5 or TF1 checkpoint); "
-                    "default weights/narrow_natural.keras, else a randomly initialised narrow model.")
+                    "default the shipped narrow_natural model (manifold_tf.pretrained), else a "
+                    "randomly initialised narrow model.")
 flags.DEFINE_string("dataset", "cifar10", "cifar10 or synthetic.")
 flags.DEFINE_string("data_dir", "../shared/data/cifar10-sample", "CIFAR-10 python batches.")
 flags.DEFINE_integer("num_images", 24, "Points (correctly classified test points, seeded order).")
@@ -56,27 +56,27 @@ flags.DEFINE_integer("art_cw_images", 3, "Points for ART's CW L-inf (one image a
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (the minimum is reported).")
 flags.DEFINE_boolean("art", True, "Also run ART (needs adversarial-robustness-toolbox).")
 flags.DEFINE_boolean("jit_compare", True, "Also time PGD with jit_compile=True.")
-flags.DEFINE_string("output_dir", "bench/results", "Where the JSON goes.")
+flags.DEFINE_string("output", timing.default_output("bench_attacks"), "JSON output file.")
 
 
 def best_time(fn, repeats: int) -> tuple[float, object]:
-    out, times = None, []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
+    """Minimum seconds over ``repeats`` calls (compiled beforehand) and the last call's value."""
+    timed = timing.time_call(fn, repeats=repeats, warmup=0)
+    return timed["min_s"], timed["result"]
 
 
 def load_model():
     from manifold_tf.checkpoints import load_model_weights
     from manifold_tf.models import madry_resnet
 
-    path = FLAGS.checkpoint or "weights/narrow_natural.keras"
-    if os.path.exists(path) or FLAGS.checkpoint:
-        return load_model_weights(path), path
-    print(f"warning: {path} not found: benchmarking a randomly initialised narrow model.")
-    return madry_resnet("narrow"), "random-init narrow"
+    if FLAGS.checkpoint:
+        return load_model_weights(FLAGS.checkpoint), FLAGS.checkpoint
+    try:
+        path = pretrained.path("narrow_natural")
+    except FileNotFoundError as e:
+        print(f"warning: {e} Benchmarking a randomly initialised narrow model.")
+        return madry_resnet("narrow"), "random-init narrow"
+    return load_model_weights(path), path
 
 
 def pick_points(model):
@@ -118,7 +118,7 @@ def main(argv):
     t_raw, _ = best_time(lambda: [raw_step(xt) for _ in range(k)][-1].numpy(), reps)
     raw_rate = n * k / t_raw
     result["raw"] = dict(passes_per_second=raw_rate, seconds_for_k_steps=t_raw)
-    rows.append(["raw fwd+bwd (ceiling)", n, f"{raw_rate:.1f}", "1.00", "-", f"{t_raw:.2f}"])
+    rows.append(row("raw fwd+bwd (ceiling)", n, raw_rate, 1.0, None, t_raw))
 
     pgd_kw = dict(epsilon=eps, steps=k, step_size=FLAGS.pgd_step_size, random_start=True,
                   seed=FLAGS.seed)
@@ -130,8 +130,8 @@ def main(argv):
         name = "pgd" + ("_xla" if jit else "")
         result[name] = dict(passes_per_second=rate, ratio_to_raw=rate / raw_rate, seconds=t,
                             success_rate=float(ok.mean()), settings=dict(pgd_kw, jit_compile=jit))
-        rows.append([f"ours PGD-{k}{' XLA' if jit else ''}", n, f"{rate:.1f}",
-                     f"{rate / raw_rate:.2f}", f"{ok.mean():.3f}", f"{t:.2f}"])
+        rows.append(row(f"ours PGD-{k}{' XLA' if jit else ''}", n, rate, rate / raw_rate,
+                        ok.mean(), t))
 
     cw_kw = dict(epsilon=eps, max_iterations=FLAGS.cw_max_iterations,
                  learning_rate=FLAGS.cw_learning_rate)
@@ -146,25 +146,26 @@ def main(argv):
                             success_rate=float(ok.mean()), points=len(x[sl]),
                             median_distance=float(np.median(out["distance"].numpy())),
                             settings=out["settings"])
-        rows.append([f"ours CW-Linf ({name.split('_')[-1]})", len(x[sl]), f"{steps / t:.1f}",
-                     f"{steps / t / raw_rate:.2f}", f"{ok.mean():.3f}", f"{t:.2f}"])
+        rows.append(row(f"ours CW-Linf ({name.split('_')[-1]})", len(x[sl]), steps / t,
+                        steps / t / raw_rate, ok.mean(), t))
 
     if FLAGS.art:
         rows += run_art(model, x, y, eps, k, m, cw_kw, result)
 
-    table = reporting.markdown_table(
-        ["attack", "points", "fwd+bwd/s", "x raw", "success", "seconds"], rows)
-    print(table)
     if "art_cw_linf" in result:
-        speedup = result["art_cw_linf"]["seconds"] / result["cw_linf_subset"]["seconds"]
-        result["cw_speedup_vs_art"] = speedup
+        result["cw_speedup_vs_art"] = (
+            result["art_cw_linf"]["seconds"] / result["cw_linf_subset"]["seconds"])
+    timing.write_results(FLAGS.output, rows, extra=result)
+    if "art_cw_linf" in result:
         print(f"CW L-inf on {m} points: ours {result['cw_linf_subset']['seconds']:.1f}s, "
-              f"ART {result['art_cw_linf']['seconds']:.1f}s: {speedup:.1f}x faster")
-    result["table"] = table
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    path = os.path.join(FLAGS.output_dir, f"bench_attacks_{time.strftime('%Y%m%d-%H%M%S')}.json")
-    reporting.write_json(path, result)
-    print(f"wrote {path}")
+              f"ART {result['art_cw_linf']['seconds']:.1f}s: "
+              f"{result['cw_speedup_vs_art']:.1f}x faster")
+
+
+def row(attack, points, rate, ratio, success, seconds):
+    """A table row; ``None`` shows as an empty cell."""
+    return {"attack": attack, "points": points, "fwd+bwd/s": rate, "x raw": ratio,
+            "success": None if success is None else float(success), "seconds": seconds}
 
 
 def run_art(model, x, y, eps, k, m, cw_kw, result):
@@ -184,9 +185,8 @@ def run_art(model, x, y, eps, k, m, cw_kw, result):
     result["art_pgd"] = dict(seconds=t, passes_per_second=len(x) * k / t, success_rate=float(ok.mean()),
                              settings=dict(eps=eps, eps_step=FLAGS.pgd_step_size, max_iter=k,
                                            num_random_init=1, clip_values=[0, 255]))
-    rows.append([f"ART PGD-{k}", len(x), f"{len(x) * k / t:.1f}",
-                 f"{len(x) * k / t / result['raw']['passes_per_second']:.2f}", f"{ok.mean():.3f}",
-                 f"{t:.2f}"])
+    rows.append(row(f"ART PGD-{k}", len(x), len(x) * k / t,
+                    len(x) * k / t / result["raw"]["passes_per_second"], ok.mean(), t))
 
     # CW L-inf in [0, 1] units (see the module docstring).
     inp = keras.Input(x.shape[1:])
@@ -196,9 +196,7 @@ def run_art(model, x, y, eps, k, m, cw_kw, result):
     cw = CarliniLInfMethod(clf01, learning_rate=cw_kw["learning_rate"],
                            max_iter=cw_kw["max_iterations"], initial_const=1e-5, largest_const=20.0,
                            const_factor=2.0, decrease_factor=0.9, batch_size=1, verbose=False)
-    start = time.perf_counter()
-    x_adv = cw.generate(x[:m] / 255.0, y[:m]) * 255.0
-    t = time.perf_counter() - start
+    t, x_adv = best_time(lambda: cw.generate(x[:m] / 255.0, y[:m]) * 255.0, 1)
     ok = misclassified(model, x_adv, y[:m]) & (linf(x_adv, x[:m]) <= eps + 1e-3)
     result["art_cw_linf"] = dict(
         seconds=t, success_rate=float(ok.mean()), points=m,
@@ -206,7 +204,7 @@ def run_art(model, x, y, eps, k, m, cw_kw, result):
         settings=dict(learning_rate=cw_kw["learning_rate"], max_iter=cw_kw["max_iterations"],
                       initial_const=1e-5, largest_const=20.0, const_factor=2.0,
                       decrease_factor=0.9, units="[0,1] via z -> model(255 z)"))
-    rows.append([f"ART CW-Linf", m, "-", "-", f"{ok.mean():.3f}", f"{t:.2f}"])
+    rows.append(row("ART CW-Linf", m, None, None, ok.mean(), t))
     return rows
 
 

@@ -8,27 +8,24 @@ Reported: images per second, the median over timed repeats after warm-up; the va
 within each repeat. The TF1 graph standardises images one by one with ``map_fn`` as Madry's
 ``model.py`` does; the Keras model standardises the batch at once.
 
-    python bench/bench_model.py            # narrow (batch 128) and wide (batch 32)
-    python bench/bench_model.py --quick    # narrow only, one call per repeat (~1 min idle)
+    python -m bench.bench_model            # narrow (batch 128) and wide (batch 32)
+    python -m bench.bench_model --quick    # narrow only, one call per repeat (~1 min idle)
 
-Writes ``bench/results/bench_model.json``.
+Run from the repository root (the TF1 graph is imported from ``tests/``). Writes
+``bench/results/bench_model.json`` (``--output`` to change).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
-import time
 from typing import Callable
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+from bench import timing
 
 BATCH = {"narrow": 128, "wide": 32}
 
@@ -42,9 +39,7 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     parser.add_argument("--no_xla", action="store_true", help="skip the XLA variants")
     parser.add_argument(
-        "--out",
-        default=os.path.join(ROOT, "bench", "results", "bench_model.json"),
-        help="JSON path",
+        "--output", default=timing.default_output("bench_model"), help="JSON output file"
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -85,36 +80,18 @@ def _keras_runner(width, images, labels, *, jit: bool) -> tuple[Callable, Callab
     return (lambda: forward(x).numpy()), (lambda: grad(x, y).numpy())
 
 
-def _time_interleaved(thunks: dict[str, Callable], warmup: int, iters: int, repeats: int) -> dict:
-    """Median over ``repeats`` of the mean seconds of ``iters`` calls, for every thunk.
-
-    The thunks take turns within each repeat, so a load that comes and goes on a shared machine
-    slows every variant alike instead of whichever happened to run at the time.
-    """
-    for fn in thunks.values():
-        for _ in range(warmup):  # includes tracing and XLA compilation
-            fn()
-    times = {name: [] for name in thunks}
-    for _ in range(repeats):
-        for name, fn in thunks.items():
-            start = time.perf_counter()
-            for _ in range(iters):
-                fn()
-            times[name].append((time.perf_counter() - start) / iters)
-    return {name: float(np.median(t)) for name, t in times.items()}
-
-
 def main(argv=None) -> dict:
     args = _parse(argv)
     import tensorflow as tf
-    import tf1_reference
+
+    from tests import tf1_reference
 
     rng = np.random.default_rng(0)
     xla_options = [False] if args.no_xla else [False, True]
-    timing = dict(warmup=args.warmup, iters=args.iters, repeats=args.repeats)
+    settings = dict(warmup=args.warmup, iters=args.iters, repeats=args.repeats)
     results = {
         "settings": {
-            **timing,
+            **settings,
             "batch": {w: BATCH[w] for w in args.widths},
             "tensorflow": tf.__version__,
             "cpu_count": os.cpu_count(),
@@ -141,7 +118,8 @@ def main(argv=None) -> dict:
                 width, images, labels, jit=xla
             )
         print(f"[bench] {width}, batch {batch}: {sorted(thunks)}", file=sys.stderr, flush=True)
-        seconds = _time_interleaved(thunks, **timing)
+        timed = timing.time_calls(thunks, **settings)
+        seconds = {name: t["median_s"] for name, t in timed.items()}
         for close in closers:
             close()
         for name in dict.fromkeys(k.split("/")[0] for k in thunks):
@@ -163,27 +141,17 @@ def main(argv=None) -> dict:
             )
     results["settings"]["load_average_at_end"] = _load()
 
-    header = (
-        f"{'width':7}{'batch':>6}  {'variant':10}{'fwd img/s':>11}{'grad img/s':>12}"
-        f"{'fwd x TF1':>11}{'grad x TF1':>12}"
+    columns = ["width", "batch", "variant", "forward_img_per_s", "grad_img_per_s",
+               "forward_ratio_vs_tf1", "grad_ratio_vs_tf1"]
+    results["table"] = timing.write_results(
+        args.output, results["rows"], columns=columns, extra=dict(settings=results["settings"])
     )
-    print(header)
-    print("-" * len(header))
-    for r in results["rows"]:
-        print(
-            f"{r['width']:7}{r['batch']:>6}  {r['variant']:10}{r['forward_img_per_s']:>11.1f}"
-            f"{r['grad_img_per_s']:>12.1f}{r['forward_ratio_vs_tf1']:>11.2f}"
-            f"{r['grad_ratio_vs_tf1']:>12.2f}"
-        )
-    print("(x TF1: Keras throughput / TF1 throughput, each against TF1 with the same XLA setting)")
+    print("(ratio_vs_tf1: Keras throughput / TF1 throughput, each against TF1 with the same XLA "
+          "setting)")
     print(
         f"load average at start/end: {results['settings']['load_average_at_start']} / "
         f"{results['settings']['load_average_at_end']} on {os.cpu_count()} cores"
     )
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
     return results
 
 

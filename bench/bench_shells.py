@@ -18,26 +18,21 @@ Both loops are timed on one image (``C * K`` steps) and reported per image. Each
 is run without and with XLA. Reported: images per second (median over repeats after warm-up),
 the shell's fraction of the limit (goal >= 0.85) and its speed-up over the loops (goal >= 50).
 
-    python bench/bench_shells.py                 # N=4 images, K=10 steps (MCNShell default), 3 repeats
-    python bench/bench_shells.py --images 8 --steps 10
+    python -m bench.bench_shells                 # N=4 images, K=10 steps (MCNShell default), 3 repeats
+    python -m bench.bench_shells --images 8 --steps 10
 
-Writes ``bench/results/bench_shells.json``.
+Writes ``bench/results/bench_shells.json`` (``--output`` to change).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import sys
-import time
-from typing import Callable
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from bench import timing
 
 
 def _parse(argv=None) -> argparse.Namespace:
@@ -49,22 +44,9 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--width", default="narrow", choices=["narrow", "wide"])
     parser.add_argument("--weights", default=None, help="optional .keras base (default: random init)")
     parser.add_argument(
-        "--out", default=os.path.join(ROOT, "bench", "results", "bench_shells.json"), help="JSON path"
+        "--output", default=timing.default_output("bench_shells"), help="JSON output file"
     )
     return parser.parse_args(argv)
-
-
-def _median_times(thunks: dict[str, Callable], repeats: int) -> dict[str, float]:
-    """Median seconds per call of each thunk, after one warm-up call (tracing, XLA compilation)."""
-    for fn in thunks.values():
-        fn()
-    times: dict[str, list] = {name: [] for name in thunks}
-    for _ in range(repeats):
-        for name, fn in thunks.items():  # interleaved: a passing load slows every variant alike
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main(argv=None) -> dict:
@@ -72,7 +54,7 @@ def main(argv=None) -> dict:
     import keras
     import tensorflow as tf
 
-    from manifold_tf import models, projected, reporting
+    from manifold_tf import models, projected
     from manifold_tf.shells import MCNShell, log_odds
 
     base = keras.saving.load_model(args.weights) if args.weights else models.madry_resnet(args.width)
@@ -136,7 +118,10 @@ def main(argv=None) -> dict:
     thunks["shell_xla_while_loop"] = lambda: xla_while_loop(x)[0].numpy()
     thunks["loop_step"] = loop_step
     thunks["loop_eager"] = loop_eager
-    seconds = _median_times(thunks, args.repeats)
+    # One warm-up call each (tracing, XLA compilation); interleaved: a passing load slows every
+    # variant alike.
+    timed = timing.time_calls(thunks, repeats=args.repeats, warmup=1)
+    seconds = {name: t["median_s"] for name, t in timed.items()}
 
     rate = {}
     for tag in ("no_xla", "xla"):
@@ -146,25 +131,21 @@ def main(argv=None) -> dict:
     rate["loop_step"] = 1.0 / seconds["loop_step"]
     rate["loop_eager"] = 1.0 / seconds["loop_eager"]
     best_limit = max(rate["limit_no_xla"], rate["limit_xla"])
-    rows_out = []
-    for tag in ("no_xla", "xla"):
-        shell = rate[f"shell_{tag}"]
-        rows_out.append([
-            f"shell ({tag})", f"{shell:.3f}", f"{rate[f'limit_{tag}']:.3f}",
-            f"{shell / rate[f'limit_{tag}']:.2f}", f"{shell / best_limit:.2f}",
-            f"{shell / rate['loop_step']:.1f}", f"{shell / rate['loop_eager']:.1f}",
-        ])
-    looped = rate["shell_xla_while_loop"]
-    rows_out.append([
-        "shell_xla_while_loop (bench only)", f"{looped:.3f}", f"{rate['limit_xla']:.3f}",
-        f"{looped / rate['limit_xla']:.2f}", f"{looped / best_limit:.2f}",
-        f"{looped / rate['loop_step']:.1f}", f"{looped / rate['loop_eager']:.1f}",
-    ])
-    for name in ("loop_step", "loop_eager"):
-        rows_out.append([name, f"{rate[name]:.3f}", "", "", "", "", ""])
-    table = reporting.markdown_table(
-        ["variant", "images/s", "limit images/s (same XLA)", "x limit", "x best limit",
-         "x loop_step", "x loop_eager"], rows_out)
+    def row(variant, images_per_s, limit=None):
+        out = {"variant": variant, "images/s": images_per_s, "limit images/s (same XLA)": limit}
+        if limit is not None:
+            out.update({
+                "x limit": images_per_s / limit, "x best limit": images_per_s / best_limit,
+                "x loop_step": images_per_s / rate["loop_step"],
+                "x loop_eager": images_per_s / rate["loop_eager"],
+            })
+        return out
+
+    rows_out = [row(f"shell ({tag})", rate[f"shell_{tag}"], rate[f"limit_{tag}"])
+                for tag in ("no_xla", "xla")]
+    rows_out.append(row("shell_xla_while_loop (bench only)", rate["shell_xla_while_loop"],
+                        rate["limit_xla"]))
+    rows_out += [row(name, rate[name]) for name in ("loop_step", "loop_eager")]
     results = dict(
         settings=dict(images=n, steps=k, delta=delta, num_classes=num_classes, rows=n * num_classes,
                       repeats=args.repeats, width=args.width, weights=args.weights,
@@ -173,13 +154,10 @@ def main(argv=None) -> dict:
         seconds_per_call=seconds,
         images_per_second=rate,
         goals=dict(shell_vs_limit=0.85, shell_vs_loop=50.0),
-        table=table,
     )
     print(f"MCN shell, {args.width} ResNet, N={n} images x C={num_classes} labels, K={k} steps "
           f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)\n")
-    print(table)
-    reporting.write_json(args.out, results)
-    print(f"written to {args.out}")
+    results["table"] = timing.write_results(args.output, rows_out, extra=results)
     return results
 
 

@@ -6,20 +6,16 @@ training pass (forward + weight gradient), so its throughput limit is
 model and the real ``AdversarialTrainer.train_step`` rate, interleaved repeat by repeat so that
 machine load hits both alike, and reports ``ours / limit`` (goal >= 0.9).
 
-  python bench/bench_training.py [--width=narrow] [--batch_size=128] [--pgd_steps=7] [--repeats=3]
+  python -m bench.bench_training [--width=narrow] [--batch_size=128] [--pgd_steps=7] [--repeats=3]
 """
 
-import json
 import os
-import sys
-import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
+from bench import timing
 from manifold_tf import training
 
 flags.DEFINE_enum("width", "narrow", ["narrow", "wide"], "Model width.")
@@ -28,7 +24,7 @@ flags.DEFINE_integer("pgd_steps", 7, "PGD steps k.")
 flags.DEFINE_integer("repeats", 3, "Timed repeats (median reported).")
 flags.DEFINE_integer("iters", 3, "Steps per timed repeat.")
 flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
-flags.DEFINE_string("output", "bench/results/bench_training.json", "JSON output.")
+flags.DEFINE_string("output", timing.default_output("bench_training"), "JSON output file.")
 FLAGS = flags.FLAGS
 
 
@@ -53,34 +49,29 @@ def main(argv):
 
     train_step = tf.function(trainer.train_step, jit_compile=FLAGS.jit_compile)
 
-    def timed(fn, iters):
-        start = time.perf_counter()
-        for _ in range(iters):
-            out = fn((x, y)) if fn is train_step else fn(x, y)
-        tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, out)
-        return (time.perf_counter() - start) / iters
+    def calls(fn, iters):
+        """A thunk: ``iters`` calls of ``fn``, then waits for the last result."""
+        def run():
+            for _ in range(iters):
+                out = fn((x, y)) if fn is train_step else fn(x, y)
+            tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, out)
+        return run
 
-    timed(forward_backward, 1), timed(train_step, 1)  # compile
-    fb, adv = [], []
-    for _ in range(FLAGS.repeats):
-        fb.append(timed(forward_backward, FLAGS.iters * (FLAGS.pgd_steps + 1)))
-        adv.append(timed(train_step, FLAGS.iters))
-    fb_rate = FLAGS.batch_size / float(np.median(fb))
-    adv_rate = FLAGS.batch_size / float(np.median(adv))
+    calls(forward_backward, 1)(), calls(train_step, 1)()  # compile
+    fb_iters, adv_iters = FLAGS.iters * (FLAGS.pgd_steps + 1), FLAGS.iters
+    timed = timing.time_calls(
+        {"fb": calls(forward_backward, fb_iters), "adv": calls(train_step, adv_iters)},
+        repeats=FLAGS.repeats, warmup=0)
+    fb_rate = FLAGS.batch_size / (timed["fb"]["median_s"] / fb_iters)
+    adv_rate = FLAGS.batch_size / (timed["adv"]["median_s"] / adv_iters)
     limit = fb_rate / (FLAGS.pgd_steps + 1)
     result = {
         "width": FLAGS.width, "batch_size": FLAGS.batch_size, "pgd_steps": FLAGS.pgd_steps,
         "jit_compile": FLAGS.jit_compile, "forward_backward_examples_per_s": fb_rate,
         "limit_examples_per_s": limit, "adversarial_training_examples_per_s": adv_rate,
-        "ratio_to_limit": adv_rate / limit, "load_average": os.getloadavg(),
+        "ratio_to_limit": adv_rate / limit,
     }
-    print(f"| model | batch | k | fwd+bwd ex/s | limit (k+1) ex/s | PGD-k training ex/s | ratio |")
-    print("|---|---|---|---|---|---|---|")
-    print(f"| {FLAGS.width} | {FLAGS.batch_size} | {FLAGS.pgd_steps} | {fb_rate:.1f} | {limit:.2f} "
-          f"| {adv_rate:.2f} | {adv_rate / limit:.2f}x |")
-    os.makedirs(os.path.dirname(FLAGS.output), exist_ok=True)
-    with open(FLAGS.output, "w") as f:
-        json.dump(result, f, indent=2)
+    timing.write_results(FLAGS.output, [result], extra=dict(load_average=os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ Sources:
   without ``data_dir``, TensorFlow Datasets (needs network the first time).
 - ``synthetic_arrays(split)``: generated on the fly, no download (see :func:`synthetic_arrays`).
 
+The library bakes in no data location: :func:`default_data_dir` reads the environment variable
+``MANIFOLD_TF_CIFAR10_DIR`` (a ``cifar-10-batches-py`` folder or its parent) for callers that want
+a machine-wide default.
+
 ``make_dataset`` turns arrays into a ``tf.data`` pipeline, with Madry et al.'s augmentation for
 training (zero pad to 36x36, random 32x32 crop, random horizontal flip).
 """
@@ -18,11 +22,22 @@ import pickle
 import numpy as np
 import tensorflow as tf
 
+DATA_DIR_ENV = "MANIFOLD_TF_CIFAR10_DIR"
 SPLITS = ("train", "test")
 DATASETS = ("cifar10", "synthetic")
 CIFAR10_LABELS = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
 )
+
+
+def default_data_dir() -> str | None:
+    """The CIFAR-10 folder named by ``$MANIFOLD_TF_CIFAR10_DIR`` (``~`` expanded), else ``None``.
+
+    An empty value counts as unset. The folder is not checked here: :func:`load_cifar10_arrays`
+    reports a missing or malformed one.
+    """
+    value = os.environ.get(DATA_DIR_ENV)
+    return os.path.expanduser(value) if value else None
 
 
 def _check_split(split: str) -> None:
@@ -86,7 +101,11 @@ def _load_tfds(split: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:  # pragma: no cover - tfds is in requirements.txt
-        raise ImportError("tensorflow-datasets is needed when no data_dir is given.") from e
+        raise ImportError(
+            "tensorflow-datasets is needed when no data_dir is given: pip install "
+            "'manifold-tf[tfds]' (or tensorflow-datasets), or pass data_dir= (--data_dir, "
+            f"${DATA_DIR_ENV}) pointing at an unpacked 'cifar-10-batches-py' folder."
+        ) from e
     try:
         ds = tfds.load("cifar10", split=split, as_supervised=True, batch_size=-1)
     except Exception as e:  # tfds raises many kinds of errors when offline.

@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from manifold_tf import data as data_lib
 from manifold_tf import models, reporting
+from manifold_tf.evaluation.config import setting
 from manifold_tf.projected import projected_ascent, random_start
 
 FINAL_WEIGHTS = "final.keras"
@@ -150,34 +151,39 @@ class AdversarialTrainer(keras.Model):
 
 @dataclasses.dataclass
 class TrainConfig:
-    """Everything that defines a training run (saved as ``config.json`` in the model dir)."""
+    """Everything that defines a training run (saved as ``config.json`` in the model dir).
 
-    width: str = "narrow"
-    dataset: str = "cifar10"
-    data_dir: str | None = None
-    adversarial: bool = False
-    attack: str = "pgd"
-    epsilon: float = 8.0
-    pgd_steps: int = 7
-    pgd_step_size: float = 2.0
-    fgsm_step_factor: float = 1.25
-    batch_size: int = 128
-    steps: int = 80000
-    lr_schedule: str = "piecewise"
-    lr_boundaries: tuple[int, ...] = (40000, 60000)
-    lr_values: tuple[float, ...] = (0.1, 0.01, 0.001)
-    lr_max: float = 0.2
-    lr_peak: float = 0.4
-    holdout: int = 0
-    holdout_pgd_steps: int = 10
-    holdout_pgd_step_size: float = 2.0
-    overfit_drop: float = 0.2
-    momentum: float = 0.9
-    seed: int = 0
-    checkpoint_every: int = 100
-    log_every: int = 10
-    strategy: str = "default"
-    jit_compile: bool = False
+    The fields double as ``train.py``'s flags (:mod:`manifold_tf.cli.flags`).
+    """
+
+    width: str = setting("narrow", "Model width.", choices=("narrow", "wide"))
+    dataset: str = setting("cifar10", "Training data.", choices=("cifar10", "synthetic"))
+    data_dir: str | None = setting(None, "cifar-10-batches-py folder (default: $MANIFOLD_TF_CIFAR10_DIR, "
+                                         "else TensorFlow Datasets).")
+    adversarial: bool = setting(False, "Train on adversarial examples (--attack).")
+    attack: str = setting("pgd", "Training attack: Madry's PGD-k, or FGSM from a random start "
+                                 "(Wong et al.).", choices=ATTACKS)
+    epsilon: float = setting(8.0, "Attack L-inf budget, pixels (0..255).")
+    pgd_steps: int = setting(7, "PGD steps per batch.")
+    pgd_step_size: float = setting(2.0, "PGD step size, pixels.")
+    fgsm_step_factor: float = setting(1.25, "FGSM step as a multiple of epsilon.")
+    batch_size: int = setting(128, "Global batch size.")
+    steps: int = setting(80000, "Total training steps.")
+    lr_schedule: str = setting("piecewise", "Learning-rate schedule.", choices=LR_SCHEDULES)
+    lr_boundaries: tuple[int, ...] = setting((40000, 60000), "Steps where the piecewise rate drops.")
+    lr_values: tuple[float, ...] = setting((0.1, 0.01, 0.001), "Piecewise rates (one more than boundaries).")
+    lr_max: float = setting(0.2, "Peak learning rate of the cyclic schedule.")
+    lr_peak: float = setting(0.4, "Where the cyclic schedule peaks, as a fraction of the steps.")
+    holdout: int = setting(0, "Training images held out for PGD early stopping (0: none).")
+    holdout_pgd_steps: int = setting(10, "PGD steps of the held-out check.")
+    holdout_pgd_step_size: float = setting(2.0, "PGD step size of the held-out check, pixels.")
+    overfit_drop: float = setting(0.2, "Stop when held-out PGD accuracy falls this far below its best.")
+    momentum: float = setting(0.9, "SGD momentum.")
+    seed: int = setting(0, "Seed: initialisation, data order, augmentation, attack starts.")
+    checkpoint_every: int = setting(100, "Steps between checkpoints (and held-out checks).")
+    log_every: int = setting(10, "Steps between progress lines.")
+    strategy: str = setting("default", "tf.distribute strategy.", choices=("default", "mirrored"))
+    jit_compile: bool = setting(False, "Compile the train step with XLA.")
 
     @property
     def attack_steps(self) -> int:
@@ -361,10 +367,6 @@ def build_trainer(config: TrainConfig) -> AdversarialTrainer:
     return trainer
 
 
-def _config_path(model_dir: str) -> str:
-    return os.path.join(model_dir, "config.json")
-
-
 def train(
     config: TrainConfig,
     model_dir: str,
@@ -380,26 +382,17 @@ def train(
     also checks that the saved config matches) or ``overwrite``.
     """
     config.validate()
-    reporting.prepare_output_dir(model_dir, overwrite=overwrite, resume=resume)
-    saved = _config_path(model_dir)
-    if resume and os.path.exists(saved):
-        previous = reporting.read_json(saved)
-        mine = reporting._to_jsonable(dataclasses.asdict(config))
-        diff = {k: (previous.get(k), v) for k, v in mine.items() if previous.get(k) != v}
-        free = ["strategy", "jit_compile", "log_every"]  # may change on resume
-        if config.lr_schedule != "cyclic":  # a cyclic schedule is a function of the total steps
-            free.append("steps")
-        for name in free:
-            diff.pop(name, None)
-        if diff:
-            raise ValueError(
-                f"--resume with settings that differ from the run in {model_dir!r}: "
-                + ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-            )
-    reporting.write_json(saved, dataclasses.asdict(config))
+    from manifold_tf.evaluation.store import RunStore
+
+    free = ["strategy", "jit_compile", "log_every"]  # may change on resume
+    if config.lr_schedule != "cyclic":  # a cyclic schedule is a function of the total steps
+        free.append("steps")
+    # The run store compares the saved config with this one and names every setting that differs.
+    RunStore(model_dir, resume=resume, overwrite=overwrite).bind(
+        "train", dataclasses.asdict(config), free=free, settings_file="config.json")
 
     if train_arrays is None:
-        train_arrays = data_lib.load_arrays(config.dataset, "train", config.data_dir)
+        train_arrays = data_lib.load_arrays(config.dataset, "train", config.data_dir or (data_lib.default_data_dir() if config.dataset == "cifar10" else None))
     images, labels = train_arrays
     callbacks = []
     history_path = os.path.join(model_dir, HOLDOUT_LOG)

@@ -103,3 +103,18 @@ def test_training_pipeline_is_deterministic_under_a_seed():
     for a, b in zip(first, again):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(skipped.numpy(), first[4])
+
+
+def test_default_data_dir_comes_from_the_environment_only(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
+    assert data.default_data_dir() is None
+    monkeypatch.setenv(data.DATA_DIR_ENV, "")
+    assert data.default_data_dir() is None  # empty counts as unset
+    _write_batches(str(tmp_path / "cifar-10-batches-py"))
+    monkeypatch.setenv(data.DATA_DIR_ENV, str(tmp_path))
+    assert data.default_data_dir() == str(tmp_path)
+    x, _ = data.load_cifar10_arrays("test", data.default_data_dir())
+    assert x.shape == (4, 32, 32, 3)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv(data.DATA_DIR_ENV, "~/cifar-10-batches-py")
+    assert data.default_data_dir() == str(tmp_path / "cifar-10-batches-py")

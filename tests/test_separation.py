@@ -8,28 +8,30 @@ import keras
 import numpy as np
 import pytest
 
-from manifold_tf import reporting, separation
+from manifold_tf import reporting
+from manifold_tf.evaluation import separation, stats
+from manifold_tf.evaluation.store import RunStore
 
 
 def test_chebyshev_epsilon_known_values():
-    assert separation.chebyshev_epsilon(300, 0.9) == pytest.approx(np.sqrt(1.0 / 120.0))
-    assert separation.chebyshev_epsilon(300, 0.9) == pytest.approx(0.0913, abs=1e-4)
+    assert stats.chebyshev_epsilon(300, 0.9) == pytest.approx(np.sqrt(1.0 / 120.0))
+    assert stats.chebyshev_epsilon(300, 0.9) == pytest.approx(0.0913, abs=1e-4)
     # The paper's e = 0.1 at alpha = 0.9 holds from t = 250 on.
-    assert separation.chebyshev_epsilon(250, 0.9) == pytest.approx(0.1)
+    assert stats.chebyshev_epsilon(250, 0.9) == pytest.approx(0.1)
     with pytest.raises(ValueError):
-        separation.chebyshev_epsilon(300, 1.0)
+        stats.chebyshev_epsilon(300, 1.0)
 
 
 def test_clopper_pearson_known_values():
-    lo, hi = separation.clopper_pearson(5, 10)
+    lo, hi = stats.clopper_pearson(5, 10)
     assert (lo, hi) == pytest.approx((0.187086, 0.812914), abs=1e-5)  # textbook value
     # Edges are closed-form: k = 0 -> [0, 1 - (a/2)^(1/n)], k = n -> [(a/2)^(1/n), 1].
-    assert separation.clopper_pearson(0, 300) == pytest.approx((0.0, 1 - 0.025 ** (1 / 300)))
-    assert separation.clopper_pearson(300, 300) == pytest.approx((0.025 ** (1 / 300), 1.0))
-    lo, hi = separation.clopper_pearson(26, 300)
-    assert lo < 26 / 300 < hi and hi < 26 / 300 + separation.chebyshev_epsilon(300)
+    assert stats.clopper_pearson(0, 300) == pytest.approx((0.0, 1 - 0.025 ** (1 / 300)))
+    assert stats.clopper_pearson(300, 300) == pytest.approx((0.025 ** (1 / 300), 1.0))
+    lo, hi = stats.clopper_pearson(26, 300)
+    assert lo < 26 / 300 < hi and hi < 26 / 300 + stats.chebyshev_epsilon(300)
     with pytest.raises(ValueError):
-        separation.clopper_pearson(4, 3)
+        stats.clopper_pearson(4, 3)
 
 
 def test_curve_monotone_and_consistent_with_count():
@@ -69,10 +71,11 @@ def test_run_separation_saves_and_resumes(tmp_path, monkeypatch):
     images = rng.uniform(0, 255, size=(20, 4, 4, 3)).astype(np.float32)
     labels = rng.integers(0, 3, size=20).astype(np.int32)
     kw = dict(delta=8.0, num_batches=3, batch_points=4, seed=1, attack=dict(steps=3))
-    batch_dir = str(tmp_path / "batches")
-    first = separation.run_separation(model, images, labels, batch_dir=batch_dir, **kw)
+    run_dir = str(tmp_path / "run")
+    batch_dir = os.path.join(run_dir, "separation")
+    first = separation.run_separation(model, images, labels, store=RunStore(run_dir), **kw)
     assert first["confidence"].shape == (3, 4)
-    assert sorted(os.listdir(batch_dir)) == [f"batch_{b:03d}.json" for b in range(3)]
+    assert sorted(os.listdir(batch_dir)) == [f"batch_{b:03d}.json" for b in range(3)] + ["settings.json"]
     assert first["settings"]["attack"]["step_size"] == pytest.approx(2.5 * 8 / 3)
 
     # Resume: only the missing batch is recomputed, and the results are identical.
@@ -82,13 +85,13 @@ def test_run_separation_saves_and_resumes(tmp_path, monkeypatch):
     calls = []
     real = attacks.high_confidence
     monkeypatch.setattr(attacks, "high_confidence", lambda *a, **k: calls.append(1) or real(*a, **k))
-    second = separation.run_separation(model, images, labels, batch_dir=batch_dir, **kw)
+    second = separation.run_separation(model, images, labels, store=RunStore(run_dir, resume=True), **kw)
     assert len(calls) == 1
     np.testing.assert_allclose(second["confidence"], first["confidence"], atol=1e-6)
 
     # Other settings in the same directory are refused rather than mixed.
-    with pytest.raises(ValueError, match="other settings"):
-        separation.run_separation(model, images, labels, batch_dir=batch_dir,
+    with pytest.raises(ValueError, match="delta: saved 8.0, now 4.0"):
+        separation.run_separation(model, images, labels, store=RunStore(run_dir, resume=True),
                                   **dict(kw, delta=4.0))
 
 

@@ -2,6 +2,8 @@
 
 - :func:`pgd`: L-inf projected gradient descent (Madry et al.), untargeted or targeted, with
   cross-entropy or CW-margin loss and random restarts.
+- :func:`apgd_ce`, :func:`apgd_dlr`, :func:`apgd_t`: Auto-PGD (Croce & Hein 2020), L-inf, with
+  the cross-entropy, DLR and targeted DLR losses, AutoAttack-style restarts.
 - :func:`high_confidence`: for each point, the largest wrong-label confidence reachable in
   ``N(x, delta)`` (the search of the paper's separation test, Section 4 / Table 1).
 - :func:`bpda`: BPDA with the identity approximation, on a model shell (adaptive attack).
@@ -16,6 +18,7 @@ step sizes and seeds are passed as tensors). Units: pixels (0..255) for images, 
 sizes. Every returned image lies in its L-inf ball and in the box [0, 255].
 """
 
+from manifold_tf.attacks.apgd import apgd_ce, apgd_dlr, apgd_t, dlr_loss, dlr_targeted_loss
 from manifold_tf.attacks.bpda import bpda
 from manifold_tf.attacks.carlini_wagner import (
     CW_CPU,
@@ -30,6 +33,7 @@ from manifold_tf.attacks.carlini_wagner import (
 from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE
 from manifold_tf.attacks.high_confidence import high_confidence
 from manifold_tf.attacks.pgd import LOSSES, pgd
+from manifold_tf.attacks.square import square
 from manifold_tf import compiled as _compiled
 
 # The kinds of compiled function the attacks on base models register in manifold_tf.compiled.
@@ -45,14 +49,20 @@ __all__ = [
     "CW_PAPER",
     "DEFAULT_JIT_COMPILE",
     "LOSSES",
+    "apgd_ce",
+    "apgd_dlr",
+    "apgd_t",
     "bpda",
     "cw_inner",
     "cw_linf",
     "cw_linf_details",
     "cw_schedule",
+    "dlr_loss",
+    "dlr_targeted_loss",
     "from_tanh_space",
     "high_confidence",
     "pgd",
+    "square",
     "to_tanh_space",
     "tracing_counts",
 ]

@@ -16,11 +16,21 @@ from absl import flags
 
 def _kind(cls, f: dataclasses.Field) -> str:
     hint = typing.get_type_hints(cls)[f.name]
+    if typing.get_origin(hint) is tuple:
+        return "list"
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
-    base = args[0]
     if f.metadata.get("choices"):
         return "enum"
-    return {bool: "bool", int: "integer", float: "float", str: "string"}.get(base, "string")
+    return {bool: "bool", int: "integer", float: "float", str: "string"}.get(args[0], "string")
+
+
+def _value(cls, f: dataclasses.Field, value):
+    """A parsed flag value in the field's type (comma lists -> typed tuples)."""
+    hint = typing.get_type_hints(cls)[f.name]
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return tuple(item(v) for v in value)
+    return value
 
 
 def flag_name(f: dataclasses.Field, prefix: str) -> str:
@@ -45,6 +55,8 @@ def define(cls, prefix: str = "", *, flag_values=flags.FLAGS, skip=()) -> None:
             flags.DEFINE_bool(name, default, help_text, flag_values=flag_values)
         elif kind == "integer":
             flags.DEFINE_integer(name, default, help_text, flag_values=flag_values)
+        elif kind == "list":
+            flags.DEFINE_list(name, [str(v) for v in default], help_text, flag_values=flag_values)
         elif kind == "float":
             flags.DEFINE_float(name, default, help_text, flag_values=flag_values)
         else:
@@ -60,7 +72,7 @@ def build(cls, prefix: str = "", *, flag_values=flags.FLAGS, base=None, skip=(),
             continue
         name = flag_name(f, prefix)
         if flag_values[name].present:
-            changes[f.name] = flag_values[name].value
+            changes[f.name] = _value(cls, f, flag_values[name].value)
     return dataclasses.replace(base, **changes)
 
 

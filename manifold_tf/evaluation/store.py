@@ -93,7 +93,7 @@ class RunStore:
             compare_settings(read_json_checked(path), settings, free=free, where=repr(folder))
         elif not self.resume and os.path.isdir(folder):
             shutil.rmtree(folder)
-        os.makedirs(folder, exist_ok=True)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         reporting.write_json(path, settings)
         return json.loads(json.dumps(reporting._to_jsonable(settings)))
 

@@ -1,4 +1,4 @@
-"""Tests of the defence evaluation (Table 2 protocol): categories, point selection, the CLI, resume."""
+"""Tests of the defence evaluation (Table 2) and the adaptive attack run after it: protocol, CLI, resume."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import keras
 import numpy as np
 import pytest
 
-from manifold_tf import evaluation
+from manifold_tf.evaluation import adaptive, defence
+from manifold_tf.evaluation.config import AdaptiveConfig
+from manifold_tf.evaluation.store import RunStore
 from manifold_tf.data import synthetic_manifold
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,10 +27,10 @@ def test_categories_and_rates_follow_the_paper():
     base_success = np.array([False, True, True, True, False, False])
     g_x = np.array([1, 1, 2, 2, 1, 3])
     g_adv = np.array([1, 1, 2, 3, 4, 1])
-    cats = evaluation.categorize(base_success, g_x, g_adv, y)
+    cats = defence.categorize(base_success, g_x, g_adv, y)
     assert cats.tolist() == ["robust_kept", "vulnerable_fixed", "wrong_but_robust",
                              "wrong_not_robust", "wrong_not_robust", "wrong_not_robust"]
-    r = evaluation.batch_rates(dict(labels=y, base_success=base_success, shell_clean=g_x,
+    r = defence.batch_rates(dict(labels=y, base_success=base_success, shell_clean=g_x,
                                     shell_adv=g_adv, category=cats))
     assert r["base_successes"] == 3
     # The attack "succeeds" on the shell where it changes the answer into a wrong one: points
@@ -43,9 +45,9 @@ def test_categories_and_rates_follow_the_paper():
 def test_paper_permutation_is_the_authors_order():
     random.seed(123)
     expected = random.sample(range(50), 50)[::-1]
-    assert evaluation.walk_order(50, seed=123, kind="paper").tolist() == expected
+    assert defence.walk_order(50, seed=123, kind="paper").tolist() == expected
     with pytest.raises(ValueError, match="permutation.*'shuffled'"):
-        evaluation.walk_order(5, seed=0, kind="shuffled")
+        defence.walk_order(5, seed=0, kind="shuffled")
 
 
 class LabelInPixel(keras.Model):
@@ -61,33 +63,11 @@ def test_selection_walks_the_permutation_and_keeps_correct_points():
     pred = y.copy()
     pred[::2] = (y[::2] + 1) % 3  # even indices are misclassified
     x[:, 0, 0, 0] = pred
-    chosen = evaluation.select_correct_points(LabelInPixel(), x, y, num_points=5, seed=4, chunk=3)
-    order = evaluation.walk_order(20, seed=4)
+    chosen = defence.select_correct_points(LabelInPixel(), x, y, num_points=5, seed=4, chunk=3)
+    order = defence.walk_order(20, seed=4)
     assert chosen.tolist() == [int(i) for i in order if i % 2][:5]
     with pytest.raises(ValueError, match="only 10 of the 20"):
-        evaluation.select_correct_points(LabelInPixel(), x, y, num_points=11, seed=4)
-
-
-def test_default_inputs_prefer_the_cifar_sample_then_synthetic(tmp_path, monkeypatch):
-    sample = tmp_path / "sample"
-    (sample / "cifar-10-batches-py").mkdir(parents=True)
-    (sample / "cifar-10-batches-py" / "test_batch").write_bytes(b"")
-    adv, synth = tmp_path / "narrow_adv.keras", tmp_path / "synthetic_narrow.keras"
-    monkeypatch.setattr(evaluation, "SAMPLE_DIR", str(sample))
-    monkeypatch.setattr(evaluation, "DEFAULT_CHECKPOINTS", dict(cifar10=str(adv), synthetic=str(synth)))
-    out = str(tmp_path / "out")
-    pick = lambda **kw: evaluation.defence_inputs(  # noqa: E731
-        kw.get("dataset", "auto"), kw.get("data_dir"), kw.get("checkpoint"), out)
-    got = pick()
-    assert (got["dataset"], got["train_quick_model"]) == ("synthetic", True)
-    assert got["checkpoint"] == os.path.join(out, evaluation.QUICK_MODEL)
-    synth.write_bytes(b"")
-    assert pick()["checkpoint"] == str(synth)
-    adv.write_bytes(b"")
-    got = pick()
-    assert (got["dataset"], got["data_dir"], got["checkpoint"]) == ("cifar10", str(sample), str(adv))
-    got = pick(checkpoint="/m.keras", data_dir="/d")
-    assert (got["dataset"], got["data_dir"], got["checkpoint"]) == ("cifar10", "/d", "/m.keras")
+        defence.select_correct_points(LabelInPixel(), x, y, num_points=11, seed=4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -110,8 +90,8 @@ def tiny_checkpoint(tmp_path_factory) -> str:
 def _cli(checkpoint: str, output_dir: str, *extra: str) -> list[str]:
     return [sys.executable, os.path.join(ROOT, "evaluate.py"), "--shell=mcn", "--delta=8",
             f"--checkpoint={checkpoint}", "--dataset=synthetic", f"--output_dir={output_dir}",
-            "--num_batches=4", "--batch_points=4", "--epsilon=36", "--cw_max_iterations=10",
-            "--shell_steps=20", "--nojit_compile", *extra]
+            "--defence_batches=4", "--defence_batch_points=4", "--epsilon=36",
+            "--base_attack_max_iterations=10", "--shell_steps=20", "--noshell_jit_compile", *extra]
 
 
 def _env(**extra) -> dict:
@@ -142,7 +122,8 @@ def test_cli_writes_the_report_and_refuses_to_clobber(uninterrupted, tiny_checkp
     assert sum(report["average"]["categories"].values()) == 16
     assert report["settings"]["shell"]["steps"] == 20
     assert report["settings"]["attack"]["max_iterations"] == 10
-    for name in ("defence.md", "failures.png", "batches/batch_003.json", "batches/batch_003_xadv.npy"):
+    for name in ("defence.md", "failures.png", "defence/batch_003.json", "defence/batch_003_xadv.npy",
+                 "defence/settings.json"):
         assert os.path.exists(os.path.join(uninterrupted, name)), name
     text = open(os.path.join(uninterrupted, "defence.md")).read()
     assert "Average" in text and "shell retained accuracy" in text and "37.33%" in text
@@ -156,7 +137,7 @@ def test_resume_after_kill_gives_the_uninterrupted_report(uninterrupted, tiny_ch
     out = str(tmp_path / "killed")
     proc = subprocess.Popen(_cli(tiny_checkpoint, out), env=_env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = os.path.join(out, "batches", "batch_000.json")
+    first = os.path.join(out, "defence", "batch_000.json")
     deadline = time.time() + 600
     while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -167,7 +148,8 @@ def test_resume_after_kill_gives_the_uninterrupted_report(uninterrupted, tiny_ch
     # A resume with other settings is refused.
     other = subprocess.run(_cli(tiny_checkpoint, out, "--resume", "--shell_steps=3"), env=_env(),
                            capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert other.returncode != 0 and "other settings" in other.stderr
+    assert other.returncode != 0 and "differ from the run" in other.stderr
+    assert "shell: saved" in other.stderr  # names the setting that differs
     done = subprocess.run(_cli(tiny_checkpoint, out, "--resume"), env=_env(), capture_output=True,
                           text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -190,7 +172,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def test_mirrored_strategy_on_two_logical_cpus_gives_the_same_results(uninterrupted, tiny_checkpoint,
                                                                       tmp_path):
     out = str(tmp_path / "mirrored")
-    cmd = _cli(tiny_checkpoint, out, "--strategy=mirrored")
+    cmd = _cli(tiny_checkpoint, out, "--defence_strategy=mirrored")
     done = subprocess.run([sys.executable, "-c", _MIRRORED, *cmd[1:]], env=_env(),
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -208,7 +190,8 @@ def test_default_command_runs_on_a_fresh_checkout(tmp_path):
     out = str(tmp_path / "default")
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "evaluate.py"), "--shell=mcn", f"--output_dir={out}",
-         "--num_batches=1", "--batch_points=2", "--cw_max_iterations=5", "--shell_steps=1"],
+         "--defence_batches=1", "--defence_batch_points=2", "--base_attack_max_iterations=5",
+         "--shell_steps=1"],
         env=_env(), capture_output=True, text=True, timeout=3600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert os.path.exists(os.path.join(out, "defence.json"))
@@ -217,7 +200,7 @@ def test_default_command_runs_on_a_fresh_checkout(tmp_path):
 def test_a_second_shell_reuses_the_first_runs_adversarial_examples(uninterrupted, tiny_checkpoint,
                                                                    tmp_path):
     out = str(tmp_path / "ncn")
-    cmd = _cli(tiny_checkpoint, out, f"--attack_from={uninterrupted}")
+    cmd = _cli(tiny_checkpoint, out, f"--base_attack_from_run={uninterrupted}")
     cmd[cmd.index("--shell=mcn")] = "--shell=ncn"
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -233,10 +216,10 @@ def test_a_second_shell_reuses_the_first_runs_adversarial_examples(uninterrupted
     for pa, pb in zip(a["points"], b["points"]):
         assert (pa["index"], pa["base_success"], pa["linf"]) == (pb["index"], pb["base_success"], pb["linf"])
     # Another attack budget cannot reuse them.
-    saved = json.load(open(os.path.join(uninterrupted, "batches", "batch_000.json")))
-    settings = dict(saved["settings"], epsilon=4.0)
+    saved = json.load(open(os.path.join(uninterrupted, "defence", "batch_000.json")))
+    settings = dict(json.load(open(os.path.join(uninterrupted, "defence", "settings.json"))), epsilon=4.0)
     with pytest.raises(ValueError, match="cannot reuse"):
-        evaluation._reusable_attack(uninterrupted, 0, settings, np.asarray(saved["indices"]))
+        defence._reusable_attack(uninterrupted, 0, settings, np.asarray(saved["indices"]))
 
 
 def test_adaptive_attack_runs_on_a_finished_table2_run_and_resumes(uninterrupted, tiny_checkpoint,
@@ -259,23 +242,20 @@ def test_adaptive_attack_runs_on_a_finished_table2_run_and_resumes(uninterrupted
     cw_robust = sum(not p["base_success"] for p in table2["points"])
     assert 0 <= avg["base_robust"] <= cw_robust
     for b in range(4):
-        rec = json.load(open(os.path.join(out, "batches", f"batch_{b:03d}_adaptive.json")))
-        x_adv = np.load(os.path.join(out, "batches", f"batch_{b:03d}_adaptive_xadv.npy"))
+        rec = json.load(open(os.path.join(out, "adaptive", f"batch_{b:03d}.json")))
+        x_adv = np.load(os.path.join(out, "adaptive", f"batch_{b:03d}_xadv.npy"))
         assert x_adv.shape == (4, 32, 32, 3) and x_adv.min() >= 0 and x_adv.max() <= 255
         assert max(rec["linf"]) <= 36 + 1e-3
         # Points the shell got wrong before the attack are never counted robust.
         assert not any(r and c != y for r, c, y in zip(rec["robust"], rec["shell_clean"], rec["labels"]))
     for name in ("adaptive.md", "adaptive_failures.png"):
         assert os.path.exists(os.path.join(out, name)), name
-    # A batch file from before the base comparison existed gets it added on resume.
-    first = os.path.join(out, "batches", "batch_000_adaptive.json")
-    rec = json.load(open(first))
-    del rec["base_robust"]
-    json.dump(rec, open(first, "w"))
+    # A lost batch file is recomputed on resume, the others are reused: the same report.
+    os.remove(os.path.join(out, "adaptive", "batch_001.json"))
     again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "already done" in again.stdout + again.stderr
-    assert "base_robust" in json.load(open(first))
+    assert os.path.exists(os.path.join(out, "adaptive", "batch_001.json"))
     assert _without_timings(json.load(open(os.path.join(out, "adaptive.json")))) == \
         _without_timings(report)
 
@@ -286,14 +266,14 @@ def test_adaptive_attack_needs_a_finished_run_with_the_same_shell(uninterrupted,
 
     base = keras.saving.load_model(tiny_checkpoint)
     x = np.zeros((1, 32, 32, 3), np.float32)
-    os.makedirs(tmp_path / "empty" / "batches")
+    empty = RunStore(str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="no finished Table-2 batches"):
-        evaluation.run_adaptive(base, MCNShell(base, 8.0, steps=20, jit_compile=False), x,
-                                output_dir=str(tmp_path / "empty"))
+        adaptive.run_adaptive(base, MCNShell(base, 8.0, steps=20, jit_compile=False), x,
+                              AdaptiveConfig(), empty)
     # The run used delta 8 and 20 steps: another shell would attack what the run did not measure.
     with pytest.raises(ValueError, match="shell differs"):
-        evaluation.run_adaptive(base, MCNShell(base, 4.0, steps=20, jit_compile=False), x,
-                                output_dir=uninterrupted)
+        adaptive.run_adaptive(base, MCNShell(base, 4.0, steps=20, jit_compile=False), x,
+                              AdaptiveConfig(), RunStore(uninterrupted, resume=True))
 
 
 def test_defence_only_flags_without_a_shell_are_refused(tmp_path):
@@ -302,16 +282,5 @@ def test_defence_only_flags_without_a_shell_are_refused(tmp_path):
          f"--output_dir={tmp_path / 'out'}"],
         env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode != 0
-    assert "--adaptive and --attack_from belong to the defence evaluation" in done.stderr
+    assert "belong to the defence evaluation" in done.stderr
     assert not os.path.exists(tmp_path / "out")  # refused before anything was written
-
-
-def test_predict_logits_reuses_one_function_per_model():
-    model = LabelInPixel()
-    x = np.zeros((7, 32, 32, 3), np.float32)
-    x[:, 0, 0, 0] = np.arange(7) % 3
-    for batch_size in (7, 3, 2, 7):
-        np.testing.assert_array_equal(evaluation.predict_logits(model, x, batch_size).argmax(-1),
-                                      np.arange(7) % 3)
-    # Shapes 7, 3, 1, 2: reduce_retracing relaxes the batch axis after the second shape.
-    assert evaluation._predict_function(model).experimental_get_tracing_count() <= 2

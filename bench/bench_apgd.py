@@ -1,0 +1,166 @@
+"""Benchmark: our APGD-CE and APGD-T against ART's ``AutoProjectedGradientDescent``, L-inf.
+
+One run, one model, the first ``--num_points`` points of the CIFAR-10 sample test set:
+1. the forward+backward limit: ``--steps`` compiled passes (input gradient of the cross-entropy)
+   of the same ``N``-point batch, the least time any ``steps``-step gradient attack can take;
+2. ``attacks.apgd_ce`` and ``attacks.apgd_t`` (Croce & Hein 2020) at ``--epsilon``, ``--steps``,
+   ``--restarts`` (APGD-T: ``--num_targets`` target classes, each with ``--restarts`` runs);
+3. ART 1.20's ``AutoProjectedGradientDescent`` with the cross-entropy loss at the same budget
+   (``eps``, ``max_iter = steps``, ``nb_random_init = restarts``, initial step ``eps_step = 2 eps``
+   as in APGD, one batch of ``N``), through ``TensorFlowV2Classifier`` with clip values (0, 255).
+   ART has no APGD-T (its targeted mode takes given targets and the CE loss), so APGD-T is only
+   compared with the limit; ``--dlr`` adds our APGD-DLR and ART's DLR loss side by side.
+
+Robust accuracy is over all ``N`` points (a point misclassified clean counts as broken), with an
+exact 95% Clopper-Pearson interval; "broken" counts the clean-correct points an attack
+misclassifies. ART's outputs are checked to lie in the ball and the box. Times are one timed call
+after an untimed warm-up on two points (which compiles ours; the batch axis is dynamic, so the
+full batch does not retrace; ART's forward pass retraces per batch size, part of its cost).
+APGD-T runs up to ``num_targets * restarts`` times as long as the limit; each later run only on
+the points still standing.
+
+Usage (about 10 minutes on 2 shared cores)::
+
+  python -m bench.bench_apgd --num_points=100 --steps=30
+
+(the default model is the shipped ``manifold_tf/weights/narrow_adv.keras``).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+import manifold_tf  # noqa: E402,F401  (registers the custom layers for load_model)
+from bench import timing  # noqa: E402
+from manifold_tf import attacks, pretrained  # noqa: E402
+from manifold_tf.data import load_cifar10_arrays  # noqa: E402
+from manifold_tf.evaluation.stats import clopper_pearson  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoint", None, "A .keras model (logits, pixels 0..255); default the "
+                    "shipped narrow_adv model (manifold_tf.pretrained).")
+flags.DEFINE_string("data_dir", "../shared/data/cifar10-sample", "CIFAR-10 python batches.")
+flags.DEFINE_integer("num_points", 200, "The first N test points (clean-misclassified included).")
+flags.DEFINE_float("epsilon", 8.0, "L-inf budget in pixels.")
+flags.DEFINE_integer("steps", 100, "APGD iterations per run (AutoAttack: 100).")
+flags.DEFINE_integer("restarts", 1, "Runs per attack (per target for APGD-T); ART's "
+                     "nb_random_init.")
+flags.DEFINE_integer("num_targets", 9, "APGD-T target classes (AutoAttack: 9).")
+flags.DEFINE_integer("seed", 0, "Seed of our random starts (ART draws from numpy's global state).")
+flags.DEFINE_boolean("art", True, "Also run ART (pip install adversarial-robustness-toolbox).")
+flags.DEFINE_boolean("dlr", False, "Also run our APGD-DLR and ART's DLR loss.")
+flags.DEFINE_boolean("jit_compile", False, "Compile our runs with XLA.")
+flags.DEFINE_string("output", timing.default_output("apgd"), "JSON output file.")
+
+
+def timed(fn, warmup=None) -> tuple[float, object]:
+    """Seconds of one call of ``fn`` (after ``warmup()``, untimed) and its value."""
+    if warmup is not None:
+        warmup()
+    out = timing.time_call(fn, repeats=1, warmup=0)
+    return out["min_s"], out["result"]
+
+
+def main(argv):
+    del argv
+    np.random.seed(FLAGS.seed)
+    path = FLAGS.checkpoint or pretrained.path("narrow_adv")
+    model = keras.saving.load_model(path)
+    x, y = load_cifar10_arrays("test", FLAGS.data_dir)
+    x, y = x[: FLAGS.num_points], y[: FLAGS.num_points].astype(np.int32)
+    n, eps, steps, restarts = len(x), FLAGS.epsilon, FLAGS.steps, FLAGS.restarts
+
+    def predict(images):
+        return np.concatenate([np.argmax(model(images[i:i + 100], training=False).numpy(), 1)
+                               for i in range(0, len(images), 100)])
+
+    clean_ok = predict(x) == y
+    xt, yt = tf.constant(x), tf.constant(y)
+
+    @tf.function(jit_compile=FLAGS.jit_compile)
+    def forward_backward(z):
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            loss = tf.nn.sparse_softmax_cross_entropy_with_logits(yt, model(z, training=False))
+        return tape.gradient(loss, z)
+
+    t_limit, _ = timed(lambda: [forward_backward(xt) for _ in range(steps)][-1].numpy(),
+                       warmup=lambda: forward_backward(xt).numpy())
+    rows = [dict(attack=f"fwd+bwd limit ({steps} passes)", points=n, seconds=t_limit,
+                 **{"x limit": 1.0})]
+    result = dict(model=path, points=n, epsilon=eps, steps=steps, restarts=restarts,
+                  num_targets=FLAGS.num_targets, seed=FLAGS.seed, jit_compile=FLAGS.jit_compile,
+                  clean_accuracy=float(clean_ok.mean()), limit_seconds=t_limit,
+                  cpu_count=os.cpu_count(), load_average_start=os.getloadavg())
+
+    def report(name, seconds, x_adv, art_seconds=None):
+        flat = np.asarray(x_adv, np.float64).reshape(n, -1)
+        valid = ((np.abs(flat - x.reshape(n, -1)).max(1) <= eps + 1e-3) & (flat.min(1) >= 0.0)
+                 & (flat.max(1) <= 255.0))
+        # A point outside the ball or the box breaks nothing.
+        robust = clean_ok & ((predict(np.asarray(x_adv, np.float32)) == y) | ~valid)
+        k, broken = int(robust.sum()), int((clean_ok & ~robust).sum())
+        lo, hi = clopper_pearson(k, n)
+        result[name] = dict(seconds=seconds, robust=k, robust_accuracy=k / n,
+                            clopper_pearson_95=[lo, hi], broken=broken, invalid=int((~valid).sum()))
+        rows.append({"attack": name, "points": n, "robust acc": k / n,
+                     "95% CI": f"[{lo:.3f}, {hi:.3f}]", "broken": broken, "seconds": seconds,
+                     "x limit": seconds / t_limit,
+                     "ours/ART": None if art_seconds is None else seconds / art_seconds})
+        return robust
+
+    kw = dict(epsilon=eps, steps=steps, restarts=restarts, seed=FLAGS.seed,
+              jit_compile=FLAGS.jit_compile)
+    ours = {"APGD-CE": lambda a, b: attacks.apgd_ce(model, a, b, **kw),
+            "APGD-T": lambda a, b: attacks.apgd_t(model, a, b, num_targets=FLAGS.num_targets, **kw)}
+    if FLAGS.dlr:
+        ours["APGD-DLR"] = lambda a, b: attacks.apgd_dlr(model, a, b, **kw)
+    art_times = {}
+    art_losses = ["cross_entropy"] + (["difference_logits_ratio"] if FLAGS.dlr else [])
+    if FLAGS.art:
+        for loss in art_losses:
+            attack = make_art(model, x.shape[1:], loss, eps, steps, restarts, n)
+            name = f"ART APGD ({'CE' if loss == 'cross_entropy' else 'DLR'})"
+            # Warm up the same object: ART's classifier traces its forward pass per instance.
+            t, x_adv = timed(lambda: attack.generate(x, y),
+                             warmup=lambda: attack.generate(x[:2], y[:2]))
+            art_times["APGD-CE" if loss == "cross_entropy" else "APGD-DLR"] = t
+            report(name, t, x_adv)
+    robust_all = clean_ok.copy()
+    for name, fn in ours.items():
+        t, x_adv = timed(lambda: fn(xt, y).numpy(), warmup=lambda: fn(xt[:2], y[:2]))
+        robust_all &= report(f"ours {name}", t, x_adv, art_times.get(name))
+    result["ours_worst_case_robust_accuracy"] = float(robust_all.mean())
+    rows.append({"attack": "ours, worst case over the above", "points": n,
+                 "robust acc": robust_all.mean(), "broken": int((clean_ok & ~robust_all).sum())})
+    result["load_average_end"] = os.getloadavg()
+    columns = ["attack", "points", "robust acc", "95% CI", "broken", "seconds", "x limit",
+               "ours/ART"]
+    print(f"model {path}; {n} points, clean accuracy {clean_ok.mean():.3f}; eps {eps} px, "
+          f"{steps} steps, {restarts} restart(s), APGD-T {FLAGS.num_targets} targets")
+    timing.write_results(FLAGS.output, rows, columns=columns, extra=result)
+
+
+def make_art(model, input_shape, loss_type, eps, steps, restarts, batch_size):
+    from art.attacks.evasion import AutoProjectedGradientDescent
+    from art.estimators.classification import TensorFlowV2Classifier
+
+    clf = TensorFlowV2Classifier(
+        model=model, nb_classes=int(model.output_shape[-1]), input_shape=tuple(input_shape),
+        loss_object=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        clip_values=(0.0, 255.0))
+    # eps_step is ART's initial step size eta: APGD's 2 * eps.
+    return AutoProjectedGradientDescent(
+        clf, norm=np.inf, eps=eps, eps_step=2.0 * eps, max_iter=steps, targeted=False,
+        nb_random_init=restarts, batch_size=batch_size, loss_type=loss_type, verbose=False)
+
+
+if __name__ == "__main__":
+    app.run(main)

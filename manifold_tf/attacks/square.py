@@ -1,0 +1,237 @@
+"""The Square attack (Andriushchenko, Croce, Flammarion & Hein, ECCV 2020), L-inf, score-based.
+
+A black-box random search that only reads the model's scores: no gradients, so a defence that
+merely masks its gradients (a shell's argmax over a ball, saturated probabilities) gives it no
+trouble. In an adaptive evaluation (METHOD.md) it is the sanity check of the gradient attacks: if
+Square beats PGD/BPDA on a model, the gradient attacks were fooled by that model, not the other way.
+
+Algorithm (the paper's Algorithm 1 with the L-inf proposal of Section 3.1, as in the reference code
+``square_attack_linf`` of ``max-andr/square-attack``):
+
+1. Start at vertical stripes, ``x + eps * s``, one random sign ``s`` per column and channel.
+2. Each iteration, for each image still standing: a random ``s x s`` window, ``s =
+   round(sqrt(p * H * W))`` (at least 1), is set to ``x + eps * sign_c`` with one random sign per
+   channel ``c``; a proposal that would not change the current image is redrawn. The proposal is
+   kept when it lowers the margin loss ``L = log p_y - max_{j != y} log p_j`` (for logits the same
+   as ``Z_y - max_{j != y} Z_j``); an image is done once ``L < 0``.
+3. ``p`` follows the paper's schedule: ``p_init`` halved after iterations 10, 50, 200, 500, 1000,
+   2000, 4000, 6000 and 8000 of a 10,000-query run, the iteration index rescaled to the budget
+   (:func:`p_schedule`).
+
+Choices beyond the reference, each cheap: the first query is the clean image (a point the model
+already gets wrong is returned as ``x`` after one query; the reference skips such points before it
+starts); the remaining ``queries - 1`` queries are the reference's run with ``n_iters = queries -
+1``. Windows are placed uniformly over all ``(H - s + 1)^2`` positions and may cover the whole
+image (the reference draws ``randint(0, h - s)`` and caps ``s`` at ``h - 1``, never touching the last
+row and column). Candidate coordinates are ``clip(x +- eps, 0, 255)``, so every iterate lies in
+``N(x, eps)``.
+
+Cost: one model call per iteration on the images still standing (the call dominates; the search
+itself is vectorised numpy), plus one call on every image at the end to verify the result.
+Units: pixels (0..255) for images and ``epsilon``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from manifold_tf import compiled
+from manifold_tf.attacks.common import check_positive_int
+from manifold_tf.validation import (
+    PIXEL_MAX,
+    PIXEL_MIN,
+    validate_images,
+    validate_labels,
+    validate_radius,
+)
+
+__all__ = ["OUTPUTS", "p_schedule", "square"]
+
+OUTPUTS = ("logits", "probabilities")
+# The paper's schedule on a 10,000-query run: p_init / 2**k after the k-th of these iterations.
+_P_STEPS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
+# A proposal equal to the current image is redrawn; for eps > 0 each redraw fails with probability
+# 2**-channels, unless eps is below float32 resolution at every pixel of the window: then give up.
+_MAX_REDRAWS = 64
+
+
+def p_schedule(p_init: float, iteration: int, n_iters: int) -> float:
+    """The fraction of pixels changed at ``iteration`` (0-based) of an ``n_iters``-query run.
+
+    The reference's ``p_selection``: ``it = int(iteration / n_iters * 10000)``, then ``p_init``
+    halved once for every step of ``(10, 50, 200, ..., 8000)`` that ``it`` has passed.
+    """
+    it = int(iteration / n_iters * 10000)
+    if it > 10000:  # the reference returns p_init past the end of the run
+        return float(p_init)
+    return float(p_init) / 2 ** sum(it > k for k in _P_STEPS)
+
+
+def _scorer(model, output: str, image_shape: tuple, batch_size: int | None) -> Callable:
+    """``x`` numpy ``[M, H, W, C]`` -> scores float64 ``[M, K]``, in chunks of ``batch_size``."""
+    if isinstance(model, keras.Model) and not hasattr(model, "embed_function"):
+        # A base model: one compiled forward pass, traced once for every batch size. (A shell
+        # compiles its own search and is called as it is.)
+        spec = tf.TensorSpec((None,) + tuple(image_shape), tf.float32)
+        fn = compiled.cached(model, ("square", tuple(image_shape)),
+                             lambda net: (lambda z: net(z, training=False)), input_signature=[spec])
+    elif isinstance(model, keras.layers.Layer):
+        fn = lambda z: model(z, training=False)  # noqa: E731
+    else:
+        fn = model
+
+    def score(x: np.ndarray) -> np.ndarray:
+        step = batch_size or max(len(x), 1)
+        parts = [np.asarray(fn(tf.convert_to_tensor(x[i:i + step])), np.float64)
+                 for i in range(0, len(x), step)]
+        return np.concatenate(parts) if parts else np.zeros((0, 0))
+
+    return score
+
+
+def _check_scores(scores: np.ndarray, n: int, output: str) -> None:
+    if scores.ndim != 2 or scores.shape[0] != n or scores.shape[1] < 2:
+        raise ValueError(f"the model must return scores of shape [{n}, num_classes >= 2]; "
+                         f"got shape {scores.shape}.")
+    if not np.isfinite(scores).all():
+        raise ValueError("the model returned non-finite scores (nan or inf).")
+    simplex = (scores.min() >= 0.0 and scores.max() <= 1.0
+               and np.allclose(scores.sum(axis=1), 1.0, atol=1e-3))
+    if output == "logits" and simplex:
+        raise ValueError("output='logits' but the model returns probabilities (every row is in "
+                         "[0, 1] and sums to 1): pass output='probabilities' (e.g. for a shell).")
+    if output == "probabilities" and not simplex:
+        raise ValueError(f"output='probabilities' but the model's rows are not probability vectors "
+                         f"(values in [{scores.min():g}, {scores.max():g}]): pass output='logits'.")
+
+
+def _margin(scores: np.ndarray, y: np.ndarray, output: str) -> np.ndarray:
+    """``log p_y - max_{j != y} log p_j`` per row (for logits the softmax normaliser cancels)."""
+    log = scores.copy() if output == "logits" else np.log(np.maximum(scores, 1e-45))
+    rows = np.arange(len(y))
+    own = log[rows, y]
+    log[rows, y] = -np.inf
+    return own - log.max(axis=1)
+
+
+def square(
+    model,
+    x,
+    y,
+    *,
+    epsilon: float,
+    queries: int = 1000,
+    p_init: float = 0.8,
+    seed: int = 0,
+    output: str = "logits",
+    batch_size: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Untargeted L-inf Square attack on any score function (see the module docstring).
+
+    Args:
+      model: images ``[M, H, W, C]`` (pixels) -> scores ``[M, K]``: a Keras base model returning
+        logits, a shell (:class:`~manifold_tf.shells.MCNShell`, :class:`~manifold_tf.shells.NCNShell`)
+        returning probabilities, or any callable. Keras models are called with ``training=False``.
+      x: clean images ``[N, H, W, C]``, float, pixels 0..255.
+      y: true labels ``[N]`` (int).
+      epsilon: L-inf budget in pixels (8 means 8/255).
+      queries: model evaluations per image, at most (the clean image, the stripes, then
+        ``queries - 2`` random-search iterations); the final verification call is not counted.
+      p_init: initial fraction of pixels per window, in (0, 1]. 0.8 is AutoAttack's choice for
+        small budgets; the reference script's default 0.05 was tuned for 10,000 ImageNet queries.
+      seed: seeds a ``numpy.random.Generator``: same seed, model and inputs give the same output.
+      output: ``"logits"`` or ``"probabilities"``, what ``model`` returns (checked on ``x``).
+      batch_size: at most this many images per model call (``None``: all still standing at once).
+      progress: optional ``progress(queries_spent, images_standing)``, called after every query
+        round; nothing is printed.
+
+    Returns:
+      dict of numpy arrays: ``x_adv`` float32 ``[N, H, W, C]`` (in ``N(x, epsilon)``: the first
+      point found with ``L < 0``, else the best point visited), ``success`` bool ``[N]`` (the
+      model's argmax at ``x_adv`` is not ``y``, from a final call on ``x_adv``), ``queries`` int32
+      ``[N]`` (queries spent per image, ``1..queries``) and ``margin`` float32 ``[N]`` (``L`` at
+      ``x_adv`` from that final call; ``< 0`` implies success).
+    """
+    epsilon = validate_radius(epsilon, "epsilon")
+    if isinstance(queries, bool):
+        raise ValueError(f"queries must be a positive integer; got {queries!r}.")
+    queries = check_positive_int(queries, "queries")
+    p_init = float(p_init)
+    if not 0.0 < p_init <= 1.0:
+        raise ValueError(f"p_init must lie in (0, 1]; got {p_init}.")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}.")
+    if batch_size is not None:
+        batch_size = check_positive_int(batch_size, "batch_size")
+    x = validate_images(x, image_shape=None).numpy()
+    n, h, w, c = x.shape
+    if n == 0:
+        validate_labels(y, num_examples=0, num_classes=1)
+        return dict(x_adv=x, success=np.zeros(0, bool), queries=np.zeros(0, np.int32),
+                    margin=np.zeros(0, np.float32))
+    score = _scorer(model, output, (h, w, c), batch_size)
+    rng = np.random.default_rng(int(seed))
+    eps = np.float32(epsilon)
+
+    # Query 1: the clean images (also tells the number of classes and checks the output kind).
+    scores = score(x)
+    _check_scores(scores, n, output)
+    y = validate_labels(y, num_examples=n, num_classes=scores.shape[1]).numpy()
+    best = x.copy()
+    loss = _margin(scores, y, output)
+    spent = np.ones(n, np.int32)
+
+    def query(idx: np.ndarray, cand: np.ndarray) -> None:
+        """Evaluates ``cand`` for images ``idx``; keeps each candidate that lowers the loss."""
+        new = _margin(score(cand), y[idx], output)
+        better = new < loss[idx]
+        best[idx[better]] = cand[better]
+        loss[idx[better]] = new[better]
+        spent[idx] += 1
+        if progress is not None:
+            progress(int(spent.max()), int((loss >= 0).sum()))
+
+    # Query 2: vertical stripes, accepted unconditionally as in the reference.
+    idx = np.flatnonzero(loss >= 0)
+    if epsilon > 0 and queries >= 2 and len(idx):
+        stripes = eps * (2 * rng.integers(0, 2, (len(idx), 1, w, c)) - 1).astype(np.float32)
+        best[idx] = np.clip(x[idx] + stripes, PIXEL_MIN, PIXEL_MAX)
+        loss[idx] = np.inf
+        query(idx, best[idx])
+
+    rows_h, cols_w = np.arange(h), np.arange(w)
+    for it in range(queries - 2 if epsilon > 0 else 0):
+        idx = np.flatnonzero(loss >= 0)
+        if not len(idx):
+            break
+        m = len(idx)
+        s = min(max(int(round(np.sqrt(p_schedule(p_init, it, queries - 1) * h * w))), 1), h, w)
+        top = rng.integers(0, h - s + 1, m)[:, None]
+        left = rng.integers(0, w - s + 1, m)[:, None]
+        window = (((rows_h >= top) & (rows_h < top + s))[:, :, None, None]
+                  & ((cols_w >= left) & (cols_w < left + s))[:, None, :, None])  # [m, h, w, 1]
+        xi, bi = x[idx], best[idx]
+        cand = np.empty_like(bi)
+        todo = np.arange(m)
+        for _ in range(_MAX_REDRAWS):
+            signs = (2 * rng.integers(0, 2, (len(todo), 1, 1, c)) - 1).astype(np.float32)
+            cand[todo] = np.clip(np.where(window[todo], xi[todo] + eps * signs, bi[todo]),
+                                 PIXEL_MIN, PIXEL_MAX)
+            todo = todo[(cand[todo] == bi[todo]).reshape(len(todo), -1).all(axis=1)]
+            if not len(todo):
+                break
+        query(idx, cand)
+
+    # Verification: the model's own answer at x_adv, on every image.
+    final = score(best)
+    return dict(
+        x_adv=best.astype(np.float32),
+        success=final.argmax(axis=1) != y,
+        queries=spent,
+        margin=_margin(final, y, output).astype(np.float32),
+    )
