@@ -4,7 +4,8 @@ Every search over an L-inf ball in this project (PGD and the high-confidence att
 ``attacks``, the MCN shell's per-label ascent in ``shells``) is one call of
 :func:`projected_ascent`: maximise a per-example objective over ``N(x, r) = {z : |z - x|_inf <= r}
 intersected with the pixel box [0, 255]``, by signed-gradient steps or Adam, keeping the best iterate
-per example. It is written to run inside a caller's ``tf.function`` (it traces to a single
+per example (:func:`apgd_ascent` is the Auto-PGD variant of the same search, with its own
+step-size schedule). It is written to run inside a caller's ``tf.function`` (it traces to a single
 ``tf.while_loop``), so the caller decides the batch layout and the compilation (XLA or not).
 
 Units: pixels (0..255); ``radius`` and ``step_size`` are in pixel units.
@@ -142,3 +143,136 @@ def projected_ascent(
     if not return_best:
         return z, f_best
     return keep_best(z, objective(z), z_best, f_best)
+
+
+# ---- APGD (Croce & Hein, ICML 2020) ---------------------------------------------------------
+
+
+def apgd_checkpoints(steps: int) -> list[int]:
+    """The iterations ``w_j = ceil(p_j * steps)`` at which APGD may halve its step.
+
+    ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)`` (Croce & Hein
+    2020, Section 3.2), computed in hundredths so that ``0.22 * 100`` is exactly 22. Repeated values
+    (small ``steps``) are merged. AutoAttack's code rounds the interval lengths instead of the
+    ``p_j``; the two agree at 100 steps (22, 41, 57, 70, 80, 87, 93, 99).
+    """
+    hundredths, prev, cur = [0, 22], 0, 22
+    while True:
+        prev, cur = cur, cur + max(cur - prev - 3, 6)
+        if cur > 100:
+            break
+        hundredths.append(cur)
+    return sorted({-(-p * int(steps) // 100) for p in hundredths})
+
+
+def apgd_ascent(
+    objective: Objective,
+    x: tf.Tensor,
+    z0: tf.Tensor,
+    *,
+    radius,
+    steps: int,
+    rho: float = 0.75,
+    alpha: float = 0.75,
+):
+    """Maximises ``objective`` over ``N(x, radius)`` by Auto-PGD (L-inf), from ``z0``.
+
+    Croce & Hein (ICML 2020), Algorithm 1, per example and batched: signed-gradient steps of size
+    ``eta`` (initially ``2 * radius``) with momentum, ``x_{k+1} = P(x_k + alpha (z_{k+1} - x_k) +
+    (1 - alpha)(x_k - x_{k-1}))`` where ``z_{k+1} = P(x_k + eta sign(grad))`` (the first step has no
+    momentum). At each checkpoint ``w_j`` (:func:`apgd_checkpoints`), an example halves its ``eta``
+    and restarts from its best point when fewer than ``rho * (w_j - w_{j-1})`` of the steps since
+    ``w_{j-1}`` increased the objective, or when neither its ``eta`` nor its best value changed
+    since ``w_{j-1}``. Traces to one ``tf.while_loop``; runs inside a caller's ``tf.function``.
+
+    Args:
+      objective: maps ``z`` ``[B, ...]`` to per-example values ``[B]`` to maximise, or to a pair
+        ``(values [B], success [B] bool)`` (e.g. "misclassified"). Examples must not interact.
+      x: centres of the balls ``[B, ...]`` (pixels).
+      z0: starting points ``[B, ...]`` (projected onto the ball first).
+      radius: ball radius in pixels: scalar or broadcastable to ``x`` (``[B, 1, 1, 1]``).
+      steps: iterations ``K``; ``K + 1`` points are visited, ``z0`` included.
+      rho: the fraction of increasing steps below which the step is halved (paper: 0.75).
+      alpha: momentum weight of the new step (paper: 0.75).
+
+    Returns:
+      ``(z_best, f_best)``: per example the visited point with the highest objective and its value.
+      With a ``success`` output, ``(z_best, f_best, success)``: per example the highest-objective
+      point among the successful ones if any, else among all, its value, and whether it succeeded.
+      Cost: ``K`` forward+backward passes and one forward pass (the last point needs no gradient).
+    """
+    steps = int(steps)
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0; got {steps}.")
+    if not 0.0 < alpha <= 1.0 or not 0.0 < rho <= 1.0:
+        raise ValueError(f"alpha and rho must lie in (0, 1]; got alpha={alpha}, rho={rho}.")
+    checks = [w for w in apgd_checkpoints(steps) if w < steps]  # a check at K would act on nothing
+    is_check = [False] * max(steps, 1)
+    since_last = [0.0] * max(steps, 1)  # w_j - w_{j-1} at w_j
+    for prev, w in zip(checks, checks[1:]):
+        is_check[w], since_last[w] = True, float(w - prev)
+    is_check = tf.constant(is_check)
+    since_last = tf.constant(since_last, x.dtype)
+
+    n = tf.shape(x)[:1]
+    expand = [-1] + [1] * (len(x.shape) - 1)
+    has_success = [None]  # set on the first call of `evaluate` (trace time)
+
+    def evaluate(z, with_grad=True):
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            out = objective(z)
+        f, ok = out if isinstance(out, (tuple, list)) else (out, tf.zeros(n, tf.bool))
+        has_success[0] = isinstance(out, (tuple, list))
+        return f, ok, (tape.gradient(f, z) if with_grad else None)
+
+    def keep(mask, new, old):
+        return tf.where(tf.reshape(mask, expand) if len(old.shape) > 1 else mask, new, old)
+
+    def keep_best(z, f, ok, z_best, f_best, z_ok, f_ok):
+        better = f > f_best
+        better_ok = ok & (f > f_ok)  # f_ok is -inf until a success
+        return (keep(better, z, z_best), keep(better, f, f_best),
+                keep(better_ok, z, z_ok), keep(better_ok, f, f_ok), better)
+
+    def body(i, z, z_prev, f_prev, eta, count, f_last, reduced_last, z_best, f_best, g_best,
+             z_ok, f_ok):
+        f, ok, g = evaluate(z)
+        count += tf.cast(f > f_prev, count.dtype)
+        z_best, f_best, z_ok, f_ok, better = keep_best(z, f, ok, z_best, f_best, z_ok, f_ok)
+        g_best = keep(better, g, g_best)
+        # The step-size test at a checkpoint (iteration 0 is w_0: nothing to test yet).
+        check = is_check[i]
+        stalled = count < rho * since_last[i]
+        stuck = ~reduced_last & (f_best <= f_last)
+        reduce = check & (stalled | stuck)
+        eta = keep(reduce, eta / 2.0, eta)
+        z, g, f = keep(reduce, z_best, z), keep(reduce, g_best, g), keep(reduce, f_best, f)
+        f_last = keep(check, f_best, f_last)
+        reduced_last = keep(check, reduce, reduced_last)
+        count = keep(check, tf.zeros_like(count), count)
+        # The first step has no previous point, hence no momentum.
+        a = tf.where(i > 0, tf.constant(alpha, x.dtype), tf.constant(1.0, x.dtype))
+        z_step = project(z + eta * tf.sign(g), x, radius)
+        z_new = project(z + a * (z_step - z) + (1.0 - a) * (z - z_prev), x, radius)
+        return (i + 1, z_new, z, f, eta, count, f_last, reduced_last, z_best, f_best, g_best,
+                z_ok, f_ok)
+
+    z0 = project(z0, x, radius)
+    inf = tf.constant(float("inf"), x.dtype)
+    eta0 = 2.0 * radius * tf.ones(tf.concat([n, tf.ones([len(x.shape) - 1], tf.int32)], 0), x.dtype)
+    loop_vars = (
+        tf.constant(0), z0, z0, tf.fill(n, inf), eta0,  # i, z, z_prev, f_prev, eta
+        tf.zeros(n, x.dtype), tf.fill(n, -inf), tf.zeros(n, tf.bool),  # count, f_last, reduced_last
+        z0, tf.fill(n, -inf), tf.zeros_like(z0), z0, tf.fill(n, -inf),  # bests
+    )
+    if steps > 0:
+        loop_vars = tf.while_loop(lambda i, *_: i < steps, body, loop_vars,
+                                  maximum_iterations=steps)
+    z, z_best, f_best, z_ok, f_ok = (loop_vars[k] for k in (1, 8, 9, 11, 12))
+    f, ok, _ = evaluate(z, with_grad=False)
+    z_best, f_best, z_ok, f_ok, _ = keep_best(z, f, ok, z_best, f_best, z_ok, f_ok)
+    if not has_success[0]:
+        return z_best, f_best
+    succeeded = f_ok > -inf
+    return keep(succeeded, z_ok, z_best), keep(succeeded, f_ok, f_best), succeeded

@@ -1,0 +1,209 @@
+"""Auto-PGD (Croce & Hein, ICML 2020): APGD-CE, APGD-DLR and APGD-T, L-inf, on base models.
+
+"Reliable evaluation of adversarial robustness with an ensemble of diverse parameter-free attacks".
+Each run is one call of :func:`projected.apgd_ascent` (step size ``2 * epsilon`` halved on a fixed
+schedule, momentum 0.75), compiled once per (model, loss, steps, image shape) in
+:mod:`manifold_tf.compiled`. As in AutoAttack, a run attacks only the points still classified
+correctly (the batch shrinks; the compiled function takes any batch size, so it does not retrace),
+and per example the first run that misclassifies it decides its output; a point never broken gets
+its highest-loss point. Units: pixels (0..255) for images and ``epsilon``.
+
+Choices where the paper leaves room: the random start is uniform in ``N(x, epsilon)`` (AutoAttack
+scales a uniform draw to the sphere of the ball); success means misclassification (also for
+APGD-T, as in AutoAttack); within a run, the highest-loss misclassified iterate is kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from manifold_tf import compiled, projected
+from manifold_tf.attacks.common import (
+    DEFAULT_JIT_COMPILE,
+    check_positive_int,
+    margin,
+    prepare,
+)
+
+_DLR_EPS = 1e-12  # AutoAttack's guard against a zero denominator
+
+
+def _check_classes(logits: tf.Tensor, needed: int, what: str) -> None:
+    k = logits.shape[-1]
+    if k is not None and k < needed:
+        raise ValueError(f"{what} needs at least {needed} classes; the logits have {k}.")
+
+
+def dlr_loss(logits, y) -> tf.Tensor:
+    """Untargeted Difference-of-Logits-Ratio loss ``[N]``, to maximise.
+
+    ``-(Z_y - max_{j != y} Z_j) / (Z_pi1 - Z_pi3 + 1e-12)`` with ``Z_pi1 >= Z_pi2 >= ...`` the
+    sorted logits ``[N, K]`` (``K >= 3``): positive exactly when ``x`` is misclassified, and
+    invariant to shifting and (positive) scaling of the logits.
+    """
+    logits = tf.convert_to_tensor(logits, tf.float32)
+    _check_classes(logits, 3, "the DLR loss")
+    top = tf.math.top_k(logits, k=3).values
+    return -margin(logits, tf.cast(y, tf.int32)) / (top[:, 0] - top[:, 2] + _DLR_EPS)
+
+
+def dlr_targeted_loss(logits, y, target) -> tf.Tensor:
+    """Targeted DLR loss ``[N]``, to maximise.
+
+    ``-(Z_y - Z_t) / (Z_pi1 - (Z_pi3 + Z_pi4) / 2 + 1e-12)`` for logits ``[N, K]`` (``K >= 4``),
+    true labels ``y`` ``[N]`` and targets ``target`` ``[N]``.
+    """
+    logits = tf.convert_to_tensor(logits, tf.float32)
+    _check_classes(logits, 4, "the targeted DLR loss")
+    top = tf.math.top_k(logits, k=4).values
+    z_y = tf.gather(logits, tf.cast(y, tf.int32), batch_dims=1)
+    z_t = tf.gather(logits, tf.cast(target, tf.int32), batch_dims=1)
+    return -(z_y - z_t) / (top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + _DLR_EPS)
+
+
+def cross_entropy(logits, y) -> tf.Tensor:
+    """``-log softmax(Z)_y`` ``[N]``, computed as ``softplus(logsumexp_{j != y}(Z_j - Z_y))``.
+
+    The same value as ``tf.nn.sparse_softmax_cross_entropy_with_logits``, but its gradient keeps
+    its direction when the softmax saturates: there the gradient is ``softmax - onehot`` with
+    ``1 - p_y`` rounded in float32, which for a margin beyond ~15 logits points the wrong way in
+    many pixels (or is exactly zero), so a signed-gradient attack stalls on confident points.
+    """
+    logits = tf.convert_to_tensor(logits, tf.float32)
+    own = tf.gather(logits, tf.cast(y, tf.int32), batch_dims=1)
+    is_own = tf.one_hot(tf.cast(y, tf.int32), tf.shape(logits)[-1], on_value=True, off_value=False)
+    others = tf.where(is_own, tf.constant(-np.inf, logits.dtype), logits - own[:, None])
+    return tf.nn.softplus(tf.reduce_logsumexp(others, axis=-1))
+
+
+def _build(loss: str, steps: int):
+    def build(net):
+        def run(x, y, target, eps, seed):
+            def objective(z):
+                logits = net(z, training=False)
+                if loss == "ce":
+                    f = cross_entropy(logits, y)
+                elif loss == "dlr":
+                    f = dlr_loss(logits, y)
+                else:
+                    f = dlr_targeted_loss(logits, y, target)
+                return f, tf.not_equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
+
+            z0 = projected.random_start(x, eps, seed)
+            return projected.apgd_ascent(objective, x, z0, radius=eps, steps=steps)
+
+        return run
+
+    return build
+
+
+def _apgd(model, x, y, *, loss, epsilon, steps, restarts, num_targets, seed, jit_compile):
+    steps = int(steps)
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0; got {steps}.")
+    restarts = check_positive_int(restarts, "restarts")
+    x, y, num_classes, epsilon = prepare(model, x, y, epsilon, "epsilon")
+    needed = {"ce": 2, "dlr": 3, "dlr_targeted": 4}[loss]
+    if num_classes < needed:
+        raise ValueError(f"APGD with the {loss} loss needs at least {needed} classes; "
+                         f"the model has {num_classes}.")
+    if loss == "dlr_targeted":
+        num_targets = check_positive_int(num_targets, "num_targets")
+        if num_targets > num_classes - 1:
+            raise ValueError(f"num_targets must be <= num_classes - 1 = {num_classes - 1}; "
+                             f"got {num_targets}.")
+    n = int(x.shape[0])
+    if n == 0:
+        return x
+    # The clean forward pass: already-misclassified points are not attacked (they keep x), and
+    # APGD-T's targets are the top wrong labels of the clean logits, highest first.
+    clean = model(x, training=False).numpy()
+    y_np = y.numpy()
+    standing = np.argmax(clean, axis=1) == y_np
+    targets = np.zeros((n, 1), np.int32)
+    if loss == "dlr_targeted":
+        order = np.argsort(-clean, axis=1, kind="stable")
+        targets = order[order != y_np[:, None]].reshape(n, num_classes - 1)[:, :num_targets]
+        targets = targets.astype(np.int32)
+
+    image_shape = tuple(int(d) for d in x.shape[1:])
+    key = ("apgd", loss, steps, image_shape)
+    # A None batch axis: one trace serves every number of still-standing points.
+    signature = [tf.TensorSpec((None,) + image_shape, tf.float32), tf.TensorSpec([None], tf.int32),
+                 tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.float32),
+                 tf.TensorSpec([2], tf.int64)]
+    fn = compiled.cached(model, key, _build(loss, steps), jit_compile=jit_compile,
+                         input_signature=signature)
+    x_adv = x.numpy().copy()
+    best_f = np.full(n, -np.inf, np.float32)
+    eps = tf.constant(epsilon, tf.float32)
+    run = 0
+    for j in range(targets.shape[1]):
+        for _ in range(restarts):
+            idx = np.flatnonzero(standing)
+            if idx.size == 0:
+                return tf.constant(x_adv)
+            z, f, ok = fn(tf.gather(x, idx), tf.gather(y, idx), tf.constant(targets[idx, j]), eps,
+                          tf.constant([int(seed), run], tf.int64))
+            z, f, ok = z.numpy(), f.numpy(), ok.numpy()
+            # Only standing points were run, so a success is the first for its point; a failure
+            # replaces an earlier failure only with a higher loss (across APGD-T's targets this
+            # compares different targets' losses, all scale-free DLR values).
+            replace = ok | (f > best_f[idx])
+            x_adv[idx[replace]] = z[replace]
+            best_f[idx[replace]] = f[replace]
+            standing[idx[ok]] = False
+            run += 1
+    return tf.constant(x_adv)
+
+
+def apgd_ce(model, x, y, *, epsilon: float, steps: int = 100, restarts: int = 1, seed: int = 0,
+            jit_compile: bool = DEFAULT_JIT_COMPILE) -> tf.Tensor:
+    """APGD-CE: Auto-PGD ascending the cross-entropy of the true label, L-inf.
+
+    The loss is :func:`cross_entropy` (the usual value, with a gradient that survives saturation).
+
+    Args:
+      model: Keras model, images ``[N, H, W, C]`` (0..255) -> logits ``[N, K]``.
+      x: images ``[N, H, W, C]`` float, pixels 0..255.
+      y: true int labels ``[N]``.
+      epsilon: L-inf budget in pixels (8 means 8/255 of the range).
+      steps: APGD iterations per run (AutoAttack: 100).
+      restarts: runs from independent random starts; each attacks only the points still standing.
+      seed: seeds the random starts (stateless: same seed and inputs, same output).
+      jit_compile: compile each run with XLA (XLA then compiles once per batch size it meets).
+
+    Returns:
+      ``x_adv`` ``[N, H, W, C]`` float32 inside ``N(x, epsilon)`` and [0, 255]: per example the
+      first misclassified point found, else the highest-loss point (``x`` itself for points
+      misclassified already). Cost: one forward pass over the ``N`` points, then per run ``steps``
+      forward+backward passes and one forward pass over the points still standing: at most
+      ``restarts * steps`` forward+backward passes per point.
+    """
+    return _apgd(model, x, y, loss="ce", epsilon=epsilon, steps=steps, restarts=restarts,
+                 num_targets=1, seed=seed, jit_compile=jit_compile)
+
+
+def apgd_dlr(model, x, y, *, epsilon: float, steps: int = 100, restarts: int = 1, seed: int = 0,
+             jit_compile: bool = DEFAULT_JIT_COMPILE) -> tf.Tensor:
+    """APGD-DLR: Auto-PGD ascending the untargeted :func:`dlr_loss` (``K >= 3``), L-inf.
+
+    Arguments, output and cost as :func:`apgd_ce`.
+    """
+    return _apgd(model, x, y, loss="dlr", epsilon=epsilon, steps=steps, restarts=restarts,
+                 num_targets=1, seed=seed, jit_compile=jit_compile)
+
+
+def apgd_t(model, x, y, *, epsilon: float, steps: int = 100, num_targets: int = 9,
+           restarts: int = 1, seed: int = 0, jit_compile: bool = DEFAULT_JIT_COMPILE) -> tf.Tensor:
+    """APGD-T: Auto-PGD ascending :func:`dlr_targeted_loss` (``K >= 4``), L-inf.
+
+    ``restarts`` runs per target, for the ``num_targets`` (``<= K - 1``; AutoAttack: 9) highest
+    wrong labels of the clean logits, in that order; every run attacks only the points still
+    standing. Success is misclassification (as in AutoAttack), not reaching the target. Other
+    arguments and the output as :func:`apgd_ce`. Cost: at most ``num_targets * restarts * steps``
+    forward+backward passes per point (a point leaves once broken).
+    """
+    return _apgd(model, x, y, loss="dlr_targeted", epsilon=epsilon, steps=steps,
+                 restarts=restarts, num_targets=num_targets, seed=seed, jit_compile=jit_compile)

@@ -1,0 +1,262 @@
+"""APGD (Croce & Hein 2020): closed-form oracles on linear models, the step-size schedule, the DLR
+losses, invariants, compilation and bad inputs."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from manifold_tf import attacks, compiled
+from manifold_tf.attacks.apgd import cross_entropy
+from manifold_tf.projected import apgd_ascent, apgd_checkpoints, random_start
+
+SHAPE = (8, 8, 3)
+DIM = int(np.prod(SHAPE))
+TOL = 1e-3  # pixels: float32 rounding of x +- epsilon
+
+
+def linear_model(weights: np.ndarray) -> keras.Model:
+    """Logits ``Z = flatten(x) @ weights``; ``weights [DIM, K]``."""
+    inp = keras.Input(SHAPE)
+    dense = keras.layers.Dense(weights.shape[1])
+    out = dense(keras.layers.Flatten()(inp))
+    dense.set_weights([weights.astype(np.float32), np.zeros(weights.shape[1], np.float32)])
+    return keras.Model(inp, out)
+
+
+def small_conv(seed: int = 0, classes: int = 10) -> keras.Model:
+    """A random conv net whose predictions spread over the classes (on uniform noise images)."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input(SHAPE)
+    h = keras.layers.Rescaling(1.0 / 64.0, offset=-2.0)(inp)
+    h = keras.layers.Conv2D(16, 3, activation="relu")(h)
+    return keras.Model(inp, keras.layers.Dense(classes)(keras.layers.Flatten()(h)))
+
+
+def successes(model, x_adv, y) -> np.ndarray:
+    return np.argmax(model(x_adv).numpy(), axis=1) != y
+
+
+def assert_in_ball(x_adv, x, eps):
+    x_adv = np.asarray(x_adv)
+    assert x_adv.shape == x.shape and x_adv.dtype == np.float32
+    assert np.abs(x_adv - x).max() <= eps + TOL
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 255.0
+
+
+@pytest.fixture(scope="module")
+def conv():
+    model = small_conv()
+    x = np.random.default_rng(0).uniform(0.0, 255.0, size=(64,) + SHAPE).astype(np.float32)
+    y = np.argmax(model(x).numpy(), axis=1).astype(np.int32)
+    return model, x, y
+
+
+# ---- the optimiser: schedule and closed-form optima ----------------------------------------
+
+
+def test_checkpoints_follow_the_paper():
+    # p = 0, .22, .41, .57, .70, .80, .87, .93, .99 (Croce & Hein 2020, Section 3.2).
+    assert apgd_checkpoints(100) == [0, 22, 41, 57, 70, 80, 87, 93, 99]
+    assert apgd_checkpoints(50) == [0, 11, 21, 29, 35, 40, 44, 47, 50]
+    assert apgd_checkpoints(0) == [0]
+
+
+def test_ascent_reaches_the_corner_on_a_linear_objective():
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.uniform(0, 255, (3, 4, 4, 3)).astype(np.float32))  # some corners clip
+    w = tf.constant(rng.normal(size=(3, 4, 4, 3)).astype(np.float32))
+    objective = lambda z: tf.reduce_sum(w * z, axis=[1, 2, 3])
+    z, f = apgd_ascent(objective, x, random_start(x, 8.0, tf.constant([1, 2])), radius=8.0, steps=5)
+    expected = np.clip(x + 8.0 * np.sign(w), 0, 255)
+    np.testing.assert_allclose(z.numpy(), expected, atol=TOL)
+    np.testing.assert_allclose(f.numpy(), objective(tf.constant(expected)).numpy(), rtol=1e-5)
+
+
+def test_step_halving_converges_to_an_interior_maximum():
+    # Peaked at x + c inside the ball: a fixed step of 2 * radius = 16 would bounce between the
+    # faces of the ball; the halvings (8 checkpoints in 100 steps: eta down to 16 / 2^8) must not.
+    x = tf.fill([2, 1, 1, 3], 100.0)
+    c = tf.constant([[1.3, -2.7, 5.1], [0.2, 7.5, -6.1]])[:, None, None, :]
+    objective = lambda z: -tf.reduce_sum(tf.square(z - x - c), axis=[1, 2, 3])
+    z, f = apgd_ascent(objective, x, x, radius=8.0, steps=100)
+    np.testing.assert_allclose(z.numpy(), (x + c).numpy(), atol=0.1)
+    np.testing.assert_allclose(f.numpy(), objective(z).numpy())
+    # One run without checkpoints (steps=3 has none before the end) stays on a face of the ball.
+    z3, _ = apgd_ascent(objective, x, x, radius=8.0, steps=3)
+    assert np.abs(z3.numpy() - (x + c).numpy()).max() > 0.5
+
+
+def test_ascent_with_success_prefers_successful_points():
+    # Success is "z > x + 4"; the objective peaks at x + 2, so the best successful point is not
+    # the best point.
+    x = tf.fill([1, 1, 1, 1], 50.0)
+    objective = lambda z: (-tf.reduce_sum(tf.square(z - x - 2.0), axis=[1, 2, 3]),
+                           tf.reduce_min(z - x, axis=[1, 2, 3]) > 4.0)
+    z, f, ok = apgd_ascent(objective, x, x, radius=8.0, steps=20)
+    assert bool(ok[0]) and float(z[0, 0, 0, 0]) > 54.0
+    np.testing.assert_allclose(f.numpy(), objective(z)[0].numpy())
+
+
+# ---- closed-form oracle on a linear model ---------------------------------------------------
+
+
+def test_apgd_ce_breaks_exactly_the_points_within_reach_on_a_linear_model():
+    """Two classes: the cross-entropy grows with the margin ``Z_t - Z_y``, whose maximum over the
+    ball is the corner ``x + eps * sign(w_t - w_y)``; a point breaks iff its margin
+    ``Z_y - Z_t < eps * ||w_y - w_t||_1``. Images stay 10 pixels away from the box edges. The
+    largest margins (~50 logits) saturate a float32 softmax: with TF's cross-entropy gradient the
+    last two points would not reach their corners."""
+    rng = np.random.default_rng(1)
+    w = rng.normal(0.0, 0.01, size=(DIM, 2))
+    model = linear_model(w)
+    eps = 8.0
+    diff = w[:, 0] - w[:, 1]
+    reach = eps * np.abs(diff).sum()  # the largest change of Z_0 - Z_1 inside the ball
+    ratios = np.array([0.1, 0.5, 0.9, 0.97, 1.03, 1.1, 1.5, 3.0])  # margin / reach
+    signs = np.tile([1.0, -1.0], 4)
+    x = rng.uniform(100.0, 155.0, size=(8, DIM))
+    # Move each x along sign(diff) to set Z_0 - Z_1 = sign * ratio * reach exactly.
+    shift = (signs * ratios * reach - x @ diff) / np.abs(diff).sum()
+    x = x + shift[:, None] * np.sign(diff)[None]
+    assert x.min() > 10.0 + eps and x.max() < 245.0 - eps, (x.min(), x.max())
+    x = x.reshape((8,) + SHAPE).astype(np.float32)
+    y = np.where(signs > 0, 0, 1).astype(np.int32)
+    np.testing.assert_array_equal(np.argmax(model(x).numpy(), axis=1), y)
+
+    x_adv = attacks.apgd_ce(model, x, y, epsilon=eps, steps=10, seed=0).numpy()
+    np.testing.assert_array_equal(successes(model, x_adv, y), ratios < 1.0)
+    for i in range(len(x)):
+        toward = np.sign(w[:, 1 - y[i]] - w[:, y[i]]).reshape(SHAPE)
+        np.testing.assert_allclose(x_adv[i], np.clip(x[i] + eps * toward, 0, 255), atol=TOL)
+
+
+# ---- losses --------------------------------------------------------------------------------
+
+
+def test_cross_entropy_keeps_its_gradient_direction_when_saturated():
+    logits = tf.constant([[2.0, -1.0, 0.5], [60.0, 0.0, 1.0], [0.0, 0.0, 90.0]])
+    y = tf.constant([0, 0, 2])
+    z = logits.numpy().astype(np.float64)
+    exact = np.log(np.exp(z).sum(axis=1)) - z[np.arange(3), y.numpy()]
+    exact[1] = np.exp(-60.0) + np.exp(-59.0)  # log1p of it, where float64 log(sum exp) rounds
+    exact[2] = 2 * np.exp(-90.0)  # below float32's normal range: flushed to 0
+    np.testing.assert_allclose(cross_entropy(logits, y).numpy(), exact, rtol=1e-5, atol=1e-37)
+    with tf.GradientTape() as tape:
+        tape.watch(logits)
+        f = cross_entropy(logits, y)
+    g = tape.gradient(f, logits).numpy()
+    # Row 1: d/dZ = softmax - onehot, tiny but exact (TF's op gives [0, e^-60, e^-59] rounded:
+    # the own-class entry 1 - p_y is lost); each row still sums to zero.
+    p = np.exp([-60.0, -59.0])
+    np.testing.assert_allclose(g[1], [-p.sum(), p[0], p[1]], rtol=1e-4)
+    np.testing.assert_allclose(g.sum(axis=1), 0.0, atol=1e-6)
+
+
+# ---- DLR losses --------------------------------------------------------------------------------
+
+
+def test_dlr_losses_match_their_formulas_and_are_shift_and_scale_invariant():
+    logits = np.array([[3.0, 1.0, 2.0, 0.0, -1.0], [0.5, 4.0, 1.0, 2.5, 0.0]], np.float32)
+    y, t = np.array([0, 0]), np.array([2, 3])
+    # Row 0 correct: -(3 - 2) / (3 - 1); row 1 wrong: -(0.5 - 4) / (4 - 1).
+    np.testing.assert_allclose(attacks.dlr_loss(logits, y).numpy(), [-0.5, 3.5 / 3.0], rtol=1e-6)
+    # Targeted: -(Z_y - Z_t) / (Z_pi1 - (Z_pi3 + Z_pi4) / 2).
+    expected = [-(3.0 - 2.0) / (3.0 - 0.5), -(0.5 - 2.5) / (4.0 - 0.75)]
+    np.testing.assert_allclose(attacks.dlr_targeted_loss(logits, y, t).numpy(), expected, rtol=1e-6)
+    for fn, args in ((attacks.dlr_loss, (y,)), (attacks.dlr_targeted_loss, (y, t))):
+        base = fn(logits, *args).numpy()
+        np.testing.assert_allclose(fn(7.3 * logits - 11.0, *args).numpy(), base, rtol=1e-5)
+    with pytest.raises(ValueError, match="at least 3 classes"):
+        attacks.dlr_loss(logits[:, :2], y)
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        attacks.dlr_targeted_loss(logits[:, :3], y, t)
+
+
+# ---- strength, invariants, compilation ------------------------------------------------------
+
+
+def test_apgd_t_is_at_least_as_strong_as_pgd_and_apgd_ce(conv):
+    model, x, y = conv
+    eps = 2.0  # PGD-20 breaks about half of the points here
+    pgd = successes(model, attacks.pgd(model, x, y, epsilon=eps, steps=20, step_size=eps / 4), y)
+    ce = successes(model, attacks.apgd_ce(model, x, y, epsilon=eps, steps=20), y)
+    t = successes(model, attacks.apgd_t(model, x, y, epsilon=eps, steps=20), y)
+    assert 0.2 < pgd.mean() < 0.8, pgd.mean()
+    assert t.sum() >= pgd.sum() and t.sum() >= ce.sum(), (t.sum(), ce.sum(), pgd.sum())
+
+
+def test_outputs_inside_ball_and_box_and_zero_budget_returns_x(conv):
+    model, x, y = conv
+    x, y = x[:6], y[:6]
+    for attack in (attacks.apgd_ce, attacks.apgd_dlr, attacks.apgd_t):
+        assert_in_ball(attack(model, x, y, epsilon=6.0, steps=4, restarts=2), x, 6.0)
+        np.testing.assert_array_equal(attack(model, x, y, epsilon=0.0, steps=3).numpy(), x)
+
+
+def test_restarts_and_targets_only_attack_points_still_standing(conv):
+    model, x, y = conv
+    x, y = x[:16], y.copy()[:16]
+    y[:3] = (y[:3] + 1) % 10  # three points misclassified from the start: returned unchanged
+    kw = dict(epsilon=1.5, steps=6, seed=4)
+    one = attacks.apgd_ce(model, x, y, restarts=1, **kw).numpy()
+    many = attacks.apgd_ce(model, x, y, restarts=3, **kw).numpy()
+    np.testing.assert_array_equal(one[:3], x[:3])
+    np.testing.assert_array_equal(many[:3], x[:3])
+    # The first run is the same in both calls, and a broken point is never attacked again.
+    broken = successes(model, one, y)
+    broken[:3] = False
+    assert broken.any()
+    np.testing.assert_array_equal(many[broken], one[broken])
+    assert np.all(successes(model, many, y)[broken])
+    few = successes(model, attacks.apgd_t(model, x, y, num_targets=1, **kw), y)
+    more = successes(model, attacks.apgd_t(model, x, y, num_targets=4, **kw), y)
+    assert np.all(more[few])
+
+
+def test_deterministic_under_seed(conv):
+    model, x, y = conv
+    x, y = x[:8], y[:8]
+    kw = dict(epsilon=1.0, steps=3)
+    a = attacks.apgd_t(model, x, y, seed=7, num_targets=2, **kw).numpy()
+    b = attacks.apgd_t(model, x, y, seed=7, num_targets=2, **kw).numpy()
+    c = attacks.apgd_t(model, x, y, seed=8, num_targets=2, **kw).numpy()
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_compiled_once_per_setting_for_every_batch_size():
+    model = small_conv(seed=3)
+    rng = np.random.default_rng(0)
+    for n, eps in ((5, 2.0), (5, 3.0), (3, 4.0)):  # the standing batch also shrinks per restart
+        x = rng.uniform(0, 255, size=(n,) + SHAPE).astype(np.float32)
+        y = np.argmax(model(x).numpy(), axis=1).astype(np.int32)
+        attacks.apgd_ce(model, x, y, epsilon=eps, steps=3, restarts=2, seed=n)
+        attacks.apgd_t(model, x, y, epsilon=eps, steps=3, num_targets=3, seed=n)
+    counts = compiled.tracing_counts(model, "apgd")
+    assert len(counts) == 2 and all(c == 1 for c in counts.values()), counts
+
+
+# ---- bad inputs ---------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise(conv):
+    model, x, y = conv
+    x, y = x[:5], y[:5]
+    with pytest.raises(ValueError, match="floating-point"):
+        attacks.apgd_ce(model, x.astype(np.uint8), y, epsilon=1.0)
+    with pytest.raises(ValueError, match="pixel values"):
+        attacks.apgd_ce(model, x / 255.0 - 0.5, y, epsilon=1.0)
+    with pytest.raises(ValueError, match="epsilon"):
+        attacks.apgd_t(model, x, y, epsilon=-1.0)
+    with pytest.raises(ValueError, match=r"shape \[5\]"):
+        attacks.apgd_ce(model, x, y[:3], epsilon=1.0)
+    with pytest.raises(ValueError, match="restarts"):
+        attacks.apgd_ce(model, x, y, epsilon=1.0, restarts=0)
+    with pytest.raises(ValueError, match="num_targets"):
+        attacks.apgd_t(model, x, y, epsilon=1.0, num_targets=10)
+    three = small_conv(classes=3)
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        attacks.apgd_t(three, x, np.zeros(5, np.int32), epsilon=1.0)
