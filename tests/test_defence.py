@@ -125,7 +125,11 @@ def test_cli_writes_the_report_and_refuses_to_clobber(uninterrupted, tiny_checkp
     for name in ("defence.md", "failures.png", "defence/batch_003.json", "defence/batch_003_xadv.npy",
                  "defence/settings.json"):
         assert os.path.exists(os.path.join(uninterrupted, name)), name
+    # Where CW failed, x' is a PGD probe inside the ball (so "new vulnerabilities" can be non-zero).
+    probes = [p for p in report["points"] if not p["base_success"]]
+    assert probes and all(0 < p["linf"] <= 36 + 1e-3 for p in probes)
     text = open(os.path.join(uninterrupted, "defence.md")).read()
+    assert text.startswith("# Defence evaluation") and "Transfer only, not the verdict" in text
     assert "Average" in text and "shell retained accuracy" in text and "37.33%" in text
     again = subprocess.run(_cli(tiny_checkpoint, uninterrupted), env=_env(), capture_output=True,
                            text=True, timeout=600, cwd=ROOT)

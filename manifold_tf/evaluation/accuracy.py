@@ -1,4 +1,10 @@
-"""Clean and PGD accuracy of a base model (accuracy mode)."""
+"""Clean and robust accuracy of a base model (accuracy mode): PGD, APGD-CE, APGD-T, worst case.
+
+Every attack runs on every point the model gets right at ``x``, so the per-attack figures are
+comparable; the worst case counts a point robust only if no attack broke it. Robust accuracy is
+over all evaluated points (correct at ``x`` and at every ``x'``), with its exact 95% interval. An
+attack's success is a lower bound on the true one, so robust accuracies are upper bounds.
+"""
 
 from __future__ import annotations
 
@@ -9,51 +15,81 @@ import numpy as np
 from manifold_tf import reporting
 from manifold_tf.evaluation.config import AccuracyConfig
 from manifold_tf.evaluation.inputs import predict_logits
+from manifold_tf.evaluation.stats import format_proportion, proportion
 from manifold_tf.validation import validate_images, validate_labels
 
 
-def accuracy_report(model, x: np.ndarray, y: np.ndarray, config: AccuracyConfig, *, seed: int = 0) -> dict:
-    """Clean and PGD-k accuracy (untargeted, cross-entropy, random start) with progress and ETA.
-
-    Robust accuracy counts a point when it is correct at ``x`` and at the attack's ``x'``, over
-    all evaluated points.
-    """
+def _attacks(config: AccuracyConfig, num_classes: int) -> dict:
+    """``{name: fn(model, x, y, seed) -> x_adv}`` for the attacks ``config`` asks for."""
     from manifold_tf import attacks
 
+    out = {f"PGD-{config.pgd_steps}": lambda m, x, y, s: attacks.pgd(
+        m, x, y, epsilon=config.epsilon, steps=config.pgd_steps, step_size=config.pgd_step_size,
+        restarts=config.pgd_restarts, seed=s)}
+    if config.apgd_steps:
+        out["APGD-CE"] = lambda m, x, y, s: attacks.apgd_ce(
+            m, x, y, epsilon=config.epsilon, steps=config.apgd_steps, seed=s)
+        if num_classes >= 4:  # the targeted DLR loss needs four logits
+            targets = min(config.apgd_targets, num_classes - 1)
+            out["APGD-T"] = lambda m, x, y, s: attacks.apgd_t(
+                m, x, y, epsilon=config.epsilon, steps=config.apgd_steps, num_targets=targets, seed=s)
+    return out
+
+
+def accuracy_report(model, x: np.ndarray, y: np.ndarray, config: AccuracyConfig, *, seed: int = 0) -> dict:
+    """Clean accuracy and robust accuracy under each attack and under their worst case."""
     x = np.asarray(x, np.float32)
     y = np.asarray(y)
-    validate_images(x)
-    validate_labels(y, num_examples=len(x), num_classes=int(model.output_shape[-1]))
+    validate_images(x, image_shape=None)
+    num_classes = int(model.output_shape[-1])
+    validate_labels(y, num_examples=len(x), num_classes=num_classes)
     bs = config.batch_size
     clean_correct = predict_logits(model, x, bs).argmax(-1) == y
-    adv_correct = np.zeros(len(x), bool)
-    progress = reporting.Progress(len(x), f"PGD-{config.pgd_steps}", unit="images")
-    start = time.perf_counter()
-    for i in range(0, len(x), bs):
-        xb, yb = x[i : i + bs], y[i : i + bs]
-        x_adv = attacks.pgd(model, xb, yb, epsilon=config.epsilon, steps=config.pgd_steps,
-                            step_size=config.pgd_step_size, restarts=config.pgd_restarts, seed=seed + i)
-        adv_correct[i : i + len(xb)] = predict_logits(model, np.asarray(x_adv)).argmax(-1) == yb
-        progress.update(len(xb))
+    robust = {}
+    seconds = {}
+    for name, attack in _attacks(config, num_classes).items():
+        ok = clean_correct.copy()
+        progress = reporting.Progress(int(clean_correct.sum()), name, unit="images")
+        start = time.perf_counter()
+        for i in range(0, len(x), bs):
+            idx = np.nonzero(clean_correct[i : i + bs])[0] + i
+            if not len(idx):
+                continue
+            x_adv = np.asarray(attack(model, x[idx], y[idx], seed + i))
+            ok[idx] = predict_logits(model, x_adv).argmax(-1) == y[idx]
+            progress.update(len(idx), extra=f"robust so far {int(ok[: i + bs].sum())}/{min(i + bs, len(x))}")
+        robust[name] = ok
+        seconds[name] = time.perf_counter() - start
+    worst = np.logical_and.reduce(list(robust.values())) if robust else clean_correct
+    n = len(x)
+    pgd_name = f"PGD-{config.pgd_steps}"
     return {
-        "num_examples": int(len(x)),
+        "num_examples": int(n),
         "clean_accuracy": float(clean_correct.mean()),
-        "pgd_accuracy": float((adv_correct & clean_correct).mean()),
+        "pgd_accuracy": float(robust[pgd_name].mean()),
+        "clean": proportion(int(clean_correct.sum()), n),
+        "robust": {name: proportion(int(ok.sum()), n) for name, ok in robust.items()},
+        "worst_case": proportion(int(worst.sum()), n),
         "settings": {
             "epsilon": config.epsilon, "pgd_steps": config.pgd_steps,
             "pgd_step_size": config.pgd_step_size, "restarts": config.pgd_restarts, "loss": "xent",
-            "random_start": True, "seed": seed,
+            "random_start": True, "seed": seed, "apgd_steps": config.apgd_steps,
+            "apgd_targets": config.apgd_targets,
         },
-        "seconds": time.perf_counter() - start,
+        "seconds": sum(seconds.values()),
+        "seconds_per_attack": seconds,
     }
 
 
 def accuracy_markdown(report: dict) -> str:
     s = report["settings"]
-    return reporting.markdown_table(
-        ["checkpoint", "images", "clean accuracy", f"PGD-{s['pgd_steps']} accuracy (eps {s['epsilon']:g})"],
-        [[report["checkpoint"], report["num_examples"], report["clean_accuracy"], report["pgd_accuracy"]]],
-    )
+    rows = [["clean", format_proportion(report["clean"])]]
+    rows += [[f"{name} (eps {s['epsilon']:g} px)", format_proportion(p)] for name, p in report["robust"].items()]
+    rows.append(["worst case of the attacks", format_proportion(report["worst_case"])])
+    return (f"# Accuracy of `{report.get('checkpoint', 'the model')}` on {report['num_examples']} "
+            f"test images\n\n" + reporting.markdown_table(["", "accuracy (n, 95% CI)"], rows)
+            + "\nRobust accuracy: correct at x and at the attack's x'. Attacks give lower bounds on "
+              "the true success rate, so these are upper bounds on the true robust accuracy.\n")
 
 
 def run_accuracy(model, x: np.ndarray, y: np.ndarray, config: AccuracyConfig, store, *, seed: int = 0,

@@ -54,6 +54,8 @@ class AccuracyConfig:
     pgd_steps: int = setting(20, "PGD steps.")
     pgd_step_size: float = setting(2.0, "PGD step size, pixels.")
     pgd_restarts: int = setting(1, "PGD random restarts.")
+    apgd_steps: int = setting(100, "APGD-CE and APGD-T iterations per run (AutoAttack: 100; 0 skips both).")
+    apgd_targets: int = setting(9, "APGD-T target classes (AutoAttack: 9).")
     batch_size: int = setting(128, "Images per attack batch.")
     num_examples: int | None = setting(None, "Evaluate only the first N test images.")
 
@@ -62,6 +64,8 @@ class AccuracyConfig:
         validate_radius(self.pgd_step_size, "pgd_step_size")
         check_int(self.pgd_steps, "pgd_steps", 0)
         check_int(self.pgd_restarts, "pgd_restarts", 1)
+        check_int(self.apgd_steps, "apgd_steps", 0)
+        check_int(self.apgd_targets, "apgd_targets", 1)
         check_int(self.batch_size, "batch_size", 1)
         if self.num_examples is not None:
             check_int(self.num_examples, "num_examples", 1)

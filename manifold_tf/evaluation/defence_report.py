@@ -11,7 +11,9 @@ from manifold_tf.evaluation.defence import (
     CATEGORIES,
     CATEGORY_TITLES,
     PAPER_TABLE2,
+    PROBE_STEPS,
     PROTOCOL,
+    PROTOCOL_BIAS,
     summarize_defence,
 )
 
@@ -45,6 +47,7 @@ def defence_markdown(report: dict) -> str:
         f"at x'.\n\n" if unmet else "")
     return (
         f"# Defence evaluation (Table 2 protocol): {s['shell']['shell'].upper()} shell\n\n"
+        f"**Transfer only, not the verdict.** {PROTOCOL_BIAS}\n\n"
         f"Points: {avg['points']} base-correct test points ({s['num_batches']} batches x "
         f"{s['batch_points']}), {s['permutation']} permutation, seed {s['seed']}, of "
         f"{s['num_test_points']} test images.\n\n"
@@ -58,7 +61,8 @@ def defence_markdown(report: dict) -> str:
         f"Shell attack success: `G(x') != y` and `G(x') != G(x)`. Retained accuracy: `G(x) = y`. "
         f"Base attack success: CW found `x'` with `||x' - x||_inf <= {s['epsilon']:g}` that the "
         f"base misclassifies.\n\nCategories:\n\n{cats}\n- base-robust points the shell made "
-        f"inconsistent (new vulnerabilities): {avg['new_vulnerabilities']}\n\n{unmet_text}"
+        f"inconsistent (new vulnerabilities): {avg['new_vulnerabilities']} (on the base-robust points, "
+        f"x' is a PGD-{PROBE_STEPS} probe with the CW margin loss on the base, within epsilon)\n\n{unmet_text}"
         f"Paper's Table 2 (wide adv_trained model, full CIFAR-10, CarliniWagnerShell, "
         f"{paper['points']} points): base attack success "
         f"{100 * paper['average']['base_attack_success']:.2f}%, shell attack success "

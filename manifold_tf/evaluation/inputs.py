@@ -150,6 +150,6 @@ def predict_logits(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
 
 def accuracy(model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
     """Clean accuracy in [0, 1]."""
-    validate_images(x)
+    validate_images(x, image_shape=None)
     validate_labels(y, num_examples=len(x), num_classes=int(model.output_shape[-1]))
     return float(np.mean(predict_logits(model, x, batch_size).argmax(-1) == y))

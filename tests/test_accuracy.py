@@ -1,0 +1,58 @@
+"""Tests of accuracy mode: per-attack and worst-case robust accuracy with intervals, on a linear oracle."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from manifold_tf.evaluation.accuracy import accuracy_markdown, accuracy_report
+from manifold_tf.evaluation.config import AccuracyConfig
+
+SHAPE = (4, 4, 3)
+
+
+def linear_model(num_classes: int, seed: int = 0) -> keras.Model:
+    rng = np.random.default_rng(seed)
+    model = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(), keras.layers.Dense(num_classes)])
+    model.layers[-1].set_weights([rng.normal(size=(48, num_classes)).astype(np.float32) / 50,
+                                  np.zeros(num_classes, np.float32)])
+    return model
+
+
+def test_robust_accuracy_matches_the_linear_closed_form_and_the_worst_case_is_the_minimum():
+    model = linear_model(5)
+    rng = np.random.default_rng(1)
+    x = rng.uniform(60, 195, size=(40, *SHAPE)).astype(np.float32)  # away from the box edges
+    logits = model(x).numpy()
+    y = logits.argmax(1)
+    y[:5] = (y[:5] + 1) % 5  # a few points wrong at x
+    eps = 3.0
+    w = model.layers[-1].get_weights()[0]
+    # A linear model is broken within eps iff some margin Z_y - Z_t < eps * ||w_y - w_t||_1.
+    reach = np.array([[eps * np.abs(w[:, yi] - w[:, t]).sum() for t in range(5)] for yi in y])
+    margin = logits[np.arange(40), y][:, None] - logits
+    provable = np.all((margin > reach + 1e-3) | (np.arange(5)[None] == y[:, None]), axis=1)
+    breakable = np.any((margin < reach - 1e-3) & (np.arange(5)[None] != y[:, None]), axis=1)
+    report = accuracy_report(model, x, y, AccuracyConfig(epsilon=eps, pgd_steps=30, pgd_step_size=0.5,
+                                                         apgd_steps=30, apgd_targets=4, batch_size=16))
+    assert report["clean"]["k"] == 35 and report["clean"]["n"] == 40
+    assert set(report["robust"]) == {"PGD-30", "APGD-CE", "APGD-T"}
+    worst = report["worst_case"]
+    assert worst["k"] <= min(p["k"] for p in report["robust"].values())
+    # Oracle: the worst case finds every breakable point and never breaks a provably robust one.
+    correct = logits.argmax(1) == y
+    assert int((correct & provable).sum()) <= worst["k"] <= int((correct & ~breakable).sum())
+    assert worst["ci_low"] <= worst["rate"] <= worst["ci_high"]
+    assert report["pgd_accuracy"] == report["robust"]["PGD-30"]["rate"]
+    text = accuracy_markdown(dict(report, checkpoint="lin"))
+    assert "worst case" in text and "95% CI" in text
+
+
+def test_three_classes_skip_apgd_t_and_zero_apgd_steps_skip_both():
+    model = linear_model(3)
+    x = np.full((4, *SHAPE), 128, np.float32)
+    y = model(x).numpy().argmax(1)
+    report = accuracy_report(model, x, y, AccuracyConfig(epsilon=1.0, pgd_steps=2, apgd_steps=5))
+    assert set(report["robust"]) == {"PGD-2", "APGD-CE"}
+    report = accuracy_report(model, x, y, AccuracyConfig(epsilon=1.0, pgd_steps=2, apgd_steps=0))
+    assert set(report["robust"]) == {"PGD-2"}
