@@ -102,3 +102,21 @@ def test_plot_separation_curve(tmp_path):
     reporting.plot_separation_curve(curves, path, p=0.9, title="t", reference={"paper": 0.5})
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_convergence_check_reruns_the_first_batches_and_a_restart_never_lowers_the_count(tmp_path):
+    model = tiny_model()
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, size=(20, 4, 4, 3)).astype(np.float32)
+    labels = rng.integers(0, 3, size=20).astype(np.int32)
+    store = RunStore(str(tmp_path / "run"))
+    attack = dict(steps=2, step_size=8.0, optimizer="sign", random_start=False)
+    run = separation.run_separation(model, images, labels, delta=8.0, num_batches=3, batch_points=4,
+                                    seed=1, attack=attack, store=store)
+    out = separation.convergence_check(model, images, labels, run, delta=8.0, steps=(5,), batches=2,
+                                       attack=attack, seed=1, p=0.5, store=store)
+    assert out["points"] == 8 and [r["name"] for r in out["rows"]] == [
+        "2 steps (main run)", "5 steps", "2 steps + 1 random restart"]
+    assert out["rows"][2]["count"] >= out["rows"][0]["count"]  # per point the max of both runs
+    assert sorted(os.listdir(tmp_path / "run" / "separation_convergence")) == [
+        "batch_000.json", "batch_001.json", "settings.json"]

@@ -83,7 +83,14 @@ class SeparationConfig:
     step_size: float | None = setting(None, "Ascent step, pixels (default 2.5 * delta / steps).")
     optimizer: str = setting("sign", "Ascent optimiser.", choices=("sign", "adam"))
     random_start: bool = setting(False, "Start the ascent at a random point of the ball.")
-    compare_checkpoint: str | None = setting(None, "A second model, run on the same points.")
+    compare_checkpoint: str | None = setting(None, "A second model, run on the same points.",
+                                             flag="compare_checkpoint")
+    extra_radius: float = setting(0.0, "Search N(x, delta + extra_radius): give epsilon to measure what "
+                                       "an attacker of MCN_delta with budget epsilon can reach.")
+    convergence_steps: tuple[int, ...] = setting(
+        (100, 200), "Rerun the search with these step counts (and once with a random restart) on the "
+                    "first convergence_batches batches, to show whether the count has converged.")
+    convergence_batches: int = setting(2, "Batches the convergence check reruns (0: none).")
 
     def __post_init__(self):
         validate_radius(self.delta, "delta")
@@ -93,11 +100,20 @@ class SeparationConfig:
         check_int(self.batch_points, "batch_points", 1)
         check_int(self.steps, "steps", 0)
         check_choice(self.optimizer, "optimizer", ("sign", "adam"))
+        validate_radius(self.extra_radius, "extra_radius")
+        check_int(self.convergence_batches, "convergence_batches", 0)
+        for steps in self.convergence_steps:
+            check_int(steps, "convergence_steps", 1)
 
-    def attack(self) -> dict:
-        """Keyword arguments of :func:`manifold_tf.attacks.high_confidence`."""
-        steps = int(self.steps)
-        step = self.step_size if self.step_size is not None else 2.5 * self.delta / max(steps, 1)
+    @property
+    def radius(self) -> float:
+        """The radius searched: ``delta + extra_radius`` pixels."""
+        return float(self.delta + self.extra_radius)
+
+    def attack(self, steps: int | None = None) -> dict:
+        """Keyword arguments of :func:`manifold_tf.attacks.high_confidence` (``steps`` overrides)."""
+        steps = int(self.steps if steps is None else steps)
+        step = self.step_size if self.step_size is not None else 2.5 * self.radius / max(steps, 1)
         return dict(steps=steps, step_size=float(step), optimizer=self.optimizer,
                     random_start=bool(self.random_start))
 

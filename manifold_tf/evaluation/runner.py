@@ -46,17 +46,24 @@ def _separation(config: EvaluationConfig) -> str:
         models.append((cfg.compare_checkpoint,
                        checkpoints.load_model_weights(cfg.compare_checkpoint, width=config.inputs.width)))
     x, y = inputs.load_test()
-    runs, names = {}, []
+    runs, names, convergence = {}, [], {}
     for i, (ckpt, model) in enumerate(models):
         name = os.path.basename(os.path.normpath(ckpt)).replace(".keras", "").replace(".weights.h5", "")
         name = name if name not in names else f"{name}_{i}"
         names.append(name)
-        runs[name] = (ckpt, separation.run_separation(
-            model, x, y, delta=cfg.delta, num_batches=cfg.batches, batch_points=cfg.batch_points,
+        run = separation.run_separation(
+            model, x, y, delta=cfg.radius, num_batches=cfg.batches, batch_points=cfg.batch_points,
             seed=config.run.seed, attack=cfg.attack(), p=cfg.p, store=store,
             protocol=f"separation_{name}", desc=f"separation {name}",
-            model_name=inputs_lib.model_identity(ckpt)))
-    report = separation.separation_report(runs, p=cfg.p, dataset=inputs.dataset, data_dir=inputs.data_dir)
+            model_name=inputs_lib.model_identity(ckpt))
+        runs[name] = (ckpt, run)
+        if cfg.convergence_batches and cfg.convergence_steps:
+            convergence[name] = separation.convergence_check(
+                model, x, y, run, delta=cfg.radius, steps=cfg.convergence_steps,
+                batches=cfg.convergence_batches, attack=cfg.attack(), seed=config.run.seed, p=cfg.p,
+                store=store, protocol=f"separation_{name}_convergence")
+    report = separation.separation_report(runs, p=cfg.p, dataset=inputs.dataset, data_dir=inputs.data_dir,
+                                          convergence=convergence)
     text = separation.separation_markdown(report)
     store.write_report("separation", report, text)
     separation.plot_separation(report, store.path("separation.png"))
