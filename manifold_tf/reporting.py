@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import dataclasses
 import math
 import os
 import sys
@@ -36,6 +37,8 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def _to_jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _to_jsonable(dataclasses.asdict(obj))
     if isinstance(obj, dict):
         return {str(k): _to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

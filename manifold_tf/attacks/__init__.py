@@ -6,7 +6,10 @@
   the cross-entropy, DLR and targeted DLR losses, AutoAttack-style restarts.
 - :func:`high_confidence`: for each point, the largest wrong-label confidence reachable in
   ``N(x, delta)`` (the search of the paper's separation test, Section 4 / Table 1).
-- :func:`bpda`: BPDA with the identity approximation, on a model shell (adaptive attack).
+- :func:`bpda`: BPDA with the identity approximation, on a model shell (adaptive attack):
+  untargeted or targeted, fixed or APGD steps, EOT for random shells; :func:`bpda_restarts`,
+  :func:`bpda_targeted` chain runs on the points still standing; :func:`lift` attacks MCN_delta
+  through a wider ball of the base (:mod:`manifold_tf.attacks.bpda_suite`).
 - :func:`cw_linf` / :func:`cw_linf_details`: Carlini & Wagner's L-inf attack, batched;
   :func:`cw_inner` is its fixed-(tau, const) inner loop, reusable inside another ``tf.function``
   (the paper's CarliniWagnerShell).
@@ -20,6 +23,7 @@ sizes. Every returned image lies in its L-inf ball and in the box [0, 255].
 
 from manifold_tf.attacks.apgd import apgd_ce, apgd_dlr, apgd_t, dlr_loss, dlr_targeted_loss
 from manifold_tf.attacks.bpda import bpda
+from manifold_tf.attacks.bpda_suite import bpda_restarts, bpda_targeted, lift, target_order
 from manifold_tf.attacks.carlini_wagner import (
     CW_CPU,
     CW_PAPER,
@@ -53,6 +57,8 @@ __all__ = [
     "apgd_dlr",
     "apgd_t",
     "bpda",
+    "bpda_restarts",
+    "bpda_targeted",
     "cw_inner",
     "cw_linf",
     "cw_linf_details",
@@ -61,8 +67,10 @@ __all__ = [
     "dlr_targeted_loss",
     "from_tanh_space",
     "high_confidence",
+    "lift",
     "pgd",
     "square",
+    "target_order",
     "to_tanh_space",
     "tracing_counts",
 ]

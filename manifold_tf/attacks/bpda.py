@@ -1,234 +1,413 @@
 """Adaptive attacks on the model shells: BPDA with the identity approximation of the search factor.
 
-A factor shell answers ``G(x) = F(z_t*(x))`` where every ``z_t(x)`` comes out of a search over a
-ball around ``x`` (``shells``). ``G`` is not differentiable in ``x`` (an argmax over the ball, then
-an argmax over labels), so a transfer attack on ``F`` alone says little about the shell. BPDA
-(Athalye, Carlini & Wagner, 2018, "Obfuscated gradients give a false sense of security") attacks
-the shell itself: run the real, non-differentiable search on the forward pass, and on the backward
-pass replace it by a differentiable approximation. Here the approximation is the identity:
+A factor shell ``G(x) = F(z_t*(x))`` is not differentiable in ``x`` (an argmax over a ball, then
+over labels). BPDA (Athalye, Carlini & Wagner, 2018) runs the real search on the forward pass and
+replaces it by the identity on the backward pass, ``z_t(x') ~ x' + (z_t(x') - x')`` with the offset
+held constant: ``d/dx' F(z_t) ~ F'(z_t)``, the base's gradient *at the shell's own point*. For
+MCN_delta that is Danskin's theorem (away from the box), so the surrogate is principled there.
 
-    z_t(x') ~ x' + d_t,   d_t = z_t(x') - x' held constant (``tf.stop_gradient``),
+Each step ascends a difference of two rows, each a (point of the shell, label) pair:
 
-so ``d/dx' F(z_t) ~ F'(z_t)``: the base model's gradient *at the shell's point*, not at ``x'``.
-Each step ascends the surrogate
+    L(x') = s_up * lo_up(z_up) - s_down * lo_down(z_down)
 
-    L(x') = lo_t^(x' + d_t^) - lo_y(x' + d_y),
+``lo`` the log-odds of :func:`shells.log_odds` (the score the shells rank by). Untargeted, ``up`` is
+the best wrong label by the shell's own ranking at ``x'`` and ``down`` is ``y``; targeted (a fixed
+wrong ``target`` per point), ``up`` is the target and ``down`` the best other label. The shell's
+decision rule decides what "best" and the scales mean:
 
-``lo_t`` the log-odds of :func:`shells.log_odds` (the per-label score the shell ranks by), ``y``
-the true label and ``t^`` the best wrong label by the shell's own ranking at ``x'``: the shell is
-wrong exactly when some wrong label outranks ``y``, and ``L`` pushes the strongest contender up and
-``y`` down, each at the point where the shell looked. ``x'`` moves by signed steps (L-inf PGD) and
-is projected onto ``N(x, epsilon)`` (the ball intersected with the pixel box).
+* MCN (and CW ``all_labels``): labels ranked by ``lo_t(z_t)``; ``s = 1``.
+* NCN: a label meeting ``p`` outranks every label that does not, met labels ranked by distance
+  ``d_t``, the rest by log-odds (its fallback). While ``down`` does not meet ``p`` the race is one
+  of log-odds, as for MCN (``s = 1``; raising ``lo_up`` also makes ``up`` meet ``p``, which wins).
+  Once ``down`` meets ``p`` at ``d_down`` the race is one of distances: ``up`` must meet ``p``
+  nearer than ``d_down``. By the envelope theorem (KKT of ``min ||z - x'||_inf s.t. lo_t(z) >= logit p``),
+  ``d d_t / d x' = -lo_t'(z_t) / ||lo_t'(z_t)||_1``; for a label not yet meeting ``p`` the same
+  holds for its linearised distance ``d_t + (logit p - lo_t) / ||lo_t'||_1``. So the ascended
+  surrogate is ``d_down - d_up``: ``s = 1 / ||lo'||_1`` per row (both terms in pixels of distance).
+* CW ``paper_code``: every candidate is scored by its *own top label* (``candidate_labels``), so a
+  row is a (candidate, its top label) pair: ``up`` the best candidate whose top label is wrong
+  (targeted: is the target), ``down`` the best candidate whose top label is ``y`` (targeted: is not
+  the target). When no candidate has the wanted top label, ``up`` is the candidate searched for the
+  wanted label ``t`` (untargeted: the one where ``y`` is least confident), ascending ``lo_t`` there.
 
-The attack queries the real shell at every iterate and keeps, per example, the first iterate at
-which the shell's label is wrong: a reported success is a verified misclassification by the shell,
-never a property of the surrogate. A failure only means that this attack did not find one, so BPDA
-success rates are lower bounds on the shell's vulnerability at ``epsilon``.
+Steps are signed: fixed (``schedule="sign"``, L-inf PGD) or Auto-PGD's (``"apgd"``: step
+``2 epsilon`` halved at the checkpoints of :func:`projected.apgd_checkpoints` when progress stalls,
+restart from the best point, momentum 0.75; Croce & Hein 2020), the progress measure being the
+shell's own margin (below). Every iterate is projected onto ``N(x, epsilon)`` and the box.
 
-Units: images are float32 NHWC pixels in 0..255; ``epsilon`` and ``step_size`` are pixels.
+Verification: the real shell is evaluated at every iterate, and per point the first iterate where
+its label is not ``y`` is kept and frozen; a reported success is a misclassification by the shell,
+never a property of the surrogate (also for targeted runs, as in AutoAttack's APGD-T). A shell with
+randomness (``random_start``) is attacked with EOT when ``eot_samples > 0``: the gradient and the
+progress measure are averaged over copies of the shell with other seeds, and success is judged by
+the shell itself, whose draw the attack never used otherwise. BPDA success rates are lower bounds.
+
+Units: pixels (0..255). :mod:`manifold_tf.attacks.bpda_suite` chains runs and adds ``lift``.
 """
 
 from __future__ import annotations
+
+import weakref
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf
 
 from manifold_tf import compiled, projected
 from manifold_tf.shells.base import log_odds
-from manifold_tf.validation import validate_images, validate_labels, validate_radius
+from manifold_tf.validation import (PIXEL_MAX, PIXEL_MIN, check_choice, check_int, validate_images,
+                                    validate_labels, validate_radius)
 
-__all__ = ["bpda"]
+__all__ = ["SCHEDULES", "bpda"]
+
+SCHEDULES = ("sign", "apgd")
+APGD_RHO, APGD_MOMENTUM = 0.75, 0.75  # Croce & Hein 2020
+_MET = 1e12  # NCN rank key of a label meeting p: above every log-odds (clipped below it)
+# shell -> {seed: copy of the shell with that seed} (EOT samples; one trace per copy).
+_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+RESULT_KEYS = ("x_adv", "success", "shell_label", "margin", "steps_used", "shell_evals",
+               "base_passes", "target", "run")
 
 
-def _step_function(base, image_shape: tuple[int, ...], num_classes: int):
-    """The cached compiled BPDA step for ``base``: one forward+backward pass on ``2 M`` rows.
+def _grad_function(base, image_shape: tuple[int, ...], num_classes: int):
+    """The cached compiled surrogate gradient for ``base``: a forward+backward pass on ``2 M`` rows.
 
-    ``(x_adv [M, ...], x [M, ...], z [M, C, ...], t_hat [M], y [M], epsilon, step_size)`` ->
-    the next iterate ``[M, ...]``, projected onto ``N(x, epsilon)``. The batch axis is ``None``, so
-    the function is traced once although the batch shrinks as examples succeed.
+    ``(z [M, C, ...], up_slot, up_label, down_slot, down_label [M], scaled [M] bool)`` ->
+    ``s_up lo_up'(z_up) - s_down lo_down'(z_down)`` ``[M, ...]`` (the identity approximation: this
+    is the surrogate's gradient in ``x'``), ``s = 1 / ||lo'||_1`` where ``scaled``, else 1. The
+    batch axis is ``None``: traced once although the batch shrinks as points succeed.
     """
-    image = tf.TensorSpec((None,) + tuple(image_shape), tf.float32)
-    labels = tf.TensorSpec((None,), tf.int32)
-    scalar = tf.TensorSpec((), tf.float32)
-    z_spec = tf.TensorSpec((None, num_classes) + tuple(image_shape), tf.float32)
+    ints = tf.TensorSpec((None,), tf.int32)
+    signature = [tf.TensorSpec((None, num_classes) + tuple(image_shape), tf.float32),
+                 ints, ints, ints, ints, tf.TensorSpec((None,), tf.bool)]
+    expand = [-1] + [1] * len(image_shape)
 
     def build(net):
-        def step(x_adv, x, z, t_hat, y, epsilon, step_size):
-            m = tf.shape(x_adv)[0]
-            points = tf.concat([tf.gather(z, t_hat, batch_dims=1), tf.gather(z, y, batch_dims=1)], 0)
+        def grad(z, up_slot, up_label, down_slot, down_label, scaled):
+            m = tf.shape(z)[0]
+            points = tf.concat([tf.gather(z, up_slot, batch_dims=1),
+                                tf.gather(z, down_slot, batch_dims=1)], 0)
             with tf.GradientTape() as tape:
-                tape.watch(x_adv)
-                x2 = tf.concat([x_adv, x_adv], 0)
-                # Identity approximation: the forward pass runs at z_t itself (x2 - x2 is exactly
-                # 0), the backward pass sees z_t = x' + constant, so d z_t / d x' = I.
-                moved = points + (x2 - tf.stop_gradient(x2))
-                logits = tf.cast(net(moved, training=False), tf.float32)
-                lo = log_odds(logits, tf.concat([t_hat, y], 0))
-                # L summed over rows: rows are independent, so its gradient is each row's own.
-                total = tf.reduce_sum(lo[:m] - lo[m:])
-            grad = tape.gradient(total, x_adv)
-            return projected.project(x_adv + step_size * tf.sign(grad), x, epsilon)
+                tape.watch(points)
+                logits = tf.cast(net(points, training=False), tf.float32)
+                # Rows are independent: the gradient of the sum is each row's own.
+                total = tf.reduce_sum(log_odds(logits, tf.concat([up_label, down_label], 0)))
+            g = tape.gradient(total, points)
+            l1 = tf.reduce_sum(tf.abs(g), axis=list(range(1, len(image_shape) + 1)))
+            scale = tf.where(tf.concat([scaled, scaled], 0), 1.0 / (l1 + 1e-30), tf.ones_like(l1))
+            g = g * tf.reshape(scale, expand)
+            return g[:m] - g[m:]
 
-        return step
+        return grad
 
-    return compiled.cached(
-        base, ("bpda", tuple(image_shape), int(num_classes)), build,
-        input_signature=[image, image, z_spec, labels, labels, scalar, scalar],
-    )
+    return compiled.cached(base, ("bpda", tuple(image_shape), int(num_classes)), build,
+                           input_signature=signature)
 
 
-def _check_shell(shell) -> None:
+# ---- the shell's decision rule, per point and candidate slot ------------------------------------
+
+
+class Scores(NamedTuple):
+    """A shell's answer in one form for every shell: ``S`` candidate slots per point (``[M, S]``).
+
+    ``label``: the label a slot stands for; ``key``: its rank (the shell answers the label of the
+    highest key, first on ties); ``lo``: the log-odds of ``label`` at the slot's point; ``met`` and
+    ``dist`` (NCN only, else None); ``logit_p`` (NCN); ``pick`` ``[M]``: the shell's label.
+    """
+
+    label: np.ndarray
+    key: np.ndarray
+    lo: np.ndarray
+    met: np.ndarray | None
+    dist: np.ndarray | None
+    logit_p: float | None
+    pick: np.ndarray
+
+
+def shell_scores(shell, out: dict) -> Scores:
+    """:class:`Scores` from the dict of ``shell.embed`` (MCN, NCN or CarliniWagnerShell)."""
+    lo = out["log_odds"].numpy().astype(np.float64)
+    m, s = lo.shape
+    label = np.broadcast_to(np.arange(s, dtype=np.int32), (m, s))
+    key, met, dist, logit_p = lo, None, None, None
+    if getattr(shell, "variant", None) == "paper_code" and "candidate_labels" in out:
+        label = out["candidate_labels"].numpy().astype(np.int32)
+    elif "met" in out and "distances" in out:
+        met = out["met"].numpy().astype(bool)
+        dist = out["distances"].numpy().astype(np.float64)
+        key = np.where(met, _MET - dist, np.clip(lo, -_MET / 2, _MET / 2))
+        logit_p = float(np.log(shell.p) - np.log1p(-shell.p))
+    return Scores(label, key, lo, met, dist, logit_p, out["label"].numpy().astype(np.int32))
+
+
+class Rows(NamedTuple):
+    """Per point ``[M]``: the slots ascended and descended and their labels, ``scaled`` (the NCN
+    distance race) and ``margin`` (float64, ``> 0`` iff ``up`` outranks ``down``, up to ties)."""
+
+    up: np.ndarray
+    up_label: np.ndarray
+    down: np.ndarray
+    down_label: np.ndarray
+    scaled: np.ndarray
+    margin: np.ndarray
+
+
+def surrogate_rows(sc: Scores, y: np.ndarray, target: np.ndarray | None = None) -> Rows:
+    """The two rows of the surrogate (see the module docstring) and the shell's margin between them.
+
+    The margin is in log-odds (MCN, CW, and NCN while neither row meets ``p``), in pixels
+    (``d_down - d_up``, NCN, both meet ``p``), or the log-odds gap to ``logit p`` of the row not
+    meeting it (NCN, one meets ``p``); its sign is exact: ``> 0`` iff ``up`` outranks ``down``.
+    ``+inf`` when no slot stands for ``down``'s side (the shell's answer is then ``up``'s side),
+    ``-inf`` when none stands for ``up``'s (CW ``paper_code`` only).
+    """
+    m, s = sc.key.shape
+    rows = np.arange(m)
+    want = sc.label != y[:, None] if target is None else sc.label == target[:, None]
+    has_up, has_down = want.any(1), (~want).any(1)
+    up = np.where(want, sc.key, -np.inf).argmax(1)
+    down = np.where(~want, sc.key, -np.inf).argmax(1)
+    up_label = sc.label[rows, up]
+    if target is None:  # CW fallback: the candidate where y is least confident, for its own label
+        others = np.arange(s)[None, :] != y[:, None]
+        fallback = np.where(others, sc.key, np.inf).argmin(1)
+    else:
+        fallback = target
+    up = np.where(has_up, up, fallback)
+    up_label = np.where(has_up, up_label, fallback).astype(np.int32)
+    down = np.where(has_down, down, up)
+    down_label = sc.label[rows, down]
+    if sc.met is None:
+        margin = sc.key[rows, up] - sc.key[rows, down]
+        scaled = np.zeros(m, bool)
+    else:
+        mu, md = sc.met[rows, up], sc.met[rows, down]
+        lu, ld = sc.lo[rows, up], sc.lo[rows, down]
+        margin = np.select([mu & md, ~mu & ~md, mu & ~md],
+                           [sc.dist[rows, down] - sc.dist[rows, up], lu - ld, sc.logit_p - ld],
+                           default=lu - sc.logit_p)
+        scaled = md
+    margin = np.where(has_down, np.where(has_up, margin, -np.inf), np.inf)
+    return Rows(up.astype(np.int32), up_label, down.astype(np.int32), down_label.astype(np.int32),
+                scaled, margin)
+
+
+# ---- input checks and EOT copies ----------------------------------------------------------------
+
+
+def check_shell(shell) -> None:
     missing = [a for a in ("embed_function", "base", "image_shape", "num_classes")
                if not hasattr(shell, a)]
     if missing:
         raise ValueError(
-            f"shell must be a factor shell (MCNShell or NCNShell) with `embed_function` and `base`; "
-            f"got {type(shell).__name__}, which lacks {missing}. To attack a plain base model use "
-            f"manifold_tf.attacks.pgd."
+            f"shell must be a factor shell (MCNShell, NCNShell or CarliniWagnerShell) with "
+            f"`embed_function` and `base`; got {type(shell).__name__}, which lacks {missing}. "
+            f"To attack a plain base model use manifold_tf.attacks.pgd or apgd_ce."
         )
 
 
-def _check_steps(steps) -> int:
-    if isinstance(steps, bool) or int(steps) != steps or steps < 0:
-        raise ValueError(f"steps must be an integer >= 0; got {steps!r}.")
-    return int(steps)
+def prepare(shell, x, y, epsilon, target=None):
+    """Validated ``(x float32 numpy, y int32, epsilon, target int32 or None)``."""
+    check_shell(shell)
+    epsilon = validate_radius(epsilon, "epsilon")
+    x = validate_images(x, image_shape=tuple(shell.image_shape)).numpy()
+    c = int(shell.num_classes)
+    y = validate_labels(y, num_examples=len(x), num_classes=c).numpy()
+    if target is not None:
+        target = validate_labels(target, num_examples=len(x), num_classes=c, name="target").numpy()
+        if (target == y).any():
+            raise ValueError(f"target must differ from y (a wrong label per point); target == y "
+                             f"at indices {np.flatnonzero(target == y).tolist()}.")
+    return x, y, epsilon, target
 
 
-def _contender(out: dict, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The best wrong label ``t^`` by the shell's own ranking, and the surrogate ``lo_t^ - lo_y``.
-
-    MCN ranks labels by log-odds. NCN ranks first by distance among labels whose ``z_t`` meets
-    ``p`` (``met``), then, when none does, by log-odds: the same order is used here, so that
-    ``t^`` is the wrong label that would win if ``y`` dropped out.
-    """
-    lo = out["log_odds"].numpy()
-    rows = np.arange(len(y))
-    own = np.zeros(lo.shape, bool)
-    own[rows, y] = True
-    t_hat = np.where(own, -np.inf, lo).argmax(axis=1)
-    if "met" in out and "distances" in out:
-        met = out["met"].numpy() & ~own
-        nearest = np.where(met, out["distances"].numpy(), np.inf).argmin(axis=1)
-        t_hat = np.where(met.any(axis=1), nearest, t_hat)
-    return t_hat.astype(np.int32), (lo[rows, t_hat] - lo[rows, y]).astype(np.float32)
+def check_progress(progress):
+    if progress is None or callable(progress):
+        return progress
+    raise ValueError(f"progress must be a callable (done_steps, total_steps, points_standing) or "
+                     f"None; got {type(progress).__name__}.")
 
 
-def bpda(
-    shell,
-    x,
-    y,
-    *,
-    epsilon: float,
-    steps: int = 20,
-    step_size: float | None = None,
-    x_init=None,
-    random_start: bool = False,
-    seed: int = 0,
-) -> dict:
-    """Untargeted L-inf BPDA on a factor shell (identity approximation of its search, see module).
+def eot_shells(shell, eot_samples: int, seed: int) -> list:
+    """``eot_samples`` copies of a random shell with seeds other than its own (cached); ``[]`` for a
+    deterministic shell (nothing to average) or ``eot_samples == 0``."""
+    eot_samples = check_int(eot_samples, "eot_samples", 0)
+    if not eot_samples or not getattr(shell, "random_start", False):
+        return []
+    if not hasattr(shell, "seed"):
+        raise ValueError(f"EOT needs a shell whose randomness is driven by a `seed` attribute; "
+                         f"{type(shell).__name__} has none.")
+    rng = np.random.default_rng([int(seed) & 0x7FFFFFFF, int(shell.seed) & 0x7FFFFFFF, 17])
+    draws = rng.integers(0, 2**31 - 1, 2 * eot_samples + 1)
+    seeds = [s for s in dict.fromkeys(draws.tolist()) if s != shell.seed]
+    copies = _COPIES.setdefault(shell, {})
+    out = []
+    for s in seeds[:eot_samples]:
+        if int(s) not in copies:
+            config = {k: v for k, v in shell.get_config().items()
+                      if k not in ("base", "name", "trainable")}
+            copies[int(s)] = type(shell)(shell.base, **{**config, "seed": int(s)})
+        out.append(copies[int(s)])
+    return out
 
-    Per step, on the examples not yet fooled (all at once): evaluate the shell at ``x'``; an
-    example whose shell label is not ``y`` is done and keeps that ``x'``; the others take one
-    signed step of ``step_size`` along the surrogate's gradient and are projected onto
-    ``N(x, epsilon)``. The shell is evaluated ``steps + 1`` times (the last at the final iterate),
-    fewer if every example is fooled early.
+
+def check_x_init(shell, x: np.ndarray, x_init) -> np.ndarray:
+    x_init = validate_images(x_init, image_shape=tuple(shell.image_shape), name="x_init").numpy()
+    if x_init.shape != x.shape:
+        raise ValueError(f"x_init must have shape {x.shape} (like x); got {x_init.shape}.")
+    return x_init
+
+
+def empty_result(x: np.ndarray, steps: int, target=None) -> dict:
+    n = len(x)
+    return dict(x_adv=x.copy(), success=np.zeros(n, bool), shell_label=np.zeros(n, np.int32),
+                margin=np.full(n, -np.inf, np.float32), steps_used=np.full(n, steps, np.int32),
+                shell_evals=np.zeros(n, np.int64), base_passes=np.zeros(n, np.int64),
+                target=np.full(n, -1, np.int32) if target is None else np.array(target, np.int32),
+                run=np.zeros(n, np.int32))
+
+
+# ---- one run ------------------------------------------------------------------------------------
+
+
+def bpda(shell, x, y, *, epsilon: float, steps: int = 20, step_size: float | None = None,
+         x_init=None, random_start: bool = False, seed: int = 0, target=None,
+         schedule: str = "sign", eot_samples: int = 0, progress=None) -> dict:
+    """One L-inf BPDA run on a factor shell (identity approximation of its search; see the module).
+
+    Per step, on the points not yet fooled: evaluate the shell at ``x'``; a point it gets wrong is
+    done and keeps that ``x'``; the others step along the surrogate's gradient, projected.
 
     Args:
-      shell: an :class:`~manifold_tf.shells.MCNShell` or :class:`~manifold_tf.shells.NCNShell`
-        (anything with ``embed_function`` returning ``z`` ``[N, C, H, W, 3]``, ``label`` ``[N]``
-        and label-indexed ``log_odds`` ``[N, C]``, and the ``base`` model it wraps).
-      x: clean images ``[N, H, W, 3]``, float, pixels 0..255.
-      y: true labels ``[N]`` (int): success is the shell's label differing from them.
-      epsilon: L-inf budget in pixels (8 means 8/255).
-      steps: attack steps ``>= 0``.
-      step_size: pixels per signed step; default ``2.5 * epsilon / steps`` (Madry et al.'s rule).
-      x_init: optional start ``[N, H, W, 3]`` (e.g. a transfer attack's ``x'`` on the base),
-        projected into ``N(x, epsilon)``.
-      random_start: start at a uniform random point of ``N(x, epsilon)`` (stateless, from
-        ``seed``); not together with ``x_init``.
-      seed: int seed of the random start.
+      shell: an MCNShell, NCNShell or CarliniWagnerShell (``embed_function``, ``base``).
+      x: clean images ``[N, H, W, 3]``, float, pixels 0..255. y: true labels ``[N]`` (int).
+      epsilon: L-inf budget in pixels (8 means 8/255). steps: attack steps ``>= 0``.
+      step_size: pixels per signed step of ``schedule="sign"``; default ``2.5 * epsilon / steps``.
+        Not for ``"apgd"`` (which starts at ``2 * epsilon`` and halves it).
+      x_init: optional start ``[N, H, W, 3]`` (e.g. a transfer ``x'``), projected into the ball.
+      random_start: start uniformly in ``N(x, epsilon)`` (from ``seed``); not with ``x_init``.
+      seed: seeds the random start and the choice of EOT seeds.
+      target: optional wrong labels ``[N]``: a targeted run (the surrogate raises the target
+        against the best other label); success is still any wrong answer of the shell.
+      schedule: ``"sign"`` (fixed steps) or ``"apgd"`` (Auto-PGD's schedule and momentum).
+      eot_samples: for a shell with ``random_start``: average the gradient and the progress
+        measure over this many copies with other seeds (0: use the shell's own evaluation).
+        Ignored for deterministic shells.
+      progress: optional callable ``(done_steps, total_steps, points_standing)``.
 
     Returns:
-      dict of numpy arrays: ``x_adv`` float32 ``[N, H, W, 3]`` (per example the first iterate at
-      which the shell was wrong, else the last iterate; always inside ``N(x, epsilon)``),
-      ``success`` bool ``[N]`` (the shell's label at ``x_adv`` is not ``y``), ``shell_label``
-      int32 ``[N]`` (the shell's label at ``x_adv``), ``steps_used`` int32 ``[N]`` (the step after
-      which the shell first failed, 0 = at the start point; ``steps`` if it never did) and
-      ``margin`` float32 ``[N]`` (the surrogate ``lo_t^ - lo_y`` at ``x_adv``, from the shell's
-      scores; for MCN it is ``> 0`` exactly when the shell is wrong, up to ties; for NCN, which
-      ranks by distance, it is only the quantity being ascended).
+      dict of numpy arrays ``[N]``: ``x_adv`` float32 ``[N, H, W, 3]`` (the first iterate where the
+      shell was wrong, else the last; in ``N(x, epsilon)`` and the box), ``success`` (the shell's
+      label at ``x_adv`` is not ``y``), ``shell_label``, ``margin`` (the shell's untargeted margin
+      at ``x_adv``, :func:`surrogate_rows`: ``> 0`` iff wrong, up to ties), ``steps_used`` (the
+      step of the success, 0 = the start; ``steps`` if none), ``shell_evals`` and ``base_passes``
+      (cost: shell predictions; forward+backward base passes outside the shell), ``target`` (-1:
+      untargeted) and ``run`` (0; chains number their runs).
 
-    The label reported for ``x_adv`` is the one the shell gave during the attack, on a batch of
-    the examples still running; for a shell whose output depends on its batch (MCN with
-    ``random_start``) a later call on another batch can differ.
+    The label is the shell's on the batch of points still running; for a shell with a random
+    start another batch layout is another draw (EOT copies are cached per seed: one trace each).
 
-    Cost: each step costs one shell prediction on the running examples (about ``C * K``
-    forward+backward passes of the base per image, ``K`` the shell's optimiser steps) plus one
-    forward+backward pass of the base on ``2`` rows per image (``z_t^`` and ``z_y``); the total is
-    at most ``steps + 1`` shell predictions and ``steps`` BPDA passes per image. BPDA success is a
-    lower bound on the shell's vulnerability: the identity approximation can miss attacks that
-    another approximation or a query attack finds.
+    Cost per point: at most ``steps + 1`` shell predictions (each about ``C * K`` forward+backward
+    passes of the base, ``K`` the shell's steps) plus ``steps * eot`` for EOT copies, and
+    ``2 * steps * max(1, eot)`` forward+backward base passes (two rows per step and sample).
     """
-    _check_shell(shell)
-    epsilon = validate_radius(epsilon, "epsilon")
-    steps = _check_steps(steps)
-    if step_size is None:
-        step_size = 2.5 * epsilon / max(steps, 1)
-    step_size = validate_radius(step_size, "step_size")
-    image_shape = tuple(shell.image_shape)
-    num_classes = int(shell.num_classes)
-    x = validate_images(x, image_shape=image_shape)
-    n = int(x.shape[0])
-    y = validate_labels(y, num_examples=n, num_classes=num_classes).numpy()
-
+    x, y, epsilon, target = prepare(shell, x, y, epsilon, target)
+    steps = check_int(steps, "steps", 0)
+    schedule = check_choice(schedule, "schedule", SCHEDULES)
+    if schedule == "apgd" and step_size is not None:
+        raise ValueError(f"step_size is for schedule='sign'; APGD starts at 2 * epsilon and halves "
+                         f"it (got step_size={step_size}).")
+    step_size = validate_radius(2.5 * epsilon / max(steps, 1) if step_size is None else step_size,
+                                "step_size")
+    progress = check_progress(progress)
+    copies = eot_shells(shell, eot_samples, seed)
     if x_init is not None:
         if random_start:
             raise ValueError("give either x_init or random_start=True, not both.")
-        x_init = validate_images(x_init, image_shape=image_shape, name="x_init")
-        if int(x_init.shape[0]) != n:
-            raise ValueError(
-                f"x_init must have shape {tuple(x.shape)} (like x); got {tuple(x_init.shape)}."
-            )
-        start = projected.project(x_init, x, epsilon)
+        start = np.clip(check_x_init(shell, x, x_init), x - epsilon, x + epsilon)
     elif random_start:
-        start = projected.random_start(x, epsilon, tf.constant([int(seed), 0], tf.int64))
+        start = projected.random_start(tf.constant(x), epsilon,
+                                       tf.constant([int(seed), 0], tf.int64)).numpy()
     else:
         start = x
-
-    x_np = x.numpy()
-    x_adv = start.numpy().copy()  # per example: its current iterate until it is done, then frozen
-    success = np.zeros(n, bool)
-    shell_label = np.zeros(n, np.int32)
-    steps_used = np.full(n, steps, np.int32)
-    margin = np.zeros(n, np.float32)
-    if n == 0:
-        return dict(x_adv=x_adv, success=success, shell_label=shell_label, steps_used=steps_used,
-                    margin=margin)
-
-    step_fn = _step_function(shell.base, image_shape, num_classes)
-    eps_t = tf.constant(epsilon, tf.float32)
-    step_t = tf.constant(step_size, tf.float32)
-    active = np.arange(n)  # examples the shell still classifies as y
+    res = empty_result(start, steps, target)
+    if len(x) == 0:
+        return res
+    lo_box, hi_box = np.maximum(x - epsilon, PIXEL_MIN), np.minimum(x + epsilon, PIXEL_MAX)
+    grad_fn = _grad_function(shell.base, tuple(shell.image_shape), int(shell.num_classes))
+    x_adv = res["x_adv"]
+    apgd = _Apgd(start, epsilon, steps) if schedule == "apgd" else None
+    active = np.arange(len(x))
     for k in range(steps + 1):
         current = x_adv[active]
         out = shell.embed_function(tf.constant(current))
-        label = out["label"].numpy().astype(np.int32)
-        t_hat, m = _contender(out, y[active])
-        shell_label[active] = label
-        margin[active] = m
-        done = label != y[active]
-        success[active[done]] = True
-        steps_used[active[done]] = k
-        keep = ~done
-        active = active[keep]
+        res["shell_evals"][active] += 1
+        sc = shell_scores(shell, out)
+        res["shell_label"][active] = sc.pick
+        res["margin"][active] = surrogate_rows(sc, y[active]).margin
+        done = sc.pick != y[active]
+        res["success"][active[done]] = True
+        res["steps_used"][active[done]] = k
+        keep, active = ~done, active[~done]
+        if progress is not None:
+            progress(k if active.size else steps, steps, int(active.size))
         if k == steps or active.size == 0:
             break
-        # Done rows drop out of the batch; the shell's z comes along for the rows that stay.
-        x_next = step_fn(
-            tf.constant(current[keep]), tf.constant(x_np[active]),
-            tf.boolean_mask(out["z"], keep), tf.constant(t_hat[keep]), tf.constant(y[active]),
-            eps_t, step_t,
-        )
-        x_adv[active] = x_next.numpy()
-    return dict(x_adv=x_adv, success=success, shell_label=shell_label, steps_used=steps_used,
-                margin=margin)
+        current = current[keep]
+        tk = None if target is None else target[active]
+        if copies:
+            samples = [(c, c.embed_function(tf.constant(current))) for c in copies]
+            res["shell_evals"][active] += len(copies)
+        else:
+            samples = [(shell, {key: tf.boolean_mask(v, keep) for key, v in out.items()})]
+        rows = [surrogate_rows(shell_scores(c, o), y[active], tk) for c, o in samples]
+        cat = lambda f: tf.constant(np.concatenate([getattr(r, f) for r in rows]))  # noqa: E731
+        g = grad_fn(tf.concat([o["z"] for _, o in samples], 0), cat("up"), cat("up_label"),
+                    cat("down"), cat("down_label"), cat("scaled")).numpy()
+        g = g.reshape((len(samples), len(active)) + g.shape[1:]).mean(0)
+        res["base_passes"][active] += 2 * len(samples)
+        lo, hi = lo_box[active], hi_box[active]
+        if apgd is None:
+            nxt = np.clip(current + step_size * np.sign(g), lo, hi)
+        else:
+            f = np.mean(np.clip([r.margin for r in rows], -1e9, 1e9), axis=0)  # no inf - inf
+            nxt = apgd.step(k, active, current, g, f, lo, hi)
+        x_adv[active] = nxt
+    return res
+
+
+class _Apgd:
+    """Auto-PGD's step-size schedule and momentum (as :func:`projected.apgd_ascent`), per point, in
+    numpy: the BPDA loop evaluates the real shell between steps, so it cannot be one compiled loop.
+    The objective ``f`` is the shell's margin at the current iterate (higher is better)."""
+
+    def __init__(self, start: np.ndarray, epsilon: float, steps: int):
+        n = len(start)
+        self.eta = np.full(n, 2.0 * epsilon, np.float32)
+        self.x_prev, self.x_best = start.copy(), start.copy()
+        self.g_best = np.zeros_like(start)
+        self.f_prev, self.f_best = np.full(n, np.inf), np.full(n, -np.inf)
+        self.f_last = np.full(n, -np.inf)
+        self.count, self.reduced_last = np.zeros(n), np.zeros(n, bool)
+        checks = [w for w in projected.apgd_checkpoints(steps) if w < steps]
+        self.since = {w: float(w - prev) for prev, w in zip(checks, checks[1:])}
+
+    def step(self, i, a, z, g, f, lo, hi):
+        expand = (-1,) + (1,) * (z.ndim - 1)
+        self.count[a] += f > self.f_prev[a]
+        better = f > self.f_best[a]
+        self.x_best[a[better]], self.g_best[a[better]] = z[better], g[better]
+        self.f_best[a[better]] = f[better]
+        if i in self.since:
+            reduce = (self.count[a] < APGD_RHO * self.since[i]) | (
+                ~self.reduced_last[a] & (self.f_best[a] <= self.f_last[a]))
+            self.eta[a[reduce]] /= 2.0
+            z = np.where(reduce.reshape(expand), self.x_best[a], z)
+            g = np.where(reduce.reshape(expand), self.g_best[a], g)
+            f = np.where(reduce, self.f_best[a], f)
+            self.f_last[a], self.reduced_last[a], self.count[a] = self.f_best[a], reduce, 0.0
+        alpha = APGD_MOMENTUM if i > 0 else 1.0  # the first step has no previous point
+        z_step = np.clip(z + self.eta[a].reshape(expand) * np.sign(g), lo, hi)
+        z_new = np.clip(z + alpha * (z_step - z) + (1.0 - alpha) * (z - self.x_prev[a]), lo, hi)
+        self.x_prev[a], self.f_prev[a] = z, f
+        return z_new.astype(np.float32)

@@ -1,186 +1,210 @@
-"""The adaptive evaluation: attacks on the shell itself, on the points of a finished Table-2 run.
+"""The adaptive evaluation, the verdict: a worst-case attack suite on the shell, and on the base alone.
 
-The paper only transfers attacks from the base model to the shell. Here the shell G is attacked
-directly (:func:`manifold_tf.attacks.bpda`: BPDA with the identity approximation), starting from
-the transferred ``x'``, and the base model alone is attacked with the same budget for comparison.
+Points: the first ``num_points`` of the seeded walk order, right or wrong at ``x``. A classifier is
+robust on a point when it is right at ``x`` and at the ``x'`` of every attack; attacks run in order,
+AutoAttack style, each only on the points still standing, and a success always means the real
+classifier (the shell itself, run again) answered a wrong label at an ``x'`` inside ``N(x, epsilon)``
+and the pixel box. The shell G and its base F are attacked on the same points, each by its own
+strongest attacks (METHOD.md, "Adaptive evaluation"):
+
+- F alone: the paper's CW L-inf, APGD-CE, APGD-T (DLR loss).
+- G: ``transfer_cw`` (the paper's CW x' on F), ``transfer_confident`` (the most confident wrong
+  point of ``N(x, epsilon)`` for F: the separation search), ``lift`` (MCN answers the label that can
+  be made most confident within delta of its input: a confident point of ``N(x, epsilon + delta)``
+  clipped into ``N(x, epsilon)``), ``bpda`` (identity BPDA, APGD schedule, from x, from the
+  transfer x' and random starts), ``bpda_targeted`` (the shell's top wrong labels) and ``square``
+  (score-based black box on the shell's probabilities; it tells whether gradients are masked).
+
+Each batch's outcome is one record in the run store (resumable); the report, the sanity checks
+and ``summary.json`` are built from the records (:mod:`~manifold_tf.evaluation.adaptive_report`).
 """
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
 
 from manifold_tf import reporting
-from manifold_tf.evaluation import defence
 from manifold_tf.evaluation.config import AdaptiveConfig
 from manifold_tf.evaluation.inputs import predict_logits
 
 PROTOCOL = "adaptive"
 
 
-def run_adaptive(base, shell, images: np.ndarray, config: AdaptiveConfig, store, *,
-                 class_names=None, max_figure_cases: int = 12) -> dict:
-    """Attacks the shell itself (BPDA, :func:`manifold_tf.attacks.bpda`) on the points of a finished Table-2 run.
+def shell_labels(shell, x: np.ndarray, batch_size: int = 30) -> np.ndarray:
+    """The shell's labels on ``x``, batch by batch (a fresh evaluation: what success is checked on)."""
+    if not len(x):
+        return np.zeros(0, np.int64)
+    return np.concatenate([shell.embed_function(np.asarray(x[i : i + batch_size], np.float32))["label"].numpy()
+                           for i in range(0, len(x), batch_size)]).astype(np.int64)
 
-    Reads the batch records and ``x'`` of :func:`defence.run_defence` from ``store``. For every point the
-    shell still gets right at ``x`` and at the transferred ``x'`` (``G(x) = G(x') = y``), BPDA runs
-    from that ``x'`` (the base's CW example, or ``x`` where CW failed) within the same ``epsilon``;
-    the other points already count as failures. The shell's robust accuracy is then the share of
-    points with ``G(x) = y`` that neither attack broke. A lower bound on the shell's
-    vulnerability, like every attack.
 
-    Writes ``adaptive/batch_XXX.json`` and ``batch_XXX_xadv.npy`` per batch (a resumed run skips
-    finished batches; settings checked) and ``adaptive.json``, ``adaptive.md`` and
-    ``adaptive_failures.png``.
-    """
+def passes_per_prediction(shell) -> int:
+    """Forward+backward passes of the base in one shell prediction of one image (its search)."""
+    c = int(shell.num_classes)
+    if hasattr(shell, "rounds"):  # NCN: steps per penalty round
+        return c * int(shell.steps) * int(shell.rounds)
+    if hasattr(shell, "max_iterations"):  # CW shell: up to two constants
+        return c * 2 * int(shell.max_iterations)
+    return c * int(shell.steps)
+
+
+def _shell_suite(shell, base, config: AdaptiveConfig, epsilon: float, seed: int):
+    """``[(name, run(x, y, x_transfer) -> dict)]`` in the order they run."""
     from manifold_tf import attacks
 
-    epsilon, steps, step_size = None, config.steps, config.step_size
-    finished = store.finished(defence.PROTOCOL)
-    records = [store.load(defence.PROTOCOL, b) for b in finished]
-    table2 = store.settings(defence.PROTOCOL)
-    if not records or table2 is None:
-        raise ValueError(f"{store.directory} holds no finished Table-2 batches: run the defence "
-                         f"evaluation there first (evaluate.py --shell=... --output_dir={store.directory}).")
-    epsilon = table2["epsilon"]
-    shell_settings = json.loads(json.dumps(reporting._to_jsonable(shell.settings())))
-    if table2["shell"] != shell_settings:
-        raise ValueError(f"the shell differs from the one of the Table-2 run in {store.directory}:\n"
-                         f"  run:   {table2['shell']}\n  now:   {shell_settings}")
-    settings = reporting._to_jsonable(dict(
-        attack="BPDA (identity approximation of the search factor), untargeted, sign steps",
-        epsilon=float(epsilon), steps=int(steps),
-        step_size=float(step_size if step_size is not None else 2.5 * epsilon / max(int(steps), 1)),
-        start="the base model's CW x' of the Table-2 run (x where CW failed)",
-        shell=shell_settings))
-    settings = store.bind(PROTOCOL, settings)
-    results = []
-    total = sum(len(r["labels"]) for r in records)
-    progress = reporting.Progress(total, "adaptive", unit="points")
-    for r in records:
-        b = r["batch"]
-        idx = np.asarray(r["indices"])
-        x = images[idx]
-        y = np.asarray(r["labels"])
-        saved = store.load(PROTOCOL, b)
-        if saved is not None:
-            results.append(saved)
-            progress.update(len(r["labels"]), extra=f"batch {b + 1}: already done")
-            continue
-        x_transfer = store.load_array(defence.PROTOCOL, b, "xadv")
-        g_x, g_t = np.asarray(r["shell_clean"]), np.asarray(r["shell_adv"])
-        todo = (g_x == y) & (g_t == y)
-        x_out = x_transfer.copy()
-        broken = np.zeros(len(y), bool)
-        label = g_t.copy()
-        steps_used = np.zeros(len(y), np.int64)
-        t0 = time.perf_counter()
-        if todo.any():
-            out = attacks.bpda(shell, x[todo], y[todo], epsilon=epsilon, steps=steps,
-                                step_size=step_size, x_init=x_transfer[todo])
-            x_out[todo] = out["x_adv"]
-            broken[todo] = out["success"]
-            label[todo] = out["shell_label"]
-            steps_used[todo] = out["steps_used"]
-        seconds = time.perf_counter() - t0
-        linf = np.abs(x_out - x).reshape(len(y), -1).max(-1)
-        robust = (g_x == y) & (g_t == y) & ~broken
-        result = dict(batch=b, indices=idx.tolist(), labels=y.tolist(),
-                      shell_clean=g_x.tolist(), shell_transfer=g_t.tolist(), attacked=todo.tolist(),
-                      adaptive_success=broken.tolist(), shell_adaptive=label.tolist(),
-                      steps_used=steps_used.tolist(), linf=linf.tolist(), robust=robust.tolist(),
-                      base_robust=_base_robust(base, x, y, r, epsilon=epsilon, steps=steps,
-                                               step_size=settings["step_size"]),
-                      seconds=seconds)
-        store.save(PROTOCOL, b, result, arrays={"xadv": x_out.astype(np.float32)})
-        results.append(result)
-        progress.update(len(y), extra=(
-            f"batch {b + 1}: BPDA broke {int(broken.sum())}/{int(todo.sum())} points the transfer "
-            f"attack left intact; robust {int(robust.sum())}/{len(y)} ({seconds:.0f} s)"))
-    return write_adaptive_report(results, settings, images, store, class_names=class_names,
-                                 max_figure_cases=max_figure_cases)
+    eot = config.eot_samples if getattr(shell, "random_start", False) else 0
+    targets = "all" if config.targets == 0 else config.targets
+    runs = {
+        "transfer_cw": None,  # x' given: only the shell's answer there is needed
+        "transfer_confident": lambda x, y, xt: dict(x_adv=np.asarray(attacks.high_confidence(
+            base, x, y, delta=epsilon, steps=config.steps, step_size=2.5 * epsilon / max(config.steps, 1),
+            seed=seed)[0]), base_passes=(shell.num_classes - 1) * config.steps),
+        "lift": lambda x, y, xt: attacks.lift(
+            shell, x, y, epsilon=epsilon, num_targets=targets, steps=config.lift_steps, seed=seed),
+        "bpda": lambda x, y, xt: attacks.bpda_restarts(
+            shell, x, y, epsilon=epsilon, steps=config.steps, x_init=xt, from_x=True,
+            random_restarts=config.restarts, seed=seed, eot_samples=eot),
+        "bpda_targeted": lambda x, y, xt: attacks.bpda_targeted(
+            shell, x, y, epsilon=epsilon, num_targets=targets, steps=config.steps, x_init=xt,
+            from_x=False, seed=seed, eot_samples=eot),
+        "square": lambda x, y, xt: attacks.square(
+            shell, x, y, epsilon=epsilon, queries=config.square_queries, seed=seed,
+            output="probabilities"),
+    }
+    return [(name, runs[name]) for name in config.shell_attacks]
 
 
-def _base_robust(base, x: np.ndarray, y: np.ndarray, record: dict, *, epsilon: float, steps: int,
-                 step_size: float) -> list:
-    """The base model alone under an attack of the same strength, for comparison with the shell.
-
-    Robust: CW of the Table-2 run failed and PGD with the CW margin loss (``steps`` steps of
-    ``step_size`` from ``x``, the white-box counterpart of BPDA) leaves the prediction at ``y``.
-    """
+def _base_suite(base, config: AdaptiveConfig, epsilon: float, seed: int):
     from manifold_tf import attacks
 
-    x_pgd = attacks.pgd(base, x, y, epsilon=epsilon, steps=steps, step_size=step_size, loss="cw",
-                        random_start=False)
-    pgd_ok = predict_logits(base, np.asarray(x_pgd)).argmax(-1) == y
-    return (pgd_ok & ~np.asarray(record["base_success"], bool)).tolist()
+    suite = [("apgd_ce", lambda x, y: attacks.apgd_ce(base, x, y, epsilon=epsilon,
+                                                       steps=config.base_apgd_steps, seed=seed))]
+    if int(base.output_shape[-1]) >= 4:
+        suite.append(("apgd_t", lambda x, y: attacks.apgd_t(base, x, y, epsilon=epsilon,
+                                                             steps=config.base_apgd_steps, seed=seed)))
+    return suite
 
 
-def _adaptive_rates(results: list[dict]) -> dict:
-    y = np.concatenate([r["labels"] for r in results])
-    g_x = np.concatenate([r["shell_clean"] for r in results])
-    g_t = np.concatenate([r["shell_transfer"] for r in results])
-    attacked = np.concatenate([r["attacked"] for r in results]).astype(bool)
-    broken = np.concatenate([r["adaptive_success"] for r in results]).astype(bool)
-    robust = np.concatenate([r["robust"] for r in results]).astype(bool)
-    base_robust = np.concatenate([r["base_robust"] for r in results]).astype(bool)
+def _cw_transfer(base, x, y, epsilon, cw_kwargs, known: dict, indices) -> np.ndarray:
+    """The paper's CW x' on the base: from Table 2's run where it has the point, else computed."""
+    from manifold_tf import attacks
+
+    x_adv = x.copy()
+    todo = [k for k, i in enumerate(indices) if int(i) not in known]
+    for k, i in enumerate(indices):
+        if int(i) in known:
+            x_adv[k] = known[int(i)]
+    if todo:
+        out = attacks.cw_linf_details(base, x[todo], y[todo], epsilon=epsilon, **cw_kwargs)
+        x_adv[todo] = np.asarray(out["x_adv"])
+    return x_adv
+
+
+def adaptive_batch(base, shell, x, y, indices, *, config: AdaptiveConfig, epsilon: float,
+                   cw_kwargs: dict, known_transfer: dict, seed: int, desc: str = "") -> tuple[dict, np.ndarray]:
+    """One batch of the suite: ``(record, x_worst [N, H, W, C])`` (the breaking x' per point, else x)."""
+    t0 = time.perf_counter()
     n = len(y)
-    return dict(points=n, retained=int(np.sum(g_x == y)), base_robust=int(base_robust.sum()),
-                base_robust_accuracy=float(np.mean(base_robust)),
-                robust_transfer=int(np.sum((g_x == y) & (g_t == y))),
-                attacked=int(attacked.sum()), broken_by_bpda=int(broken.sum()),
-                robust_adaptive=int(robust.sum()),
-                robust_accuracy_transfer=float(np.mean((g_x == y) & (g_t == y))),
-                robust_accuracy_adaptive=float(np.mean(robust)))
+    f_x = predict_logits(base, x).argmax(-1)
+    g_x = shell_labels(shell, x)
+    per_pred = passes_per_prediction(shell)
+    x_cw = _cw_transfer(base, x, y, epsilon, cw_kwargs, known_transfer, indices)
+    cost = dict(base_passes=0, shell_predictions=2 * n)  # G at x, and the final check below
+    # The base alone: CW (the transfer x'), then APGD-CE and APGD-T on what stands.
+    base_broken = np.where(f_x != y, "clean", "").astype(object)
+    cw_ok = predict_logits(base, x_cw).argmax(-1) == y
+    base_broken[(base_broken == "") & ~cw_ok] = "transfer_cw"
+    for name, run in _base_suite(base, config, epsilon, seed):
+        todo = np.nonzero(base_broken == "")[0]
+        if len(todo):
+            x_adv = np.clip(np.asarray(run(x[todo], y[todo])), x[todo] - epsilon, x[todo] + epsilon)
+            ok = predict_logits(base, x_adv).argmax(-1) == y[todo]
+            base_broken[todo[~ok]] = name
+            cost["base_passes"] += len(todo) * config.base_apgd_steps * (9 if name == "apgd_t" else 1)
+    # The shell: every attack of the suite on the points still standing.
+    shell_broken = np.where(g_x != y, "clean", "").astype(object)
+    shell_adv = g_x.copy()  # the shell's answer at each point's breaking x' (G(x) where none)
+    x_worst = x.copy()
+    attempted, seconds = {}, {}
+    for name, run in _shell_suite(shell, base, config, epsilon, seed):
+        todo = np.nonzero(shell_broken == "")[0]
+        attempted[name] = int(len(todo))
+        t = time.perf_counter()
+        if len(todo):
+            if run is None:
+                x_adv = x_cw[todo]
+            else:
+                out = run(x[todo], y[todo], x_cw[todo])
+                x_adv = np.asarray(out["x_adv"], np.float32)
+                cost["shell_predictions"] += int(np.sum(out.get("shell_evals", out.get("queries", 0))))
+                cost["base_passes"] += int(np.sum(out.get("base_passes", 0)))
+            x_adv = np.clip(x_adv, np.maximum(x[todo] - epsilon, 0), np.minimum(x[todo] + epsilon, 255))
+            answer = shell_labels(shell, x_adv)  # success is verified by a fresh shell prediction
+            broken = answer != y[todo]
+            cost["shell_predictions"] += len(todo)
+            shell_broken[todo[broken]] = name
+            shell_adv[todo[broken]] = answer[broken]
+            x_worst[todo[broken]] = x_adv[broken]
+        seconds[name] = time.perf_counter() - t
+        if desc:
+            print(f"{desc}: {name}: {int(np.sum(shell_broken == name))}/{attempted[name]} broken "
+                  f"({seconds[name]:.0f} s); shell robust so far {int(np.sum(shell_broken == ''))}/{n}",
+                  flush=True)
+    cost["base_passes"] += cost["shell_predictions"] * per_pred
+    record = dict(indices=[int(i) for i in indices], labels=y.tolist(), base_clean=f_x.tolist(),
+                  shell_clean=g_x.tolist(), base_broken_by=base_broken.tolist(),
+                  shell_broken_by=shell_broken.tolist(), shell_adv=shell_adv.tolist(), attempted=attempted,
+                  linf=np.abs(x_worst - x).reshape(n, -1).max(-1).tolist(), cost=cost,
+                  seconds=dict(total=time.perf_counter() - t0, **seconds))
+    return record, x_worst
 
 
-def adaptive_markdown(report: dict) -> str:
-    """The adaptive-attack report as Markdown: settings, the table per batch and in total."""
-    s, average = report["settings"], report["average"]
-    rows = []
-    for name, r in [(f"Batch #{i + 1}", r) for i, r in enumerate(report["per_batch"])] + [
-            ("Total", average)]:
-        n = r["points"]
-        rows.append([name, n, f"{r['retained']}/{n}", f"{r['robust_transfer']}/{n}",
-                     f"{r['broken_by_bpda']}/{r['attacked']}", f"{r['robust_adaptive']}/{n}",
-                     f"{r['base_robust']}/{n}"])
-    table = reporting.markdown_table(
-        ["", "points", "G(x) = y", "shell robust to transfer (CW on F)", "broken by BPDA / attacked",
-         "shell robust to both", f"base alone robust to CW + PGD-{s['steps']}"], rows)
-    return (f"# Adaptive attack on the {s['shell']['shell'].upper()} shell\n\n"
-            f"Attack: {s['attack']}; epsilon {s['epsilon']:g} px, {s['steps']} steps of "
-            f"{s['step_size']:g} px, start: {s['start']}.\n\nShell: `{json.dumps(s['shell'])}`\n\n"
-            f"{table}\nRobust accuracy of the shell: {100 * average['robust_accuracy_transfer']:.1f}% "
-            f"against the transfer attack of Table 2, {100 * average['robust_accuracy_adaptive']:.1f}% "
-            f"against transfer + BPDA (a lower bound on what an adaptive attacker achieves).\n"
-            f"For comparison, the base model alone: {100 * average['base_robust_accuracy']:.1f}% "
-            f"against CW and PGD with the same budget and steps (CW margin loss, from x).\n\n"
-            f"Time: {report['seconds']:.0f} s.\n")
+def run_adaptive(base, shell, images: np.ndarray, labels: np.ndarray, config: AdaptiveConfig, store, *,
+                 epsilon: float, cw_kwargs: dict, seed: int = 0, permutation: str = "numpy",
+                 batch_points: int = 30, class_names=None, metadata: dict | None = None) -> dict:
+    """Runs (or resumes) the suite on the first ``num_points`` of the order; writes the reports.
 
+    Reuses the CW ``x'`` of a Table-2 run in the same store for the points it has. Returns the
+    report (also written as ``adaptive.json``/``.md``, ``summary.json`` and figures).
+    """
+    from manifold_tf.evaluation import adaptive_report, defence
 
-def write_adaptive_report(results: list[dict], settings: dict, images: np.ndarray, store, *,
-                          class_names=None, max_figure_cases: int = 12) -> dict:
-    """``adaptive.json``, ``adaptive.md`` and ``adaptive_failures.png`` from the batch results."""
-    per_batch = [_adaptive_rates([r]) for r in results]
-    average = _adaptive_rates(results)
-    report = dict(settings=settings, per_batch=per_batch, average=average,
-                  seconds=float(sum(r["seconds"] for r in results)))
-    store.write_report("adaptive", report, adaptive_markdown(report))
-    cases = []
-    for r in results:
-        hits = [k for k, ok in enumerate(r["adaptive_success"]) if ok]
-        if not hits:
+    order = defence.walk_order(len(images), seed=seed, kind=permutation)[: config.num_points]
+    batches = [order[i : i + batch_points] for i in range(0, len(order), batch_points)]
+    settings = reporting._to_jsonable(dict(
+        protocol="adaptive (METHOD.md, Adaptive evaluation)", epsilon=float(epsilon),
+        shell=shell.settings(), suite=config, base_attack_cw=cw_kwargs, seed=int(seed),
+        permutation=permutation, num_points=int(len(order)), batch_points=int(batch_points),
+        num_test_points=int(len(images)), **(metadata or {})))
+    settings = store.bind(PROTOCOL, settings, free=("strategy",))
+    known = {}
+    for b in store.finished(defence.PROTOCOL):
+        rec = store.load(defence.PROTOCOL, b)
+        x_adv = store.load_array(defence.PROTOCOL, b, "xadv")
+        for k, i in enumerate(rec["indices"]):
+            if rec["base_success"][k]:  # the probe x' of base-robust points is not CW's
+                known[int(i)] = x_adv[k]
+            else:
+                known[int(i)] = images[int(i)]
+    records = [store.load(PROTOCOL, b) for b in range(len(batches))]
+    progress = reporting.Progress(len(order), "adaptive", unit="points",
+                                  initial=sum(len(batches[b]) for b, r in enumerate(records) if r))
+    for b, idx in enumerate(batches):
+        if records[b] is not None:
             continue
-        x_adv = store.load_array(PROTOCOL, r["batch"], "xadv")
-        for k in hits:
-            cases.append(dict(index=r["indices"][k], x=images[r["indices"][k]], x_adv=x_adv[k],
-                              label=r["labels"][k], shell_clean=r["shell_clean"][k],
-                              shell_adv=r["shell_adaptive"][k]))
-    reporting.plot_failure_cases(
-        cases[:max_figure_cases], store.path("adaptive_failures.png"),
-        class_names=class_names,
-        title=(f"BPDA on the {report['settings']['shell']['shell'].upper()} shell: {len(cases)} "
-               f"points broken (eps {report['settings']['epsilon']:g})"))
-    return report
+        record, x_worst = adaptive_batch(
+            base, shell, images[idx].astype(np.float32), labels[idx].astype(np.int64), idx,
+            config=config, epsilon=epsilon, cw_kwargs=cw_kwargs, known_transfer=known, seed=seed + b,
+            desc=f"adaptive batch {b + 1}/{len(batches)}")
+        record["batch"] = b
+        store.save(PROTOCOL, b, record, arrays={"xadv": x_worst.astype(np.float32)})
+        records[b] = record
+        progress.update(len(idx), extra=(
+            f"batch {b + 1}/{len(batches)}: shell robust {record['shell_broken_by'].count('')}/"
+            f"{len(idx)}, base robust {record['base_broken_by'].count('')}/{len(idx)}"))
+    sanity = adaptive_report.sanity_checks(base, shell, images, labels, order, config, store,
+                                           epsilon=epsilon, seed=seed, records=records)
+    return adaptive_report.write_adaptive_report(records, settings, sanity, images, store,
+                                                 class_names=class_names)

@@ -208,17 +208,44 @@ class DefenceConfig:
         check_int(self.batch_points, "batch_points", 1)
 
 
+SHELL_ATTACKS = ("transfer_cw", "transfer_confident", "lift", "bpda", "bpda_targeted", "square")
+BASE_ATTACKS = ("transfer_cw", "apgd_ce", "apgd_t")
+
+
 @dataclass(frozen=True)
 class AdaptiveConfig:
-    """Attacks on the shell itself, after Table 2, on the points it still gets right."""
+    """The verdict: a worst-case attack suite on the shell, and on the base alone, on the same points.
 
-    attack: str = setting("none", "Attack the shell itself after Table 2 (BPDA from the CW x').",
-                          choices=("none", "bpda"), flag="adaptive")
-    steps: int = setting(20, "BPDA steps (each one shell prediction).")
-    step_size: float | None = setting(None, "BPDA step, pixels (default 2.5 * epsilon / steps).")
+    Points: the first ``num_points`` of the seeded walk order (all of them, right or wrong at x).
+    Every attack runs only on the points still standing, AutoAttack style; a point is robust if it
+    is right at x and at every attack's x'. Budgets are in pixels and attack steps.
+    """
+
+    attack: str = setting("suite", "Attack the shell itself after Table 2 (the verdict), or not.",
+                          choices=("none", "suite"), flag="adaptive")
+    num_points: int = setting(30, "Points of the seeded order evaluated (all if the data has fewer).",
+                              flag="num_points")
+    shell_attacks: tuple[str, ...] = setting(SHELL_ATTACKS, "Attacks on the shell, in order: "
+                                             + ", ".join(SHELL_ATTACKS) + ".")
+    steps: int = setting(20, "BPDA steps per run (each one shell prediction).")
+    restarts: int = setting(0, "BPDA random restarts (besides the starts at x and at the transfer x').")
+    targets: int = setting(2, "Targeted BPDA / lift: the shell's top wrong labels tried (0: all).")
+    lift_steps: int = setting(20, "Lift attack: base ascent steps over N(x, epsilon + delta).")
+    square_queries: int = setting(30, "Square attack queries per point (each one shell prediction).")
+    eot_samples: int = setting(4, "EOT samples per step for a shell with randomness (random_start).")
+    base_apgd_steps: int = setting(100, "APGD-CE / APGD-T steps on the base alone.")
+    sanity_points: int = setting(10, "Points of the sanity checks (epsilon sweep, epsilon = 0).")
+    sanity_steps: int = setting(10, "BPDA steps of the epsilon sweep.")
+    large_epsilon: float = setting(64.0, "The sweep's large budget, where success must reach 99%.")
 
     def __post_init__(self):
-        check_int(self.steps, "steps", 0)
+        check_int(self.num_points, "num_points", 1)
+        for name in ("steps", "restarts", "targets", "lift_steps", "square_queries", "eot_samples",
+                     "base_apgd_steps", "sanity_points", "sanity_steps"):
+            check_int(getattr(self, name), name, 0)
+        for name in self.shell_attacks:
+            check_choice(name, "shell_attacks", SHELL_ATTACKS)
+        validate_radius(self.large_epsilon, "large_epsilon")
 
 
 # The paper's protocol: Table 1 as printed (10 x 30 points, delta 8, p 0.9) and Table 2 with the
@@ -226,12 +253,18 @@ class AdaptiveConfig:
 # CarliniWagnerShell, on their point order. Hours on a CPU: the defaults are a cheaper version.
 PRESETS = {
     "default": dict(),
+    # The strongest suite this library builds (hours per 100 points on a CPU).
+    "full": dict(
+        adaptive=AdaptiveConfig(num_points=150, steps=100, restarts=2, targets=0, lift_steps=100,
+                                square_queries=1000, eot_samples=8, sanity_points=30, sanity_steps=50),
+    ),
     "paper": dict(
         separation=SeparationConfig(batches=10, batch_points=30, delta=8.0, p=0.9),
         defence=DefenceConfig(
             batches=5, batch_points=30, permutation="paper",
             attack=BaseAttackConfig(max_iterations=1000, stop_within_epsilon=False),
             shell=ShellConfig(kind="cw", cw_variant="paper_code", cw_max_iterations=1000)),
+        adaptive=AdaptiveConfig(num_points=150),
     ),
 }
 

@@ -208,9 +208,30 @@ def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, 
     return record, x_adv
 
 
+def table2_points(base, images: np.ndarray, labels: np.ndarray, config: DefenceConfig, *, seed: int,
+                  walk: int | None = None) -> list[np.ndarray]:
+    """Table 2's points, as a list of index batches.
+
+    ``walk=None``: the paper's ``batches x batch_points`` first base-correct points of the seeded
+    order. ``walk=N``: the base-correct points among the first ``N`` of the order (those the
+    adaptive evaluation also runs on), in batches of ``batch_points`` (the last may be smaller).
+    """
+    if walk is None:
+        num_points = int(config.batches) * int(config.batch_points)
+        chosen = select_correct_points(base, images, labels, num_points=num_points, seed=seed,
+                                       permutation=config.permutation)
+        return list(chosen.reshape(config.batches, config.batch_points))
+    order = walk_order(len(images), seed=seed, kind=config.permutation)[:walk]
+    correct = order[predict_logits(base, images[order]).argmax(-1) == labels[order]]
+    if not len(correct):
+        raise ValueError(f"the base model gets none of the first {len(order)} points right: "
+                         f"Table 2 needs base-correct points (raise --num_points).")
+    return [correct[i : i + config.batch_points] for i in range(0, len(correct), config.batch_points)]
+
+
 def run_defence(base, shell, images: np.ndarray, labels: np.ndarray, config: DefenceConfig, store,
                 *, seed: int = 0, metadata: dict | None = None, class_names=None,
-                max_figure_cases: int = 12) -> dict:
+                max_figure_cases: int = 12, walk: int | None = None) -> dict:
     """Runs (or resumes) the Table-2 protocol in ``store`` and writes its reports.
 
     Args:
@@ -226,6 +247,7 @@ def run_defence(base, shell, images: np.ndarray, labels: np.ndarray, config: Def
         ``failures.png``.
       metadata: recorded in the settings (checkpoint, dataset ...): a resumed run must match it.
       class_names: label names for the figure.
+      walk: see :func:`table2_points` (``None``: the paper's point count).
 
     Returns:
       The report dict written to ``defence.json``.
@@ -233,18 +255,19 @@ def run_defence(base, shell, images: np.ndarray, labels: np.ndarray, config: Def
     from manifold_tf.evaluation.defence_report import write_defence_report
 
     attack = config.attack.cw_kwargs()
-    epsilon, num_batches, batch_points = config.epsilon, config.batches, config.batch_points
+    epsilon, batch_points = config.epsilon, config.batch_points
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels).astype(np.int64)
     validate_images(images)
-    num_points = int(num_batches) * int(batch_points)
-    indices = select_correct_points(base, images, labels, num_points=num_points, seed=seed,
-                                    permutation=config.permutation).reshape(num_batches, batch_points)
+    indices = table2_points(base, images, labels, config, seed=seed, walk=walk)
+    num_batches = len(indices)
+    num_points = int(sum(len(i) for i in indices))
     settings = reporting._to_jsonable(dict(
         protocol="Table 2 (METHOD.md, Defence evaluation)",
         shell=shell.settings(), epsilon=float(epsilon), attack=attack,
         num_batches=int(num_batches), batch_points=int(batch_points), seed=int(seed),
         permutation=config.permutation, num_test_points=int(len(images)), **(metadata or {}),
+        **({} if walk is None else dict(walk=int(walk))),
     ))
     settings = store.bind(PROTOCOL, settings, free=("strategy",))
     records: list[dict | None] = [store.load(PROTOCOL, b) for b in range(num_batches)]
@@ -253,7 +276,8 @@ def run_defence(base, shell, images: np.ndarray, labels: np.ndarray, config: Def
             raise ValueError(f"batch {b} of {store.path(PROTOCOL)} holds other points than this run "
                              f"selects: use another --output_dir, or --overwrite to start again.")
     done = sum(r is not None for r in records)
-    progress = reporting.Progress(num_points, "defence", unit="points", initial=done * batch_points)
+    progress = reporting.Progress(num_points, "defence", unit="points",
+                                  initial=sum(len(indices[b]) for b, r in enumerate(records) if r))
     if done:
         print(f"resuming: {done}/{num_batches} batches already done in {store.path(PROTOCOL)}", flush=True)
     from_run = config.attack.from_run
@@ -264,7 +288,7 @@ def run_defence(base, shell, images: np.ndarray, labels: np.ndarray, config: Def
         precomputed = _reusable_attack(from_run, b, settings, idx) if from_run else None
         print(f"batch {b + 1}/{num_batches}: "
               + (f"reusing x' from {from_run}" if precomputed else
-                 f"CW L-inf attack (eps {epsilon:g}) on {batch_points} points ..."), flush=True)
+                 f"CW L-inf attack (eps {epsilon:g}) on {len(idx)} points ..."), flush=True)
         record, x_adv = defence_batch(base, shell, images[idx], labels[idx], epsilon=epsilon,
                                       attack=attack, shell_batch_size=config.shell.batch_size,
                                       desc=f"batch {b + 1}/{num_batches}", precomputed=precomputed)
@@ -272,10 +296,11 @@ def run_defence(base, shell, images: np.ndarray, labels: np.ndarray, config: Def
         store.save(PROTOCOL, b, record, arrays={"xadv": x_adv.astype(np.float32)})
         records[b] = record
         r = batch_rates(record)
-        progress.update(batch_points, extra=(
-            f"batch {b + 1}/{num_batches}: base attack {r['base_successes']}/{batch_points}, "
-            f"shell attack {r['shell_successes']}/{batch_points}, retained {r['retained']}/"
-            f"{batch_points} (attack {record['seconds']['attack']:.0f} s, shell "
+        m = len(idx)
+        progress.update(m, extra=(
+            f"batch {b + 1}/{num_batches}: base attack {r['base_successes']}/{m}, "
+            f"shell attack {r['shell_successes']}/{m}, retained {r['retained']}/"
+            f"{m} (attack {record['seconds']['attack']:.0f} s, shell "
             f"{record['seconds']['shell']:.0f} s)"))
     return write_defence_report(records, settings, images, store, class_names=class_names,
                                 max_figure_cases=max_figure_cases)

@@ -1,0 +1,271 @@
+"""The strengthened attacks on a shell: chains of BPDA runs, and the ``lift`` attack on MCN_delta.
+
+Each function runs several attacks AutoAttack-style: every run sees only the points still standing,
+and per point the first verified success is kept (a point never broken keeps the result with the
+highest shell margin). All return the dict of :func:`~manifold_tf.attacks.bpda.bpda` with costs
+summed over runs, ``run`` the index of the run that produced ``x_adv`` and ``target`` its target
+(-1: untargeted).
+
+- :func:`bpda_restarts`: BPDA from ``x``, from a given ``x_init`` (a transfer attack's ``x'``) and
+  from seeded random points of the ball.
+- :func:`bpda_targeted`: targeted BPDA (with those restarts) for the top-k wrong labels by the
+  shell's own ranking at ``x``.
+- :func:`lift`: "think as the attacker of MCN" (see its docstring).
+
+Units: pixels (0..255).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+from manifold_tf import compiled, projected
+from manifold_tf.attacks.bpda import (
+    SCHEDULES,
+    bpda,
+    check_progress,
+    check_x_init,
+    empty_result,
+    prepare,
+    shell_scores,
+    surrogate_rows,
+)
+from manifold_tf.shells.base import log_odds
+from manifold_tf.validation import PIXEL_MAX, check_choice, check_int, validate_radius
+
+__all__ = ["bpda_restarts", "bpda_targeted", "lift", "target_order"]
+
+
+def _merge(res: dict, idx: np.ndarray, out: dict, run: int) -> None:
+    """Folds the result ``out`` of a run on the points ``idx`` into ``res`` (in place)."""
+    res["shell_evals"][idx] += out["shell_evals"]
+    res["base_passes"][idx] += out["base_passes"]
+    replace = out["success"] | (out["margin"] > res["margin"][idx]) | (res["run"][idx] < 0)
+    for key in ("x_adv", "success", "shell_label", "margin", "steps_used", "target"):
+        res[key][idx[replace]] = out[key][replace]
+    res["run"][idx[replace]] = run
+
+
+def _sub_progress(progress, offset: int, total: int):
+    if progress is None:
+        return None
+    return lambda done, _, standing: progress(offset + done, total, standing)
+
+
+def _num_targets(num_targets, num_classes: int) -> int:
+    if num_targets == "all":
+        return num_classes - 1
+    k = check_int(num_targets, "num_targets", 1)
+    if k > num_classes - 1:
+        raise ValueError(f"num_targets must be 'all' or 1..{num_classes - 1} (the wrong labels); "
+                         f"got {num_targets!r}.")
+    return k
+
+
+def target_order(shell, x, y, out: dict | None = None) -> np.ndarray:
+    """The wrong labels ``[N, C - 1]`` of each point, best first by the shell's ranking at ``x``.
+
+    MCN: by ``lo_t(z_t)``; NCN: labels meeting ``p`` first, nearest first, then by log-odds; CW
+    ``paper_code``: by the best candidate whose top label is ``t``, then (labels no candidate has as
+    its top label) the candidate searched for ``t``, least confident in its top label first.
+    ``out`` is ``shell.embed(x)`` if already computed.
+    """
+    x, y, _, _ = prepare(shell, x, y, 0.0)
+    sc = shell_scores(shell, shell.embed_function(tf.constant(x)) if out is None else out)
+    m, c = len(y), int(shell.num_classes)
+    rows = np.arange(m)
+    best = np.full((m, c), -np.inf)
+    for s in range(sc.key.shape[1]):
+        best[rows, sc.label[:, s]] = np.maximum(best[rows, sc.label[:, s]], sc.key[:, s])
+    has = np.isfinite(best)
+    order = np.lexsort((sc.key[:, :c], -np.where(has, best, 0.0), ~has), axis=1)
+    return order[order != y[:, None]].reshape(m, c - 1).astype(np.int32)
+
+
+def _starts(shell, x, epsilon, x_init, from_x, random_restarts, seed):
+    starts = [x] if from_x else []
+    if x_init is not None:
+        starts.append(check_x_init(shell, x, x_init))
+    for r in range(check_int(random_restarts, "random_restarts", 0)):
+        starts.append(projected.random_start(tf.constant(x), epsilon,
+                                             tf.constant([int(seed), r + 1], tf.int64)).numpy())
+    if not starts:
+        raise ValueError("no start: set from_x=True, give x_init, or random_restarts >= 1.")
+    return starts
+
+
+def _chain(shell, x, y, epsilon, steps, runs, progress, kwargs) -> dict:
+    """Runs ``runs`` = [(start [N, ...], target [N] or None)] in order on the points standing."""
+    res = empty_result(x, steps)
+    res["run"][:] = -1
+    total = len(runs) * steps
+    for r, (start, target) in enumerate(runs):
+        idx = np.flatnonzero(~res["success"])
+        if idx.size == 0:
+            break
+        out = bpda(shell, x[idx], y[idx], epsilon=epsilon, steps=steps, x_init=start[idx],
+                   target=None if target is None else target[idx],
+                   progress=_sub_progress(progress, r * steps, total), **kwargs)
+        _merge(res, idx, out, r)
+    if progress is not None:
+        progress(total, total, int((~res["success"]).sum()))
+    return res
+
+
+def bpda_restarts(shell, x, y, *, epsilon: float, steps: int = 20, x_init=None,
+                  from_x: bool = True, random_restarts: int = 0, target=None, seed: int = 0,
+                  schedule: str = "apgd", step_size: float | None = None, eot_samples: int = 0,
+                  progress=None) -> dict:
+    """BPDA from several starts, in order: ``x`` (if ``from_x``), ``x_init`` (if given), then
+    ``random_restarts`` seeded uniform points of ``N(x, epsilon)``; each run attacks only the points
+    still standing. Other arguments as :func:`~manifold_tf.attacks.bpda.bpda` (``target`` makes
+    every run targeted). Cost per point: the sum over the runs it took part in (at most
+    ``runs * (steps + 1)`` shell predictions, plus EOT's, and ``2 * runs * steps * max(1, eot)``
+    base passes).
+    """
+    x, y, epsilon, target = prepare(shell, x, y, epsilon, target)
+    steps = check_int(steps, "steps", 0)
+    starts = _starts(shell, x, epsilon, x_init, from_x, random_restarts, seed)
+    kwargs = dict(schedule=schedule, step_size=step_size, eot_samples=eot_samples, seed=seed)
+    return _chain(shell, x, y, epsilon, steps, [(s, target) for s in starts],
+                  check_progress(progress), kwargs)
+
+
+def bpda_targeted(shell, x, y, *, epsilon: float, num_targets=3, steps: int = 20, x_init=None,
+                  from_x: bool = True, random_restarts: int = 0, seed: int = 0,
+                  schedule: str = "apgd", step_size: float | None = None, eot_samples: int = 0,
+                  progress=None) -> dict:
+    """Targeted BPDA for the ``num_targets`` best wrong labels (int, or ``"all"``) by the shell's
+    ranking at ``x`` (:func:`target_order`), best first; for each target the starts of
+    :func:`bpda_restarts`. Every run attacks only the points still standing; success is any wrong
+    answer of the shell. Cost per point: one shell prediction at ``x`` for the ranking, then at
+    most ``num_targets * starts`` runs, each as :func:`~manifold_tf.attacks.bpda.bpda`.
+    """
+    x, y, epsilon, _ = prepare(shell, x, y, epsilon)
+    steps = check_int(steps, "steps", 0)
+    k = _num_targets(num_targets, int(shell.num_classes))
+    starts = _starts(shell, x, epsilon, x_init, from_x, random_restarts, seed)
+    if len(x) == 0:
+        return empty_result(x, steps)
+    order = target_order(shell, x, y)
+    runs = [(s, order[:, j]) for j in range(k) for s in starts]
+    kwargs = dict(schedule=schedule, step_size=step_size, eot_samples=eot_samples, seed=seed)
+    res = _chain(shell, x, y, epsilon, steps, runs, check_progress(progress), kwargs)
+    res["shell_evals"] += 1
+    return res
+
+
+# ---- lift ---------------------------------------------------------------------------------------
+
+
+def _lift_function(base, image_shape, steps: int, schedule: str):
+    """Cached compiled ``(x [M, ...], t [M], radius) -> argmax_{z in N(x, radius)} lo_t(z)``."""
+    signature = [tf.TensorSpec((None,) + tuple(image_shape), tf.float32),
+                 tf.TensorSpec((None,), tf.int32), tf.TensorSpec((), tf.float32)]
+
+    def build(net):
+        def run(x, t, radius):
+            def objective(z):
+                return log_odds(tf.cast(net(z, training=False), tf.float32), t)
+
+            if schedule == "apgd":
+                z, _ = projected.apgd_ascent(objective, x, x, radius=radius, steps=steps)
+            else:
+                z, _ = projected.projected_ascent(objective, x, x, radius=radius, steps=steps,
+                                                  step_size=2.5 * radius / max(steps, 1))
+            return z
+
+        return run
+
+    return compiled.cached(base, ("bpda_lift", tuple(image_shape), steps, schedule), build,
+                           input_signature=signature)
+
+
+def lift(shell, x, y, *, epsilon: float, delta: float | None = None, num_targets="all",
+         steps: int = 20, schedule: str = "apgd", bpda_steps: int = 0, eot_samples: int = 0,
+         seed: int = 0, progress=None) -> dict:
+    """"Think as the attacker of MCN": lift a confident point of the base into the shell's reach.
+
+    MCN_delta answers the label that can be made most confident within ``delta`` of its input. For
+    each point and each of the ``num_targets`` best wrong labels ``t`` (:func:`target_order`; an
+    int or ``"all"``), in order and only on the points still standing:
+
+    1. ``z* = argmax lo_t(z)`` over ``N(x, epsilon + delta)`` with the base alone (``steps`` APGD
+       or signed steps from ``x``), the high-confidence search of a wider ball;
+    2. ``x' = clip(z*, x - epsilon, x + epsilon)`` (in the box): then ``|z* - x'|_inf <= delta``
+       coordinate-wise, so ``z*`` lies in ``N(x', delta)`` and MCN at ``x'`` can reach a point at
+       least as confident in ``t`` as ``z*`` (it finds it if its own optimiser does). If that beats
+       every other label's best confidence within ``delta`` of ``x'`` (``y``'s above all), MCN
+       answers ``t``. The attack exploits the very property the shell is built on, and it needs
+       no gradient through the shell;
+    3. verify with the real shell at ``x'``; with ``bpda_steps > 0``, targeted BPDA at ``t`` from
+       ``x'`` instead (its first step verifies ``x'``).
+
+    For NCN_p (``delta`` = its ``delta_max`` by default) it is a heuristic: NCN answers the label
+    meeting ``p`` nearest to ``x'``, and a confident ``z*`` within ``delta`` says nothing about
+    ``y``'s distance. For the CarliniWagnerShell likewise (its search is CW's, not a maximisation).
+
+    Args:
+      delta: the shell's radius in pixels; default ``shell.delta`` (MCN), else
+        ``shell.delta_max`` (NCN). ``epsilon + delta`` must be ``<= 255``.
+      steps, schedule: the base ascent's (``"apgd"``: 2 (epsilon + delta) halved on APGD's
+        schedule; ``"sign"``: ``2.5 (epsilon + delta) / steps`` per step).
+      bpda_steps, eot_samples, seed: of the follow-up BPDA (APGD schedule).
+      Others as :func:`~manifold_tf.attacks.bpda.bpda`.
+
+    Returns:
+      The dict of :func:`~manifold_tf.attacks.bpda.bpda`; ``run`` is the target's rank (-1: the
+      shell was already wrong at ``x``), ``steps_used`` the BPDA step of the success (0: ``x'``).
+
+    Cost per point: one shell prediction at ``x``, then per target tried ``steps`` forward+backward
+    (and one forward) base passes and one shell prediction, plus the follow-up BPDA's cost.
+    """
+    x, y, epsilon, _ = prepare(shell, x, y, epsilon)
+    steps = check_int(steps, "steps", 0)
+    bpda_steps = check_int(bpda_steps, "bpda_steps", 0)
+    schedule = check_choice(schedule, "schedule", SCHEDULES)
+    progress = check_progress(progress)
+    if delta is None:
+        delta = getattr(shell, "delta", getattr(shell, "delta_max", None))
+        if delta is None:
+            raise ValueError(f"{type(shell).__name__} has no `delta` or `delta_max`: pass delta.")
+    radius = validate_radius(epsilon + validate_radius(delta, "delta"), "epsilon + delta")
+    k = _num_targets(num_targets, int(shell.num_classes))
+    res = empty_result(x, bpda_steps)
+    if len(x) == 0:
+        return res
+    out = shell.embed_function(tf.constant(x))
+    sc = shell_scores(shell, out)
+    res["shell_evals"] += 1
+    res.update(shell_label=sc.pick, margin=surrogate_rows(sc, y).margin.astype(np.float32),
+               success=sc.pick != y, steps_used=np.zeros(len(x), np.int32))
+    res["run"][:] = -1  # already wrong at x (the others are replaced by their first run)
+    order = target_order(shell, x, y, out)
+    fn = _lift_function(shell.base, tuple(shell.image_shape), steps, schedule)
+    total = k * (steps + bpda_steps)
+    lo, hi = np.maximum(x - epsilon, 0.0), np.minimum(x + epsilon, PIXEL_MAX)
+    for j in range(k):
+        idx = np.flatnonzero(~res["success"])
+        if idx.size == 0:
+            break
+        t = order[idx, j]
+        z = fn(tf.constant(x[idx]), tf.constant(t), tf.constant(radius, tf.float32)).numpy()
+        start = np.clip(z, lo[idx], hi[idx]).astype(np.float32)
+        res["base_passes"][idx] += steps
+        if progress is not None:
+            progress(j * (steps + bpda_steps) + steps, total, int(idx.size))
+        if bpda_steps:
+            got = bpda(shell, x[idx], y[idx], epsilon=epsilon, steps=bpda_steps, x_init=start,
+                       target=t, schedule="apgd", eot_samples=eot_samples, seed=seed,
+                       progress=_sub_progress(progress, j * (steps + bpda_steps) + steps, total))
+        else:
+            sc = shell_scores(shell, shell.embed_function(tf.constant(start)))
+            got = empty_result(start, 0)
+            got.update(success=sc.pick != y[idx], shell_label=sc.pick, target=t,
+                       margin=surrogate_rows(sc, y[idx]).margin.astype(np.float32))
+            got["shell_evals"] += 1
+        _merge(res, idx, got, j)
+    if progress is not None:
+        progress(total, total, int((~res["success"]).sum()))
+    return res

@@ -1,0 +1,253 @@
+"""The adaptive evaluation's verdict: statistics, sanity checks, Markdown, ``summary.json``, figures.
+
+Sanity checks (Carlini et al. 2019, "On evaluating adversarial robustness"), run with every adaptive
+evaluation; a report that fails one says so on its first line:
+
+- ``zero_epsilon``: with ``epsilon = 0`` the attack returns ``x`` and G there is G(x) (no success);
+- ``epsilon_sweep``: BPDA's success on the sanity points does not fall as ``epsilon`` grows and
+  reaches 99% at a large ``epsilon`` (an attack that cannot win with a huge budget is broken, or
+  the gradients are masked);
+- ``black_box``: Square, run after the white-box attacks on the points they left standing, breaks
+  none of them (if it does, the gradient attacks missed what a query attack found: masked gradients).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from importlib import metadata as importlib_metadata
+
+import numpy as np
+
+from manifold_tf import reporting
+from manifold_tf.evaluation.stats import format_proportion, mcnemar_exact, proportion
+
+SANITY = "adaptive_sanity"
+
+
+def sanity_checks(base, shell, images, labels, order, config, store, *, epsilon: float, seed: int,
+                  records: list[dict]) -> dict:
+    """Runs (or loads) the sanity checks on the first ``sanity_points`` points of ``order``."""
+    from manifold_tf import attacks
+    from manifold_tf.evaluation.adaptive import shell_labels
+
+    broken_by_square = sum(r["shell_broken_by"].count("square") for r in records)
+    black_box = dict(passed=broken_by_square == 0, square_only=int(broken_by_square),
+                     ran="square" in config.shell_attacks,
+                     note="points Square broke after every white-box attack failed on them")
+    saved = store.load(SANITY, 0) if store.settings(SANITY) else None
+    if saved is None and config.sanity_points:
+        store.bind(SANITY, dict(points=int(config.sanity_points), steps=int(config.sanity_steps),
+                                epsilon=float(epsilon), large_epsilon=float(config.large_epsilon)))
+        idx = order[: config.sanity_points]
+        x, y = images[idx].astype(np.float32), labels[idx].astype(np.int64)
+        g_x = shell_labels(shell, x)
+        right = g_x == y
+        zero = attacks.bpda(shell, x[right], y[right], epsilon=0.0, steps=2, seed=seed)
+        again = shell_labels(shell, x)
+        epsilons = sorted({float(epsilon), float(min(2 * epsilon, 255)), float(config.large_epsilon)})
+        sweep = []
+        for eps in epsilons:
+            out = attacks.bpda(shell, x[right], y[right], epsilon=eps, steps=config.sanity_steps,
+                               schedule="apgd", seed=seed)
+            ok = shell_labels(shell, np.asarray(out["x_adv"])) != y[right]
+            sweep.append(dict(epsilon=eps, broken=int(ok.sum()), attacked=int(right.sum())))
+        saved = dict(zero_epsilon=dict(successes=int(np.sum(zero["success"])),
+                                       moved=float(np.abs(np.asarray(zero["x_adv"]) - x[right]).max(initial=0.0)),
+                                       consistent=bool(np.array_equal(g_x, again)),
+                                       points=int(right.sum())),
+                     epsilon_sweep=sweep)
+        store.save(SANITY, 0, saved)
+    if saved is None:
+        return dict(black_box=black_box, passed=black_box["passed"], failures=[] if black_box["passed"]
+                    else ["black_box"])
+    z = saved["zero_epsilon"]
+    zero_ok = z["successes"] == 0 and z["moved"] == 0.0 and z["consistent"]
+    rates = [s["broken"] / s["attacked"] if s["attacked"] else 1.0 for s in saved["epsilon_sweep"]]
+    sweep_ok = all(b >= a for a, b in zip(rates, rates[1:])) and rates[-1] >= 0.99
+    checks = dict(zero_epsilon=dict(passed=zero_ok, **z),
+                  epsilon_sweep=dict(passed=sweep_ok, rates=rates, runs=saved["epsilon_sweep"]),
+                  black_box=black_box)
+    failures = [k for k, v in checks.items() if not v["passed"]]
+    return dict(checks, passed=not failures, failures=failures)
+
+
+def _cumulative(records: list[dict], key: str, names: list[str]) -> dict:
+    """Robust accuracy after each attack in order (a point falls at the attack that broke it)."""
+    broken_by = sum((r[key] for r in records), [])
+    n = len(broken_by)
+    out, fallen = {}, {"clean"}
+    for name in names:
+        fallen.add(name)
+        out[name] = proportion(sum(b not in fallen for b in broken_by), n)
+    return out
+
+
+def summarize(records: list[dict], settings: dict, sanity: dict) -> dict:
+    """The verdict of the records: accuracies with intervals, McNemar, per-attack, cost."""
+    base_by = sum((r["base_broken_by"] for r in records), [])
+    shell_by = sum((r["shell_broken_by"] for r in records), [])
+    n = len(base_by)
+    base_robust = np.array([b == "" for b in base_by])
+    shell_robust = np.array([b == "" for b in shell_by])
+    shell_names = list(settings["suite"]["shell_attacks"])
+    base_names = ["transfer_cw"] + sorted({b for b in base_by if b not in ("", "clean", "transfer_cw")})
+    cost = {k: sum(r["cost"][k] for r in records) for k in records[0]["cost"]}
+    return dict(
+        n=n,
+        base=dict(clean=proportion(sum(b != "clean" for b in base_by), n),
+                  robust=proportion(int(base_robust.sum()), n),
+                  by_attack=_cumulative(records, "base_broken_by", base_names)),
+        shell=dict(clean=proportion(sum(b != "clean" for b in shell_by), n),
+                   robust=proportion(int(shell_robust.sum()), n),
+                   by_attack=_cumulative(records, "shell_broken_by", shell_names),
+                   broken_by={name: shell_by.count(name) for name in shell_names}),
+        mcnemar=dict(shell_only=int(np.sum(shell_robust & ~base_robust)),
+                     base_only=int(np.sum(base_robust & ~shell_robust)),
+                     p_value=mcnemar_exact(int(np.sum(shell_robust & ~base_robust)),
+                                           int(np.sum(base_robust & ~shell_robust)))),
+        passes_per_point={k: v / max(n, 1) for k, v in cost.items()},
+        seconds=sum(r["seconds"]["total"] for r in records),
+        sanity=sanity,
+    )
+
+
+def _git_commit() -> str | None:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def summary_json(report: dict) -> dict:
+    """``summary.json``, in the spirit of RobustBench's model-info files (stable keys first)."""
+    s, v = report["settings"], report["verdict"]
+    versions = {}
+    for pkg in ("manifold_tf", "tensorflow", "keras", "numpy", "scipy"):
+        try:
+            versions[pkg] = importlib_metadata.version(pkg)
+        except importlib_metadata.PackageNotFoundError:
+            versions[pkg] = None
+
+    def block(who: dict, extra: dict) -> dict:
+        return dict(clean_accuracy=who["clean"]["rate"], robust_accuracy=who["robust"]["rate"],
+                    clean_accuracy_ci=[who["clean"]["ci_low"], who["clean"]["ci_high"]],
+                    robust_accuracy_ci=[who["robust"]["ci_low"], who["robust"]["ci_high"]],
+                    robust_accuracy_by_attack={k: p["rate"] for k, p in who["by_attack"].items()},
+                    **extra)
+
+    return dict(
+        n=v["n"],
+        threat_model=dict(
+            norm="Linf", epsilon_pixels=s["epsilon"], epsilon_fraction=s["epsilon"] / 255.0,
+            attacker_knowledge=(
+                "white box: the attacker knows the base weights and the shell (delta, optimiser, "
+                "steps). Gradients: transfer attacks and lift differentiate the base alone; BPDA "
+                "differentiates the base at the shell's own points (identity approximation of the "
+                "search); Square uses only the shell's output probabilities.")),
+        shell=block(v["shell"], dict(settings=s["shell"])),
+        base=block(v["base"], dict(checkpoint=s.get("checkpoint"))),
+        mcnemar_p_value=v["mcnemar"]["p_value"],
+        sanity_checks_passed=v["sanity"]["passed"],
+        sanity_failures=v["sanity"]["failures"],
+        passes_per_point=v["passes_per_point"],
+        robust_accuracy_note=("robust accuracy is over all n evaluated points (correct at x and at "
+                              "every attack's x'); attacks give lower bounds on vulnerability, so "
+                              "robust accuracies are upper bounds on the true ones"),
+        settings=s, versions=versions, git_commit=_git_commit())
+
+
+def verdict_lines(v: dict) -> str:
+    """The lines the headline prints first: sanity verdict, clean and robust accuracy, McNemar."""
+    sanity = ("SANITY CHECKS FAILED: " + ", ".join(v["sanity"]["failures"]) + " (the robust accuracy "
+              "below is not trustworthy)" if not v["sanity"]["passed"] else "Sanity checks passed.")
+    m = v["mcnemar"]
+    return (f"{sanity}\n\n"
+            f"- base, clean: {format_proportion(v['base']['clean'])}\n"
+            f"- shell, clean: {format_proportion(v['shell']['clean'])}\n"
+            f"- **base alone, robust (worst case of its attacks): {format_proportion(v['base']['robust'])}**\n"
+            f"- **shell, robust (worst case of the adaptive suite): {format_proportion(v['shell']['robust'])}**\n"
+            f"- shell vs base on the same points: {m['shell_only']} points only the shell survives, "
+            f"{m['base_only']} only the base; exact McNemar p = {m['p_value']:.3g}\n")
+
+
+def adaptive_markdown(report: dict) -> str:
+    s, v = report["settings"], report["verdict"]
+    rows = [[name, format_proportion(p), v["shell"]["broken_by"].get(name, 0)]
+            for name, p in v["shell"]["by_attack"].items()]
+    base_rows = [[name, format_proportion(p)] for name, p in v["base"]["by_attack"].items()]
+    checks = v["sanity"]
+    check_lines = "".join(f"- `{k}`: {'passed' if c['passed'] else 'FAILED'} "
+                          f"{json.dumps({a: b for a, b in c.items() if a != 'passed'})}\n"
+                          for k, c in checks.items() if isinstance(c, dict) and "passed" in c)
+    per_point = ", ".join(f"{k} {val:.0f}" for k, val in v["passes_per_point"].items())
+    return (f"# Adaptive evaluation of the {s['shell']['shell'].upper()} shell: the verdict\n\n"
+            + verdict_lines(v)
+            + f"\nThreat model: L-inf, epsilon {s['epsilon']:g} px ({s['epsilon'] / 255:.4f}); "
+            f"n = {v['n']} points, the first of the seeded order (all points, right or wrong at x).\n\n"
+            f"Shell robust accuracy after each attack (AutoAttack style: each attack runs on the points "
+            f"still standing):\n\n"
+            + reporting.markdown_table(["after attack", "shell robust accuracy", "points it broke"], rows)
+            + "\nBase alone:\n\n" + reporting.markdown_table(["after attack", "base robust accuracy"], base_rows)
+            + f"\nSanity checks:\n\n{check_lines}\nCost per point: {per_point} (base passes include "
+            f"the shell's own search: shell predictions x its passes per prediction). Time: "
+            f"{v['seconds']:.0f} s.\n\nSuite settings: `{json.dumps(s['suite'])}`\n")
+
+
+def write_adaptive_report(records, settings, sanity, images, store, *, class_names=None,
+                          max_figure_cases: int = 12) -> dict:
+    """``adaptive.json``/``.md``, ``summary.json``, ``adaptive_failures.png``, ``adaptive_attacks.png``."""
+    from manifold_tf.evaluation.adaptive import PROTOCOL
+
+    verdict = summarize(records, settings, sanity)
+    report = dict(settings=settings, verdict=verdict,
+                  points=[dict(index=i, label=r["labels"][k], base_broken_by=r["base_broken_by"][k],
+                               shell_broken_by=r["shell_broken_by"][k], linf=r["linf"][k])
+                          for r in records for k, i in enumerate(r["indices"])])
+    store.write_report("adaptive", report, adaptive_markdown(report))
+    reporting.write_json(store.path("summary.json"), summary_json(report))
+    cases = []
+    for r in records:
+        hits = [k for k, b in enumerate(r["shell_broken_by"]) if b not in ("", "clean")]
+        if hits:
+            x_adv = store.load_array(PROTOCOL, r["batch"], "xadv")
+            for k in hits:
+                i = r["indices"][k]
+                cases.append(dict(index=i, x=images[i], x_adv=x_adv[k], label=r["labels"][k],
+                                  shell_clean=r["shell_clean"][k], shell_adv=r["shell_adv"][k],
+                                  category=f"broken by {r['shell_broken_by'][k]}"))
+    reporting.plot_failure_cases(
+        cases[:max_figure_cases], store.path("adaptive_failures.png"), class_names=class_names,
+        title=(f"{settings['shell']['shell'].upper()} shell broken by the suite: {len(cases)} of "
+               f"{verdict['n']} points (eps {settings['epsilon']:g})"))
+    plot_attack_curve(verdict, store.path("adaptive_attacks.png"))
+    return report
+
+
+def plot_attack_curve(verdict: dict, path: str) -> None:
+    """Robust accuracy of shell and base after each attack, with 95% intervals (a PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for who, color in (("shell", "C0"), ("base", "C1")):
+        items = [("clean", verdict[who]["clean"])] + list(verdict[who]["by_attack"].items())
+        xs = np.arange(len(items))
+        rates = [p["rate"] for _, p in items]
+        err = [[p["rate"] - p["ci_low"] for _, p in items], [p["ci_high"] - p["rate"] for _, p in items]]
+        ax.errorbar(xs + (0.08 if who == "base" else 0), rates, yerr=err, marker="o", color=color,
+                    label=who, capsize=3)
+        if who == "shell":
+            ax.set_xticks(xs, [n for n, _ in items], rotation=20, fontsize=8)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"accuracy after each attack (n = {verdict['n']}, 95% Clopper-Pearson)", fontsize=10)
+    reporting.save_figure(fig, path)
