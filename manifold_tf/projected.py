@@ -110,7 +110,7 @@ def projected_ascent(
         with tf.GradientTape() as tape:
             tape.watch(z)
             f = objective(z)
-        return f, tape.gradient(f, z)
+        return f, tape.gradient(f, z, unconnected_gradients=tf.UnconnectedGradients.ZERO)
 
     def keep_best(z, f, z_best, f_best):
         better = f > f_best
@@ -224,7 +224,7 @@ def apgd_ascent(
             out = objective(z)
         f, ok = out if isinstance(out, (tuple, list)) else (out, tf.zeros(n, tf.bool))
         has_success[0] = isinstance(out, (tuple, list))
-        return f, ok, (tape.gradient(f, z) if with_grad else None)
+        return f, ok, (tape.gradient(f, z, unconnected_gradients=tf.UnconnectedGradients.ZERO) if with_grad else None)
 
     def keep(mask, new, old):
         return tf.where(tf.reshape(mask, expand) if len(old.shape) > 1 else mask, new, old)

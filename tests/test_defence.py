@@ -14,9 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from manifold_tf.evaluation import adaptive, defence
-from manifold_tf.evaluation.config import AdaptiveConfig
-from manifold_tf.evaluation.store import RunStore
+from manifold_tf.evaluation import defence
 from manifold_tf.data import synthetic_manifold
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,7 +89,8 @@ def _cli(checkpoint: str, output_dir: str, *extra: str) -> list[str]:
     return [sys.executable, os.path.join(ROOT, "evaluate.py"), "--shell=mcn", "--delta=8",
             f"--checkpoint={checkpoint}", "--dataset=synthetic", f"--output_dir={output_dir}",
             "--defence_batches=4", "--defence_batch_points=4", "--epsilon=36",
-            "--base_attack_max_iterations=10", "--shell_steps=20", "--noshell_jit_compile", *extra]
+            "--base_attack_max_iterations=10", "--shell_steps=20", "--noshell_jit_compile",
+            "--adaptive=none", *extra]
 
 
 def _env(**extra) -> dict:
@@ -226,63 +225,9 @@ def test_a_second_shell_reuses_the_first_runs_adversarial_examples(uninterrupted
         defence._reusable_attack(uninterrupted, 0, settings, np.asarray(saved["indices"]))
 
 
-def test_adaptive_attack_runs_on_a_finished_table2_run_and_resumes(uninterrupted, tiny_checkpoint,
-                                                                   tmp_path):
-    import shutil
-
-    out = str(tmp_path / "adaptive")
-    shutil.copytree(uninterrupted, out)
-    cmd = _cli(tiny_checkpoint, out, "--resume", "--adaptive=bpda", "--adaptive_steps=3")
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.load(open(os.path.join(out, "adaptive.json")))
-    table2 = json.load(open(os.path.join(out, "defence.json")))
-    avg = report["average"]
-    assert avg["points"] == 16 and report["settings"]["steps"] == 3
-    assert avg["robust_adaptive"] == avg["robust_transfer"] - avg["broken_by_bpda"]
-    assert avg["retained"] == table2["average"]["retained"]
-    assert avg["attacked"] == avg["robust_transfer"]
-    # The base alone, under CW and PGD: never robust where CW already succeeded.
-    cw_robust = sum(not p["base_success"] for p in table2["points"])
-    assert 0 <= avg["base_robust"] <= cw_robust
-    for b in range(4):
-        rec = json.load(open(os.path.join(out, "adaptive", f"batch_{b:03d}.json")))
-        x_adv = np.load(os.path.join(out, "adaptive", f"batch_{b:03d}_xadv.npy"))
-        assert x_adv.shape == (4, 32, 32, 3) and x_adv.min() >= 0 and x_adv.max() <= 255
-        assert max(rec["linf"]) <= 36 + 1e-3
-        # Points the shell got wrong before the attack are never counted robust.
-        assert not any(r and c != y for r, c, y in zip(rec["robust"], rec["shell_clean"], rec["labels"]))
-    for name in ("adaptive.md", "adaptive_failures.png"):
-        assert os.path.exists(os.path.join(out, name)), name
-    # A lost batch file is recomputed on resume, the others are reused: the same report.
-    os.remove(os.path.join(out, "adaptive", "batch_001.json"))
-    again = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "already done" in again.stdout + again.stderr
-    assert os.path.exists(os.path.join(out, "adaptive", "batch_001.json"))
-    assert _without_timings(json.load(open(os.path.join(out, "adaptive.json")))) == \
-        _without_timings(report)
-
-
-def test_adaptive_attack_needs_a_finished_run_with_the_same_shell(uninterrupted, tiny_checkpoint,
-                                                                 tmp_path):
-    from manifold_tf.shells import MCNShell
-
-    base = keras.saving.load_model(tiny_checkpoint)
-    x = np.zeros((1, 32, 32, 3), np.float32)
-    empty = RunStore(str(tmp_path / "empty"))
-    with pytest.raises(ValueError, match="no finished Table-2 batches"):
-        adaptive.run_adaptive(base, MCNShell(base, 8.0, steps=20, jit_compile=False), x,
-                              AdaptiveConfig(), empty)
-    # The run used delta 8 and 20 steps: another shell would attack what the run did not measure.
-    with pytest.raises(ValueError, match="shell differs"):
-        adaptive.run_adaptive(base, MCNShell(base, 4.0, steps=20, jit_compile=False), x,
-                              AdaptiveConfig(), RunStore(uninterrupted, resume=True))
-
-
 def test_defence_only_flags_without_a_shell_are_refused(tmp_path):
     done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "evaluate.py"), "--mode=accuracy", "--adaptive=bpda",
+        [sys.executable, os.path.join(ROOT, "evaluate.py"), "--mode=accuracy", "--adaptive=suite",
          f"--output_dir={tmp_path / 'out'}"],
         env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode != 0

@@ -92,7 +92,7 @@ def _grad_function(base, image_shape: tuple[int, ...], num_classes: int):
                 logits = tf.cast(net(points, training=False), tf.float32)
                 # Rows are independent: the gradient of the sum is each row's own.
                 total = tf.reduce_sum(log_odds(logits, tf.concat([up_label, down_label], 0)))
-            g = tape.gradient(total, points)
+            g = tape.gradient(total, points, unconnected_gradients=tf.UnconnectedGradients.ZERO)
             l1 = tf.reduce_sum(tf.abs(g), axis=list(range(1, len(image_shape) + 1)))
             scale = tf.where(tf.concat([scaled, scaled], 0), 1.0 / (l1 + 1e-30), tf.ones_like(l1))
             g = g * tf.reshape(scale, expand)

@@ -125,7 +125,7 @@ def _loop(model, x, labels, w0, tau, const, *, targeted, max_iterations, learnin
                 failed = exhausted & (const >= schedule["largest_const"])
             loss = const * loss1 + loss2
             total = tf.reduce_sum(tf.where(active, loss, 0.0))
-        g = tape.gradient(total, w)
+        g = tape.gradient(total, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
         stepping = active & ~succ & ~failed
         it = tf.where(exhausted, 0, it)
         # Adam exactly as tf.compat.v1.train.AdamOptimizer, per example (its own step count t).

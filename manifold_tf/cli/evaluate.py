@@ -53,6 +53,11 @@ def config_from_flags() -> cfg.EvaluationConfig:
     attack = config_flags.build(cfg.BaseAttackConfig, "base_attack_", base=def0.attack)
     epsilon = FLAGS.epsilon
     mode = FLAGS.mode or ("defence" if FLAGS["shell"].present else "accuracy")
+    given = [f"--{name}" for name in FLAGS if (name.startswith(("adaptive", "shell", "defence_", "base_attack_"))
+                                                or name == "num_points") and FLAGS[name].present]
+    if mode != "defence" and given:
+        raise ValueError(f"{', '.join(sorted(given))} belong to the defence evaluation: give "
+                         f"--shell=mcn|ncn|cw (or --mode=defence).")
     return cfg.EvaluationConfig(
         mode=mode,
         inputs=config_flags.build(cfg.InputConfig),

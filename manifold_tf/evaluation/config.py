@@ -301,6 +301,6 @@ class EvaluationConfig:
 
     def __post_init__(self):
         check_choice(self.mode, "mode", MODES)
-        if self.mode != "defence" and (self.adaptive.attack != "none" or self.defence.attack.from_run):
-            raise ValueError("the adaptive attack and --base_attack_from_run belong to the defence "
-                             "evaluation: give --shell=mcn|ncn|cw (or --mode=defence).")
+        if self.mode != "defence" and self.defence.attack.from_run:
+            raise ValueError("--base_attack_from_run belongs to the defence evaluation: give "
+                             "--shell=mcn|ncn|cw (or --mode=defence).")

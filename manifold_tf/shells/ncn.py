@@ -117,7 +117,7 @@ class NCNShell(FactorShell):
                 odds = target_odds(z)
                 q = self.delta_max * s + alpha * tf.square(tf.nn.relu(logit_p - odds))
                 total_q = tf.reduce_sum(q)  # rows are independent: the sum's gradient is per row
-            gs, gw = tape.gradient(total_q, [s, w])
+            gs, gw = tape.gradient(total_q, [s, w], unconnected_gradients=tf.UnconnectedGradients.ZERO)
             best = keep(z, odds, best)
             ds, ms, vs = adam_step(gs, ms, vs, i + 1, self.learning_rate)
             dw, mw, vw = adam_step(gw, mw, vw, i + 1, self.learning_rate)

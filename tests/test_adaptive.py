@@ -1,0 +1,144 @@
+"""Tests of the adaptive evaluation (the verdict): the CLI headline, summary.json, sanity checks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from manifold_tf.data import synthetic_manifold
+from manifold_tf.evaluation import adaptive, adaptive_report
+from manifold_tf.evaluation.config import AdaptiveConfig
+from manifold_tf.evaluation.stats import mcnemar_exact
+from manifold_tf.evaluation.store import RunStore
+from manifold_tf.shells import MCNShell
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--adaptive_steps=3", "--adaptive_square_queries=4", "--adaptive_sanity_points=3",
+         "--adaptive_sanity_steps=4", "--adaptive_lift_steps=3", "--adaptive_base_apgd_steps=5"]
+
+
+def _env() -> dict:
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+
+
+@pytest.fixture(scope="module")
+def nearest_centre(tmp_path_factory) -> str:
+    centres, _ = synthetic_manifold(num_classes=10)
+    flat = centres.reshape(10, -1).astype(np.float64)
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)])
+    model.layers[-1].set_weights([(2 * flat.T / 3e4).astype(np.float32),
+                                  (-(flat**2).sum(1) / 3e4).astype(np.float32)])
+    path = str(tmp_path_factory.mktemp("model") / "nearest_centre.keras")
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def headline(nearest_centre, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("runs") / "headline")
+    cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--shell=mcn", "--delta=8",
+           f"--checkpoint={nearest_centre}", "--dataset=synthetic", f"--output_dir={out}",
+           "--num_points=8", "--defence_batch_points=4", "--epsilon=36",
+           "--base_attack_max_iterations=5", "--shell_steps=3", *SMALL]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done.stdout, cmd
+
+
+def test_headline_prints_the_verdict_first_and_writes_summary_json(headline):
+    out, stdout, _ = headline
+    verdict_at = stdout.index("Adaptive evaluation of the MCN shell")
+    assert verdict_at < stdout.index("Defence evaluation (Table 2 protocol)")
+    assert "shell, robust (worst case" in stdout and "McNemar" in stdout
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    assert summary["n"] == 8
+    for who in ("shell", "base"):
+        clean, robust = summary[who]["clean_accuracy"], summary[who]["robust_accuracy"]
+        assert 0 <= robust <= clean <= 1
+        lo, hi = summary[who]["robust_accuracy_ci"]
+        assert lo <= robust <= hi
+        # Robust accuracy after each attack never rises along the suite.
+        steps = list(summary[who]["robust_accuracy_by_attack"].values())
+        assert all(b <= a for a, b in zip(steps, steps[1:]))
+        assert steps[-1] == robust
+    assert summary["threat_model"]["epsilon_pixels"] == 36
+    assert summary["threat_model"]["epsilon_fraction"] == pytest.approx(36 / 255)
+    assert 0 <= summary["mcnemar_p_value"] <= 1
+    assert summary["versions"]["tensorflow"] and "passes_per_point" in summary
+    report = json.load(open(os.path.join(out, "adaptive.json")))
+    # Every broken point's x' is inside the ball and the box.
+    for b in range(2):
+        x_adv = np.load(os.path.join(out, "adaptive", f"batch_{b:03d}_xadv.npy"))
+        assert x_adv.min() >= 0 and x_adv.max() <= 255
+    assert max(p["linf"] for p in report["points"]) <= 36 + 1e-3
+    for name in ("adaptive.md", "adaptive_failures.png", "adaptive_attacks.png", "defence.md"):
+        assert os.path.exists(os.path.join(out, name)), name
+    md = open(os.path.join(out, "adaptive.md")).read().splitlines()
+    assert md[2].startswith(("Sanity checks passed.", "SANITY CHECKS FAILED"))
+
+
+def test_a_lost_batch_is_recomputed_on_resume_with_the_same_verdict(headline, tmp_path):
+    import shutil
+
+    out, _, cmd = headline
+    copy = str(tmp_path / "copy")
+    shutil.copytree(out, copy)
+    os.remove(os.path.join(copy, "adaptive", "batch_001.json"))
+    cmd = [c if not c.startswith("--output_dir=") else f"--output_dir={copy}" for c in cmd] + ["--resume"]
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = json.load(open(os.path.join(out, "summary.json")))
+    b = json.load(open(os.path.join(copy, "summary.json")))
+    for key in ("n", "shell", "base", "mcnemar_p_value", "sanity_checks_passed"):
+        assert a[key] == b[key], key
+
+
+def test_summary_counts_robust_accuracy_over_all_points_and_mcnemar():
+    records = [dict(base_broken_by=["", "clean", "apgd_ce", ""], shell_broken_by=["", "", "bpda", "clean"],
+                    cost=dict(base_passes=40, shell_predictions=8), seconds=dict(total=1.0))]
+    settings = dict(suite=dict(shell_attacks=["transfer_cw", "bpda"]))
+    v = adaptive_report.summarize(records, settings, dict(passed=True, failures=[]))
+    assert (v["n"], v["base"]["clean"]["k"], v["base"]["robust"]["k"]) == (4, 3, 2)
+    assert (v["shell"]["clean"]["k"], v["shell"]["robust"]["k"]) == (3, 2)
+    assert v["shell"]["by_attack"]["transfer_cw"]["k"] == 3 and v["shell"]["by_attack"]["bpda"]["k"] == 2
+    assert (v["mcnemar"]["shell_only"], v["mcnemar"]["base_only"]) == (1, 1)
+    assert v["passes_per_point"] == dict(base_passes=10, shell_predictions=2)
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(0, 10) == pytest.approx(2 * 0.5 ** 10)
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class Quantise(keras.layers.Layer):
+    """Rounds pixels to multiples of 64 with a zero gradient: a textbook gradient mask."""
+
+    def call(self, x):
+        return tf.stop_gradient(tf.round(x / 64.0) * 64.0)
+
+
+def test_sanity_checks_flag_a_model_that_masks_gradients(tmp_path):
+    rng = np.random.default_rng(0)
+    inp = keras.Input((8, 8, 3))
+    h = keras.layers.Flatten()(Quantise()(inp))
+    out = keras.layers.Dense(3, kernel_initializer=keras.initializers.RandomNormal(0, 0.05, seed=1))(h)
+    base = keras.Model(inp, out)
+    shell = MCNShell(base, 4.0, steps=2, jit_compile=False)
+    x = rng.uniform(0, 255, size=(12, 8, 8, 3)).astype(np.float32)
+    y = base(x).numpy().argmax(1)
+    store = RunStore(str(tmp_path / "run"))
+    cfg = AdaptiveConfig(num_points=12, steps=3, square_queries=60, sanity_points=12, sanity_steps=5,
+                         lift_steps=3, base_apgd_steps=3,
+                         shell_attacks=("bpda", "square"))
+    report = adaptive.run_adaptive(base, shell, x, y, cfg, store, epsilon=40.0,
+                                   cw_kwargs=dict(max_iterations=2), seed=0, batch_points=12)
+    sanity = report["verdict"]["sanity"]
+    # Zero gradients: BPDA never moves, so it cannot win even at 64 px; only the black box can.
+    assert not sanity["passed"]
+    assert "epsilon_sweep" in sanity["failures"]
+    assert open(store.path("adaptive.md")).read().splitlines()[2].startswith("SANITY CHECKS FAILED")
