@@ -184,6 +184,8 @@ class TrainConfig:
     log_every: int = setting(10, "Steps between progress lines.")
     strategy: str = setting("default", "tf.distribute strategy.", choices=("default", "mirrored"))
     jit_compile: bool = setting(False, "Compile the train step with XLA.")
+    init_from: str | None = setting(None, "Start from these weights (.keras of the same width): "
+                                          "fine-tuning, e.g. PGD after fast FGSM training.")
 
     @property
     def attack_steps(self) -> int:
@@ -405,6 +407,11 @@ def train(
     strategy = _strategy(config.strategy)
     with strategy.scope():
         trainer = build_trainer(config)
+        if config.init_from:
+            from manifold_tf import checkpoints
+
+            source = checkpoints.load_model_weights(config.init_from, width=config.width)
+            trainer.base.set_weights(source.get_weights())
     ckpt = tf.train.Checkpoint(model=trainer, optimizer=trainer.optimizer)
     manager = tf.train.CheckpointManager(
         ckpt, os.path.join(model_dir, CHECKPOINT_SUBDIR), max_to_keep=3

@@ -69,8 +69,8 @@ def resolve(config: InputConfig, *, run_dir: str | None = None) -> Inputs:
     data_dir = config.data_dir
     if config.checkpoint or data_dir or config.dataset != "auto":
         dataset = config.dataset
-        if dataset == "auto":
-            dataset = "cifar10" if data_dir else "synthetic"
+        if dataset == "auto":  # CIFAR-10 when a folder is known (given, or from the environment)
+            dataset = "cifar10" if data_dir or _has_cifar(data.default_data_dir()) else "synthetic"
         if dataset == "cifar10" and data_dir is None:
             data_dir = data.default_data_dir()
         if config.checkpoint:
