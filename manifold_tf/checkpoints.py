@@ -17,12 +17,9 @@ import hashlib
 import os
 import re
 import shutil
-import socket
 import stat
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 
 import keras
@@ -54,7 +51,6 @@ _IGNORED_NAMES = frozenset({"global_step", "beta1_power", "beta2_power"})
 _IGNORED_SUFFIXES = ("/Momentum", "/Adam", "/Adam_1", "/RMSProp", "/RMSProp_1", "/Adagrad")
 
 _DOWNLOAD_CHUNK = 1 << 20  # bytes per read
-_DOWNLOAD_TIMEOUT = 60.0  # seconds without data before giving up
 
 
 class ModelDownloadError(OSError):
@@ -337,33 +333,29 @@ def _cached_prefix(target: str, name: str) -> str | None:
     )
 
 
-def _download(url: str, destination, *, name: str, cache_dir: str, verbose: bool) -> str:
-    """Streams ``url`` into the open binary file ``destination``; returns the hex SHA-256."""
-    digest = hashlib.sha256()
+def _download(url: str, destination: str, *, name: str, cache_dir: str, verbose: bool) -> str:
+    """Fetches ``url`` with ``keras.utils.get_file`` into ``destination``; returns its hex SHA-256.
+
+    ``destination`` is a private temporary path in the cache (the caller installs atomically from
+    it), so a failed or partial download never leaves a file where the cache looks.
+    """
+    folder, fname = os.path.split(destination)
     try:
-        with urllib.request.urlopen(url, timeout=_DOWNLOAD_TIMEOUT) as response:
-            total = response.headers.get("Content-Length") if response.headers else None
-            total = int(total) if total and total.isdigit() else None
-            done, next_report = 0, 0
-            while True:
-                chunk = response.read(_DOWNLOAD_CHUNK)
-                if not chunk:
-                    break
-                destination.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-                if verbose and done >= next_report:
-                    of = f" of {total:,}" if total else ""
-                    print(f"[fetch_madry_model] {name}: {done:,}{of} bytes", file=sys.stderr)
-                    next_report = done + 16 * _DOWNLOAD_CHUNK
-    except (urllib.error.URLError, socket.timeout, ConnectionError, OSError) as error:
+        path = keras.utils.get_file(fname=fname, origin=url, cache_dir=folder, cache_subdir="",
+                                    force_download=True)
+    except Exception as error:  # keras raises a bare Exception naming the URL; urllib errors too
         reason = getattr(error, "reason", error)
         raise ModelDownloadError(
             f"could not download model {name!r} from {url}: {reason}. "
             + _manual_instructions(name, url, cache_dir)
         ) from error
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_DOWNLOAD_CHUNK), b""):
+            digest.update(chunk)
     if verbose:
-        print(f"[fetch_madry_model] {name}: downloaded {done:,} bytes from {url}", file=sys.stderr)
+        print(f"[fetch_madry_model] {name}: downloaded {os.path.getsize(path):,} bytes from {url}",
+              file=sys.stderr)
     return digest.hexdigest()
 
 
@@ -448,11 +440,11 @@ def fetch_madry_model(
         return prefix
 
     os.makedirs(cache_dir, exist_ok=True)
-    fd, zip_path = tempfile.mkstemp(prefix=f".{name}-", suffix=".zip.part", dir=cache_dir)
+    download_dir = tempfile.mkdtemp(prefix=f".{name}-download-", dir=cache_dir)
+    zip_path = os.path.join(download_dir, f"{name}.zip")
     staging = None
     try:
-        with os.fdopen(fd, "wb") as destination:
-            got = _download(url, destination, name=name, cache_dir=cache_dir, verbose=verbose)
+        got = _download(url, zip_path, name=name, cache_dir=cache_dir, verbose=verbose)
         if expected is not None and got != expected:
             raise ValueError(
                 f"SHA-256 mismatch for {url}: expected {expected}, got {got}. The file is corrupt "
@@ -480,8 +472,7 @@ def fetch_madry_model(
             if _cached_prefix(target, name) is None:
                 raise
     finally:
-        if os.path.exists(zip_path):
-            os.remove(zip_path)
+        shutil.rmtree(download_dir, ignore_errors=True)
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
 
