@@ -18,10 +18,10 @@ import os
 import re
 import shutil
 import stat
-import sys
 import tempfile
 import zipfile
 
+from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
@@ -354,8 +354,7 @@ def _download(url: str, destination: str, *, name: str, cache_dir: str, verbose:
         for chunk in iter(lambda: f.read(_DOWNLOAD_CHUNK), b""):
             digest.update(chunk)
     if verbose:
-        print(f"[fetch_madry_model] {name}: downloaded {os.path.getsize(path):,} bytes from {url}",
-              file=sys.stderr)
+        logging.info(f"[fetch_madry_model] {name}: downloaded {os.path.getsize(path):,} bytes from {url}")
     return digest.hexdigest()
 
 
@@ -480,5 +479,5 @@ def fetch_madry_model(
     if prefix is None:  # unreachable after _checked_members, kept as a guard
         raise ValueError(f"no checkpoint found in {target!r} after extracting {url}.")
     if verbose:
-        print(f"[fetch_madry_model] {name}: installed {prefix}", file=sys.stderr)
+        logging.info(f"[fetch_madry_model] {name}: installed {prefix}")
     return prefix

@@ -25,6 +25,7 @@ import dataclasses
 import os
 import time
 
+from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
@@ -248,7 +249,7 @@ class _ProgressLogger(keras.callbacks.Callback):
             logs = logs or {}
             ex_s = self.progress.rate * self.batch_size
             metrics = ", ".join(f"{k} {float(v):.4f}" for k, v in logs.items())
-            print(f"{self.progress.line()}, {ex_s:.1f} examples/s, {metrics}", flush=True)
+            logging.info(f"{self.progress.line()}, {ex_s:.1f} examples/s, {metrics}")
 
 
 class _Checkpointer(keras.callbacks.Callback):
@@ -260,7 +261,7 @@ class _Checkpointer(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         step = int(self.optimizer.iterations.numpy())
         path = self.manager.save(checkpoint_number=step)
-        print(f"checkpoint: {path}", flush=True)
+        logging.info(f"checkpoint: {path}")
 
 
 class _HoldoutMonitor(keras.callbacks.Callback):
@@ -316,13 +317,13 @@ class _HoldoutMonitor(keras.callbacks.Callback):
                 f"its best {best['pgd_accuracy']:.3f} (step {best['step']}): catastrophic overfitting")}
             self.model.stop_training = True
         reporting.write_json(os.path.join(self.model_dir, HOLDOUT_LOG), self.history)
-        print(
+        logging.info(
             f"holdout @ step {step}: clean {clean:.3f}, PGD-{self.config.holdout_pgd_steps} {robust:.3f} "
             f"(n={len(self.images)}, best {best['pgd_accuracy']:.3f} @ {best['step']}, "
-            f"{time.perf_counter() - start:.0f}s)", flush=True,
+            f"{time.perf_counter() - start:.0f}s)",
         )
         if "stopped" in self.history:
-            print("stopping: " + self.history["stopped"]["reason"], flush=True)
+            logging.info("stopping: " + self.history["stopped"]["reason"])
 
 
 def split_holdout(images: np.ndarray, labels: np.ndarray, n: int, seed: int):
@@ -423,7 +424,7 @@ def train(
         history["entries"] = [e for e in history["entries"] if e["step"] <= start]
         if history["entries"]:
             history["best"] = max(history["entries"], key=lambda e: e["pgd_accuracy"])
-        print(f"resumed from {manager.latest_checkpoint} at step {start}", flush=True)
+        logging.info(f"resumed from {manager.latest_checkpoint} at step {start}")
     elif overwrite and manager.latest_checkpoint:
         for name in os.listdir(manager.directory):
             os.remove(os.path.join(manager.directory, name))
@@ -435,10 +436,10 @@ def train(
     if config.holdout:
         callbacks.append(_HoldoutMonitor(config, model_dir, held_x, held_y, history))
     if start >= config.steps:
-        print(f"already trained for {start} >= {config.steps} steps", flush=True)
+        logging.info(f"already trained for {start} >= {config.steps} steps")
     elif history.get("stopped"):
-        print(f"not resuming: the run stopped at step {history['stopped']['step']}: "
-              f"{history['stopped']['reason']}", flush=True)
+        logging.info(f"not resuming: the run stopped at step {history['stopped']['step']}: "
+              f"{history['stopped']['reason']}")
     else:
         ds = data_lib.make_dataset(
             images, labels, batch_size=config.batch_size, training=True, seed=config.seed
@@ -462,5 +463,5 @@ def train(
     tmp = os.path.join(model_dir, ".tmp-" + FINAL_WEIGHTS)
     trainer.base.save(tmp)
     os.replace(tmp, final)
-    print(f"final weights: {final}", flush=True)
+    logging.info(f"final weights: {final}")
     return trainer.base

@@ -318,10 +318,6 @@ def cw_linf_details(
                 total_steps=int(total), settings=settings)
 
 
-def bcast(mask: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
-    return tf.reshape(mask, [-1] + [1] * (len(x.shape) - 1))
-
-
 def cw_linf(model, x, y, *, epsilon: float, **kwargs) -> tf.Tensor:
     """``cw_linf_details(...)["x_adv"]``: per example the attack's point if within ``epsilon``, else ``x``."""
     return cw_linf_details(model, x, y, epsilon=epsilon, **kwargs)["x_adv"]

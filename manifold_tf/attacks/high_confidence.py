@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import tensorflow as tf
 
 from manifold_tf import compiled, projected
-from manifold_tf.attacks.common import (
-    DEFAULT_JIT_COMPILE,
-    check_positive_int,
-    goal,
-    margin,
-    prepare,
-    seed_tensor,
-)
+from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE, prepare, seed_tensor
 from manifold_tf.validation import validate_radius
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 
+from absl import logging
 import numpy as np
 
 from manifold_tf import reporting
@@ -149,9 +150,8 @@ def adaptive_batch(base, shell, x, y, indices, *, config: AdaptiveConfig, epsilo
             x_worst[todo[broken]] = x_adv[broken]
         seconds[name] = time.perf_counter() - t
         if desc:
-            print(f"{desc}: {name}: {int(np.sum(shell_broken == name))}/{attempted[name]} broken "
-                  f"({seconds[name]:.0f} s); shell robust so far {int(np.sum(shell_broken == ''))}/{n}",
-                  flush=True)
+            logging.info(f"{desc}: {name}: {int(np.sum(shell_broken == name))}/{attempted[name]} broken "
+                  f"({seconds[name]:.0f} s); shell robust so far {int(np.sum(shell_broken == ''))}/{n}")
     cost["base_passes"] += cost["shell_predictions"] * per_pred
     record = dict(indices=[int(i) for i in indices], labels=y.tolist(), base_clean=f_x.tolist(),
                   shell_clean=g_x.tolist(), base_broken_by=base_broken.tolist(),

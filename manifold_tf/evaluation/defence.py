@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -182,8 +183,8 @@ def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, 
     t1 = time.perf_counter()
     if desc:
         what = "reused x'" if precomputed is not None else f"CW attack done in {t1 - t0:.0f} s"
-        print(f"{desc}: {what} ({int(success.sum())}/{len(x)} successes); "
-              f"shell on {len(x)} x and {len(x)} x' ...", flush=True)
+        logging.info(f"{desc}: {what} ({int(success.sum())}/{len(x)} successes); "
+              f"shell on {len(x)} x and {len(x)} x' ...")
     g_x, c_x, unmet_x = _shell_labels(shell, x, shell_batch_size)
     g_adv, c_adv, unmet_adv = _shell_labels(shell, x_adv, shell_batch_size)
     diagnostics = {}
@@ -279,16 +280,16 @@ def run_defence(base, shell, images: np.ndarray, labels: np.ndarray, config: Def
     progress = reporting.Progress(num_points, "defence", unit="points",
                                   initial=sum(len(indices[b]) for b, r in enumerate(records) if r))
     if done:
-        print(f"resuming: {done}/{num_batches} batches already done in {store.path(PROTOCOL)}", flush=True)
+        logging.info(f"resuming: {done}/{num_batches} batches already done in {store.path(PROTOCOL)}")
     from_run = config.attack.from_run
     for b in range(num_batches):
         if records[b] is not None:
             continue
         idx = indices[b]
         precomputed = _reusable_attack(from_run, b, settings, idx) if from_run else None
-        print(f"batch {b + 1}/{num_batches}: "
+        logging.info(f"batch {b + 1}/{num_batches}: "
               + (f"reusing x' from {from_run}" if precomputed else
-                 f"CW L-inf attack (eps {epsilon:g}) on {len(idx)} points ..."), flush=True)
+                 f"CW L-inf attack (eps {epsilon:g}) on {len(idx)} points ..."))
         record, x_adv = defence_batch(base, shell, images[idx], labels[idx], epsilon=epsilon,
                                       attack=attack, shell_batch_size=config.shell.batch_size,
                                       desc=f"batch {b + 1}/{num_batches}", precomputed=precomputed)

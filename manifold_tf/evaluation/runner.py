@@ -83,7 +83,6 @@ def _defence(config: EvaluationConfig) -> str:
     if config.run.overwrite and inputs.train_quick_model and os.path.exists(inputs.checkpoint):
         os.remove(inputs.checkpoint)
     logging.info("defence evaluation on %s (%s): %s", inputs.dataset, inputs.note, inputs.checkpoint)
-    print(f"defence evaluation on {inputs.dataset} ({inputs.note}): {inputs.checkpoint}", flush=True)
     strategy = (tf.distribute.MirroredStrategy() if cfg.strategy == "mirrored"
                 else tf.distribute.get_strategy())
     with strategy.scope():
