@@ -117,7 +117,8 @@ def adaptive_batch(base, shell, x, y, indices, *, config: AdaptiveConfig, epsilo
     base_broken = np.where(f_x != y, "clean", "").astype(object)
     cw_ok = predict_logits(base, x_cw).argmax(-1) == y
     base_broken[(base_broken == "") & ~cw_ok] = "transfer_cw"
-    for name, run in _base_suite(base, config, epsilon, seed):
+    base_suite = _base_suite(base, config, epsilon, seed)
+    for name, run in base_suite:
         todo = np.nonzero(base_broken == "")[0]
         if len(todo):
             x_adv = np.clip(np.asarray(run(x[todo], y[todo])), x[todo] - epsilon, x[todo] + epsilon)
@@ -155,6 +156,7 @@ def adaptive_batch(base, shell, x, y, indices, *, config: AdaptiveConfig, epsilo
     cost["base_passes"] += cost["shell_predictions"] * per_pred
     record = dict(indices=[int(i) for i in indices], labels=y.tolist(), base_clean=f_x.tolist(),
                   shell_clean=g_x.tolist(), base_broken_by=base_broken.tolist(),
+                  base_attacks=["transfer_cw"] + [name for name, _ in base_suite],
                   shell_broken_by=shell_broken.tolist(), shell_adv=shell_adv.tolist(), attempted=attempted,
                   linf=np.abs(x_worst - x).reshape(n, -1).max(-1).tolist(), cost=cost,
                   seconds=dict(total=time.perf_counter() - t0, **seconds))

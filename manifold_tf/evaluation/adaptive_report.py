@@ -92,7 +92,8 @@ def summarize(records: list[dict], settings: dict, sanity: dict) -> dict:
     base_robust = np.array([b == "" for b in base_by])
     shell_robust = np.array([b == "" for b in shell_by])
     shell_names = list(settings["suite"]["shell_attacks"])
-    base_names = ["transfer_cw"] + sorted({b for b in base_by if b not in ("", "clean", "transfer_cw")})
+    base_names = records[0].get("base_attacks") or ["transfer_cw"] + sorted(
+        {b for b in base_by if b not in ("", "clean", "transfer_cw")})
     cost = {k: sum(r["cost"][k] for r in records) for k in records[0]["cost"]}
     return dict(
         n=n,

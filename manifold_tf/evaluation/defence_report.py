@@ -48,8 +48,10 @@ def defence_markdown(report: dict) -> str:
     return (
         f"# Defence evaluation (Table 2 protocol): {s['shell']['shell'].upper()} shell\n\n"
         f"**Transfer only, not the verdict.** {PROTOCOL_BIAS}\n\n"
-        f"Points: {avg['points']} base-correct test points ({s['num_batches']} batches x "
-        f"{s['batch_points']}), {s['permutation']} permutation, seed {s['seed']}, of "
+        f"Points: {avg['points']} base-correct test points ("
+        + (f"those among the first {s['walk']} of the order, in batches of up to {s['batch_points']}"
+           if "walk" in s else f"{s['num_batches']} batches x {s['batch_points']}")
+        + f"), {s['permutation']} permutation, seed {s['seed']}, of "
         f"{s['num_test_points']} test images.\n\n"
         f"Settings:\n\n- shell: `{json.dumps(s['shell'])}`\n"
         f"- base attack: CW L-inf, untargeted, epsilon {s['epsilon']:g} px: "
