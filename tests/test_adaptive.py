@@ -142,3 +142,21 @@ def test_sanity_checks_flag_a_model_that_masks_gradients(tmp_path):
     assert not sanity["passed"]
     assert "epsilon_sweep" in sanity["failures"]
     assert open(store.path("adaptive.md")).read().splitlines()[2].startswith("SANITY CHECKS FAILED")
+
+
+def test_the_duration_estimate_counts_every_phase_and_grows_with_the_budget():
+    from manifold_tf.evaluation import estimate
+
+    class Shell:
+        num_classes = 10
+
+    cw = dict(max_iterations=100, initial_const=1e-5, largest_const=20.0, stop_within_epsilon=True)
+    small = estimate.defence_passes(table2_points=10, num_points=30, shell=Shell(), per_prediction=100,
+                                    cw=cw, suite=AdaptiveConfig())
+    big = estimate.defence_passes(table2_points=10, num_points=30, shell=Shell(), per_prediction=100,
+                                  cw=cw, suite=AdaptiveConfig(steps=100, restarts=2, targets=0))
+    assert set(small) == set(big) and len(small) == 5 + len(AdaptiveConfig().shell_attacks)
+    assert sum(big.values()) > sum(small.values())
+    # CW's schedule: 22 constants from 1e-5 to 20 (doubling), plus one tau round, 100 steps each.
+    assert estimate.cw_passes(cw) == 100 * (22 + 1)
+    assert "total (upper bound)" in estimate.describe(small, 1000.0)

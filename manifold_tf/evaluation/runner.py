@@ -94,6 +94,13 @@ def _defence(config: EvaluationConfig) -> str:
                     strategy=f"{cfg.strategy} ({strategy.num_replicas_in_sync} replicas)")
     suite = config.adaptive
     walk = min(suite.num_points, len(x)) if suite.attack != "none" else None
+    from manifold_tf.evaluation import estimate
+
+    phases = estimate.defence_passes(
+        table2_points=walk or cfg.batches * cfg.batch_points, num_points=walk or 0, shell=shell,
+        per_prediction=adaptive.passes_per_prediction(shell), cw=cfg.attack.cw_kwargs(),
+        suite=suite if walk else None)
+    logging.info("%s", estimate.describe(phases, estimate.passes_per_second(base, shell.image_shape)))
     report = defence.run_defence(base, shell, x, y, cfg, store, seed=config.run.seed,
                                  metadata=metadata, class_names=inputs.class_names, walk=walk)
     table2 = defence_report.defence_markdown(report)

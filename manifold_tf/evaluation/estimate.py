@@ -1,0 +1,80 @@
+"""The expected duration of a defence run, printed before it starts.
+
+Every attack and shell here costs a countable number of forward+backward passes of the base model;
+the estimate is that count (an upper bound: every point is assumed to stand until the last attack,
+and CW to use its whole constant schedule) divided by the base's forward+backward rate, measured on
+this machine in a few seconds. Real runs are shorter when points fall early.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from manifold_tf import reporting
+
+
+def passes_per_second(base, image_shape=(32, 32, 3), batch: int = 32, repeats: int = 3) -> float:
+    """Forward+backward passes (images) per second of ``base`` on this machine."""
+    x = tf.random.stateless_uniform((batch,) + tuple(image_shape), seed=[1, 2], maxval=255.0)
+
+    @tf.function
+    def step(z):
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            out = tf.reduce_sum(base(z, training=False))
+        return tape.gradient(out, z)
+
+    step(x)  # trace and warm up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step(x).numpy()
+    return batch * repeats / max(time.perf_counter() - start, 1e-9)
+
+
+def cw_passes(attack: dict) -> float:
+    """Upper bound on CW L-inf passes per point: every constant of the schedule, plus tau rounds."""
+    constants = math.ceil(math.log2(attack["largest_const"] / attack["initial_const"])) + 1
+    tau_rounds = 1 if attack["stop_within_epsilon"] else 35  # 255 -> 1 px in steps of 0.9
+    return attack["max_iterations"] * (constants + tau_rounds)
+
+
+def defence_passes(*, table2_points: int, num_points: int, shell, per_prediction: int, cw: dict,
+                   suite) -> dict:
+    """Pass counts per phase of a defence run (``suite=None``: Table 2 only)."""
+    phases = {"Table 2: CW on the base": table2_points * cw_passes(cw),
+              "Table 2: the shell on x and x'": 2 * table2_points * per_prediction}
+    if suite is None or suite.attack == "none":
+        return phases
+    c = int(shell.num_classes)
+    k = c - 1 if suite.targets == 0 else min(suite.targets, c - 1)
+    starts = 2 + suite.restarts
+    shell_predictions = {
+        "bpda": starts * (suite.steps + 1), "bpda_targeted": k * (1 + suite.restarts) * (suite.steps + 1) + 1,
+        "lift": 1 + k, "square": suite.square_queries, "transfer_cw": 1, "transfer_confident": 1,
+    }
+    base_only = {"bpda": 2 * starts * suite.steps, "bpda_targeted": 2 * k * suite.steps,
+                 "lift": k * suite.lift_steps, "transfer_confident": (c - 1) * suite.steps}
+    for name in suite.shell_attacks:
+        phases[f"adaptive: {name} on the shell"] = num_points * (
+            shell_predictions.get(name, 0) * per_prediction + base_only.get(name, 0))
+    phases["adaptive: APGD-CE and APGD-T on the base"] = num_points * suite.base_apgd_steps * (1 + min(9, c - 1))
+    phases["adaptive: CW on the base (points not in Table 2)"] = (num_points - table2_points) * cw_passes(cw)
+    phases["adaptive: sanity checks"] = 3 * suite.sanity_points * (suite.sanity_steps + 1) * per_prediction
+    return phases
+
+
+def describe(phases: dict, rate: float) -> str:
+    """A Markdown table of each phase's passes and expected time, and the total."""
+    rows = [[name, f"{p:,.0f}", reporting.format_duration(p / rate)] for name, p in phases.items()]
+    total = sum(phases.values())
+    rows.append(["total (upper bound)", f"{total:,.0f}", reporting.format_duration(total / rate)])
+    return (f"Expected duration at {rate:,.0f} forward+backward images/s (measured now):\n\n"
+            + reporting.markdown_table(["phase", "forward+backward passes", "time"], rows))
+
+
+def total_seconds(phases: dict, rate: float) -> float:
+    return float(np.sum(list(phases.values())) / rate)
