@@ -1,4 +1,7 @@
-"""Shared fixtures: the CIFAR-10 sample from ../shared (skipped when absent) and tiny models."""
+"""Shared fixtures: the CIFAR-10 sample from ../shared (skipped when absent).
+
+Tiny models, ball/box checks and the config / ``.keras`` round trips live in ``helpers.py``.
+"""
 
 from __future__ import annotations
 

@@ -8,19 +8,19 @@ import numpy as np
 from manifold_tf.evaluation.accuracy import accuracy_markdown, accuracy_report
 from manifold_tf.evaluation.config import AccuracyConfig
 
+from helpers import linear_model
+
 SHAPE = (4, 4, 3)
 
 
-def linear_model(num_classes: int, seed: int = 0) -> keras.Model:
+def random_linear_model(num_classes: int, seed: int = 0) -> keras.Model:
+    """A linear model on ``[N, 4, 4, 3]`` pixels, weights ``N(0, 1) / 50``, no bias."""
     rng = np.random.default_rng(seed)
-    model = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(), keras.layers.Dense(num_classes)])
-    model.layers[-1].set_weights([rng.normal(size=(48, num_classes)).astype(np.float32) / 50,
-                                  np.zeros(num_classes, np.float32)])
-    return model
+    return linear_model(SHAPE, rng.normal(size=(48, num_classes)).astype(np.float32) / 50)
 
 
 def test_robust_accuracy_matches_the_linear_closed_form_and_the_worst_case_is_the_minimum():
-    model = linear_model(5)
+    model = random_linear_model(5)
     rng = np.random.default_rng(1)
     x = rng.uniform(60, 195, size=(40, *SHAPE)).astype(np.float32)  # away from the box edges
     logits = model(x).numpy()
@@ -49,7 +49,7 @@ def test_robust_accuracy_matches_the_linear_closed_form_and_the_worst_case_is_th
 
 
 def test_three_classes_skip_apgd_t_and_zero_apgd_steps_skip_both():
-    model = linear_model(3)
+    model = random_linear_model(3)
     x = np.full((4, *SHAPE), 128, np.float32)
     y = model(x).numpy().argmax(1)
     report = accuracy_report(model, x, y, AccuracyConfig(epsilon=1.0, pgd_steps=2, apgd_steps=5))

@@ -3,7 +3,8 @@ losses, invariants, compilation and bad inputs."""
 
 from __future__ import annotations
 
-import keras
+import functools
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -12,44 +13,26 @@ from manifold_tf import attacks, compiled
 from manifold_tf.attacks.apgd import cross_entropy
 from manifold_tf.projected import apgd_ascent, apgd_checkpoints, random_start
 
+import helpers
+from helpers import assert_in_ball_and_box, linear_model, uniform_images
+
 SHAPE = (8, 8, 3)
 DIM = int(np.prod(SHAPE))
 TOL = 1e-3  # pixels: float32 rounding of x +- epsilon
 
 
-def linear_model(weights: np.ndarray) -> keras.Model:
-    """Logits ``Z = flatten(x) @ weights``; ``weights [DIM, K]``."""
-    inp = keras.Input(SHAPE)
-    dense = keras.layers.Dense(weights.shape[1])
-    out = dense(keras.layers.Flatten()(inp))
-    dense.set_weights([weights.astype(np.float32), np.zeros(weights.shape[1], np.float32)])
-    return keras.Model(inp, out)
-
-
-def small_conv(seed: int = 0, classes: int = 10) -> keras.Model:
-    """A random conv net whose predictions spread over the classes (on uniform noise images)."""
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input(SHAPE)
-    h = keras.layers.Rescaling(1.0 / 64.0, offset=-2.0)(inp)
-    h = keras.layers.Conv2D(16, 3, activation="relu")(h)
-    return keras.Model(inp, keras.layers.Dense(classes)(keras.layers.Flatten()(h)))
+# The conv net of these tests: 10 classes spread over uniform noise images.
+small_conv = functools.partial(helpers.small_conv, classes=10, scale=1.0 / 64.0, offset=-2.0, filters=16)
 
 
 def successes(model, x_adv, y) -> np.ndarray:
     return np.argmax(model(x_adv).numpy(), axis=1) != y
 
 
-def assert_in_ball(x_adv, x, eps):
-    x_adv = np.asarray(x_adv)
-    assert x_adv.shape == x.shape and x_adv.dtype == np.float32
-    assert np.abs(x_adv - x).max() <= eps + TOL
-    assert x_adv.min() >= 0.0 and x_adv.max() <= 255.0
-
-
 @pytest.fixture(scope="module")
 def conv():
     model = small_conv()
-    x = np.random.default_rng(0).uniform(0.0, 255.0, size=(64,) + SHAPE).astype(np.float32)
+    x = uniform_images(64, SHAPE, seed=0)
     y = np.argmax(model(x).numpy(), axis=1).astype(np.int32)
     return model, x, y
 
@@ -111,7 +94,7 @@ def test_apgd_ce_breaks_exactly_the_points_within_reach_on_a_linear_model():
     last two points would not reach their corners."""
     rng = np.random.default_rng(1)
     w = rng.normal(0.0, 0.01, size=(DIM, 2))
-    model = linear_model(w)
+    model = linear_model(SHAPE, w)
     eps = 8.0
     diff = w[:, 0] - w[:, 1]
     reach = eps * np.abs(diff).sum()  # the largest change of Z_0 - Z_1 inside the ball
@@ -192,7 +175,7 @@ def test_outputs_inside_ball_and_box_and_zero_budget_returns_x(conv):
     model, x, y = conv
     x, y = x[:6], y[:6]
     for attack in (attacks.apgd_ce, attacks.apgd_dlr, attacks.apgd_t):
-        assert_in_ball(attack(model, x, y, epsilon=6.0, steps=4, restarts=2), x, 6.0)
+        assert_in_ball_and_box(attack(model, x, y, epsilon=6.0, steps=4, restarts=2), x, 6.0)
         np.testing.assert_array_equal(attack(model, x, y, epsilon=0.0, steps=3).numpy(), x)
 
 

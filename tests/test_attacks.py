@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import numpy as np
 import pytest
@@ -10,18 +12,12 @@ import tensorflow as tf
 from manifold_tf import attacks
 from manifold_tf.attacks.carlini_wagner import from_tanh_space, to_tanh_space
 
+import helpers
+from helpers import linear_model
+
 SHAPE = (4, 4, 3)
 DIM = int(np.prod(SHAPE))
 TOL = 1e-3  # pixels: float32 rounding of x +- epsilon near 255
-
-
-def linear_model(weights: np.ndarray, bias: np.ndarray) -> keras.Model:
-    """Logits ``Z = flatten(x) @ weights + bias``; ``weights [DIM, K]``."""
-    inp = keras.Input(SHAPE)
-    dense = keras.layers.Dense(weights.shape[1])
-    out = dense(keras.layers.Flatten()(inp))
-    dense.set_weights([weights.astype(np.float32), bias.astype(np.float32)])
-    return keras.Model(inp, out)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +25,7 @@ def binary():
     """A 2-class linear model, images with some pixels at the box edges, labels = predictions."""
     rng = np.random.default_rng(0)
     w = rng.normal(0.0, 0.01, size=(DIM, 2))
-    model = linear_model(w, np.zeros(2))
+    model = linear_model(SHAPE, w, np.zeros(2))
     x = rng.uniform(20.0, 235.0, size=(6,) + SHAPE).astype(np.float32)
     x[:, 0, 0, :] = 0.0  # on the box: the optimum must be clipped there
     x[:, 1, 1, :] = 255.0
@@ -43,13 +39,9 @@ def corner(x, w, source, target, delta):
     return np.clip(x + delta * d, 0.0, 255.0)
 
 
-def small_conv(seed: int = 0, classes: int = 4) -> keras.Model:
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input((8, 8, 3))
-    h = keras.layers.Rescaling(1.0 / 255.0)(inp)
-    h = keras.layers.Conv2D(4, 3, activation="relu")(h)
-    h = keras.layers.GlobalAveragePooling2D()(h)
-    return keras.Model(inp, keras.layers.Dense(classes)(h))
+# The conv net of these tests: 4 classes, pixels / 255, global average pooling.
+small_conv = functools.partial(helpers.small_conv, classes=4, scale=1.0 / 255.0, offset=0.0,
+                               pooling="average")
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +53,8 @@ def conv():
     return model, x, y
 
 
-def assert_in_ball(x_adv, x, eps):
-    x_adv = np.asarray(x_adv)
-    assert x_adv.shape == x.shape
-    assert np.abs(x_adv - x).max() <= eps + TOL
-    assert x_adv.min() >= 0.0 and x_adv.max() <= 255.0
+# Shape, ball and box (the dtype is not checked here).
+assert_in_ball = functools.partial(helpers.assert_in_ball_and_box, tol=TOL, dtype=None)
 
 
 # ---- closed-form oracles (linear models) ---------------------------------------------------
@@ -98,7 +87,7 @@ def test_cw_linf_close_to_minimal_distance():
     """Binary linear classifier, x far from the box: the minimal L-inf flip is margin / ||w_diff||_1."""
     rng = np.random.default_rng(2)
     w = rng.normal(0.0, 0.01, size=(DIM, 2))
-    model = linear_model(w, np.zeros(2))
+    model = linear_model(SHAPE, w, np.zeros(2))
     x = rng.uniform(100.0, 155.0, size=(4,) + SHAPE).astype(np.float32)
     logits = model(x).numpy()
     y = np.argmax(logits, axis=1).astype(np.int32)

@@ -16,36 +16,23 @@ bpda_module = importlib.import_module("manifold_tf.attacks.bpda")  # the package
 from manifold_tf.data import synthetic_arrays, synthetic_manifold
 from manifold_tf.shells import CarliniWagnerShell, MCNShell, NCNShell
 
+from helpers import (assert_in_ball_and_box, binary_linear_problem, nearest_centre_model,
+                     nearest_centre_weights, np_logits, small_conv, uniform_images)
+
 SHAPE = (8, 8, 3)
 D = int(np.prod(SHAPE))
 TOL = 1e-3  # pixels: float32 rounding of x +- epsilon
 
 
-def small_conv(seed: int = 0) -> keras.Model:
-    """A random 3-class conv net whose prediction varies over the box (Flatten, not pooling)."""
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input(SHAPE)
-    h = keras.layers.Rescaling(1.0 / 32.0, offset=-4.0)(inp)
-    h = keras.layers.Conv2D(4, 3, activation="relu")(h)
-    h = keras.layers.Flatten()(h)
-    return keras.Model(inp, keras.layers.Dense(3)(h))
-
-
 @pytest.fixture(scope="module")
 def conv():
-    base = small_conv()
-    x = np.random.default_rng(1).uniform(0.0, 255.0, size=(6,) + SHAPE).astype(np.float32)
+    base = small_conv()  # 3 classes, Flatten: the prediction varies over the box
+    x = uniform_images(6, SHAPE, seed=1)
     shells = {
         "mcn": MCNShell(base, 4.0, steps=2),
         "ncn": NCNShell(base, 0.5, delta_max=4.0, steps=2, rounds=1),
     }
     return base, x, shells
-
-
-def assert_in_ball(x_adv, x, eps):
-    assert x_adv.shape == x.shape and x_adv.dtype == np.float32
-    assert np.abs(x_adv - x).max() <= eps + TOL
-    assert x_adv.min() >= 0.0 and x_adv.max() <= 255.0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -60,7 +47,7 @@ def test_outputs_stay_in_the_ball_and_success_is_the_shells_answer(conv, kind):
     eps, steps = 3.0, 4
     out = bpda(shell, x, y, epsilon=eps, steps=steps, random_start=True, seed=1)
     assert set(out) == set(RESULT_KEYS)
-    assert_in_ball(out["x_adv"], x, eps)
+    assert_in_ball_and_box(out["x_adv"], x, eps)
     # Not vacuous: at this budget the attack fools the shell on some points and not on others.
     assert out["success"].any() and not out["success"].all(), out["success"]
     again = shell.embed(out["x_adv"])["label"].numpy()
@@ -97,7 +84,7 @@ def test_x_init_is_projected_and_a_start_that_already_fools_the_shell_is_kept(co
     out = bpda(shell, x, y, epsilon=eps, steps=3, x_init=far.astype(np.float32))
     np.testing.assert_array_equal(out["x_adv"][fooled], start[fooled])  # a success is never moved
     np.testing.assert_array_equal(out["steps_used"][fooled], 0)
-    assert_in_ball(out["x_adv"], x, eps)
+    assert_in_ball_and_box(out["x_adv"], x, eps)
 
 
 def test_zero_budget_returns_x_and_the_shells_clean_answer(conv):
@@ -154,47 +141,18 @@ def test_the_surrogate_follows_each_shells_decision_rule():
 # Closed-form oracle: a binary linear base
 
 
-def linear_base(kernel: np.ndarray, bias: np.ndarray) -> keras.Model:
-    model = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(), keras.layers.Dense(2)])
-    model.layers[-1].set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
-    return model
+def binary_problem():
+    """``helpers.binary_linear_problem`` with 8 points of margins +-0.5 and +-1.5 ``eps * |a|_1``.
 
-
-def binary_linear_problem():
-    """A binary linear base and 8 points with margins +-0.5 and +-1.5 times ``eps * |a|_1``.
-
-    Logits ``W.x + b``, ``a = w0 - w1``, ``m(x) = Z0 - Z1 = a.x + b0 - b1`` (= ``lo_0 = -lo_1``).
-    Away from the box, MCN_delta scores label 0 by ``m(x') + delta |a|_1`` and label 1 by
-    ``-m(x') + delta |a|_1``: its label is the base's, ``sign(m(x'))``. NCN_p likewise: label ``t``
-    meets ``p`` at distance ``max(0, logit p -+ m(x')) / |a|_1``, the nearer one is the base's
-    label. So either shell can be fooled in ``N(x, eps)`` exactly when ``|m(x)| < eps |a|_1``, at
-    the corner ``x - eps sign(a)`` (``y = 0``); every surrogate's gradient is a multiple of ``-a``.
+    Either shell can be fooled in ``N(x, eps)`` exactly when ``|m(x)| < eps |a|_1``, at the corner
+    ``x - eps sign(a)`` (``y = 0``); every surrogate's gradient is a multiple of ``-a``.
     """
-    rng = np.random.default_rng(0)
-    w = rng.normal(0.0, 0.01, D)
-    a = rng.choice([-1.0, 1.0], D) * rng.uniform(2e-3, 6e-3, D)
-    kernel = np.stack([w, w - a], 1).astype(np.float32)
-    a = kernel[:, 0].astype(np.float64) - kernel[:, 1]  # the difference the float32 model uses
-    l1 = np.abs(a).sum()
-    eps, delta = 6.0, 2.0
-    raw = rng.uniform(100.0, 155.0, (8, D))
-    bias = np.array([-(raw @ a).mean(), 0.0])
     ratio = np.array([0.5, 1.5] * 4) * np.repeat([1, -1], 4)  # target m(x) / (eps |a|_1)
-    # Move each point along sign(a) until its margin is the target (a few pixels at most).
-    x = raw + ((ratio * eps * l1 - raw @ a - bias[0]) / l1)[:, None] * np.sign(a)
-    x = x.reshape((-1,) + SHAPE).astype(np.float32)
-    assert x.min() > eps + delta and x.max() < 255.0 - eps - delta  # the box never binds
-    m = x.reshape(len(x), -1).astype(np.float64) @ a + bias[0]
-    np.testing.assert_allclose(m / (eps * l1), ratio, atol=1e-3)
-    y = (m < 0).astype(np.int32)  # the base's (and the shell's) label
-    direction = np.where(y == 0, -1.0, 1.0)[:, None] * np.sign(a)
-    corner = x + eps * direction.reshape((-1,) + SHAPE)
-    return linear_base(kernel, bias), x, y, dict(eps=eps, delta=delta, l1=l1, ratio=ratio,
-                                                  corner=corner)
+    return binary_linear_problem(ratio, eps=6.0, delta=2.0)
 
 
 def test_mcn_on_a_binary_linear_base_is_broken_exactly_below_the_linear_margin():
-    base, x, y, p = binary_linear_problem()
+    base, x, y, p = binary_problem()
     eps, l1 = p["eps"], p["l1"]
     shell = MCNShell(base, p["delta"], steps=1)
     np.testing.assert_array_equal(shell.embed(x)["label"].numpy(), y)
@@ -218,7 +176,7 @@ def test_mcn_on_a_binary_linear_base_is_broken_exactly_below_the_linear_margin()
                                      "lift", "lift_bpda", "eot_random_start", "ncn"])
 def test_every_variant_meets_the_binary_linear_oracle(variant):
     # The same exact condition for every attack: broken iff |m(x)| < eps |a|_1, at the corner.
-    base, x, y, p = binary_linear_problem()
+    base, x, y, p = binary_problem()
     eps, delta = p["eps"], p["delta"]
     breakable = np.abs(p["ratio"]) < 1.0
     shell = MCNShell(base, delta, steps=1)
@@ -318,7 +276,7 @@ def test_bpda_fools_a_shell_that_transfer_attacks_on_the_base_do_not():
     # BPDA ranks the pocket above the ramp by the shell's own scores and steps towards it.
     out = bpda(shell, x, y, epsilon=eps, steps=10)
     assert out["success"][0] and out["shell_label"][0] == 2
-    assert_in_ball(out["x_adv"], x, eps)
+    assert_in_ball_and_box(out["x_adv"], x, eps)
     assert shell.embed(out["x_adv"])["label"].numpy()[0] == 2
     # A failure of the shell, not of the base: the base is right where the shell is fooled.
     assert base(out["x_adv"]).numpy().argmax() == 1
@@ -367,7 +325,7 @@ def test_lift_breaks_mcn_where_transfer_attacks_from_the_base_do_not():
                              random_start=False) for loss in ("xent", "cw")]
     transfers.append(attacks.apgd_ce(base, x, y, epsilon=eps, steps=10, restarts=2))
     for x_t in transfers:
-        assert_in_ball(np.asarray(x_t), x, eps)
+        assert_in_ball_and_box(np.asarray(x_t), x, eps)
         assert shell.embed(x_t)["label"].numpy()[0] == 1
 
     # Lift: the base's most confident class-2 point within eps + delta, clipped to the eps ball,
@@ -379,7 +337,7 @@ def test_lift_breaks_mcn_where_transfer_attacks_from_the_base_do_not():
     np.testing.assert_array_equal(attacks.target_order(shell, x, y), [[0, 2]])
     assert out["run"][0] == 1 and out["steps_used"][0] == 0
     assert out["shell_evals"][0] == 3 and out["base_passes"][0] == 2 * 10
-    assert_in_ball(out["x_adv"], x, eps)
+    assert_in_ball_and_box(out["x_adv"], x, eps)
     assert shell.embed(out["x_adv"])["label"].numpy()[0] == 2
     assert base(out["x_adv"]).numpy().argmax() == 1
     # x' is the eps-corner along v: the lifted point mu + (eps + delta) v, clipped.
@@ -400,13 +358,9 @@ def test_a_provably_robust_shell_is_not_broken_inside_its_radius_but_is_beyond()
     c, temperature, delta = 4, 1e4, 8.0
     centres, _ = synthetic_manifold(num_classes=c, seed=1)
     x, y = synthetic_arrays("test", num_examples=4, num_classes=c, seed=1)
-    flat = centres.reshape(c, -1).astype(np.float64)
-    kernel, bias = 2.0 * flat.T / temperature, -(flat**2).sum(1) / temperature
-    inp = keras.Input(x.shape[1:])
-    dense = keras.layers.Dense(c)
-    base = keras.Model(inp, dense(keras.layers.Flatten()(inp)))
-    dense.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
-    logits = x.reshape(len(x), -1).astype(np.float64) @ kernel + bias
+    kernel, bias = nearest_centre_weights(centres, temperature)
+    base = nearest_centre_model(centres, temperature)
+    logits = np_logits(x, kernel, bias)
     radius = np.full(len(x), np.inf)  # the proven radius, and the base's own L-inf radius
     base_radius = np.full(len(x), np.inf)
     for i in range(len(x)):
@@ -424,7 +378,7 @@ def test_a_provably_robust_shell_is_not_broken_inside_its_radius_but_is_beyond()
                 attacks.bpda_targeted(shell, x, y, epsilon=eps, steps=5, num_targets="all"),
                 attacks.lift(shell, x, y, epsilon=eps, steps=5, bpda_steps=2)):
         assert not out["success"].any()
-        assert_in_ball(out["x_adv"], x, eps)
+        assert_in_ball_and_box(out["x_adv"], x, eps)
         assert (out["margin"] < 0).all()
     # Not vacuous: beyond the base's own radius (MCN answers as the base, nearly) it falls.
     big = float(min(1.2 * base_radius.max(), 255.0))
@@ -462,7 +416,7 @@ def test_suite_outputs_are_verified_in_the_ball_and_deterministic(conv, cw_shell
 
     out = run()
     assert set(out) == set(RESULT_KEYS)
-    assert_in_ball(out["x_adv"], x, eps)
+    assert_in_ball_and_box(out["x_adv"], x, eps)
     assert out["success"].any(), out  # not vacuous
     fresh = shell.embed(out["x_adv"])["label"].numpy()
     np.testing.assert_array_equal(out["shell_label"], fresh)
@@ -493,7 +447,7 @@ def test_eot_on_a_random_start_mcn_shell_verifies_each_success_on_a_fresh_draw(c
         xi = x[i:i + 1]
         yi = shell.embed(xi)["label"].numpy()
         out = bpda(shell, xi, yi, epsilon=3.0, steps=steps, schedule="apgd", eot_samples=3)
-        assert_in_ball(out["x_adv"], xi, 3.0)
+        assert_in_ball_and_box(out["x_adv"], xi, 3.0)
         fresh = shell.embed(out["x_adv"])["label"].numpy()
         np.testing.assert_array_equal(out["success"], fresh != yi)
         used = out["steps_used"]

@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import os
 
-import keras
 import numpy as np
 
 from manifold_tf import data, pretrained
 from manifold_tf.evaluation import inputs
 from manifold_tf.evaluation.config import InputConfig
 
-
-class LabelInPixel(keras.Model):
-    """Predicts the label stored in pixel (0, 0, 0) as a one-hot logit vector."""
-
-    def call(self, x, training=False):
-        return keras.ops.one_hot(keras.ops.cast(x[:, 0, 0, 0], "int32"), 3) * 10.0
+from helpers import LabelInPixel
 
 
 def test_default_inputs_prefer_the_cifar_folder_then_synthetic(tmp_path, monkeypatch):

@@ -1,6 +1,5 @@
 """Tests of the Keras Madry ResNet: shapes, serialisation, the TF1 name map, input checks."""
 
-import json
 import warnings
 
 import keras
@@ -11,6 +10,8 @@ import tensorflow as tf
 from manifold_tf import models
 from manifold_tf.validation import check_logits, validate_images
 
+from helpers import assert_config_round_trip, assert_saving_round_trip, uniform_images
+
 
 @pytest.fixture(scope="module")
 def narrow():
@@ -19,7 +20,7 @@ def narrow():
 
 
 def _images(n=3, seed=0):
-    return np.random.default_rng(seed).uniform(0, 255, (n, 32, 32, 3)).astype(np.float32)
+    return uniform_images(n, (32, 32, 3), seed)
 
 
 def test_output_is_logits_of_shape_n_by_10(narrow):
@@ -32,11 +33,7 @@ def test_keras_save_and_load_roundtrip_gives_identical_outputs(narrow, tmp_path)
     # Non-trivial BN statistics so that a mis-restored moving average would show.
     for v in narrow.non_trainable_variables:
         v.assign(np.random.default_rng(2).uniform(0.5, 1.5, v.shape).astype(np.float32))
-    path = str(tmp_path / "m.keras")
-    narrow.save(path)
-    loaded = keras.models.load_model(path)
-    x = _images()
-    np.testing.assert_array_equal(loaded(x).numpy(), narrow(x).numpy())
+    assert_saving_round_trip(narrow, _images(), tmp_path, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -45,10 +42,7 @@ def test_keras_save_and_load_roundtrip_gives_identical_outputs(narrow, tmp_path)
      models.ResidualUnit(16, 32, 2, False, name="u")],
 )
 def test_custom_layers_config_roundtrip_through_json(layer):
-    config = json.loads(json.dumps(keras.saving.serialize_keras_object(layer)))
-    clone = keras.saving.deserialize_keras_object(config)
-    assert type(clone) is type(layer)
-    assert clone.get_config() == layer.get_config()
+    assert_config_round_trip(layer, strict=True)
 
 
 def test_standardization_matches_formula():

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 
-import keras
 import numpy as np
 import pytest
 
 from manifold_tf import reporting
 from manifold_tf.evaluation import separation, stats
 from manifold_tf.evaluation.store import RunStore
+
+from helpers import small_conv
 
 
 def test_chebyshev_epsilon_known_values():
@@ -58,18 +59,17 @@ def test_sample_indices_seeded_and_distinct():
         separation.sample_indices(20, num_batches=3, batch_points=7, seed=0)
 
 
-def tiny_model():
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((4, 4, 3))
-    h = keras.layers.Flatten()(keras.layers.Rescaling(1 / 64.0)(inp))
-    return keras.Model(inp, keras.layers.Dense(3)(h))
-
-
-def test_run_separation_saves_and_resumes(tmp_path, monkeypatch):
-    model = tiny_model()
+def tiny_problem():
+    """A random 3-class linear model of ``pixels / 64``; 20 images ``[4, 4, 3]``, random labels."""
+    model = small_conv(seed=0, classes=3, shape=(4, 4, 3), scale=1 / 64.0, offset=0.0, filters=0)
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, size=(20, 4, 4, 3)).astype(np.float32)
     labels = rng.integers(0, 3, size=20).astype(np.int32)
+    return model, images, labels
+
+
+def test_run_separation_saves_and_resumes(tmp_path, monkeypatch):
+    model, images, labels = tiny_problem()
     kw = dict(delta=8.0, num_batches=3, batch_points=4, seed=1, attack=dict(steps=3))
     run_dir = str(tmp_path / "run")
     batch_dir = os.path.join(run_dir, "separation")
@@ -105,10 +105,7 @@ def test_plot_separation_curve(tmp_path):
 
 
 def test_convergence_check_reruns_the_first_batches_and_a_restart_never_lowers_the_count(tmp_path):
-    model = tiny_model()
-    rng = np.random.default_rng(0)
-    images = rng.uniform(0, 255, size=(20, 4, 4, 3)).astype(np.float32)
-    labels = rng.integers(0, 3, size=20).astype(np.int32)
+    model, images, labels = tiny_problem()
     store = RunStore(str(tmp_path / "run"))
     attack = dict(steps=2, step_size=8.0, optimizer="sign", random_start=False)
     run = separation.run_separation(model, images, labels, delta=8.0, num_batches=3, batch_points=4,

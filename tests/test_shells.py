@@ -13,29 +13,17 @@ import pytest
 import scipy.optimize
 import tensorflow as tf
 
-from manifold_tf import shells
 from manifold_tf.data import synthetic_arrays, synthetic_manifold
 from manifold_tf.models import LeakyReLU, PerImageStandardization, madry_resnet
 from manifold_tf.shells import CarliniWagnerShell, MCNShell, NCNShell, cw_shell
 
+from helpers import (assert_config_round_trip, assert_in_ball_and_box, assert_saving_round_trip,
+                     linear_model, nearest_centre_model, nearest_centre_weights, np_logits,
+                     np_softmax, uniform_images)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (32, 32, 3)
 D = int(np.prod(SHAPE))
-
-
-def linear_base(kernel: np.ndarray, bias: np.ndarray) -> keras.Model:
-    """``logits = flatten(x) @ kernel + bias``: ``kernel [3072, C]``, ``bias [C]``."""
-    model = keras.Sequential(
-        [keras.Input(SHAPE), keras.layers.Flatten(), keras.layers.Dense(kernel.shape[1])]
-    )
-    model.layers[-1].set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
-    return model
-
-
-def nearest_centre_base(centres: np.ndarray, temperature: float) -> keras.Model:
-    """Logits ``-||x - mu_c||^2 / T`` up to the class-independent ``-||x||^2 / T`` (same softmax)."""
-    flat = centres.reshape(len(centres), -1).astype(np.float64)
-    return linear_base((2.0 * flat.T / temperature), -(flat**2).sum(1) / temperature)
 
 
 class CentreBumps(keras.layers.Layer):
@@ -74,16 +62,7 @@ def two_class_problem(seed=0, n=4):
     x = rng.uniform(0.0, 255.0, size=(n,) + SHAPE).astype(np.float32)
     x[0, :4, :4] = 0.0  # some pixels on the box boundary: the box must clip
     x[1, :4, :4] = 255.0
-    return linear_base(kernel, bias), kernel, bias, x
-
-
-def np_logits(x, kernel, bias):
-    return x.reshape(len(x), -1).astype(np.float64) @ kernel + bias
-
-
-def np_softmax(z):
-    e = np.exp(z - z.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
+    return linear_model(SHAPE, kernel, bias), kernel, bias, x
 
 
 # ------------------------------------------------------------------------------------------------
@@ -138,9 +117,8 @@ def test_mcn_reaches_the_optimum_of_a_nearest_centre_base():
     centres, _ = synthetic_manifold(num_classes=4, seed=1)
     x, _ = synthetic_arrays("test", num_examples=2, num_classes=4, seed=1)
     T = 3e4
-    base = nearest_centre_base(centres, T)
-    flat = centres.reshape(4, -1).astype(np.float64)
-    kernel, bias = 2 * flat.T / T, -(flat**2).sum(1) / T
+    base = nearest_centre_model(centres, T)
+    kernel, bias = nearest_centre_weights(centres, T)
     delta = 16.0
     shell = MCNShell(base, delta, optimizer="adam", steps=100, step_size=1.0, jit_compile=False)
     got = shell.embed(x)["log_odds"].numpy()
@@ -158,7 +136,7 @@ def test_nearest_centre_shell_keeps_points_pushed_off_the_manifold_by_less_than_
     # a random off-manifold direction leaves the base right, and the shell as well.
     centres, _ = synthetic_manifold(num_classes=10)
     x, y = synthetic_arrays("test", num_examples=8)
-    base = nearest_centre_base(centres, 1e4)
+    base = nearest_centre_model(centres, 1e4)
     delta = 16.0
     noise = np.sign(np.random.default_rng(3).uniform(-1, 1, size=x.shape)).astype(np.float32)
     x_off = np.clip(x + 0.75 * delta * noise, 0, 255)
@@ -212,7 +190,7 @@ def test_ncn_two_class_linear_matches_closed_form_distance():
     margins = np.stack([m0 + bias[0] - bias[1], -(m0 + bias[0] - bias[1])], 1)
     expected = np.maximum(0.0, (logit_p - margins) / np.abs(a).sum())
     assert expected.max() < 16.0
-    shell = NCNShell(linear_base(kernel, bias), p, delta_max=16.0, steps=30, rounds=3,
+    shell = NCNShell(linear_model(SHAPE, kernel, bias), p, delta_max=16.0, steps=30, rounds=3,
                      learning_rate=0.02, jit_compile=False)
     out = shell.embed(x)
     got = out["distances"].numpy()
@@ -224,7 +202,7 @@ def test_ncn_two_class_linear_matches_closed_form_distance():
 
 def test_ncn_flags_points_where_no_label_meets_p():
     _, kernel, _, x = two_class_problem()
-    base = linear_base(kernel * 0.01, np.zeros(2))  # margins ~0.1: F stays near 1/2 in the box
+    base = linear_model(SHAPE, kernel * 0.01, np.zeros(2))  # margins ~0.1: F stays near 1/2 in the box
     shell = NCNShell(base, 0.9, delta_max=0.5, steps=2, rounds=1, jit_compile=False)
     out = shell.embed(x)
     assert out["unmet"].numpy().all()
@@ -271,8 +249,7 @@ def test_cw_all_labels_stays_in_the_ball_and_scores_by_own_label():
                                jit_compile=False)
     out = shell.embed(x)
     z = out["z"].numpy()
-    assert np.abs(z - x[:, None]).max() <= 8.0 + 1e-3
-    assert z.min() >= 0 and z.max() <= 255
+    assert_in_ball_and_box(z, np.broadcast_to(x[:, None], z.shape), 8.0, tol=1e-3, dtype=None)
     conf = np.stack([np_softmax(np_logits(z[:, t], kernel, bias))[:, t] for t in (0, 1)], 1)
     np.testing.assert_allclose(out["confidences"].numpy(), conf, rtol=1e-3)
     np.testing.assert_array_equal(out["label"].numpy(), conf.argmax(1))
@@ -379,7 +356,7 @@ def test_random_start_is_deterministic_under_a_seed():
 def test_predict_and_evaluate_work_as_for_any_keras_model():
     centres, _ = synthetic_manifold(num_classes=10)
     x, y = synthetic_arrays("test", num_examples=6)
-    shell = MCNShell(nearest_centre_base(centres, 1e4), 8.0, steps=3, jit_compile=False)
+    shell = MCNShell(nearest_centre_model(centres, 1e4), 8.0, steps=3, jit_compile=False)
     probs = shell.predict(x, batch_size=4, verbose=0)
     assert probs.shape == (6, 10)
     np.testing.assert_allclose(probs, shell.embed(x)["probabilities"].numpy(), atol=1e-6)
@@ -403,29 +380,20 @@ def _small_shells(base=None):
     return [
         MCNShell(base, 8.0, steps=2, jit_compile=False, name="mcn"),
         NCNShell(base, 0.6, delta_max=8.0, steps=1, rounds=2, jit_compile=False, name="ncn"),
+        CarliniWagnerShell(base, variant="all_labels", delta=6.0, const=0.5, max_iterations=3,
+                           learning_rate=1e-2, jit_compile=False, name="cw"),
     ]
 
 
-def _as_json(config):
-    return json.loads(json.dumps(config))  # tuples and lists compare equal afterwards
-
-
-@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("index", [0, 1, 2])
 def test_config_round_trip_and_keras_file(tmp_path, index):
     shell = _small_shells()[index]
-    x = np.random.default_rng(0).uniform(0, 255, size=(2,) + SHAPE).astype(np.float32)
+    x = uniform_images(2, SHAPE, seed=0)
     expected = shell(x).numpy()
-    config = json.loads(json.dumps(keras.saving.serialize_keras_object(shell)))
-    clone = keras.saving.deserialize_keras_object(config)
-    assert type(clone) is type(shell)
-    assert _as_json(clone.get_config()) == _as_json(shell.get_config())
+    clone = assert_config_round_trip(shell)
     clone.set_weights(shell.get_weights())
     np.testing.assert_allclose(clone(x).numpy(), expected, atol=1e-6)
-    path = str(tmp_path / "shell.keras")
-    shell.save(path)
-    loaded = keras.saving.load_model(path)
-    assert _as_json(loaded.get_config()) == _as_json(shell.get_config())
-    np.testing.assert_allclose(loaded(x).numpy(), expected, atol=1e-6)
+    assert_saving_round_trip(shell, x, tmp_path, atol=1e-6)
 
 
 _LOAD_SCRIPT = """
@@ -445,7 +413,7 @@ print(json.dumps({"imported": sorted(m for m in sys.modules if m.startswith(("ma
 @pytest.mark.parametrize("index", [0, 1])
 def test_export_runs_in_a_fresh_process_without_manifold_tf(tmp_path, index):
     shell = _small_shells()[index]
-    x = np.random.default_rng(1).uniform(0, 255, size=(3,) + SHAPE).astype(np.float32)
+    x = uniform_images(3, SHAPE, seed=1)
     expected = shell.embed(x)
     export_dir = str(tmp_path / "export")
     shell.export(export_dir)
@@ -465,11 +433,9 @@ def test_export_runs_in_a_fresh_process_without_manifold_tf(tmp_path, index):
 @pytest.mark.slow
 def test_madry_resnet_shell_saves_and_exports(tmp_path):
     shell = _small_shells(madry_resnet("narrow"))[0]
-    x = np.random.default_rng(0).uniform(0, 255, size=(2,) + SHAPE).astype(np.float32)
+    x = uniform_images(2, SHAPE, seed=0)
     expected = shell(x).numpy()
-    shell.save(str(tmp_path / "shell.keras"))
-    np.testing.assert_allclose(keras.saving.load_model(str(tmp_path / "shell.keras"))(x).numpy(),
-                               expected, atol=1e-6)
+    assert_saving_round_trip(shell, x, tmp_path, atol=1e-6)
     shell.export(str(tmp_path / "export"))
     loaded = tf.saved_model.load(str(tmp_path / "export"))  # keep it: its variables live with it
     np.testing.assert_allclose(loaded.serve(x).numpy(), expected, atol=1e-6)

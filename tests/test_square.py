@@ -10,42 +10,22 @@ from manifold_tf import attacks
 from manifold_tf.attacks.square import p_schedule, square
 from manifold_tf.shells import MCNShell
 
+from helpers import (assert_in_ball_and_box, binary_linear_problem, linear_model, small_conv,
+                     uniform_images)
+
 SHAPE = (8, 8, 3)
 D = int(np.prod(SHAPE))
 TOL = 1e-3  # pixels: float32 rounding of x +- epsilon
-
-
-def small_conv(seed: int = 0) -> keras.Model:
-    """A random 3-class conv net whose prediction varies over the box (Flatten, not pooling)."""
-    keras.utils.set_random_seed(seed)
-    inp = keras.Input(SHAPE)
-    h = keras.layers.Rescaling(1.0 / 32.0, offset=-4.0)(inp)
-    h = keras.layers.Conv2D(4, 3, activation="relu")(h)
-    h = keras.layers.Flatten()(h)
-    return keras.Model(inp, keras.layers.Dense(3)(h))
-
-
-def linear(kernel: np.ndarray, bias: np.ndarray) -> keras.Model:
-    model = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(),
-                              keras.layers.Dense(len(bias))])
-    model.layers[-1].set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
-    return model
 
 
 def predict(model, x) -> np.ndarray:
     return np.asarray(model(x, training=False)).argmax(axis=1)
 
 
-def assert_in_ball(x_adv, x, eps):
-    assert x_adv.shape == x.shape and x_adv.dtype == np.float32
-    assert np.abs(x_adv - x).max() <= eps + TOL
-    assert x_adv.min() >= 0.0 and x_adv.max() <= 255.0
-
-
 @pytest.fixture(scope="module")
 def conv():
-    base = small_conv()
-    x = np.random.default_rng(1).uniform(0.0, 255.0, size=(8,) + SHAPE).astype(np.float32)
+    base = small_conv()  # 3 classes, Flatten: the prediction varies over the box
+    x = uniform_images(8, SHAPE, seed=1)
     x[:, :2] = 0.0  # rows at the edges of the box: the clip to [0, 255] must bind
     x[:, 2, :, 0] = 1.0
     x[:, -2:] = 255.0
@@ -62,7 +42,7 @@ def test_outputs_stay_in_the_ball_and_success_is_the_models_answer(conv):
     eps, budget = 12.0, 60
     out = square(base, x, y, epsilon=eps, queries=budget, seed=3)
     assert set(out) == {"x_adv", "success", "queries", "margin"}
-    assert_in_ball(out["x_adv"], x, eps)
+    assert_in_ball_and_box(out["x_adv"], x, eps)
     # Not vacuous: at this budget some points fall and others stand.
     assert out["success"].any() and not out["success"].all(), out["success"]
     # Verified: the model itself is wrong exactly where success is reported.
@@ -140,7 +120,7 @@ def test_on_a_linear_model_success_matches_the_certified_margin():
     eps = 4.0
     flat = rng.uniform(eps + 1.0, 255.0 - eps - 1.0, (24, D)).astype(np.float32)
     bias = -(flat @ kernel).mean(axis=0)
-    model = linear(kernel, bias)
+    model = linear_model(SHAPE, kernel, bias)
     x = flat.reshape((-1,) + SHAPE)
     logits = np.asarray(model(x)).astype(np.float64)
     y = logits.argmax(axis=1)
@@ -158,7 +138,7 @@ def test_on_a_linear_model_success_matches_the_certified_margin():
     assert weak.sum() >= 5 and robust.sum() >= 5  # both kinds, for the test to mean something
 
     out = square(model, x, y, epsilon=eps, queries=1000, seed=0)
-    assert_in_ball(out["x_adv"], x, eps)
+    assert_in_ball_and_box(out["x_adv"], x, eps)
     assert out["success"][weak].all(), ratio[weak & ~out["success"]]
     assert not out["success"][robust].any()
     np.testing.assert_array_equal(out["success"], predict(model, out["x_adv"]) != y)
@@ -174,25 +154,15 @@ def test_square_breaks_an_mcn_shell_exactly_where_the_linear_base_allows():
     # As in test_bpda: with logits W.x + b and a = w0 - w1, MCN_delta on this base answers the
     # base's label sign(m(x')), m = a.x + b0 - b1, away from the box. So the shell can be fooled in
     # N(x, eps) exactly when |m(x)| < eps |a|_1.
-    rng = np.random.default_rng(0)
-    w = rng.normal(0.0, 0.01, D)
-    a = rng.choice([-1.0, 1.0], D) * rng.uniform(2e-3, 6e-3, D)
-    kernel = np.stack([w, w - a], 1).astype(np.float32)
-    a = kernel[:, 0].astype(np.float64) - kernel[:, 1]
-    l1 = np.abs(a).sum()
-    eps, delta = 6.0, 2.0
-    raw = rng.uniform(100.0, 155.0, (6, D))
-    bias = np.array([-(raw @ a).mean(), 0.0])
     ratio = np.array([0.5, 1.5, 0.3]).repeat(2) * np.tile([1, -1], 3)  # m(x) / (eps |a|_1)
-    x = raw + ((ratio * eps * l1 - raw @ a - bias[0]) / l1)[:, None] * np.sign(a)
-    x = x.reshape((-1,) + SHAPE).astype(np.float32)
-    assert x.min() > eps + delta and x.max() < 255.0 - eps - delta  # the box never binds
-    y = (ratio < 0).astype(np.int32)
-    shell = MCNShell(linear(kernel, bias), delta, steps=1)
+    base, x, y, p = binary_linear_problem(ratio, eps=6.0, delta=2.0)  # the box never binds
+    eps = p["eps"]
+    np.testing.assert_array_equal(y, ratio < 0)
+    shell = MCNShell(base, p["delta"], steps=1)
     np.testing.assert_array_equal(predict(shell, x), y)
 
     out = square(shell, x, y, epsilon=eps, queries=300, output="probabilities")
-    assert_in_ball(out["x_adv"], x, eps)
+    assert_in_ball_and_box(out["x_adv"], x, eps)
     np.testing.assert_array_equal(out["success"], np.abs(ratio) < 1.0)
     np.testing.assert_array_equal(out["success"], predict(shell, out["x_adv"]) != y)
     assert (out["queries"] <= 300).all()

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from manifold_tf import data, models, training
+from manifold_tf import data, training
+
+from helpers import assert_config_round_trip, assert_in_ball_and_box, small_conv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,10 +66,24 @@ def test_adversarial_batches_stay_in_the_ball_and_raise_the_loss(arrays):
     trainer = training.build_trainer(_config(pgd_steps=5, pgd_step_size=2.0))
     x, y = tf.constant(arrays[0][:8]), tf.constant(arrays[1][:8])
     x_adv = trainer.perturb(x, y).numpy()
-    assert np.abs(x_adv - x.numpy()).max() <= 8.0 + 1e-4
-    assert x_adv.min() >= 0 and x_adv.max() <= 255
+    assert_in_ball_and_box(x_adv, x.numpy(), 8.0, tol=1e-4, dtype=None)
     xent = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     assert float(xent(y, trainer.base(x_adv))) > float(xent(y, trainer.base(x)))
+
+
+def test_cyclic_learning_rate_round_trips_through_its_config():
+    schedule = training.CyclicLearningRate(0.05, 100, peak=0.3)
+    clone = assert_config_round_trip(schedule, strict=True)
+    steps = [0, 10, 30, 65, 100]
+    np.testing.assert_array_equal([float(clone(s)) for s in steps], [float(schedule(s)) for s in steps])
+
+
+def test_adversarial_trainer_round_trips_through_its_config():
+    trainer = training.AdversarialTrainer(small_conv(seed=0, shape=(32, 32, 3)), epsilon=4.0,
+                                          pgd_steps=3, pgd_step_size=1.5, seed=7)
+    clone = assert_config_round_trip(trainer)
+    assert (clone.epsilon, clone.pgd_steps, clone.pgd_step_size, clone.seed) == (4.0, 3, 1.5, 7)
+    assert type(clone.base) is type(trainer.base)
 
 
 @pytest.mark.parametrize("bad, message", [
