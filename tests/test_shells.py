@@ -439,3 +439,32 @@ def test_madry_resnet_shell_saves_and_exports(tmp_path):
     shell.export(str(tmp_path / "export"))
     loaded = tf.saved_model.load(str(tmp_path / "export"))  # keep it: its variables live with it
     np.testing.assert_allclose(loaded.serve(x).numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.full((2, 32, 32, 3), np.nan, np.float32), "NaN|pixel values"),
+    (np.full((2, 32, 32, 3), np.inf, np.float32), "infinite|pixel values"),
+    (np.full((2, 32, 32, 3), -1.0, np.float32), "pixel values in \\[0, 255\\]|< 0"),
+    (np.full((2, 32, 32, 3), 300.0, np.float32), "pixel values in \\[0, 255\\]|> 255"),
+    (np.zeros((0, 32, 32, 3), np.float32), "empty batch"),
+    (np.zeros((2, 32, 32), np.float32), "shape"),
+    (np.zeros((2, 32, 32, 3), np.uint8), "floating-point"),
+])
+def test_bad_input_is_refused_by_call_predict_and_embed(bad, message):
+    base = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(), keras.layers.Dense(3)])
+    shell = MCNShell(base, 4.0, steps=1, jit_compile=False)
+    for run in (shell.predict, shell.embed, shell):
+        if run is not shell.predict and bad.shape[:1] == (0,):
+            continue  # embed/call of an empty batch return an empty result
+        with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match=message):
+            run(bad)
+
+
+def test_graph_mode_call_refuses_out_of_range_pixels():
+    base = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(), keras.layers.Dense(3)])
+    shell = MCNShell(base, 4.0, steps=1, jit_compile=False)
+    graph_call = tf.function(lambda x: shell(x))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="> 255"):
+        graph_call(tf.fill((1, 32, 32, 3), 300.0))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or infinite"):
+        graph_call(tf.fill((1, 32, 32, 3), float("nan")))

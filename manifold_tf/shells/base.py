@@ -12,6 +12,7 @@ Units: images are float32 NHWC pixels in 0..255; radii, step sizes and distances
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from manifold_tf.validation import IMAGE_SHAPE, PIXEL_MAX, check_logits, validate_images
@@ -102,7 +103,26 @@ class FactorShell(keras.Model):
         """``x [N, H, W, C]`` pixels -> probabilities ``[N, num_classes]`` (``training`` is ignored)."""
         del training  # the base always runs in inference mode inside a shell
         x = validate_images(x, image_shape=self.image_shape)
+        if not tf.executing_eagerly():
+            # Inside predict's compiled step the eager range check cannot run: check in the graph,
+            # so NaN or out-of-range pixels fail loudly instead of answering.
+            x = tf.debugging.assert_all_finite(x, "shell input x has NaN or infinite pixels")
+            with tf.control_dependencies([
+                tf.debugging.assert_greater_equal(x, 0.0, message="shell input x has pixels < 0 "
+                                                  "(expected 0..255)"),
+                tf.debugging.assert_less_equal(x, PIXEL_MAX, message="shell input x has pixels > "
+                                               "255 (expected 0..255)"),
+            ]):
+                x = tf.identity(x)
         return self.embed_function(x)["probabilities"]
+
+    def predict(self, x, *args, **kwargs):
+        """Keras' ``predict``, after checking an array input whole (shape, dtype, range, non-empty)."""
+        if isinstance(x, (np.ndarray, tf.Tensor)) or hasattr(x, "__array__"):
+            if len(getattr(x, "shape", ())) >= 1 and x.shape[0] == 0:
+                raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}): nothing to predict.")
+            validate_images(x, image_shape=self.image_shape)
+        return super().predict(x, *args, **kwargs)
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0], self.num_classes)
