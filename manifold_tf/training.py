@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 
 from absl import logging
 import keras
@@ -32,12 +31,11 @@ import tensorflow as tf
 
 from manifold_tf import data as data_lib
 from manifold_tf import models, reporting
+from manifold_tf.early_stopping import HOLDOUT_LOG, HoldoutMonitor, split_holdout
 from manifold_tf.evaluation.config import setting
 from manifold_tf.projected import projected_ascent, random_start
 
 FINAL_WEIGHTS = "final.keras"
-BEST_WEIGHTS = "best.keras"
-HOLDOUT_LOG = "holdout.json"
 CHECKPOINT_SUBDIR = "checkpoints"
 ATTACKS = ("pgd", "fgsm")
 LR_SCHEDULES = ("piecewise", "cyclic")
@@ -264,77 +262,6 @@ class _Checkpointer(keras.callbacks.Callback):
         logging.info(f"checkpoint: {path}")
 
 
-class _HoldoutMonitor(keras.callbacks.Callback):
-    """After each checkpoint interval: clean and PGD accuracy on held-out training images.
-
-    Keeps ``best.keras`` (highest held-out PGD accuracy) and stops the run when that accuracy falls
-    ``overfit_drop`` below its best: the signature of catastrophic overfitting in FGSM training.
-    The history lives in ``holdout.json`` so that a resumed run keeps its best and its verdict.
-    """
-
-    def __init__(self, config: TrainConfig, model_dir: str, images: np.ndarray, labels: np.ndarray,
-                 history: dict):
-        super().__init__()
-        self.config = config
-        self.model_dir = model_dir
-        self.images = images
-        self.labels = labels
-        self.history = history
-
-    def measure(self, base: keras.Model) -> tuple[float, float]:
-        from manifold_tf import attacks  # attacks imports nothing from training; avoids a cycle at import
-
-        clean = pgd_ok = 0
-        for i in range(0, len(self.images), 250):
-            x, y = self.images[i:i + 250], self.labels[i:i + 250]
-            clean += int(np.sum(np.argmax(base(x, training=False), -1) == y))
-            x_adv = attacks.pgd(
-                base, x, y, epsilon=self.config.epsilon, steps=self.config.holdout_pgd_steps,
-                step_size=self.config.holdout_pgd_step_size, seed=self.config.seed,
-            )
-            pgd_ok += int(np.sum(np.argmax(base(x_adv, training=False), -1) == y))
-        n = len(self.images)
-        return clean / n, pgd_ok / n
-
-    def on_epoch_end(self, epoch, logs=None):
-        base = self.model.base
-        step = int(self.model.optimizer.iterations.numpy())
-        start = time.perf_counter()
-        clean, robust = self.measure(base)
-        entry = {"step": step, "clean_accuracy": clean, "pgd_accuracy": robust, "n": len(self.images),
-                 "train_accuracy": float((logs or {}).get("accuracy", float("nan")))}
-        self.history["entries"].append(entry)
-        best = self.history.get("best")
-        if best is None or robust >= best["pgd_accuracy"]:  # ties: the later, longer-trained model
-            self.history["best"] = entry
-            tmp = os.path.join(self.model_dir, ".tmp-" + BEST_WEIGHTS)
-            base.save(tmp)
-            os.replace(tmp, os.path.join(self.model_dir, BEST_WEIGHTS))
-        best = self.history["best"]
-        if robust < best["pgd_accuracy"] - self.config.overfit_drop:
-            self.history["stopped"] = {"step": step, "reason": (
-                f"held-out PGD accuracy {robust:.3f} fell more than {self.config.overfit_drop} below "
-                f"its best {best['pgd_accuracy']:.3f} (step {best['step']}): catastrophic overfitting")}
-            self.model.stop_training = True
-        reporting.write_json(os.path.join(self.model_dir, HOLDOUT_LOG), self.history)
-        logging.info(
-            f"holdout @ step {step}: clean {clean:.3f}, PGD-{self.config.holdout_pgd_steps} {robust:.3f} "
-            f"(n={len(self.images)}, best {best['pgd_accuracy']:.3f} @ {best['step']}, "
-            f"{time.perf_counter() - start:.0f}s)",
-        )
-        if "stopped" in self.history:
-            logging.info("stopping: " + self.history["stopped"]["reason"])
-
-
-def split_holdout(images: np.ndarray, labels: np.ndarray, n: int, seed: int):
-    """``(train_images, train_labels, held_images, held_labels)``: ``n`` images held out by a seeded permutation."""
-    if n >= len(images):
-        raise ValueError(f"holdout ({n}) must be smaller than the training set ({len(images)}).")
-    order = np.random.default_rng(seed).permutation(len(images))
-    keep, held = np.sort(order[n:]), np.sort(order[:n])
-    return images[keep], labels[keep], images[held], labels[held]
-
-
 def _strategy(name: str) -> tf.distribute.Strategy:
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
@@ -434,7 +361,7 @@ def train(
             f"checkpoint step {start} is not a multiple of checkpoint_every={config.checkpoint_every}."
         )
     if config.holdout:
-        callbacks.append(_HoldoutMonitor(config, model_dir, held_x, held_y, history))
+        callbacks.append(HoldoutMonitor(config, model_dir, held_x, held_y, history))
     if start >= config.steps:
         logging.info(f"already trained for {start} >= {config.steps} steps")
     elif history.get("stopped"):
