@@ -33,11 +33,11 @@ from manifold_tf import data as data_lib
 from manifold_tf import models, reporting
 from manifold_tf.early_stopping import HOLDOUT_LOG, HoldoutMonitor, split_holdout
 from manifold_tf.evaluation.config import setting
-from manifold_tf.projected import projected_ascent, random_start
+from manifold_tf.projected import project, projected_ascent, random_start
 
 FINAL_WEIGHTS = "final.keras"
 CHECKPOINT_SUBDIR = "checkpoints"
-ATTACKS = ("pgd", "fgsm")
+ATTACKS = ("pgd", "fgsm", "trades")
 LR_SCHEDULES = ("piecewise", "cyclic")
 
 
@@ -75,6 +75,8 @@ class AdversarialTrainer(keras.Model):
       pgd_step_size: pixels per signed step.
       seed: seeds the random starts (stateless, keyed by the optimizer step, so a resumed run
         draws the same starts as an uninterrupted one).
+      trades_beta: > 0 trains with TRADES (Zhang et al. 2019) instead: the attack ascends
+        ``KL(F(x) || F(x'))`` and the loss is ``CE(F(x), y) + trades_beta * KL(F(x) || F(x'))``.
     """
 
     def __init__(
@@ -85,6 +87,7 @@ class AdversarialTrainer(keras.Model):
         pgd_steps: int = 7,
         pgd_step_size: float = 2.0,
         seed: int = 0,
+        trades_beta: float = 0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -98,6 +101,7 @@ class AdversarialTrainer(keras.Model):
         self.pgd_steps = int(pgd_steps)
         self.pgd_step_size = float(pgd_step_size)
         self.seed = int(seed)
+        self.trades_beta = float(trades_beta)
 
     @property
     def adversarial(self) -> bool:
@@ -108,10 +112,7 @@ class AdversarialTrainer(keras.Model):
 
     def perturb(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
         """PGD adversarial examples ``[B, 32, 32, 3]`` for the batch, in N(x, epsilon)."""
-        step = tf.cast(self.optimizer.iterations, tf.int32)
-        replica = tf.distribute.get_replica_context()
-        replica_id = tf.cast(replica.replica_id_in_sync_group, tf.int32) if replica else 0
-        seed = tf.stack([tf.constant(self.seed, tf.int32), step * 64 + replica_id])
+        seed = self._seed()
 
         def loss(z):
             logits = self.base(z, training=False)
@@ -124,11 +125,49 @@ class AdversarialTrainer(keras.Model):
         )
         return tf.stop_gradient(z)
 
+    def _seed(self) -> tf.Tensor:
+        step = tf.cast(self.optimizer.iterations, tf.int32)
+        replica = tf.distribute.get_replica_context()
+        replica_id = tf.cast(replica.replica_id_in_sync_group, tf.int32) if replica else 0
+        return tf.stack([tf.constant(self.seed, tf.int32), step * 64 + replica_id])
+
+    def perturb_kl(self, x: tf.Tensor) -> tf.Tensor:
+        """TRADES' inner maximisation: ``x'`` in N(x, epsilon) ascending ``KL(F(x) || F(x'))``."""
+        p = tf.stop_gradient(tf.nn.softmax(self.base(x, training=False)))
+        log_p = tf.math.log(p + 1e-12)
+
+        def kl(z):
+            return tf.reduce_sum(p * (log_p - tf.nn.log_softmax(self.base(z, training=False))), -1)
+
+        # TRADES starts at x plus small Gaussian noise (std 0.001 of the range).
+        noise = tf.random.stateless_normal(tf.shape(x), seed=self._seed()) * (0.001 * 255.0)
+        z, _ = projected_ascent(kl, x, project(x + noise, x, self.epsilon), radius=self.epsilon,
+                                steps=self.pgd_steps, step_size=self.pgd_step_size, return_best=False)
+        return tf.stop_gradient(z)
+
     def train_step(self, data):
         x, y = data[0], data[1]
-        if self.adversarial:
-            x = self.perturb(x, tf.cast(y, tf.int32))
-        return super().train_step((x, y))
+        if not (self.adversarial and self.trades_beta > 0):
+            if self.adversarial:
+                x = self.perturb(x, tf.cast(y, tf.int32))
+            return super().train_step((x, y))
+        x_adv = self.perturb_kl(x)
+        with tf.GradientTape() as tape:
+            logits = self.base(x, training=True)
+            logits_adv = self.base(x_adv, training=True)
+            ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(
+                labels=tf.cast(y, tf.int32), logits=logits))
+            log_p = tf.nn.log_softmax(logits)
+            kl = tf.reduce_mean(tf.reduce_sum(tf.exp(log_p) * (log_p - tf.nn.log_softmax(logits_adv)), -1))
+            loss = ce + self.trades_beta * kl
+            if self.base.losses:  # weight decay
+                loss = loss + tf.add_n(self.base.losses)
+            # Gradients are summed over replicas: scale each replica's loss accordingly.
+            scaled = loss / tf.distribute.get_strategy().num_replicas_in_sync
+        grads = tape.gradient(scaled, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        self._loss_tracker.update_state(loss)
+        return self.compute_metrics(x, y, logits, sample_weight=None)
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -138,6 +177,7 @@ class AdversarialTrainer(keras.Model):
             pgd_steps=self.pgd_steps,
             pgd_step_size=self.pgd_step_size,
             seed=self.seed,
+            trades_beta=self.trades_beta,
         )
         return config
 
@@ -160,12 +200,13 @@ class TrainConfig:
     data_dir: str | None = setting(None, "cifar-10-batches-py folder (default: $MANIFOLD_TF_CIFAR10_DIR, "
                                          "else TensorFlow Datasets).")
     adversarial: bool = setting(False, "Train on adversarial examples (--attack).")
-    attack: str = setting("pgd", "Training attack: Madry's PGD-k, or FGSM from a random start "
-                                 "(Wong et al.).", choices=ATTACKS)
+    attack: str = setting("pgd", "Training attack: Madry's PGD-k, FGSM from a random start (Wong et "
+                                 "al.), or TRADES with PGD-k on the KL (Zhang et al.).", choices=ATTACKS)
     epsilon: float = setting(8.0, "Attack L-inf budget, pixels (0..255).")
     pgd_steps: int = setting(7, "PGD steps per batch.")
     pgd_step_size: float = setting(2.0, "PGD step size, pixels.")
     fgsm_step_factor: float = setting(1.25, "FGSM step as a multiple of epsilon.")
+    trades_beta: float = setting(6.0, "TRADES: weight of the KL term (attack=trades).")
     batch_size: int = setting(128, "Global batch size.")
     steps: int = setting(80000, "Total training steps.")
     lr_schedule: str = setting("piecewise", "Learning-rate schedule.", choices=LR_SCHEDULES)
@@ -277,6 +318,7 @@ def build_trainer(config: TrainConfig) -> AdversarialTrainer:
         pgd_steps=config.attack_steps,
         pgd_step_size=config.attack_step_size,
         seed=config.seed,
+        trades_beta=config.trades_beta if config.attack == "trades" else 0.0,
     )
     if config.lr_schedule == "cyclic":
         schedule = CyclicLearningRate(config.lr_max, config.steps, config.lr_peak)

@@ -65,3 +65,19 @@ def test_real_holdout_measurement_writes_history(tmp_path, arrays):
     history = json.load(open(os.path.join(run, early_stopping.HOLDOUT_LOG)))
     entry = history["entries"][0]
     assert entry["n"] == 16 and 0 <= entry["pgd_accuracy"] <= entry["clean_accuracy"] <= 1
+
+
+def test_trades_trains_on_the_kl_objective_and_its_examples_stay_in_the_ball(tmp_path, arrays):
+    import tensorflow as tf
+
+    from helpers import assert_in_ball_and_box
+
+    config = _config(attack="trades", trades_beta=6.0, pgd_steps=3, pgd_step_size=3.0, holdout=0,
+                     steps=2)
+    trainer = training.build_trainer(config)
+    x = tf.constant(arrays[0][:8])
+    x_adv = trainer.perturb_kl(x).numpy()
+    assert_in_ball_and_box(x_adv, x.numpy(), 8.0, dtype=None)
+    assert np.abs(x_adv - x.numpy()).max() > 1.0  # it moved
+    base = training.train(config, str(tmp_path / "run"), train_arrays=arrays)
+    assert base.output_shape[-1] == 10
