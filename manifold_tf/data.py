@@ -57,13 +57,22 @@ def _find_batches_dir(data_dir: str) -> str:
 
 
 def _read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
-    with open(path, "rb") as f:
-        batch = pickle.load(f, encoding="bytes")
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
+            IndexError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: corrupt or truncated CIFAR-10 batch file (unpickling failed: "
+                         f"{type(e).__name__}: {e}). Replace it with the original file.") from None
+    if not isinstance(batch, dict):
+        raise ValueError(f"{path}: not a CIFAR-10 python batch (a {type(batch).__name__}, not a dict).")
     try:
         data = np.asarray(batch[b"data"], dtype=np.uint8)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
     except KeyError as e:
         raise ValueError(f"{path}: not a CIFAR-10 python batch (missing key {e}).") from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}: CIFAR-10 batch with unreadable data or labels ({e}).") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
         raise ValueError(
             f"{path}: expected data [N, 3072] and N labels; got data {data.shape}, "

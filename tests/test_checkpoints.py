@@ -372,3 +372,13 @@ def test_fetch_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="holds no checkpoint"):
         fetch_madry_model("natural", str(tmp_path))
     assert set(checkpoints.MADRY_MODELS) == {"natural", "adv_trained", "secret"}
+
+
+def test_a_truncated_keras_file_is_reported_as_corrupt_not_missing(tmp_path):
+    from manifold_tf import pretrained
+
+    blob = open(pretrained.path("synthetic_narrow"), "rb").read()
+    path = tmp_path / "model.keras"
+    path.write_bytes(blob[: len(blob) // 3])
+    with pytest.raises(ValueError, match="not a valid .keras file"):
+        load_model_weights(str(path))

@@ -118,3 +118,19 @@ def test_default_data_dir_comes_from_the_environment_only(tmp_path, monkeypatch)
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setenv(data.DATA_DIR_ENV, "~/cifar-10-batches-py")
     assert data.default_data_dir() == str(tmp_path / "cifar-10-batches-py")
+
+
+def test_a_corrupt_or_truncated_batch_file_is_named(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    good = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [1, 2]}
+    blob = pickle.dumps(good)
+    (folder / "test_batch").write_bytes(blob[: len(blob) // 2])  # truncated
+    with pytest.raises(ValueError, match="test_batch: corrupt or truncated"):
+        data.load_cifar10_arrays("test", str(tmp_path))
+    (folder / "test_batch").write_bytes(b"garbage that is not a pickle")
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        data.load_cifar10_arrays("test", str(tmp_path))
+    (folder / "test_batch").write_bytes(pickle.dumps([1, 2, 3]))
+    with pytest.raises(ValueError, match="not a CIFAR-10 python batch"):
+        data.load_cifar10_arrays("test", str(tmp_path))
