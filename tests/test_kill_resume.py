@@ -1,0 +1,107 @@
+"""kill -9 at a random moment of each long job, then --resume: the same report as an uninterrupted run.
+
+Each job runs as a subprocess of the real command line; it is killed once its first unit of work is
+on disk (a checkpoint or a batch record) and before it has finished, at a random extra delay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env() -> dict:
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
+
+
+def _without_timings(obj):
+    if isinstance(obj, dict):
+        return {k: _without_timings(v) for k, v in obj.items()
+                if k not in ("seconds", "seconds_per_attack", "git_commit")}
+    if isinstance(obj, list):
+        return [_without_timings(v) for v in obj]
+    return obj
+
+
+def _kill_after(cmd: list[str], marker: str, done: str, seed: int) -> None:
+    """Starts ``cmd``, waits for ``marker`` to exist, sleeps a random moment, kills it with SIGKILL."""
+    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(random.Random(seed).uniform(0.0, 0.5))
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(marker), "the job died before writing its first unit of work"
+    if os.path.exists(done):
+        pytest.skip("the job finished before the kill (machine too fast for this timing)")
+
+
+def _run(cmd: list[str]) -> None:
+    done = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _evaluate(out: str, *args: str) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "evaluate.py"), "--dataset=synthetic",
+            f"--output_dir={out}", *args]
+
+
+def test_separation_killed_then_resumed_gives_the_same_report(tmp_path):
+    args = ["--mode=separation", "--separation_batches=3", "--separation_batch_points=4",
+            "--separation_steps=3", "--separation_convergence_batches=1",
+            "--separation_convergence_steps=4"]
+    _run(_evaluate(str(tmp_path / "full"), *args))
+    killed = str(tmp_path / "killed")
+    _kill_after(_evaluate(killed, *args), os.path.join(killed, "separation_synthetic_narrow", "batch_000.json"),
+                os.path.join(killed, "separation.json"), seed=1)
+    _run(_evaluate(killed, *args, "--resume"))
+    a = json.load(open(tmp_path / "full" / "separation.json"))
+    b = json.load(open(os.path.join(killed, "separation.json")))
+    assert _without_timings(a) == _without_timings(b)
+
+
+def test_adaptive_run_killed_then_resumed_gives_the_same_verdict(tmp_path):
+    args = ["--shell=mcn", "--num_points=8", "--defence_batch_points=4", "--shell_steps=2",
+            "--base_attack_max_iterations=3", "--adaptive_steps=2", "--adaptive_square_queries=3",
+            "--adaptive_sanity_points=2", "--adaptive_sanity_steps=2", "--adaptive_lift_steps=2",
+            "--adaptive_base_apgd_steps=3", "--adaptive_targets=1"]
+    _run(_evaluate(str(tmp_path / "full"), *args))
+    killed = str(tmp_path / "killed")
+    _kill_after(_evaluate(killed, *args), os.path.join(killed, "adaptive", "batch_000.json"),
+                os.path.join(killed, "summary.json"), seed=2)
+    _run(_evaluate(killed, *args, "--resume"))
+    a = json.load(open(tmp_path / "full" / "summary.json"))
+    b = json.load(open(os.path.join(killed, "summary.json")))
+    for key in ("n", "shell", "base", "mcnemar_p_value", "sanity_checks_passed", "passes_per_point"):
+        assert a[key] == b[key], key
+
+
+def test_training_killed_then_resumed_gives_the_same_weights(tmp_path):
+    args = ["--dataset=synthetic", "--steps=6", "--checkpoint_every=2", "--batch_size=8",
+            "--adversarial", "--attack=fgsm", "--seed=3", "--lr_boundaries=4", "--lr_values=0.05,0.01"]
+    train = [sys.executable, os.path.join(ROOT, "train.py")]
+    _run(train + [f"--model_dir={tmp_path / 'full'}", *args])
+    killed = str(tmp_path / "killed")
+    ckpt = os.path.join(killed, "checkpoints", "checkpoint")
+    _kill_after(train + [f"--model_dir={killed}", *args], ckpt, os.path.join(killed, "final.keras"), seed=3)
+    _run(train + [f"--model_dir={killed}", *args, "--resume"])
+    import keras
+
+    import manifold_tf  # noqa: F401  (registers the custom layers)
+
+    a = keras.saving.load_model(str(tmp_path / "full" / "final.keras"))
+    b = keras.saving.load_model(os.path.join(killed, "final.keras"))
+    for u, v in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
