@@ -51,7 +51,26 @@ def passes_per_prediction(shell) -> int:
     return c * int(shell.steps)
 
 
-def _shell_suite(shell, base, config: AdaptiveConfig, epsilon: float, seed: int):
+class _Ticker:
+    """A throttled progress callback for an attack: a line with counts, rate and ETA every 20 s."""
+
+    def __init__(self, desc: str, every: float = 20.0):
+        self.desc, self.every = desc, every
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done, total=None, standing=None):
+        now = time.perf_counter()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (total - done) / rate if total and rate > 0 else float("nan")
+        logging.info(f"{self.desc}: {done}/{total if total else '?'} steps, {rate:.2g} steps/s, "
+                     f"ETA {reporting.format_duration(eta)}"
+                     + (f", {standing} points standing" if standing is not None else ""))
+
+
+def _shell_suite(shell, base, config: AdaptiveConfig, epsilon: float, seed: int, desc: str = ""):
     """``[(name, run(x, y, x_transfer) -> dict)]`` in the order they run."""
     from manifold_tf import attacks
 
@@ -63,16 +82,19 @@ def _shell_suite(shell, base, config: AdaptiveConfig, epsilon: float, seed: int)
             base, x, y, delta=epsilon, steps=config.steps, step_size=2.5 * epsilon / max(config.steps, 1),
             seed=seed)[0]), base_passes=(shell.num_classes - 1) * config.steps),
         "lift": lambda x, y, xt: attacks.lift(
-            shell, x, y, epsilon=epsilon, num_targets=targets, steps=config.lift_steps, seed=seed),
+            shell, x, y, epsilon=epsilon, num_targets=targets, steps=config.lift_steps, seed=seed,
+            progress=_Ticker(f"{desc}: lift")),
         "bpda": lambda x, y, xt: attacks.bpda_restarts(
             shell, x, y, epsilon=epsilon, steps=config.steps, x_init=xt, from_x=True,
-            random_restarts=config.restarts, seed=seed, eot_samples=eot),
+            random_restarts=config.restarts, seed=seed, eot_samples=eot,
+            progress=_Ticker(f"{desc}: bpda")),
         "bpda_targeted": lambda x, y, xt: attacks.bpda_targeted(
             shell, x, y, epsilon=epsilon, num_targets=targets, steps=config.steps, x_init=xt,
-            from_x=False, seed=seed, eot_samples=eot),
+            from_x=False, seed=seed, eot_samples=eot, progress=_Ticker(f"{desc}: bpda_targeted")),
         "square": lambda x, y, xt: attacks.square(
             shell, x, y, epsilon=epsilon, queries=config.square_queries, seed=seed,
-            output="probabilities"),
+            output="probabilities", progress=lambda q, standing, t=_Ticker(f"{desc}: square (queries)"):
+            t(q, config.square_queries, standing)),
     }
     return [(name, runs[name]) for name in config.shell_attacks]
 
@@ -130,7 +152,7 @@ def adaptive_batch(base, shell, x, y, indices, *, config: AdaptiveConfig, epsilo
     shell_adv = g_x.copy()  # the shell's answer at each point's breaking x' (G(x) where none)
     x_worst = x.copy()
     attempted, seconds = {}, {}
-    for name, run in _shell_suite(shell, base, config, epsilon, seed):
+    for name, run in _shell_suite(shell, base, config, epsilon, seed, desc=desc or "adaptive"):
         todo = np.nonzero(shell_broken == "")[0]
         attempted[name] = int(len(todo))
         t = time.perf_counter()
