@@ -22,6 +22,7 @@ image is the original's, up to float rounding: the checks happen in the same ord
 
 from __future__ import annotations
 
+import sys
 from typing import NamedTuple
 
 import tensorflow as tf
@@ -49,6 +50,7 @@ CW_PAPER = dict(
 # cheaper; reports must say which preset ran.
 CW_CPU = dict(CW_PAPER, max_iterations=100)
 
+PROGRESS_EVERY = 250  # iterations between progress lines of the full schedule
 _TANH_SHRINK = 0.999999  # the original's arctanh(x * 1.999999) on [-0.5, 0.5] images
 
 
@@ -161,6 +163,15 @@ def _loop(model, x, labels, w0, tau, const, *, targeted, max_iterations, learnin
             it = tf.where(succ, 0, it)
             small_prev = small_prev & ~succ
         active = active & ~failed & ~finished
+        if schedule is not None:
+            # The schedule runs as one compiled loop: report from inside it, every 250 iterations.
+            tf.cond(tf.equal((step + 1) % PROGRESS_EVERY, 0),
+                    lambda: tf.print("CW L-inf: iteration", step + 1, "-",
+                                     tf.reduce_sum(tf.cast(active, tf.int32)), "of", tf.size(active),
+                                     "points still running, mean constant",
+                                     tf.reduce_mean(tf.boolean_mask(const, active)),
+                                     output_stream=sys.stderr),
+                    lambda: tf.no_op())
         return (CWState(step + 1, w, m, v, t, it, tau, const, small_prev, active, iters,
                         x_last, has_last, dist_last, x_within, within),)
 

@@ -124,7 +124,9 @@ class BaseAttackConfig:
 
     max_iterations: int = setting(100, "Adam steps per constant (paper: 1000).")
     learning_rate: float = setting(5e-3, "Adam learning rate (paper: 5e-3).")
-    initial_const: float = setting(1e-5, "First constant (paper: 1e-5).")
+    initial_const: float = setting(
+        1e-2, "First constant (paper: 1e-5). The paper's schedule spends 10 rounds of max_iterations "
+              "at constants below 0.01, where the penalty dominates and nothing moves.")
     largest_const: float = setting(20.0, "Largest constant (paper: 20).")
     stop_within_epsilon: bool = setting(
         True, "Stop a point once it has a success within epsilon (same success set; the paper's "
@@ -262,7 +264,7 @@ PRESETS = {
         separation=SeparationConfig(batches=10, batch_points=30, delta=8.0, p=0.9),
         defence=DefenceConfig(
             batches=5, batch_points=30, permutation="paper",
-            attack=BaseAttackConfig(max_iterations=1000, stop_within_epsilon=False),
+            attack=BaseAttackConfig(max_iterations=1000, initial_const=1e-5, stop_within_epsilon=False),
             shell=ShellConfig(kind="cw", cw_variant="paper_code", cw_max_iterations=1000)),
         adaptive=AdaptiveConfig(num_points=150),
     ),
