@@ -90,7 +90,7 @@ def _cli(checkpoint: str, output_dir: str, *extra: str) -> list[str]:
             f"--checkpoint={checkpoint}", "--dataset=synthetic", f"--output_dir={output_dir}",
             "--defence_batches=4", "--defence_batch_points=4", "--epsilon=36",
             "--base_attack_max_iterations=10", "--shell_steps=20", "--noshell_jit_compile",
-            "--adaptive=none", *extra]
+            "--adaptive=none", "--defence_points=paper", *extra]
 
 
 def _env(**extra) -> dict:
@@ -193,11 +193,12 @@ def test_default_command_runs_on_a_fresh_checkout(tmp_path):
     out = str(tmp_path / "default")
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "evaluate.py"), "--shell=mcn", f"--output_dir={out}",
-         "--defence_batches=1", "--defence_batch_points=2", "--base_attack_max_iterations=5",
-         "--shell_steps=1"],
+         "--num_points=4", "--base_attack_max_iterations=5", "--shell_steps=1", "--adaptive_steps=2",
+         "--adaptive_square_queries=2", "--adaptive_sanity_points=2", "--adaptive_sanity_steps=2"],
         env=_env(), capture_output=True, text=True, timeout=3600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert os.path.exists(os.path.join(out, "defence.json"))
+    assert os.path.exists(os.path.join(out, "summary.json"))
 
 
 def test_a_second_shell_reuses_the_first_runs_adversarial_examples(uninterrupted, tiny_checkpoint,

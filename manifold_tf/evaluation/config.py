@@ -199,6 +199,10 @@ class DefenceConfig:
     batch_points: int = setting(30, "Points per batch (paper: 30).")
     permutation: str = setting("numpy", "Order of test points (paper: Python random.sample, seed 123, "
                                         "reversed).", choices=("numpy", "paper"))
+    points: str = setting("walked", "Table 2's points: walked = the base-correct ones among the first "
+                                    "--num_points of the order (the adaptive evaluation's points); "
+                                    "paper = batches x batch_points base-correct points.",
+                          choices=("walked", "paper"))
     strategy: str = setting("default", "Spread shell batches over devices (MirroredStrategy).",
                             choices=("default", "mirrored"))
     shell: ShellConfig = field(default_factory=ShellConfig)
@@ -263,7 +267,7 @@ PRESETS = {
     "paper": dict(
         separation=SeparationConfig(batches=10, batch_points=30, delta=8.0, p=0.9),
         defence=DefenceConfig(
-            batches=5, batch_points=30, permutation="paper",
+            batches=5, batch_points=30, permutation="paper", points="paper",
             attack=BaseAttackConfig(max_iterations=1000, initial_const=1e-5, stop_within_epsilon=False),
             shell=ShellConfig(kind="cw", cw_variant="paper_code", cw_max_iterations=1000)),
         adaptive=AdaptiveConfig(num_points=150),

@@ -93,13 +93,13 @@ def _defence(config: EvaluationConfig) -> str:
                     data_dir=inputs.data_dir and os.path.abspath(inputs.data_dir),
                     strategy=f"{cfg.strategy} ({strategy.num_replicas_in_sync} replicas)")
     suite = config.adaptive
-    walk = min(suite.num_points, len(x)) if suite.attack != "none" else None
+    num_points = min(suite.num_points, len(x))
+    walk = num_points if cfg.points == "walked" else None
     from manifold_tf.evaluation import estimate
 
     phases = estimate.defence_passes(
-        table2_points=walk or cfg.batches * cfg.batch_points, num_points=walk or 0, shell=shell,
-        per_prediction=adaptive.passes_per_prediction(shell), cw=cfg.attack.cw_kwargs(),
-        suite=suite if walk else None)
+        table2_points=walk or cfg.batches * cfg.batch_points, num_points=num_points, shell=shell,
+        per_prediction=adaptive.passes_per_prediction(shell), cw=cfg.attack.cw_kwargs(), suite=suite)
     logging.info("%s", estimate.describe(phases, estimate.passes_per_second(base, shell.image_shape)))
     report = defence.run_defence(base, shell, x, y, cfg, store, seed=config.run.seed,
                                  metadata=metadata, class_names=inputs.class_names, walk=walk)
@@ -107,7 +107,7 @@ def _defence(config: EvaluationConfig) -> str:
     if suite.attack == "none":
         return f"{table2}\nreports written to {store.directory}"
     result = adaptive.run_adaptive(
-        base, shell, x, y, dataclasses.replace(suite, num_points=walk), store, epsilon=cfg.epsilon,
+        base, shell, x, y, dataclasses.replace(suite, num_points=num_points), store, epsilon=cfg.epsilon,
         cw_kwargs=cfg.attack.cw_kwargs(), seed=config.run.seed, permutation=cfg.permutation,
         batch_points=cfg.batch_points, class_names=inputs.class_names, metadata=metadata)
     verdict = adaptive_report.adaptive_markdown(result)
