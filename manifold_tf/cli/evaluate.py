@@ -15,6 +15,8 @@ $MANIFOLD_TF_CIFAR10_DIR with the shipped model when that folder exists, else sy
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags
 
 from manifold_tf.cli import flags as config_flags
@@ -80,7 +82,14 @@ def main(argv):
         config = config_from_flags()
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    print(evaluation.evaluate(config), flush=True)
+    try:
+        text = evaluation.evaluate(config)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        # Expected failures (bad input, missing or corrupt files, a clobber refused): the message
+        # names the problem; a traceback would bury it.
+        sys.stderr.write(f"evaluate: error: {e}\n")
+        sys.exit(1)
+    print(text, flush=True)
 
 
 def run():

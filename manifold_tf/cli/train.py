@@ -13,6 +13,8 @@ Fast adversarial training (Wong et al. 2020) with held-out PGD early stopping:
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags
 
 from manifold_tf.cli import flags as config_flags
@@ -40,7 +42,11 @@ def main(argv):
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     keras.utils.set_random_seed(config.seed)
-    training.train(config, FLAGS.model_dir, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+    try:
+        training.train(config, FLAGS.model_dir, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        sys.stderr.write(f"train: error: {e}\n")
+        sys.exit(1)
 
 
 def run():
