@@ -230,25 +230,23 @@ def write_adaptive_report(records, settings, sanity, images, store, *, class_nam
 
 
 def plot_attack_curve(verdict: dict, path: str) -> None:
-    """Robust accuracy of shell and base after each attack, with 95% intervals (a PNG)."""
+    """Accuracy of the shell and of the base after each of their attacks, 95% intervals (a PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    for who, color in (("shell", "C0"), ("base", "C1")):
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True,
+                             gridspec_kw=dict(width_ratios=[len(verdict["shell"]["by_attack"]) + 1,
+                                                            len(verdict["base"]["by_attack"]) + 1]))
+    for ax, who, color in ((axes[0], "shell", "C0"), (axes[1], "base", "C1")):
         items = [("clean", verdict[who]["clean"])] + list(verdict[who]["by_attack"].items())
         xs = np.arange(len(items))
-        rates = [p["rate"] for _, p in items]
         err = [[p["rate"] - p["ci_low"] for _, p in items], [p["ci_high"] - p["rate"] for _, p in items]]
-        ax.errorbar(xs + (0.08 if who == "base" else 0), rates, yerr=err, marker="o", color=color,
-                    label=who, capsize=3)
-        if who == "shell":
-            ax.set_xticks(xs, [n for n, _ in items], rotation=20, fontsize=8)
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(f"accuracy after each attack (n = {verdict['n']}, 95% Clopper-Pearson)", fontsize=10)
+        ax.errorbar(xs, [p["rate"] for _, p in items], yerr=err, marker="o", color=color, capsize=3)
+        ax.set_xticks(xs, [n for n, _ in items], rotation=20, fontsize=8)
+        ax.set_title(f"{who}: accuracy after each attack", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.set_ylim(-0.02, 1.02)
+    axes[0].set_ylabel(f"accuracy (n = {verdict['n']}, 95% Clopper-Pearson)")
     reporting.save_figure(fig, path)
