@@ -25,7 +25,7 @@ from manifold_tf.evaluation.config import InputConfig
 from manifold_tf.validation import validate_images, validate_labels
 
 # The shipped model each data set uses by default (manifold_tf/weights/README.md).
-DEFAULT_MODELS = {"cifar10": "narrow_adv", "synthetic": "synthetic_narrow"}
+DEFAULT_MODELS = {"cifar10": "narrow_robust", "synthetic": "synthetic_narrow"}
 QUICK_MODEL = "quick_synthetic_model.keras"
 
 
