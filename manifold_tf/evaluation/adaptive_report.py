@@ -176,6 +176,23 @@ def verdict_lines(v: dict) -> str:
             f"{m['base_only']} only the base; exact McNemar p = {m['p_value']:.3g}\n")
 
 
+ATTACK_NOTES = {
+    "transfer_cw": "the paper's CW L-inf x' on the base, given to the shell (Table 2's attack)",
+    "transfer_confident": "the most confident wrong point of N(x, epsilon) for the base (the "
+                          "separation search, every wrong label), given to the shell: a high-"
+                          "confidence transfer, far past the base's boundary",
+    "lift": "MCN answers the label that can be made most confident within delta of its input: a "
+            "confident point z* of N(x, epsilon + delta) for the base, clipped into N(x, epsilon), "
+            "leaves z* within delta of x' (for NCN a heuristic)",
+    "bpda": "BPDA with the identity approximation of the shell's search (the base's gradient at the "
+            "shell's own points), APGD step schedule, from x, from the CW x' and from random starts",
+    "bpda_targeted": "the same, targeted at the shell's top wrong labels, each against the best "
+                     "other label",
+    "square": "Square (Andriushchenko et al. 2020), score-based black box on the shell's "
+              "probabilities: no gradients, so it sees through gradient masking",
+}
+
+
 def adaptive_markdown(report: dict) -> str:
     s, v = report["settings"], report["verdict"]
     rows = [[name, format_proportion(p), v["shell"]["broken_by"].get(name, 0)]
@@ -194,6 +211,8 @@ def adaptive_markdown(report: dict) -> str:
             f"still standing):\n\n"
             + reporting.markdown_table(["after attack", "shell robust accuracy", "points it broke"], rows)
             + "\nBase alone:\n\n" + reporting.markdown_table(["after attack", "base robust accuracy"], base_rows)
+            + "\nThe attacks on the shell:\n\n"
+            + "".join(f"- `{name}`: {ATTACK_NOTES.get(name, '')}\n" for name in v["shell"]["by_attack"])
             + f"\nSanity checks:\n\n{check_lines}\nCost per point: {per_point} (base passes include "
             f"the shell's own search: shell predictions x its passes per prediction). Time: "
             f"{v['seconds']:.0f} s.\n\nSuite settings: `{json.dumps(s['suite'])}`\n")
