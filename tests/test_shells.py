@@ -468,3 +468,17 @@ def test_graph_mode_call_refuses_out_of_range_pixels():
         graph_call(tf.fill((1, 32, 32, 3), 300.0))
     with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or infinite"):
         graph_call(tf.fill((1, 32, 32, 3), float("nan")))
+
+
+def test_xla_shell_pads_batches_to_buckets_and_matches_plain_tensorflow():
+    base = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(),
+                             keras.layers.Dense(3, kernel_initializer=keras.initializers.RandomNormal(0, 0.01, seed=2))])
+    x = np.random.default_rng(0).uniform(0, 255, size=(5, *SHAPE)).astype(np.float32)
+    plain = MCNShell(base, 4.0, steps=3, jit_compile=False)
+    xla = MCNShell(base, 4.0, steps=3, jit_compile=True)
+    for n in (5, 3):  # 5 pads to a bucket of 8, 3 to 4; the outputs are cut back to n rows
+        a, b = plain.embed(x[:n]), xla.embed(x[:n])
+        assert b["z"].shape[0] == n and b["label"].shape == (n,)
+        np.testing.assert_array_equal(a["label"].numpy(), b["label"].numpy())
+        np.testing.assert_allclose(a["probabilities"].numpy(), b["probabilities"].numpy(), atol=1e-4)
+    assert xla.embed_function.experimental_get_tracing_count() == 1

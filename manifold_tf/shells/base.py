@@ -75,14 +75,25 @@ class FactorShell(keras.Model):
     def embed_function(self):
         """The cached ``tf.function`` ``x [N, H, W, C] -> diagnostics dict`` (see :meth:`embed`).
 
-        Built on first use, with a ``None`` batch axis, so it is traced once for all batch sizes
-        (XLA still compiles once per concrete batch size).
+        Built on first use, with a ``None`` batch axis, so it is traced once for all batch sizes.
+        XLA compiles once per concrete batch size, and a compile costs tens of seconds here, so with
+        ``jit_compile`` the batch is zero-padded to the next power of two (a bucket) and the outputs
+        cut back: an evaluation whose batches shrink as points fall compiles once per bucket.
         """
         if self._embed_function is None:
             spec = tf.TensorSpec((None,) + self.image_shape, tf.float32, name="x")
-            self._embed_function = tf.function(
-                self._embed_graph, input_signature=[spec], jit_compile=self.jit_compile
-            )
+            inner = tf.function(self._embed_graph, input_signature=[spec], jit_compile=self.jit_compile)
+            if not self.jit_compile:
+                self._embed_function = inner
+            else:
+                def bucketed(x):
+                    n = tf.shape(x)[0]
+                    log2 = tf.math.log(tf.cast(tf.maximum(n, 1), tf.float32)) / tf.math.log(2.0)
+                    size = tf.maximum(tf.cast(tf.pow(2.0, tf.math.ceil(log2)), tf.int32), n)
+                    padded = tf.pad(x, [[0, size - n]] + [[0, 0]] * (len(self.image_shape)))
+                    return {k: v[:n] for k, v in inner(padded).items()}
+
+                self._embed_function = tf.function(bucketed, input_signature=[spec])
         return self._embed_function
 
     def embed(self, x) -> dict:
