@@ -204,3 +204,26 @@ def assert_saving_round_trip(model, x, tmp_path, atol: float = 1e-6):
     else:
         np.testing.assert_allclose(got, expected, atol=atol)
     return loaded
+
+
+# ------------------------------------------------------------------------------------------------
+# Subprocess runs of the command line
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING_KEYS = ("seconds", "seconds_per_attack", "git_commit")
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment of a CLI subprocess: quiet TensorFlow, the checkout importable."""
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT, **extra)
+
+
+def without_timings(obj):
+    """A report without its timings (and commit), for comparing two runs of the same job."""
+    if isinstance(obj, dict):
+        return {k: without_timings(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [without_timings(v) for v in obj]
+    return obj
+

@@ -19,13 +19,11 @@ from manifold_tf.evaluation.stats import mcnemar_exact
 from manifold_tf.evaluation.store import RunStore
 from manifold_tf.shells import MCNShell
 
+from helpers import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--adaptive_steps=3", "--adaptive_square_queries=4", "--adaptive_sanity_points=3",
          "--adaptive_sanity_steps=4", "--adaptive_lift_steps=3", "--adaptive_base_apgd_steps=5"]
-
-
-def _env() -> dict:
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +45,7 @@ def headline(nearest_centre, tmp_path_factory):
            f"--checkpoint={nearest_centre}", "--dataset=synthetic", f"--output_dir={out}",
            "--num_points=8", "--defence_batch_points=4", "--epsilon=36",
            "--base_attack_max_iterations=5", "--shell_steps=3", *SMALL]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done.stdout, cmd
 
@@ -92,7 +90,7 @@ def test_a_lost_batch_is_recomputed_on_resume_with_the_same_verdict(headline, tm
     shutil.copytree(out, copy)
     os.remove(os.path.join(copy, "adaptive", "batch_001.json"))
     cmd = [c if not c.startswith("--output_dir=") else f"--output_dir={copy}" for c in cmd] + ["--resume"]
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     a = json.load(open(os.path.join(out, "summary.json")))
     b = json.load(open(os.path.join(copy, "summary.json")))

@@ -10,12 +10,13 @@ import sys
 
 import pytest
 
+from helpers import subprocess_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _evaluate(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args], env=env,
+    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args], env=subprocess_env(),
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from manifold_tf.evaluation import defence
+
+from helpers import subprocess_env, without_timings
 from manifold_tf.data import synthetic_manifold
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,22 +95,10 @@ def _cli(checkpoint: str, output_dir: str, *extra: str) -> list[str]:
             "--adaptive=none", "--defence_points=paper", *extra]
 
 
-def _env(**extra) -> dict:
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT, **extra)
-
-
-def _without_timings(obj):
-    if isinstance(obj, dict):
-        return {k: _without_timings(v) for k, v in obj.items() if k != "seconds"}
-    if isinstance(obj, list):
-        return [_without_timings(v) for v in obj]
-    return obj
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_checkpoint, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("runs") / "uninterrupted")
-    done = subprocess.run(_cli(tiny_checkpoint, out), env=_env(), capture_output=True, text=True,
+    done = subprocess.run(_cli(tiny_checkpoint, out), env=subprocess_env(), capture_output=True, text=True,
                           timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     return out
@@ -127,7 +117,7 @@ def test_cli_writes_the_report_and_refuses_to_clobber(uninterrupted, tiny_checkp
     text = open(os.path.join(uninterrupted, "defence.md")).read()
     assert text.startswith("# Defence evaluation") and "Transfer only, not the verdict" in text
     assert "Average" in text and "shell retained accuracy" in text and "37.33%" in text
-    again = subprocess.run(_cli(tiny_checkpoint, uninterrupted), env=_env(), capture_output=True,
+    again = subprocess.run(_cli(tiny_checkpoint, uninterrupted), env=subprocess_env(), capture_output=True,
                            text=True, timeout=600, cwd=ROOT)
     assert again.returncode != 0
     assert "--resume" in again.stderr and "--overwrite" in again.stderr
@@ -135,7 +125,7 @@ def test_cli_writes_the_report_and_refuses_to_clobber(uninterrupted, tiny_checkp
 
 def test_resume_after_kill_gives_the_uninterrupted_report(uninterrupted, tiny_checkpoint, tmp_path):
     out = str(tmp_path / "killed")
-    proc = subprocess.Popen(_cli(tiny_checkpoint, out), env=_env(), cwd=ROOT,
+    proc = subprocess.Popen(_cli(tiny_checkpoint, out), env=subprocess_env(), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = os.path.join(out, "defence", "batch_000.json")
     deadline = time.time() + 600
@@ -146,17 +136,17 @@ def test_resume_after_kill_gives_the_uninterrupted_report(uninterrupted, tiny_ch
     assert os.path.exists(first), "the run died before finishing its first batch"
     assert not os.path.exists(os.path.join(out, "defence.json")), "killed too late to test resume"
     # A resume with other settings is refused.
-    other = subprocess.run(_cli(tiny_checkpoint, out, "--resume", "--shell_steps=3"), env=_env(),
+    other = subprocess.run(_cli(tiny_checkpoint, out, "--resume", "--shell_steps=3"), env=subprocess_env(),
                            capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert other.returncode != 0 and "differ from the run" in other.stderr
     assert "shell: saved" in other.stderr  # names the setting that differs
-    done = subprocess.run(_cli(tiny_checkpoint, out, "--resume"), env=_env(), capture_output=True,
+    done = subprocess.run(_cli(tiny_checkpoint, out, "--resume"), env=subprocess_env(), capture_output=True,
                           text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming" in done.stdout + done.stderr
     a = json.load(open(os.path.join(uninterrupted, "defence.json")))
     b = json.load(open(os.path.join(out, "defence.json")))
-    assert _without_timings(a) == _without_timings(b)
+    assert without_timings(a) == without_timings(b)
 
 
 _MIRRORED = """
@@ -173,14 +163,14 @@ def test_mirrored_strategy_on_two_logical_cpus_gives_the_same_results(uninterrup
                                                                       tmp_path):
     out = str(tmp_path / "mirrored")
     cmd = _cli(tiny_checkpoint, out, "--defence_strategy=mirrored")
-    done = subprocess.run([sys.executable, "-c", _MIRRORED, *cmd[1:]], env=_env(),
+    done = subprocess.run([sys.executable, "-c", _MIRRORED, *cmd[1:]], env=subprocess_env(),
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     a = json.load(open(os.path.join(uninterrupted, "defence.json")))
     b = json.load(open(os.path.join(out, "defence.json")))
     assert b["settings"]["strategy"] == "mirrored (2 replicas)"
     assert a["points"] == b["points"]
-    assert _without_timings(a["per_batch"]) == _without_timings(b["per_batch"])
+    assert without_timings(a["per_batch"]) == without_timings(b["per_batch"])
 
 
 @pytest.mark.slow
@@ -192,7 +182,7 @@ def test_default_command_runs_on_a_fresh_checkout(tmp_path):
         [sys.executable, os.path.join(ROOT, "evaluate.py"), "--shell=mcn", f"--output_dir={out}",
          "--num_points=4", "--base_attack_max_iterations=5", "--shell_steps=1", "--adaptive_steps=2",
          "--adaptive_square_queries=2", "--adaptive_sanity_points=2", "--adaptive_sanity_steps=2"],
-        env=_env(), capture_output=True, text=True, timeout=3600, cwd=ROOT)
+        env=subprocess_env(), capture_output=True, text=True, timeout=3600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert os.path.exists(os.path.join(out, "defence.json"))
     assert os.path.exists(os.path.join(out, "summary.json"))
@@ -203,7 +193,7 @@ def test_a_second_shell_reuses_the_first_runs_adversarial_examples(uninterrupted
     out = str(tmp_path / "ncn")
     cmd = _cli(tiny_checkpoint, out, f"--base_attack_from_run={uninterrupted}")
     cmd[cmd.index("--shell=mcn")] = "--shell=ncn"
-    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "reusing x'" in done.stdout + done.stderr
     a = json.load(open(os.path.join(uninterrupted, "defence.json")))
@@ -244,7 +234,7 @@ def test_defence_only_flags_without_a_shell_are_refused(tmp_path):
     done = subprocess.run(
         [sys.executable, os.path.join(ROOT, "evaluate.py"), "--mode=accuracy", "--adaptive=suite",
          f"--output_dir={tmp_path / 'out'}"],
-        env=_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+        env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode != 0
     assert "belong to the defence evaluation" in done.stderr
     assert not os.path.exists(tmp_path / "out")  # refused before anything was written

@@ -17,25 +17,14 @@ import time
 import numpy as np
 import pytest
 
+from helpers import subprocess_env, without_timings
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _env() -> dict:
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=ROOT)
-
-
-def _without_timings(obj):
-    if isinstance(obj, dict):
-        return {k: _without_timings(v) for k, v in obj.items()
-                if k not in ("seconds", "seconds_per_attack", "git_commit")}
-    if isinstance(obj, list):
-        return [_without_timings(v) for v in obj]
-    return obj
 
 
 def _kill_after(cmd: list[str], marker: str, done: str, seed: int) -> None:
     """Starts ``cmd``, waits for ``marker`` to exist, sleeps a random moment, kills it with SIGKILL."""
-    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
@@ -49,7 +38,7 @@ def _kill_after(cmd: list[str], marker: str, done: str, seed: int) -> None:
 
 
 def _run(cmd: list[str]) -> None:
-    done = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -69,7 +58,7 @@ def test_separation_killed_then_resumed_gives_the_same_report(tmp_path):
     _run(_evaluate(killed, *args, "--resume"))
     a = json.load(open(tmp_path / "full" / "separation.json"))
     b = json.load(open(os.path.join(killed, "separation.json")))
-    assert _without_timings(a) == _without_timings(b)
+    assert without_timings(a) == without_timings(b)
 
 
 def test_adaptive_run_killed_then_resumed_gives_the_same_verdict(tmp_path):
