@@ -55,7 +55,7 @@ class HoldoutMonitor(keras.callbacks.Callback):
         return clean / n, pgd_ok / n
 
     def on_epoch_end(self, epoch, logs=None):
-        base = self.model.base
+        base = self.model.averaged_base()  # the base itself unless the run averages its weights
         step = int(self.model.optimizer.iterations.numpy())
         start = time.perf_counter()
         clean, robust = self.measure(base)

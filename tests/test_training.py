@@ -117,3 +117,36 @@ print("replicas", tf.distribute.MirroredStrategy().num_replicas_in_sync)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "replicas 2" in out.stdout
     assert os.path.exists(tmp_path / "m" / training.FINAL_WEIGHTS)
+
+
+def test_weight_average_follows_its_recursion_and_survives_resume(tmp_path, arrays):
+    """The average is ``d_t * a + (1 - d_t) * w_t`` after each step, BN statistics included."""
+    keras.utils.set_random_seed(0)
+    config = _config(steps=3, checkpoint_every=1, ema_decay=0.5)
+    trainer = training.build_trainer(config)
+    average = [w.numpy() for w in trainer.base.weights]
+    seen = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append([w.numpy() for w in trainer.base.weights])
+
+    ds = data.make_dataset(*arrays, batch_size=8, training=True, seed=0)
+    trainer.fit(ds, epochs=1, steps_per_epoch=3, verbose=0, callbacks=[Record()])
+    for t, weights in enumerate(seen, start=1):
+        decay = min(0.5, (1 + t) / (10 + t))
+        average = [decay * a + (1 - decay) * w for a, w in zip(average, weights)]
+    got = trainer.averaged_base().get_weights()
+    assert any(not np.allclose(a, w) for a, w in zip(average, seen[-1]))  # the average is not the last step
+    for a, b in zip(average, got):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+    keras.utils.set_random_seed(0)
+    full = training.train(_config(ema_decay=0.9), str(tmp_path / "full"), train_arrays=arrays)
+    keras.utils.set_random_seed(0)
+    training.train(_config(steps=2, ema_decay=0.9), str(tmp_path / "split"), train_arrays=arrays)
+    keras.utils.set_random_seed(99)
+    resumed = training.train(_config(ema_decay=0.9), str(tmp_path / "split"), resume=True,
+                             train_arrays=arrays)
+    for a, b in zip(_weights(full), _weights(resumed)):  # final.keras holds the averaged weights
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -4,6 +4,8 @@
   python evaluate.py --mode=separation --delta=8 --p=0.9       # separation test (Table 1)
   python evaluate.py --mode=accuracy --checkpoint=PATH         # clean and PGD-20 accuracy
   python evaluate.py --shell=cw --preset=paper                 # the paper's protocol (hours)
+  TF_CONFIG='{"cluster": {"worker": [...]}, "task": {"type": "worker", "index": 0}}' \
+    python evaluate.py --shell=mcn --output_dir=/shared/run    # one of several workers (BUILD.md)
 
 Flags are grouped by what they configure: the inputs, the run directory, accuracy mode, the
 separation test (--separation_*), Table 2's points (--defence_*), the base model's attack
@@ -31,6 +33,8 @@ flags.DEFINE_enum("preset", "default", sorted(cfg.PRESETS),
 flags.DEFINE_float("epsilon", 8.0, "Attacker's L-inf budget, pixels (0..255; 8 = 8/255), every mode.")
 flags.DEFINE_float("delta", 8.0, "Radius delta of the separation test and of the MCN shell, pixels.")
 flags.DEFINE_float("p", 0.9, "Confidence level p of the separation test and of the NCN shell.")
+flags.DEFINE_float("heartbeat_seconds", None, "With TF_CONFIG (several workers): seconds between "
+                   "TensorFlow's checks that every worker is alive (default 30).")
 config_flags.define(cfg.InputConfig)
 config_flags.define(cfg.RunConfig)
 config_flags.define(cfg.AccuracyConfig, skip=("epsilon",))
@@ -76,14 +80,21 @@ def config_from_flags() -> cfg.EvaluationConfig:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from manifold_tf import evaluation
+    from manifold_tf import distributed, evaluation
 
     try:
+        # TF_CONFIG first: MultiWorkerMirroredStrategy must exist before any other TensorFlow op.
+        workers = distributed.from_env(heartbeat_seconds=FLAGS.heartbeat_seconds)
         config = config_from_flags()
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     try:
-        text = evaluation.evaluate(config)
+        text = evaluation.evaluate(config, workers)
+    except distributed.WORKER_LOST as e:
+        sys.stderr.write(f"evaluate: error: a worker was lost ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:300]}). Every finished batch is kept in the run "
+                         f"directory: start the workers again with --resume to run only the rest.\n")
+        sys.exit(1)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         # Expected failures (bad input, missing or corrupt files, a clobber refused): the message
         # names the problem; a traceback would bury it.

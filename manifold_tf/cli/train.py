@@ -9,6 +9,10 @@ Madry's adversarial training on CIFAR-10 (the paper's settings; days on a CPU):
 Fast adversarial training (Wong et al. 2020) with held-out PGD early stopping:
   python train.py --model_dir=runs/fast --adversarial --attack=fgsm --lr_schedule=cyclic \
     --holdout=500 --steps=2160 --checkpoint_every=72
+
+Several workers (one process per host or GPU; TF_CONFIG names them, worker 0 is the chief):
+  TF_CONFIG='{"cluster": {"worker": ["h0:2222", "h1:2222"]}, "task": {"type": "worker", "index": 0}}' \
+    python train.py --model_dir=/shared/runs/adv --strategy=multi_worker --adversarial ...
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "Output directory (checkpoints, logs, final.keras).")
 flags.DEFINE_bool("resume", False, "Continue the run in --model_dir from its last checkpoint.")
 flags.DEFINE_bool("overwrite", False, "Replace the run in a non-empty --model_dir.")
+flags.DEFINE_float("heartbeat_seconds", None, "With TF_CONFIG (several workers): seconds between "
+                   "TensorFlow's checks that every worker is alive (default 30).")
 config_flags.define(TrainConfig)
 
 
@@ -32,18 +38,27 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.model_dir:
         raise app.UsageError("--model_dir is required.")
-    import keras
-
-    from manifold_tf import training
+    from manifold_tf import distributed
 
     try:
+        # TF_CONFIG first: MultiWorkerMirroredStrategy must exist before any other TensorFlow op.
+        workers = distributed.from_env(heartbeat_seconds=FLAGS.heartbeat_seconds)
         config = config_flags.build(TrainConfig)
         config.validate()
     except ValueError as e:
         raise app.UsageError(str(e)) from None
+    import keras
+
+    from manifold_tf import training
+
     keras.utils.set_random_seed(config.seed)
     try:
-        training.train(config, FLAGS.model_dir, resume=FLAGS.resume, overwrite=FLAGS.overwrite)
+        training.train(config, FLAGS.model_dir, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
+                       workers=workers)
+    except distributed.WORKER_LOST as e:
+        sys.stderr.write(f"train: error: a worker was lost ({type(e).__name__}). The chief's last "
+                         f"checkpoint is in {FLAGS.model_dir}: start the workers again with --resume.\n")
+        sys.exit(1)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         sys.stderr.write(f"train: error: {e}\n")
         sys.exit(1)

@@ -191,7 +191,8 @@ def run_adaptive(base, shell, images: np.ndarray, labels: np.ndarray, config: Ad
     """Runs (or resumes) the suite on the first ``num_points`` of the order; writes the reports.
 
     Reuses the CW ``x'`` of a Table-2 run in the same store for the points it has. Returns the
-    report (also written as ``adaptive.json``/``.md``, ``summary.json`` and figures).
+    report (also written as ``adaptive.json``/``.md``, ``summary.json`` and figures); under several
+    workers each computes its own batches and only the chief returns (and writes) the report.
     """
     from manifold_tf.evaluation import adaptive_report, defence
 
@@ -213,10 +214,9 @@ def run_adaptive(base, shell, images: np.ndarray, labels: np.ndarray, config: Ad
             else:
                 known[int(i)] = images[int(i)]
     records = [store.load(PROTOCOL, b) for b in range(len(batches))]
-    progress = reporting.Progress(len(order), "adaptive", unit="points",
-                                  initial=sum(len(batches[b]) for b, r in enumerate(records) if r))
+    progress = store.progress([len(b) for b in batches], records, "adaptive")
     for b, idx in enumerate(batches):
-        if records[b] is not None:
+        if records[b] is not None or not store.mine(b):
             continue
         record, x_worst = adaptive_batch(
             base, shell, images[idx].astype(np.float32), labels[idx].astype(np.int64), idx,
@@ -228,6 +228,10 @@ def run_adaptive(base, shell, images: np.ndarray, labels: np.ndarray, config: Ad
         progress.update(len(idx), extra=(
             f"batch {b + 1}/{len(batches)}: shell robust {record['shell_broken_by'].count('')}/"
             f"{len(idx)}, base robust {record['base_broken_by'].count('')}/{len(idx)}"))
+    records = store.gather(PROTOCOL, len(batches))
+    if not store.workers.is_chief:
+        return None  # the chief runs the sanity checks and writes the reports
+    store = store.alone()
     sanity = adaptive_report.sanity_checks(base, shell, images, labels, order, config, store,
                                            epsilon=epsilon, seed=seed, records=records)
     return adaptive_report.write_adaptive_report(records, settings, sanity, images, store,

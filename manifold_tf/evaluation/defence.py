@@ -250,8 +250,11 @@ def run_defence(base, shell, images: np.ndarray, labels: np.ndarray, config: Def
       class_names: label names for the figure.
       walk: see :func:`table2_points` (``None``: the paper's point count).
 
+    Under several workers (``store.workers``) each computes its own batches; the chief then
+    writes the reports.
+
     Returns:
-      The report dict written to ``defence.json``.
+      The report dict written to ``defence.json`` (``None`` on the workers other than the chief).
     """
     from manifold_tf.evaluation.defence_report import write_defence_report
 
@@ -262,7 +265,6 @@ def run_defence(base, shell, images: np.ndarray, labels: np.ndarray, config: Def
     validate_images(images)
     indices = table2_points(base, images, labels, config, seed=seed, walk=walk)
     num_batches = len(indices)
-    num_points = int(sum(len(i) for i in indices))
     settings = reporting._to_jsonable(dict(
         protocol="Table 2 (METHOD.md, Defence evaluation)",
         shell=shell.settings(), epsilon=float(epsilon), attack=attack,
@@ -277,13 +279,12 @@ def run_defence(base, shell, images: np.ndarray, labels: np.ndarray, config: Def
             raise ValueError(f"batch {b} of {store.path(PROTOCOL)} holds other points than this run "
                              f"selects: use another --output_dir, or --overwrite to start again.")
     done = sum(r is not None for r in records)
-    progress = reporting.Progress(num_points, "defence", unit="points",
-                                  initial=sum(len(indices[b]) for b, r in enumerate(records) if r))
+    progress = store.progress([len(i) for i in indices], records, "defence")
     if done:
         logging.info(f"resuming: {done}/{num_batches} batches already done in {store.path(PROTOCOL)}")
     from_run = config.attack.from_run
     for b in range(num_batches):
-        if records[b] is not None:
+        if records[b] is not None or not store.mine(b):
             continue
         idx = indices[b]
         precomputed = _reusable_attack(from_run, b, settings, idx) if from_run else None
@@ -303,7 +304,10 @@ def run_defence(base, shell, images: np.ndarray, labels: np.ndarray, config: Def
             f"shell attack {r['shell_successes']}/{m}, retained {r['retained']}/"
             f"{m} (attack {record['seconds']['attack']:.0f} s, shell "
             f"{record['seconds']['shell']:.0f} s)"))
-    return write_defence_report(records, settings, images, store, class_names=class_names,
+    records = store.gather(PROTOCOL, num_batches)
+    if not store.workers.is_chief:
+        return None  # the chief writes the reports
+    return write_defence_report(records, settings, images, store.alone(), class_names=class_names,
                                 max_figure_cases=max_figure_cases)
 
 

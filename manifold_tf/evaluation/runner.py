@@ -7,19 +7,29 @@ import os
 
 from absl import logging
 
+from manifold_tf.distributed import SINGLE, Workers
 from manifold_tf.evaluation import inputs as inputs_lib
 from manifold_tf.evaluation.config import EvaluationConfig
 from manifold_tf.evaluation.store import RunStore
 
 
-def _store(config: EvaluationConfig, mode: str) -> RunStore:
+def _store(config: EvaluationConfig, mode: str, workers: Workers = SINGLE) -> RunStore:
     out = config.run.output_dir or os.path.join("results", mode)
-    return RunStore(out, resume=config.run.resume, overwrite=config.run.overwrite)
+    return RunStore(out, resume=config.run.resume, overwrite=config.run.overwrite, workers=workers)
 
 
-def evaluate(config: EvaluationConfig) -> str:
-    """Runs ``config.mode`` and returns the Markdown the command prints (reports are on disk)."""
-    return {"accuracy": _accuracy, "separation": _separation, "defence": _defence}[config.mode](config)
+def evaluate(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
+    """Runs ``config.mode`` and returns the Markdown the command prints (reports are on disk).
+
+    ``workers`` (:func:`manifold_tf.distributed.from_env`) spreads the defence evaluation's batches
+    over several processes; the other modes run on one.
+    """
+    if workers.distributed and config.mode != "defence":
+        raise ValueError(f"mode {config.mode!r} runs in one process; TF_CONFIG describes "
+                         f"{workers.count} workers (only --mode=defence and train.py use them).")
+    if config.mode == "defence":
+        return _defence(config, workers)
+    return {"accuracy": _accuracy, "separation": _separation}[config.mode](config)
 
 
 def _accuracy(config: EvaluationConfig) -> str:
@@ -71,22 +81,33 @@ def _separation(config: EvaluationConfig) -> str:
     return f"{text}\nreports written to {store.directory}"
 
 
-def _defence(config: EvaluationConfig) -> str:
+def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
     """Table 2 (CW on the base, the shell on x and x'), then the adaptive verdict; the verdict prints first."""
     import tensorflow as tf
 
     from manifold_tf.evaluation import adaptive, adaptive_report, defence, defence_report
 
     cfg = config.defence
-    store = _store(config, "defence")
+    store = _store(config, "defence", workers)
     inputs = inputs_lib.resolve(config.inputs, run_dir=store.directory)
-    if config.run.overwrite and inputs.train_quick_model and os.path.exists(inputs.checkpoint):
+    if (config.run.overwrite and inputs.train_quick_model and os.path.exists(inputs.checkpoint)
+            and workers.is_chief):
         os.remove(inputs.checkpoint)
     logging.info("defence evaluation on %s (%s): %s", inputs.dataset, inputs.note, inputs.checkpoint)
+    if workers.distributed and cfg.strategy == "mirrored":
+        raise ValueError("--defence_strategy=mirrored spreads one process's batches over its devices; "
+                         "with TF_CONFIG the workers split the batches instead: run one worker per "
+                         "device (BUILD.md).")
     strategy = (tf.distribute.MirroredStrategy() if cfg.strategy == "mirrored"
                 else tf.distribute.get_strategy())
+
+    def load():
+        with strategy.scope():
+            return inputs_lib.load_model(inputs, width=config.inputs.width, seed=config.run.seed)
+
+    # The chief first: it may train and cache the quick synthetic model the others then load.
+    base = workers.chief_first(load, "model")
     with strategy.scope():
-        base = inputs_lib.load_model(inputs, width=config.inputs.width, seed=config.run.seed)
         shell = cfg.shell.build(base, seed=config.run.seed)
     x, y = inputs.load_test()
     metadata = dict(checkpoint=os.path.abspath(inputs.checkpoint), dataset=inputs.dataset,
@@ -103,13 +124,18 @@ def _defence(config: EvaluationConfig) -> str:
     logging.info("%s", estimate.describe(phases, estimate.passes_per_second(base, shell.image_shape)))
     report = defence.run_defence(base, shell, x, y, cfg, store, seed=config.run.seed,
                                  metadata=metadata, class_names=inputs.class_names, walk=walk)
+    if suite.attack != "none":
+        result = adaptive.run_adaptive(
+            base, shell, x, y, dataclasses.replace(suite, num_points=num_points), store,
+            epsilon=cfg.epsilon, cw_kwargs=cfg.attack.cw_kwargs(), seed=config.run.seed,
+            permutation=cfg.permutation, batch_points=cfg.batch_points,
+            class_names=inputs.class_names, metadata=metadata)
+    if not workers.is_chief:
+        return (f"{workers.describe()}: its batches are in {store.directory}; the chief (worker 0) "
+                f"writes the reports.")
     table2 = defence_report.defence_markdown(report)
     if suite.attack == "none":
         return f"{table2}\nreports written to {store.directory}"
-    result = adaptive.run_adaptive(
-        base, shell, x, y, dataclasses.replace(suite, num_points=num_points), store, epsilon=cfg.epsilon,
-        cw_kwargs=cfg.attack.cw_kwargs(), seed=config.run.seed, permutation=cfg.permutation,
-        batch_points=cfg.batch_points, class_names=inputs.class_names, metadata=metadata)
     verdict = adaptive_report.adaptive_markdown(result)
     return (f"{verdict}\n{table2}\nThe verdict is the adaptive evaluation above; Table 2 is the "
             f"paper's transfer protocol.\nreports written to {store.directory} (summary.json, "

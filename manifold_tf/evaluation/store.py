@@ -25,6 +25,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from manifold_tf import reporting
+from manifold_tf.distributed import SINGLE, Workers
 
 
 class SettingsMismatch(ValueError):
@@ -67,12 +68,26 @@ class RunStore:
       overwrite: allow a non-empty directory without ``resume``; a protocol's old batches are
         deleted when it is bound.
       Neither: the directory must be empty or missing (nothing a user wrote is clobbered).
+      workers: several worker processes sharing this directory (:mod:`manifold_tf.distributed`):
+        the chief prepares the directory and binds settings first; the others then check theirs
+        against the chief's (a worker started with other flags is an error). Reports are the
+        chief's to write.
     """
 
-    def __init__(self, directory: str, *, resume: bool = False, overwrite: bool = False):
-        self.directory = reporting.prepare_output_dir(directory, overwrite=overwrite, resume=resume)
+    def __init__(self, directory: str, *, resume: bool = False, overwrite: bool = False,
+                 workers: Workers = SINGLE):
+        self.workers = workers
         self.resume = bool(resume)
         self.overwrite = bool(overwrite)
+        if workers.is_chief:
+            self.directory = reporting.prepare_output_dir(directory, overwrite=overwrite, resume=resume)
+            workers.barrier("store")
+        else:
+            workers.barrier("store")
+            if not os.path.isdir(directory):
+                raise FileNotFoundError(f"{directory!r} does not exist on {workers.describe()}: the run "
+                                        f"directory must be shared by every worker.")
+            self.directory = directory
 
     # -- settings --------------------------------------------------------------------------------
 
@@ -89,12 +104,18 @@ class RunStore:
         """
         folder = self.path(protocol)
         path = os.path.join(folder, "settings.json") if settings_file is None else self.path(settings_file)
+        if not self.workers.is_chief:  # the chief has bound them: the same flags must give the same settings
+            self.workers.barrier(f"bind {protocol}")
+            compare_settings(read_json_checked(path), settings, free=free,
+                             where=f"{folder!r}, as the chief bound them ({self.workers.describe()})")
+            return json.loads(json.dumps(reporting._to_jsonable(settings)))
         if os.path.exists(path) and self.resume:
             compare_settings(read_json_checked(path), settings, free=free, where=repr(folder))
         elif not self.resume and os.path.isdir(folder):
             shutil.rmtree(folder)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         reporting.write_json(path, settings)
+        self.workers.barrier(f"bind {protocol}")
         return json.loads(json.dumps(reporting._to_jsonable(settings)))
 
     def settings(self, protocol: str) -> dict | None:
@@ -134,6 +155,40 @@ class RunStore:
             return []
         return sorted(int(m.group(1)) for n in os.listdir(folder)
                       if (m := re.fullmatch(r"batch_(\d{3})\.json", n)))
+
+    def mine(self, b: int) -> bool:
+        """Whether batch ``b`` is this worker's to compute (every batch, for one process)."""
+        return self.workers.owns(b)
+
+    def progress(self, sizes: list[int], records: list, desc: str, unit: str = "points"):
+        """A :class:`~manifold_tf.reporting.Progress` over this worker's batches (``sizes[b]`` points
+        each), counting the ones ``records`` already holds as done."""
+        mine = [b for b in range(len(sizes)) if self.mine(b)]
+        if self.workers.distributed:
+            desc = f"{desc} [{self.workers.describe()}]"
+        return reporting.Progress(sum(sizes[b] for b in mine), desc, unit=unit,
+                                  initial=sum(sizes[b] for b in mine if records[b] is not None))
+
+    def gather(self, protocol: str, num_batches: int) -> list[dict]:
+        """Every batch record of ``protocol`` once all workers have finished theirs (a barrier).
+
+        Raises ``ValueError`` if a batch is missing (a worker skipped it: a bug, not a user error).
+        """
+        self.workers.barrier(f"gather {protocol}")
+        records = [self.load(protocol, b) for b in range(num_batches)]
+        missing = [b for b, r in enumerate(records) if r is None]
+        if missing:
+            raise ValueError(f"batches {missing} of {self.path(protocol)} are missing after every "
+                             f"worker finished.")
+        return records
+
+    def alone(self) -> "RunStore":
+        """This store for the chief's own work after :meth:`gather` (reports, checks): no barriers."""
+        import copy
+
+        solo = copy.copy(self)
+        solo.workers = SINGLE
+        return solo
 
     # -- reports ---------------------------------------------------------------------------------
 

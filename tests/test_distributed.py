@@ -1,0 +1,197 @@
+"""Several workers under MultiWorkerMirroredStrategy (TF_CONFIG), as real processes on localhost.
+
+The defence evaluation run by two workers must write the same reports as one process; a worker
+killed mid-run loses no finished batch; training under two workers keeps one set of weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from manifold_tf import distributed
+from manifold_tf.evaluation.store import RunStore
+
+from helpers import subprocess_env, without_timings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DEFENCE = ["--dataset=synthetic", "--shell=mcn", "--num_points=8", "--defence_batch_points=2",
+           "--shell_steps=2", "--base_attack_max_iterations=3", "--adaptive_steps=2",
+           "--adaptive_square_queries=3", "--adaptive_sanity_points=2", "--adaptive_sanity_steps=2",
+           "--adaptive_lift_steps=2", "--adaptive_base_apgd_steps=3", "--adaptive_targets=1"]
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _tf_config(ports: list[int], index: int) -> str:
+    return json.dumps({"cluster": {"worker": [f"localhost:{p}" for p in ports]},
+                       "task": {"type": "worker", "index": index}})
+
+
+def _start_workers(cmd: list[str], count: int = 2, **env) -> list[subprocess.Popen]:
+    ports = _free_ports(count)
+    return [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=subprocess_env(TF_CONFIG=_tf_config(ports, i), **env))
+            for i in range(count)]
+
+
+def _finish(procs: list[subprocess.Popen], timeout: float = 900) -> list[tuple[int, str, str]]:
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        outs.append((p.returncode, out, err))
+    return outs
+
+
+def _evaluate(out: str, *args: str) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "evaluate.py"), f"--output_dir={out}", *args]
+
+
+def _reports(folder) -> dict:
+    return {name: without_timings(json.load(open(os.path.join(folder, name))))
+            for name in ("defence.json", "adaptive.json", "summary.json")}
+
+
+# -- TF_CONFIG parsing and the store's worker rules (no processes) ---------------------------------
+
+
+def test_tf_config_is_parsed_and_bad_ones_are_named():
+    assert distributed.parse_tf_config(None) is None
+    assert distributed.parse_tf_config(_tf_config([1, 2, 3], 2)) == (2, 3)
+    chief = json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:1", "c:1"]},
+                        "task": {"type": "worker", "index": 1}})
+    assert distributed.parse_tf_config(chief) == (2, 3)
+    for text, message in [
+        ("{not json", "not JSON"),
+        (json.dumps({"task": {"type": "worker", "index": 0}}), '"cluster"'),
+        (json.dumps({"cluster": {"worker": ["a:1"]}}), '"task"'),
+        (json.dumps({"cluster": {"worker": ["a:1"], "ps": ["b:1"]}, "task": {"type": "worker", "index": 0}}),
+         "ps"),
+        (_tf_config([1, 2], 2), "not in the cluster"),
+        (json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "evaluator", "index": 0}}),
+         "worker or the chief"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            distributed.parse_tf_config(text)
+
+
+def test_one_process_owns_every_batch_and_workers_split_them():
+    assert all(distributed.SINGLE.owns(b) for b in range(7))
+    a, b = distributed.Workers(0, 2), distributed.Workers(1, 2)
+    assert [k for k in range(7) if a.owns(k)] == [0, 2, 4, 6]
+    assert [k for k in range(7) if b.owns(k)] == [1, 3, 5]
+    distributed.SINGLE.barrier()  # a no-op without a cluster
+
+
+def test_a_worker_with_other_settings_is_refused(tmp_path, monkeypatch):
+    # Barriers are no-ops here: the chief's store binds first, then the worker's compares.
+    monkeypatch.setattr(distributed.Workers, "barrier", lambda self, name="": None)
+    chief = RunStore(str(tmp_path / "run"), workers=distributed.Workers(0, 2))
+    chief.bind("defence", {"epsilon": 8.0, "strategy": "a"}, free=("strategy",))
+    worker = RunStore(str(tmp_path / "run"), workers=distributed.Workers(1, 2))
+    worker.bind("defence", {"epsilon": 8.0, "strategy": "b"}, free=("strategy",))
+    with pytest.raises(ValueError, match="epsilon: saved 8.0, now 4.0"):
+        worker.bind("defence", {"epsilon": 4.0}, free=("strategy",))
+    with pytest.raises(FileNotFoundError, match="shared"):
+        RunStore(str(tmp_path / "elsewhere"), workers=distributed.Workers(1, 2))
+
+
+# -- real worker processes ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    """The reports of the defence evaluation run by one process."""
+    out = str(tmp_path_factory.mktemp("one"))
+    single = subprocess.run(_evaluate(out, "--overwrite", *DEFENCE), cwd=ROOT, env=subprocess_env(),
+                            capture_output=True, text=True, timeout=900)
+    assert single.returncode == 0, single.stderr[-3000:]
+    return _reports(out)
+
+
+def test_two_workers_write_the_same_defence_reports_as_one_process(tmp_path, one_process):
+    shared = str(tmp_path / "two")
+    outs = _finish(_start_workers(_evaluate(shared, *DEFENCE)))
+    for rc, _, err in outs:
+        assert rc == 0, err[-3000:]
+    assert "worker 1 of 2" in outs[1][1] and "chief" in outs[1][1]
+    assert "Adaptive" in outs[0][1] or "adaptive" in outs[0][1]
+    assert _reports(shared) == one_process
+    # Both workers did work: batch files carry no worker tag, but each worker's log names its share.
+    assert "[worker 0 of 2 (chief)]" in outs[0][2] and "[worker 1 of 2]" in outs[1][2]
+
+
+def test_a_lost_worker_loses_no_finished_batch(tmp_path, one_process):
+    shared = str(tmp_path / "run")
+    procs = _start_workers(_evaluate(shared, *DEFENCE, "--heartbeat_seconds=2"))
+    first = os.path.join(shared, "defence", "batch_001.json")  # worker 1's first batch
+    deadline = time.time() + 600
+    while not os.path.exists(first) and time.time() < deadline and procs[1].poll() is None:
+        time.sleep(0.05)
+    assert os.path.exists(first), "worker 1 never finished a batch"
+    os.kill(procs[1].pid, signal.SIGKILL)
+    finished_before = {n: os.path.getmtime(os.path.join(shared, "defence", n))
+                       for n in os.listdir(os.path.join(shared, "defence")) if n.startswith("batch_")}
+    rc, _, err = _finish(procs[:1], timeout=600)[0]
+    procs[1].wait()
+    assert rc == 1 and "a worker was lost" in err, err[-3000:]
+    # Resume in one process: only the missing batches run, the finished ones stay as written.
+    resumed = subprocess.run(_evaluate(shared, *DEFENCE, "--resume"), cwd=ROOT, env=subprocess_env(),
+                             capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name, mtime in finished_before.items():
+        assert os.path.getmtime(os.path.join(shared, "defence", name)) == mtime, name
+    assert _reports(shared) == one_process
+
+
+def test_two_workers_train_one_model(tmp_path):
+    run = str(tmp_path / "m")
+    script = f"""
+import sys, hashlib
+sys.path.insert(0, {ROOT!r})
+from manifold_tf import distributed
+workers = distributed.from_env()
+import numpy as np
+from manifold_tf import data, training
+arrays = data.synthetic_arrays("train", num_examples=64)
+config = training.TrainConfig(width="narrow", dataset="synthetic", adversarial=True, attack="fgsm",
+    batch_size=16, steps=4, lr_boundaries=(), lr_values=(0.05,), checkpoint_every=2, log_every=2,
+    holdout=8, strategy="multi_worker", ema_decay=0.5)
+model = training.train(config, {run!r}, train_arrays=arrays, workers=workers)
+digest = hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in model.get_weights())).hexdigest()
+print("weights", digest[:16])
+"""
+    outs = _finish(_start_workers([sys.executable, "-c", script]))
+    for rc, _, err in outs:
+        assert rc == 0, err[-3000:]
+    digests = [out.split("weights ")[-1].strip() for _, out, _ in outs]
+    assert digests[0] == digests[1]  # the all-reduce kept one model
+    names = sorted(os.listdir(run))
+    assert {"final.keras", "best.keras", "holdout.json", "config.json", "checkpoints"} <= set(names), names
+    assert sorted(os.listdir(os.path.join(run, "checkpoints")))[0].startswith("checkpoint")
+    import hashlib
+
+    import keras
+    import numpy as np
+
+    import manifold_tf  # noqa: F401  (registers the custom layers)
+
+    final = keras.saving.load_model(os.path.join(run, "final.keras"))
+    assert hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in final.get_weights())).hexdigest()[:16] \
+        == digests[0]
