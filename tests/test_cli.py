@@ -50,6 +50,25 @@ def test_bad_flags_exit_non_zero_naming_the_problem(tmp_path, args, message):
     assert not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.parametrize("script, tf_config, message", [
+    ("evaluate.py", "{not json", "TF_CONFIG is not JSON"),
+    ("evaluate.py", '{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 3}}',
+     "not in the cluster"),
+    ("train.py", '{"cluster": {"worker": ["a:1"], "ps": ["b:1"]}, "task": {"type": "worker", "index": 0}}',
+     "only 'worker'"),
+])
+def test_bad_tf_config_exits_non_zero_naming_the_problem(tmp_path, script, tf_config, message):
+    out = tmp_path / "out"
+    args = ([f"--model_dir={out}", "--dataset=synthetic"] if script == "train.py" else
+            ["--shell=mcn", "--dataset=synthetic", f"--output_dir={out}"])
+    done = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
+                          env=subprocess_env(TF_CONFIG=tf_config), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr[-2000:]
+    assert not out.exists()
+
+
 def test_corrupt_data_file_is_named(tmp_path, corrupt_data):
     done = _evaluate("--mode=accuracy", f"--data_dir={corrupt_data}", "--dataset=cifar10",
                      f"--output_dir={tmp_path / 'out'}")
