@@ -158,3 +158,20 @@ def test_the_duration_estimate_counts_every_phase_and_grows_with_the_budget():
     # CW's schedule: 22 constants from 1e-5 to 20 (doubling), plus one tau round, 100 steps each.
     assert estimate.cw_passes(cw) == 100 * (22 + 1)
     assert "total (upper bound)" in estimate.describe(small, 1000.0)
+
+
+def test_every_protocol_reads_the_shell_answer_as_predict_does():
+    """Table 2, the adaptive suite and BPDA all take the argmax of the shell's output."""
+    from manifold_tf.attacks.bpda import shell_scores
+    from manifold_tf.evaluation import defence
+    from manifold_tf.shells import NCNShell
+
+    from helpers import small_conv
+
+    base = small_conv(seed=4, shape=(32, 32, 3))
+    x = np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
+    for shell in (MCNShell(base, delta=8.0, steps=2), NCNShell(base, p=0.99, delta_max=8.0, steps=2, rounds=1)):
+        expected = np.argmax(shell.predict(x, verbose=0), -1)
+        np.testing.assert_array_equal(adaptive.shell_labels(shell, x), expected)
+        np.testing.assert_array_equal(defence._shell_labels(shell, x, 5)[0], expected)
+        np.testing.assert_array_equal(shell_scores(shell, shell.embed(x)).pick, expected)

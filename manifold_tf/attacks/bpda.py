@@ -54,7 +54,7 @@ import numpy as np
 import tensorflow as tf
 
 from manifold_tf import compiled, projected
-from manifold_tf.shells.base import log_odds
+from manifold_tf.shells.base import answer, log_odds
 from manifold_tf.validation import (PIXEL_MAX, PIXEL_MIN, check_choice, check_int, validate_images,
                                     validate_labels, validate_radius)
 
@@ -112,7 +112,8 @@ class Scores(NamedTuple):
 
     ``label``: the label a slot stands for; ``key``: its rank (the shell answers the label of the
     highest key, first on ties); ``lo``: the log-odds of ``label`` at the slot's point; ``met`` and
-    ``dist`` (NCN only, else None); ``logit_p`` (NCN); ``pick`` ``[M]``: the shell's label.
+    ``dist`` (NCN only, else None); ``logit_p`` (NCN); ``pick`` ``[M]``: the shell's label
+    (:func:`~manifold_tf.shells.base.answer`, the argmax of its output).
     """
 
     label: np.ndarray
@@ -137,7 +138,7 @@ def shell_scores(shell, out: dict) -> Scores:
         dist = out["distances"].numpy().astype(np.float64)
         key = np.where(met, _MET - dist, np.clip(lo, -_MET / 2, _MET / 2))
         logit_p = float(np.log(shell.p) - np.log1p(-shell.p))
-    return Scores(label, key, lo, met, dist, logit_p, out["label"].numpy().astype(np.int32))
+    return Scores(label, key, lo, met, dist, logit_p, answer(out).astype(np.int32))
 
 
 class Rows(NamedTuple):

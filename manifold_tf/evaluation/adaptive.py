@@ -29,16 +29,18 @@ import numpy as np
 from manifold_tf import reporting
 from manifold_tf.evaluation.config import AdaptiveConfig
 from manifold_tf.evaluation.inputs import predict_logits
+from manifold_tf.shells.base import answer
 
 PROTOCOL = "adaptive"
 
 
 def shell_labels(shell, x: np.ndarray, batch_size: int = 30) -> np.ndarray:
-    """The shell's labels on ``x``, batch by batch (a fresh evaluation: what success is checked on)."""
+    """The shell's labels on ``x`` (:func:`~manifold_tf.shells.base.answer`), batch by batch: a fresh
+    evaluation, what every success is checked on."""
     if not len(x):
         return np.zeros(0, np.int64)
-    return np.concatenate([shell.embed_function(np.asarray(x[i : i + batch_size], np.float32))["label"].numpy()
-                           for i in range(0, len(x), batch_size)]).astype(np.int64)
+    return np.concatenate([answer(shell.embed_function(np.asarray(x[i : i + batch_size], np.float32)))
+                           for i in range(0, len(x), batch_size)])
 
 
 def passes_per_prediction(shell) -> int:

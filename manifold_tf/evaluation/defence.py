@@ -19,6 +19,7 @@ import tensorflow as tf
 from manifold_tf import reporting
 from manifold_tf.evaluation.config import DefenceConfig
 from manifold_tf.evaluation.inputs import predict_logits
+from manifold_tf.shells.base import answer
 from manifold_tf.validation import validate_images
 
 PROTOCOL = "defence"
@@ -140,11 +141,11 @@ def _shell_labels(shell, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np
     strategy = getattr(shell, "_distribute_strategy", None) or tf.distribute.get_strategy()
     if strategy.num_replicas_in_sync > 1:
         probs = shell.predict(x, batch_size=batch_size, verbose=0)
-        return probs.argmax(-1), probs.max(-1), None
+        return answer({"probabilities": probs}), probs.max(-1), None
     outs = [shell.embed(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
     probs = np.concatenate([o["probabilities"].numpy() for o in outs])
     unmet = np.concatenate([o["unmet"].numpy() for o in outs]) if "unmet" in outs[0] else None
-    return probs.argmax(-1), probs.max(-1), unmet
+    return answer({"probabilities": probs}), probs.max(-1), unmet
 
 
 def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, attack: dict,

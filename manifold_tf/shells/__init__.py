@@ -9,7 +9,7 @@ image of a batch searched at once in one compiled function; ``call``/``predict``
 probabilities, ``embed`` the search's diagnostics, ``export`` a SavedModel.
 """
 
-from manifold_tf.shells.base import DEFAULT_JIT_COMPILE, FactorShell, log_odds
+from manifold_tf.shells.base import DEFAULT_JIT_COMPILE, FactorShell, answer, log_odds
 from manifold_tf.shells.cw_shell import CarliniWagnerShell
 from manifold_tf.shells.mcn import MCNShell
 from manifold_tf.shells.ncn import NCNShell
@@ -17,4 +17,4 @@ from manifold_tf.shells.ncn import NCNShell
 SHELLS = {"mcn": MCNShell, "ncn": NCNShell, "cw": CarliniWagnerShell}
 
 __all__ = ["CarliniWagnerShell", "DEFAULT_JIT_COMPILE", "FactorShell", "MCNShell", "NCNShell",
-           "SHELLS", "log_odds"]
+           "SHELLS", "answer", "log_odds"]

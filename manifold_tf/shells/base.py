@@ -53,6 +53,16 @@ def log_odds(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
     return tf.gather(logits, labels, batch_dims=1) - tf.reduce_logsumexp(others, axis=-1)
 
 
+def answer(out: dict) -> np.ndarray:
+    """The shell's label ``[N]`` from an ``embed`` dict: the argmax of its output ``F(z_t*)``.
+
+    The one definition every protocol uses (Table 2, the adaptive suite, BPDA's success test): it is
+    what a user reads from ``predict``. The search's ``label`` (``t*``) agrees whenever the search
+    found each label's optimum; with an approximate optimiser the two can differ on rare points.
+    """
+    return np.argmax(np.asarray(out["probabilities"]), axis=-1).astype(np.int64)
+
+
 class FactorShell(keras.Model):
     """What MCN and NCN share: the wrapped base, the batch layout, the compiled embedding, I/O.
 
