@@ -150,3 +150,36 @@ def test_weight_average_follows_its_recursion_and_survives_resume(tmp_path, arra
                              train_arrays=arrays)
     for a, b in zip(_weights(full), _weights(resumed)):  # final.keras holds the averaged weights
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_weight_perturbation_step_is_sgd_at_the_ascended_kernels():
+    """One AWP step with plain SGD: ``w1 = w0 - lr * grad L(w0 + v)``, ``v = gamma ||w|| g/||g||`` on
+    kernels only, and the perturbation is gone from the weights afterwards."""
+    base = small_conv(seed=2, shape=(32, 32, 3))
+    x = np.random.default_rng(1).uniform(0, 255, (6, 32, 32, 3)).astype(np.float32)
+    y = np.array([0, 1, 2, 0, 1, 2], np.int32)
+    gamma, lr = 0.05, 0.1
+    w0 = [w.numpy() for w in base.trainable_variables]
+
+    def loss_grads(weights):
+        for w, value in zip(base.trainable_variables, weights):
+            w.assign(value)
+        with tf.GradientTape() as tape:
+            logits = base(tf.constant(x), training=True)
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+        return [g.numpy() for g in tape.gradient(loss, base.trainable_variables)]
+
+    g0 = loss_grads(w0)
+    shifted = [w + gamma * np.linalg.norm(w) * g / np.linalg.norm(g) if w.ndim > 1 else w
+               for w, g in zip(w0, g0)]
+    expected = [w - lr * g for w, g in zip(w0, loss_grads(shifted))]
+    assert any(not np.allclose(a, b, atol=1e-6) for a, b in
+               zip(expected, [w - lr * g for w, g in zip(w0, g0)]))  # AWP changes the step
+    for w, value in zip(base.trainable_variables, w0):
+        w.assign(value)
+    trainer = training.AdversarialTrainer(base, epsilon=0.0, pgd_steps=0, awp_gamma=gamma)
+    trainer.compile(optimizer=keras.optimizers.SGD(lr), loss=keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True), metrics=[keras.metrics.SparseCategoricalAccuracy()])
+    trainer.train_on_batch(x, y)
+    for got, want in zip(base.trainable_variables, expected):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
