@@ -139,6 +139,11 @@ class AdversarialTrainer(keras.Model):
         for average, w in zip(self._average, self.base.weights):
             average.assign(decay * average + (1.0 - decay) * tf.cast(w, average.dtype))
 
+    @property
+    def average_variables(self) -> list:
+        """The averaged copies of the base's weights (empty without ``ema_decay``)."""
+        return list(self._average)
+
     def reset_average(self) -> None:
         """Restarts the average at the base's current weights (after loading ``init_from``)."""
         for average, w in zip(self._average, self.base.weights):
@@ -421,6 +426,26 @@ class _ProgressLogger(keras.callbacks.Callback):
             logging.info(f"{self.progress.line()}, {ex_s:.1f} examples/s, {metrics}")
 
 
+class _SyncStatistics(keras.callbacks.Callback):
+    """Averages the BN moving statistics over the replicas at the end of each checkpoint interval.
+
+    Keras updates them per replica from the replica's own batch, so under a multi-replica strategy
+    each worker would otherwise hold (measure on held-out data, and save) slightly different
+    statistics; their mean approximates statistics over the global batch. Runs before the held-out
+    check, so every worker measures the same model and takes the same early-stopping decision.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, variables: list):
+        super().__init__()
+        self.strategy = strategy
+        self.variables = variables
+
+    def on_epoch_end(self, epoch, logs=None):
+        for v in self.variables:
+            local = self.strategy.run(lambda v=v: tf.identity(v))
+            v.assign(self.strategy.reduce(tf.distribute.ReduceOp.MEAN, local, axis=None))
+
+
 class _Checkpointer(keras.callbacks.Callback):
     def __init__(self, manager: tf.train.CheckpointManager, optimizer):
         super().__init__()
@@ -543,7 +568,9 @@ def _run(config: TrainConfig, model_dir: str, own_dir: str, strategy, workers: W
             source = checkpoints.load_model_weights(config.init_from, width=config.width)
             trainer.base.set_weights(source.get_weights())
             trainer.reset_average()
-    ckpt = tf.train.Checkpoint(model=trainer, optimizer=trainer.optimizer)
+    # Keras does not expose the trainer's own weights (the averages) to tf.train.Checkpoint: name them.
+    ckpt = tf.train.Checkpoint(model=trainer, optimizer=trainer.optimizer,
+                               average=list(trainer.average_variables))
     manager = tf.train.CheckpointManager(
         ckpt, os.path.join(own_dir, CHECKPOINT_SUBDIR), max_to_keep=3
     )
@@ -564,6 +591,8 @@ def _run(config: TrainConfig, model_dir: str, own_dir: str, strategy, workers: W
         raise ValueError(
             f"checkpoint step {start} is not a multiple of checkpoint_every={config.checkpoint_every}."
         )
+    if strategy.num_replicas_in_sync > 1:
+        callbacks.append(_SyncStatistics(strategy, trainer.base.non_trainable_variables))
     if config.holdout:
         callbacks.append(HoldoutMonitor(config, own_dir, held_x, held_y, history))
     if start >= config.steps:
