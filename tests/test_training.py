@@ -107,7 +107,7 @@ from manifold_tf import data, training
 arrays = data.synthetic_arrays("train", num_examples=32)
 config = training.TrainConfig(width="narrow", dataset="synthetic", adversarial=True, pgd_steps=1,
     batch_size=8, steps=2, lr_boundaries=(), lr_values=(0.05,), checkpoint_every=2, log_every=1,
-    strategy="mirrored")
+    strategy="mirrored", attack="trades", awp_gamma=0.005, ema_decay=0.5)
 model = training.train(config, {str(tmp_path / "m")!r}, train_arrays=arrays)
 import numpy as np
 assert all(np.all(np.isfinite(v.numpy())) for v in model.weights)
