@@ -195,3 +195,11 @@ print("weights", digest[:16])
     final = keras.saving.load_model(os.path.join(run, "final.keras"))
     assert hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in final.get_weights())).hexdigest()[:16] \
         == digests[0]
+
+
+def test_modes_without_workers_refuse_a_cluster():
+    from manifold_tf import evaluation
+    from manifold_tf.evaluation.config import EvaluationConfig
+
+    with pytest.raises(ValueError, match="runs in one process"):
+        evaluation.evaluate(EvaluationConfig(mode="separation"), distributed.Workers(0, 2))

@@ -91,6 +91,8 @@ def test_adversarial_trainer_round_trips_through_its_config():
     (dict(steps=5), "multiple of checkpoint_every"),
     (dict(width="tiny"), "width must be one of"),
     (dict(strategy="tpu"), "strategy must be"),
+    (dict(ema_decay=1.0), "ema_decay must be in"),
+    (dict(awp_gamma=-0.1), "awp_gamma must be >= 0"),
 ])
 def test_bad_config_is_rejected(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -183,3 +185,14 @@ def test_weight_perturbation_step_is_sgd_at_the_ascended_kernels():
     trainer.train_on_batch(x, y)
     for got, want in zip(base.trainable_variables, expected):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_strategy_and_workers_must_agree():
+    from manifold_tf import distributed
+
+    with pytest.raises(ValueError, match="needs TF_CONFIG"):
+        training._strategy("multi_worker", distributed.SINGLE)
+    with pytest.raises(ValueError, match="--strategy=multi_worker"):
+        training._strategy("default", distributed.Workers(0, 2))
+    with pytest.raises(ValueError, match="ema_decay"):
+        training.AdversarialTrainer(small_conv(seed=0, shape=(32, 32, 3)), ema_decay=1.5)
