@@ -79,15 +79,16 @@ class RunStore:
         self.workers = workers
         self.resume = bool(resume)
         self.overwrite = bool(overwrite)
-        if workers.is_chief:
-            self.directory = reporting.prepare_output_dir(directory, overwrite=overwrite, resume=resume)
-            workers.barrier("store")
-        else:
-            workers.barrier("store")
+
+        def prepare() -> str:
+            if workers.is_chief:
+                return reporting.prepare_output_dir(directory, overwrite=overwrite, resume=resume)
             if not os.path.isdir(directory):
                 raise FileNotFoundError(f"{directory!r} does not exist on {workers.describe()}: the run "
                                         f"directory must be shared by every worker.")
-            self.directory = directory
+            return directory
+
+        self.directory = workers.chief_first(prepare, "store")
 
     # -- settings --------------------------------------------------------------------------------
 
