@@ -21,7 +21,20 @@ from manifold_tf.validation import PIXEL_MAX, PIXEL_MIN
 
 Objective = Callable[[tf.Tensor], tf.Tensor]
 
+# The one vocabulary of optimisers in the package: "sign" (signed-gradient, PGD steps), "adam"
+# (Adam on the point) and "apgd" (Auto-PGD's schedule). Each search accepts the subset it implements.
 OPTIMIZERS = ("sign", "adam")
+SCHEDULES = ("sign", "apgd")
+MADRY_STEP_FACTOR = 2.5
+
+
+def madry_step_size(radius: float, steps: int) -> float:
+    """Madry et al.'s step rule: ``2.5 * radius / steps`` pixels per signed step (``steps >= 1``).
+
+    With it ``steps`` signed steps can cross the ball 1.25 times, from one face to the other and
+    back a little, whatever the start. ``steps = 0`` is treated as 1 (no step is taken anyway).
+    """
+    return MADRY_STEP_FACTOR * float(radius) / max(int(steps), 1)
 
 
 def project(z: tf.Tensor, x: tf.Tensor, radius) -> tf.Tensor:

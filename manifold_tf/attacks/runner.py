@@ -1,0 +1,133 @@
+"""One runner for "attack only the points still standing; the first success per point wins".
+
+AutoAttack's loop, written once: APGD's restarts and target labels, the BPDA chains, ``lift`` and
+both suites of the adaptive evaluation are lists of :class:`Step` run by :func:`run_standing`.
+
+A step sees only the points no earlier step broke (its batch shrinks), and is told their indices
+in the whole batch so that it can pick per-point inputs (a transfer start, a target label). A point
+broken by a step keeps that step's ``x_adv``; a point never broken keeps, among the steps that
+ran on it, the ``x_adv`` with the highest :attr:`AttackResult.score` (the first step's on ties).
+Costs add up over steps. With ``verify``, success is what ``verify`` says at the step's ``x_adv``
+(a fresh prediction of the real classifier), not what the step reported.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from manifold_tf.attacks.result import AttackResult
+
+__all__ = ["Step", "Suite", "run_standing"]
+
+# (x [M, ...], y [M], idx [M] indices of these points in the whole batch) -> AttackResult of M rows
+StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray], AttackResult]
+# (x_adv [M, ...], idx [M]) -> [M] bool: broken by a fresh prediction
+VerifyFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One attack of a chain: a name (reports use it) and the function that runs it."""
+
+    name: str
+    run: StepFn
+
+
+@dataclass(frozen=True, eq=False)
+class Suite:
+    """The outcome of :func:`run_standing` on ``N`` points.
+
+    Attributes:
+      result: the merged :class:`AttackResult`; ``details["run"]`` ``[N]`` is the index of the step
+        whose ``x_adv`` a point keeps (-1: no step ran on it) and the steps' own details are
+        merged where all steps report them.
+      broken_by: ``[N]`` object, the name of the step that broke each point; ``""`` standing;
+        points broken before the first step keep the name given in ``broken``.
+      attempted: points each step ran on; seconds: wall time per step.
+    """
+
+    result: AttackResult
+    broken_by: np.ndarray
+    attempted: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+    @property
+    def standing(self) -> np.ndarray:
+        """``[N]`` bool: points no step broke (and not broken before)."""
+        return self.broken_by == ""
+
+
+def run_standing(
+    steps: Sequence[Step],
+    x,
+    y,
+    *,
+    broken=None,
+    verify: VerifyFn | None = None,
+    on_step: Callable[[str, int, int, float], None] | None = None,
+) -> Suite:
+    """Runs ``steps`` in order, each on the points still standing; the first success wins.
+
+    Args:
+      steps: the attacks, in order.
+      x: images ``[N, H, W, C]`` (pixels). y: labels ``[N]``.
+      broken: ``[N]`` names (``""`` standing), or bool (``True``: broken before the first step,
+        named ``"clean"``): points not attacked at all (e.g. already misclassified at ``x``).
+      verify: re-checks each step's success with a fresh prediction (see the module docstring).
+      on_step: called after each step with ``(name, attempted, broken, seconds)``.
+
+    Returns:
+      A :class:`Suite`.
+    """
+    x = np.asarray(x, np.float32)
+    y = np.asarray(y)
+    n = len(x)
+    if broken is None:
+        broken_by = np.full(n, "", object)
+    else:
+        broken = np.asarray(broken)
+        broken_by = (np.where(broken, "clean", "") if broken.dtype == bool else broken).astype(object)
+    base = AttackResult.unattacked(x, success=broken_by != "")
+    x_adv, success, score = base.x_adv, base.success, base.score
+    base_passes, shell_predictions = base.base_passes, base.shell_predictions
+    run = np.full(n, -1, np.int32)
+    details: dict[str, np.ndarray] = {}
+    attempted, seconds = {}, {}
+    for r, step in enumerate(steps):
+        idx = np.flatnonzero(broken_by == "")
+        attempted[step.name] = int(idx.size)
+        t0 = time.perf_counter()
+        if idx.size == 0:
+            seconds[step.name] = 0.0
+            continue
+        out = step.run(x[idx], y[idx], idx)
+        if len(out) != idx.size:
+            raise ValueError(f"attack step {step.name!r} returned {len(out)} rows for {idx.size} "
+                             f"points.")
+        ok = np.asarray(verify(out.x_adv, idx), bool) if verify is not None else out.success
+        base_passes[idx] += out.base_passes
+        shell_predictions[idx] += out.shell_predictions
+        replace = ok | (out.score > score[idx]) | (run[idx] < 0)
+        rows = idx[replace]
+        x_adv[rows], score[rows], run[rows] = out.x_adv[replace], out.score[replace], r
+        success[idx] = ok
+        first = not any(attempted[s.name] for s in steps[:r])
+        for key in [k for k in details if k not in out.details]:
+            del details[key]  # a detail only some steps report cannot be merged
+        for key, value in out.details.items():
+            if key not in details:
+                if not first:
+                    continue
+                details[key] = np.zeros((n,) + value.shape[1:], value.dtype)
+            details[key][rows] = value[replace]
+        broken_by[idx[ok]] = step.name
+        seconds[step.name] = time.perf_counter() - t0
+        if on_step is not None:
+            on_step(step.name, int(idx.size), int(ok.sum()), seconds[step.name])
+    details["run"] = run
+    result = AttackResult(x_adv, success, base_passes, shell_predictions, score, details)
+    return Suite(result, broken_by, attempted, seconds)
