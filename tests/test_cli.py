@@ -16,8 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args], env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300,
+                          cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +53,11 @@ def test_bad_flags_exit_non_zero_naming_the_problem(tmp_path, args, message):
 
 @pytest.mark.parametrize("script, tf_config, message", [
     ("evaluate.py", "{not json", "TF_CONFIG is not JSON"),
-    ("evaluate.py", '{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 3}}',
+    ("evaluate.py",
+     '{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 3}}',
      "not in the cluster"),
-    ("train.py", '{"cluster": {"worker": ["a:1"], "ps": ["b:1"]}, "task": {"type": "worker", "index": 0}}',
+    ("train.py",
+     '{"cluster": {"worker": ["a:1"], "ps": ["b:1"]}, "task": {"type": "worker", "index": 0}}',
      "only 'worker'"),
 ])
 def test_bad_tf_config_exits_non_zero_naming_the_problem(tmp_path, script, tf_config, message):
@@ -79,9 +82,22 @@ def test_corrupt_data_file_is_named(tmp_path, corrupt_data):
 def test_corrupt_batch_in_a_resumed_run_is_named(tmp_path):
     out = tmp_path / "out"
     args = ["--mode=separation", "--dataset=synthetic", "--separation_batches=2",
-            "--separation_batch_points=2", "--separation_steps=1", "--separation_convergence_batches=0",
+            "--separation_batch_points=2", "--separation_steps=1",
+            "--separation_convergence_batches=0",
             f"--output_dir={out}"]
     assert _evaluate(*args).returncode == 0
     (out / "separation_synthetic_narrow" / "batch_001.json").write_text('{"batch": 1, "conf')
     done = _evaluate(*args, "--resume")
     assert done.returncode != 0 and "batch_001.json is corrupt" in done.stderr
+
+
+def test_help_lists_every_preset_and_what_it_changes():
+    from manifold_tf.evaluation.config import PRESETS
+
+    done = _evaluate("--help")
+    text = " ".join(done.stdout.split())  # absl wraps the help text
+    for name, (description, _) in PRESETS.items():
+        assert f"{name}: {' '.join(description.split())}" in text, text[-3000:]
+    assert "--num_points=150" in text and "--shell=cw" in text
+    for flag in ("--epsilon", "--delta", "--p:", "--adaptive_until", "--adaptive_budget"):
+        assert flag in text

@@ -1,1 +1,2 @@
-"""Command-line entry points: ``manifold-tf-evaluate`` and ``manifold-tf-train`` (and the top-level scripts)."""
+"""Command-line entry points: ``manifold-tf-evaluate`` and ``manifold-tf-train`` (and the
+top-level scripts)."""

@@ -11,7 +11,8 @@ Fast adversarial training (Wong et al. 2020) with held-out PGD early stopping:
     --holdout=500 --steps=2160 --checkpoint_every=72
 
 Several workers (one process per host or GPU; TF_CONFIG names them, worker 0 is the chief):
-  TF_CONFIG='{"cluster": {"worker": ["h0:2222", "h1:2222"]}, "task": {"type": "worker", "index": 0}}' \
+  TF_CONFIG='{"cluster": {"worker": ["h0:2222", "h1:2222"]},
+             "task": {"type": "worker", "index": 0}}' \
     python train.py --model_dir=/shared/runs/adv --strategy=multi_worker --adversarial ...
 """
 
@@ -56,8 +57,9 @@ def main(argv):
         training.train(config, FLAGS.model_dir, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
                        workers=workers)
     except distributed.WORKER_LOST as e:
-        sys.stderr.write(f"train: error: a worker was lost ({type(e).__name__}). The chief's last "
-                         f"checkpoint is in {FLAGS.model_dir}: start the workers again with --resume.\n")
+        sys.stderr.write(f"train: error: a worker was lost ({type(e).__name__}). The chief's "
+                         f"last checkpoint is in {FLAGS.model_dir}: start the workers again with "
+                         f"--resume.\n")
         sys.exit(1)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         sys.stderr.write(f"train: error: {e}\n")

@@ -16,28 +16,35 @@ from manifold_tf import reporting
 from manifold_tf.evaluation.config import AccuracyConfig
 from manifold_tf.evaluation.inputs import predict_logits
 from manifold_tf.evaluation.stats import format_proportion, proportion
-from manifold_tf.validation import validate_images, validate_labels
+from manifold_tf.validation import validate_images, validate_labels, validate_radius
 
 
-def _attacks(config: AccuracyConfig, num_classes: int) -> dict:
-    """``{name: fn(model, x, y, seed) -> x_adv}`` for the attacks ``config`` asks for."""
+def _attacks(config: AccuracyConfig, num_classes: int, epsilon: float) -> dict:
+    """``{name: fn(model, x, y, seed) -> x_adv}`` for the attacks ``config`` asks for, at budget
+    ``epsilon`` pixels."""
     from manifold_tf import attacks
 
     out = {f"PGD-{config.pgd_steps}": lambda m, x, y, s: attacks.pgd(
-        m, x, y, epsilon=config.epsilon, steps=config.pgd_steps, step_size=config.pgd_step_size,
+        m, x, y, epsilon=epsilon, steps=config.pgd_steps, step_size=config.pgd_step_size,
         restarts=config.pgd_restarts, seed=s)}
     if config.apgd_steps:
         out["APGD-CE"] = lambda m, x, y, s: attacks.apgd_ce(
-            m, x, y, epsilon=config.epsilon, steps=config.apgd_steps, seed=s)
+            m, x, y, epsilon=epsilon, steps=config.apgd_steps, seed=s)
         if num_classes >= 4:  # the targeted DLR loss needs four logits
             targets = min(config.apgd_targets, num_classes - 1)
             out["APGD-T"] = lambda m, x, y, s: attacks.apgd_t(
-                m, x, y, epsilon=config.epsilon, steps=config.apgd_steps, num_targets=targets, seed=s)
+                m, x, y, epsilon=epsilon, steps=config.apgd_steps, num_targets=targets, seed=s)
     return out
 
 
-def accuracy_report(model, x: np.ndarray, y: np.ndarray, config: AccuracyConfig, *, seed: int = 0) -> dict:
-    """Clean accuracy and robust accuracy under each attack and under their worst case."""
+def accuracy_report(model, x: np.ndarray, y: np.ndarray, config: AccuracyConfig, *, epsilon: float,
+                    seed: int = 0) -> dict:
+    """Clean accuracy and robust accuracy under each attack and under their worst case.
+
+    ``x``: ``[N, 32, 32, 3]`` pixels (0..255), ``y``: ``[N]`` labels; ``epsilon``: the threat
+    model's L-inf budget, pixels.
+    """
+    epsilon = validate_radius(epsilon, "epsilon")
     x = np.asarray(x, np.float32)
     y = np.asarray(y)
     validate_images(x, image_shape=None)
@@ -47,7 +54,7 @@ def accuracy_report(model, x: np.ndarray, y: np.ndarray, config: AccuracyConfig,
     clean_correct = predict_logits(model, x, bs).argmax(-1) == y
     robust = {}
     seconds = {}
-    for name, attack in _attacks(config, num_classes).items():
+    for name, attack in _attacks(config, num_classes, epsilon).items():
         ok = clean_correct.copy()
         progress = reporting.Progress(int(clean_correct.sum()), name, unit="images")
         start = time.perf_counter()
@@ -71,7 +78,7 @@ def accuracy_report(model, x: np.ndarray, y: np.ndarray, config: AccuracyConfig,
         "robust": {name: proportion(int(ok.sum()), n) for name, ok in robust.items()},
         "worst_case": proportion(int(worst.sum()), n),
         "settings": {
-            "epsilon": config.epsilon, "pgd_steps": config.pgd_steps,
+            "epsilon": epsilon, "pgd_steps": config.pgd_steps,
             "pgd_step_size": config.pgd_step_size, "restarts": config.pgd_restarts, "loss": "xent",
             "random_start": True, "seed": seed, "apgd_steps": config.apgd_steps,
             "apgd_targets": config.apgd_targets,
@@ -92,12 +99,12 @@ def accuracy_markdown(report: dict) -> str:
               "the true success rate, so these are upper bounds on the true robust accuracy.\n")
 
 
-def run_accuracy(model, x: np.ndarray, y: np.ndarray, config: AccuracyConfig, store, *, seed: int = 0,
-                 metadata: dict | None = None) -> tuple[dict, str]:
+def run_accuracy(model, x: np.ndarray, y: np.ndarray, config: AccuracyConfig, store, *,
+                 epsilon: float, seed: int = 0, metadata: dict | None = None) -> tuple[dict, str]:
     """Runs :func:`accuracy_report` on the first ``num_examples`` points; writes ``accuracy.{json,md}``."""
     if config.num_examples:
         x, y = x[: config.num_examples], y[: config.num_examples]
-    report = accuracy_report(model, x, y, config, seed=seed)
+    report = accuracy_report(model, x, y, config, epsilon=epsilon, seed=seed)
     report.update(metadata or {})
     text = accuracy_markdown(report)
     store.write_report("accuracy", report, text)

@@ -1,10 +1,16 @@
 """Typed settings of every evaluation, with the paper's protocol as a named preset.
 
 One dataclass per thing a user configures: the data and model (:class:`InputConfig`), where the run
-lives (:class:`RunConfig`), and one per protocol (:class:`AccuracyConfig`, :class:`SeparationConfig`,
-:class:`DefenceConfig` with its :class:`BaseAttackConfig` and :class:`ShellConfig`,
-:class:`AdaptiveConfig`). The command-line flags are generated from these fields
-(:mod:`manifold_tf.cli.flags`), so a setting is declared once, with its help text, here.
+lives (:class:`RunConfig`), the threat model (:class:`ThreatConfig`: the attacker's budget epsilon
+and the shell's delta and p, shared by every protocol), and one per protocol
+(:class:`AccuracyConfig`, :class:`SeparationConfig`, :class:`DefenceConfig` with its
+:class:`BaseAttackConfig` and :class:`ShellConfig`, :class:`AdaptiveConfig`). The command-line flags
+are generated from these fields (:mod:`manifold_tf.cli.flags`), so a setting is declared once, with
+its help text, here.
+
+A preset (:data:`PRESETS`) is a named set of changes to the defaults, as a nested dict of the
+:class:`EvaluationConfig` tree; :func:`make` builds a config from such changes (with any overrides
+on top), so presets and flags apply to every setting the same way.
 
 Units: pixels (0..255) for every radius, budget and step size.
 """
@@ -12,14 +18,22 @@ Units: pixels (0..255) for every radius, budget and step size.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
+from manifold_tf import projected, shells
+from manifold_tf.settings import setting
 from manifold_tf.validation import check_choice, check_int, check_positive, validate_radius
 
 
-def setting(default, help: str, **kwargs):  # noqa: A002  (the name absl uses)
-    """A dataclass field carrying its command-line help text."""
-    return field(default=default, metadata={"help": help, **kwargs})
+def section(cls, prefix: str):
+    """A nested config field: the settings of ``cls``, as flags named ``prefix + field``.
+
+    The prefix is absolute (a section inside a section does not inherit its parent's).
+    """
+    return field(default_factory=cls, metadata={"section": cls, "prefix": prefix})
 
 
 @dataclass(frozen=True)
@@ -33,7 +47,8 @@ class InputConfig:
     dataset: str = setting("auto", "Data: cifar10, synthetic, or auto (cifar10 when a CIFAR-10 "
                                    "folder is known, else synthetic).",
                            choices=("auto", "cifar10", "synthetic"))
-    data_dir: str | None = setting(None, "cifar-10-batches-py folder (default: $MANIFOLD_TF_CIFAR10_DIR).")
+    data_dir: str | None = setting(
+        None, "cifar-10-batches-py folder (default: $MANIFOLD_TF_CIFAR10_DIR).")
 
 
 @dataclass(frozen=True)
@@ -47,20 +62,39 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class ThreatConfig:
+    """The threat model, one setting each for every protocol: the attacker's budget and the shell's
+    radius and confidence level."""
+
+    epsilon: float = setting(
+        8.0, "Attacker's L-inf budget, pixels (0..255; 8 = 8/255), every mode.")
+    delta: float = setting(
+        8.0, "Radius delta of the separation test and of the shells (MCN radius, the cw shell's "
+             "all_labels tau), pixels.")
+    p: float = setting(
+        0.9, "Confidence level p of the separation test and of the NCN shell, in (0, 1).")
+
+    def __post_init__(self):
+        validate_radius(self.epsilon, "epsilon")
+        validate_radius(self.delta, "delta")
+        if not 0.0 < self.p < 1.0:
+            raise ValueError(f"p must lie in (0, 1); got {self.p}.")
+
+
+@dataclass(frozen=True)
 class AccuracyConfig:
     """Clean accuracy and PGD accuracy of a base model."""
 
-    epsilon: float = setting(8.0, "Attack budget (L-inf), pixels.")
     pgd_steps: int = setting(20, "PGD steps.")
     pgd_step_size: float = setting(2.0, "PGD step size, pixels.")
     pgd_restarts: int = setting(1, "PGD random restarts.")
-    apgd_steps: int = setting(100, "APGD-CE and APGD-T iterations per run (AutoAttack: 100; 0 skips both).")
+    apgd_steps: int = setting(
+        100, "APGD-CE and APGD-T iterations per run (AutoAttack: 100; 0 skips both).")
     apgd_targets: int = setting(9, "APGD-T target classes (AutoAttack: 9).")
     batch_size: int = setting(128, "Images per attack batch.")
     num_examples: int | None = setting(None, "Evaluate only the first N test images.")
 
     def __post_init__(self):
-        validate_radius(self.epsilon, "epsilon")
         validate_radius(self.pgd_step_size, "pgd_step_size")
         check_int(self.pgd_steps, "pgd_steps", 0)
         check_int(self.pgd_restarts, "pgd_restarts", 1)
@@ -73,47 +107,55 @@ class AccuracyConfig:
 
 @dataclass(frozen=True)
 class SeparationConfig:
-    """The (p, q, delta)-separation test (Table 1): the high-confidence search on random points."""
+    """The (p, q, delta)-separation test (Table 1): the high-confidence search on random points.
 
-    delta: float = setting(8.0, "Radius of the neighbourhood N(x, delta), pixels.")
-    p: float = setting(0.9, "Confidence level p.")
+    delta and p are the threat model's (:class:`ThreatConfig`).
+    """
+
     batches: int = setting(10, "Batches of random test points (paper: 10).")
     batch_points: int = setting(30, "Points per batch (paper: 30).")
     steps: int = setting(20, "Ascent steps per wrong label.")
     step_size: float | None = setting(None, "Ascent step, pixels (default 2.5 * delta / steps).")
-    optimizer: str = setting("sign", "Ascent optimiser.", choices=("sign", "adam"))
+    optimizer: str = setting("sign", "Ascent optimiser: " + " or ".join(projected.OPTIMIZERS) + ".",
+                             choices=projected.OPTIMIZERS)
     random_start: bool = setting(False, "Start the ascent at a random point of the ball.")
     compare_checkpoint: str | None = setting(None, "A second model, run on the same points.",
                                              flag="compare_checkpoint")
-    extra_radius: float = setting(0.0, "Search N(x, delta + extra_radius): give epsilon to measure what "
-                                       "an attacker of MCN_delta with budget epsilon can reach.")
+    extra_radius: float = setting(
+        0.0, "Search N(x, delta + extra_radius): give epsilon to measure what an attacker of "
+             "MCN_delta with budget epsilon can reach.")
     convergence_steps: tuple[int, ...] = setting(
-        (100, 200), "Rerun the search with these step counts (and once with a random restart) on the "
-                    "first convergence_batches batches, to show whether the count has converged.")
+        (100, 200), "Rerun the search with these step counts (and once with a random restart) on "
+                    "the first convergence_batches batches, to show whether the count has "
+                    "converged.")
     convergence_batches: int = setting(2, "Batches the convergence check reruns (0: none).")
 
     def __post_init__(self):
-        validate_radius(self.delta, "delta")
-        if not 0.0 < self.p < 1.0:
-            raise ValueError(f"p must lie in (0, 1); got {self.p}.")
         check_int(self.batches, "batches", 1)
         check_int(self.batch_points, "batch_points", 1)
         check_int(self.steps, "steps", 0)
-        check_choice(self.optimizer, "optimizer", ("sign", "adam"))
+        check_choice(self.optimizer, "optimizer", projected.OPTIMIZERS)
+        if self.step_size is not None:
+            validate_radius(self.step_size, "step_size")
         validate_radius(self.extra_radius, "extra_radius")
         check_int(self.convergence_batches, "convergence_batches", 0)
         for steps in self.convergence_steps:
             check_int(steps, "convergence_steps", 1)
 
-    @property
-    def radius(self) -> float:
-        """The radius searched: ``delta + extra_radius`` pixels."""
-        return float(self.delta + self.extra_radius)
+    def radius(self, delta: float) -> float:
+        """The radius searched around the threat model's ``delta``: ``delta + extra_radius``
+        pixels."""
+        return float(delta + self.extra_radius)
 
-    def attack(self, steps: int | None = None) -> dict:
-        """Keyword arguments of :func:`manifold_tf.attacks.high_confidence` (``steps`` overrides)."""
+    def attack(self, delta: float, steps: int | None = None) -> dict:
+        """Keyword arguments of :func:`manifold_tf.attacks.high_confidence` (``steps`` overrides).
+
+        ``delta``: the threat model's radius, pixels; the default step is Madry's rule over
+        :meth:`radius`.
+        """
         steps = int(self.steps if steps is None else steps)
-        step = self.step_size if self.step_size is not None else 2.5 * self.radius / max(steps, 1)
+        step = (self.step_size if self.step_size is not None
+                else projected.madry_step_size(self.radius(delta), steps))
         return dict(steps=steps, step_size=float(step), optimizer=self.optimizer,
                     random_start=bool(self.random_start))
 
@@ -125,8 +167,9 @@ class BaseAttackConfig:
     max_iterations: int = setting(100, "Adam steps per constant (paper: 1000).")
     learning_rate: float = setting(5e-3, "Adam learning rate (paper: 5e-3).")
     initial_const: float = setting(
-        1e-2, "First constant (paper: 1e-5). The paper's schedule spends 10 rounds of max_iterations "
-              "at constants below 0.01, where the penalty dominates and nothing moves.")
+        1e-2, "First constant (paper: 1e-5). The paper's schedule spends 10 rounds of "
+              "max_iterations at constants below 0.01, where the penalty dominates and nothing "
+              "moves.")
     largest_const: float = setting(20.0, "Largest constant (paper: 20).")
     stop_within_epsilon: bool = setting(
         True, "Stop a point once it has a success within epsilon (same success set; the paper's "
@@ -141,86 +184,105 @@ class BaseAttackConfig:
 
     def cw_kwargs(self) -> dict:
         """Keyword arguments of :func:`manifold_tf.attacks.cw_linf_details`."""
-        return dict(max_iterations=int(self.max_iterations), stop_within_epsilon=bool(self.stop_within_epsilon),
-                    learning_rate=float(self.learning_rate), initial_const=float(self.initial_const),
+        return dict(max_iterations=int(self.max_iterations),
+                    stop_within_epsilon=bool(self.stop_within_epsilon),
+                    learning_rate=float(self.learning_rate),
+                    initial_const=float(self.initial_const),
                     largest_const=float(self.largest_const))
 
 
 @dataclass(frozen=True)
 class ShellConfig:
-    """The model shell around the base: MCN_delta, NCN_p or the paper's CarliniWagnerShell."""
+    """The model shell around the base: MCN_delta, NCN_p or the paper's CarliniWagnerShell.
 
-    kind: str = setting("mcn", "Shell: mcn (Algorithm 1), ncn (Algorithm 2) or cw (the paper's code).",
-                        choices=("mcn", "ncn", "cw"), flag="shell")
-    delta: float = setting(8.0, "MCN radius delta (and the cw shell's all_labels tau), pixels.")
-    p: float = setting(0.9, "NCN confidence level p.")
-    optimizer: str = setting("pgd", "MCN optimiser.", choices=("pgd", "adam"))
+    Its delta and p are the threat model's (:class:`ThreatConfig`). The shell registry
+    (:func:`manifold_tf.shells.build`) reads the other fields by name.
+    """
+
+    kind: str = setting(
+        "mcn", "Shell: mcn (Algorithm 1), ncn (Algorithm 2) or cw (the paper's code).",
+        choices=tuple(shells.SHELLS), flag="shell")
+    optimizer: str = setting("sign", "MCN optimiser: " + " or ".join(projected.OPTIMIZERS) + ".",
+                             choices=projected.OPTIMIZERS)
     steps: int = setting(10, "Optimiser steps K per label (MCN; NCN per penalty round).")
-    step_size: float | None = setting(None, "MCN step / Adam rate, pixels (default 2.5 * delta / K).")
+    step_size: float | None = setting(
+        None, "MCN step / Adam rate, pixels (default 2.5 * delta / K).")
     random_start: bool = setting(False, "MCN ascent from a random point of the ball.")
     ncn_delta_max: float = setting(16.0, "NCN search box radius, pixels.")
     ncn_rounds: int = setting(3, "NCN penalty rounds (alpha values).")
     ncn_alpha: float = setting(1.0, "NCN first penalty weight.")
     ncn_alpha_factor: float = setting(10.0, "NCN penalty growth per round.")
     ncn_learning_rate: float = setting(0.05, "NCN Adam learning rate.")
-    cw_variant: str = setting("paper_code", "cw shell: the authors' code, or every label at tau = delta.",
-                              choices=("paper_code", "all_labels"))
+    cw_variant: str = setting(
+        "paper_code", "cw shell: the authors' code, or every label at tau = delta.",
+        choices=("paper_code", "all_labels"))
     cw_const: float = setting(0.1, "cw shell constant (all_labels).")
     cw_max_iterations: int = setting(100, "cw shell Adam steps per constant (paper: 1000).")
     batch_size: int = setting(30, "Images per shell call (global, all devices).")
     jit_compile: bool | None = setting(None, "Compile the shell with XLA (default: the shell's).")
 
-    def build(self, base, *, seed: int = 0):
-        """The shell around ``base`` (call inside the strategy scope the evaluation uses)."""
-        from manifold_tf import shells
+    def __post_init__(self):
+        check_choice(self.kind, "shell", tuple(shells.SHELLS))
+        check_choice(self.optimizer, "shell_optimizer", projected.OPTIMIZERS)
+        check_int(self.steps, "shell_steps", 0)
+        check_int(self.batch_size, "shell_batch_size", 1)
 
-        common = {} if self.jit_compile is None else dict(jit_compile=bool(self.jit_compile))
-        if self.kind == "ncn":
-            return shells.NCNShell(
-                base, self.p, delta_max=self.ncn_delta_max, steps=self.steps, rounds=self.ncn_rounds,
-                alpha=self.ncn_alpha, alpha_factor=self.ncn_alpha_factor,
-                learning_rate=self.ncn_learning_rate, **common)
-        if self.kind == "cw":
-            return shells.CarliniWagnerShell(
-                base, variant=self.cw_variant, delta=self.delta, const=self.cw_const,
-                max_iterations=self.cw_max_iterations, **common)
-        check_choice(self.kind, "shell", ("mcn", "ncn", "cw"))
-        return shells.MCNShell(
-            base, self.delta, optimizer=self.optimizer, steps=self.steps, step_size=self.step_size,
-            random_start=self.random_start, seed=seed, **common)
+    def build(self, base, threat: ThreatConfig, *, seed: int = 0):
+        """The shell around ``base`` at the threat model's delta and p (call inside the strategy
+        scope the evaluation uses)."""
+        return shells.build(self.kind, base, self, delta=threat.delta, p=threat.p, seed=seed)
 
 
 @dataclass(frozen=True)
 class DefenceConfig:
-    """Table 2: CW on the base model, the shell applied to x and x' (paper, Section 6)."""
+    """Table 2: CW on the base model, the shell applied to x and x' (paper, Section 6).
 
-    epsilon: float = setting(8.0, "Attack budget (L-inf), pixels.")
+    The budget epsilon is the threat model's (:class:`ThreatConfig`).
+    """
+
     batches: int = setting(5, "Batches of base-correct test points (paper: 5).")
     batch_points: int = setting(30, "Points per batch (paper: 30).")
-    permutation: str = setting("numpy", "Order of test points (paper: Python random.sample, seed 123, "
-                                        "reversed).", choices=("numpy", "paper"))
-    points: str = setting("walked", "Table 2's points: walked = the base-correct ones among the first "
-                                    "--num_points of the order (the adaptive evaluation's points); "
-                                    "paper = batches x batch_points base-correct points.",
-                          choices=("walked", "paper"))
+    permutation: str = setting(
+        "numpy", "Order of test points (paper: Python random.sample, seed 123, reversed).",
+        choices=("numpy", "paper"))
+    points: str = setting(
+        "walked", "Table 2's points: walked = the base-correct ones among the first --num_points "
+                  "of the order (the adaptive evaluation's points); paper = batches x "
+                  "batch_points base-correct points.",
+        choices=("walked", "paper"))
     strategy: str = setting("default", "Spread shell batches over devices (MirroredStrategy).",
                             choices=("default", "mirrored"))
-    shell: ShellConfig = field(default_factory=ShellConfig)
-    attack: BaseAttackConfig = field(default_factory=BaseAttackConfig)
+    shell: ShellConfig = section(ShellConfig, "shell_")
+    attack: BaseAttackConfig = section(BaseAttackConfig, "base_attack_")
 
     def __post_init__(self):
-        validate_radius(self.epsilon, "epsilon")
         check_int(self.batches, "batches", 1)
         check_int(self.batch_points, "batch_points", 1)
 
 
 SHELL_ATTACKS = ("transfer_cw", "transfer_confident", "lift", "bpda", "bpda_targeted", "square")
-BASE_ATTACKS = ("transfer_cw", "apgd_ce", "apgd_t")
+# The attacks on the base alone, AutoAttack's standard version in this order.
+BASE_ATTACKS = ("apgd_ce", "apgd_t", "fab_t", "square")
+UNTIL = ("points", "decided")
+
+_BUDGET_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_budget(text: str) -> float:
+    """Seconds of a wall-time budget written ``"90s"``, ``"10m"``, ``"1.5h"`` (a bare number:
+    seconds). Raises ValueError naming ``text`` when it is not such a positive, finite time."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", str(text).lower())
+    seconds = float(match.group(1)) * _BUDGET_UNITS[match.group(2) or "s"] if match else math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"budget must be a positive wall time such as 90s, 10m or 1h; "
+                         f"got {text!r}.")
+    return seconds
 
 
 @dataclass(frozen=True)
 class AdaptiveConfig:
-    """The verdict: a worst-case attack suite on the shell, and on the base alone, on the same points.
+    """The verdict: a worst-case attack suite on the shell, and on the base alone, on the same
+    points.
 
     Points: the first ``num_points`` of the seeded walk order (all of them, right or wrong at x).
     Every attack runs only on the points still standing, AutoAttack style; a point is robust if it
@@ -229,50 +291,200 @@ class AdaptiveConfig:
 
     attack: str = setting("suite", "Attack the shell itself after Table 2 (the verdict), or not.",
                           choices=("none", "suite"), flag="adaptive")
-    num_points: int = setting(30, "Points of the seeded order evaluated (all if the data has fewer).",
-                              flag="num_points")
+    num_points: int = setting(
+        30, "Points of the seeded order evaluated (all if the data has fewer).", flag="num_points")
+    until: str = setting("points", "Stop after num_points points, or once the paired robust "
+                                   "difference (shell minus base) is decided: the shell gains at "
+                                   "least margin, or less than margin, at 95% confidence.",
+                         choices=UNTIL)
+    margin: float = setting(
+        5.0, "Percentage points (0..100): a shell gaining less than margin over the base is a "
+             "decision ('no useful gain'), as is one gaining at least margin.")
+    budget: str | None = setting(
+        None, "Wall-time budget of the adaptive evaluation, e.g. 90s, 10m, 1h (default: none). "
+              "Stops at a batch boundary.")
     shell_attacks: tuple[str, ...] = setting(SHELL_ATTACKS, "Attacks on the shell, in order: "
                                              + ", ".join(SHELL_ATTACKS) + ".")
     steps: int = setting(20, "BPDA steps per run (each one shell prediction).")
-    restarts: int = setting(0, "BPDA random restarts (besides the starts at x and at the transfer x').")
+    restarts: int = setting(
+        0, "BPDA random restarts (besides the starts at x and at the transfer x').")
     targets: int = setting(2, "Targeted BPDA / lift: the shell's top wrong labels tried (0: all).")
     lift_steps: int = setting(20, "Lift attack: base ascent steps over N(x, epsilon + delta).")
-    square_queries: int = setting(30, "Square attack queries per point (each one shell prediction).")
-    eot_samples: int = setting(4, "EOT samples per step for a shell with randomness (random_start).")
+    square_queries: int = setting(
+        30, "Square attack queries per point (each one shell prediction).")
+    eot_samples: int = setting(
+        4, "EOT samples per step for a shell with randomness (random_start).")
+    base_attacks: tuple[str, ...] = setting(
+        ("apgd_ce", "apgd_t"),
+        "Attacks on the base alone, in order, from: " + ", ".join(BASE_ATTACKS)
+        + " (AutoAttack's standard version: all four).")
     base_apgd_steps: int = setting(100, "APGD-CE / APGD-T steps on the base alone.")
+    base_targets: int = setting(
+        9, "APGD-T / FAB-T target labels on the base alone (AutoAttack: 9).")
+    base_square_queries: int = setting(5000, "Square attack queries per point on the base alone "
+                                             "(AutoAttack: 5000).")
     sanity_points: int = setting(10, "Points of the sanity checks (epsilon sweep, epsilon = 0).")
     sanity_steps: int = setting(10, "BPDA steps of the epsilon sweep.")
     large_epsilon: float = setting(64.0, "The sweep's large budget, where success must reach 99%.")
 
     def __post_init__(self):
         check_int(self.num_points, "num_points", 1)
+        check_choice(self.until, "adaptive_until", UNTIL)
+        margin = float(self.margin)
+        if not (math.isfinite(margin) and 0.0 <= margin <= 100.0):
+            raise ValueError(f"adaptive_margin is in percentage points, 0..100; "
+                             f"got {self.margin!r}.")
+        if self.budget is not None:
+            parse_budget(self.budget)
         for name in ("steps", "restarts", "targets", "lift_steps", "square_queries", "eot_samples",
-                     "base_apgd_steps", "sanity_points", "sanity_steps"):
+                     "base_apgd_steps", "base_square_queries", "sanity_points", "sanity_steps"):
             check_int(getattr(self, name), name, 0)
+        check_int(self.base_targets, "base_targets", 1)
         for name in self.shell_attacks:
             check_choice(name, "shell_attacks", SHELL_ATTACKS)
+        for name in self.base_attacks:
+            check_choice(name, "base_attacks", BASE_ATTACKS)
         validate_radius(self.large_epsilon, "large_epsilon")
 
+    @property
+    def budget_seconds(self) -> float | None:
+        """The wall-time budget in seconds (``None``: no budget)."""
+        return None if self.budget is None else parse_budget(self.budget)
 
-# The paper's protocol: Table 1 as printed (10 x 30 points, delta 8, p 0.9) and Table 2 with the
-# original Carlini-Wagner settings (1000 Adam steps per constant, no early stop) and the authors'
-# CarliniWagnerShell, on their point order. Hours on a CPU: the defaults are a cheaper version.
-PRESETS = {
-    "default": dict(),
-    # The strongest suite this library builds (hours per 100 points on a CPU).
-    "full": dict(
-        adaptive=AdaptiveConfig(num_points=150, steps=100, restarts=2, targets=0, lift_steps=100,
-                                square_queries=1000, eot_samples=8, sanity_points=30, sanity_steps=50),
-    ),
-    "paper": dict(
-        separation=SeparationConfig(batches=10, batch_points=30, delta=8.0, p=0.9),
-        defence=DefenceConfig(
-            batches=5, batch_points=30, permutation="paper", points="paper",
-            attack=BaseAttackConfig(max_iterations=1000, initial_const=1e-5, stop_within_epsilon=False),
-            shell=ShellConfig(kind="cw", cw_variant="paper_code", cw_max_iterations=1000)),
-        adaptive=AdaptiveConfig(num_points=150),
-    ),
+
+MODES = ("accuracy", "separation", "defence")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """Everything one ``evaluate.py`` run needs: the mode and every protocol's settings.
+
+    Each section's settings are flags named with its prefix (``section``): the threat model's and
+    accuracy mode's without one, ``--separation_*``, ``--defence_*``, ``--shell_*``,
+    ``--base_attack_*``, ``--adaptive_*``.
+    """
+
+    mode: str = "accuracy"
+    inputs: InputConfig = section(InputConfig, "")
+    run: RunConfig = section(RunConfig, "")
+    threat: ThreatConfig = section(ThreatConfig, "")
+    accuracy: AccuracyConfig = section(AccuracyConfig, "")
+    separation: SeparationConfig = section(SeparationConfig, "separation_")
+    defence: DefenceConfig = section(DefenceConfig, "defence_")
+    adaptive: AdaptiveConfig = section(AdaptiveConfig, "adaptive_")
+
+    def __post_init__(self):
+        check_choice(self.mode, "mode", MODES)
+        if self.mode != "defence" and self.defence.attack.from_run:
+            raise ValueError("--base_attack_from_run belongs to the defence evaluation: give "
+                             "--shell=mcn|ncn|cw (or --mode=defence).")
+
+
+# ------------------------------------------------------------------------------------------------
+# Building a config from nested changes; the presets
+
+
+def make(cls=EvaluationConfig, changes: dict | None = None, *, where: str = ""):
+    """``cls`` with ``changes`` applied: a nested dict by field name (a section's changes are a
+    dict of its own), every other setting at the dataclass default.
+
+    Each dataclass is built once, from the bottom up, so its validation sees the final values.
+    ``where`` prefixes the field path in error messages. Raises ValueError naming a field ``cls``
+    does not have, or a section given a value that is not a dict.
+    """
+    changes = dict(changes or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(changes) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}{unknown[0]} is not a setting of {cls.__name__} (its settings: "
+                         f"{', '.join(fields)}).")
+    kwargs = {}
+    for name, f in fields.items():
+        if "section" in f.metadata:
+            sub = changes.get(name, {})
+            if not isinstance(sub, dict):
+                raise ValueError(f"{where}{name} is a section ({f.metadata['section'].__name__}): "
+                                 f"give a dict of its settings; got {sub!r}.")
+            kwargs[name] = make(f.metadata["section"], sub, where=f"{where}{name}.")
+        elif name in changes:
+            kwargs[name] = changes[name]
+    return cls(**kwargs)
+
+
+def merge(base: dict, top: dict) -> dict:
+    """Nested ``base`` with ``top`` laid over it: a setting in ``top`` wins; sections merge."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def changes_of(config) -> dict:
+    """The nested changes ``config`` makes to its dataclass's defaults (the inverse of
+    :func:`make`)."""
+    default = type(config)()
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if "section" in f.metadata:
+            sub = changes_of(value)
+            if sub:
+                out[f.name] = sub
+        elif value != getattr(default, f.name):
+            out[f.name] = value
+    return out
+
+
+class Preset(NamedTuple):
+    """A named set of settings: what it is for, and its changes to the defaults (nested dict)."""
+
+    description: str
+    changes: dict
+
+
+# Every preset is a complete set of settings: the defaults with these changes. Flags given on the
+# command line win over a preset's value.
+PRESETS: dict[str, Preset] = {
+    "default": Preset("CPU-sized settings (the defaults).", {}),
+    "full": Preset(
+        "AutoAttack's standard version on the base and the strongest suite this library builds on "
+        "the shell, on 150 points (hours per 100 points on a CPU).",
+        dict(adaptive=dict(
+            num_points=150, steps=100, restarts=2, targets=0, lift_steps=100, square_queries=5000,
+            eot_samples=8, sanity_points=30, sanity_steps=50,
+            base_attacks=("apgd_ce", "apgd_t", "fab_t", "square"), base_apgd_steps=100,
+            base_targets=9, base_square_queries=5000))),
+    # Table 1 as printed (10 x 30 points, delta 8, p 0.9) and Table 2 with the original
+    # Carlini-Wagner settings (1000 Adam steps per constant, no early stop) and the authors'
+    # CarliniWagnerShell, on their point order.
+    "paper": Preset(
+        "The paper's protocol: Table 1 (10 x 30 points, delta 8, p 0.9) and Table 2 (5 x 30 "
+        "points in the paper's order, CW with 1000 steps per constant, the authors' cw shell); "
+        "hours on a CPU.",
+        dict(threat=dict(epsilon=8.0, delta=8.0, p=0.9),
+             separation=dict(batches=10, batch_points=30),
+             defence=dict(batches=5, batch_points=30, permutation="paper", points="paper",
+                          attack=dict(max_iterations=1000, initial_const=1e-5,
+                                      stop_within_epsilon=False),
+                          shell=dict(kind="cw", cw_variant="paper_code", cw_max_iterations=1000)),
+             adaptive=dict(num_points=150))),
 }
+
+
+def preset(name: str) -> Preset:
+    """The preset called ``name``; ValueError naming it (and the known ones) when there is none."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; the presets are {', '.join(PRESETS)}.")
+    return PRESETS[name]
+
+
+def from_preset(name: str = "default", overrides: dict | None = None) -> EvaluationConfig:
+    """The :class:`EvaluationConfig` of preset ``name`` with ``overrides`` (nested dict) on top."""
+    return make(EvaluationConfig, merge(preset(name).changes, overrides or {}),
+                where=f"preset {name!r}: ")
 
 
 def replace(config, **changes):
@@ -290,23 +502,10 @@ def replace(config, **changes):
     return dataclasses.replace(config, **flat)
 
 
-MODES = ("accuracy", "separation", "defence")
+def _check_presets() -> None:
+    """Builds every preset, so that one naming an unknown field or a bad value fails at import."""
+    for name in PRESETS:
+        from_preset(name)
 
 
-@dataclass(frozen=True)
-class EvaluationConfig:
-    """Everything one ``evaluate.py`` run needs: the mode and every protocol's settings."""
-
-    mode: str = "accuracy"
-    inputs: InputConfig = field(default_factory=InputConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    accuracy: AccuracyConfig = field(default_factory=AccuracyConfig)
-    separation: SeparationConfig = field(default_factory=SeparationConfig)
-    defence: DefenceConfig = field(default_factory=DefenceConfig)
-    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
-
-    def __post_init__(self):
-        check_choice(self.mode, "mode", MODES)
-        if self.mode != "defence" and self.defence.attack.from_run:
-            raise ValueError("--base_attack_from_run belongs to the defence evaluation: give "
-                             "--shell=mcn|ncn|cw (or --mode=defence).")
+_check_presets()

@@ -1,4 +1,5 @@
-"""One call per mode: resolve the inputs, open the run store, run the protocol, return the report text."""
+"""One call per mode: resolve the inputs, open the run store, run the protocol, return the report
+text."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def _accuracy(config: EvaluationConfig) -> str:
     inputs = inputs_lib.resolve(config.inputs, run_dir=store.directory)
     model = inputs_lib.load_model(inputs, width=config.inputs.width, seed=config.run.seed)
     x, y = inputs.load_test()
-    _, text = run_accuracy(model, x, y, config.accuracy, store, seed=config.run.seed, metadata=dict(
+    _, text = run_accuracy(model, x, y, config.accuracy, store, epsilon=config.threat.epsilon,
+                           seed=config.run.seed, metadata=dict(
         checkpoint=inputs.checkpoint, dataset=inputs.dataset, data_dir=inputs.data_dir))
     return f"{text}\nreports written to {store.directory}"
 
@@ -49,32 +51,35 @@ def _separation(config: EvaluationConfig) -> str:
     from manifold_tf import checkpoints
     from manifold_tf.evaluation import separation
 
-    cfg = config.separation
+    cfg, threat = config.separation, config.threat
+    radius = cfg.radius(threat.delta)
     store = _store(config, "separation")
     inputs = inputs_lib.resolve(config.inputs, run_dir=store.directory)
     models = [(inputs.checkpoint, inputs_lib.load_model(inputs, width=config.inputs.width))]
     if cfg.compare_checkpoint:
-        models.append((cfg.compare_checkpoint,
-                       checkpoints.load_model_weights(cfg.compare_checkpoint, width=config.inputs.width)))
+        models.append((cfg.compare_checkpoint, checkpoints.load_model_weights(
+            cfg.compare_checkpoint, width=config.inputs.width)))
     x, y = inputs.load_test()
     runs, names, convergence = {}, [], {}
     for i, (ckpt, model) in enumerate(models):
-        name = os.path.basename(os.path.normpath(ckpt)).replace(".keras", "").replace(".weights.h5", "")
+        name = os.path.basename(os.path.normpath(ckpt))
+        name = name.replace(".keras", "").replace(".weights.h5", "")
         name = name if name not in names else f"{name}_{i}"
         names.append(name)
         run = separation.run_separation(
-            model, x, y, delta=cfg.radius, num_batches=cfg.batches, batch_points=cfg.batch_points,
-            seed=config.run.seed, attack=cfg.attack(), p=cfg.p, store=store,
+            model, x, y, delta=radius, num_batches=cfg.batches, batch_points=cfg.batch_points,
+            seed=config.run.seed, attack=cfg.attack(threat.delta), p=threat.p, store=store,
             protocol=f"separation_{name}", desc=f"separation {name}",
             model_name=inputs_lib.model_identity(ckpt))
         runs[name] = (ckpt, run)
         if cfg.convergence_batches and cfg.convergence_steps:
             convergence[name] = separation.convergence_check(
-                model, x, y, run, delta=cfg.radius, steps=cfg.convergence_steps,
-                batches=cfg.convergence_batches, attack=cfg.attack(), seed=config.run.seed, p=cfg.p,
+                model, x, y, run, delta=radius, steps=cfg.convergence_steps,
+                batches=cfg.convergence_batches, attack=cfg.attack(threat.delta),
+                seed=config.run.seed, p=threat.p,
                 store=store, protocol=f"separation_{name}_convergence")
-    report = separation.separation_report(runs, p=cfg.p, dataset=inputs.dataset, data_dir=inputs.data_dir,
-                                          convergence=convergence)
+    report = separation.separation_report(runs, p=threat.p, dataset=inputs.dataset,
+                                          data_dir=inputs.data_dir, convergence=convergence)
     text = separation.separation_markdown(report)
     store.write_report("separation", report, text)
     separation.plot_separation(report, store.path("separation.png"))
@@ -82,7 +87,8 @@ def _separation(config: EvaluationConfig) -> str:
 
 
 def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
-    """Table 2 (CW on the base, the shell on x and x'), then the adaptive verdict; the verdict prints first."""
+    """Table 2 (CW on the base, the shell on x and x'), then the adaptive verdict; the verdict
+    prints first."""
     import tensorflow as tf
 
     from manifold_tf.evaluation import adaptive, adaptive_report, defence, defence_report
@@ -93,11 +99,12 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
     if (config.run.overwrite and inputs.train_quick_model and os.path.exists(inputs.checkpoint)
             and workers.is_chief):
         os.remove(inputs.checkpoint)
-    logging.info("defence evaluation on %s (%s): %s", inputs.dataset, inputs.note, inputs.checkpoint)
+    logging.info("defence evaluation on %s (%s): %s", inputs.dataset, inputs.note,
+                 inputs.checkpoint)
     if workers.distributed and cfg.strategy == "mirrored":
-        raise ValueError("--defence_strategy=mirrored spreads one process's batches over its devices; "
-                         "with TF_CONFIG the workers split the batches instead: run one worker per "
-                         "device (BUILD.md).")
+        raise ValueError("--defence_strategy=mirrored spreads one process's batches over its "
+                         "devices; with TF_CONFIG the workers split the batches instead: run one "
+                         "worker per device (BUILD.md).")
     strategy = (tf.distribute.MirroredStrategy() if cfg.strategy == "mirrored"
                 else tf.distribute.get_strategy())
 
@@ -108,7 +115,7 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
     # The chief first: it may train and cache the quick synthetic model the others then load.
     base = workers.chief_first(load, "model")
     with strategy.scope():
-        shell = cfg.shell.build(base, seed=config.run.seed)
+        shell = cfg.shell.build(base, config.threat, seed=config.run.seed)
     x, y = inputs.load_test()
     metadata = dict(checkpoint=os.path.abspath(inputs.checkpoint), dataset=inputs.dataset,
                     data_dir=inputs.data_dir and os.path.abspath(inputs.data_dir),
@@ -120,14 +127,17 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
 
     phases = estimate.defence_passes(
         table2_points=walk or cfg.batches * cfg.batch_points, num_points=num_points, shell=shell,
-        per_prediction=adaptive.passes_per_prediction(shell), cw=cfg.attack.cw_kwargs(), suite=suite)
-    logging.info("%s", estimate.describe(phases, estimate.passes_per_second(base, shell.image_shape)))
-    report = defence.run_defence(base, shell, x, y, cfg, store, seed=config.run.seed,
+        per_prediction=adaptive.passes_per_prediction(shell), cw=cfg.attack.cw_kwargs(),
+        suite=suite)
+    rate = estimate.passes_per_second(base, shell.image_shape)
+    logging.info("%s", estimate.describe(phases, rate))
+    report = defence.run_defence(base, shell, x, y, cfg, store, epsilon=config.threat.epsilon,
+                                 seed=config.run.seed,
                                  metadata=metadata, class_names=inputs.class_names, walk=walk)
     if suite.attack != "none":
         result = adaptive.run_adaptive(
             base, shell, x, y, dataclasses.replace(suite, num_points=num_points), store,
-            epsilon=cfg.epsilon, cw_kwargs=cfg.attack.cw_kwargs(), seed=config.run.seed,
+            epsilon=config.threat.epsilon, cw_kwargs=cfg.attack.cw_kwargs(), seed=config.run.seed,
             permutation=cfg.permutation, batch_points=cfg.batch_points,
             class_names=inputs.class_names, metadata=metadata)
     if not workers.is_chief:

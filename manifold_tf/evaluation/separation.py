@@ -122,11 +122,12 @@ def run_separation(model, images: np.ndarray, labels: np.ndarray, *, delta: floa
       ``confidence`` ``[num_batches, batch_points]``, ``seconds`` per batch.
     """
     from manifold_tf import attacks  # imported here: keeps the statistics usable without TF work
+    from manifold_tf.projected import madry_step_size
 
     delta = validate_radius(delta, "delta")
     attack = dict(attack or {})
     attack.setdefault("steps", 20)
-    attack.setdefault("step_size", 2.5 * delta / max(int(attack["steps"]), 1))
+    attack.setdefault("step_size", madry_step_size(delta, attack["steps"]))
     attack.setdefault("optimizer", "sign")
     attack.setdefault("random_start", False)
     indices = sample_indices(len(images), num_batches=num_batches, batch_points=batch_points, seed=seed)
@@ -181,6 +182,7 @@ def convergence_check(model, images: np.ndarray, labels: np.ndarray, run: dict, 
     count understates the model's true rate by at least the difference.
     """
     from manifold_tf import attacks
+    from manifold_tf.projected import madry_step_size
 
     batches = min(int(batches), len(run["indices"]))
     if batches == 0:
@@ -188,7 +190,8 @@ def convergence_check(model, images: np.ndarray, labels: np.ndarray, run: dict, 
     idx = np.concatenate([np.asarray(i) for i in run["indices"][:batches]])
     x, y = images[idx].astype(np.float32), labels[idx].astype(np.int32)
     main = np.concatenate([np.asarray(c) for c in run["confidence"][:batches]])
-    variants = [(f"{s} steps", dict(attack, steps=int(s), step_size=2.5 * delta / int(s))) for s in steps]
+    variants = [(f"{s} steps", dict(attack, steps=int(s), step_size=madry_step_size(delta, s)))
+                for s in steps]
     variants.append((f"{attack['steps']} steps + 1 random restart", dict(attack, random_start=True)))
     settings = dict(delta=delta, points=idx.tolist(), variants=[v for v in variants], seed=seed)
     if store is not None:
