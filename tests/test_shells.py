@@ -1,11 +1,8 @@
-"""Tests of the MCN and NCN shells: oracles with known answers, invariants, Keras behaviour, export."""
+"""Tests of the MCN, NCN and cw shells' searches: oracles with known answers, invariants, bad
+arguments, compilation. Keras behaviour and export: test_shell_export.py; what the evaluation asks
+of a shell and the registry: test_shell_registry.py."""
 
 from __future__ import annotations
-
-import json
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -13,18 +10,19 @@ import pytest
 import scipy.optimize
 import tensorflow as tf
 
+from helpers import (
+    assert_in_ball_and_box,
+    linear_model,
+    nearest_centre_model,
+    nearest_centre_weights,
+    np_logits,
+    np_softmax,
+)
 from manifold_tf.data import synthetic_arrays, synthetic_manifold
-from manifold_tf.models import LeakyReLU, PerImageStandardization, madry_resnet
 from manifold_tf.shells import CarliniWagnerShell, MCNShell, NCNShell, cw_shell
 
-from helpers import (assert_config_round_trip, assert_in_ball_and_box, assert_saving_round_trip,
-                     linear_model, nearest_centre_model, nearest_centre_weights, np_logits,
-                     np_softmax, uniform_images)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (32, 32, 3)
 D = int(np.prod(SHAPE))
-
 
 class CentreBumps(keras.layers.Layer):
     """A nearest-centre classifier that is confident only near the class centres (a "good" model).
@@ -69,7 +67,7 @@ def two_class_problem(seed=0, n=4):
 # Oracles
 
 
-@pytest.mark.parametrize("optimizer,steps,step_size", [("pgd", 4, 4.0), ("adam", 40, 1.0)])
+@pytest.mark.parametrize("optimizer,steps,step_size", [("sign", 4, 4.0), ("adam", 40, 1.0)])
 def test_mcn_two_class_linear_matches_closed_form(optimizer, steps, step_size):
     # For 2 classes F_t is increasing in (w_t - w_o).z, so the optimum over the ball and the box is
     # the corner z_t = clip(x + delta * sign(w_t - w_o), 0, 255).
@@ -83,7 +81,8 @@ def test_mcn_two_class_linear_matches_closed_form(optimizer, steps, step_size):
         [np.clip(x + delta * direction, 0, 255), np.clip(x - delta * direction, 0, 255)], axis=1
     )
     np.testing.assert_allclose(out["z"].numpy(), z_expected, atol=1e-3)
-    conf = np.stack([np_softmax(np_logits(z_expected[:, t], kernel, bias))[:, t] for t in (0, 1)], 1)
+    conf = np.stack([np_softmax(np_logits(z_expected[:, t], kernel, bias))[:, t]
+                     for t in (0, 1)], 1)
     np.testing.assert_allclose(out["confidences"].numpy(), conf, rtol=1e-4)
     label = conf.argmax(1)
     np.testing.assert_array_equal(out["label"].numpy(), label)
@@ -105,7 +104,7 @@ def _best_log_odds(x, t, kernel, bias, delta):
         g = kernel[:, t] - np.delete(kernel, t, axis=1) @ (w / w.sum())
         return -(logits[t] - lse), -g
 
-    bounds = list(zip(np.maximum(x0 - delta, 0), np.minimum(x0 + delta, 255)))
+    bounds = list(zip(np.maximum(x0 - delta, 0), np.minimum(x0 + delta, 255), strict=True))
     res = scipy.optimize.minimize(f, x0, jac=True, method="L-BFGS-B", bounds=bounds,
                                   options=dict(maxiter=500))
     return -res.fun
@@ -202,7 +201,8 @@ def test_ncn_two_class_linear_matches_closed_form_distance():
 
 def test_ncn_flags_points_where_no_label_meets_p():
     _, kernel, _, x = two_class_problem()
-    base = linear_model(SHAPE, kernel * 0.01, np.zeros(2))  # margins ~0.1: F stays near 1/2 in the box
+    # Margins ~0.1: F stays near 1/2 in the box.
+    base = linear_model(SHAPE, kernel * 0.01, np.zeros(2))
     shell = NCNShell(base, 0.9, delta_max=0.5, steps=2, rounds=1, jit_compile=False)
     out = shell.embed(x)
     assert out["unmet"].numpy().all()
@@ -265,7 +265,7 @@ def test_cw_paper_code_variant_is_one_hot_of_the_most_confident_candidate():
     np.testing.assert_array_equal(z[np.arange(len(x)), pred], x)
     ok = out["cw_success"].numpy()
     assert ok[np.arange(len(x)), pred].all()
-    for i, t in zip(*np.nonzero(~ok)):
+    for i, t in zip(*np.nonzero(~ok), strict=True):
         np.testing.assert_array_equal(z[i, t], x[i])
     assert np.abs(z - x[:, None]).max() <= cw_shell.PAPER_CODE_TAU + 0.05
     probs = out["probabilities"].numpy()
@@ -353,126 +353,10 @@ def test_random_start_is_deterministic_under_a_seed():
     assert not np.array_equal(run(1), run(2))
 
 
-def test_predict_and_evaluate_work_as_for_any_keras_model():
-    centres, _ = synthetic_manifold(num_classes=10)
-    x, y = synthetic_arrays("test", num_examples=6)
-    shell = MCNShell(nearest_centre_model(centres, 1e4), 8.0, steps=3, jit_compile=False)
-    probs = shell.predict(x, batch_size=4, verbose=0)
-    assert probs.shape == (6, 10)
-    np.testing.assert_allclose(probs, shell.embed(x)["probabilities"].numpy(), atol=1e-6)
-    shell.compile(metrics=["accuracy"])
-    result = shell.evaluate(x, y, batch_size=4, verbose=0, return_dict=True)
-    assert result["accuracy"] == pytest.approx(np.mean(probs.argmax(1) == y))
-
-
-def tiny_custom_base() -> keras.Model:
-    """A small conv net made of manifold_tf's registered custom layers and Keras ones (fast)."""
-    inputs = keras.Input(SHAPE)
-    h = PerImageStandardization(name="standardize")(inputs)
-    h = keras.layers.Conv2D(4, 3, strides=4, name="conv")(h)
-    h = LeakyReLU(name="relu")(h)
-    h = keras.layers.Flatten()(h)
-    return keras.Model(inputs, keras.layers.Dense(10, name="logit")(h))
-
-
-def _small_shells(base=None):
-    base = base or tiny_custom_base()
-    return [
-        MCNShell(base, 8.0, steps=2, jit_compile=False, name="mcn"),
-        NCNShell(base, 0.6, delta_max=8.0, steps=1, rounds=2, jit_compile=False, name="ncn"),
-        CarliniWagnerShell(base, variant="all_labels", delta=6.0, const=0.5, max_iterations=3,
-                           learning_rate=1e-2, jit_compile=False, name="cw"),
-    ]
-
-
-@pytest.mark.parametrize("index", [0, 1, 2])
-def test_config_round_trip_and_keras_file(tmp_path, index):
-    shell = _small_shells()[index]
-    x = uniform_images(2, SHAPE, seed=0)
-    expected = shell(x).numpy()
-    clone = assert_config_round_trip(shell)
-    clone.set_weights(shell.get_weights())
-    np.testing.assert_allclose(clone(x).numpy(), expected, atol=1e-6)
-    assert_saving_round_trip(shell, x, tmp_path, atol=1e-6)
-
-
-_LOAD_SCRIPT = """
-import json, sys
-import numpy as np
-import tensorflow as tf
-loaded = tf.saved_model.load(sys.argv[1])
-x = np.load(sys.argv[2])
-probs = loaded.serve(tf.constant(x)).numpy()
-label = loaded.embed(tf.constant(x))["label"].numpy()
-np.save(sys.argv[3], probs)
-print(json.dumps({"imported": sorted(m for m in sys.modules if m.startswith(("manifold_tf", "keras"))),
-                  "label": label.tolist()}))
-"""
-
-
-@pytest.mark.parametrize("index", [0, 1])
-def test_export_runs_in_a_fresh_process_without_manifold_tf(tmp_path, index):
-    shell = _small_shells()[index]
-    x = uniform_images(3, SHAPE, seed=1)
-    expected = shell.embed(x)
-    export_dir = str(tmp_path / "export")
-    shell.export(export_dir)
-    np.save(tmp_path / "x.npy", x)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH="")
-    done = subprocess.run(
-        [sys.executable, "-c", _LOAD_SCRIPT, export_dir, str(tmp_path / "x.npy"), str(tmp_path / "p.npy")],
-        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert not [m for m in report["imported"] if m.startswith("manifold_tf")], report["imported"]
-    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected["probabilities"].numpy(), atol=1e-6)
-    assert report["label"] == expected["label"].numpy().tolist()
-
-
-@pytest.mark.slow
-def test_madry_resnet_shell_saves_and_exports(tmp_path):
-    shell = _small_shells(madry_resnet("narrow"))[0]
-    x = uniform_images(2, SHAPE, seed=0)
-    expected = shell(x).numpy()
-    assert_saving_round_trip(shell, x, tmp_path, atol=1e-6)
-    shell.export(str(tmp_path / "export"))
-    loaded = tf.saved_model.load(str(tmp_path / "export"))  # keep it: its variables live with it
-    np.testing.assert_allclose(loaded.serve(x).numpy(), expected, atol=1e-6)
-
-
-@pytest.mark.parametrize("bad, message", [
-    (np.full((2, 32, 32, 3), np.nan, np.float32), "NaN|pixel values"),
-    (np.full((2, 32, 32, 3), np.inf, np.float32), "infinite|pixel values"),
-    (np.full((2, 32, 32, 3), -1.0, np.float32), "pixel values in \\[0, 255\\]|< 0"),
-    (np.full((2, 32, 32, 3), 300.0, np.float32), "pixel values in \\[0, 255\\]|> 255"),
-    (np.zeros((0, 32, 32, 3), np.float32), "empty batch"),
-    (np.zeros((2, 32, 32), np.float32), "shape"),
-    (np.zeros((2, 32, 32, 3), np.uint8), "floating-point"),
-])
-def test_bad_input_is_refused_by_call_predict_and_embed(bad, message):
-    base = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(), keras.layers.Dense(3)])
-    shell = MCNShell(base, 4.0, steps=1, jit_compile=False)
-    for run in (shell.predict, shell.embed, shell):
-        if run is not shell.predict and bad.shape[:1] == (0,):
-            continue  # embed/call of an empty batch return an empty result
-        with pytest.raises((ValueError, tf.errors.InvalidArgumentError), match=message):
-            run(bad)
-
-
-def test_graph_mode_call_refuses_out_of_range_pixels():
-    base = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(), keras.layers.Dense(3)])
-    shell = MCNShell(base, 4.0, steps=1, jit_compile=False)
-    graph_call = tf.function(lambda x: shell(x))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="> 255"):
-        graph_call(tf.fill((1, 32, 32, 3), 300.0))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="NaN or infinite"):
-        graph_call(tf.fill((1, 32, 32, 3), float("nan")))
-
-
 def test_xla_shell_pads_batches_to_buckets_and_matches_plain_tensorflow():
+    init = keras.initializers.RandomNormal(0, 0.01, seed=2)
     base = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(),
-                             keras.layers.Dense(3, kernel_initializer=keras.initializers.RandomNormal(0, 0.01, seed=2))])
+                             keras.layers.Dense(3, kernel_initializer=init)])
     x = np.random.default_rng(0).uniform(0, 255, size=(5, *SHAPE)).astype(np.float32)
     plain = MCNShell(base, 4.0, steps=3, jit_compile=False)
     xla = MCNShell(base, 4.0, steps=3, jit_compile=True)
@@ -480,5 +364,6 @@ def test_xla_shell_pads_batches_to_buckets_and_matches_plain_tensorflow():
         a, b = plain.embed(x[:n]), xla.embed(x[:n])
         assert b["z"].shape[0] == n and b["label"].shape == (n,)
         np.testing.assert_array_equal(a["label"].numpy(), b["label"].numpy())
-        np.testing.assert_allclose(a["probabilities"].numpy(), b["probabilities"].numpy(), atol=1e-4)
+        np.testing.assert_allclose(a["probabilities"].numpy(), b["probabilities"].numpy(),
+                                   atol=1e-4)
     assert xla.embed_function.experimental_get_tracing_count() == 1

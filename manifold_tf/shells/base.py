@@ -6,10 +6,20 @@ batch of ``N * C`` rows (row ``i * C + t`` is image ``i``, label ``t``) inside o
 ``tf.function`` (XLA optional, ``jit_compile``), traced once for all batch sizes. The shell is not
 differentiable in ``x``: its output is a function of an argmax/argmin.
 
+What the evaluation needs to know about a shell, it asks the shell (no attribute probing): its
+cost (:meth:`FactorShell.passes_per_prediction`), its decision rule in the form BPDA differentiates
+(:meth:`FactorShell.scores`, a :class:`Scores`), the radius it searches
+(:attr:`FactorShell.search_radius`), whether it is random and a copy with another seed
+(:attr:`FactorShell.is_random`, :meth:`FactorShell.with_seed`), its batch layout
+(:attr:`FactorShell.rows_per_image`) and how to build it from the evaluation's settings
+(:meth:`FactorShell.from_settings`, through :func:`manifold_tf.shells.registry.build`).
+
 Units: images are float32 NHWC pixels in 0..255; radii, step sizes and distances are pixels.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -25,7 +35,7 @@ DEFAULT_JIT_COMPILE = False
 
 
 def _base_signature(base) -> tuple[tuple[int, ...], int]:
-    """The base model's image shape ``(H, W, C)`` and number of classes; checks it returns logits."""
+    """The base model's image shape ``(H, W, C)`` and class count; checks it returns logits."""
     shape = None
     inputs = getattr(base, "inputs", None)
     if inputs:
@@ -33,15 +43,19 @@ def _base_signature(base) -> tuple[tuple[int, ...], int]:
     if not shape or any(d is None for d in shape):
         shape = IMAGE_SHAPE
     if len(shape) != 3:
-        raise ValueError(f"the base model must take images [N, H, W, C]; its input shape is {shape}.")
+        raise ValueError(f"the base model must take images [N, H, W, C]; its input shape is "
+                         f"{shape}.")
     # A fixed probe (not the user's data): enough to tell logits from probabilities.
-    probe = tf.random.stateless_uniform((4,) + tuple(shape), seed=[0, 0], minval=0.0, maxval=PIXEL_MAX)
+    probe = tf.random.stateless_uniform((4,) + tuple(shape), seed=[0, 0], minval=0.0,
+                                        maxval=PIXEL_MAX)
     logits = check_logits(base, probe)
     return tuple(int(d) for d in shape), int(logits.shape[-1])
 
 
 def log_odds(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-    """``log(F_t / (1 - F_t)) = Z_t - logsumexp_{j != t} Z_j`` per row: logits ``[B, C]``, labels ``[B]``.
+    """``log(F_t / (1 - F_t)) = Z_t - logsumexp_{j != t} Z_j`` per row.
+
+    Logits ``[B, C]``, labels ``[B]`` -> ``[B]`` float32.
 
     A strictly increasing function of ``F_t``, so it has the same maximiser and ranks candidates as
     ``F_t`` does; unlike ``F_t`` or ``log F_t`` it does not round to a constant in float32 once the
@@ -63,16 +77,59 @@ def answer(out: dict) -> np.ndarray:
     return np.argmax(np.asarray(out["probabilities"]), axis=-1).astype(np.int64)
 
 
-class FactorShell(keras.Model):
-    """What MCN and NCN share: the wrapped base, the batch layout, the compiled embedding, I/O.
+class Scores(NamedTuple):
+    """A shell's answer in one form for every shell: ``S`` candidate slots per point (``[M, S]``).
 
-    Subclasses implement ``_embed_graph(x) -> dict`` (traceable) and ``_shell_config() -> dict``.
+    ``label`` int32: the label a slot stands for; ``key`` float64: its rank (the shell answers the
+    label of the highest key, first on ties); ``lo`` float64: the log-odds of ``label`` at the
+    slot's point; ``met`` bool and ``dist`` float64 pixels (NCN only, else None); ``logit_p``
+    (NCN: ``log(p / (1 - p))``, else None); ``pick`` int32 ``[M]``: the shell's label
+    (:func:`answer`, the argmax of its output).
     """
+
+    label: np.ndarray
+    key: np.ndarray
+    lo: np.ndarray
+    met: np.ndarray | None
+    dist: np.ndarray | None
+    logit_p: float | None
+    pick: np.ndarray
+
+
+def check_seed(seed) -> int:
+    """Checks a seed (an integer, any sign: it feeds a stateless RNG) and returns it as int."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be an integer; got {seed!r} ({type(seed).__name__}).")
+    return int(seed)
+
+
+def jit_kwargs(settings) -> dict:
+    """``{"jit_compile": bool}`` from ``settings.jit_compile``, or ``{}`` when it is None (the
+    shell's own default, :data:`DEFAULT_JIT_COMPILE`)."""
+    jit = getattr(settings, "jit_compile", None)
+    return {} if jit is None else dict(jit_compile=bool(jit))
+
+
+class FactorShell(keras.Model):
+    """What every factor shell shares: the wrapped base, the batch layout, the compiled embedding,
+    I/O, and what the evaluation asks of a shell.
+
+    A new shell subclasses this, registers itself (``@manifold_tf.shells.register("kind")``, which
+    sets :attr:`kind`) and implements ``_embed_graph(x) -> dict`` (traceable; at least ``z``,
+    ``label``, ``log_odds`` and ``probabilities``, see :meth:`embed`), ``_shell_config() -> dict``
+    (its constructor's keyword arguments), :meth:`passes_per_prediction`, :attr:`search_radius` and
+    :meth:`from_settings`; it overrides :meth:`scores`, :attr:`is_random`/:meth:`with_seed` and
+    :attr:`rows_per_image` when the defaults (per-label slots ranked by log-odds, deterministic,
+    ``C`` rows per image) do not describe it.
+    """
+
+    kind: str | None = None  # set by manifold_tf.shells.register
 
     def __init__(self, base: keras.Model, *, jit_compile: bool = DEFAULT_JIT_COMPILE, **kwargs):
         super().__init__(**kwargs)
         if not callable(base):
-            raise ValueError(f"base must be a Keras model (images -> logits); got {type(base).__name__}.")
+            raise ValueError(f"base must be a Keras model (images -> logits); got "
+                             f"{type(base).__name__}.")
         self.image_shape, self.num_classes = _base_signature(base)
         self.base = base
         self.jit_compile = bool(jit_compile)
@@ -92,7 +149,8 @@ class FactorShell(keras.Model):
         """
         if self._embed_function is None:
             spec = tf.TensorSpec((None,) + self.image_shape, tf.float32, name="x")
-            inner = tf.function(self._embed_graph, input_signature=[spec], jit_compile=self.jit_compile)
+            inner = tf.function(self._embed_graph, input_signature=[spec],
+                                jit_compile=self.jit_compile)
             if not self.jit_compile:
                 self._embed_function = inner
             else:
@@ -121,7 +179,7 @@ class FactorShell(keras.Model):
         return self.embed_function(x)
 
     def call(self, x, training=None):
-        """``x [N, H, W, C]`` pixels -> probabilities ``[N, num_classes]`` (``training`` is ignored)."""
+        """``x [N, H, W, C]`` pixels -> probabilities ``[N, num_classes]`` (``training`` unused)."""
         del training  # the base always runs in inference mode inside a shell
         x = validate_images(x, image_shape=self.image_shape)
         if not tf.executing_eagerly():
@@ -138,10 +196,11 @@ class FactorShell(keras.Model):
         return self.embed_function(x)["probabilities"]
 
     def predict(self, x, *args, **kwargs):
-        """Keras' ``predict``, after checking an array input whole (shape, dtype, range, non-empty)."""
+        """Keras' ``predict``, after checking an array input whole (shape, dtype, range, size)."""
         if isinstance(x, (np.ndarray, tf.Tensor)) or hasattr(x, "__array__"):
             if len(getattr(x, "shape", ())) >= 1 and x.shape[0] == 0:
-                raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}): nothing to predict.")
+                raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}): nothing to "
+                                 f"predict.")
             validate_images(x, image_shape=self.image_shape)
         return super().predict(x, *args, **kwargs)
 
@@ -151,13 +210,75 @@ class FactorShell(keras.Model):
     def build(self, input_shape=None):
         self.built = True
 
+    # -- what the evaluation asks of a shell ------------------------------------------------------
+
+    @classmethod
+    def from_settings(cls, base: keras.Model, settings, *, delta: float, p: float,
+                      seed: int = 0) -> FactorShell:
+        """The shell around ``base`` from the evaluation's shell settings.
+
+        Args:
+          base: Keras model, images ``[N, H, W, C]`` (pixels 0..255) -> logits ``[N, C]``.
+          settings: an object read by attribute name (the evaluation's ``ShellConfig``): ``steps``,
+            ``step_size``, ``optimizer``, ``random_start``, ``ncn_delta_max``, ``ncn_rounds``,
+            ``ncn_alpha``, ``ncn_alpha_factor``, ``ncn_learning_rate``, ``cw_variant``,
+            ``cw_const``, ``cw_max_iterations``, ``jit_compile`` (None: the shell's default).
+          delta: the radius setting in pixels (MCN's delta, the cw shell's all_labels tau).
+          p: the confidence level setting (NCN).
+          seed: the seed of a random shell.
+        """
+        raise NotImplementedError(
+            f"{cls.__name__} does not implement from_settings(base, settings, *, delta, p, seed): "
+            f"define it to build the shell from the evaluation's settings.")
+
+    def passes_per_prediction(self) -> int:
+        """Forward+backward passes of the base in one shell prediction of one image (its search)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement passes_per_prediction(): define it as the "
+            f"forward+backward passes of the base per image of one prediction.")
+
+    @property
+    def search_radius(self) -> float:
+        """The L-inf radius in pixels of the ball around ``x`` the shell searches."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement search_radius: define it as the L-inf "
+            f"radius (pixels) of the ball its search covers.")
+
+    @property
+    def is_random(self) -> bool:
+        """Whether the shell's answer depends on a random draw (:meth:`with_seed` varies it)."""
+        return False
+
+    def with_seed(self, seed: int) -> FactorShell:
+        """A copy of the shell drawing with ``seed`` (for EOT); a deterministic shell returns itself
+        (no draw to vary). The copy shares ``base``."""
+        check_seed(seed)
+        return self
+
+    @property
+    def rows_per_image(self) -> int:
+        """Rows of the search batch per image: the ``C`` labels searched together."""
+        return self.num_classes
+
+    def scores(self, out: dict) -> Scores:
+        """The shell's decision rule as :class:`Scores`, from the dict of :meth:`embed` (``M``
+        points).
+
+        Default (MCN, CW ``all_labels``): slot ``t`` stands for label ``t``, ranked by its log-odds
+        ``lo_t(z_t)``.
+        """
+        lo = np.asarray(out["log_odds"]).astype(np.float64)
+        label = np.broadcast_to(np.arange(lo.shape[1], dtype=np.int32), lo.shape)
+        return Scores(label, lo, lo, None, None, None, answer(out).astype(np.int32))
+
     # -- shared pieces of the graph --------------------------------------------------------------
 
     def _logits(self, z: tf.Tensor) -> tf.Tensor:
         return tf.cast(self.base(z, training=False), tf.float32)
 
     def _tile(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """``[N, ...]`` -> (``[N * C, ...]`` with row ``i * C + t`` = image ``i``, labels ``[N * C]``)."""
+        """``[N, ...]`` -> (``[N * C, ...]``, row ``i * C + t`` = image ``i``; labels ``[N * C]``).
+        """
         n = tf.shape(x)[0]
         return tf.repeat(x, self.num_classes, axis=0), tf.tile(tf.range(self.num_classes), [n])
 
@@ -166,7 +287,8 @@ class FactorShell(keras.Model):
         return tf.reshape(v, tf.concat([[-1, self.num_classes], tf.shape(v)[1:]], axis=0))
 
     def _output(self, z: tf.Tensor, label: tf.Tensor) -> tf.Tensor:
-        """``F(z_t*)`` ``[N, C]`` from ``z`` ``[N, C, ...]``: one forward pass on the ``N`` chosen points."""
+        """``F(z_t*)`` ``[N, C]`` from ``z`` ``[N, C, ...]``: one forward pass on the ``N`` chosen
+        points."""
         chosen = tf.gather(z, label, batch_dims=1)
         return tf.nn.softmax(self._logits(chosen))
 
@@ -178,7 +300,7 @@ class FactorShell(keras.Model):
         A shell is evaluated, never trained, so a loss is optional: without one the reported loss
         is 0.
         """
-        if self._compile_loss is None and not self.losses:
+        if self.loss is None and not self.losses:  # Keras sets `loss` in compile()
             return tf.constant(0.0)
         return super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
                                     training=training)
@@ -190,12 +312,13 @@ class FactorShell(keras.Model):
         )
 
     def get_config(self) -> dict:
+        """The keys every shell has (``name``, ``trainable``, ``base``, ``jit_compile``); each
+        subclass merges its own (``_shell_config``) into this dict."""
         return {
             "name": self.name,
             "trainable": self.trainable,
             "base": keras.saving.serialize_keras_object(self.base),
             "jit_compile": self.jit_compile,
-            **self._shell_config(),
         }
 
     @classmethod
@@ -204,7 +327,20 @@ class FactorShell(keras.Model):
         base = keras.saving.deserialize_keras_object(config.pop("base"))
         return cls(base, **config)
 
-    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs):
+    def _shell_config(self) -> dict:
+        """The subclass's own constructor keywords (merged into :meth:`get_config`)."""
+        return {}
+
+    def _replace(self, **changes) -> FactorShell:
+        """A new shell of the same class around the same ``base`` (shared, not copied: same
+        weights, same compiled caches) with ``changes`` applied to its constructor keywords."""
+        # A fresh name (Keras makes it unique); the base is passed as is, not serialised.
+        config = {k: v for k, v in self.get_config().items()
+                  if k not in ("base", "name", "trainable")}
+        return type(self)(self.base, **{**config, **changes})
+
+    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None,
+               **kwargs):
         """Writes a SavedModel with endpoints ``serve`` (probabilities) and ``embed`` (diagnostics).
 
         Both take ``x`` float32 ``[None, H, W, C]`` (pixels). The SavedModel needs neither Keras

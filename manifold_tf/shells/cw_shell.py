@@ -18,11 +18,19 @@ Two variants:
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from manifold_tf import projected
-from manifold_tf.shells.base import DEFAULT_JIT_COMPILE, FactorShell, log_odds
-from manifold_tf.validation import PIXEL_MAX, check_choice, check_int, check_positive, validate_radius
+from manifold_tf.shells.base import DEFAULT_JIT_COMPILE, FactorShell, Scores, jit_kwargs, log_odds
+from manifold_tf.shells.registry import register
+from manifold_tf.validation import (
+    PIXEL_MAX,
+    check_choice,
+    check_int,
+    check_positive,
+    validate_radius,
+)
 
 VARIANTS = ("paper_code", "all_labels")
 # tau fixed at 1/32 of the range, constants 1e-5 then 0.1 (const_factor 10000 under a largest
@@ -31,6 +39,7 @@ PAPER_CODE_TAU = PIXEL_MAX / 32.0
 PAPER_CODE_CONSTS = dict(initial_const=1e-5, const_factor=1e4, largest_const=20.0)
 
 
+@register("cw")
 @keras.saving.register_keras_serializable(package="manifold_tf")
 class CarliniWagnerShell(FactorShell):
     """The paper's CarliniWagnerShell (see the module docstring for the two variants).
@@ -71,13 +80,46 @@ class CarliniWagnerShell(FactorShell):
         self.learning_rate = check_positive(learning_rate, "learning_rate")
         super().__init__(base, jit_compile=jit_compile, **kwargs)
 
+    @classmethod
+    def from_settings(cls, base: keras.Model, settings, *, delta: float, p: float,
+                      seed: int = 0) -> CarliniWagnerShell:
+        """The cw shell from the evaluation's settings (``cw_variant``, ``cw_const``,
+        ``cw_max_iterations``, ``jit_compile``) and ``delta`` (all_labels' tau); ``p`` and
+        ``seed`` are unused (it is deterministic)."""
+        del p, seed
+        return cls(base, variant=settings.cw_variant, delta=delta, const=settings.cw_const,
+                   max_iterations=settings.cw_max_iterations, **jit_kwargs(settings))
+
     def _shell_config(self) -> dict:
         return dict(variant=self.variant, delta=self.delta, const=self.const,
                     max_iterations=self.max_iterations, learning_rate=self.learning_rate)
 
+    def get_config(self) -> dict:
+        return {**super().get_config(), **self._shell_config()}
+
+    def passes_per_prediction(self) -> int:
+        """``C * 2 * max_iterations``: up to ``max_iterations`` Adam steps per constant, two
+        constants (paper_code; all_labels runs one, so this is an upper bound), ``C`` rows."""
+        return self.num_classes * 2 * self.max_iterations
+
+    @property
+    def search_radius(self) -> float:
+        """Pixels: ``delta`` for ``all_labels`` (its tau and projection radius); ``tau = 255 / 32``
+        for ``paper_code`` (its candidates lie within tau of ``x``; ``delta`` is unused there)."""
+        return self.delta if self.variant == "all_labels" else PAPER_CODE_TAU
+
+    def scores(self, out: dict) -> Scores:
+        """``all_labels``: as MCN (slot ``t`` is label ``t``, ranked by ``lo_t(z_t)``).
+        ``paper_code``: slot ``t`` stands for its candidate's *top* label (``candidate_labels``),
+        ranked by that label's log-odds."""
+        sc = super().scores(out)
+        if self.variant == "paper_code" and "candidate_labels" in out:
+            sc = sc._replace(label=np.asarray(out["candidate_labels"]).astype(np.int32))
+        return sc
+
     def settings(self) -> dict:
         """The settings that matter for the variant (for reports)."""
-        s = dict(shell="cw", variant=self.variant, max_iterations=self.max_iterations,
+        s = dict(shell=self.kind, variant=self.variant, max_iterations=self.max_iterations,
                  learning_rate=self.learning_rate)
         if self.variant == "all_labels":
             s.update(delta=self.delta, const=self.const)
@@ -89,7 +131,7 @@ class CarliniWagnerShell(FactorShell):
     def _embed_graph(self, x: tf.Tensor) -> dict:
         if self.variant == "paper_code":
             return self._paper_code(x)
-        from manifold_tf.attacks.carlini_wagner import cw_inner, to_tanh_space
+        from manifold_tf.cw_search import cw_inner, to_tanh_space
 
         xt, labels = self._tile(x)
         z, ok = cw_inner(
@@ -106,7 +148,7 @@ class CarliniWagnerShell(FactorShell):
                     candidate_labels=self._per_label(tf.argmax(logits, -1, output_type=tf.int32)))
 
     def _paper_code(self, x: tf.Tensor) -> dict:
-        from manifold_tf.attacks.carlini_wagner import cw_schedule
+        from manifold_tf.cw_search import cw_schedule
 
         c = self.num_classes
         n = tf.shape(x)[0]

@@ -2,37 +2,52 @@
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import tensorflow as tf
 
 from manifold_tf import projected
-from manifold_tf.shells.base import DEFAULT_JIT_COMPILE, FactorShell, log_odds
+from manifold_tf.shells.base import (
+    DEFAULT_JIT_COMPILE,
+    FactorShell,
+    check_seed,
+    jit_kwargs,
+    log_odds,
+)
+from manifold_tf.shells.registry import register
 from manifold_tf.validation import check_choice, check_int, validate_radius
 
-OPTIMIZERS = ("pgd", "adam")
+# The package's one vocabulary ("sign": signed steps, "adam"). Configs saved before it said "pgd"
+# for "sign": still accepted, reported as "sign".
+OPTIMIZERS = projected.OPTIMIZERS
+DEPRECATED_OPTIMIZERS = {"pgd": "sign"}
 # XLA on CPU runs a tf.while_loop several times slower than the unrolled steps; past a few dozen
 # steps the unrolled graph's compile time would dominate.
 MAX_UNROLLED_STEPS = 32
 
 
+@register("mcn")
 @keras.saving.register_keras_serializable(package="manifold_tf")
 class MCNShell(FactorShell):
     """MCN_delta (Algorithm 1): for every label ``t``, ``z_t = argmax_{z in N(x, delta)} F(z)_t``.
 
-    The optimiser ascends the log-odds ``log(F(z)_t / (1 - F(z)_t))`` over ``N(x, delta)`` (the L-inf
-    ball, intersected with the pixel box): the same maximiser as ``log F(z)_t``, and the same signed
-    steps, but no float32 saturation (see :func:`log_odds`). ``t* = argmax_t F(z_t)_t``, compared by
-    log-odds so that saturated candidates still rank (ties go to the smaller label); the output is
-    ``F(z_t*)``.
+    The optimiser ascends the log-odds ``log(F(z)_t / (1 - F(z)_t))`` over ``N(x, delta)`` (the
+    L-inf ball, intersected with the pixel box): the same maximiser as ``log F(z)_t``, the same
+    signed steps, but no float32 saturation (see :func:`log_odds`). ``t* = argmax_t F(z_t)_t``,
+    compared by log-odds so that saturated candidates still rank (ties go to the smaller label);
+    the output is ``F(z_t*)``.
 
     Args:
       base: Keras model, images ``[N, H, W, C]`` (pixels) -> logits ``[N, C]``.
       delta: the radius of ``N(x, delta)`` in pixels (8 means 8/255). ``delta = 0`` returns the
         base model's probabilities at ``x``.
-      optimizer: ``"pgd"`` (``steps`` signed steps of ``step_size`` pixels, best iterate kept) or
-        ``"adam"`` (Adam on ``z`` with learning rate ``step_size`` pixels, projected each step).
+      optimizer: ``"sign"`` (``steps`` signed steps of ``step_size`` pixels, best iterate kept) or
+        ``"adam"`` (Adam on ``z`` with learning rate ``step_size`` pixels, projected each step);
+        ``"pgd"`` is a deprecated alias of ``"sign"``.
       steps: ``K``, forward+backward passes per label.
-      step_size: pixels; default ``2.5 * delta / steps`` (Madry et al.'s rule).
+      step_size: pixels; default ``2.5 * delta / steps`` (Madry et al.'s rule,
+        :func:`manifold_tf.projected.madry_step_size`).
       random_start: start each ascent at a uniform point of the ball instead of at ``x``
         (stateless RNG from ``seed``; the draw depends on the batch layout, so a point's output can
         then depend on which other points share its batch).
@@ -50,7 +65,7 @@ class MCNShell(FactorShell):
         base: keras.Model,
         delta: float = 8.0,
         *,
-        optimizer: str = "pgd",
+        optimizer: str = "sign",
         steps: int = 10,
         step_size: float | None = None,
         random_start: bool = False,
@@ -59,22 +74,62 @@ class MCNShell(FactorShell):
         **kwargs,
     ):
         self.delta = validate_radius(delta, "delta")
+        if optimizer in DEPRECATED_OPTIMIZERS:
+            warnings.warn(f"MCNShell optimizer {optimizer!r} is deprecated: use "
+                          f"{DEPRECATED_OPTIMIZERS[optimizer]!r} (the same signed steps).",
+                          DeprecationWarning, stacklevel=2)
+            optimizer = DEPRECATED_OPTIMIZERS[optimizer]
         self.optimizer_name = check_choice(optimizer, "optimizer", OPTIMIZERS)
         self.steps = check_int(steps, "steps", 0)
         if step_size is None:
-            step_size = 2.5 * self.delta / max(self.steps, 1)
+            step_size = projected.madry_step_size(self.delta, self.steps)
         self.step_size = validate_radius(step_size, "step_size")
         self.random_start = bool(random_start)
-        self.seed = int(seed)
+        self.seed = check_seed(seed)
         super().__init__(base, jit_compile=jit_compile, **kwargs)
+
+    @classmethod
+    def from_settings(cls, base: keras.Model, settings, *, delta: float, p: float,
+                      seed: int = 0) -> MCNShell:
+        """MCN_delta from the evaluation's settings (``optimizer``, ``steps``, ``step_size``,
+        ``random_start``, ``jit_compile``); ``p`` is unused."""
+        del p  # MCN has no confidence level
+        return cls(base, delta, optimizer=settings.optimizer, steps=settings.steps,
+                   step_size=settings.step_size, random_start=settings.random_start, seed=seed,
+                   **jit_kwargs(settings))
 
     def _shell_config(self) -> dict:
         return dict(delta=self.delta, optimizer=self.optimizer_name, steps=self.steps,
                     step_size=self.step_size, random_start=self.random_start, seed=self.seed)
 
+    def get_config(self) -> dict:
+        return {**super().get_config(), **self._shell_config()}
+
     def settings(self) -> dict:
         """The settings of the shell (for reports)."""
-        return dict(shell="mcn", **self._shell_config(), jit_compile=self.jit_compile)
+        return dict(shell=self.kind, **self._shell_config(), jit_compile=self.jit_compile)
+
+    def passes_per_prediction(self) -> int:
+        """``C * K``: ``K`` steps for each of the ``C`` labels."""
+        return self.num_classes * self.steps
+
+    @property
+    def search_radius(self) -> float:
+        """``delta``, pixels."""
+        return self.delta
+
+    @property
+    def is_random(self) -> bool:
+        """True with ``random_start`` (the ascent starts at a seeded random point of the ball)."""
+        return self.random_start
+
+    def with_seed(self, seed: int) -> MCNShell:
+        """A copy with another random start seed (sharing ``base``); ``self`` without
+        ``random_start`` (the seed draws nothing then)."""
+        seed = check_seed(seed)
+        if not self.random_start:
+            return self
+        return self._replace(seed=seed)
 
     def _embed_graph(self, x: tf.Tensor) -> dict:
         xt, labels = self._tile(x)
@@ -87,7 +142,7 @@ class MCNShell(FactorShell):
             z0 = projected.random_start(xt, self.delta, tf.constant([self.seed, 0], tf.int64))
         z, score = projected.projected_ascent(
             objective, xt, z0, radius=self.delta, steps=self.steps, step_size=self.step_size,
-            optimizer="sign" if self.optimizer_name == "pgd" else "adam",
+            optimizer=self.optimizer_name,
             unroll=self.jit_compile and self.steps <= MAX_UNROLLED_STEPS,
         )
         z, score = self._per_label(z), self._per_label(score)

@@ -7,10 +7,16 @@ import numpy as np
 import tensorflow as tf
 
 from manifold_tf.projected import adam_step
-from manifold_tf.shells.base import DEFAULT_JIT_COMPILE, FactorShell, log_odds
+from manifold_tf.shells.base import DEFAULT_JIT_COMPILE, FactorShell, Scores, jit_kwargs, log_odds
+from manifold_tf.shells.registry import register
 from manifold_tf.validation import PIXEL_MAX, check_int, check_positive, validate_radius
 
+# The rank key of a label meeting p is MET_KEY - distance: above every log-odds (those are clipped
+# to +-MET_KEY / 2), and nearer ranks higher.
+MET_KEY = 1e12
 
+
+@register("ncn")
 @keras.saving.register_keras_serializable(package="manifold_tf")
 class NCNShell(FactorShell):
     """NCN_p (Algorithm 2): for every label, the nearest point where ``F`` is ``p``-confident in it.
@@ -75,20 +81,59 @@ class NCNShell(FactorShell):
         self.learning_rate = check_positive(learning_rate, "learning_rate")
         super().__init__(base, jit_compile=jit_compile, **kwargs)
 
+    @classmethod
+    def from_settings(cls, base: keras.Model, settings, *, delta: float, p: float,
+                      seed: int = 0) -> NCNShell:
+        """NCN_p from the evaluation's settings (``ncn_delta_max``, ``steps``, ``ncn_rounds``,
+        ``ncn_alpha``, ``ncn_alpha_factor``, ``ncn_learning_rate``, ``jit_compile``); ``delta``
+        and ``seed`` are unused (its radius is ``ncn_delta_max``; it is deterministic)."""
+        del delta, seed
+        return cls(base, p, delta_max=settings.ncn_delta_max, steps=settings.steps,
+                   rounds=settings.ncn_rounds, alpha=settings.ncn_alpha,
+                   alpha_factor=settings.ncn_alpha_factor,
+                   learning_rate=settings.ncn_learning_rate, **jit_kwargs(settings))
+
     def _shell_config(self) -> dict:
         return dict(p=self.p, delta_max=self.delta_max, steps=self.steps, rounds=self.rounds,
                     alpha=self.alpha, alpha_factor=self.alpha_factor,
                     learning_rate=self.learning_rate)
 
+    def get_config(self) -> dict:
+        return {**super().get_config(), **self._shell_config()}
+
     def settings(self) -> dict:
-        return dict(shell="ncn", **self._shell_config(), jit_compile=self.jit_compile)
+        """The settings of the shell (for reports)."""
+        return dict(shell=self.kind, **self._shell_config(), jit_compile=self.jit_compile)
+
+    def passes_per_prediction(self) -> int:
+        """``C * steps * rounds``: every label, ``steps`` Adam steps per penalty round."""
+        return self.num_classes * self.steps * self.rounds
+
+    @property
+    def search_radius(self) -> float:
+        """``delta_max``, pixels (the box the nearest confident point is searched in)."""
+        return self.delta_max
+
+    @property
+    def logit_p(self) -> float:
+        """``log(p / (1 - p))``: ``F_t >= p`` iff the log-odds of ``t`` are ``>= logit_p``."""
+        return float(np.log(self.p) - np.log1p(-self.p))
+
+    def scores(self, out: dict) -> Scores:
+        """NCN's rule: a label meeting ``p`` outranks every label that does not, met labels ranked
+        by distance (nearer first, key ``MET_KEY - d``), the others by log-odds (the fallback)."""
+        sc = super().scores(out)
+        met = np.asarray(out["met"]).astype(bool)
+        dist = np.asarray(out["distances"]).astype(np.float64)
+        key = np.where(met, MET_KEY - dist, np.clip(sc.lo, -MET_KEY / 2, MET_KEY / 2))
+        return sc._replace(key=key, met=met, dist=dist, logit_p=self.logit_p)
 
     def _embed_graph(self, x: tf.Tensor) -> dict:
         xt, labels = self._tile(x)
         rows = tf.shape(xt)[0]
         axes = list(range(1, len(xt.shape)))
         expand = [-1] + [1] * len(axes)
-        logit_p = float(np.log(self.p) - np.log1p(-self.p))  # F_t >= p  <=>  log-odds >= logit(p)
+        logit_p = self.logit_p  # F_t >= p  <=>  log-odds >= logit(p)
 
         def point(s, w):
             return tf.clip_by_value(xt + tf.reshape(self.delta_max * s, expand) * tf.tanh(w),
@@ -110,14 +155,16 @@ class NCNShell(FactorShell):
             return bz, bd, bf, cz, tf.where(surer, odds, cf)
 
         def body(i, s, w, ms, vs, mw, vw, best):
-            alpha = self.alpha * tf.pow(self.alpha_factor, tf.cast(i // max(self.steps, 1), tf.float32))
+            round_ = tf.cast(i // max(self.steps, 1), tf.float32)
+            alpha = self.alpha * tf.pow(self.alpha_factor, round_)
             with tf.GradientTape() as tape:
                 tape.watch([s, w])
                 z = point(s, w)
                 odds = target_odds(z)
                 q = self.delta_max * s + alpha * tf.square(tf.nn.relu(logit_p - odds))
                 total_q = tf.reduce_sum(q)  # rows are independent: the sum's gradient is per row
-            gs, gw = tape.gradient(total_q, [s, w], unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            gs, gw = tape.gradient(total_q, [s, w],
+                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
             best = keep(z, odds, best)
             ds, ms, vs = adam_step(gs, ms, vs, i + 1, self.learning_rate)
             dw, mw, vw = adam_step(gw, mw, vw, i + 1, self.learning_rate)
@@ -145,7 +192,8 @@ class NCNShell(FactorShell):
         met = self._per_label(found)
         z = self._per_label(z_rows)
         any_met = tf.reduce_any(met, axis=1)
-        nearest = tf.argmin(tf.where(met, distances, np.float32(np.inf)), axis=1, output_type=tf.int32)
+        nearest = tf.argmin(tf.where(met, distances, np.float32(np.inf)), axis=1,
+                            output_type=tf.int32)
         surest = tf.argmax(self._per_label(cf), axis=1, output_type=tf.int32)
         label = tf.where(any_met, nearest, surest)
         odds = self._per_label(tf.where(found, bf, cf))
