@@ -28,13 +28,14 @@ SCHEDULES = ("sign", "apgd")
 MADRY_STEP_FACTOR = 2.5
 
 
-def madry_step_size(radius: float, steps: int) -> float:
+def madry_step_size(radius, steps: int):
     """Madry et al.'s step rule: ``2.5 * radius / steps`` pixels per signed step (``steps >= 1``).
 
     With it ``steps`` signed steps can cross the ball 1.25 times, from one face to the other and
     back a little, whatever the start. ``steps = 0`` is treated as 1 (no step is taken anyway).
+    ``radius`` may be a float or a tensor (inside a compiled search); ``steps`` is static.
     """
-    return MADRY_STEP_FACTOR * float(radius) / max(int(steps), 1)
+    return MADRY_STEP_FACTOR * radius / max(int(steps), 1)
 
 
 def project(z: tf.Tensor, x: tf.Tensor, radius) -> tf.Tensor:

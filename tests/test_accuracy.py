@@ -33,8 +33,9 @@ def test_robust_accuracy_matches_the_linear_closed_form_and_the_worst_case_is_th
     margin = logits[np.arange(40), y][:, None] - logits
     provable = np.all((margin > reach + 1e-3) | (np.arange(5)[None] == y[:, None]), axis=1)
     breakable = np.any((margin < reach - 1e-3) & (np.arange(5)[None] != y[:, None]), axis=1)
-    report = accuracy_report(model, x, y, AccuracyConfig(epsilon=eps, pgd_steps=30, pgd_step_size=0.5,
-                                                         apgd_steps=30, apgd_targets=4, batch_size=16))
+    report = accuracy_report(model, x, y, AccuracyConfig(pgd_steps=30, pgd_step_size=0.5,
+                                                         apgd_steps=30, apgd_targets=4,
+                                                         batch_size=16), epsilon=eps)
     assert report["clean"]["k"] == 35 and report["clean"]["n"] == 40
     assert set(report["robust"]) == {"PGD-30", "APGD-CE", "APGD-T"}
     worst = report["worst_case"]
@@ -52,7 +53,7 @@ def test_three_classes_skip_apgd_t_and_zero_apgd_steps_skip_both():
     model = random_linear_model(3)
     x = np.full((4, *SHAPE), 128, np.float32)
     y = model(x).numpy().argmax(1)
-    report = accuracy_report(model, x, y, AccuracyConfig(epsilon=1.0, pgd_steps=2, apgd_steps=5))
+    report = accuracy_report(model, x, y, AccuracyConfig(pgd_steps=2, apgd_steps=5), epsilon=1.0)
     assert set(report["robust"]) == {"PGD-2", "APGD-CE"}
-    report = accuracy_report(model, x, y, AccuracyConfig(epsilon=1.0, pgd_steps=2, apgd_steps=0))
+    report = accuracy_report(model, x, y, AccuracyConfig(pgd_steps=2, apgd_steps=0), epsilon=1.0)
     assert set(report["robust"]) == {"PGD-2"}

@@ -153,7 +153,8 @@ def test_the_duration_estimate_counts_every_phase_and_grows_with_the_budget():
                                     cw=cw, suite=AdaptiveConfig())
     big = estimate.defence_passes(table2_points=10, num_points=30, shell=Shell(), per_prediction=100,
                                   cw=cw, suite=AdaptiveConfig(steps=100, restarts=2, targets=0))
-    assert set(small) == set(big) and len(small) == 5 + len(AdaptiveConfig().shell_attacks)
+    assert set(small) == set(big)
+    assert len(small) == 4 + len(AdaptiveConfig().base_attacks) + len(AdaptiveConfig().shell_attacks)
     assert sum(big.values()) > sum(small.values())
     # CW's schedule: 22 constants from 1e-5 to 20 (doubling), plus one tau round, 100 steps each.
     assert estimate.cw_passes(cw) == 100 * (22 + 1)

@@ -19,12 +19,10 @@ import numpy as np
 import tensorflow as tf
 
 from manifold_tf import compiled, projected
-from manifold_tf.attacks.common import (
-    DEFAULT_JIT_COMPILE,
-    check_positive_int,
-    margin,
-    prepare,
-)
+from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE, margin, prepare
+from manifold_tf.attacks.result import AttackResult
+from manifold_tf.attacks.runner import Step, run_standing
+from manifold_tf.validation import check_int
 
 _DLR_EPS = 1e-12  # AutoAttack's guard against a zero denominator
 
@@ -99,28 +97,25 @@ def _build(loss: str, steps: int):
 
 
 def _apgd(model, x, y, *, loss, epsilon, steps, restarts, num_targets, seed, jit_compile):
-    steps = int(steps)
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0; got {steps}.")
-    restarts = check_positive_int(restarts, "restarts")
+    steps = check_int(steps, "steps", 0)
+    restarts = check_int(restarts, "restarts", 1)
     x, y, num_classes, epsilon = prepare(model, x, y, epsilon, "epsilon")
     needed = {"ce": 2, "dlr": 3, "dlr_targeted": 4}[loss]
     if num_classes < needed:
         raise ValueError(f"APGD with the {loss} loss needs at least {needed} classes; "
                          f"the model has {num_classes}.")
     if loss == "dlr_targeted":
-        num_targets = check_positive_int(num_targets, "num_targets")
+        num_targets = check_int(num_targets, "num_targets", 1)
         if num_targets > num_classes - 1:
             raise ValueError(f"num_targets must be <= num_classes - 1 = {num_classes - 1}; "
                              f"got {num_targets}.")
     n = int(x.shape[0])
     if n == 0:
-        return x
+        return AttackResult.unattacked(x.numpy())
     # The clean forward pass: already-misclassified points are not attacked (they keep x), and
     # APGD-T's targets are the top wrong labels of the clean logits, highest first.
     clean = model(x, training=False).numpy()
     y_np = y.numpy()
-    standing = np.argmax(clean, axis=1) == y_np
     targets = np.zeros((n, 1), np.int32)
     if loss == "dlr_targeted":
         order = np.argsort(-clean, axis=1, kind="stable")
@@ -135,31 +130,26 @@ def _apgd(model, x, y, *, loss, epsilon, steps, restarts, num_targets, seed, jit
                  tf.TensorSpec([2], tf.int64)]
     fn = compiled.cached(model, key, _build(loss, steps), jit_compile=jit_compile,
                          input_signature=signature)
-    x_adv = x.numpy().copy()
-    best_f = np.full(n, -np.inf, np.float32)
     eps = tf.constant(epsilon, tf.float32)
-    run = 0
-    for j in range(targets.shape[1]):
-        for _ in range(restarts):
-            idx = np.flatnonzero(standing)
-            if idx.size == 0:
-                return tf.constant(x_adv)
-            z, f, ok = fn(tf.gather(x, idx), tf.gather(y, idx), tf.constant(targets[idx, j]), eps,
-                          tf.constant([int(seed), run], tf.int64))
-            z, f, ok = z.numpy(), f.numpy(), ok.numpy()
-            # Only standing points were run, so a success is the first for its point; a failure
-            # replaces an earlier failure only with a higher loss (across APGD-T's targets this
-            # compares different targets' losses, all scale-free DLR values).
-            replace = ok | (f > best_f[idx])
-            x_adv[idx[replace]] = z[replace]
-            best_f[idx[replace]] = f[replace]
-            standing[idx[ok]] = False
-            run += 1
-    return tf.constant(x_adv)
+
+    def step(j: int, run: int) -> Step:
+        def attack(xs, ys, idx):
+            z, f, ok = fn(tf.constant(xs), tf.constant(ys, tf.int32),
+                          tf.constant(targets[idx, j]), eps, tf.constant([int(seed), run], tf.int64))
+            return AttackResult(z.numpy(), ok.numpy(), base_passes=steps, score=f.numpy(),
+                                details=dict(target=np.where(loss == "dlr_targeted",
+                                                             targets[idx, j], -1)))
+
+        return Step(f"target {j + 1}, restart {run % restarts + 1}", attack)
+
+    # Across APGD-T's targets the runner compares different targets' losses among failures: all
+    # scale-free DLR values.
+    chain = [step(j, j * restarts + r) for j in range(targets.shape[1]) for r in range(restarts)]
+    return run_standing(chain, x.numpy(), y_np, broken=np.argmax(clean, axis=1) != y_np).result
 
 
 def apgd_ce(model, x, y, *, epsilon: float, steps: int = 100, restarts: int = 1, seed: int = 0,
-            jit_compile: bool = DEFAULT_JIT_COMPILE) -> tf.Tensor:
+            jit_compile: bool = DEFAULT_JIT_COMPILE) -> AttackResult:
     """APGD-CE: Auto-PGD ascending the cross-entropy of the true label, L-inf.
 
     The loss is :func:`cross_entropy` (the usual value, with a gradient that survives saturation).
@@ -175,18 +165,20 @@ def apgd_ce(model, x, y, *, epsilon: float, steps: int = 100, restarts: int = 1,
       jit_compile: compile each run with XLA (XLA then compiles once per batch size it meets).
 
     Returns:
-      ``x_adv`` ``[N, H, W, C]`` float32 inside ``N(x, epsilon)`` and [0, 255]: per example the
-      first misclassified point found, else the highest-loss point (``x`` itself for points
-      misclassified already). Cost: one forward pass over the ``N`` points, then per run ``steps``
-      forward+backward passes and one forward pass over the points still standing: at most
-      ``restarts * steps`` forward+backward passes per point.
+      :class:`AttackResult`: ``x_adv`` ``[N, H, W, C]`` float32 inside ``N(x, epsilon)`` and
+      [0, 255]: per example the first misclassified point found, else the highest-loss point
+      (``x`` itself for points misclassified already, a success at no cost); ``score`` its loss;
+      ``details["run"]`` the run that produced it (-1: none), ``details["target"]`` (-1:
+      untargeted). Cost: one forward pass over the ``N`` points, then per run ``steps``
+      forward+backward passes (``base_passes``, per point as spent) and one forward pass over
+      the points still standing: at most ``restarts * steps`` forward+backward passes per point.
     """
     return _apgd(model, x, y, loss="ce", epsilon=epsilon, steps=steps, restarts=restarts,
                  num_targets=1, seed=seed, jit_compile=jit_compile)
 
 
 def apgd_dlr(model, x, y, *, epsilon: float, steps: int = 100, restarts: int = 1, seed: int = 0,
-             jit_compile: bool = DEFAULT_JIT_COMPILE) -> tf.Tensor:
+             jit_compile: bool = DEFAULT_JIT_COMPILE) -> AttackResult:
     """APGD-DLR: Auto-PGD ascending the untargeted :func:`dlr_loss` (``K >= 3``), L-inf.
 
     Arguments, output and cost as :func:`apgd_ce`.
@@ -196,7 +188,7 @@ def apgd_dlr(model, x, y, *, epsilon: float, steps: int = 100, restarts: int = 1
 
 
 def apgd_t(model, x, y, *, epsilon: float, steps: int = 100, num_targets: int = 9,
-           restarts: int = 1, seed: int = 0, jit_compile: bool = DEFAULT_JIT_COMPILE) -> tf.Tensor:
+           restarts: int = 1, seed: int = 0, jit_compile: bool = DEFAULT_JIT_COMPILE) -> AttackResult:
     """APGD-T: Auto-PGD ascending :func:`dlr_targeted_loss` (``K >= 4``), L-inf.
 
     ``restarts`` runs per target, for the ``num_targets`` (``<= K - 1``; AutoAttack: 9) highest

@@ -54,19 +54,17 @@ import numpy as np
 import tensorflow as tf
 
 from manifold_tf import compiled, projected
-from manifold_tf.shells.base import answer, log_odds
+from manifold_tf.attacks.result import AttackResult
+from manifold_tf.projected import SCHEDULES, madry_step_size
+from manifold_tf.shells import FactorShell, Scores, log_odds
 from manifold_tf.validation import (PIXEL_MAX, PIXEL_MIN, check_choice, check_int, validate_images,
                                     validate_labels, validate_radius)
 
 __all__ = ["SCHEDULES", "bpda"]
 
-SCHEDULES = ("sign", "apgd")
 APGD_RHO, APGD_MOMENTUM = 0.75, 0.75  # Croce & Hein 2020
-_MET = 1e12  # NCN rank key of a label meeting p: above every log-odds (clipped below it)
 # shell -> {seed: copy of the shell with that seed} (EOT samples; one trace per copy).
 _COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-RESULT_KEYS = ("x_adv", "success", "shell_label", "margin", "steps_used", "shell_evals",
-               "base_passes", "target", "run")
 
 
 def _grad_function(base, image_shape: tuple[int, ...], num_classes: int):
@@ -105,40 +103,6 @@ def _grad_function(base, image_shape: tuple[int, ...], num_classes: int):
 
 
 # ---- the shell's decision rule, per point and candidate slot ------------------------------------
-
-
-class Scores(NamedTuple):
-    """A shell's answer in one form for every shell: ``S`` candidate slots per point (``[M, S]``).
-
-    ``label``: the label a slot stands for; ``key``: its rank (the shell answers the label of the
-    highest key, first on ties); ``lo``: the log-odds of ``label`` at the slot's point; ``met`` and
-    ``dist`` (NCN only, else None); ``logit_p`` (NCN); ``pick`` ``[M]``: the shell's label
-    (:func:`~manifold_tf.shells.base.answer`, the argmax of its output).
-    """
-
-    label: np.ndarray
-    key: np.ndarray
-    lo: np.ndarray
-    met: np.ndarray | None
-    dist: np.ndarray | None
-    logit_p: float | None
-    pick: np.ndarray
-
-
-def shell_scores(shell, out: dict) -> Scores:
-    """:class:`Scores` from the dict of ``shell.embed`` (MCN, NCN or CarliniWagnerShell)."""
-    lo = out["log_odds"].numpy().astype(np.float64)
-    m, s = lo.shape
-    label = np.broadcast_to(np.arange(s, dtype=np.int32), (m, s))
-    key, met, dist, logit_p = lo, None, None, None
-    if getattr(shell, "variant", None) == "paper_code" and "candidate_labels" in out:
-        label = out["candidate_labels"].numpy().astype(np.int32)
-    elif "met" in out and "distances" in out:
-        met = out["met"].numpy().astype(bool)
-        dist = out["distances"].numpy().astype(np.float64)
-        key = np.where(met, _MET - dist, np.clip(lo, -_MET / 2, _MET / 2))
-        logit_p = float(np.log(shell.p) - np.log1p(-shell.p))
-    return Scores(label, key, lo, met, dist, logit_p, answer(out).astype(np.int32))
 
 
 class Rows(NamedTuple):
@@ -197,13 +161,11 @@ def surrogate_rows(sc: Scores, y: np.ndarray, target: np.ndarray | None = None) 
 
 
 def check_shell(shell) -> None:
-    missing = [a for a in ("embed_function", "base", "image_shape", "num_classes")
-               if not hasattr(shell, a)]
-    if missing:
+    if not isinstance(shell, FactorShell):
         raise ValueError(
-            f"shell must be a factor shell (MCNShell, NCNShell or CarliniWagnerShell) with "
-            f"`embed_function` and `base`; got {type(shell).__name__}, which lacks {missing}. "
-            f"To attack a plain base model use manifold_tf.attacks.pgd or apgd_ce."
+            f"shell must be a model shell (a manifold_tf.shells.FactorShell: MCNShell, NCNShell, "
+            f"CarliniWagnerShell or a registered one); got {type(shell).__name__}. To attack a "
+            f"plain base model use manifold_tf.attacks.pgd or apgd_ce."
         )
 
 
@@ -233,23 +195,16 @@ def eot_shells(shell, eot_samples: int, seed: int) -> list:
     """``eot_samples`` copies of a random shell with seeds other than its own (cached); ``[]`` for a
     deterministic shell (nothing to average) or ``eot_samples == 0``."""
     eot_samples = check_int(eot_samples, "eot_samples", 0)
-    if not eot_samples or not getattr(shell, "random_start", False):
+    if not eot_samples or not shell.is_random:
         return []
-    if not hasattr(shell, "seed"):
-        raise ValueError(f"EOT needs a shell whose randomness is driven by a `seed` attribute; "
-                         f"{type(shell).__name__} has none.")
     rng = np.random.default_rng([int(seed) & 0x7FFFFFFF, int(shell.seed) & 0x7FFFFFFF, 17])
     draws = rng.integers(0, 2**31 - 1, 2 * eot_samples + 1)
     seeds = [s for s in dict.fromkeys(draws.tolist()) if s != shell.seed]
     copies = _COPIES.setdefault(shell, {})
-    out = []
     for s in seeds[:eot_samples]:
         if int(s) not in copies:
-            config = {k: v for k, v in shell.get_config().items()
-                      if k not in ("base", "name", "trainable")}
-            copies[int(s)] = type(shell)(shell.base, **{**config, "seed": int(s)})
-        out.append(copies[int(s)])
-    return out
+            copies[int(s)] = shell.with_seed(int(s))
+    return [copies[int(s)] for s in seeds[:eot_samples]]
 
 
 def check_x_init(shell, x: np.ndarray, x_init) -> np.ndarray:
@@ -260,12 +215,21 @@ def check_x_init(shell, x: np.ndarray, x_init) -> np.ndarray:
 
 
 def empty_result(x: np.ndarray, steps: int, target=None) -> dict:
+    """The working state of a BPDA run (numpy arrays ``[N]``), turned into an
+    :class:`AttackResult` by :func:`as_result`."""
     n = len(x)
     return dict(x_adv=x.copy(), success=np.zeros(n, bool), shell_label=np.zeros(n, np.int32),
                 margin=np.full(n, -np.inf, np.float32), steps_used=np.full(n, steps, np.int32),
                 shell_evals=np.zeros(n, np.int64), base_passes=np.zeros(n, np.int64),
-                target=np.full(n, -1, np.int32) if target is None else np.array(target, np.int32),
-                run=np.zeros(n, np.int32))
+                target=np.full(n, -1, np.int32) if target is None else np.array(target, np.int32))
+
+
+def as_result(res: dict) -> AttackResult:
+    """:class:`AttackResult` of a BPDA state: ``score`` is the shell's margin, ``details`` hold
+    ``shell_label``, ``steps_used`` and ``target``."""
+    return AttackResult(res["x_adv"], res["success"], base_passes=res["base_passes"],
+                        shell_predictions=res["shell_evals"], score=res["margin"],
+                        details={k: res[k] for k in ("shell_label", "steps_used", "target")})
 
 
 # ---- one run ------------------------------------------------------------------------------------
@@ -273,7 +237,8 @@ def empty_result(x: np.ndarray, steps: int, target=None) -> dict:
 
 def bpda(shell, x, y, *, epsilon: float, steps: int = 20, step_size: float | None = None,
          x_init=None, random_start: bool = False, seed: int = 0, target=None,
-         schedule: str = "sign", eot_samples: int = 0, progress=None) -> dict:
+         schedule: str = "sign", eot_samples: int = 0, warm_steps: int = 0,
+         progress=None) -> AttackResult:
     """One L-inf BPDA run on a factor shell (identity approximation of its search; see the module).
 
     Per step, on the points not yet fooled: evaluate the shell at ``x'``; a point it gets wrong is
@@ -294,16 +259,23 @@ def bpda(shell, x, y, *, epsilon: float, steps: int = 20, step_size: float | Non
       eot_samples: for a shell with ``random_start``: average the gradient and the progress
         measure over this many copies with other seeds (0: use the shell's own evaluation).
         Ignored for deterministic shells.
+      warm_steps: with ``> 0`` (a deterministic shell that offers
+        :meth:`~manifold_tf.shells.FactorShell.warm_search`), the steps between the first and
+        the last evaluate the attacker's approximation of the shell instead of the shell: its
+        search warm-started from the previous step's points, ``warm_steps`` steps per label.
+        Every success it claims is checked with the shell itself (and the last iterate is
+        always the shell's), so reported successes stay the shell's; only the gradient and
+        the progress measure come from the approximation.
       progress: optional callable ``(done_steps, total_steps, points_standing)``.
 
     Returns:
-      dict of numpy arrays ``[N]``: ``x_adv`` float32 ``[N, H, W, 3]`` (the first iterate where the
+      :class:`AttackResult`: ``x_adv`` float32 ``[N, H, W, 3]`` (the first iterate where the
       shell was wrong, else the last; in ``N(x, epsilon)`` and the box), ``success`` (the shell's
-      label at ``x_adv`` is not ``y``), ``shell_label``, ``margin`` (the shell's untargeted margin
-      at ``x_adv``, :func:`surrogate_rows`: ``> 0`` iff wrong, up to ties), ``steps_used`` (the
-      step of the success, 0 = the start; ``steps`` if none), ``shell_evals`` and ``base_passes``
-      (cost: shell predictions; forward+backward base passes outside the shell), ``target`` (-1:
-      untargeted) and ``run`` (0; chains number their runs).
+      label at ``x_adv`` is not ``y``), ``score`` (the shell's untargeted margin at ``x_adv``,
+      :func:`surrogate_rows`: ``> 0`` iff wrong, up to ties), ``shell_predictions`` and
+      ``base_passes`` (forward+backward base passes outside the shell), ``details``:
+      ``shell_label``, ``steps_used`` (the step of the success, 0 = the start; ``steps`` if none)
+      and ``target`` (-1: untargeted).
 
     The label is the shell's on the batch of points still running; for a shell with a random
     start another batch layout is another draw (EOT copies are cached per seed: one trace each).
@@ -314,12 +286,13 @@ def bpda(shell, x, y, *, epsilon: float, steps: int = 20, step_size: float | Non
     """
     x, y, epsilon, target = prepare(shell, x, y, epsilon, target)
     steps = check_int(steps, "steps", 0)
+    warm_steps = check_int(warm_steps, "warm_steps", 0)
     schedule = check_choice(schedule, "schedule", SCHEDULES)
     if schedule == "apgd" and step_size is not None:
         raise ValueError(f"step_size is for schedule='sign'; APGD starts at 2 * epsilon and halves "
                          f"it (got step_size={step_size}).")
-    step_size = validate_radius(2.5 * epsilon / max(steps, 1) if step_size is None else step_size,
-                                "step_size")
+    step_size = validate_radius(madry_step_size(epsilon, steps) if step_size is None
+                                else step_size, "step_size")
     progress = check_progress(progress)
     copies = eot_shells(shell, eot_samples, seed)
     if x_init is not None:
@@ -333,17 +306,24 @@ def bpda(shell, x, y, *, epsilon: float, steps: int = 20, step_size: float | Non
         start = x
     res = empty_result(start, steps, target)
     if len(x) == 0:
-        return res
+        return as_result(res)
     lo_box, hi_box = np.maximum(x - epsilon, PIXEL_MIN), np.minimum(x + epsilon, PIXEL_MAX)
     grad_fn = _grad_function(shell.base, tuple(shell.image_shape), int(shell.num_classes))
     x_adv = res["x_adv"]
     apgd = _Apgd(start, epsilon, steps) if schedule == "apgd" else None
     active = np.arange(len(x))
+    warm = None if copies or not warm_steps else shell.warm_search(warm_steps)
+    z_prev = None  # the search's points at the previous iterate (warm start), [active, C, ...]
     for k in range(steps + 1):
         current = x_adv[active]
-        out = shell.embed_function(tf.constant(current))
-        res["shell_evals"][active] += 1
-        sc = shell_scores(shell, out)
+        if warm is not None and z_prev is not None and k < steps:
+            out = warm(tf.constant(current), tf.constant(z_prev))
+            res["base_passes"][active] += shell.rows_per_image * warm_steps
+            sc = _confirmed(shell, current, y[active], shell.scores(out), res, active)
+        else:
+            out = shell.embed_function(tf.constant(current))
+            res["shell_evals"][active] += 1
+            sc = shell.scores(out)
         res["shell_label"][active] = sc.pick
         res["margin"][active] = surrogate_rows(sc, y[active]).margin
         done = sc.pick != y[active]
@@ -354,6 +334,8 @@ def bpda(shell, x, y, *, epsilon: float, steps: int = 20, step_size: float | Non
             progress(k if active.size else steps, steps, int(active.size))
         if k == steps or active.size == 0:
             break
+        if warm is not None:
+            z_prev = out["z"].numpy()[keep]
         current = current[keep]
         tk = None if target is None else target[active]
         if copies:
@@ -361,7 +343,7 @@ def bpda(shell, x, y, *, epsilon: float, steps: int = 20, step_size: float | Non
             res["shell_evals"][active] += len(copies)
         else:
             samples = [(shell, {key: tf.boolean_mask(v, keep) for key, v in out.items()})]
-        rows = [surrogate_rows(shell_scores(c, o), y[active], tk) for c, o in samples]
+        rows = [surrogate_rows(c.scores(o), y[active], tk) for c, o in samples]
         cat = lambda f: tf.constant(np.concatenate([getattr(r, f) for r in rows]))  # noqa: E731
         g = grad_fn(tf.concat([o["z"] for _, o in samples], 0), cat("up"), cat("up_label"),
                     cat("down"), cat("down_label"), cat("scaled")).numpy()
@@ -374,7 +356,25 @@ def bpda(shell, x, y, *, epsilon: float, steps: int = 20, step_size: float | Non
             f = np.mean(np.clip([r.margin for r in rows], -1e9, 1e9), axis=0)  # no inf - inf
             nxt = apgd.step(k, active, current, g, f, lo, hi)
         x_adv[active] = nxt
-    return res
+    return as_result(res)
+
+
+def _confirmed(shell, x: np.ndarray, y: np.ndarray, approx: Scores, res: dict,
+               active: np.ndarray) -> Scores:
+    """``approx`` (a warm-started search's scores) with every row it calls wrong replaced by the
+    shell's own answer there: a success is never a property of the approximation."""
+    claimed = np.flatnonzero(approx.pick != y)
+    if not claimed.size:
+        return approx
+    real = shell.scores(shell.embed_function(tf.constant(x[claimed])))
+    res["shell_evals"][active[claimed]] += 1
+    fields = []
+    for mine, theirs in zip(approx, real):
+        if isinstance(mine, np.ndarray):
+            mine = mine.copy()
+            mine[claimed] = theirs
+        fields.append(mine)
+    return Scores(*fields)
 
 
 class _Apgd:

@@ -1,10 +1,11 @@
 """The strengthened attacks on a shell: chains of BPDA runs, and the ``lift`` attack on MCN_delta.
 
-Each function runs several attacks AutoAttack-style: every run sees only the points still standing,
-and per point the first verified success is kept (a point never broken keeps the result with the
-highest shell margin). All return the dict of :func:`~manifold_tf.attacks.bpda.bpda` with costs
-summed over runs, ``run`` the index of the run that produced ``x_adv`` and ``target`` its target
-(-1: untargeted).
+Each function runs several attacks AutoAttack-style with :func:`~manifold_tf.attacks.runner.run_standing`:
+every run sees only the points still standing, and per point the first verified success is kept
+(a point never broken keeps the result with the highest shell margin). All return the
+:class:`~manifold_tf.attacks.result.AttackResult` of :func:`~manifold_tf.attacks.bpda.bpda` with
+costs summed over runs, ``details["run"]`` the index of the run that produced ``x_adv`` and
+``details["target"]`` its target (-1: untargeted).
 
 - :func:`bpda_restarts`: BPDA from ``x``, from a given ``x_init`` (a transfer attack's ``x'``) and
   from seeded random points of the ball.
@@ -22,29 +23,18 @@ import tensorflow as tf
 
 from manifold_tf import compiled, projected
 from manifold_tf.attacks.bpda import (
-    SCHEDULES,
     bpda,
     check_progress,
     check_x_init,
-    empty_result,
     prepare,
-    shell_scores,
-    surrogate_rows,
 )
-from manifold_tf.shells.base import log_odds
+from manifold_tf.attacks.result import AttackResult
+from manifold_tf.attacks.runner import Step, run_standing
+from manifold_tf.projected import SCHEDULES, madry_step_size
+from manifold_tf.shells import log_odds
 from manifold_tf.validation import PIXEL_MAX, check_choice, check_int, validate_radius
 
 __all__ = ["bpda_restarts", "bpda_targeted", "lift", "target_order"]
-
-
-def _merge(res: dict, idx: np.ndarray, out: dict, run: int) -> None:
-    """Folds the result ``out`` of a run on the points ``idx`` into ``res`` (in place)."""
-    res["shell_evals"][idx] += out["shell_evals"]
-    res["base_passes"][idx] += out["base_passes"]
-    replace = out["success"] | (out["margin"] > res["margin"][idx]) | (res["run"][idx] < 0)
-    for key in ("x_adv", "success", "shell_label", "margin", "steps_used", "target"):
-        res[key][idx[replace]] = out[key][replace]
-    res["run"][idx[replace]] = run
 
 
 def _sub_progress(progress, offset: int, total: int):
@@ -72,7 +62,7 @@ def target_order(shell, x, y, out: dict | None = None) -> np.ndarray:
     ``out`` is ``shell.embed(x)`` if already computed.
     """
     x, y, _, _ = prepare(shell, x, y, 0.0)
-    sc = shell_scores(shell, shell.embed_function(tf.constant(x)) if out is None else out)
+    sc = shell.scores(shell.embed_function(tf.constant(x)) if out is None else out)
     m, c = len(y), int(shell.num_classes)
     rows = np.arange(m)
     best = np.full((m, c), -np.inf)
@@ -95,28 +85,28 @@ def _starts(shell, x, epsilon, x_init, from_x, random_restarts, seed):
     return starts
 
 
-def _chain(shell, x, y, epsilon, steps, runs, progress, kwargs) -> dict:
+def _chain(shell, x, y, epsilon, steps, runs, progress, kwargs) -> AttackResult:
     """Runs ``runs`` = [(start [N, ...], target [N] or None)] in order on the points standing."""
-    res = empty_result(x, steps)
-    res["run"][:] = -1
     total = len(runs) * steps
-    for r, (start, target) in enumerate(runs):
-        idx = np.flatnonzero(~res["success"])
-        if idx.size == 0:
-            break
-        out = bpda(shell, x[idx], y[idx], epsilon=epsilon, steps=steps, x_init=start[idx],
-                   target=None if target is None else target[idx],
-                   progress=_sub_progress(progress, r * steps, total), **kwargs)
-        _merge(res, idx, out, r)
+
+    def step(r: int, start, target) -> Step:
+        def attack(xs, ys, idx):
+            return bpda(shell, xs, ys, epsilon=epsilon, steps=steps, x_init=start[idx],
+                        target=None if target is None else target[idx],
+                        progress=_sub_progress(progress, r * steps, total), **kwargs)
+
+        return Step(f"run {r}", attack)
+
+    suite = run_standing([step(r, s, t) for r, (s, t) in enumerate(runs)], x, y)
     if progress is not None:
-        progress(total, total, int((~res["success"]).sum()))
-    return res
+        progress(total, total, int(suite.standing.sum()))
+    return suite.result
 
 
 def bpda_restarts(shell, x, y, *, epsilon: float, steps: int = 20, x_init=None,
                   from_x: bool = True, random_restarts: int = 0, target=None, seed: int = 0,
                   schedule: str = "apgd", step_size: float | None = None, eot_samples: int = 0,
-                  progress=None) -> dict:
+                  warm_steps: int = 0, progress=None) -> AttackResult:
     """BPDA from several starts, in order: ``x`` (if ``from_x``), ``x_init`` (if given), then
     ``random_restarts`` seeded uniform points of ``N(x, epsilon)``; each run attacks only the points
     still standing. Other arguments as :func:`~manifold_tf.attacks.bpda.bpda` (``target`` makes
@@ -127,7 +117,8 @@ def bpda_restarts(shell, x, y, *, epsilon: float, steps: int = 20, x_init=None,
     x, y, epsilon, target = prepare(shell, x, y, epsilon, target)
     steps = check_int(steps, "steps", 0)
     starts = _starts(shell, x, epsilon, x_init, from_x, random_restarts, seed)
-    kwargs = dict(schedule=schedule, step_size=step_size, eot_samples=eot_samples, seed=seed)
+    kwargs = dict(schedule=schedule, step_size=step_size, eot_samples=eot_samples, seed=seed,
+                  warm_steps=warm_steps)
     return _chain(shell, x, y, epsilon, steps, [(s, target) for s in starts],
                   check_progress(progress), kwargs)
 
@@ -135,7 +126,7 @@ def bpda_restarts(shell, x, y, *, epsilon: float, steps: int = 20, x_init=None,
 def bpda_targeted(shell, x, y, *, epsilon: float, num_targets=3, steps: int = 20, x_init=None,
                   from_x: bool = True, random_restarts: int = 0, seed: int = 0,
                   schedule: str = "apgd", step_size: float | None = None, eot_samples: int = 0,
-                  progress=None) -> dict:
+                  warm_steps: int = 0, progress=None) -> AttackResult:
     """Targeted BPDA for the ``num_targets`` best wrong labels (int, or ``"all"``) by the shell's
     ranking at ``x`` (:func:`target_order`), best first; for each target the starts of
     :func:`bpda_restarts`. Every run attacks only the points still standing; success is any wrong
@@ -147,13 +138,13 @@ def bpda_targeted(shell, x, y, *, epsilon: float, num_targets=3, steps: int = 20
     k = _num_targets(num_targets, int(shell.num_classes))
     starts = _starts(shell, x, epsilon, x_init, from_x, random_restarts, seed)
     if len(x) == 0:
-        return empty_result(x, steps)
+        return bpda(shell, x, y, epsilon=epsilon, steps=steps)
     order = target_order(shell, x, y)
     runs = [(s, order[:, j]) for j in range(k) for s in starts]
-    kwargs = dict(schedule=schedule, step_size=step_size, eot_samples=eot_samples, seed=seed)
+    kwargs = dict(schedule=schedule, step_size=step_size, eot_samples=eot_samples, seed=seed,
+                  warm_steps=warm_steps)
     res = _chain(shell, x, y, epsilon, steps, runs, check_progress(progress), kwargs)
-    res["shell_evals"] += 1
-    return res
+    return res.with_cost(shell_predictions=1)  # the ranking at x
 
 
 # ---- lift ---------------------------------------------------------------------------------------
@@ -173,7 +164,7 @@ def _lift_function(base, image_shape, steps: int, schedule: str):
                 z, _ = projected.apgd_ascent(objective, x, x, radius=radius, steps=steps)
             else:
                 z, _ = projected.projected_ascent(objective, x, x, radius=radius, steps=steps,
-                                                  step_size=2.5 * radius / max(steps, 1))
+                                                  step_size=madry_step_size(radius, steps))
             return z
 
         return run
@@ -184,7 +175,7 @@ def _lift_function(base, image_shape, steps: int, schedule: str):
 
 def lift(shell, x, y, *, epsilon: float, delta: float | None = None, num_targets="all",
          steps: int = 20, schedule: str = "apgd", bpda_steps: int = 0, eot_samples: int = 0,
-         seed: int = 0, progress=None) -> dict:
+         seed: int = 0, progress=None) -> AttackResult:
     """"Think as the attacker of MCN": lift a confident point of the base into the shell's reach.
 
     MCN_delta answers the label that can be made most confident within ``delta`` of its input. For
@@ -207,16 +198,17 @@ def lift(shell, x, y, *, epsilon: float, delta: float | None = None, num_targets
     ``y``'s distance. For the CarliniWagnerShell likewise (its search is CW's, not a maximisation).
 
     Args:
-      delta: the shell's radius in pixels; default ``shell.delta`` (MCN), else
-        ``shell.delta_max`` (NCN). ``epsilon + delta`` must be ``<= 255``.
+      delta: the shell's radius in pixels; default ``shell.search_radius`` (MCN: ``delta``, NCN:
+        ``delta_max``). ``epsilon + delta`` must be ``<= 255``.
       steps, schedule: the base ascent's (``"apgd"``: 2 (epsilon + delta) halved on APGD's
         schedule; ``"sign"``: ``2.5 (epsilon + delta) / steps`` per step).
       bpda_steps, eot_samples, seed: of the follow-up BPDA (APGD schedule).
       Others as :func:`~manifold_tf.attacks.bpda.bpda`.
 
     Returns:
-      The dict of :func:`~manifold_tf.attacks.bpda.bpda`; ``run`` is the target's rank (-1: the
-      shell was already wrong at ``x``), ``steps_used`` the BPDA step of the success (0: ``x'``).
+      The :class:`AttackResult` of :func:`~manifold_tf.attacks.bpda.bpda`; ``details["run"]`` is
+      the target's rank (-1: the shell was already wrong at ``x``), ``details["steps_used"]`` the
+      BPDA step of the success (0: ``x'``).
 
     Cost per point: one shell prediction at ``x``, then per target tried ``steps`` forward+backward
     (and one forward) base passes and one shell prediction, plus the follow-up BPDA's cost.
@@ -226,46 +218,37 @@ def lift(shell, x, y, *, epsilon: float, delta: float | None = None, num_targets
     bpda_steps = check_int(bpda_steps, "bpda_steps", 0)
     schedule = check_choice(schedule, "schedule", SCHEDULES)
     progress = check_progress(progress)
-    if delta is None:
-        delta = getattr(shell, "delta", getattr(shell, "delta_max", None))
-        if delta is None:
-            raise ValueError(f"{type(shell).__name__} has no `delta` or `delta_max`: pass delta.")
+    delta = shell.search_radius if delta is None else delta
     radius = validate_radius(epsilon + validate_radius(delta, "delta"), "epsilon + delta")
     k = _num_targets(num_targets, int(shell.num_classes))
-    res = empty_result(x, bpda_steps)
     if len(x) == 0:
-        return res
+        return bpda(shell, x, y, epsilon=epsilon, steps=bpda_steps)
     out = shell.embed_function(tf.constant(x))
-    sc = shell_scores(shell, out)
-    res["shell_evals"] += 1
-    res.update(shell_label=sc.pick, margin=surrogate_rows(sc, y).margin.astype(np.float32),
-               success=sc.pick != y, steps_used=np.zeros(len(x), np.int32))
-    res["run"][:] = -1  # already wrong at x (the others are replaced by their first run)
+    wrong_at_x = shell.scores(out).pick != y
     order = target_order(shell, x, y, out)
     fn = _lift_function(shell.base, tuple(shell.image_shape), steps, schedule)
     total = k * (steps + bpda_steps)
     lo, hi = np.maximum(x - epsilon, 0.0), np.minimum(x + epsilon, PIXEL_MAX)
-    for j in range(k):
-        idx = np.flatnonzero(~res["success"])
-        if idx.size == 0:
-            break
-        t = order[idx, j]
-        z = fn(tf.constant(x[idx]), tf.constant(t), tf.constant(radius, tf.float32)).numpy()
-        start = np.clip(z, lo[idx], hi[idx]).astype(np.float32)
-        res["base_passes"][idx] += steps
-        if progress is not None:
-            progress(j * (steps + bpda_steps) + steps, total, int(idx.size))
-        if bpda_steps:
-            got = bpda(shell, x[idx], y[idx], epsilon=epsilon, steps=bpda_steps, x_init=start,
-                       target=t, schedule="apgd", eot_samples=eot_samples, seed=seed,
-                       progress=_sub_progress(progress, j * (steps + bpda_steps) + steps, total))
-        else:
-            sc = shell_scores(shell, shell.embed_function(tf.constant(start)))
-            got = empty_result(start, 0)
-            got.update(success=sc.pick != y[idx], shell_label=sc.pick, target=t,
-                       margin=surrogate_rows(sc, y[idx]).margin.astype(np.float32))
-            got["shell_evals"] += 1
-        _merge(res, idx, got, j)
+
+    def step(j: int) -> Step:
+        def attack(xs, ys, idx):
+            t = order[idx, j]
+            z = fn(tf.constant(xs), tf.constant(t), tf.constant(radius, tf.float32)).numpy()
+            start = np.clip(z, lo[idx], hi[idx]).astype(np.float32)
+            if progress is not None:
+                progress(j * (steps + bpda_steps) + steps, total, int(idx.size))
+            if bpda_steps:
+                got = bpda(shell, xs, ys, epsilon=epsilon, steps=bpda_steps, x_init=start,
+                           target=t, schedule="apgd", eot_samples=eot_samples, seed=seed,
+                           progress=_sub_progress(progress, j * (steps + bpda_steps) + steps,
+                                                  total))
+            else:  # zero BPDA steps: the verification of x' alone, with the target recorded
+                got = bpda(shell, xs, ys, epsilon=epsilon, steps=0, x_init=start, target=t)
+            return got.with_cost(base_passes=steps)
+
+        return Step(f"target {j + 1}", attack)
+
+    suite = run_standing([step(j) for j in range(k)], x, y, broken=wrong_at_x)
     if progress is not None:
-        progress(total, total, int((~res["success"]).sum()))
-    return res
+        progress(total, total, int(suite.standing.sum()))
+    return suite.result.with_cost(shell_predictions=1)  # the shell at x

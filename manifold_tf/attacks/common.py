@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import weakref
 
+import numpy as np
 import tensorflow as tf
 
 from manifold_tf.validation import check_logits, validate_images, validate_labels, validate_radius
@@ -50,12 +51,12 @@ def goal(logits: tf.Tensor, labels: tf.Tensor, targeted: bool) -> tf.Tensor:
     return tf.equal(pred, labels) if targeted else tf.not_equal(pred, labels)
 
 
-def check_positive_int(value, name: str) -> int:
-    if int(value) != value or int(value) < 1:
-        raise ValueError(f"{name} must be a positive integer; got {value!r}.")
-    return int(value)
-
-
+def predicted_wrong(model, x_adv, y) -> np.ndarray:
+    """``[N]`` bool: ``model``'s label at ``x_adv`` differs from ``y`` (a fresh forward pass)."""
+    x_adv = np.asarray(x_adv, np.float32)
+    if not len(x_adv):
+        return np.zeros(0, bool)
+    return np.argmax(np.asarray(model(x_adv, training=False)), -1) != np.asarray(y)
 
 
 def bcast(mask: tf.Tensor, x: tf.Tensor) -> tf.Tensor:

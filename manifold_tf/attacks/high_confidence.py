@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from manifold_tf import compiled, projected
 from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE, prepare, seed_tensor
-from manifold_tf.validation import validate_radius
+from manifold_tf.attacks.result import AttackResult
+from manifold_tf.validation import check_choice, check_int, validate_radius
 
 
 def high_confidence(
@@ -14,43 +16,43 @@ def high_confidence(
     x,
     y,
     *,
-    delta: float,
+    epsilon: float,
     steps: int,
     step_size: float,
     optimizer: str = "sign",
     random_start: bool = False,
     seed: int = 0,
     jit_compile: bool = DEFAULT_JIT_COMPILE,
-) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """The most confident wrong prediction reachable in ``N(x, delta)``, per point.
+) -> AttackResult:
+    """The most confident wrong prediction reachable in ``N(x, epsilon)``, per point.
 
     For every point ``i`` and every wrong label ``t != y_i`` it ascends ``log F(z)_t`` over
-    ``N(x_i, delta)`` (:func:`projected.projected_ascent`); all ``N * (K - 1)`` problems run as one
+    ``N(x_i, epsilon)`` (:func:`projected.projected_ascent`); all ``N * (K - 1)`` problems run as one
     batch. Each candidate ``z_t`` is scored by its wrong-label confidence ``max_{j != y} F(z_t)_j``
     (usually ``F(z_t)_t``), and the best candidate per point is returned.
 
     Args:
       model: Keras model, images -> logits ``[N, K]``.
       x: images ``[N, H, W, C]``, pixels 0..255. y: true labels ``[N]``.
-      delta: radius of the neighbourhood in pixels.
+      epsilon: radius of the neighbourhood in pixels (the separation test's ``delta``).
       steps, step_size: ascent steps and their size (pixels; the Adam learning rate for "adam").
       optimizer: ``"sign"`` (PGD steps) or ``"adam"``.
       random_start: start each ascent at a uniform random point of the ball (else at ``x``).
 
     Returns:
-      ``(x_best [N, H, W, C], confidence [N], label [N])``: the best point, its wrong-label
-      confidence ``max_{j != y} F(x_best)_j`` in [0, 1], and that label ``j``. Cost:
-      ``(K - 1) * (steps + 2)`` model passes per point, ``(K - 1) * steps`` with a backward pass.
+      :class:`AttackResult`: ``x_adv`` the best point; ``details["confidence"]`` its wrong-label
+      confidence ``max_{j != y} F(x_adv)_j`` in [0, 1] (also the ``score``) and
+      ``details["label"]`` that label ``j``; ``success`` when ``j`` is the model's top label there
+      (misclassified). Cost: ``(K - 1) * (steps + 2)`` model passes per point, ``(K - 1) * steps``
+      with a backward pass (``base_passes``).
     """
-    if optimizer not in projected.OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {projected.OPTIMIZERS}; got {optimizer!r}.")
-    steps = int(steps)
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0; got {steps}.")
+    optimizer = check_choice(optimizer, "optimizer", projected.OPTIMIZERS)
+    steps = check_int(steps, "steps", 0)
     step_size = validate_radius(step_size, "step_size")
-    x, y, num_classes, delta = prepare(model, x, y, delta, "delta")
+    x, y, num_classes, epsilon = prepare(model, x, y, epsilon, "epsilon")
     if x.shape[0] == 0:
-        return x, tf.zeros([0]), tf.zeros([0], tf.int32)
+        return AttackResult.unattacked(x.numpy(), confidence=np.zeros(0, np.float32),
+                                       label=np.zeros(0, np.int32))
     key = ("high_confidence", steps, optimizer, bool(random_start))
 
     def build(net):
@@ -78,9 +80,15 @@ def high_confidence(
             label = tf.reshape(tf.argmax(wrong, axis=-1, output_type=tf.int32), [n, k])
             best = tf.argmax(conf, axis=-1, output_type=tf.int32)
             rows = tf.range(n) * k + best
-            return tf.gather(z, rows), tf.gather(conf, best, batch_dims=1), tf.gather(label, best, batch_dims=1)
+            top = tf.argmax(tf.gather(probs, rows), axis=-1, output_type=tf.int32)
+            return (tf.gather(z, rows), tf.gather(conf, best, batch_dims=1),
+                    tf.gather(label, best, batch_dims=1), tf.not_equal(top, labels))
 
         return run
 
     fn = compiled.cached(model, key, build, jit_compile=jit_compile)
-    return fn(x, y, tf.constant(delta, tf.float32), tf.constant(step_size, tf.float32), seed_tensor(seed))
+    z, conf, label, wrong = fn(x, y, tf.constant(epsilon, tf.float32),
+                               tf.constant(step_size, tf.float32), seed_tensor(seed))
+    conf = conf.numpy()
+    return AttackResult(z.numpy(), wrong.numpy(), base_passes=(num_classes - 1) * steps,
+                        score=conf, details=dict(confidence=conf, label=label.numpy()))

@@ -6,15 +6,9 @@ import numpy as np
 import tensorflow as tf
 
 from manifold_tf import compiled, projected
-from manifold_tf.attacks.common import (
-    DEFAULT_JIT_COMPILE,
-    check_positive_int,
-    goal,
-    margin,
-    prepare,
-    seed_tensor,
-)
-from manifold_tf.validation import validate_radius
+from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE, goal, margin, prepare, seed_tensor
+from manifold_tf.attacks.result import AttackResult
+from manifold_tf.validation import check_int, validate_radius
 
 LOSSES = ("xent", "cw")
 
@@ -33,7 +27,7 @@ def pgd(
     targeted: bool = False,
     seed: int = 0,
     jit_compile: bool = DEFAULT_JIT_COMPILE,
-) -> tf.Tensor:
+) -> AttackResult:
     """L-inf PGD: ``restarts`` runs of ``steps`` signed-gradient steps of ``step_size`` pixels.
 
     Args:
@@ -50,33 +44,31 @@ def pgd(
       jit_compile: compile the loop with XLA.
 
     Returns:
-      ``x_adv`` ``[N, H, W, C]`` float32 inside ``N(x, epsilon)`` and [0, 255]. Cost:
-      ``restarts * steps`` forward+backward passes and ``restarts * 2`` (1 if ``restarts == 1``)
-      forward passes of the model.
+      :class:`AttackResult`: ``x_adv`` ``[N, H, W, C]`` float32 inside ``N(x, epsilon)`` and
+      [0, 255]; ``success`` (misclassified, or classified as the target, at ``x_adv``); ``score``
+      the loss there. Cost: ``restarts * steps`` forward+backward passes and ``restarts * 2``
+      forward passes of the model (``base_passes`` counts the former).
     """
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}; got {loss!r}.")
-    steps = int(steps)
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0; got {steps}.")
-    restarts = check_positive_int(restarts, "restarts")
+    steps = check_int(steps, "steps", 0)
+    restarts = check_int(restarts, "restarts", 1)
     step_size = validate_radius(step_size, "step_size")
     x, y, _, epsilon = prepare(model, x, y, epsilon, "epsilon")
     if x.shape[0] == 0:
-        return x
+        return AttackResult.unattacked(x.numpy())
     key = ("pgd", steps, loss, bool(random_start), restarts, bool(targeted))
 
     def build(net):
-        def objective_fn(labels):
-            def objective(z):
-                logits = net(z, training=False)
-                if loss == "cw":
-                    m = margin(logits, labels)
-                    return m if targeted else -m
-                logp = tf.gather(tf.nn.log_softmax(logits), labels, batch_dims=1)
-                return logp if targeted else -logp
+        def loss_of(logits, labels):
+            if loss == "cw":
+                m = margin(logits, labels)
+                return m if targeted else -m
+            logp = tf.gather(tf.nn.log_softmax(logits), labels, batch_dims=1)
+            return logp if targeted else -logp
 
-            return objective
+        def objective_fn(labels):
+            return lambda z: loss_of(net(z, training=False), labels)
 
         def run(x, labels, eps, step, seed):
             objective = objective_fn(labels)
@@ -103,9 +95,13 @@ def pgd(
             _, z, _, _ = tf.while_loop(
                 lambda r, *_: r < restarts, one_restart, init, maximum_iterations=restarts
             )
-            return projected.project(z, x, eps)
+            z = projected.project(z, x, eps)
+            logits = net(z, training=False)
+            return z, goal(logits, labels, targeted), loss_of(logits, labels)
 
         return run
 
     fn = compiled.cached(model, key, build, jit_compile=jit_compile)
-    return fn(x, y, tf.constant(epsilon, tf.float32), tf.constant(step_size, tf.float32), seed_tensor(seed))
+    z, ok, f = fn(x, y, tf.constant(epsilon, tf.float32), tf.constant(step_size, tf.float32),
+                  seed_tensor(seed))
+    return AttackResult(z.numpy(), ok.numpy(), base_passes=restarts * steps, score=f.numpy())

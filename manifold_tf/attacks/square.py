@@ -40,10 +40,13 @@ import numpy as np
 import tensorflow as tf
 
 from manifold_tf import compiled
-from manifold_tf.attacks.common import check_positive_int
+from manifold_tf.attacks.result import AttackResult
+from manifold_tf.shells.base import FactorShell
 from manifold_tf.validation import (
     PIXEL_MAX,
     PIXEL_MIN,
+    check_choice,
+    check_int,
     validate_images,
     validate_labels,
     validate_radius,
@@ -130,7 +133,7 @@ def square(
     output: str = "logits",
     batch_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
-) -> dict:
+) -> AttackResult:
     """Untargeted L-inf Square attack on any score function (see the module docstring).
 
     Args:
@@ -151,29 +154,28 @@ def square(
         round; nothing is printed.
 
     Returns:
-      dict of numpy arrays: ``x_adv`` float32 ``[N, H, W, C]`` (in ``N(x, epsilon)``: the first
-      point found with ``L < 0``, else the best point visited), ``success`` bool ``[N]`` (the
-      model's argmax at ``x_adv`` is not ``y``, from a final call on ``x_adv``), ``queries`` int32
-      ``[N]`` (queries spent per image, ``1..queries``) and ``margin`` float32 ``[N]`` (``L`` at
-      ``x_adv`` from that final call; ``< 0`` implies success).
+      :class:`AttackResult`: ``x_adv`` float32 ``[N, H, W, C]`` (in ``N(x, epsilon)``: the first
+      point found with ``L < 0``, else the best point visited), ``success`` (the model's argmax at
+      ``x_adv`` is not ``y``, from a final call on ``x_adv``), ``details["queries"]`` int32
+      (queries spent per image, ``1..queries``: ``shell_predictions`` when ``model`` is a shell;
+      a base model's forward passes are not counted as forward+backward ``base_passes``) and
+      ``details["margin"]`` float32 (``L`` at ``x_adv`` from that final call; ``< 0`` implies
+      success; ``score`` is ``-L``).
     """
     epsilon = validate_radius(epsilon, "epsilon")
-    if isinstance(queries, bool):
-        raise ValueError(f"queries must be a positive integer; got {queries!r}.")
-    queries = check_positive_int(queries, "queries")
+    queries = check_int(queries, "queries", 1)
     p_init = float(p_init)
     if not 0.0 < p_init <= 1.0:
         raise ValueError(f"p_init must lie in (0, 1]; got {p_init}.")
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}; got {output!r}.")
+    check_choice(output, "output", OUTPUTS)
     if batch_size is not None:
-        batch_size = check_positive_int(batch_size, "batch_size")
+        batch_size = check_int(batch_size, "batch_size", 1)
     x = validate_images(x, image_shape=None).numpy()
     n, h, w, c = x.shape
     if n == 0:
         validate_labels(y, num_examples=0, num_classes=1)
-        return dict(x_adv=x, success=np.zeros(0, bool), queries=np.zeros(0, np.int32),
-                    margin=np.zeros(0, np.float32))
+        return AttackResult.unattacked(x, queries=np.zeros(0, np.int32),
+                                       margin=np.zeros(0, np.float32))
     score = _scorer(model, output, (h, w, c), batch_size)
     rng = np.random.default_rng(int(seed))
     eps = np.float32(epsilon)
@@ -229,9 +231,8 @@ def square(
 
     # Verification: the model's own answer at x_adv, on every image.
     final = score(best)
-    return dict(
-        x_adv=best.astype(np.float32),
-        success=final.argmax(axis=1) != y,
-        queries=spent,
-        margin=_margin(final, y, output).astype(np.float32),
-    )
+    margin = _margin(final, y, output).astype(np.float32)
+    return AttackResult(
+        best, final.argmax(axis=1) != y, score=-margin,
+        shell_predictions=spent if isinstance(model, FactorShell) else 0,
+        details=dict(queries=spent, margin=margin))

@@ -22,6 +22,9 @@ from manifold_tf.evaluation.config import (
     RunConfig,
     SeparationConfig,
     ShellConfig,
+    ThreatConfig,
+    from_preset,
+    parse_budget,
 )
 from manifold_tf.evaluation.runner import evaluate
 from manifold_tf.evaluation.store import RunStore, SettingsMismatch
@@ -29,5 +32,5 @@ from manifold_tf.evaluation.store import RunStore, SettingsMismatch
 __all__ = [
     "PRESETS", "AccuracyConfig", "AdaptiveConfig", "BaseAttackConfig", "DefenceConfig",
     "EvaluationConfig", "InputConfig", "RunConfig", "RunStore", "SeparationConfig",
-    "SettingsMismatch", "ShellConfig", "evaluate",
+    "SettingsMismatch", "ShellConfig", "ThreatConfig", "evaluate", "from_preset", "parse_budget",
 ]

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from manifold_tf import reporting
+from manifold_tf import attacks, reporting
 from manifold_tf.evaluation.config import AccuracyConfig
 from manifold_tf.evaluation.inputs import predict_logits
 from manifold_tf.evaluation.stats import format_proportion, proportion
@@ -20,10 +20,8 @@ from manifold_tf.validation import validate_images, validate_labels, validate_ra
 
 
 def _attacks(config: AccuracyConfig, num_classes: int, epsilon: float) -> dict:
-    """``{name: fn(model, x, y, seed) -> x_adv}`` for the attacks ``config`` asks for, at budget
-    ``epsilon`` pixels."""
-    from manifold_tf import attacks
-
+    """``{name: fn(model, x, y, seed) -> AttackResult}`` for the attacks ``config`` asks for, at
+    budget ``epsilon`` pixels."""
     out = {f"PGD-{config.pgd_steps}": lambda m, x, y, s: attacks.pgd(
         m, x, y, epsilon=epsilon, steps=config.pgd_steps, step_size=config.pgd_step_size,
         restarts=config.pgd_restarts, seed=s)}
@@ -62,7 +60,7 @@ def accuracy_report(model, x: np.ndarray, y: np.ndarray, config: AccuracyConfig,
             idx = np.nonzero(clean_correct[i : i + bs])[0] + i
             if not len(idx):
                 continue
-            x_adv = np.asarray(attack(model, x[idx], y[idx], seed + i))
+            x_adv = attack(model, x[idx], y[idx], seed + i).x_adv
             ok[idx] = predict_logits(model, x_adv).argmax(-1) == y[idx]
             progress.update(len(idx), extra=f"robust so far {int(ok[: i + bs].sum())}/{min(i + bs, len(x))}")
         robust[name] = ok

@@ -1,14 +1,8 @@
-"""The adaptive evaluation's verdict: statistics, sanity checks, Markdown, ``summary.json``, figures.
+"""The adaptive evaluation's verdict, rendered: statistics, Markdown, ``summary.json``, figures.
 
-Sanity checks (Carlini et al. 2019, "On evaluating adversarial robustness"), run with every adaptive
-evaluation; a report that fails one says so on its first line:
-
-- ``zero_epsilon``: with ``epsilon = 0`` the attack returns ``x`` and G there is G(x) (no success);
-- ``epsilon_sweep``: BPDA's success on the sanity points does not fall as ``epsilon`` grows and
-  reaches 99% at a large ``epsilon`` (an attack that cannot win with a huge budget is broken, or
-  the gradients are masked);
-- ``black_box``: Square, run after the white-box attacks on the points they left standing, breaks
-  none of them (if it does, the gradient attacks missed what a query attack found: masked gradients).
+Reads the :class:`~manifold_tf.evaluation.adaptive.AdaptiveRun` of the protocol (records, settings,
+sanity checks, why the run stopped); runs no attack. A report whose sanity checks failed says so
+on its first line.
 """
 
 from __future__ import annotations
@@ -21,57 +15,15 @@ from importlib import metadata as importlib_metadata
 import numpy as np
 
 from manifold_tf import reporting
-from manifold_tf.evaluation.stats import format_proportion, mcnemar_exact, proportion
-
-SANITY = "adaptive_sanity"
-
-
-def sanity_checks(base, shell, images, labels, order, config, store, *, epsilon: float, seed: int,
-                  records: list[dict]) -> dict:
-    """Runs (or loads) the sanity checks on the first ``sanity_points`` points of ``order``."""
-    from manifold_tf import attacks
-    from manifold_tf.evaluation.adaptive import shell_labels
-
-    broken_by_square = sum(r["shell_broken_by"].count("square") for r in records)
-    black_box = dict(passed=broken_by_square == 0, square_only=int(broken_by_square),
-                     ran="square" in config.shell_attacks,
-                     note="points Square broke after every white-box attack failed on them")
-    saved = store.load(SANITY, 0) if store.settings(SANITY) else None
-    if saved is None and config.sanity_points:
-        store.bind(SANITY, dict(points=int(config.sanity_points), steps=int(config.sanity_steps),
-                                epsilon=float(epsilon), large_epsilon=float(config.large_epsilon)))
-        idx = order[: config.sanity_points]
-        x, y = images[idx].astype(np.float32), labels[idx].astype(np.int64)
-        g_x = shell_labels(shell, x)
-        right = g_x == y
-        zero = attacks.bpda(shell, x[right], y[right], epsilon=0.0, steps=2, seed=seed)
-        again = shell_labels(shell, x)
-        epsilons = sorted({float(epsilon), float(min(2 * epsilon, 255)), float(config.large_epsilon)})
-        sweep = []
-        for eps in epsilons:
-            out = attacks.bpda(shell, x[right], y[right], epsilon=eps, steps=config.sanity_steps,
-                               schedule="apgd", seed=seed)
-            ok = shell_labels(shell, np.asarray(out["x_adv"])) != y[right]
-            sweep.append(dict(epsilon=eps, broken=int(ok.sum()), attacked=int(right.sum())))
-        saved = dict(zero_epsilon=dict(successes=int(np.sum(zero["success"])),
-                                       moved=float(np.abs(np.asarray(zero["x_adv"]) - x[right]).max(initial=0.0)),
-                                       consistent=bool(np.array_equal(g_x, again)),
-                                       points=int(right.sum())),
-                     epsilon_sweep=sweep)
-        store.save(SANITY, 0, saved)
-    if saved is None:
-        return dict(black_box=black_box, passed=black_box["passed"], failures=[] if black_box["passed"]
-                    else ["black_box"])
-    z = saved["zero_epsilon"]
-    zero_ok = z["successes"] == 0 and z["moved"] == 0.0 and z["consistent"]
-    rates = [s["broken"] / s["attacked"] if s["attacked"] else 1.0 for s in saved["epsilon_sweep"]]
-    sweep_ok = all(b >= a for a, b in zip(rates, rates[1:])) and rates[-1] >= 0.99
-    checks = dict(zero_epsilon=dict(passed=zero_ok, **z),
-                  epsilon_sweep=dict(passed=sweep_ok, rates=rates, runs=saved["epsilon_sweep"]),
-                  black_box=black_box)
-    failures = [k for k, v in checks.items() if not v["passed"]]
-    return dict(checks, passed=not failures, failures=failures)
-
+from manifold_tf.evaluation.adaptive import PROTOCOL, AdaptiveRun
+from manifold_tf.evaluation import sequential
+from manifold_tf.evaluation.stats import (
+    format_paired_difference,
+    format_proportion,
+    mcnemar_exact,
+    paired_difference,
+    proportion,
+)
 
 def _cumulative(records: list[dict], key: str, names: list[str]) -> dict:
     """Robust accuracy after each attack in order (a point falls at the attack that broke it)."""
@@ -84,8 +36,23 @@ def _cumulative(records: list[dict], key: str, names: list[str]) -> dict:
     return out
 
 
-def summarize(records: list[dict], settings: dict, sanity: dict) -> dict:
-    """The verdict of the records: accuracies with intervals, McNemar, per-attack, cost."""
+def paired(shell: np.ndarray, base: np.ndarray, *, anytime: bool, n_total: int) -> dict:
+    """Shell minus base on the same points, with a paired 95% interval: Newcombe's hybrid score
+    interval for a fixed design, the confidence sequence where the run looked and stopped on the
+    outcomes (its fixed-n interval would not keep its coverage)."""
+    fixed = paired_difference(shell, base, method="newcombe")
+    if not anytime:
+        return dict(fixed, interval="fixed-n, Newcombe 1998 method 10")
+    cs = sequential.decide(shell.astype(float) - base.astype(float), n_total=n_total, margin=0.0)
+    return dict(fixed, ci_low=cs.ci_low, ci_high=cs.ci_high, method="betting sequence",
+                interval="anytime-valid confidence sequence (Waudby-Smith & Ramdas), sampling "
+                         "without replacement from the test set")
+
+
+def summarize(records: list[dict], settings: dict, sanity: dict, stopping: dict | None = None
+              ) -> dict:
+    """The verdict of the records: paired differences, accuracies with intervals, McNemar,
+    per-attack, cost, and why the run stopped."""
     base_by = sum((r["base_broken_by"] for r in records), [])
     shell_by = sum((r["shell_broken_by"] for r in records), [])
     n = len(base_by)
@@ -95,8 +62,17 @@ def summarize(records: list[dict], settings: dict, sanity: dict) -> dict:
     base_names = records[0].get("base_attacks") or ["transfer_cw"] + sorted(
         {b for b in base_by if b not in ("", "clean", "transfer_cw")})
     cost = {k: sum(r["cost"][k] for r in records) for k in records[0]["cost"]}
+    stopping = stopping or dict(rule="points", reason="all planned points were evaluated", n=n)
+    anytime = settings["suite"].get("until") == "decided"
+    n_total = int(settings.get("num_test_points", n))
+    shell_clean = np.array([b != "clean" for b in shell_by])
+    base_clean = np.array([b != "clean" for b in base_by])
     return dict(
         n=n,
+        difference=dict(
+            robust_accuracy=paired(shell_robust, base_robust, anytime=anytime, n_total=n_total),
+            clean_accuracy=paired(shell_clean, base_clean, anytime=anytime, n_total=n_total)),
+        stopping=stopping,
         base=dict(clean=proportion(sum(b != "clean" for b in base_by), n),
                   robust=proportion(int(base_robust.sum()), n),
                   by_attack=_cumulative(records, "base_broken_by", base_names)),
@@ -152,6 +128,10 @@ def summary_json(report: dict) -> dict:
                 "search); Square uses only the shell's output probabilities.")),
         shell=block(v["shell"], dict(settings=s["shell"])),
         base=block(v["base"], dict(checkpoint=s.get("checkpoint"))),
+        difference={k: {f: d[f] for f in ("estimate", "ci_low", "ci_high", "shell_only",
+                                          "base_only", "n", "method", "interval")}
+                    for k, d in v["difference"].items()},
+        stopping=v["stopping"],
         mcnemar_p_value=v["mcnemar"]["p_value"],
         sanity_checks_passed=v["sanity"]["passed"],
         sanity_failures=v["sanity"]["failures"],
@@ -166,8 +146,13 @@ def verdict_lines(v: dict) -> str:
     """The lines the headline prints first: sanity verdict, clean and robust accuracy, McNemar."""
     sanity = ("SANITY CHECKS FAILED: " + ", ".join(v["sanity"]["failures"]) + " (the robust accuracy "
               "below is not trustworthy)" if not v["sanity"]["passed"] else "Sanity checks passed.")
-    m = v["mcnemar"]
+    m, d = v["mcnemar"], v["difference"]
     return (f"{sanity}\n\n"
+            f"- **what the shell changes, robust accuracy (shell minus base, same points): "
+            f"{format_paired_difference(d['robust_accuracy'])}**\n"
+            f"- what the shell costs, clean accuracy (shell minus base): "
+            f"{format_paired_difference(d['clean_accuracy'])}\n"
+            f"- stopped: {v['stopping']['reason']} (rule: {v['stopping']['rule']})\n"
             f"- base, clean: {format_proportion(v['base']['clean'])}\n"
             f"- shell, clean: {format_proportion(v['shell']['clean'])}\n"
             f"- **base alone, robust (worst case of its attacks): {format_proportion(v['base']['robust'])}**\n"
@@ -218,12 +203,11 @@ def adaptive_markdown(report: dict) -> str:
             f"{v['seconds']:.0f} s.\n\nSuite settings: `{json.dumps(s['suite'])}`\n")
 
 
-def write_adaptive_report(records, settings, sanity, images, store, *, class_names=None,
+def write_adaptive_report(run: AdaptiveRun, images, store, *, class_names=None,
                           max_figure_cases: int = 12) -> dict:
     """``adaptive.json``/``.md``, ``summary.json``, ``adaptive_failures.png``, ``adaptive_attacks.png``."""
-    from manifold_tf.evaluation.adaptive import PROTOCOL
-
-    verdict = summarize(records, settings, sanity)
+    records, settings = run.records, run.settings
+    verdict = summarize(records, settings, run.sanity, run.stopping)
     report = dict(settings=settings, verdict=verdict,
                   points=[dict(index=i, label=r["labels"][k], base_broken_by=r["base_broken_by"][k],
                                shell_broken_by=r["shell_broken_by"][k], linf=r["linf"][k])

@@ -306,6 +306,10 @@ class AdaptiveConfig:
     shell_attacks: tuple[str, ...] = setting(SHELL_ATTACKS, "Attacks on the shell, in order: "
                                              + ", ".join(SHELL_ATTACKS) + ".")
     steps: int = setting(20, "BPDA steps per run (each one shell prediction).")
+    warm_steps: int = setting(
+        0, "BPDA steps between the first and the last evaluate a warm-started approximation of the "
+           "shell (this many search steps per label, from the previous step's points) instead of "
+           "the shell; every success it claims is checked with the shell (0: the shell each step).")
     restarts: int = setting(
         0, "BPDA random restarts (besides the starts at x and at the transfer x').")
     targets: int = setting(2, "Targeted BPDA / lift: the shell's top wrong labels tried (0: all).")
@@ -336,8 +340,8 @@ class AdaptiveConfig:
                              f"got {self.margin!r}.")
         if self.budget is not None:
             parse_budget(self.budget)
-        for name in ("steps", "restarts", "targets", "lift_steps", "square_queries", "eot_samples",
-                     "base_apgd_steps", "base_square_queries", "sanity_points", "sanity_steps"):
+        for name in ("steps", "restarts", "targets", "warm_steps", "lift_steps", "square_queries",
+                     "eot_samples", "base_apgd_steps", "base_square_queries", "sanity_points", "sanity_steps"):
             check_int(getattr(self, name), name, 0)
         check_int(self.base_targets, "base_targets", 1)
         for name in self.shell_attacks:

@@ -61,7 +61,13 @@ def defence_passes(*, table2_points: int, num_points: int, shell, per_prediction
     for name in suite.shell_attacks:
         phases[f"adaptive: {name} on the shell"] = num_points * (
             shell_predictions.get(name, 0) * per_prediction + base_only.get(name, 0))
-    phases["adaptive: APGD-CE and APGD-T on the base"] = num_points * suite.base_apgd_steps * (1 + min(9, c - 1))
+    targets = min(suite.base_targets, c - 1)
+    base_passes = {"apgd_ce": suite.base_apgd_steps, "apgd_t": targets * suite.base_apgd_steps,
+                   "fab_t": targets * suite.base_apgd_steps,
+                   # Square's queries are forward passes only: about a third of a forward+backward.
+                   "square": suite.base_square_queries / 3.0}
+    for name in suite.base_attacks:
+        phases[f"adaptive: {name} on the base"] = num_points * base_passes[name]
     phases["adaptive: CW on the base (points not in Table 2)"] = (num_points - table2_points) * cw_passes(cw)
     phases["adaptive: sanity checks"] = 3 * suite.sanity_points * (suite.sanity_steps + 1) * per_prediction
     return phases

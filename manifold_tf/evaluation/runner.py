@@ -127,7 +127,7 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
 
     phases = estimate.defence_passes(
         table2_points=walk or cfg.batches * cfg.batch_points, num_points=num_points, shell=shell,
-        per_prediction=adaptive.passes_per_prediction(shell), cw=cfg.attack.cw_kwargs(),
+        per_prediction=shell.passes_per_prediction(), cw=cfg.attack.cw_kwargs(),
         suite=suite)
     rate = estimate.passes_per_second(base, shell.image_shape)
     logging.info("%s", estimate.describe(phases, rate))
@@ -135,11 +135,13 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
                                  seed=config.run.seed,
                                  metadata=metadata, class_names=inputs.class_names, walk=walk)
     if suite.attack != "none":
-        result = adaptive.run_adaptive(
+        run = adaptive.run_adaptive(
             base, shell, x, y, dataclasses.replace(suite, num_points=num_points), store,
             epsilon=config.threat.epsilon, cw_kwargs=cfg.attack.cw_kwargs(), seed=config.run.seed,
-            permutation=cfg.permutation, batch_points=cfg.batch_points,
-            class_names=inputs.class_names, metadata=metadata)
+            permutation=cfg.permutation, batch_points=cfg.batch_points, metadata=metadata)
+        if run is not None:  # the chief writes the reports
+            result = adaptive_report.write_adaptive_report(run, x, store.alone(),
+                                                           class_names=inputs.class_names)
     if not workers.is_chief:
         return (f"{workers.describe()}: its batches are in {store.directory}; the chief (worker 0) "
                 f"writes the reports.")

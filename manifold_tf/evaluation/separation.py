@@ -148,7 +148,8 @@ def run_separation(model, images: np.ndarray, labels: np.ndarray, *, delta: floa
         start = time.perf_counter()
         idx = indices[b]
         x, y = images[idx].astype(np.float32), labels[idx].astype(np.int32)
-        _, conf, wrong = attacks.high_confidence(model, x, y, delta=delta, seed=seed + b, **attack)
+        out = attacks.high_confidence(model, x, y, epsilon=delta, seed=seed + b, **attack)
+        conf, wrong = out.details["confidence"], out.details["label"]
         pred = np.argmax(model(x, training=False).numpy(), axis=-1)
         result = dict(
             batch=b, indices=idx.tolist(), labels=y.tolist(),
@@ -201,7 +202,8 @@ def convergence_check(model, images: np.ndarray, labels: np.ndarray, run: dict, 
     for b, (name, kwargs) in enumerate(variants):
         saved = store.load(protocol, b) if store is not None else None
         if saved is None:
-            _, conf, _ = attacks.high_confidence(model, x, y, delta=delta, seed=seed + 1000 + b, **kwargs)
+            conf = attacks.high_confidence(model, x, y, epsilon=delta, seed=seed + 1000 + b,
+                                           **kwargs).details["confidence"]
             conf = np.asarray(conf, np.float64)
             if kwargs.get("random_start"):
                 conf = np.maximum(conf, main)

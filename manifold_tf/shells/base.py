@@ -260,6 +260,20 @@ class FactorShell(keras.Model):
         """Rows of the search batch per image: the ``C`` labels searched together."""
         return self.num_classes
 
+    def warm_search(self, steps: int):
+        """An attacker's cheap approximation of the search, warm-started; ``None`` if the shell
+        has none (the default).
+
+        Where given: a compiled ``(x [M, H, W, C], z_prev [M, C, H, W, C']) -> dict`` like
+        :meth:`embed`'s, that runs ``steps`` steps of the shell's own search from ``z_prev``
+        projected onto the ball around ``x``, instead of the full search from ``x``. BPDA's steps
+        move ``x`` a little at a time, so the previous step's points are a good start. It is not the
+        shell: an attack using it must confirm every success with the shell itself. Cost per image:
+        ``rows_per_image * steps`` forward+backward passes of the base.
+        """
+        del steps
+        return None
+
     def scores(self, out: dict) -> Scores:
         """The shell's decision rule as :class:`Scores`, from the dict of :meth:`embed` (``M``
         points).

@@ -1,0 +1,123 @@
+"""The two attack suites of the adaptive evaluation, as lists of :class:`~manifold_tf.attacks.Step`.
+
+The shell G and its base F are attacked on the same points, each by its own strongest attacks
+(METHOD.md, "Adaptive evaluation"); both suites run through
+:func:`~manifold_tf.attacks.run_standing` (each attack on the points still standing, the first
+verified success wins):
+
+- F alone: the paper's CW L-inf (the transfer ``x'``), then ``config.base_attacks`` in order:
+  APGD-CE, APGD-T (the DLR loss, ``base_targets`` target labels), FAB-T, Square.
+- G: ``transfer_cw`` (the paper's CW x' on F), ``transfer_confident`` (the most confident wrong
+  point of ``N(x, epsilon)`` for F: the separation search), ``lift`` (MCN answers the label that can
+  be made most confident within delta of its input: a confident point of ``N(x, epsilon + delta)``
+  clipped into ``N(x, epsilon)``), ``bpda`` (identity BPDA, APGD schedule, from x, from the
+  transfer x' and random starts), ``bpda_targeted`` (the shell's top wrong labels) and ``square``
+  (score-based black box on the shell's probabilities; it tells whether gradients are masked).
+
+Units: pixels (0..255).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from absl import logging
+
+from manifold_tf import attacks, reporting
+from manifold_tf.attacks import AttackResult, Step
+from manifold_tf.evaluation.config import AdaptiveConfig
+from manifold_tf.projected import madry_step_size
+
+
+class Ticker:
+    """A throttled progress callback for an attack: a line with counts, rate and ETA every 20 s."""
+
+    def __init__(self, desc: str, every: float = 20.0):
+        self.desc, self.every = desc, every
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done, total=None, standing=None):
+        now = time.perf_counter()
+        if now - self.last < self.every:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (total - done) / rate if total and rate > 0 else float("nan")
+        logging.info(f"{self.desc}: {done}/{total if total else '?'} steps, {rate:.2g} steps/s, "
+                     f"ETA {reporting.format_duration(eta)}"
+                     + (f", {standing} points standing" if standing is not None else ""))
+
+
+def in_ball(step: Step, x: np.ndarray, epsilon: float) -> Step:
+    """``step`` with its ``x_adv`` clipped into ``N(x, epsilon)`` and the box: a success is only
+    counted inside the threat model, whatever an attack returns (float rounding included)."""
+    lo, hi = np.maximum(x - epsilon, 0.0), np.minimum(x + epsilon, 255.0)
+
+    def run(xs, ys, idx):
+        out = step.run(xs, ys, idx)
+        return out.replace(x_adv=np.clip(out.x_adv, lo[idx], hi[idx]))
+
+    return Step(step.name, run)
+
+
+def given(name: str, x_given: np.ndarray) -> Step:
+    """A transfer attack whose ``x'`` is already known: no cost, success left to verification."""
+    return Step(name, lambda xs, ys, idx: AttackResult(x_given[idx], np.zeros(len(idx), bool)))
+
+
+def shell_suite(shell, base, config: AdaptiveConfig, x_cw: np.ndarray, *, epsilon: float,
+                seed: int, desc: str = "adaptive") -> list[Step]:
+    """The attacks on the shell, in ``config.shell_attacks`` order (``x_cw``: CW's ``x'`` on F)."""
+    eot = config.eot_samples if shell.is_random else 0
+    targets = "all" if config.targets == 0 else config.targets
+    steps = {
+        "transfer_cw": lambda: given("transfer_cw", x_cw),
+        "transfer_confident": lambda: Step("transfer_confident", lambda xs, ys, idx: (
+            attacks.high_confidence(base, xs, ys, epsilon=epsilon, steps=config.steps,
+                                    step_size=madry_step_size(epsilon, config.steps), seed=seed))),
+        "lift": lambda: Step("lift", lambda xs, ys, idx: attacks.lift(
+            shell, xs, ys, epsilon=epsilon, num_targets=targets, steps=config.lift_steps,
+            seed=seed, progress=Ticker(f"{desc}: lift"))),
+        "bpda": lambda: Step("bpda", lambda xs, ys, idx: attacks.bpda_restarts(
+            shell, xs, ys, epsilon=epsilon, steps=config.steps, x_init=x_cw[idx], from_x=True,
+            random_restarts=config.restarts, seed=seed, eot_samples=eot,
+            warm_steps=config.warm_steps, progress=Ticker(f"{desc}: bpda"))),
+        "bpda_targeted": lambda: Step("bpda_targeted", lambda xs, ys, idx: attacks.bpda_targeted(
+            shell, xs, ys, epsilon=epsilon, num_targets=targets, steps=config.steps,
+            x_init=x_cw[idx], from_x=False, seed=seed, eot_samples=eot,
+            warm_steps=config.warm_steps, progress=Ticker(f"{desc}: bpda_targeted"))),
+        "square": lambda: Step("square", lambda xs, ys, idx: attacks.square(
+            shell, xs, ys, epsilon=epsilon, queries=config.square_queries, seed=seed,
+            output="probabilities", progress=_square_ticker(f"{desc}: square (queries)",
+                                                            config.square_queries))),
+    }
+    return [steps[name]() for name in config.shell_attacks]
+
+
+def _square_ticker(desc: str, queries: int):
+    ticker = Ticker(desc)
+    return lambda spent, standing: ticker(spent, queries, standing)
+
+
+def base_suite(base, config: AdaptiveConfig, x_cw: np.ndarray, *, epsilon: float,
+               seed: int) -> list[Step]:
+    """The attacks on the base alone: CW's ``x'``, then ``config.base_attacks`` in order (APGD-T
+    and FAB-T need at least 4 and 3 classes; a model with fewer skips them)."""
+    num_classes = int(base.output_shape[-1])
+    targets = min(config.base_targets, num_classes - 1)
+    steps = config.base_apgd_steps
+    runs = {
+        "apgd_ce": lambda xs, ys, idx: attacks.apgd_ce(base, xs, ys, epsilon=epsilon, steps=steps,
+                                                       seed=seed),
+        "apgd_t": lambda xs, ys, idx: attacks.apgd_t(base, xs, ys, epsilon=epsilon, steps=steps,
+                                                     num_targets=targets, seed=seed),
+        "fab_t": lambda xs, ys, idx: attacks.fab(base, xs, ys, epsilon=epsilon, steps=steps,
+                                                 targeted=True, num_targets=targets, seed=seed),
+        "square": lambda xs, ys, idx: attacks.square(
+            base, xs, ys, epsilon=epsilon, queries=config.base_square_queries,
+            seed=seed),
+    }
+    needs = {"apgd_t": 4, "fab_t": 3}
+    return [given("transfer_cw", x_cw)] + [Step(n, runs[n]) for n in config.base_attacks
+                                           if num_classes >= needs.get(n, 2)]
