@@ -293,13 +293,14 @@ class AdaptiveConfig:
                           choices=("none", "suite"), flag="adaptive")
     num_points: int = setting(
         30, "Points of the seeded order evaluated (all if the data has fewer).", flag="num_points")
-    until: str = setting("points", "Stop after num_points points, or once the paired robust "
-                                   "difference (shell minus base) is decided: the shell gains at "
-                                   "least margin, or less than margin, at 95% confidence.",
+    until: str = setting("points", "Stop after num_points points, or (decided) as soon as an "
+                                   "anytime-valid 95% interval on the paired robust difference "
+                                   "(shell minus base) excludes 0 (the shell helps, or hurts) or "
+                                   "lies below margin (it gains less than margin).",
                          choices=UNTIL)
     margin: float = setting(
-        5.0, "Percentage points (0..100): a shell gaining less than margin over the base is a "
-             "decision ('no useful gain'), as is one gaining at least margin.")
+        5.0, "Percentage points (0..100) for --adaptive_until=decided: an interval on the robust "
+             "difference below margin decides 'the shell gains less than margin'.")
     budget: str | None = setting(
         None, "Wall-time budget of the adaptive evaluation, e.g. 90s, 10m, 1h (default: none). "
               "Stops at a batch boundary.")
