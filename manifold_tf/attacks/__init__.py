@@ -35,6 +35,7 @@ from manifold_tf.attacks.bpda import bpda
 from manifold_tf.attacks.bpda_suite import bpda_restarts, bpda_targeted, lift, target_order
 from manifold_tf.attacks.carlini_wagner import CW_CPU, CW_PAPER, cw_linf, cw_settings
 from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE
+from manifold_tf.attacks.fab import fab, fab_t, project_linf_hyperplane
 from manifold_tf.attacks.high_confidence import high_confidence
 from manifold_tf.attacks.pgd import LOSSES, pgd
 from manifold_tf.attacks.result import AttackResult
@@ -68,9 +69,12 @@ __all__ = [
     "cw_settings",
     "dlr_loss",
     "dlr_targeted_loss",
+    "fab",
+    "fab_t",
     "high_confidence",
     "lift",
     "pgd",
+    "project_linf_hyperplane",
     "run_standing",
     "square",
     "target_order",
