@@ -227,3 +227,16 @@ def without_timings(obj):
         return [without_timings(v) for v in obj]
     return obj
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Attack results
+
+
+def assert_results_equal(a, b) -> None:
+    """Two :class:`~manifold_tf.attacks.AttackResult` are identical: every field, every detail."""
+    for name in ("x_adv", "success", "base_passes", "shell_predictions", "score"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    assert set(a.details) == set(b.details), (set(a.details), set(b.details))
+    for key in a.details:
+        np.testing.assert_array_equal(a.details[key], b.details[key], err_msg=key)

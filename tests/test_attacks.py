@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from manifold_tf import attacks
-from manifold_tf.attacks.carlini_wagner import from_tanh_space, to_tanh_space
-
 import helpers
 from helpers import linear_model
+from manifold_tf import attacks
+from manifold_tf.cw_search import cw_inner, from_tanh_space, to_tanh_space
 
 SHAPE = (4, 4, 3)
 DIM = int(np.prod(SHAPE))
@@ -63,7 +62,10 @@ assert_in_ball = functools.partial(helpers.assert_in_ball_and_box, tol=TOL, dtyp
 def test_high_confidence_reaches_linear_optimum(binary):
     model, w, x, y = binary
     delta = 8.0
-    x_best, conf, label = attacks.high_confidence(model, x, y, delta=delta, steps=10, step_size=2.0)
+    res = attacks.high_confidence(model, x, y, epsilon=delta, steps=10, step_size=2.0)
+    x_best, conf, label = res.x_adv, res.details["confidence"], res.details["label"]
+    np.testing.assert_array_equal(res.score, conf)
+    np.testing.assert_array_equal(res.base_passes, 1 * 10)  # (K - 1) * steps
     for i in range(len(x)):
         z = corner(x[i], w, y[i], 1 - y[i], delta)
         assert int(label[i]) == 1 - y[i]
@@ -77,14 +79,19 @@ def test_targeted_pgd_reaches_linear_optimum(binary, loss):
     model, w, x, y = binary
     delta = 6.0
     target = (1 - y).astype(np.int32)
-    x_adv = attacks.pgd(model, x, target, epsilon=delta, steps=12, step_size=1.5, loss=loss,
-                        targeted=True, random_start=True, seed=3)
+    res = attacks.pgd(model, x, target, epsilon=delta, steps=12, step_size=1.5, loss=loss,
+                      targeted=True, random_start=True, seed=3)
+    x_adv = res.x_adv
+    # success = the goal (here: classified as the target) at x_adv, by the model itself.
+    np.testing.assert_array_equal(res.success, np.argmax(model(x_adv).numpy(), 1) == target)
+    np.testing.assert_array_equal(res.base_passes, 12)
     for i in range(len(x)):
         np.testing.assert_allclose(x_adv[i], corner(x[i], w, y[i], target[i], delta), atol=TOL)
 
 
 def test_cw_linf_close_to_minimal_distance():
-    """Binary linear classifier, x far from the box: the minimal L-inf flip is margin / ||w_diff||_1."""
+    """Binary linear classifier, x far from the box: the minimal L-inf flip is
+    margin / ||w_diff||_1."""
     rng = np.random.default_rng(2)
     w = rng.normal(0.0, 0.01, size=(DIM, 2))
     model = linear_model(SHAPE, w, np.zeros(2))
@@ -94,25 +101,29 @@ def test_cw_linf_close_to_minimal_distance():
     w_diff = w[:, 0] - w[:, 1]
     r_star = np.abs(logits[:, 0] - logits[:, 1]) / np.abs(w_diff).sum()
     assert r_star.max() < 40.0  # the optimum stays inside the box
-    out = attacks.cw_linf_details(model, x, y, epsilon=255.0, max_iterations=150)
-    dist = out["distance"].numpy()
-    assert out["success"].numpy().all()
+    out = attacks.cw_linf(model, x, y, epsilon=255.0, max_iterations=150)
+    dist = out.details["distance"]
+    assert out.success.all()
+    np.testing.assert_array_equal(out.score, -dist)
+    np.testing.assert_array_equal(out.base_passes, out.details["iterations"])
+    assert (out.details["iterations"] > 0).all() and out.shell_predictions.sum() == 0
     # Tau shrinks by 0.9 after each success and the penalty is soft: within a factor ~1/0.9^2.
     assert np.all(dist >= r_star - TOL), (dist, r_star)
     assert np.all(dist <= r_star / 0.88), (dist, r_star)  # measured: 1.06-1.08 x optimal
-    assert np.all(np.argmax(model(out["x_adv"]).numpy(), axis=1) != y)
+    assert np.all(np.argmax(model(out.x_adv).numpy(), axis=1) != y)
     # With a budget below the optimum nothing can succeed and x comes back unchanged.
-    low = attacks.cw_linf_details(model, x, y, epsilon=0.9 * float(r_star.min()), max_iterations=150)
-    assert not low["success"].numpy().any()
-    np.testing.assert_array_equal(low["x_adv"].numpy(), x)
-    assert low["settings"]["max_iterations"] == 150 and low["settings"]["learning_rate"] == 5e-3
+    low = attacks.cw_linf(model, x, y, epsilon=0.9 * float(r_star.min()), max_iterations=150)
+    assert not low.success.any()
+    np.testing.assert_array_equal(low.x_adv, x)
+    settings = attacks.cw_settings(max_iterations=150)
+    assert settings["max_iterations"] == 150 and settings["learning_rate"] == 5e-3
 
 
 def test_cw_inner_targeted_fixed_tau(binary):
     model, _, x, y = binary
     target = tf.constant(1 - y, tf.int32)
     xt = tf.constant(x)
-    fn = tf.function(lambda: attacks.cw_inner(model, xt, target, to_tanh_space(xt), tau=255.0,
+    fn = tf.function(lambda: cw_inner(model, xt, target, to_tanh_space(xt), tau=255.0,
                                               const=tf.fill([len(x)], 1e-5), max_iterations=500,
                                               targeted=True))
     x_new, ok = fn()
@@ -132,39 +143,45 @@ def test_tanh_space_round_trip():
 def test_outputs_inside_ball_and_box(conv):
     model, x, y = conv
     eps = 8.0
-    assert_in_ball(attacks.pgd(model, x, y, epsilon=eps, steps=5, step_size=3.0, restarts=2), x, eps)
-    assert_in_ball(attacks.pgd(model, x, y, epsilon=eps, steps=5, step_size=3.0, loss="cw"), x, eps)
+    pgd = functools.partial(attacks.pgd, model, x, y, epsilon=eps, steps=5, step_size=3.0)
+    assert_in_ball(pgd(restarts=2).x_adv, x, eps)
+    assert_in_ball(pgd(loss="cw").x_adv, x, eps)
     for opt in ("sign", "adam"):
-        x_best, conf, label = attacks.high_confidence(model, x, y, delta=eps, steps=4, step_size=2.0,
-                                                      optimizer=opt, random_start=True)
-        assert_in_ball(x_best, x, eps)
-        assert np.all((conf.numpy() >= 0) & (conf.numpy() <= 1)) and np.all(label.numpy() != y)
-    out = attacks.cw_linf_details(model, x, y, epsilon=eps, max_iterations=5, largest_const=1e-3)
-    assert_in_ball(out["x_adv"], x, eps)
+        res = attacks.high_confidence(model, x, y, epsilon=eps, steps=4, step_size=2.0,
+                                      optimizer=opt, random_start=True)
+        conf, label = res.details["confidence"], res.details["label"]
+        assert_in_ball(res.x_adv, x, eps)
+        assert np.all((conf >= 0) & (conf <= 1)) and np.all(label != y)
+    out = attacks.cw_linf(model, x, y, epsilon=eps, max_iterations=5, largest_const=1e-3)
+    assert_in_ball(out.x_adv, x, eps)
 
 
 def test_zero_budget_returns_x(conv):
     model, x, y = conv
-    np.testing.assert_array_equal(attacks.pgd(model, x, y, epsilon=0.0, steps=3, step_size=1.0), x)
-    x_best, _, _ = attacks.high_confidence(model, x, y, delta=0.0, steps=2, step_size=1.0)
-    np.testing.assert_array_equal(x_best, x)
+    out = attacks.pgd(model, x, y, epsilon=0.0, steps=3, step_size=1.0)
+    np.testing.assert_array_equal(out.x_adv, x)
+    res = attacks.high_confidence(model, x, y, epsilon=0.0, steps=2, step_size=1.0)
+    np.testing.assert_array_equal(res.x_adv, x)
 
 
 def test_high_confidence_label_matches_confidence(conv):
     model, x, y = conv
-    x_best, conf, label = attacks.high_confidence(model, x, y, delta=4.0, steps=3, step_size=2.0)
+    res = attacks.high_confidence(model, x, y, epsilon=4.0, steps=3, step_size=2.0)
+    x_best, conf, label = res.x_adv, res.details["confidence"], res.details["label"]
     probs = tf.nn.softmax(model(x_best)).numpy()
-    np.testing.assert_allclose(probs[np.arange(len(x)), label.numpy()], conf.numpy(), atol=1e-5)
+    np.testing.assert_allclose(probs[np.arange(len(x)), label], conf, atol=1e-5)
+    # success: that wrong label is the model's top label at x_best (misclassified there).
+    np.testing.assert_array_equal(res.success, probs.argmax(axis=1) == label)
     probs[np.arange(len(x)), y] = -1.0
-    np.testing.assert_allclose(probs.max(axis=1), conf.numpy(), atol=1e-5)
+    np.testing.assert_allclose(probs.max(axis=1), conf, atol=1e-5)
 
 
 def test_deterministic_under_seed(conv):
     model, x, y = conv
     kw = dict(epsilon=8.0, steps=2, step_size=1.0, random_start=True)
-    a = attacks.pgd(model, x, y, seed=7, **kw).numpy()
-    b = attacks.pgd(model, x, y, seed=7, **kw).numpy()
-    c = attacks.pgd(model, x, y, seed=8, **kw).numpy()
+    a = attacks.pgd(model, x, y, seed=7, **kw).x_adv
+    b = attacks.pgd(model, x, y, seed=7, **kw).x_adv
+    c = attacks.pgd(model, x, y, seed=8, **kw).x_adv
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
 
@@ -174,9 +191,12 @@ def test_restarts_keep_successes(conv):
     kw = dict(epsilon=12.0, steps=3, step_size=4.0, seed=1)
     one = attacks.pgd(model, x, y, restarts=1, **kw)
     many = attacks.pgd(model, x, y, restarts=4, **kw)
-    ok_one = np.argmax(model(one).numpy(), 1) != y
-    ok_many = np.argmax(model(many).numpy(), 1) != y
+    ok_one = np.argmax(model(one.x_adv).numpy(), 1) != y
+    ok_many = np.argmax(model(many.x_adv).numpy(), 1) != y
+    np.testing.assert_array_equal(one.success, ok_one)
+    np.testing.assert_array_equal(many.success, ok_many)
     assert np.all(ok_many[ok_one])
+    np.testing.assert_array_equal(many.base_passes, 4 * 3)  # restarts * steps
 
 
 def test_no_retracing_on_repeated_calls():
@@ -186,7 +206,7 @@ def test_no_retracing_on_repeated_calls():
         x = rng.uniform(0, 255, size=(3, 8, 8, 3)).astype(np.float32)
         y = rng.integers(0, 4, size=3).astype(np.int32)
         attacks.pgd(model, x, y, epsilon=4.0 + i, steps=2, step_size=1.0 + i, seed=i)
-        attacks.high_confidence(model, x, y, delta=4.0 + i, steps=2, step_size=1.0, seed=i)
+        attacks.high_confidence(model, x, y, epsilon=4.0 + i, steps=2, step_size=1.0, seed=i)
         attacks.cw_linf(model, x, y, epsilon=4.0 + i, max_iterations=2, largest_const=1e-4)
     counts = attacks.tracing_counts(model)
     assert len(counts) == 3 and all(c == 1 for c in counts.values()), counts
@@ -199,8 +219,8 @@ def test_bad_inputs_raise(conv):
     model, x, y = conv
     with pytest.raises(ValueError, match="epsilon"):
         attacks.pgd(model, x, y, epsilon=-1.0, steps=1, step_size=1.0)
-    with pytest.raises(ValueError, match="delta"):
-        attacks.high_confidence(model, x, y, delta=-0.5, steps=1, step_size=1.0)
+    with pytest.raises(ValueError, match="epsilon"):
+        attacks.high_confidence(model, x, y, epsilon=-0.5, steps=1, step_size=1.0)
     with pytest.raises(ValueError, match="shape"):
         attacks.pgd(model, x[0], y, epsilon=1.0, steps=1, step_size=1.0)
     with pytest.raises(ValueError, match=r"0\.\.3"):

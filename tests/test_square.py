@@ -6,12 +6,16 @@ import keras
 import numpy as np
 import pytest
 
+from helpers import (
+    assert_in_ball_and_box,
+    binary_linear_problem,
+    linear_model,
+    small_conv,
+    uniform_images,
+)
 from manifold_tf import attacks
 from manifold_tf.attacks.square import p_schedule, square
 from manifold_tf.shells import MCNShell
-
-from helpers import (assert_in_ball_and_box, binary_linear_problem, linear_model, small_conv,
-                     uniform_images)
 
 SHAPE = (8, 8, 3)
 D = int(np.prod(SHAPE))
@@ -41,22 +45,29 @@ def test_outputs_stay_in_the_ball_and_success_is_the_models_answer(conv):
     base, x, y = conv
     eps, budget = 12.0, 60
     out = square(base, x, y, epsilon=eps, queries=budget, seed=3)
-    assert set(out) == {"x_adv", "success", "queries", "margin"}
-    assert_in_ball_and_box(out["x_adv"], x, eps)
+    assert isinstance(out, attacks.AttackResult)
+    assert set(out.details) == {"queries", "margin"}
+    queries, margin = out.details["queries"], out.details["margin"]
+    assert_in_ball_and_box(out.x_adv, x, eps)
     # Not vacuous: at this budget some points fall and others stand.
-    assert out["success"].any() and not out["success"].all(), out["success"]
+    assert out.success.any() and not out.success.all(), out.success
     # Verified: the model itself is wrong exactly where success is reported.
-    np.testing.assert_array_equal(out["success"], predict(base, out["x_adv"]) != y)
-    assert (out["margin"][out["success"]] <= 0).all() and (out["margin"][~out["success"]] >= 0).all()
-    assert out["queries"].dtype == np.int32 and out["success"].dtype == bool
-    assert (out["queries"] >= 2).all() and (out["queries"] <= budget).all()
-    assert (out["queries"][~out["success"]] == budget).all()  # a standing point used everything
+    np.testing.assert_array_equal(out.success, predict(base, out.x_adv) != y)
+    assert (margin[out.success] <= 0).all() and (margin[~out.success] >= 0).all()
+    np.testing.assert_array_equal(out.score, -margin)
+    assert queries.dtype == np.int32 and out.success.dtype == bool
+    assert (queries >= 2).all() and (queries <= budget).all()
+    assert (queries[~out.success] == budget).all()  # a standing point used everything
+    # A base model: queries are forward passes, neither shell predictions nor base_passes.
+    assert out.cost == {"base_passes": 0, "shell_predictions": 0}
     # Deterministic under a seed; another seed searches elsewhere.
     same = square(base, x, y, epsilon=eps, queries=budget, seed=3)
-    for key in out:
-        np.testing.assert_array_equal(out[key], same[key])
+    for field in ("x_adv", "success", "base_passes", "shell_predictions", "score"):
+        np.testing.assert_array_equal(getattr(out, field), getattr(same, field))
+    for key in out.details:
+        np.testing.assert_array_equal(out.details[key], same.details[key])
     other = square(base, x, y, epsilon=eps, queries=budget, seed=4)
-    assert not np.array_equal(out["x_adv"], other["x_adv"])
+    assert not np.array_equal(out.x_adv, other.x_adv)
     # Points that shrink away from the batch do not retrace the compiled forward pass.
     assert [v for k, v in attacks.tracing_counts(base).items() if k[0] == "square"] == [1]
 
@@ -71,11 +82,11 @@ def test_points_that_succeed_stop_being_queried_and_batches_are_bounded(conv):
 
     out = square(counted, x, y, epsilon=12.0, queries=40, batch_size=3)
     # Every query counted once, plus the final verification of every point.
-    assert sum(calls) == out["queries"].sum() + len(x)
+    assert sum(calls) == out.details["queries"].sum() + len(x)
     assert max(calls) <= 3
     # The rows of one round shrink as points succeed: fewer rows than points x rounds.
-    assert out["success"].any() and sum(calls) < 41 * len(x)
-    np.testing.assert_array_equal(out["success"], predict(base, out["x_adv"]) != y)
+    assert out.success.any() and sum(calls) < 41 * len(x)
+    np.testing.assert_array_equal(out.success, predict(base, out.x_adv) != y)
     seen = []
     square(base, x, y, epsilon=12.0, queries=10, progress=lambda q, left: seen.append((q, left)))
     assert [q for q, _ in seen] == list(range(2, 11))[: len(seen)]
@@ -87,16 +98,17 @@ def test_zero_budget_returns_x_and_succeeds_only_where_x_is_already_wrong(conv):
     y = (label + 1) % 3
     y[:3] = label[:3]
     out = square(base, x, y, epsilon=0.0, queries=50)
-    np.testing.assert_array_equal(out["x_adv"], x)
-    np.testing.assert_array_equal(out["success"], label != y)
-    np.testing.assert_array_equal(out["queries"], 1)
+    np.testing.assert_array_equal(out.x_adv, x)
+    np.testing.assert_array_equal(out.success, label != y)
+    np.testing.assert_array_equal(out.details["queries"], 1)
     # With a budget, a point already wrong at x costs one query and stays at x.
     out = square(base, x, y, epsilon=8.0, queries=20)
-    np.testing.assert_array_equal(out["x_adv"][3:], x[3:])
-    np.testing.assert_array_equal(out["queries"][3:], 1)
-    assert out["success"][3:].all()
+    np.testing.assert_array_equal(out.x_adv[3:], x[3:])
+    np.testing.assert_array_equal(out.details["queries"][3:], 1)
+    assert out.success[3:].all()
     empty = square(base, x[:0], y[:0], epsilon=1.0)
-    assert empty["x_adv"].shape == (0,) + SHAPE and empty["queries"].shape == (0,)
+    assert empty.x_adv.shape == (0,) + SHAPE and empty.details["queries"].shape == (0,)
+    assert len(empty) == 0 and empty.success.shape == (0,)
 
 
 def test_p_schedule_halves_at_the_papers_iterations_rescaled_to_the_budget():
@@ -138,12 +150,12 @@ def test_on_a_linear_model_success_matches_the_certified_margin():
     assert weak.sum() >= 5 and robust.sum() >= 5  # both kinds, for the test to mean something
 
     out = square(model, x, y, epsilon=eps, queries=1000, seed=0)
-    assert_in_ball_and_box(out["x_adv"], x, eps)
-    assert out["success"][weak].all(), ratio[weak & ~out["success"]]
-    assert not out["success"][robust].any()
-    np.testing.assert_array_equal(out["success"], predict(model, out["x_adv"]) != y)
+    assert_in_ball_and_box(out.x_adv, x, eps)
+    assert out.success[weak].all(), ratio[weak & ~out.success]
+    assert not out.success[robust].any()
+    np.testing.assert_array_equal(out.success, predict(model, out.x_adv) != y)
     # Nothing beats the closed form: the margin left at x_adv is never below the ball's minimum.
-    assert (out["margin"] >= floor - 1e-3).all()
+    assert (out.details["margin"] >= floor - 1e-3).all()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -162,10 +174,13 @@ def test_square_breaks_an_mcn_shell_exactly_where_the_linear_base_allows():
     np.testing.assert_array_equal(predict(shell, x), y)
 
     out = square(shell, x, y, epsilon=eps, queries=300, output="probabilities")
-    assert_in_ball_and_box(out["x_adv"], x, eps)
-    np.testing.assert_array_equal(out["success"], np.abs(ratio) < 1.0)
-    np.testing.assert_array_equal(out["success"], predict(shell, out["x_adv"]) != y)
-    assert (out["queries"] <= 300).all()
+    assert_in_ball_and_box(out.x_adv, x, eps)
+    np.testing.assert_array_equal(out.success, np.abs(ratio) < 1.0)
+    np.testing.assert_array_equal(out.success, predict(shell, out.x_adv) != y)
+    assert (out.details["queries"] <= 300).all()
+    # On a shell every query is a shell prediction (the final verification is not counted).
+    np.testing.assert_array_equal(out.shell_predictions, out.details["queries"])
+    np.testing.assert_array_equal(out.base_passes, 0)
 
 
 # ------------------------------------------------------------------------------------------------
