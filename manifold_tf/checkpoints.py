@@ -6,20 +6,29 @@ assigned to the Keras variable that :func:`manifold_tf.models.tf1_variable_map` 
 Loading is strict: every mismatch is collected and reported in one ``ValueError`` before any weight
 is assigned, so a failed load never leaves a half-loaded model.
 
-``fetch_madry_model`` (:mod:`manifold_tf.download`, re-exported here) downloads one of the released zips (``natural``, ``adv_trained``, ``secret``),
-checks it and unpacks it into a cache; offline, it says how to place the files by hand.
+``fetch_madry_model`` (:mod:`manifold_tf.download`, re-exported here) downloads one of the
+released zips (``natural``, ``adv_trained``, ``secret``), checks it and unpacks it into a cache;
+offline, it says how to place the files by hand. :func:`find_checkpoint_prefix` lives there too
+(the download needs it to recognise a cached model), so only this module imports that one.
 """
 
 from __future__ import annotations
 
-import glob
 import os
-import re
+import zipfile
 
+import h5py
 import keras
 import numpy as np
 import tensorflow as tf
 
+# fetch_madry_model and its table are re-exported: the public API names them in this module.
+from manifold_tf.download import (  # noqa: F401
+    MADRY_MODELS,
+    ModelDownloadError,
+    fetch_madry_model,
+    find_checkpoint_prefix,
+)
 from manifold_tf.models import FILTERS, madry_resnet, tf1_variable_map
 
 # The variable whose output channels tell the width: [3, 3, 16, 160] (wide) or [3, 3, 16, 16].
@@ -36,35 +45,6 @@ _IGNORED_SUFFIXES = ("/Momentum", "/Adam", "/Adam_1", "/RMSProp", "/RMSProp_1", 
 
 def _is_ignored(name: str) -> bool:
     return name in _IGNORED_NAMES or name.endswith(_IGNORED_SUFFIXES)
-
-
-def find_checkpoint_prefix(directory: str) -> str | None:
-    """Returns the newest TF1 checkpoint prefix in ``directory``, or None when it holds none.
-
-    Uses the ``checkpoint`` state file (as ``tf.train.latest_checkpoint`` does). A state file
-    written with paths relative to the training job's working directory
-    (``models/x/checkpoint-70000``) points nowhere after the files moved, so its basename is tried
-    in ``directory`` next; without a usable state file, the highest ``checkpoint-<step>.index``
-    wins.
-    """
-    directory = os.fspath(directory)
-    if not os.path.isdir(directory):
-        return None
-    # tf.train.latest_checkpoint's logic, minus its error log when the state file's path is stale.
-    state = tf.train.get_checkpoint_state(directory)
-    if state is not None and state.model_checkpoint_path:
-        named = (
-            state.model_checkpoint_path
-        )  # get_checkpoint_state joins relative paths to directory
-        for candidate in (named, os.path.join(directory, os.path.basename(named))):
-            if os.path.isfile(candidate + ".index"):
-                return candidate
-    steps = []
-    for index in glob.glob(os.path.join(glob.escape(directory), "checkpoint-*.index")):
-        match = re.fullmatch(r"checkpoint-(\d+)\.index", os.path.basename(index))
-        if match:
-            steps.append((int(match.group(1)), index[: -len(".index")]))
-    return max(steps)[1] if steps else None
 
 
 def resolve_checkpoint(path: str) -> str:
@@ -224,11 +204,9 @@ def _h5_width(path: str) -> str | None:
     ``layers/residual_unit`` and its ``conv1`` kernel is ``[3, 3, 16, 16 or 160]``.
     """
     try:
-        import h5py
-
         with h5py.File(path, "r") as f:
             return _width_of_channels(int(f["layers/residual_unit/conv1/vars/0"].shape[-1]))
-    except (ImportError, OSError, KeyError, IndexError, TypeError):
+    except (OSError, KeyError, IndexError, TypeError):
         return None
 
 
@@ -262,9 +240,7 @@ def load_model_weights(path: str, width: str | None = None) -> keras.Model:
             f"with a 'checkpoint' file, a '.keras' file or a '.weights.h5' file."
         )
     if path.endswith(".keras"):
-        # The custom layers are registered by importing manifold_tf.models (done above).
-        import zipfile
-
+        # The custom layers are registered by importing manifold_tf.models (at the top).
         if not zipfile.is_zipfile(path):  # keras would report a truncated file as "not found"
             raise ValueError(f"{path!r} is not a valid .keras file (not a zip archive: truncated or "
                              f"corrupt?). Re-save or re-download the model.")
@@ -294,6 +270,3 @@ def load_model_weights(path: str, width: str | None = None) -> keras.Model:
         f"directory with a 'checkpoint' file), '*.keras' or '*.weights.h5'."
     )
 
-
-# The download of the released checkpoints lives in manifold_tf.download (re-exported here).
-from manifold_tf.download import MADRY_MODELS, ModelDownloadError, fetch_madry_model  # noqa: E402,F401

@@ -8,12 +8,12 @@ tests assert that repeated same-shape calls do not retrace).
 from __future__ import annotations
 
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import tensorflow as tf
 
 # model -> {static settings: tf.function}. Weak keys: a cache entry dies with its model.
-_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def cached(model, key: tuple, build: Callable, *, jit_compile: bool = False,

@@ -108,6 +108,7 @@ def load_cifar10_arrays(split: str, data_dir: str | None = None) -> tuple[np.nda
 
 def _load_tfds(split: str) -> tuple[np.ndarray, np.ndarray]:
     try:
+        # deferred: optional, and slow to import; only needed without a CIFAR-10 folder.
         import tensorflow_datasets as tfds
     except ImportError as e:  # pragma: no cover - tfds is in requirements.txt
         raise ImportError(
@@ -167,7 +168,7 @@ def synthetic_arrays(
 def synthetic_manifold(
     *, num_classes: int = 10, manifold_dim: int = 4, spread: float = 24.0, seed: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The class centres ``[C, 32, 32, 3]`` and directions ``[C, K, 32, 32, 3]`` of the synthetic set."""
+    """The synthetic set's class centres ``[C, 32, 32, 3]`` and directions ``[C, K, 32, 32, 3]``."""
     rng = np.random.default_rng([seed, 0])
 
     def smooth(n: int) -> np.ndarray:
@@ -199,7 +200,7 @@ def load_arrays(
 
 
 def augment(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Madry's augmentation of one ``[32, 32, 3]`` image: zero pad to 36, random crop, random flip."""
+    """Madry's augmentation of one ``[32, 32, 3]`` image: zero pad to 36, random crop and flip."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     padded = tf.image.pad_to_bounding_box(image, 2, 2, 36, 36)
     cropped = tf.image.stateless_random_crop(padded, (32, 32, 3), seed=crop_seed)

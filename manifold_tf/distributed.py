@@ -1,4 +1,4 @@
-"""Several worker processes on TensorFlow's own engine: ``MultiWorkerMirroredStrategy`` via ``TF_CONFIG``.
+"""Several worker processes on TensorFlow's own engine: ``MultiWorkerMirroredStrategy``.
 
 A cluster is described, as everywhere in TensorFlow, by the ``TF_CONFIG`` environment variable of
 each process::
@@ -41,7 +41,7 @@ WORKER_LOST = (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.Dea
 class Workers:
     """This process's place among ``count`` workers (``index`` 0 is the chief).
 
-    ``strategy`` is the ``MultiWorkerMirroredStrategy`` when there are several workers, else ``None``.
+    ``strategy``: the ``MultiWorkerMirroredStrategy`` when there are several workers, else ``None``.
     """
 
     index: int = 0
@@ -74,7 +74,7 @@ class Workers:
             raise RuntimeError(f"barrier {name!r}: {float(total)} of {expected} replicas answered.")
 
     def chief_first(self, fn, name: str = ""):
-        """Runs ``fn()`` on the chief, then on the other workers (e.g. creating a folder, then using it)."""
+        """Runs ``fn()`` on the chief, then on the others (e.g. make a folder, then use it)."""
         if self.is_chief:
             out = fn()
             self.barrier(name)
@@ -137,6 +137,7 @@ def from_env(*, heartbeat_seconds: float | None = None) -> Workers:
     index, count = parsed
     if heartbeat_seconds is not None:
         # Class attributes of TensorFlow's collective strategy (no public setting exists).
+        # deferred: a private TensorFlow module; if a TF release moves it, only this option breaks.
         from tensorflow.python.distribute import collective_all_reduce_strategy as cars
 
         cars.CollectiveAllReduceExtended._check_health_interval = float(heartbeat_seconds)

@@ -1,12 +1,16 @@
-"""Downloading Madry et al.'s released CIFAR-10 checkpoints, atomically, with an offline message.
+"""Madry et al.'s released CIFAR-10 checkpoints on disk: finding them and downloading them.
 
-``fetch_madry_model`` downloads one of the released zips (``natural``, ``adv_trained``, ``secret``)
-with ``keras.utils.get_file``, checks it (SHA-256 when known, CRCs, member paths) and unpacks it into
-a cache by an atomic rename; offline, it says how to place the files by hand.
+:func:`find_checkpoint_prefix` finds the newest TF1 checkpoint in a directory (the loader in
+:mod:`manifold_tf.checkpoints` and the download cache both use it, so it sits here, below the
+loader). :func:`fetch_madry_model` downloads one of the released zips (``natural``,
+``adv_trained``, ``secret``) with ``keras.utils.get_file``, checks it (SHA-256 when known, CRCs,
+member paths) and unpacks it into a cache by an atomic rename; offline, it says how to place the
+files by hand.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import re
@@ -16,6 +20,7 @@ import tempfile
 import zipfile
 
 import keras
+import tensorflow as tf
 from absl import logging
 
 _DOWNLOAD_CHUNK = 1 << 20  # bytes per read
@@ -40,6 +45,33 @@ MADRY_MODELS: dict[str, dict[str, str | None]] = {
 }
 
 
+def find_checkpoint_prefix(directory: str) -> str | None:
+    """Returns the newest TF1 checkpoint prefix in ``directory``, or None when it holds none.
+
+    Uses the ``checkpoint`` state file (as ``tf.train.latest_checkpoint`` does). A state file
+    written with paths relative to the training job's working directory
+    (``models/x/checkpoint-70000``) points nowhere after the files moved, so its basename is tried
+    in ``directory`` next; without a usable state file, the highest ``checkpoint-<step>.index``
+    wins.
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        return None
+    # tf.train.latest_checkpoint's logic, minus its error log when the state file's path is stale.
+    state = tf.train.get_checkpoint_state(directory)
+    if state is not None and state.model_checkpoint_path:
+        named = state.model_checkpoint_path  # get_checkpoint_state joins relative paths to it
+        for candidate in (named, os.path.join(directory, os.path.basename(named))):
+            if os.path.isfile(candidate + ".index"):
+                return candidate
+    steps = []
+    for index in glob.glob(os.path.join(glob.escape(directory), "checkpoint-*.index")):
+        match = re.fullmatch(r"checkpoint-(\d+)\.index", os.path.basename(index))
+        if match:
+            steps.append((int(match.group(1)), index[: -len(".index")]))
+    return max(steps)[1] if steps else None
+
+
 def _manual_instructions(name: str, url: str, cache_dir: str) -> str:
     return (
         f"To install it by hand: download {url} on a machine with network access, then either "
@@ -50,8 +82,6 @@ def _manual_instructions(name: str, url: str, cache_dir: str) -> str:
 
 
 def _cached_prefix(target: str, name: str) -> str | None:
-    from manifold_tf.checkpoints import find_checkpoint_prefix
-
     # Accept both the intended layout and an archive unzipped in place (target/models/<name>/...).
     return find_checkpoint_prefix(target) or find_checkpoint_prefix(
         os.path.join(target, "models", name)

@@ -16,10 +16,11 @@ import keras
 import numpy as np
 from absl import logging
 
-from manifold_tf import reporting
+from manifold_tf import attacks, reporting
 
 BEST_WEIGHTS = "best.keras"
 HOLDOUT_LOG = "holdout.json"
+MEASURE_BATCH = 250  # held-out images per forward/attack batch: bounds the memory of the check
 
 
 class HoldoutMonitor(keras.callbacks.Callback):
@@ -40,19 +41,19 @@ class HoldoutMonitor(keras.callbacks.Callback):
         self.history = history
 
     def measure(self, base: keras.Model) -> tuple[float, float]:
-        from manifold_tf import attacks  # attacks imports nothing from training; avoids a cycle at import
-
-        clean = pgd_ok = 0
-        for i in range(0, len(self.images), 250):
-            x, y = self.images[i:i + 250], self.labels[i:i + 250]
+        """``(clean accuracy, PGD accuracy)`` of ``base`` on the held-out images, both in [0, 1]."""
+        clean = robust = 0
+        for start in range(0, len(self.images), MEASURE_BATCH):
+            x = self.images[start : start + MEASURE_BATCH]
+            y = self.labels[start : start + MEASURE_BATCH]
             clean += int(np.sum(np.argmax(base(x, training=False), -1) == y))
             x_adv = attacks.pgd(
                 base, x, y, epsilon=self.config.epsilon, steps=self.config.holdout_pgd_steps,
                 step_size=self.config.holdout_pgd_step_size, seed=self.config.seed,
-            )
-            pgd_ok += int(np.sum(np.argmax(base(x_adv, training=False), -1) == y))
+            ).x_adv
+            robust += int(np.sum(np.argmax(base(x_adv, training=False), -1) == y))
         n = len(self.images)
-        return clean / n, pgd_ok / n
+        return clean / n, robust / n
 
     def on_epoch_end(self, epoch, logs=None):
         base = self.model.averaged_base()  # the base itself unless the run averages its weights
@@ -71,12 +72,14 @@ class HoldoutMonitor(keras.callbacks.Callback):
         best = self.history["best"]
         if robust < best["pgd_accuracy"] - self.config.overfit_drop:
             self.history["stopped"] = {"step": step, "reason": (
-                f"held-out PGD accuracy {robust:.3f} fell more than {self.config.overfit_drop} below "
-                f"its best {best['pgd_accuracy']:.3f} (step {best['step']}): catastrophic overfitting")}
+                f"held-out PGD accuracy {robust:.3f} fell more than {self.config.overfit_drop} "
+                f"below its best {best['pgd_accuracy']:.3f} (step {best['step']}): "
+                f"catastrophic overfitting")}
             self.model.stop_training = True
         reporting.write_json(os.path.join(self.model_dir, HOLDOUT_LOG), self.history)
         logging.info(
-            f"holdout @ step {step}: clean {clean:.3f}, PGD-{self.config.holdout_pgd_steps} {robust:.3f} "
+            f"holdout @ step {step}: clean {clean:.3f}, "
+            f"PGD-{self.config.holdout_pgd_steps} {robust:.3f} "
             f"(n={len(self.images)}, best {best['pgd_accuracy']:.3f} @ {best['step']}, "
             f"{time.perf_counter() - start:.0f}s)",
         )
@@ -85,7 +88,10 @@ class HoldoutMonitor(keras.callbacks.Callback):
 
 
 def split_holdout(images: np.ndarray, labels: np.ndarray, n: int, seed: int):
-    """``(train_images, train_labels, held_images, held_labels)``: ``n`` images held out by a seeded permutation."""
+    """Holds ``n`` images out by a seeded permutation (``seed``), in their original order.
+
+    Returns ``(train_images, train_labels, held_images, held_labels)``; images ``[*, 32, 32, 3]``.
+    """
     if n >= len(images):
         raise ValueError(f"holdout ({n}) must be smaller than the training set ({len(images)}).")
     order = np.random.default_rng(seed).permutation(len(images))

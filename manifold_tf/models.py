@@ -56,7 +56,8 @@ def _leaky(x: tf.Tensor) -> tf.Tensor:
 class PerImageStandardization(keras.layers.Layer):
     """``(x - mean) / max(std, 1 / sqrt(H * W * C))`` per image; ``[N, H, W, C]`` -> same shape.
 
-    Input in pixels (0..255); output is unitless. Identical to ``tf.image.per_image_standardization``.
+    Input in pixels (0..255); output is unitless. The same as
+    ``tf.image.per_image_standardization``.
     """
 
     def call(self, x: tf.Tensor) -> tf.Tensor:
@@ -68,7 +69,9 @@ class PerImageStandardization(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="manifold_tf")
 class ResidualUnit(keras.layers.Layer):
-    """One pre-activation residual unit of Madry's ResNet: ``[N, H, W, in]`` -> ``[N, H/s, W/s, out]``.
+    """One pre-activation residual unit of Madry's ResNet.
+
+    ``[N, H, W, in]`` -> ``[N, H/s, W/s, out]``.
 
     ``activate_before_residual=True`` shares the first BN + leaky ReLU between the residual branch
     and the shortcut (TF1 scope ``shared_activation``); otherwise the shortcut takes the raw input

@@ -7,15 +7,16 @@ the same directory and then renamed, so a killed run leaves either the old file 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
-import dataclasses
 import math
 import os
 import sys
 import tempfile
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,19 +73,32 @@ def write_array(path: str, array: np.ndarray) -> None:
 
 
 def read_json(path: str) -> Any:
-    with open(path, "r", encoding="utf-8") as f:
+    with open(path, encoding="utf-8") as f:
         return json.load(f)
 
 
-def save_figure(fig, path: str, dpi: int = 120) -> None:
-    """Saves a matplotlib figure as PNG atomically and closes it."""
-    import io
+def pyplot(*, agg: bool = True):
+    """``matplotlib.pyplot``, on the non-interactive Agg backend unless ``agg=False``.
 
+    The figures of a run are only saved as PNG files, so they need no display.
+    """
+    # deferred: matplotlib takes about a second to import; only the figures need it.
+    import matplotlib
+
+    if agg:
+        matplotlib.use("Agg")
+    # deferred: as above (and pyplot must come after the backend is chosen).
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, path: str, dpi: int = 120) -> None:
+    """Saves a matplotlib figure as PNG (``dpi`` dots per inch) atomically and closes it."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    # The backend stays whatever the figure was drawn with (a caller's figure on its own backend).
+    pyplot(agg=False).close(fig)
     _atomic_write_bytes(path, buf.getvalue())
 
 
@@ -179,10 +193,7 @@ def plot_separation_curve(
     vertical line at the reported threshold; ``reference`` maps a name to a fraction at ``p`` (e.g.
     the paper's Table 1) drawn as a marker. Saved as PNG with :func:`save_figure`.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, curve in curves.items():
@@ -211,10 +222,7 @@ def plot_failure_cases(cases: Sequence[dict], path: str, *, class_names=None, ti
     ``*_confidence``, ``base_adv`` (the base's label on ``x'``), ``category`` and ``index``. A row
     shows ``x``, ``x'`` and ``|x' - x|`` (scaled to its maximum). With no cases the figure says so.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     def name(label) -> str:
         return str(class_names[int(label)]) if class_names is not None else str(int(label))
@@ -228,7 +236,7 @@ def plot_failure_cases(cases: Sequence[dict], path: str, *, class_names=None, ti
         save_figure(fig, path)
         return
     fig, axes = plt.subplots(len(cases), 3, figsize=(7.5, 2.3 * len(cases)), squeeze=False)
-    for row, case in zip(axes, cases):
+    for row, case in zip(axes, cases, strict=True):
         x = np.asarray(case["x"], np.float64)
         x_adv = np.asarray(case["x_adv"], np.float64)
         diff = np.abs(x_adv - x)
@@ -236,7 +244,8 @@ def plot_failure_cases(cases: Sequence[dict], path: str, *, class_names=None, ti
         conf_a = case.get("shell_adv_confidence")
         row[0].imshow(np.clip(x / 255.0, 0, 1))
         row[0].set_title(
-            f"x (#{case.get('index', '?')}), true {name(case['label'])}\nshell: {name(case['shell_clean'])}"
+            f"x (#{case.get('index', '?')}), true {name(case['label'])}\n"
+            f"shell: {name(case['shell_clean'])}"
             + (f" ({conf_c:.2f})" if conf_c is not None else ""), fontsize=8)
         row[1].imshow(np.clip(x_adv / 255.0, 0, 1))
         base = f"base: {name(case['base_adv'])}, " if "base_adv" in case else ""

@@ -18,18 +18,19 @@ import keras
 import tensorflow as tf
 
 from manifold_tf.projected import project, projected_ascent, random_start
+from manifold_tf.validation import check_int, validate_radius
 
 
 @keras.saving.register_keras_serializable(package="manifold_tf")
 class CyclicLearningRate(keras.optimizers.schedules.LearningRateSchedule):
-    """Triangular one-cycle schedule: 0 at step 0, ``peak_lr`` at ``peak * total_steps``, 0 at the end.
+    """Triangular one-cycle schedule: 0 at step 0, ``peak_lr`` at ``peak * total_steps``, 0 at end.
 
     Wong et al.'s schedule for fast adversarial training (linear up for 2/5 of the run, then down).
     """
 
     def __init__(self, peak_lr: float, total_steps: int, peak: float = 0.4):
         self.peak_lr = float(peak_lr)
-        self.total_steps = int(total_steps)
+        self.total_steps = check_int(total_steps, "total_steps", minimum=1)
         self.peak = float(peak)
 
     def __call__(self, step):
@@ -80,14 +81,11 @@ class AdversarialTrainer(keras.Model):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if epsilon < 0 or pgd_steps < 0 or pgd_step_size < 0:
-            raise ValueError(
-                f"epsilon, pgd_steps and pgd_step_size must be >= 0; got {epsilon}, {pgd_steps}, "
-                f"{pgd_step_size}."
-            )
+        if not pgd_step_size >= 0:  # also refuses NaN
+            raise ValueError(f"pgd_step_size must be >= 0 (pixels); got {pgd_step_size}.")
         self.base = base
-        self.epsilon = float(epsilon)
-        self.pgd_steps = int(pgd_steps)
+        self.epsilon = validate_radius(epsilon, "epsilon")
+        self.pgd_steps = check_int(pgd_steps, "pgd_steps")
         self.pgd_step_size = float(pgd_step_size)
         self.seed = int(seed)
         self.trades_beta = float(trades_beta)
@@ -102,10 +100,12 @@ class AdversarialTrainer(keras.Model):
     def build(self, input_shape):
         self.base.build(input_shape)
         if self.ema_decay and not self._average:
-            # "mean" aggregation: every replica computes the same average; mirrored like BN statistics.
+            # "mean" aggregation: every replica computes the same average; mirrored like BN
+            # statistics.
             self._average = [
                 self.add_weight(shape=w.shape, initializer=keras.initializers.Constant(w.numpy()),
-                                trainable=False, aggregation="mean", name="average_" + w.name.replace("/", "_"))
+                                trainable=False, aggregation="mean",
+                                name="average_" + w.name.replace("/", "_"))
                 for w in self.base.weights
             ]
         self.built = True
@@ -113,7 +113,7 @@ class AdversarialTrainer(keras.Model):
     def _update_average(self) -> None:
         t = tf.cast(self.optimizer.iterations, tf.float32)
         decay = tf.minimum(self.ema_decay, (1.0 + t) / (10.0 + t))
-        for average, w in zip(self._average, self.base.weights):
+        for average, w in zip(self._average, self.base.weights, strict=True):
             average.assign(decay * average + (1.0 - decay) * tf.cast(w, average.dtype))
 
     @property
@@ -123,11 +123,11 @@ class AdversarialTrainer(keras.Model):
 
     def reset_average(self) -> None:
         """Restarts the average at the base's current weights (after loading ``init_from``)."""
-        for average, w in zip(self._average, self.base.weights):
+        for average, w in zip(self._average, self.base.weights, strict=True):
             average.assign(tf.cast(w, average.dtype))
 
     def averaged_base(self) -> keras.Model:
-        """The base model with the averaged weights (a copy); the base itself when there is no average."""
+        """The base model with the averaged weights (a copy); the base itself without averaging."""
         if not self._average:
             return self.base
         clone = keras.models.clone_model(self.base)
@@ -209,9 +209,9 @@ class AdversarialTrainer(keras.Model):
         grads = tape.gradient(scaled, self.trainable_variables)
         for w, v in shifts:  # back to the unperturbed weights before the update
             w.assign_sub(v)
-        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables, strict=True))
         self._loss_tracker.update_state(loss)
-        # The metrics read the clean batch under TRADES, the adversarial one otherwise (as Keras' step).
+        # The metrics read the clean batch under TRADES, else the adversarial one (as Keras' step).
         return self.compute_metrics(x, y, logits, sample_weight=None)
 
     def _objective(self, x, x_adv, y) -> tuple[tf.Tensor, tf.Tensor]:
@@ -236,8 +236,9 @@ class AdversarialTrainer(keras.Model):
 
     def _perturb_weights(self, x, x_adv, y) -> list:
         """Adversarial weight perturbation (Wu et al. 2020): moves every kernel ``w`` (rank >= 2;
-        biases and BN parameters stay) by ``v = awp_gamma * ||w|| * g / ||g||``, ``g`` its gradient of
-        the training loss, i.e. one layer-wise normalised ascent step. Returns the ``(w, v)`` pairs.
+        biases and BN parameters stay) by ``v = awp_gamma * ||w|| * g / ||g||``, ``g`` its gradient
+        of the training loss, i.e. one layer-wise normalised ascent step. Returns the ``(w, v)``
+        pairs.
 
         The step's gradient is then taken at ``w + v``: a flatter, more robust minimum, and much
         less robust overfitting on small data. Its extra forward passes also update the BN moving
@@ -247,7 +248,7 @@ class AdversarialTrainer(keras.Model):
         with tf.GradientTape() as tape:
             loss, _ = self._objective(x, x_adv, y)
         shifts = []
-        for w, g in zip(kernels, tape.gradient(loss, kernels)):
+        for w, g in zip(kernels, tape.gradient(loss, kernels), strict=True):
             v = self.awp_gamma * tf.norm(w) * g / (tf.norm(g) + 1e-12)
             w.assign_add(v)
             shifts.append((w, v))

@@ -11,8 +11,8 @@ Fast adversarial training (Wong, Rice & Kolter 2020, "Fast is better than free")
 with one step: ``attack="fgsm"`` starts at a uniform point of the ball and takes one signed step of
 ``1.25 * epsilon``. It is known to overfit catastrophically (PGD accuracy collapses within an epoch
 while FGSM accuracy soars), so a run may hold out part of the training set: after every checkpoint
-interval the model is attacked there with PGD, ``best.keras`` keeps the weights with the best held-out
-PGD accuracy, and a drop of ``overfit_drop`` below that best stops the run.
+interval the model is attacked there with PGD, ``best.keras`` keeps the weights with the best
+held-out PGD accuracy, and a drop of ``overfit_drop`` below that best stops the run.
 """
 
 from __future__ import annotations
@@ -20,17 +20,19 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from absl import logging
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
+from manifold_tf import checkpoints, models, reporting
 from manifold_tf import data as data_lib
-from manifold_tf import models, reporting
 from manifold_tf.distributed import SINGLE, Workers, remove_scratch, scratch_dir
 from manifold_tf.early_stopping import HOLDOUT_LOG, HoldoutMonitor, split_holdout
-from manifold_tf.evaluation.config import setting
+from manifold_tf.evaluation.store import RunStore
+from manifold_tf.settings import setting
 from manifold_tf.trainer import AdversarialTrainer, CyclicLearningRate
+from manifold_tf.validation import check_int
 
 __all__ = ["AdversarialTrainer", "CyclicLearningRate", "TrainConfig", "build_trainer", "train"]
 
@@ -107,11 +109,8 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}.")
         if not 0.0 < self.lr_peak < 1.0:
             raise ValueError(f"lr_peak must be in (0, 1) (a fraction of the steps); got {self.lr_peak}.")
-        if self.holdout < 0 or self.holdout_pgd_steps < 1:
-            raise ValueError(
-                f"holdout must be >= 0 and holdout_pgd_steps >= 1; got {self.holdout}, "
-                f"{self.holdout_pgd_steps}."
-            )
+        check_int(self.holdout, "holdout")
+        check_int(self.holdout_pgd_steps, "holdout_pgd_steps", minimum=1)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}.")
         if self.awp_gamma < 0:
@@ -128,8 +127,7 @@ class TrainConfig:
         if list(self.lr_boundaries) != sorted(self.lr_boundaries):
             raise ValueError(f"lr_boundaries must increase; got {self.lr_boundaries}.")
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0; got {getattr(self, name)}.")
+            check_int(getattr(self, name), name, minimum=1)
         if self.steps % self.checkpoint_every:
             raise ValueError(
                 f"steps ({self.steps}) must be a multiple of checkpoint_every "
@@ -204,7 +202,7 @@ def _strategy(name: str, workers: Workers) -> tf.distribute.Strategy:
 
 
 def build_trainer(config: TrainConfig) -> AdversarialTrainer:
-    """The base model wrapped in a compiled :class:`AdversarialTrainer` (call inside a strategy scope)."""
+    """The base model in a compiled :class:`AdversarialTrainer` (call inside a strategy scope)."""
     base = models.madry_resnet(config.width)
     trainer = AdversarialTrainer(
         base,
@@ -252,12 +250,10 @@ def train(
 
     ``workers`` (:func:`manifold_tf.distributed.from_env`, with ``strategy="multi_worker"``): every
     worker trains on its share of each batch; only the chief writes into ``model_dir`` (the others
-    save their checkpoints into scratch folders, as TensorFlow's multi-worker saving requires), and a
-    resume restores every worker from the chief's checkpoint.
+    save their checkpoints into scratch folders, as TensorFlow's multi-worker saving requires), and
+    a resume restores every worker from the chief's checkpoint.
     """
     config.validate()
-    from manifold_tf.evaluation.store import RunStore
-
     free = ["strategy", "jit_compile", "log_every"]  # may change on resume
     if config.lr_schedule != "cyclic":  # a cyclic schedule is a function of the total steps
         free.append("steps")
@@ -294,12 +290,11 @@ def _run(config: TrainConfig, model_dir: str, own_dir: str, strategy, workers: W
     with strategy.scope():
         trainer = build_trainer(config)
         if config.init_from:
-            from manifold_tf import checkpoints
-
             source = checkpoints.load_model_weights(config.init_from, width=config.width)
             trainer.base.set_weights(source.get_weights())
             trainer.reset_average()
-    # Keras does not expose the trainer's own weights (the averages) to tf.train.Checkpoint: name them.
+    # Keras does not expose the trainer's own weights (the averages) to tf.train.Checkpoint: name
+    # them.
     ckpt = tf.train.Checkpoint(model=trainer, optimizer=trainer.optimizer,
                                average=list(trainer.average_variables))
     manager = tf.train.CheckpointManager(
@@ -320,7 +315,8 @@ def _run(config: TrainConfig, model_dir: str, own_dir: str, strategy, workers: W
         manager = tf.train.CheckpointManager(ckpt, manager.directory, max_to_keep=3)
     if start % config.checkpoint_every:
         raise ValueError(
-            f"checkpoint step {start} is not a multiple of checkpoint_every={config.checkpoint_every}."
+            f"checkpoint step {start} is not a multiple of "
+            f"checkpoint_every={config.checkpoint_every}."
         )
     if strategy.num_replicas_in_sync > 1:
         callbacks.append(_SyncStatistics(strategy, trainer.base.non_trainable_variables))

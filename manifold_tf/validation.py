@@ -8,7 +8,7 @@ learns it at once instead of reading a meaningless robustness number.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -96,15 +96,21 @@ def validate_radius(value: float, name: str) -> float:
         raise ValueError(f"{name} must be a finite number >= 0 (pixel units, 0..255); got {value}.")
     if value > PIXEL_MAX:
         raise ValueError(
-            f"{name}={value} exceeds the pixel range 255: budgets are in pixel units (8 means 8/255)."
+            f"{name}={value} exceeds the pixel range 255: budgets are in pixel units (8 means "
+            f"8/255)."
         )
     return value
 
 
 def check_int(value, name: str, minimum: int = 0) -> int:
-    """Checks an integer setting (steps, rounds, restarts ...) ``>= minimum``; bools are refused."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer, float)) or int(value) != value \
-            or int(value) < minimum:
+    """Checks an integer setting (steps, rounds, restarts ...) ``>= minimum``; returns it as an int.
+
+    A whole float (``5.0``, as a flag parser may give) is accepted; bools, fractions, NaN and
+    infinities are refused.
+    """
+    whole = isinstance(value, (int, np.integer)) or (
+        isinstance(value, (float, np.floating)) and float(value).is_integer())
+    if isinstance(value, bool) or not whole or int(value) < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
     return int(value)
 
@@ -134,7 +140,8 @@ def check_logits(model, x: tf.Tensor) -> tf.Tensor:
     out = model(x, training=False)
     if len(out.shape) != 2:
         raise ValueError(
-            f"the model must return logits of shape [batch, num_classes]; got shape {tuple(out.shape)}."
+            f"the model must return logits of shape [batch, num_classes]; got shape "
+            f"{tuple(out.shape)}."
         )
     if out.shape[-1] is not None and out.shape[-1] < 2:
         raise ValueError(f"the model must return at least 2 logits; got {out.shape[-1]}.")

@@ -1,4 +1,5 @@
-"""Tests of the data layer: CIFAR-10 pickles (full and sample layouts), synthetic set, augmentation."""
+"""Tests of the data layer: CIFAR-10 pickles (full and sample layouts), synthetic set,
+augmentation."""
 
 import os
 import pickle
@@ -100,7 +101,7 @@ def test_training_pipeline_is_deterministic_under_a_seed():
     tf.random.set_seed(2)
     again = [b[0].numpy() for b in data.make_dataset(x, y, batch_size=8, training=True, seed=5).take(6)]
     skipped = next(iter(data.make_dataset(x, y, batch_size=8, training=True, seed=5).skip(4)))[0]
-    for a, b in zip(first, again):
+    for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(skipped.numpy(), first[4])
 

@@ -1,4 +1,5 @@
-"""Tests of the defence evaluation (Table 2) and the adaptive attack run after it: protocol, CLI, resume."""
+"""Tests of the defence evaluation (Table 2) and the adaptive attack run after it: protocol, CLI,
+resume."""
 
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ import keras
 import numpy as np
 import pytest
 
-from manifold_tf.evaluation import defence
-
 from helpers import subprocess_env, without_timings
 from manifold_tf.data import synthetic_manifold
+from manifold_tf.evaluation import defence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -204,7 +204,7 @@ def test_a_second_shell_reuses_the_first_runs_adversarial_examples(uninterrupted
     assert b["ncn_unmet"]["points"] == 16
     assert 0 <= b["ncn_unmet"]["clean"] <= 16 and 0 <= b["ncn_unmet"]["adversarial"] <= 16
     assert "NCN fallback" in open(os.path.join(out, "defence.md")).read()
-    for pa, pb in zip(a["points"], b["points"]):
+    for pa, pb in zip(a["points"], b["points"], strict=True):
         assert (pa["index"], pa["base_success"], pa["linf"]) == (pb["index"], pb["base_success"], pb["linf"])
     # Another attack budget cannot reuse them.
     saved = json.load(open(os.path.join(uninterrupted, "defence", "batch_000.json")))

@@ -16,10 +16,9 @@ import time
 
 import pytest
 
+from helpers import subprocess_env, without_timings
 from manifold_tf import distributed
 from manifold_tf.evaluation.store import RunStore
-
-from helpers import subprocess_env, without_timings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,7 +111,7 @@ def test_a_worker_with_other_settings_is_refused(tmp_path, monkeypatch):
         RunStore(str(tmp_path / "elsewhere"), workers=distributed.Workers(1, 2))
 
 
-# -- real worker processes ---------------------------------------------------------------------------
+# -- real worker processes ------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

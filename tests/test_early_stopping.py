@@ -1,4 +1,5 @@
-"""Tests of held-out PGD early stopping: the best checkpoint, catastrophic-overfitting stop, resume."""
+"""Tests of held-out PGD early stopping: the best checkpoint, catastrophic-overfitting stop,
+resume."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def test_fgsm_config_is_one_step_of_1_25_epsilon():
 
 
 def test_best_checkpoint_is_kept_and_a_collapse_stops_the_run(tmp_path, arrays, monkeypatch):
-    # Held-out PGD accuracy 0.5, then 0.6, then a collapse to 0.1: best is step 4, the run stops at 6
-    # (it would have gone on to step 8).
+    # Held-out PGD accuracy 0.5, then 0.6, then a collapse to 0.1: best is step 4, the run stops at
+    # 6 (it would have gone on to step 8).
     values = iter([(0.5, 0.5), (0.7, 0.6), (0.9, 0.1), (0.9, 0.1)])
     monkeypatch.setattr(early_stopping.HoldoutMonitor, "measure", lambda self, base: next(values))
     run = str(tmp_path / "run")

@@ -1,4 +1,4 @@
-"""Tests of the evaluation inputs: the embedded defaults, and batched inference without retracing."""
+"""Tests of the evaluation inputs: the embedded defaults, batched inference without retracing."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import os
 
 import numpy as np
 
+from helpers import LabelInPixel
 from manifold_tf import data, pretrained
 from manifold_tf.evaluation import inputs
 from manifold_tf.evaluation.config import InputConfig
-
-from helpers import LabelInPixel
 
 
 def test_default_inputs_prefer_the_cifar_folder_then_synthetic(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""kill -9 at a random moment of each long job, then --resume: the same report as an uninterrupted run.
+"""kill -9 at a random moment of each long job, then --resume: the report of an uninterrupted run.
 
 Each job runs as a subprocess of the real command line; it is killed once its first unit of work is
 on disk (a checkpoint or a batch record) and before it has finished, at a random extra delay.
@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _kill_after(cmd: list[str], marker: str, done: str, seed: int) -> None:
-    """Starts ``cmd``, waits for ``marker`` to exist, sleeps a random moment, kills it with SIGKILL."""
+    """Starts ``cmd``, waits for ``marker`` to exist, sleeps a random moment, then SIGKILLs it."""
     proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
@@ -92,5 +92,5 @@ def test_training_killed_then_resumed_gives_the_same_weights(tmp_path):
 
     a = keras.saving.load_model(str(tmp_path / "full" / "final.keras"))
     b = keras.saving.load_model(os.path.join(killed, "final.keras"))
-    for u, v in zip(a.get_weights(), b.get_weights()):
+    for u, v in zip(a.get_weights(), b.get_weights(), strict=True):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)

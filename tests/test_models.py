@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from helpers import assert_config_round_trip, assert_saving_round_trip, uniform_images
 from manifold_tf import models
 from manifold_tf.validation import check_logits, validate_images
-
-from helpers import assert_config_round_trip, assert_saving_round_trip, uniform_images
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Tests of the run store: settings saved once and compared on resume, atomic batches, corrupt files."""
+"""Tests of the run store: settings saved once and compared on resume, atomic batches, corrupt
+files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tests of training: adversarial batches inside train_step, resume == uninterrupted, no clobbering."""
+"""Tests of training: adversarial batches inside train_step, resume == uninterrupted, no
+clobbering."""
 
 import os
 import subprocess
@@ -9,9 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from manifold_tf import data, training
-
 from helpers import assert_config_round_trip, assert_in_ball_and_box, small_conv
+from manifold_tf import data, training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +42,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, arrays):
     training.train(_config(steps=2), str(tmp_path / "split"), train_arrays=arrays)
     keras.utils.set_random_seed(99)  # a different init must be overwritten by the checkpoint
     resumed = training.train(_config(), str(tmp_path / "split"), resume=True, train_arrays=arrays)
-    for a, b in zip(_weights(full), _weights(resumed)):
+    for a, b in zip(_weights(full), _weights(resumed), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     loaded = keras.models.load_model(str(tmp_path / "full" / training.FINAL_WEIGHTS))
     x = arrays[0][:4]
@@ -137,10 +137,10 @@ def test_weight_average_follows_its_recursion_and_survives_resume(tmp_path, arra
     trainer.fit(ds, epochs=1, steps_per_epoch=3, verbose=0, callbacks=[Record()])
     for t, weights in enumerate(seen, start=1):
         decay = min(0.5, (1 + t) / (10 + t))
-        average = [decay * a + (1 - decay) * w for a, w in zip(average, weights)]
+        average = [decay * a + (1 - decay) * w for a, w in zip(average, weights, strict=True)]
     got = trainer.averaged_base().get_weights()
-    assert any(not np.allclose(a, w) for a, w in zip(average, seen[-1]))  # the average is not the last step
-    for a, b in zip(average, got):
+    assert any(not np.allclose(a, w) for a, w in zip(average, seen[-1], strict=True))  # the average is not the last step
+    for a, b in zip(average, got, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
     keras.utils.set_random_seed(0)
@@ -150,13 +150,13 @@ def test_weight_average_follows_its_recursion_and_survives_resume(tmp_path, arra
     keras.utils.set_random_seed(99)
     resumed = training.train(_config(ema_decay=0.9), str(tmp_path / "split"), resume=True,
                              train_arrays=arrays)
-    for a, b in zip(_weights(full), _weights(resumed)):  # final.keras holds the averaged weights
+    for a, b in zip(_weights(full), _weights(resumed), strict=True):  # final.keras holds the averaged weights
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_weight_perturbation_step_is_sgd_at_the_ascended_kernels():
-    """One AWP step with plain SGD: ``w1 = w0 - lr * grad L(w0 + v)``, ``v = gamma ||w|| g/||g||`` on
-    kernels only, and the perturbation is gone from the weights afterwards."""
+    """One AWP step with plain SGD: ``w1 = w0 - lr * grad L(w0 + v)``, ``v = gamma ||w|| g/||g||``
+    on kernels only, and the perturbation is gone from the weights afterwards."""
     base = small_conv(seed=2, shape=(32, 32, 3))
     x = np.random.default_rng(1).uniform(0, 255, (6, 32, 32, 3)).astype(np.float32)
     y = np.array([0, 1, 2, 0, 1, 2], np.int32)
@@ -164,7 +164,7 @@ def test_weight_perturbation_step_is_sgd_at_the_ascended_kernels():
     w0 = [w.numpy() for w in base.trainable_variables]
 
     def loss_grads(weights):
-        for w, value in zip(base.trainable_variables, weights):
+        for w, value in zip(base.trainable_variables, weights, strict=True):
             w.assign(value)
         with tf.GradientTape() as tape:
             logits = base(tf.constant(x), training=True)
@@ -173,17 +173,17 @@ def test_weight_perturbation_step_is_sgd_at_the_ascended_kernels():
 
     g0 = loss_grads(w0)
     shifted = [w + gamma * np.linalg.norm(w) * g / np.linalg.norm(g) if w.ndim > 1 else w
-               for w, g in zip(w0, g0)]
-    expected = [w - lr * g for w, g in zip(w0, loss_grads(shifted))]
+               for w, g in zip(w0, g0, strict=True)]
+    expected = [w - lr * g for w, g in zip(w0, loss_grads(shifted), strict=True)]
     assert any(not np.allclose(a, b, atol=1e-6) for a, b in
-               zip(expected, [w - lr * g for w, g in zip(w0, g0)]))  # AWP changes the step
-    for w, value in zip(base.trainable_variables, w0):
+               zip(expected, [w - lr * g for w, g in zip(w0, g0, strict=True)], strict=True))  # AWP changes the step
+    for w, value in zip(base.trainable_variables, w0, strict=True):
         w.assign(value)
     trainer = training.AdversarialTrainer(base, epsilon=0.0, pgd_steps=0, awp_gamma=gamma)
     trainer.compile(optimizer=keras.optimizers.SGD(lr), loss=keras.losses.SparseCategoricalCrossentropy(
         from_logits=True), metrics=[keras.metrics.SparseCategoricalAccuracy()])
     trainer.train_on_batch(x, y)
-    for got, want in zip(base.trainable_variables, expected):
+    for got, want in zip(base.trainable_variables, expected, strict=True):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)
 
 

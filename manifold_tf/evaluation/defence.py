@@ -6,19 +6,26 @@ the points the base model classifies correctly, cut them into batches; per point
 to x and x'; sort every point into one of four categories. Each finished batch is written at once
 to the run store (JSON + the x' array), and the report is always assembled from those records, so a
 resumed run produces the same report as an uninterrupted one.
+
+This module runs the protocol and returns its records (:func:`run_table2`);
+:mod:`~manifold_tf.evaluation.defence_report` renders them (``defence.json``, ``defence.md``,
+``failures.png``), called by :mod:`~manifold_tf.evaluation.runner`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import random
 import time
 
-from absl import logging
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
-from manifold_tf import reporting
+from manifold_tf import attacks, reporting
 from manifold_tf.evaluation.config import DefenceConfig
 from manifold_tf.evaluation.inputs import predict_logits
+from manifold_tf.evaluation.store import RunStore
 from manifold_tf.shells.base import answer
 from manifold_tf.validation import validate_images
 
@@ -39,8 +46,8 @@ CATEGORY_TITLES = {
     "wrong_but_robust": "shell wrong but robust (G(x) = G(x') != y)",
     "wrong_not_robust": "shell wrong and not robust (G(x) != G(x'))",
 }
-# The paper's Table 2 (wide adv_trained model, full CIFAR-10 test set, CarliniWagnerShell); batch 4's
-# printed shell rate "0.07%" is 2/30 = 6.67% (the 2 failures of the text are both in batch 4).
+# The paper's Table 2 (wide adv_trained model, full CIFAR-10 test set, CarliniWagnerShell); batch
+# 4's printed shell rate "0.07%" is 2/30 = 6.67% (the 2 failures of the text are both in batch 4).
 PAPER_TABLE2 = dict(
     points=150,
     base_attack_success=[0.30, 1 / 3, 0.40, 1 / 3, 0.4667],
@@ -63,8 +70,6 @@ def walk_order(num_test: int, *, seed: int, kind: str = "numpy") -> np.ndarray:
     if kind == "numpy":
         return np.random.default_rng(seed).permutation(num_test)
     if kind == "paper":
-        import random
-
         rng = random.Random(seed)
         return np.asarray(rng.sample(range(num_test), num_test)[::-1])
     raise ValueError(f"permutation must be one of {PERMUTATIONS}; got {kind!r}.")
@@ -158,16 +163,16 @@ def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, 
     vulnerabilities" (base-robust points the shell gets wrong) would be 0 for every deterministic
     shell; instead ``x'`` is a probe: PGD with the CW margin loss on the base (20 steps from
     ``x``, within ``epsilon``), and the shell is run on it. The base-attack column stays CW's.
+    ``attack``: keyword arguments of :func:`manifold_tf.attacks.cw_linf` (its schedule).
     ``precomputed``: ``(x_adv, attack_iterations, base_success)`` of the same attack on the same
     points (another shell's run), reused.
     """
-    from manifold_tf import attacks
-
     t0 = time.perf_counter()
     if precomputed is None:
-        cw = attacks.cw_linf_details(base, x, y, epsilon=epsilon, **attack)
-        x_adv, iterations = np.array(cw["x_adv"]), np.asarray(cw["iterations"]).tolist()
-        found = np.asarray(cw["success"], bool)
+        cw = attacks.cw_linf(base, x, y, epsilon=epsilon, **attack)
+        # A copy: the probe below overwrites the points where CW failed.
+        x_adv, iterations = np.array(cw.x_adv), np.asarray(cw.details["iterations"]).tolist()
+        found = np.asarray(cw.success, bool)
         base_adv = predict_logits(base, x_adv).argmax(-1)
         linf = np.abs(x_adv - x).reshape(len(x), -1).max(-1)
         # Valid: within the budget (up to float rounding of the projection) and misclassified.
@@ -175,7 +180,7 @@ def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, 
         if (~success).any():
             probe = attacks.pgd(base, x[~success], y[~success], epsilon=epsilon, steps=PROBE_STEPS,
                                 step_size=2.5 * epsilon / PROBE_STEPS, loss="cw", random_start=False)
-            x_adv[~success] = np.asarray(probe)
+            x_adv[~success] = probe.x_adv
     else:
         x_adv, iterations, success = precomputed
         success = np.asarray(success, bool)
@@ -231,34 +236,46 @@ def table2_points(base, images: np.ndarray, labels: np.ndarray, config: DefenceC
     return [correct[i : i + config.batch_points] for i in range(0, len(correct), config.batch_points)]
 
 
-def run_defence(base, shell, images: np.ndarray, labels: np.ndarray, config: DefenceConfig, store,
-                *, seed: int = 0, metadata: dict | None = None, class_names=None,
-                max_figure_cases: int = 12, walk: int | None = None) -> dict:
-    """Runs (or resumes) the Table-2 protocol in ``store`` and writes its reports.
+@dataclasses.dataclass(frozen=True)
+class DefenceRun:
+    """The finished Table-2 protocol: what :mod:`~manifold_tf.evaluation.defence_report` renders.
+
+    ``records``: one dict per batch, in batch order (the ``defence/batch_XXX.json`` records:
+    ``indices``, ``labels``, ``category`` ... one entry per point). ``settings``: the settings the
+    run was bound with (JSON form), also the report's ``settings``.
+    """
+
+    records: list[dict]
+    settings: dict
+
+
+def run_table2(base, shell, images: np.ndarray, labels: np.ndarray, config: DefenceConfig,
+               store: RunStore, *, epsilon: float, seed: int = 0, metadata: dict | None = None,
+               walk: int | None = None) -> DefenceRun | None:
+    """Runs (or resumes) the Table-2 protocol in ``store``; returns its records, writes no report.
 
     Args:
       base: Keras model, images -> logits. shell: a shell wrapping it (built from ``config.shell``).
       images, labels: the test set, ``[M, 32, 32, 3]`` pixels, ``[M]`` ints.
-      config: points, budget and the base attack (``config.attack``: CW L-inf; a success needs
+      config: points and the base attack (``config.attack``: CW L-inf; a success needs
         ``||x' - x||_inf <= epsilon``). ``config.attack.from_run``: the run directory of an
         earlier run with the same base model, data, points, epsilon and attack settings (checked):
         its ``x'`` are reused instead of attacking again, so that two shells are compared on the
         same adversarial examples at the cost of the shells alone.
-      store: the :class:`~manifold_tf.evaluation.store.RunStore`; receives ``defence/batch_XXX.json``
-        and ``batch_XXX_xadv.npy`` as each batch finishes, then ``defence.json``, ``defence.md`` and
-        ``failures.png``.
+      store: the run store; receives ``defence/batch_XXX.json`` and ``batch_XXX_xadv.npy`` as each
+        batch finishes.
+      epsilon: the attacker's L-inf budget, pixels (the threat model's).
       metadata: recorded in the settings (checkpoint, dataset ...): a resumed run must match it.
-      class_names: label names for the figure.
       walk: see :func:`table2_points` (``None``: the paper's point count).
 
-    Under several workers (``store.workers``) each computes its own batches; the chief then
-    writes the reports.
+    Under several workers (``store.workers``) each computes its own batches, then all wait for
+    every batch (:meth:`RunStore.gather`).
 
     Returns:
-      The report dict written to ``defence.json`` (``None`` on the workers other than the chief).
+      The :class:`DefenceRun` on the chief (render it with
+      :func:`~manifold_tf.evaluation.defence_report.write_defence_report`); ``None`` on the other
+      workers, whose part is done.
     """
-    from manifold_tf.evaluation.defence_report import write_defence_report
-
     attack = config.attack.cw_kwargs()
     epsilon, batch_points = config.epsilon, config.batch_points
     images = np.asarray(images, np.float32)
@@ -298,27 +315,49 @@ def run_defence(base, shell, images: np.ndarray, labels: np.ndarray, config: Def
         record = dict(batch=b, indices=idx.tolist(), **record)
         store.save(PROTOCOL, b, record, arrays={"xadv": x_adv.astype(np.float32)})
         records[b] = record
-        r = batch_rates(record)
-        m = len(idx)
-        progress.update(m, extra=(
-            f"batch {b + 1}/{num_batches}: base attack {r['base_successes']}/{m}, "
-            f"shell attack {r['shell_successes']}/{m}, retained {r['retained']}/"
-            f"{m} (attack {record['seconds']['attack']:.0f} s, shell "
+        rates = batch_rates(record)
+        size = len(idx)
+        progress.update(size, extra=(
+            f"batch {b + 1}/{num_batches}: base attack {rates['base_successes']}/{size}, "
+            f"shell attack {rates['shell_successes']}/{size}, retained {rates['retained']}/"
+            f"{size} (attack {record['seconds']['attack']:.0f} s, shell "
             f"{record['seconds']['shell']:.0f} s)"))
     records = store.gather(PROTOCOL, num_batches)
     if not store.workers.is_chief:
         return None  # the chief writes the reports
-    return write_defence_report(records, settings, images, store.alone(), class_names=class_names,
-                                max_figure_cases=max_figure_cases)
+    return DefenceRun(records=records, settings=settings)
+
+
+def run_defence(base, shell, images: np.ndarray, labels: np.ndarray, config: DefenceConfig,
+                store: RunStore, *, epsilon: float, seed: int = 0, metadata: dict | None = None,
+                class_names=None, max_figure_cases: int = 12,
+                walk: int | None = None) -> dict | None:
+    """Compatibility for :mod:`~manifold_tf.evaluation.runner`: :func:`run_table2`, then the report.
+
+    Returns the report dict written to ``defence.json`` (``None`` on the workers other than the
+    chief). To be removed once the runner calls ``run_table2`` and ``write_defence_report`` itself:
+    until then this is the one import of the report writer here (an import cycle).
+    """
+    # deferred: the protocol must not import its report writer; goes with this function.
+    from manifold_tf.evaluation.defence_report import write_defence_report
+
+    run = run_table2(base, shell, images, labels, config, store, epsilon=epsilon, seed=seed,
+                     metadata=metadata, walk=walk)
+    if run is None:
+        return None
+    return write_defence_report(run.records, run.settings, images, store.alone(),
+                                class_names=class_names, max_figure_cases=max_figure_cases)
 
 
 ATTACK_KEYS = ("epsilon", "attack", "checkpoint", "dataset", "data_dir", "num_test_points")
 
 
 def _reusable_attack(run_dir: str, b: int, settings: dict, indices: np.ndarray):
-    """``(x_adv, iterations)`` of batch ``b`` from another run, if it exists; checks it matches."""
-    from manifold_tf.evaluation.store import RunStore
+    """``(x_adv, iterations, base_success)`` of batch ``b`` from another run, if it exists.
 
+    ``None`` when that run has not finished batch ``b``; raises ``ValueError`` when its points or
+    attack settings differ from this run's (``settings``, the bound settings of this run).
+    """
     other = RunStore(run_dir, resume=True)
     saved = other.load(PROTOCOL, b)
     if saved is None:

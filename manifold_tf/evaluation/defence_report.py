@@ -1,4 +1,8 @@
-"""Table 2's report: Markdown (settings, rates per batch, categories, the paper's figures) and failures."""
+"""Table 2's report: Markdown (settings, rates per batch, categories, the paper's) and failures.
+
+Renders the records of :func:`manifold_tf.evaluation.defence.run_table2`; the caller
+(:mod:`~manifold_tf.evaluation.runner`) calls :func:`write_defence_report`.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ def _pct(rate: float, count: int, n: int) -> str:
 
 
 def defence_markdown(report: dict) -> str:
-    """The report as Markdown: settings, Table 2 per batch and on average, categories, the paper's."""
+    """The report as Markdown: settings, Table 2 per batch and on average, categories, paper's."""
     s = report["settings"]
     rows = []
     for name, r in [(f"Batch #{i + 1}", r) for i, r in enumerate(report["per_batch"])] + [
@@ -49,7 +53,8 @@ def defence_markdown(report: dict) -> str:
         f"# Defence evaluation (Table 2 protocol): {s['shell']['shell'].upper()} shell\n\n"
         f"**Transfer only, not the verdict.** {PROTOCOL_BIAS}\n\n"
         f"Points: {avg['points']} base-correct test points ("
-        + (f"those among the first {s['walk']} of the order, in batches of up to {s['batch_points']}"
+        + (f"those among the first {s['walk']} of the order, in batches of up to "
+           f"{s['batch_points']}"
            if "walk" in s else f"{s['num_batches']} batches x {s['batch_points']}")
         + f"), {s['permutation']} permutation, seed {s['seed']}, of "
         f"{s['num_test_points']} test images.\n\n"
@@ -63,14 +68,16 @@ def defence_markdown(report: dict) -> str:
         f"Shell attack success: `G(x') != y` and `G(x') != G(x)`. Retained accuracy: `G(x) = y`. "
         f"Base attack success: CW found `x'` with `||x' - x||_inf <= {s['epsilon']:g}` that the "
         f"base misclassifies.\n\nCategories:\n\n{cats}\n- base-robust points the shell made "
-        f"inconsistent (new vulnerabilities): {avg['new_vulnerabilities']} (on the base-robust points, "
-        f"x' is a PGD-{PROBE_STEPS} probe with the CW margin loss on the base, within epsilon)\n\n{unmet_text}"
+        f"inconsistent (new vulnerabilities): {avg['new_vulnerabilities']} (on the base-robust "
+        f"points, x' is a PGD-{PROBE_STEPS} probe with the CW margin loss on the base, within "
+        f"epsilon)\n\n{unmet_text}"
         f"Paper's Table 2 (wide adv_trained model, full CIFAR-10, CarliniWagnerShell, "
         f"{paper['points']} points): base attack success "
         f"{100 * paper['average']['base_attack_success']:.2f}%, shell attack success "
         f"{100 * paper['average']['shell_attack_success']:.2f}%, retained accuracy "
         f"{100 * paper['average']['retained_accuracy']:.0f}%; categories {paper['categories']}.\n\n"
-        f"Time: attack {report['seconds']['attack']:.0f} s, shell {report['seconds']['shell']:.0f} s.\n"
+        f"Time: attack {report['seconds']['attack']:.0f} s, "
+        f"shell {report['seconds']['shell']:.0f} s.\n"
     )
 
 

@@ -15,12 +15,14 @@ Also here: batched inference with one compiled function per model (:func:`predic
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 
+import keras
 import numpy as np
 import tensorflow as tf
 
-from manifold_tf import compiled, data, pretrained
+from manifold_tf import checkpoints, compiled, data, models, pretrained
 from manifold_tf.evaluation.config import InputConfig
 from manifold_tf.validation import validate_images, validate_labels
 
@@ -92,8 +94,6 @@ def resolve(config: InputConfig, *, run_dir: str | None = None) -> Inputs:
 
 def load_model(inputs: Inputs, *, width: str | None = None, seed: int = 0):
     """The base model of ``inputs`` (trains the quick synthetic model if that is the default)."""
-    from manifold_tf import checkpoints
-
     if inputs.train_quick_model:
         return quick_synthetic_model(inputs.checkpoint, seed=seed)
     return checkpoints.load_model_weights(inputs.checkpoint, width=width)
@@ -101,8 +101,6 @@ def load_model(inputs: Inputs, *, width: str | None = None, seed: int = 0):
 
 def model_identity(path: str) -> str:
     """A file's SHA-256 (so a resumed run accepts a copied or renamed model), else its path."""
-    import hashlib
-
     if not os.path.isfile(path):
         return os.path.abspath(path)
     with open(path, "rb") as f:
@@ -110,15 +108,13 @@ def model_identity(path: str) -> str:
 
 
 def quick_synthetic_model(path: str, *, steps: int = 300, batch_size: int = 32, seed: int = 0):
-    """A narrow Madry ResNet trained naturally on the synthetic set for ``steps`` steps, cached at ``path``.
+    """A narrow Madry ResNet trained naturally on the synthetic set, cached at ``path`` (.keras).
+
+    ``steps`` SGD steps of ``batch_size`` images, from ``seed``.
 
     The synthetic classes are far apart, so a few hundred SGD steps reach near-perfect test
     accuracy. An existing ``path`` is loaded instead (a resumed run must use the same model).
     """
-    import keras
-
-    from manifold_tf import models
-
     if os.path.exists(path):
         return keras.saving.load_model(path)
     keras.utils.set_random_seed(seed)
@@ -142,7 +138,8 @@ def _predict_function(model):
 
 
 def predict_logits(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Logits ``[N, C]`` of ``model`` on ``x`` ``[N, H, W, C]`` (pixels), in batches, inference mode."""
+    """Logits ``[N, C]`` of ``model`` on ``x`` ``[N, H, W, C]`` (pixels), batched, in inference
+    mode."""
     fn = _predict_function(model)
     outs = [fn(tf.constant(x[i : i + batch_size])).numpy() for i in range(0, len(x), batch_size)]
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)

@@ -16,11 +16,13 @@ Layout::
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
 import shutil
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -47,7 +49,8 @@ def compare_settings(saved: dict, now: dict, *, free: Iterable[str] = (), where:
                           for k in diff)
         raise SettingsMismatch(
             f"--resume with settings that differ from the run{' in ' + where if where else ''}:\n"
-            f"{lines}\nUse the same settings, another output directory, or --overwrite to start again.")
+            f"{lines}\nUse the same settings, another output directory, or --overwrite to start "
+            f"again.")
 
 
 def read_json_checked(path: str) -> Any:
@@ -162,8 +165,10 @@ class RunStore:
         return self.workers.owns(b)
 
     def progress(self, sizes: list[int], records: list, desc: str, unit: str = "points"):
-        """A :class:`~manifold_tf.reporting.Progress` over this worker's batches (``sizes[b]`` points
-        each), counting the ones ``records`` already holds as done."""
+        """A :class:`~manifold_tf.reporting.Progress` over this worker's batches.
+
+        ``sizes[b]``: the points of batch ``b``; batches that ``records`` holds count as done.
+        """
         mine = [b for b in range(len(sizes)) if self.mine(b)]
         if self.workers.distributed:
             desc = f"{desc} [{self.workers.describe()}]"
@@ -183,10 +188,8 @@ class RunStore:
                              f"worker finished.")
         return records
 
-    def alone(self) -> "RunStore":
-        """This store for the chief's own work after :meth:`gather` (reports, checks): no barriers."""
-        import copy
-
+    def alone(self) -> RunStore:
+        """This store without barriers: for the chief's own work after :meth:`gather` (reports)."""
         solo = copy.copy(self)
         solo.workers = SINGLE
         return solo
