@@ -229,13 +229,6 @@ def test_restarts_and_targets_only_attack_points_still_standing(conv):
     assert ((target[3:] >= 0) & (target[3:] != y[3:])).all()
 
 
-RUNNER_ZERO_FILL = ("BUG: run_standing (manifold_tf/attacks/runner.py, details[key] = np.zeros) "
-                    "fills the details of points no step ran on with 0, and apgd does not reset "
-                    "them: details['target'] is 0 (a real label) instead of -1 for points "
-                    "misclassified at x (fab resets them itself)")
-
-
-@pytest.mark.xfail(strict=True, reason=RUNNER_ZERO_FILL)
 @pytest.mark.parametrize("attack", ["apgd_ce", "apgd_t"])
 def test_points_misclassified_at_x_report_no_run_and_no_target(conv, attack):
     model, x, y = conv

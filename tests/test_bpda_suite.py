@@ -295,16 +295,7 @@ def test_bad_inputs_of_the_strengthened_attacks_raise_naming_the_problem(conv):
         attacks.bpda_targeted(shell, x / 255.0 - 0.5, y, epsilon=1.0)
 
 
-LIFT_AT_X = ("BUG: lift (manifold_tf/attacks/bpda_suite.py:249) passes the points the shell gets "
-             "wrong at x to run_standing as broken=, and run_standing "
-             "(manifold_tf/attacks/runner.py:125) zero-fills their details: shell_label 0 instead "
-             "of the shell's label, target 0 instead of -1, score -inf instead of the shell's "
-             "margin (the old lift recorded all three)")
-
-
-@pytest.mark.parametrize("attack", ["restarts", "top_k",
-                                    pytest.param("lift", marks=pytest.mark.xfail(
-                                        strict=True, reason=LIFT_AT_X))])
+@pytest.mark.parametrize("attack", ["restarts", "top_k", "lift"])
 def test_points_the_shell_gets_wrong_at_x_report_its_answer_there(conv, attack):
     _, x, shells = conv
     shell = shells["mcn"]

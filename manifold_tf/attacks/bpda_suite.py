@@ -27,6 +27,7 @@ from manifold_tf.attacks.bpda import (
     check_progress,
     check_x_init,
     prepare,
+    surrogate_rows,
 )
 from manifold_tf.attacks.result import AttackResult
 from manifold_tf.attacks.runner import Step, run_standing
@@ -224,7 +225,8 @@ def lift(shell, x, y, *, epsilon: float, delta: float | None = None, num_targets
     if len(x) == 0:
         return bpda(shell, x, y, epsilon=epsilon, steps=bpda_steps)
     out = shell.embed_function(tf.constant(x))
-    wrong_at_x = shell.scores(out).pick != y
+    at_x = shell.scores(out)
+    wrong_at_x = at_x.pick != y
     order = target_order(shell, x, y, out)
     fn = _lift_function(shell.base, tuple(shell.image_shape), steps, schedule)
     total = k * (steps + bpda_steps)
@@ -251,4 +253,10 @@ def lift(shell, x, y, *, epsilon: float, delta: float | None = None, num_targets
     suite = run_standing([step(j) for j in range(k)], x, y, broken=wrong_at_x)
     if progress is not None:
         progress(total, total, int(suite.standing.sum()))
-    return suite.result.with_cost(shell_predictions=1)  # the shell at x
+    # Points the shell already gets wrong at x keep x, with the shell's answer and margin there.
+    details = dict(suite.result.details)
+    details["shell_label"] = np.where(wrong_at_x, at_x.pick, details["shell_label"])
+    details["target"] = np.where(wrong_at_x, -1, details["target"])
+    details["steps_used"] = np.where(wrong_at_x, 0, details["steps_used"])
+    score = np.where(wrong_at_x, surrogate_rows(at_x, y).margin, suite.result.score)
+    return suite.result.replace(score=score, details=details).with_cost(shell_predictions=1)

@@ -80,6 +80,8 @@ def cw_linf(
             x_adv = projected.project(tf.where(bcast(out["within"], x), out["x_within"], x), x, eps)
             ok = out["within"] & goal(net(x_adv, training=False), labels, settings["targeted"])
             x_adv = tf.where(bcast(ok, x), x_adv, x)
+            # Where nothing was found x itself is returned: a success if x already meets the goal.
+            ok = ok | goal(net(x, training=False), labels, settings["targeted"])
             return x_adv, ok, out["distance"], out["iterations"]
 
         return run

@@ -28,6 +28,10 @@ def prepare(model, x, y, budget: float, budget_name: str):
     budget = validate_radius(budget, budget_name)
     x = validate_images(x, image_shape=None)
     num_classes = _CHECKED.get(model)
+    if num_classes is None and not x.shape[0]:
+        # An empty batch: nothing to check the outputs on (a conv net refuses a batch of 0 rows).
+        shape = getattr(model, "output_shape", None)
+        num_classes = int(shape[-1]) if shape and shape[-1] else 1
     if num_classes is None:
         # Logits vs probabilities is a property of the model: check it once, on a few rows (an
         # eager forward pass costs about as much as a few attack steps).

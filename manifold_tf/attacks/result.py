@@ -39,8 +39,9 @@ class AttackResult:
 
     Attributes:
       x_adv: ``[N, H, W, C]`` float32 pixels, inside the attack's L-inf ball and the box [0, 255].
-      success: ``[N]`` bool, success as the attack saw it (its model's label at ``x_adv`` is wrong,
-        for a targeted attack likewise: misclassification). A caller that must be sure checks it
+      success: ``[N]`` bool, success as the attack saw it: its model's label at ``x_adv`` is
+        wrong (APGD-T, FAB-T and targeted BPDA too, as in AutoAttack), except for the targeted
+        modes of :func:`pgd` and :func:`cw_linf`, where it is "the target reached". A caller that must be sure checks it
         again with a fresh prediction (:func:`~manifold_tf.attacks.runner.run_standing` can).
       base_passes: ``[N]`` int64, forward+backward passes of the base model run by the attack.
       shell_predictions: ``[N]`` int64, shell predictions run by the attack.

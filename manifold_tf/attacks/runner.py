@@ -23,6 +23,8 @@ from manifold_tf.attacks.result import AttackResult
 
 __all__ = ["Step", "Suite", "run_standing"]
 
+# The value a detail holds for points no step ran on: -1 for labels and counts, NaN for values.
+_EMPTY = {"i": -1, "u": 0, "f": np.nan, "b": False}
 # (x [M, ...], y [M], idx [M] indices of these points in the whole batch) -> AttackResult of M rows
 StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray], AttackResult]
 # (x_adv [M, ...], idx [M]) -> [M] bool: broken by a fresh prediction
@@ -122,7 +124,8 @@ def run_standing(
             if key not in details:
                 if not first:
                     continue
-                details[key] = np.zeros((n,) + value.shape[1:], value.dtype)
+                details[key] = np.full((n,) + value.shape[1:], _EMPTY.get(value.dtype.kind, 0),
+                                       value.dtype)
             details[key][rows] = value[replace]
         broken_by[idx[ok]] = step.name
         seconds[step.name] = time.perf_counter() - t0

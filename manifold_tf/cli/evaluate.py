@@ -24,6 +24,7 @@ import sys
 
 from absl import app, flags
 
+from manifold_tf import distributed, evaluation
 from manifold_tf.cli import flags as config_flags
 from manifold_tf.evaluation import config as cfg
 
@@ -79,8 +80,6 @@ def config_from_flags(flag_values=FLAGS) -> cfg.EvaluationConfig:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from manifold_tf import distributed, evaluation
-
     try:
         # TF_CONFIG first: MultiWorkerMirroredStrategy must exist before any other TensorFlow op.
         workers = distributed.from_env(heartbeat_seconds=FLAGS.heartbeat_seconds)

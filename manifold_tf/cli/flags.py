@@ -16,6 +16,7 @@ a preset's.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import typing
 
 from absl import flags
@@ -159,8 +160,6 @@ def show_in_help(module_name: str, flag_values=flags.FLAGS) -> None:
     The entry point is a console-script wrapper or a thin top-level script, not the module that
     defines the flags, so they are registered as key flags of the running program.
     """
-    import sys
-
     by_module = flag_values.flags_by_module_dict()
     for flag in by_module.get(module_name, []) + by_module.get(__name__, []):
         flag_values.register_key_flag_for_module(sys.argv[0], flag)

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import sys
 
+import keras
 from absl import app, flags
 
+from manifold_tf import distributed, training
 from manifold_tf.cli import flags as config_flags
 from manifold_tf.training import TrainConfig
 
@@ -39,8 +41,6 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not FLAGS.model_dir:
         raise app.UsageError("--model_dir is required.")
-    from manifold_tf import distributed
-
     try:
         # TF_CONFIG first: MultiWorkerMirroredStrategy must exist before any other TensorFlow op.
         workers = distributed.from_env(heartbeat_seconds=FLAGS.heartbeat_seconds)
@@ -48,10 +48,6 @@ def main(argv):
         config.validate()
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    import keras
-
-    from manifold_tf import training
-
     keras.utils.set_random_seed(config.seed)
     try:
         training.train(config, FLAGS.model_dir, resume=FLAGS.resume, overwrite=FLAGS.overwrite,

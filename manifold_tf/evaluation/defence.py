@@ -27,7 +27,7 @@ from manifold_tf.evaluation.config import DefenceConfig
 from manifold_tf.evaluation.inputs import predict_logits
 from manifold_tf.evaluation.store import RunStore
 from manifold_tf.shells.base import answer
-from manifold_tf.validation import validate_images
+from manifold_tf.validation import validate_images, validate_radius
 
 PROTOCOL = "defence"
 # PGD steps of the probe x' on the points where CW failed (see defence_batch).
@@ -143,7 +143,7 @@ def _shell_labels(shell, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np
     if len(x) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, bool)
     # A shell built under a strategy's scope remembers it (Keras' trainer), unlike the global one.
-    strategy = getattr(shell, "_distribute_strategy", None) or tf.distribute.get_strategy()
+    strategy = shell.distribute_strategy
     if strategy.num_replicas_in_sync > 1:
         probs = shell.predict(x, batch_size=batch_size, verbose=0)
         return answer({"probabilities": probs}), probs.max(-1), None
@@ -277,7 +277,7 @@ def run_table2(base, shell, images: np.ndarray, labels: np.ndarray, config: Defe
       workers, whose part is done.
     """
     attack = config.attack.cw_kwargs()
-    epsilon, batch_points = config.epsilon, config.batch_points
+    epsilon, batch_points = validate_radius(epsilon, "epsilon"), config.batch_points
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels).astype(np.int64)
     validate_images(images)
@@ -326,30 +326,6 @@ def run_table2(base, shell, images: np.ndarray, labels: np.ndarray, config: Defe
     if not store.workers.is_chief:
         return None  # the chief writes the reports
     return DefenceRun(records=records, settings=settings)
-
-
-def run_defence(base, shell, images: np.ndarray, labels: np.ndarray, config: DefenceConfig,
-                store: RunStore, *, epsilon: float, seed: int = 0, metadata: dict | None = None,
-                class_names=None, max_figure_cases: int = 12,
-                walk: int | None = None) -> dict | None:
-    """Compatibility for :mod:`~manifold_tf.evaluation.runner`: :func:`run_table2`, then the report.
-
-    Returns the report dict written to ``defence.json`` (``None`` on the workers other than the
-    chief). To be removed once the runner calls ``run_table2`` and ``write_defence_report`` itself:
-    until then this is the one import of the report writer here (an import cycle).
-    """
-    # deferred: the protocol must not import its report writer; goes with this function.
-    from manifold_tf.evaluation.defence_report import write_defence_report
-
-    run = run_table2(base, shell, images, labels, config, store, epsilon=epsilon, seed=seed,
-                     metadata=metadata, walk=walk)
-    if run is None:
-        return None
-    return write_defence_report(run.records, run.settings, images, store.alone(),
-                                class_names=class_names, max_figure_cases=max_figure_cases)
-
-
-ATTACK_KEYS = ("epsilon", "attack", "checkpoint", "dataset", "data_dir", "num_test_points")
 
 
 def _reusable_attack(run_dir: str, b: int, settings: dict, indices: np.ndarray):

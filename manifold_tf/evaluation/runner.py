@@ -8,8 +8,20 @@ import os
 
 from absl import logging
 
+import tensorflow as tf
+
+from manifold_tf import checkpoints
 from manifold_tf.distributed import SINGLE, Workers
+from manifold_tf.evaluation import (
+    adaptive,
+    adaptive_report,
+    defence,
+    defence_report,
+    estimate,
+    separation,
+)
 from manifold_tf.evaluation import inputs as inputs_lib
+from manifold_tf.evaluation.accuracy import run_accuracy
 from manifold_tf.evaluation.config import EvaluationConfig
 from manifold_tf.evaluation.store import RunStore
 
@@ -34,8 +46,6 @@ def evaluate(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
 
 
 def _accuracy(config: EvaluationConfig) -> str:
-    from manifold_tf.evaluation.accuracy import run_accuracy
-
     store = _store(config, "accuracy")
     inputs = inputs_lib.resolve(config.inputs, run_dir=store.directory)
     model = inputs_lib.load_model(inputs, width=config.inputs.width, seed=config.run.seed)
@@ -48,9 +58,6 @@ def _accuracy(config: EvaluationConfig) -> str:
 
 def _separation(config: EvaluationConfig) -> str:
     """Table 1: counts at p per batch, the s_p curve, Chebyshev and Clopper-Pearson bounds."""
-    from manifold_tf import checkpoints
-    from manifold_tf.evaluation import separation
-
     cfg, threat = config.separation, config.threat
     radius = cfg.radius(threat.delta)
     store = _store(config, "separation")
@@ -89,10 +96,6 @@ def _separation(config: EvaluationConfig) -> str:
 def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
     """Table 2 (CW on the base, the shell on x and x'), then the adaptive verdict; the verdict
     prints first."""
-    import tensorflow as tf
-
-    from manifold_tf.evaluation import adaptive, adaptive_report, defence, defence_report
-
     cfg = config.defence
     store = _store(config, "defence", workers)
     inputs = inputs_lib.resolve(config.inputs, run_dir=store.directory)
@@ -123,17 +126,17 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
     suite = config.adaptive
     num_points = min(suite.num_points, len(x))
     walk = num_points if cfg.points == "walked" else None
-    from manifold_tf.evaluation import estimate
-
     phases = estimate.defence_passes(
         table2_points=walk or cfg.batches * cfg.batch_points, num_points=num_points, shell=shell,
         per_prediction=shell.passes_per_prediction(), cw=cfg.attack.cw_kwargs(),
         suite=suite)
     rate = estimate.passes_per_second(base, shell.image_shape)
     logging.info("%s", estimate.describe(phases, rate))
-    report = defence.run_defence(base, shell, x, y, cfg, store, epsilon=config.threat.epsilon,
-                                 seed=config.run.seed,
-                                 metadata=metadata, class_names=inputs.class_names, walk=walk)
+    table2 = defence.run_table2(base, shell, x, y, cfg, store, epsilon=config.threat.epsilon,
+                                seed=config.run.seed, metadata=metadata, walk=walk)
+    if table2 is not None:  # the chief writes the reports
+        report = defence_report.write_defence_report(table2.records, table2.settings, x,
+                                                     store.alone(), class_names=inputs.class_names)
     if suite.attack != "none":
         run = adaptive.run_adaptive(
             base, shell, x, y, dataclasses.replace(suite, num_points=num_points), store,
@@ -145,10 +148,10 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
     if not workers.is_chief:
         return (f"{workers.describe()}: its batches are in {store.directory}; the chief (worker 0) "
                 f"writes the reports.")
-    table2 = defence_report.defence_markdown(report)
+    table2_text = defence_report.defence_markdown(report)
     if suite.attack == "none":
-        return f"{table2}\nreports written to {store.directory}"
+        return f"{table2_text}\nreports written to {store.directory}"
     verdict = adaptive_report.adaptive_markdown(result)
-    return (f"{verdict}\n{table2}\nThe verdict is the adaptive evaluation above; Table 2 is the "
+    return (f"{verdict}\n{table2_text}\nThe verdict is the adaptive evaluation above; Table 2 is the "
             f"paper's transfer protocol.\nreports written to {store.directory} (summary.json, "
             f"adaptive.md, defence.md, PNG figures)")

@@ -24,8 +24,9 @@ import time
 
 import numpy as np
 
-from manifold_tf import reporting
+from manifold_tf import attacks, reporting
 from manifold_tf.evaluation.stats import chebyshev_epsilon, clopper_pearson
+from manifold_tf.projected import madry_step_size
 from manifold_tf.validation import validate_radius
 
 PAPER_TABLE1 = {"robust": 26, "natural": 277, "points": 300, "p": 0.9, "delta": 8.0}
@@ -121,8 +122,6 @@ def run_separation(model, images: np.ndarray, labels: np.ndarray, *, delta: floa
       dict: ``settings``, ``indices``/``labels``/``wrong_label``/``clean_correct`` per batch,
       ``confidence`` ``[num_batches, batch_points]``, ``seconds`` per batch.
     """
-    from manifold_tf import attacks  # imported here: keeps the statistics usable without TF work
-    from manifold_tf.projected import madry_step_size
 
     delta = validate_radius(delta, "delta")
     attack = dict(attack or {})
@@ -182,8 +181,6 @@ def convergence_check(model, images: np.ndarray, labels: np.ndarray, run: dict, 
     restart). A count that still grows with steps or restarts has not converged, and the main
     count understates the model's true rate by at least the difference.
     """
-    from manifold_tf import attacks
-    from manifold_tf.projected import madry_step_size
 
     batches = min(int(batches), len(run["indices"]))
     if batches == 0:

@@ -46,12 +46,12 @@ fixed: it does not look at the outcomes), not for one chosen by looking at the d
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import brentq
+from scipy.stats import binomtest, norm
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Exact two-sided binomial (Clopper-Pearson) interval for ``k`` successes in ``n`` trials."""
-    from scipy.stats import binomtest
-
     if n < 1 or not 0 <= k <= n or not 0.0 < level < 1.0:
         raise ValueError(f"need n >= 1, 0 <= k <= n and 0 < level < 1; "
                          f"got k={k}, n={n}, level={level}.")
@@ -93,8 +93,6 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
     null (A and B equally accurate on these points) the split of the ``a_only + b_only`` discordant
     points is Binomial(., 1/2).
     """
-    from scipy.stats import binomtest
-
     n = int(a_only) + int(b_only)
     if n == 0:
         return 1.0
@@ -103,8 +101,6 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
 
 def _z(confidence: float) -> float:
     """Two-sided normal quantile ``z_{1 - alpha/2}`` for ``confidence = 1 - alpha``."""
-    from scipy.stats import norm
-
     if not 0.0 < confidence < 1.0:
         raise ValueError(f"need 0 < confidence < 1; got {confidence}.")
     return float(norm.ppf(0.5 + confidence / 2.0))
@@ -188,8 +184,6 @@ def tango_score(delta: float, b: int, c: int, n: int) -> float:
 
 def _tango_paired(b: int, c: int, n: int, confidence: float) -> tuple[float, float]:
     """Tango (1998) score interval: the two roots of ``Z(delta) = -+z`` around ``(b - c) / n``."""
-    from scipy.optimize import brentq
-
     z = _z(confidence)
     theta = (b - c) / n
     # Z(theta) = 0 and Z decreases, so the upper limit lies in [theta, 1] and the lower one in

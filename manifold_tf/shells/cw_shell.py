@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from manifold_tf import projected
+from manifold_tf.cw_search import cw_inner, cw_schedule, to_tanh_space
 from manifold_tf.shells.base import DEFAULT_JIT_COMPILE, FactorShell, Scores, jit_kwargs, log_odds
 from manifold_tf.shells.registry import register
 from manifold_tf.validation import (
@@ -131,7 +132,6 @@ class CarliniWagnerShell(FactorShell):
     def _embed_graph(self, x: tf.Tensor) -> dict:
         if self.variant == "paper_code":
             return self._paper_code(x)
-        from manifold_tf.cw_search import cw_inner, to_tanh_space
 
         xt, labels = self._tile(x)
         z, ok = cw_inner(
@@ -148,7 +148,6 @@ class CarliniWagnerShell(FactorShell):
                     candidate_labels=self._per_label(tf.argmax(logits, -1, output_type=tf.int32)))
 
     def _paper_code(self, x: tf.Tensor) -> dict:
-        from manifold_tf.cw_search import cw_schedule
 
         c = self.num_classes
         n = tf.shape(x)[0]
