@@ -92,7 +92,7 @@ def test_corrupt_batch_in_a_resumed_run_is_named(tmp_path):
 
 
 def test_help_lists_every_preset_and_what_it_changes():
-    from manifold_tf.evaluation.config import PRESETS
+    from manifold_tf.evaluation.presets import PRESETS
 
     done = _evaluate("--help")
     text = " ".join(done.stdout.split())  # absl wraps the help text

@@ -12,6 +12,7 @@ from manifold_tf import projected
 from manifold_tf.cli import evaluate
 from manifold_tf.cli import flags as config_flags
 from manifold_tf.evaluation import config as cfg
+from manifold_tf.evaluation import presets
 
 
 def _config(*argv: str) -> cfg.EvaluationConfig:
@@ -37,11 +38,11 @@ def _get(config, path):
     return config
 
 
-@pytest.mark.parametrize("name", list(cfg.PRESETS))
+@pytest.mark.parametrize("name", list(presets.PRESETS))
 def test_every_setting_of_a_preset_reaches_the_built_config(name):
-    changes = cfg.PRESETS[name].changes
+    changes = presets.PRESETS[name].changes
     for config in (_config(f"--preset={name}"), _config(f"--preset={name}", "--shell=mcn"),
-                   cfg.from_preset(name)):
+                   presets.from_preset(name)):
         for path, value in _leaves(changes):
             if path == ("defence", "shell", "kind") and config.mode == "defence":
                 continue  # --shell=mcn was given: it wins
@@ -90,7 +91,7 @@ def test_an_explicit_flag_beats_the_preset_even_at_the_default_value():
 
 def test_an_unknown_preset_is_an_error_naming_it():
     with pytest.raises(ValueError, match="unknown preset 'fast'.*default, full, paper"):
-        cfg.from_preset("fast")
+        presets.from_preset("fast")
     with pytest.raises(flags.IllegalFlagValueError, match="fast"):
         _config("--preset=fast")
 
@@ -106,16 +107,16 @@ def test_an_unknown_preset_is_an_error_naming_it():
 ])
 def test_a_preset_naming_an_unknown_field_or_a_bad_value_is_an_error_naming_it(monkeypatch, changes,
                                                                               message):
-    monkeypatch.setitem(cfg.PRESETS, "bad", cfg.Preset("a broken preset", changes))
+    monkeypatch.setitem(presets.PRESETS, "bad", presets.Preset("a broken preset", changes))
     with pytest.raises(ValueError, match=message):
-        cfg._check_presets()  # what the module runs at import
+        presets._check_presets()  # what the module runs at import
 
 
 def test_help_lists_every_preset_and_the_flags_it_sets():
     flag_values = flags.FlagValues()
     evaluate.define_flags(flag_values)
     text = flag_values["preset"].help
-    for name, (description, changes) in cfg.PRESETS.items():
+    for name, (description, changes) in presets.PRESETS.items():
         assert f"{name}: {description}" in text
         for flag in config_flags.flags_of(cfg.EvaluationConfig, changes):
             assert flag in text
@@ -203,7 +204,7 @@ def test_full_plans_at_least_ten_times_the_defaults_passes_on_the_same_points():
 
     planned = {}
     for name in ("default", "full"):
-        config = cfg.from_preset(name)
+        config = presets.from_preset(name)
         phases = estimate.defence_passes(
             table2_points=100, num_points=150, shell=Shell(), per_prediction=10 * 10,
             cw=config.defence.attack.cw_kwargs(), suite=config.adaptive)
@@ -212,10 +213,10 @@ def test_full_plans_at_least_ten_times_the_defaults_passes_on_the_same_points():
 
 
 def test_make_and_changes_of_round_trip():
-    for name in cfg.PRESETS:
-        config = cfg.from_preset(name)
-        assert cfg.make(cfg.EvaluationConfig, cfg.changes_of(config)) == config
-    assert cfg.merge(dict(a=dict(b=1, c=2)), dict(a=dict(c=3), d=4)) == dict(a=dict(b=1, c=3), d=4)
+    for name in presets.PRESETS:
+        config = presets.from_preset(name)
+        assert presets.make(cfg.EvaluationConfig, presets.changes_of(config)) == config
+    assert presets.merge(dict(a=dict(b=1, c=2)), dict(a=dict(c=3), d=4)) == dict(a=dict(b=1, c=3), d=4)
 
 
 def test_every_setting_has_one_flag():

@@ -27,6 +27,7 @@ from absl import app, flags
 from manifold_tf import distributed, evaluation
 from manifold_tf.cli import flags as config_flags
 from manifold_tf.evaluation import config as cfg
+from manifold_tf.evaluation import presets
 
 FLAGS = flags.FLAGS
 
@@ -34,7 +35,7 @@ FLAGS = flags.FLAGS
 def preset_help() -> str:
     """The --preset help text: every preset, what it is for and the flags it sets."""
     lines = ["Named settings, a complete set each; explicit flags override the preset's values."]
-    for name, (description, changes) in cfg.PRESETS.items():
+    for name, (description, changes) in presets.PRESETS.items():
         set_flags = config_flags.flags_of(cfg.EvaluationConfig, changes)
         lines.append(f"{name}: {description} " + (f"Sets {' '.join(set_flags)}." if set_flags
                                                    else "Changes nothing."))
@@ -47,7 +48,7 @@ def define_flags(flag_values=FLAGS) -> None:
     flags.DEFINE_enum("mode", None, list(cfg.MODES),
                       "What to evaluate (default: defence when --shell is given, else accuracy).",
                       flag_values=flag_values)
-    flags.DEFINE_enum("preset", "default", list(cfg.PRESETS), preset_help(),
+    flags.DEFINE_enum("preset", "default", list(presets.PRESETS), preset_help(),
                       flag_values=flag_values)
     flags.DEFINE_float("heartbeat_seconds", None, "With TF_CONFIG (several workers): seconds "
                        "between TensorFlow's checks that every worker is alive (default 30).",
@@ -74,7 +75,7 @@ def config_from_flags(flag_values=FLAGS) -> cfg.EvaluationConfig:
     if mode != "defence" and stray:
         raise ValueError(f"{', '.join(sorted(stray))} belong to the defence evaluation: give "
                          f"--shell=mcn|ncn|cw (or --mode=defence).")
-    return cfg.from_preset(flag_values.preset, cfg.merge(changes, dict(mode=mode)))
+    return presets.from_preset(flag_values.preset, presets.merge(changes, dict(mode=mode)))
 
 
 def main(argv):

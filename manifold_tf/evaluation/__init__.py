@@ -12,7 +12,6 @@
 """
 
 from manifold_tf.evaluation.config import (
-    PRESETS,
     AccuracyConfig,
     AdaptiveConfig,
     BaseAttackConfig,
@@ -23,9 +22,9 @@ from manifold_tf.evaluation.config import (
     SeparationConfig,
     ShellConfig,
     ThreatConfig,
-    from_preset,
     parse_budget,
 )
+from manifold_tf.evaluation.presets import PRESETS, from_preset
 from manifold_tf.evaluation.runner import evaluate
 from manifold_tf.evaluation.store import RunStore, SettingsMismatch
 

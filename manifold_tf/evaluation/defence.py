@@ -328,6 +328,10 @@ def run_table2(base, shell, images: np.ndarray, labels: np.ndarray, config: Defe
     return DefenceRun(records=records, settings=settings)
 
 
+# The settings a reused x' must share with this run (--base_attack_from_run).
+ATTACK_KEYS = ("epsilon", "attack", "checkpoint", "dataset", "data_dir", "num_test_points")
+
+
 def _reusable_attack(run_dir: str, b: int, settings: dict, indices: np.ndarray):
     """``(x_adv, iterations, base_success)`` of batch ``b`` from another run, if it exists.
 
