@@ -107,6 +107,10 @@ def test_summary_counts_robust_accuracy_over_all_points_and_mcnemar():
     assert (v["shell"]["clean"]["k"], v["shell"]["robust"]["k"]) == (3, 2)
     assert v["shell"]["by_attack"]["transfer_cw"]["k"] == 3 and v["shell"]["by_attack"]["bpda"]["k"] == 2
     assert (v["mcnemar"]["shell_only"], v["mcnemar"]["base_only"]) == (1, 1)
+    robust = v["difference"]["robust_accuracy"]  # shell minus base on the same 4 points
+    assert (robust["estimate"], robust["shell_only"], robust["base_only"]) == (0.0, 1, 1)
+    assert robust["ci_low"] < 0 < robust["ci_high"] and robust["method"] == "newcombe"
+    assert v["difference"]["clean_accuracy"]["estimate"] == 0.0
     assert v["passes_per_point"] == dict(base_passes=10, shell_predictions=2)
     assert mcnemar_exact(0, 0) == 1.0
     assert mcnemar_exact(0, 10) == pytest.approx(2 * 0.5 ** 10)
@@ -133,8 +137,9 @@ def test_sanity_checks_flag_a_model_that_masks_gradients(tmp_path):
     cfg = AdaptiveConfig(num_points=12, steps=3, square_queries=60, sanity_points=12, sanity_steps=5,
                          lift_steps=3, base_apgd_steps=3,
                          shell_attacks=("bpda", "square"))
-    report = adaptive.run_adaptive(base, shell, x, y, cfg, store, epsilon=40.0,
-                                   cw_kwargs=dict(max_iterations=2), seed=0, batch_points=12)
+    run = adaptive.run_adaptive(base, shell, x, y, cfg, store, epsilon=40.0,
+                                cw_kwargs=dict(max_iterations=2), seed=0, batch_points=12)
+    report = adaptive_report.write_adaptive_report(run, x, store)
     sanity = report["verdict"]["sanity"]
     # Zero gradients: BPDA never moves, so it cannot win even at 64 px; only the black box can.
     assert not sanity["passed"]
@@ -163,7 +168,6 @@ def test_the_duration_estimate_counts_every_phase_and_grows_with_the_budget():
 
 def test_every_protocol_reads_the_shell_answer_as_predict_does():
     """Table 2, the adaptive suite and BPDA all take the argmax of the shell's output."""
-    from manifold_tf.attacks.bpda import shell_scores
     from manifold_tf.evaluation import defence
     from manifold_tf.shells import NCNShell
 
@@ -175,4 +179,4 @@ def test_every_protocol_reads_the_shell_answer_as_predict_does():
         expected = np.argmax(shell.predict(x, verbose=0), -1)
         np.testing.assert_array_equal(adaptive.shell_labels(shell, x), expected)
         np.testing.assert_array_equal(defence._shell_labels(shell, x, 5)[0], expected)
-        np.testing.assert_array_equal(shell_scores(shell, shell.embed(x)).pick, expected)
+        np.testing.assert_array_equal(shell.scores(shell.embed(x)).pick, expected)
