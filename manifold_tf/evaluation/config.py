@@ -59,6 +59,9 @@ class RunConfig:
     overwrite: bool = setting(False, "Replace the run in a non-empty --output_dir.")
 
 
+P_AUTO = "auto"  # ThreatConfig.p: NCN's p chosen from held-out confidences (shells.calibrate)
+
+
 @dataclass(frozen=True)
 class ThreatConfig:
     """The threat model, one setting each for every protocol: the attacker's budget and the shell's
@@ -69,14 +72,26 @@ class ThreatConfig:
     delta: float = setting(
         8.0, "Radius delta of the separation test and of the shells (MCN radius, the cw shell's "
              "all_labels tau), pixels.")
-    p: float = setting(
-        0.9, "Confidence level p of the separation test and of the NCN shell, in (0, 1).")
+    # A string flag so that it can say "auto"; a number is stored as a float (__post_init__).
+    p: str | float = setting(
+        "0.9", "Confidence level p of the separation test and of the NCN shell, in (0, 1); "
+               "auto (NCN): the --p_quantile quantile of the base model's top-label confidence "
+               "on held-out test points (those after the evaluated ones in the walk order).")
 
     def __post_init__(self):
         validate_radius(self.epsilon, "epsilon")
         validate_radius(self.delta, "delta")
-        if not 0.0 < self.p < 1.0:
-            raise ValueError(f"p must lie in (0, 1); got {self.p}.")
+        if isinstance(self.p, str) and self.p.strip().lower() == P_AUTO:
+            object.__setattr__(self, "p", P_AUTO)  # resolved where the shell is built
+            return
+        try:
+            p = float(self.p)
+        except (TypeError, ValueError):
+            raise ValueError(f"p must be a number in (0, 1) or {P_AUTO!r}; got "
+                             f"{self.p!r}.") from None
+        if not 0.0 < p < 1.0:
+            raise ValueError(f"p must lie in (0, 1); got {p} (a number, or {P_AUTO!r}).")
+        object.__setattr__(self, "p", p)
 
 
 @dataclass(frozen=True)
@@ -198,7 +213,8 @@ class ShellConfig:
     """
 
     kind: str = setting(
-        "mcn", "Shell: mcn (Algorithm 1), ncn (Algorithm 2) or cw (the paper's code).",
+        "mcn", "Shell: mcn (Algorithm 1), ncn (Algorithm 2), cw (the paper's code), hedge (Wu et "
+               "al. 2021) or anti_adversary (Alfarra et al. 2022), or a registered kind.",
         choices=tuple(shells.SHELLS), flag="shell")
     optimizer: str = setting("sign", "MCN optimiser: " + " or ".join(projected.OPTIMIZERS) + ".",
                              choices=projected.OPTIMIZERS)
@@ -216,6 +232,26 @@ class ShellConfig:
         choices=("paper_code", "all_labels"))
     cw_const: float = setting(0.1, "cw shell constant (all_labels).")
     cw_max_iterations: int = setting(100, "cw shell Adam steps per constant (paper: 1000).")
+    hedge_steps: int = setting(20, "hedge: signed ascent steps of sum_k CE (Wu et al.: 20).")
+    hedge_step_size: float = setting(
+        1.785, "hedge: pixels per step (Wu et al.: 0.007 of the range = 1.785); its radius is "
+               "--delta.")
+    hedge_random_start: bool = setting(True, "hedge: start at a random point of the ball (as "
+                                             "Wu et al.).")
+    anti_steps: int = setting(2, "anti_adversary: steps K against the predicted label's loss "
+                                 "(Alfarra et al.: 2).")
+    anti_step_size: float = setting(
+        38.25, "anti_adversary: alpha, pixels per step (Alfarra et al.: 0.15 of the range = "
+               "38.25).")
+    anti_radius: float | None = setting(
+        None, "anti_adversary: L-inf radius of its steps, pixels (default K * alpha: "
+              "unconstrained, as Alfarra et al.).")
+    p_quantile: float = setting(
+        0.5, "--p=auto: the quantile of the base's top-label confidence on held-out points that "
+             "becomes NCN's p (0.5: the median).", flag="p_quantile")
+    p_calibration_points: int = setting(
+        500, "--p=auto: held-out test points (those after the evaluated ones in the walk order) "
+             "whose confidences choose p.", flag="p_calibration_points")
     batch_size: int = setting(30, "Images per shell call (global, all devices).")
     jit_compile: bool | None = setting(None, "Compile the shell with XLA (default: the shell's).")
 
@@ -224,11 +260,22 @@ class ShellConfig:
         check_choice(self.optimizer, "shell_optimizer", projected.OPTIMIZERS)
         check_int(self.steps, "shell_steps", 0)
         check_int(self.batch_size, "shell_batch_size", 1)
+        check_int(self.hedge_steps, "shell_hedge_steps", 0)
+        check_int(self.anti_steps, "shell_anti_steps", 0)
+        check_int(self.p_calibration_points, "p_calibration_points", 1)
+        if not 0.0 <= float(self.p_quantile) <= 1.0:
+            raise ValueError(f"p_quantile must lie in [0, 1] (a quantile); got {self.p_quantile}.")
 
-    def build(self, base, threat: ThreatConfig, *, seed: int = 0):
+    def build(self, base, threat: ThreatConfig, *, seed: int = 0, p: float | None = None):
         """The shell around ``base`` at the threat model's delta and p (call inside the strategy
-        scope the evaluation uses)."""
-        return shells.build(self.kind, base, self, delta=threat.delta, p=threat.p, seed=seed)
+        scope the evaluation uses). ``p`` overrides ``threat.p``: it must be given when
+        ``threat.p`` is ``"auto"`` (resolved by :func:`manifold_tf.shells.calibrate.resolve_p`)."""
+        if p is None:
+            if threat.p == P_AUTO:
+                raise ValueError("p='auto' must be resolved from held-out points before the shell "
+                                 "is built (manifold_tf.shells.calibrate.resolve_p).")
+            p = threat.p
+        return shells.build(self.kind, base, self, delta=threat.delta, p=p, seed=seed)
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,9 @@ from manifold_tf.evaluation import (
 )
 from manifold_tf.evaluation import inputs as inputs_lib
 from manifold_tf.evaluation.accuracy import run_accuracy
-from manifold_tf.evaluation.config import EvaluationConfig
+from manifold_tf.evaluation.config import P_AUTO, EvaluationConfig
 from manifold_tf.evaluation.store import RunStore
+from manifold_tf.shells import calibrate
 
 
 def _store(config: EvaluationConfig, mode: str, workers: Workers = SINGLE) -> RunStore:
@@ -93,6 +94,22 @@ def _separation(config: EvaluationConfig) -> str:
     return f"{text}\nreports written to {store.directory}"
 
 
+def _shell_p(config: EvaluationConfig, base, x, num_points: int):
+    """``(p, record)``: the threat model's p, or for ``--p=auto`` the ``--p_quantile`` quantile
+    of the base's top-label confidence on the test points after the evaluated ones in the walk
+    order (:func:`manifold_tf.shells.calibrate.resolve_p`; ``record`` says how, else None)."""
+    if config.threat.p != P_AUTO:
+        return config.threat.p, None
+    cfg = config.defence
+    order = defence.walk_order(len(x), seed=config.run.seed, kind=cfg.permutation)
+    p, record = calibrate.resolve_p(base, x, order, num_points=num_points,
+                                    quantile=cfg.shell.p_quantile,
+                                    count=cfg.shell.p_calibration_points)
+    logging.info("p=auto: p = %.4f, the %.2f quantile of the base's top-label confidence on %s",
+                 p, record["quantile"], record["source"])
+    return p, record
+
+
 def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
     """Table 2 (CW on the base, the shell on x and x'), then the adaptive verdict; the verdict
     prints first."""
@@ -117,14 +134,17 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
 
     # The chief first: it may train and cache the quick synthetic model the others then load.
     base = workers.chief_first(load, "model")
-    with strategy.scope():
-        shell = cfg.shell.build(base, config.threat, seed=config.run.seed)
     x, y = inputs.load_test()
+    suite = config.adaptive
+    num_points = min(suite.num_points, len(x))
+    p, p_auto = _shell_p(config, base, x, num_points)
+    with strategy.scope():
+        shell = cfg.shell.build(base, config.threat, seed=config.run.seed, p=p)
     metadata = dict(checkpoint=os.path.abspath(inputs.checkpoint), dataset=inputs.dataset,
                     data_dir=inputs.data_dir and os.path.abspath(inputs.data_dir),
                     strategy=f"{cfg.strategy} ({strategy.num_replicas_in_sync} replicas)")
-    suite = config.adaptive
-    num_points = min(suite.num_points, len(x))
+    if p_auto is not None:
+        metadata["p_auto"] = p_auto
     walk = num_points if cfg.points == "walked" else None
     phases = estimate.defence_passes(
         table2_points=walk or cfg.batches * cfg.batch_points, num_points=num_points, shell=shell,

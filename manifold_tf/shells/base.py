@@ -274,6 +274,50 @@ class FactorShell(keras.Model):
         del steps
         return None
 
+    def bpda_approximation(self, x: tf.Tensor) -> tf.Tensor:
+        """A differentiable stand-in for the search factor ``H(F, x)``, for BPDA; the identity by
+        default.
+
+        Args:
+          x: images ``[M, H, W, C]``, float32 pixels 0..255 (traceable: called under a tape).
+
+        Returns:
+          ``[M, H, W, C]`` pixels: a smooth function of ``x`` whose Jacobian BPDA may use in place
+          of the search's (Athalye et al. 2018). Cost: whatever the override costs; none here.
+
+        How BPDA uses a shell (:mod:`manifold_tf.attacks.bpda`): it runs the real search on the
+        forward pass (:attr:`embed_function`), ranks the candidate slots with :meth:`scores`,
+        picks two slots per point (``up`` and ``down``, :func:`~manifold_tf.attacks.bpda.
+        surrogate_rows`) and takes the base's gradient of their log-odds *at the slots' points*
+        ``out["z"][i, slot]``, applied as the gradient in ``x'``: the identity approximation
+        ``dz/dx' = I``. A shell that answers at ONE point ``z*`` per image (Hedge,
+        anti-adversary, input transformations) therefore returns ``z`` ``[N, C, ...]`` with every
+        label's slot equal to ``z*`` and ``log_odds[:, t]`` the log-odds of ``t`` at ``z*``
+        (:meth:`_at_point` builds that dict): ``up`` is then the best wrong label at ``z*`` and
+        ``down`` the true one, and BPDA ascends ``lo_up(z*) - lo_y(z*)`` through ``F``'s
+        gradient at ``z*``, exactly BPDA-identity on ``G(x) = F(z*(x))``.
+
+        A non-identity override is applied by :meth:`bpda_vjp`. ``bpda.py`` applies the identity
+        and calls neither yet: to honour an override it needs one line after its surrogate
+        gradient ``g`` (taken at the ``out["z"]`` rows), ``g = shell.bpda_vjp(x', g)``.
+        """
+        return x
+
+    def bpda_vjp(self, x, g):
+        """``J^T g``: the vector-Jacobian product of :meth:`bpda_approximation` at ``x`` with a
+        gradient ``g`` taken at the search's point (both ``[M, H, W, C]``, pixels); ``g`` itself
+        when the approximation is the identity (no pass). Cost: one forward+backward pass of the
+        approximation otherwise."""
+        if type(self).bpda_approximation is FactorShell.bpda_approximation:
+            return g
+        x = tf.convert_to_tensor(x, tf.float32)
+        g = tf.convert_to_tensor(g, tf.float32)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            z = self.bpda_approximation(x)
+        return tape.gradient(z, x, output_gradients=g,
+                             unconnected_gradients=tf.UnconnectedGradients.ZERO)
+
     def scores(self, out: dict) -> Scores:
         """The shell's decision rule as :class:`Scores`, from the dict of :meth:`embed` (``M``
         points).
@@ -299,6 +343,26 @@ class FactorShell(keras.Model):
     def _per_label(self, v: tf.Tensor) -> tf.Tensor:
         """``[N * C, ...]`` -> ``[N, C, ...]``."""
         return tf.reshape(v, tf.concat([[-1, self.num_classes], tf.shape(v)[1:]], axis=0))
+
+    def _at_point(self, z: tf.Tensor, **extra) -> dict:
+        """The :meth:`embed` dict of a shell that answers ``F(z*)`` at ONE point per image.
+
+        ``z`` ``[N, H, W, C]`` (pixels) -> ``z`` ``[N, C, H, W, C]`` (every label's slot is
+        ``z*``, so BPDA's rows are points of the shell's own answer), ``log_odds`` ``[N, C]`` (of
+        every label at ``z*``), ``confidences`` ``[N, C]`` (``F(z*)``), ``label`` ``[N]``
+        (``argmax F(z*)``), ``probabilities`` ``[N, C]`` and ``point`` ``[N, H, W, C]``
+        (``z*``), plus ``extra``. Cost: one forward pass of the base on ``N`` rows.
+        """
+        logits = self._logits(z)
+        n = tf.shape(logits)[0]
+        labels = tf.tile(tf.range(self.num_classes), [n])
+        lo = tf.reshape(log_odds(tf.repeat(logits, self.num_classes, axis=0), labels),
+                        [-1, self.num_classes])
+        probabilities = tf.nn.softmax(logits)
+        slots = tf.repeat(z[:, None], self.num_classes, axis=1)
+        return dict(z=slots, label=tf.argmax(logits, axis=-1, output_type=tf.int32),
+                    log_odds=lo, confidences=probabilities, probabilities=probabilities,
+                    point=z, **extra)
 
     def _output(self, z: tf.Tensor, label: tf.Tensor) -> tf.Tensor:
         """``F(z_t*)`` ``[N, C]`` from ``z`` ``[N, C, ...]``: one forward pass on the ``N`` chosen
