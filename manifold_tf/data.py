@@ -22,6 +22,8 @@ import pickle
 import numpy as np
 import tensorflow as tf
 
+from manifold_tf import safe_pickle
+
 DATA_DIR_ENV = "MANIFOLD_TF_CIFAR10_DIR"
 SPLITS = ("train", "test")
 DATASETS = ("cifar10", "synthetic")
@@ -57,26 +59,46 @@ def _find_batches_dir(data_dir: str) -> str:
 
 
 def _read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """One python batch file as ``(images uint8 [N, 32, 32, 3], labels int64 [N])``.
+
+    The file is untrusted: it is read with :mod:`manifold_tf.safe_pickle`, which refuses (naming
+    the file and the global) anything but the dicts, lists, bytes, str, ints and numpy arrays of
+    the format, so a crafted file's code never runs.
+    """
     try:
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+        batch = safe_pickle.load(path, encoding="bytes")
+    except safe_pickle.RefusedGlobal:
+        raise
+    except MemoryError:
+        raise ValueError(f"{path}: a CIFAR-10 batch file asking for more memory than this machine "
+                         f"has (corrupt or crafted). Replace it with the original file.") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
-            IndexError, UnicodeDecodeError) as e:
+            IndexError, KeyError, OverflowError, RecursionError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: corrupt or truncated CIFAR-10 batch file (unpickling failed: "
                          f"{type(e).__name__}: {e}). Replace it with the original file.") from None
     if not isinstance(batch, dict):
-        raise ValueError(f"{path}: not a CIFAR-10 python batch (a {type(batch).__name__}, not a dict).")
+        raise ValueError(f"{path}: not a CIFAR-10 python batch (a {type(batch).__name__}, not a "
+                         f"dict).")
     try:
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+        data = np.asarray(batch[b"data"])
+        labels = np.asarray(batch[b"labels"])
     except KeyError as e:
         raise ValueError(f"{path}: not a CIFAR-10 python batch (missing key {e}).") from None
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:
         raise ValueError(f"{path}: CIFAR-10 batch with unreadable data or labels ({e}).") from None
-    if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+    # Integers only: a cast would wrap 256 to 0 and NaN to 0 without a word.
+    for name, values, low, high in (("data", data, 0, 255), ("labels", labels, 0, 9)):
+        if values.size and (values.dtype.kind not in "iu" or values.min() < low
+                            or values.max() > high):
+            raise ValueError(f"{path}: CIFAR-10 {name} must be integers in {low}..{high}; got "
+                             f"dtype {values.dtype}" + (f", {values.min()}..{values.max()}"
+                                                         if values.dtype.kind in "iufb" else "")
+                             + ".")
+    data, labels = data.astype(np.uint8), labels.astype(np.int64)
+    if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(labels) != len(data):
         raise ValueError(
             f"{path}: expected data [N, 3072] and N labels; got data {data.shape}, "
-            f"{len(labels)} labels."
+            f"labels {labels.shape}."
         )
     # Rows are channel-major (1024 red, 1024 green, 1024 blue): to NHWC.
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
@@ -177,14 +199,16 @@ def synthetic_manifold(
 
     for _ in range(100):
         centres = 127.5 + 87.5 * smooth(num_classes)
-        diff = np.abs(centres[:, None] - centres[None]).reshape(num_classes, num_classes, -1).max(-1)
+        diff = np.abs(centres[:, None] - centres[None])
+        diff = diff.reshape(num_classes, num_classes, -1).max(-1)
         np.fill_diagonal(diff, np.inf)
         if diff.min() > 4 * spread:
             break
     else:  # pragma: no cover - practically impossible with 4x4x3 random patterns
         raise RuntimeError("could not draw separated class centres; lower spread or num_classes.")
     directions = smooth(num_classes * manifold_dim).reshape(num_classes, manifold_dim, 32, 32, 3)
-    directions /= np.abs(directions).reshape(num_classes, manifold_dim, -1).max(-1)[..., None, None, None]
+    scale = np.abs(directions).reshape(num_classes, manifold_dim, -1).max(-1)
+    directions /= scale[..., None, None, None]
     return centres.astype(np.float32), directions.astype(np.float32)
 
 
@@ -232,7 +256,8 @@ def make_dataset(
     seed64 = tf.constant(seed, tf.int64)
 
     def epoch_order(epoch):
-        perm = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), seed=tf.stack([seed64, epoch]))
+        perm = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
+                                                        seed=tf.stack([seed64, epoch]))
         return tf.data.Dataset.from_tensor_slices(perm)
 
     def example(i, index):
@@ -241,9 +266,8 @@ def make_dataset(
 
     ds = tf.data.Dataset.counter().flat_map(epoch_order).enumerate()
     ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.batch(batch_size, drop_remainder=True if drop_remainder is None else drop_remainder).prefetch(
-        tf.data.AUTOTUNE
-    )
+    drop = True if drop_remainder is None else drop_remainder
+    return ds.batch(batch_size, drop_remainder=drop).prefetch(tf.data.AUTOTUNE)
 
 
 def load_cifar10(

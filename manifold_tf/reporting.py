@@ -7,6 +7,7 @@ the same directory and then renamed, so a killed run leaves either the old file 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -20,21 +21,47 @@ from typing import Any
 
 import numpy as np
 
+LOCK_FILE = ".lock"  # a run directory's lock (manifold_tf.evaluation.store.acquire_lock)
+
+
+class WriteError(OSError):
+    """Writing a file failed (disk full, read-only directory, ...); the path is named and the
+    previous complete file, if any, is untouched. ``errno`` is the underlying error's."""
+
+
+def _write_error(path: str, e: OSError, note: str = "") -> WriteError:
+    reason = os.strerror(e.errno) if e.errno else str(e)
+    error = WriteError(f"cannot write {path}: {reason}{note}. Free space or fix the directory's "
+                       f"permissions, then run again with --resume.")
+    error.errno = e.errno
+    return error
+
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes ``data`` to a temporary file beside ``path``, syncs it, then renames it over ``path``.
+
+    A failure at any step (ENOSPC, EROFS, EACCES, a signal) removes the temporary file and leaves
+    the previous ``path`` as it was; an ``OSError`` is re-raised as :class:`WriteError` naming
+    ``path``.
+    """
     directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        tmp = None
+    except OSError as e:
+        kept = " (the previous version is kept)" if os.path.exists(path) else ""
+        raise _write_error(path, e, kept) from e
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def _to_jsonable(obj: Any) -> Any:
@@ -120,16 +147,22 @@ def prepare_output_dir(path: str, *, overwrite: bool = False, resume: bool = Fal
 
     A non-empty directory is accepted only with ``resume`` (its contents are kept, to continue) or
     ``overwrite`` (its files are replaced as the run writes new ones). Raises ``FileExistsError``
-    otherwise, naming the two flags.
+    otherwise, naming the two flags. The directory's lock file (:data:`LOCK_FILE`) does not count
+    as content.
     """
     if os.path.exists(path) and not os.path.isdir(path):
         raise FileExistsError(f"output path {path!r} exists and is not a directory.")
-    if os.path.isdir(path) and os.listdir(path) and not (overwrite or resume):
+    # The lock of a run that is gone is not content: a stale lock is taken over, not "a run".
+    content = [n for n in os.listdir(path) if n != LOCK_FILE] if os.path.isdir(path) else []
+    if content and not (overwrite or resume):
         raise FileExistsError(
             f"output directory {path!r} is not empty: pass --resume to continue the run it holds, "
             f"or --overwrite to replace it, or choose another directory."
         )
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise _write_error(path, e) from e
     return path
 
 
@@ -184,7 +217,8 @@ class Progress:
 
 
 def plot_separation_curve(
-    curves: dict, path: str, *, p: float | None = None, title: str = "", reference: dict | None = None
+    curves: dict, path: str, *, p: float | None = None, title: str = "",
+    reference: dict | None = None,
 ) -> None:
     """Plots ``s_p`` (fraction of points with a wrong label of confidence ``>= p``) vs ``p``.
 
@@ -214,7 +248,8 @@ def plot_separation_curve(
     save_figure(fig, path)
 
 
-def plot_failure_cases(cases: Sequence[dict], path: str, *, class_names=None, title: str = "") -> None:
+def plot_failure_cases(cases: Sequence[dict], path: str, *, class_names=None,
+                       title: str = "") -> None:
     """Draws the defence evaluation's failure cases, one row each, and saves a PNG.
 
     Each case is a dict with ``x`` and ``x_adv`` (``[32, 32, 3]`` pixels 0..255), ``label`` (true),

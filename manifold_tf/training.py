@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from manifold_tf import checkpoints, models, reporting
+from manifold_tf import checkpoints, interrupts, models, reporting
 from manifold_tf import data as data_lib
 from manifold_tf.distributed import SINGLE, Workers, remove_scratch, scratch_dir
 from manifold_tf.early_stopping import HOLDOUT_LOG, HoldoutMonitor, split_holdout
@@ -128,11 +128,6 @@ class TrainConfig:
             raise ValueError(f"lr_boundaries must increase; got {self.lr_boundaries}.")
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             check_int(getattr(self, name), name, minimum=1)
-        if self.steps % self.checkpoint_every:
-            raise ValueError(
-                f"steps ({self.steps}) must be a multiple of checkpoint_every "
-                f"({self.checkpoint_every}), so that every run ends on a checkpoint."
-            )
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}; got {self.strategy!r}.")
 
@@ -176,15 +171,25 @@ class _SyncStatistics(keras.callbacks.Callback):
 
 
 class _Checkpointer(keras.callbacks.Callback):
-    def __init__(self, manager: tf.train.CheckpointManager, optimizer):
+    """Saves a checkpoint at the end of every interval and at the last step (``total``), which
+    ends the run: ``steps`` need not be a multiple of ``checkpoint_every``. Each saved checkpoint is
+    a safe point (:func:`manifold_tf.interrupts.check`) where a SIGINT/SIGTERM stops the run."""
+
+    def __init__(self, manager: tf.train.CheckpointManager, optimizer, total: int | None = None):
         super().__init__()
         self.manager = manager
         self.optimizer = optimizer
+        self.total = total
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.total is not None and int(self.optimizer.iterations.numpy()) >= self.total:
+            self.model.stop_training = True  # Keras still ends the epoch: on_epoch_end saves
 
     def on_epoch_end(self, epoch, logs=None):
         step = int(self.optimizer.iterations.numpy())
         path = self.manager.save(checkpoint_number=step)
         logging.info(f"checkpoint: {path}")
+        interrupts.check(f"after checkpoint {path}")
 
 
 def _strategy(name: str, workers: Workers) -> tf.distribute.Strategy:
@@ -313,7 +318,7 @@ def _run(config: TrainConfig, model_dir: str, own_dir: str, strategy, workers: W
         for name in os.listdir(manager.directory):
             os.remove(os.path.join(manager.directory, name))
         manager = tf.train.CheckpointManager(ckpt, manager.directory, max_to_keep=3)
-    if start % config.checkpoint_every:
+    if start % config.checkpoint_every and start < config.steps:  # the last step may be off-grid
         raise ValueError(
             f"checkpoint step {start} is not a multiple of "
             f"checkpoint_every={config.checkpoint_every}."
@@ -341,8 +346,8 @@ def _run(config: TrainConfig, model_dir: str, own_dir: str, strategy, workers: W
             verbose=0,
             shuffle=False,
             callbacks=callbacks + [
-                _ProgressLogger(start, epochs * config.checkpoint_every, config.batch_size, config.log_every),
-                _Checkpointer(manager, trainer.optimizer),
+                _ProgressLogger(start, config.steps, config.batch_size, config.log_every),
+                _Checkpointer(manager, trainer.optimizer, config.steps),
                 keras.callbacks.TensorBoard(os.path.join(own_dir, "logs"), update_freq=config.log_every),
             ],
         )

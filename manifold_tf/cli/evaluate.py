@@ -20,14 +20,17 @@ that folder exists, else synthetic data.
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
 
-from manifold_tf import distributed, evaluation
+from manifold_tf import distributed, evaluation, interrupts
 from manifold_tf.cli import flags as config_flags
+from manifold_tf.cli.errors import usage_error
 from manifold_tf.evaluation import config as cfg
 from manifold_tf.evaluation import presets
+from manifold_tf.evaluation.store import RunLocked
 
 FLAGS = flags.FLAGS
 
@@ -80,24 +83,31 @@ def config_from_flags(flag_values=FLAGS) -> cfg.EvaluationConfig:
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        usage_error("evaluate", f"unexpected arguments: {argv[1:]} (flags are --name=value).")
     try:
         # TF_CONFIG first: MultiWorkerMirroredStrategy must exist before any other TensorFlow op.
         workers = distributed.from_env(heartbeat_seconds=FLAGS.heartbeat_seconds)
         config = config_from_flags()
     except ValueError as e:
-        raise app.UsageError(str(e)) from None
+        usage_error("evaluate", str(e))
+    # The accuracy mode saves nothing until its report: a signal stops it at once.
+    interrupts.install(safe_points=config.mode != "accuracy")
+    output_dir = config.run.output_dir or os.path.join("results", config.mode)
     try:
         text = evaluation.evaluate(config, workers)
+    except interrupts.Stopped as e:
+        sys.stderr.write(interrupts.stopped_message(e, "evaluate", output_dir))
+        sys.exit(e.exit_code)
     except distributed.WORKER_LOST as e:
         sys.stderr.write(f"evaluate: error: a worker was lost ({type(e).__name__}: "
                          f"{str(e).splitlines()[0][:300]}). Every finished batch is kept in the "
                          f"run directory: start the workers again with --resume to run only the "
                          f"rest.\n")
         sys.exit(1)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        # Expected failures (bad input, missing or corrupt files, a clobber refused): the message
-        # names the problem; a traceback would bury it.
+    except (ValueError, OSError, RunLocked) as e:
+        # Expected failures (bad input, missing, corrupt or crafted files, a clobber refused, a
+        # directory another run owns, a full disk): the message names the problem; a traceback
+        # would bury it.
         sys.stderr.write(f"evaluate: error: {e}\n")
         sys.exit(1)
     print(text, flush=True)

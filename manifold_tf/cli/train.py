@@ -23,8 +23,10 @@ import sys
 import keras
 from absl import app, flags
 
-from manifold_tf import distributed, training
+from manifold_tf import distributed, interrupts, training
 from manifold_tf.cli import flags as config_flags
+from manifold_tf.cli.errors import usage_error
+from manifold_tf.evaluation.store import RunLocked
 from manifold_tf.training import TrainConfig
 
 FLAGS = flags.FLAGS
@@ -38,26 +40,30 @@ config_flags.define(TrainConfig)
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        usage_error("train", f"unexpected arguments: {argv[1:]} (flags are --name=value).")
     if not FLAGS.model_dir:
-        raise app.UsageError("--model_dir is required.")
+        usage_error("train", "--model_dir is required (the run's output directory).")
     try:
         # TF_CONFIG first: MultiWorkerMirroredStrategy must exist before any other TensorFlow op.
         workers = distributed.from_env(heartbeat_seconds=FLAGS.heartbeat_seconds)
         config = config_flags.build(TrainConfig)
         config.validate()
     except ValueError as e:
-        raise app.UsageError(str(e)) from None
+        usage_error("train", str(e))
     keras.utils.set_random_seed(config.seed)
+    interrupts.install()  # safe points: after each checkpoint
     try:
         training.train(config, FLAGS.model_dir, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
                        workers=workers)
+    except interrupts.Stopped as e:
+        sys.stderr.write(interrupts.stopped_message(e, "train", FLAGS.model_dir))
+        sys.exit(e.exit_code)
     except distributed.WORKER_LOST as e:
         sys.stderr.write(f"train: error: a worker was lost ({type(e).__name__}). The chief's "
                          f"last checkpoint is in {FLAGS.model_dir}: start the workers again with "
                          f"--resume.\n")
         sys.exit(1)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError, RunLocked) as e:
         sys.stderr.write(f"train: error: {e}\n")
         sys.exit(1)
 

@@ -1,0 +1,66 @@
+"""The same command twice gives the same reports, byte for byte once timings are stripped.
+
+Every mode (accuracy, separation, defence with the adaptive verdict) on both defaults: the synthetic
+set, and the CIFAR-10 sample when ``../shared/data/cifar10-sample`` exists (skipped otherwise).
+Tiny flags keep each run under a minute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT, subprocess_env, without_timings
+
+MODES = {
+    "accuracy": ["--mode=accuracy", "--num_examples=8", "--pgd_steps=2"],
+    "separation": ["--mode=separation", "--separation_batches=2", "--separation_batch_points=2",
+                   "--separation_steps=2", "--separation_convergence_batches=0"],
+    "defence": ["--shell=mcn", "--num_points=4", "--defence_batch_points=2", "--shell_steps=2",
+                "--base_attack_max_iterations=3", "--adaptive_steps=2",
+                "--adaptive_square_queries=3", "--adaptive_sanity_points=2",
+                "--adaptive_sanity_steps=2", "--adaptive_lift_steps=2",
+                "--adaptive_base_apgd_steps=3", "--adaptive_targets=1"],
+}
+
+
+def canonical(path: str) -> str:
+    """A report's JSON text without its timing keys (``helpers.TIMING_KEYS``), order kept."""
+    with open(path, encoding="utf-8") as f:
+        return json.dumps(without_timings(json.load(f)), indent=2)
+
+
+def _reports(out: str) -> dict[str, str]:
+    found = {}
+    for folder, _, files in os.walk(out):
+        for name in files:
+            if name.endswith(".json") and not name.startswith("."):
+                path = os.path.join(folder, name)
+                found[os.path.relpath(path, out)] = canonical(path)
+    return found
+
+
+def _run(out: str, dataset_args: list[str], mode: str) -> dict[str, str]:
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *dataset_args,
+                           *MODES[mode], f"--output_dir={out}"], env=subprocess_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return _reports(out)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("dataset", ["synthetic", "cifar10"])
+def test_same_command_same_reports(tmp_path, request, mode, dataset):
+    if dataset == "cifar10":
+        args = [f"--data_dir={request.getfixturevalue('cifar_sample_dir')}", "--dataset=cifar10"]
+    else:
+        args = ["--dataset=synthetic"]
+    a = _run(str(tmp_path / "a"), args, mode)
+    b = _run(str(tmp_path / "b"), args, mode)
+    assert a.keys() == b.keys() and a, (sorted(a), sorted(b))
+    for name in a:
+        assert a[name] == b[name], f"{name} differs between two runs of the same command"
