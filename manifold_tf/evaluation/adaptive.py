@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import NamedTuple
 
 import numpy as np
 from absl import logging
@@ -44,28 +45,56 @@ def shell_labels(shell, x: np.ndarray, batch_size: int = 30) -> np.ndarray:
                            for i in range(0, len(x), batch_size)])
 
 
-def _cw_transfer(base, x, y, epsilon, cw_kwargs, known: dict, indices) -> np.ndarray:
+class TransferPoint(NamedTuple):
+    """CW's result on one point: ``x_adv`` ``[H, W, C]`` (``x`` where it failed), ``success`` and
+    ``iterations`` (forward+backward passes; -1 when taken from an older Table-2 record)."""
+
+    x_adv: np.ndarray
+    success: bool
+    iterations: int
+
+
+def _cw_transfer(base, x, y, epsilon, cw_kwargs, known: dict, indices) -> attacks.AttackResult:
     """The paper's CW x' on the base: from Table 2's run where it has the point, else computed."""
-    x_adv = x.copy()
+    x_adv, success = x.copy(), np.zeros(len(x), bool)
+    iterations = np.full(len(x), -1, np.int64)
     todo = [k for k, i in enumerate(indices) if int(i) not in known]
     for k, i in enumerate(indices):
         if int(i) in known:
-            x_adv[k] = known[int(i)]
+            x_adv[k], success[k] = known[int(i)]
     if todo:
-        x_adv[todo] = attacks.cw_linf(base, x[todo], y[todo], epsilon=epsilon, **cw_kwargs).x_adv
-    return x_adv
+        cw = attacks.cw_linf(base, x[todo], y[todo], epsilon=epsilon, **cw_kwargs)
+        x_adv[todo], success[todo] = cw.x_adv, cw.success
+        iterations[todo] = cw.details["iterations"]
+    return attacks.AttackResult(x_adv, success, details=dict(iterations=iterations))
+
+
+def transfer_points(store) -> dict:
+    """Point index -> :class:`TransferPoint`: CW's result on every point the adaptive evaluation
+    ran, for Table 2 to reuse (the same attack on the same points and labels)."""
+    out = {}
+    for b in store.finished(PROTOCOL):
+        rec = store.load(PROTOCOL, b)
+        if "cw_success" not in rec:
+            continue  # a record written before the CW results were kept
+        x_cw = store.load_array(PROTOCOL, b, "xcw")
+        for k, i in enumerate(rec["indices"]):
+            out[int(i)] = TransferPoint(x_cw[k], bool(rec["cw_success"][k]),
+                                        int(rec["cw_iterations"][k]))
+    return out
 
 
 def adaptive_batch(base, shell, x, y, indices, *, config: AdaptiveConfig, epsilon: float,
                    cw_kwargs: dict, known_transfer: dict, seed: int,
                    desc: str = "") -> tuple[dict, np.ndarray]:
-    """One batch of both suites: ``(record, x_worst [N, H, W, C])`` (the breaking x' per point,
-    else x)."""
+    """One batch of both suites: ``(record, x_worst [N, H, W, C], x_cw [N, H, W, C])`` (the
+    breaking x' per point, else x; CW's x' on the base)."""
     t0 = time.perf_counter()
     n = len(y)
     f_x = predict_logits(base, x).argmax(-1)
     g_x = shell_labels(shell, x)
-    x_cw = _cw_transfer(base, x, y, epsilon, cw_kwargs, known_transfer, indices)
+    cw = _cw_transfer(base, x, y, epsilon, cw_kwargs, known_transfer, indices)
+    x_cw = cw.x_adv
     checks = [2 * n]  # shell predictions outside the attacks: G at x, and the final check
     shell_adv = g_x.copy()  # the shell's answer at each point's breaking x' (G(x) where none)
 
@@ -103,8 +132,9 @@ def adaptive_batch(base, shell, x, y, indices, *, config: AdaptiveConfig, epsilo
                   attempted=shell_run.attempted,
                   linf=np.abs(x_worst - x).reshape(n, -1).max(-1).tolist(), cost=cost,
                   seconds=dict(total=time.perf_counter() - t0, **shell_run.seconds),
-                  base_seconds=base_run.seconds)
-    return record, x_worst
+                  base_seconds=base_run.seconds, cw_success=cw.success.tolist(),
+                  cw_iterations=cw.details["iterations"].tolist())
+    return record, x_worst, x_cw
 
 
 def sanity_checks(shell, images, labels, order, config: AdaptiveConfig, store, *, epsilon: float,
@@ -178,7 +208,8 @@ def _known_transfer(store, images) -> dict:
         rec = store.load(DEFENCE_PROTOCOL, b)
         x_adv = store.load_array(DEFENCE_PROTOCOL, b, "xadv")
         for k, i in enumerate(rec["indices"]):
-            known[int(i)] = x_adv[k] if rec["base_success"][k] else images[int(i)]
+            known[int(i)] = ((x_adv[k], True) if rec["base_success"][k]
+                             else (images[int(i)], False))
     return known
 
 
@@ -241,12 +272,13 @@ def run_adaptive(base, shell, images: np.ndarray, labels: np.ndarray, config: Ad
                 break
         if records[b] is not None or not store.mine(b):
             continue
-        record, x_worst = adaptive_batch(
+        record, x_worst, x_cw = adaptive_batch(
             base, shell, images[idx].astype(np.float32), labels[idx].astype(np.int64), idx,
             config=config, epsilon=epsilon, cw_kwargs=cw_kwargs, known_transfer=known,
             seed=seed + b, desc=f"adaptive batch {b + 1}/{len(batches)}")
         record["batch"] = b
-        store.save(PROTOCOL, b, record, arrays={"xadv": x_worst.astype(np.float32)})
+        store.save(PROTOCOL, b, record, arrays={"xadv": x_worst.astype(np.float32),
+                                                "xcw": x_cw.astype(np.float32)})
         records[b] = record
         progress.update(len(idx), extra=(
             f"batch {b + 1}/{len(batches)}: shell robust {record['shell_broken_by'].count('')}/"

@@ -26,6 +26,7 @@ from manifold_tf import attacks, reporting
 from manifold_tf.evaluation.config import DefenceConfig
 from manifold_tf.evaluation.inputs import predict_logits
 from manifold_tf.evaluation.store import RunStore
+from manifold_tf.projected import madry_step_size
 from manifold_tf.shells.base import answer
 from manifold_tf.validation import validate_images, validate_radius
 
@@ -155,7 +156,8 @@ def _shell_labels(shell, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np
 
 def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, attack: dict,
                   shell_batch_size: int, desc: str = "",
-                  precomputed: tuple[np.ndarray, list] | None = None) -> tuple[dict, np.ndarray]:
+                  precomputed: tuple[np.ndarray, list] | None = None,
+                  cw: attacks.AttackResult | None = None) -> tuple[dict, np.ndarray]:
     """Table 2 on one batch of base-correct points: ``(record, x_adv [N, 32, 32, 3])``.
 
     ``x'`` is CW's point where CW succeeded on the base (the paper's protocol). Where it failed,
@@ -165,11 +167,13 @@ def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, 
     ``x``, within ``epsilon``), and the shell is run on it. The base-attack column stays CW's.
     ``attack``: keyword arguments of :func:`manifold_tf.attacks.cw_linf` (its schedule).
     ``precomputed``: ``(x_adv, attack_iterations, base_success)`` of the same attack on the same
-    points (another shell's run), reused.
+    points (another shell's run), reused. ``cw``: CW's result on these points, already computed
+    (by the adaptive evaluation, same attack and labels): the probe still runs.
     """
     t0 = time.perf_counter()
     if precomputed is None:
-        cw = attacks.cw_linf(base, x, y, epsilon=epsilon, **attack)
+        if cw is None:
+            cw = attacks.cw_linf(base, x, y, epsilon=epsilon, **attack)
         # A copy: the probe below overwrites the points where CW failed.
         x_adv, iterations = np.array(cw.x_adv), np.asarray(cw.details["iterations"]).tolist()
         found = np.asarray(cw.success, bool)
@@ -179,7 +183,8 @@ def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, 
         success = found & (base_adv != y) & (linf <= epsilon + 1e-3)
         if (~success).any():
             probe = attacks.pgd(base, x[~success], y[~success], epsilon=epsilon, steps=PROBE_STEPS,
-                                step_size=2.5 * epsilon / PROBE_STEPS, loss="cw", random_start=False)
+                                step_size=madry_step_size(epsilon, PROBE_STEPS), loss="cw",
+                                random_start=False)
             x_adv[~success] = probe.x_adv
     else:
         x_adv, iterations, success = precomputed
@@ -251,7 +256,7 @@ class DefenceRun:
 
 def run_table2(base, shell, images: np.ndarray, labels: np.ndarray, config: DefenceConfig,
                store: RunStore, *, epsilon: float, seed: int = 0, metadata: dict | None = None,
-               walk: int | None = None) -> DefenceRun | None:
+               walk: int | None = None, known_cw: dict | None = None) -> DefenceRun | None:
     """Runs (or resumes) the Table-2 protocol in ``store``; returns its records, writes no report.
 
     Args:
@@ -267,6 +272,9 @@ def run_table2(base, shell, images: np.ndarray, labels: np.ndarray, config: Defe
       epsilon: the attacker's L-inf budget, pixels (the threat model's).
       metadata: recorded in the settings (checkpoint, dataset ...): a resumed run must match it.
       walk: see :func:`table2_points` (``None``: the paper's point count).
+      known_cw: point index -> :class:`~manifold_tf.evaluation.adaptive.TransferPoint` (CW's
+        ``x'``, success and iterations on that point, as the adaptive evaluation computed them
+        with the same attack): a batch whose points are all known reuses them.
 
     Under several workers (``store.workers``) each computes its own batches, then all wait for
     every batch (:meth:`RunStore.gather`).
@@ -309,9 +317,16 @@ def run_table2(base, shell, images: np.ndarray, labels: np.ndarray, config: Defe
         logging.info(f"batch {b + 1}/{num_batches}: "
               + (f"reusing x' from {from_run}" if precomputed else
                  f"CW L-inf attack (eps {epsilon:g}) on {len(idx)} points ..."))
+        cw = None
+        if precomputed is None and known_cw and all(int(i) in known_cw for i in idx):
+            cw = attacks.AttackResult(
+                np.stack([known_cw[int(i)].x_adv for i in idx]),
+                np.array([known_cw[int(i)].success for i in idx]),
+                details=dict(iterations=np.array([known_cw[int(i)].iterations for i in idx])))
         record, x_adv = defence_batch(base, shell, images[idx], labels[idx], epsilon=epsilon,
                                       attack=attack, shell_batch_size=config.shell.batch_size,
-                                      desc=f"batch {b + 1}/{num_batches}", precomputed=precomputed)
+                                      desc=f"batch {b + 1}/{num_batches}", precomputed=precomputed,
+                                      cw=cw)
         record = dict(batch=b, indices=idx.tolist(), **record)
         store.save(PROTOCOL, b, record, arrays={"xadv": x_adv.astype(np.float32)})
         records[b] = record

@@ -111,8 +111,8 @@ def _shell_p(config: EvaluationConfig, base, x, num_points: int):
 
 
 def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
-    """Table 2 (CW on the base, the shell on x and x'), then the adaptive verdict; the verdict
-    prints first."""
+    """The adaptive verdict, then Table 2 (CW on the base, the shell on x and x') on the points
+    the verdict evaluated; the verdict prints first."""
     cfg = config.defence
     store = _store(config, "defence", workers)
     inputs = inputs_lib.resolve(config.inputs, run_dir=store.directory)
@@ -152,12 +152,10 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
         suite=suite)
     rate = estimate.passes_per_second(base, shell.image_shape)
     logging.info("%s", estimate.describe(phases, rate))
-    table2 = defence.run_table2(base, shell, x, y, cfg, store, epsilon=config.threat.epsilon,
-                                seed=config.run.seed, metadata=metadata, walk=walk)
-    if table2 is not None:  # the chief writes the reports
-        report = defence_report.write_defence_report(table2.records, table2.settings, x,
-                                                     store.alone(), class_names=inputs.class_names)
+    result = run = None
     if suite.attack != "none":
+        # The verdict first: with a budget or the sequential rule, Table 2 then runs on the points
+        # the verdict reached, reusing its CW x' (the same attack on the same points).
         run = adaptive.run_adaptive(
             base, shell, x, y, dataclasses.replace(suite, num_points=num_points), store,
             epsilon=config.threat.epsilon, cw_kwargs=cfg.attack.cw_kwargs(), seed=config.run.seed,
@@ -165,6 +163,14 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
         if run is not None:  # the chief writes the reports
             result = adaptive_report.write_adaptive_report(run, x, store.alone(),
                                                            class_names=inputs.class_names)
+            if walk is not None:
+                walk = sum(len(r["indices"]) for r in run.records)
+    table2 = defence.run_table2(base, shell, x, y, cfg, store, epsilon=config.threat.epsilon,
+                                seed=config.run.seed, metadata=metadata, walk=walk,
+                                known_cw=adaptive.transfer_points(store))
+    if table2 is not None:  # the chief writes the reports
+        report = defence_report.write_defence_report(table2.records, table2.settings, x,
+                                                     store.alone(), class_names=inputs.class_names)
     if not workers.is_chief:
         return (f"{workers.describe()}: its batches are in {store.directory}; the chief (worker 0) "
                 f"writes the reports.")
