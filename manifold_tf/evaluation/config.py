@@ -309,6 +309,7 @@ SHELL_ATTACKS = ("transfer_cw", "transfer_confident", "lift", "bpda", "bpda_targ
 # The attacks on the base alone, AutoAttack's standard version in this order.
 BASE_ATTACKS = ("apgd_ce", "apgd_t", "fab_t", "square")
 UNTIL = ("points", "decided")
+NO_BUDGET = ("", "none", "off")
 
 _BUDGET_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
@@ -347,8 +348,8 @@ class AdaptiveConfig:
         5.0, "Percentage points (0..100) for --adaptive_until=decided: an interval on the robust "
              "difference below margin decides 'the shell gains less than margin'.")
     budget: str | None = setting(
-        None, "Wall-time budget of the adaptive evaluation, e.g. 90s, 10m, 1h (default: none). "
-              "Stops at a batch boundary.")
+        None, "Wall-time budget of the adaptive evaluation, e.g. 90s, 10m, 1h, or none. Stops at "
+              "a batch boundary; a stop by time alone is a fixed design (fixed-n interval).")
     shell_attacks: tuple[str, ...] = setting(SHELL_ATTACKS, "Attacks on the shell, in order: "
                                              + ", ".join(SHELL_ATTACKS) + ".")
     steps: int = setting(20, "BPDA steps per run (each one shell prediction).")
@@ -384,6 +385,8 @@ class AdaptiveConfig:
         if not (math.isfinite(margin) and 0.0 <= margin <= 100.0):
             raise ValueError(f"adaptive_margin is in percentage points, 0..100; "
                              f"got {self.margin!r}.")
+        if isinstance(self.budget, str) and self.budget.strip().lower() in NO_BUDGET:
+            object.__setattr__(self, "budget", None)  # --adaptive_budget=none lifts a preset's
         if self.budget is not None:
             parse_budget(self.budget)
         for name in ("steps", "restarts", "targets", "warm_steps", "lift_steps", "square_queries",
