@@ -246,7 +246,8 @@ def load_model_weights(path: str, width: str | None = None) -> keras.Model:
                              f"corrupt?). Re-save or re-download the model.")
         try:
             model = keras.saving.load_model(path)
-        except (zipfile.BadZipFile, KeyError, OSError, ValueError) as e:
+        except (zipfile.BadZipFile, KeyError, OSError, ValueError, TypeError) as e:
+            # TypeError: the file names a layer or function this process has not registered.
             raise ValueError(f"{path!r} could not be loaded as a Keras model ({type(e).__name__}: "
                              f"{e}); is it truncated or corrupt?") from None
         got = _model_width(tf1_variable_map(model))

@@ -123,12 +123,8 @@ def _call(name, model, shell, x, y, eps, steps):
     raise AssertionError(name)
 
 
-LIFT_BUG = ("manifold_tf/attacks/bpda_suite.py:258: lift raises KeyError 'shell_label' when the "
-            "shell already gets every point wrong at x (no target step runs, so the suite's "
-            "details are empty)")
 ATTACKS = ["pgd", "apgd_ce", "apgd_t", "high_confidence", "cw_linf", "square", "fab", "fab_t",
-           "bpda", pytest.param("lift", marks=pytest.mark.xfail(strict=True, raises=KeyError,
-                                                                reason=LIFT_BUG))]
+           "bpda", "lift"]
 
 
 def _check_attack(name, model, shell, case):
@@ -173,13 +169,15 @@ def test_attacks_accept_or_refuse_generated_input_many(name, model, shell):
     _run(name, model, shell, MANY)
 
 
-@pytest.mark.xfail(strict=True, raises=KeyError, reason=LIFT_BUG)
 def test_lift_when_the_shell_is_already_wrong_at_every_point(shell):
-    """The minimal failing input hypothesis found: one point, labelled other than the shell's
-    answer at x."""
+    """The minimal failing input hypothesis found (a KeyError, fixed): one point, labelled other
+    than the shell's answer at x. Nothing is attacked; x comes back as a success."""
     x = np.random.default_rng(0).uniform(0, 255, (1, *SHAPE)).astype(np.float32)
-    wrong = (int(np.argmax(shell.predict(x, verbose=0), -1)[0]) + 1) % CLASSES
-    attacks.lift(shell, x, np.array([wrong]), epsilon=4.0, num_targets=1, steps=1)
+    answer = int(np.argmax(shell.predict(x, verbose=0), -1)[0])
+    res = attacks.lift(shell, x, np.array([(answer + 1) % CLASSES]), epsilon=4.0, num_targets=1,
+                       steps=1)
+    np.testing.assert_array_equal(res.x_adv, x)
+    assert res.success.tolist() == [True] and res.details["shell_label"].tolist() == [answer]
 
 
 @QUICK

@@ -254,9 +254,12 @@ def lift(shell, x, y, *, epsilon: float, delta: float | None = None, num_targets
     if progress is not None:
         progress(total, total, int(suite.standing.sum()))
     # Points the shell already gets wrong at x keep x, with the shell's answer and margin there.
-    details = dict(suite.result.details)
-    details["shell_label"] = np.where(wrong_at_x, at_x.pick, details["shell_label"])
-    details["target"] = np.where(wrong_at_x, -1, details["target"])
-    details["steps_used"] = np.where(wrong_at_x, 0, details["steps_used"])
+    n = len(x)
+    details = dict(suite.result.details)  # empty of the steps' keys when no step ran
+    details["shell_label"] = np.where(wrong_at_x, at_x.pick,
+                                      details.get("shell_label", np.full(n, -1, np.int32)))
+    details["target"] = np.where(wrong_at_x, -1, details.get("target", np.full(n, -1, np.int32)))
+    details["steps_used"] = np.where(wrong_at_x, 0,
+                                     details.get("steps_used", np.zeros(n, np.int32)))
     score = np.where(wrong_at_x, surrogate_rows(at_x, y).margin, suite.result.score)
     return suite.result.replace(score=score, details=details).with_cost(shell_predictions=1)
