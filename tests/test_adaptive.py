@@ -180,3 +180,13 @@ def test_every_protocol_reads_the_shell_answer_as_predict_does():
         np.testing.assert_array_equal(adaptive.shell_labels(shell, x), expected)
         np.testing.assert_array_equal(defence._shell_labels(shell, x, 5)[0], expected)
         np.testing.assert_array_equal(shell.scores(shell.embed(x)).pick, expected)
+
+
+def test_the_report_flags_a_suite_whose_last_attack_still_breaks_points_and_square_only_hits():
+    flags = adaptive_report.suite_flags(["", "square", "bpda", "clean"], ["bpda", "square"],
+                                        ["", "apgd_t", "", ""], ["transfer_cw", "apgd_ce", "apgd_t"])
+    kinds = {(f["kind"], f["classifier"], f["points"]) for f in flags}
+    assert kinds == {("not converged", "shell", 1), ("gradient masking", "shell", 1),
+                     ("not converged", "base", 1)}
+    assert adaptive_report.suite_flags(["", "bpda"], ["bpda", "square"], ["", ""],
+                                       ["transfer_cw", "apgd_ce"]) == []

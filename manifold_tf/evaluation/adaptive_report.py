@@ -49,6 +49,32 @@ def paired(shell: np.ndarray, base: np.ndarray, *, anytime: bool, n_total: int) 
                          "without replacement from the test set")
 
 
+WHITE_BOX_BASE = ("apgd_ce", "apgd_t", "fab_t")
+
+
+def suite_flags(shell_by: list, shell_names: list, base_by: list, base_names: list) -> list[dict]:
+    """AutoAttack-style warnings about each suite: its last attack still broke points (the suite
+    may not have converged: a stronger or longer one might break more), or Square broke points
+    that every white-box attack before it missed (the gradients may be masked)."""
+    out = []
+    for who, broken_by, names in (("shell", shell_by, shell_names), ("base", base_by, base_names)):
+        if not names:
+            continue
+        last = names[-1]
+        if broken_by.count(last):
+            out.append(dict(kind="not converged", classifier=who, attack=last,
+                            points=broken_by.count(last),
+                            note=f"the last attack of the {who}'s suite ({last}) still broke "
+                                 f"{broken_by.count(last)} point(s): the suite may not have "
+                                 f"converged"))
+        if "square" in names and broken_by.count("square"):
+            out.append(dict(kind="gradient masking", classifier=who, attack="square",
+                            points=broken_by.count("square"),
+                            note=f"Square broke {broken_by.count('square')} point(s) of the "
+                                 f"{who} that every gradient attack before it missed"))
+    return out
+
+
 def summarize(records: list[dict], settings: dict, sanity: dict, stopping: dict | None = None
               ) -> dict:
     """The verdict of the records: paired differences, accuracies with intervals, McNemar,
@@ -85,6 +111,7 @@ def summarize(records: list[dict], settings: dict, sanity: dict, stopping: dict 
                      p_value=mcnemar_exact(int(np.sum(shell_robust & ~base_robust)),
                                            int(np.sum(base_robust & ~shell_robust)))),
         passes_per_point={k: v / max(n, 1) for k, v in cost.items()},
+        flags=suite_flags(shell_by, shell_names, base_by, base_names),
         seconds=sum(r["seconds"]["total"] for r in records),
         sanity=sanity,
     )
@@ -135,6 +162,7 @@ def summary_json(report: dict) -> dict:
         mcnemar_p_value=v["mcnemar"]["p_value"],
         sanity_checks_passed=v["sanity"]["passed"],
         sanity_failures=v["sanity"]["failures"],
+        suite_warnings=v["flags"],
         passes_per_point=v["passes_per_point"],
         robust_accuracy_note=("robust accuracy is over all n evaluated points (correct at x and at "
                               "every attack's x'); attacks give lower bounds on vulnerability, so "
@@ -153,7 +181,8 @@ def verdict_lines(v: dict) -> str:
             f"- what the shell costs, clean accuracy (shell minus base): "
             f"{format_paired_difference(d['clean_accuracy'])}\n"
             f"- stopped: {v['stopping']['reason']} (rule: {v['stopping']['rule']})\n"
-            f"- base, clean: {format_proportion(v['base']['clean'])}\n"
+            + "".join(f"- **warning ({f['kind']})**: {f['note']}\n" for f in v.get("flags", []))
+            + f"- base, clean: {format_proportion(v['base']['clean'])}\n"
             f"- shell, clean: {format_proportion(v['shell']['clean'])}\n"
             f"- **base alone, robust (worst case of its attacks): {format_proportion(v['base']['robust'])}**\n"
             f"- **shell, robust (worst case of the adaptive suite): {format_proportion(v['shell']['robust'])}**\n"
