@@ -110,6 +110,13 @@ def _shell_p(config: EvaluationConfig, base, x, num_points: int):
     return p, record
 
 
+def _table2(base, shell, x, y, config: EvaluationConfig, store, metadata, walk, known_cw):
+    """Table 2 on ``walk`` points of the order (``None``: the paper's count)."""
+    return defence.run_table2(base, shell, x, y, config.defence, store,
+                              epsilon=config.threat.epsilon, seed=config.run.seed,
+                              metadata=metadata, walk=walk, known_cw=known_cw)
+
+
 def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
     """The adaptive verdict, then Table 2 (CW on the base, the shell on x and x') on the points
     the verdict evaluated; the verdict prints first."""
@@ -152,10 +159,16 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
         suite=suite)
     rate = estimate.passes_per_second(base, shell.image_shape)
     logging.info("%s", estimate.describe(phases, rate))
-    result = run = None
+    known_cw = {}
+    if workers.distributed:
+        # Several workers split Table 2's batches, then the verdict's (no budget or sequential
+        # rule there): Table 2 first, so that no worker waits at a barrier while the chief alone
+        # runs the sanity checks and writes the verdict.
+        table2 = _table2(base, shell, x, y, config, store, metadata, walk, known_cw)
+    result = None
     if suite.attack != "none":
-        # The verdict first: with a budget or the sequential rule, Table 2 then runs on the points
-        # the verdict reached, reusing its CW x' (the same attack on the same points).
+        # The verdict first (one process): with a budget or the sequential rule, Table 2 then runs
+        # on the points the verdict reached, reusing its CW x' (the same attack, points, labels).
         run = adaptive.run_adaptive(
             base, shell, x, y, dataclasses.replace(suite, num_points=num_points), store,
             epsilon=config.threat.epsilon, cw_kwargs=cfg.attack.cw_kwargs(), seed=config.run.seed,
@@ -163,11 +176,12 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
         if run is not None:  # the chief writes the reports
             result = adaptive_report.write_adaptive_report(run, x, store.alone(),
                                                            class_names=inputs.class_names)
-            if walk is not None:
+            if walk is not None and not workers.distributed:
                 walk = sum(len(r["indices"]) for r in run.records)
-    table2 = defence.run_table2(base, shell, x, y, cfg, store, epsilon=config.threat.epsilon,
-                                seed=config.run.seed, metadata=metadata, walk=walk,
-                                known_cw=adaptive.transfer_points(store))
+        known_cw = adaptive.transfer_points(store)
+    if not workers.distributed:
+        table2 = _table2(base, shell, x, y, config, store, metadata, walk, known_cw)
+    report = None
     if table2 is not None:  # the chief writes the reports
         report = defence_report.write_defence_report(table2.records, table2.settings, x,
                                                      store.alone(), class_names=inputs.class_names)
