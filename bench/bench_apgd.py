@@ -46,14 +46,19 @@ from manifold_tf.data import load_cifar10_arrays  # noqa: E402
 from manifold_tf.evaluation.stats import clopper_pearson  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "A .keras model (logits, pixels 0..255); default the "
-                    "shipped narrow_adv model (manifold_tf.pretrained).")
+flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "A .keras model (logits, pixels 0..255); default the "
+    "shipped narrow_adv model (manifold_tf.pretrained).",
+)
 flags.DEFINE_string("data_dir", "../shared/data/cifar10-sample", "CIFAR-10 python batches.")
 flags.DEFINE_integer("num_points", 200, "The first N test points (clean-misclassified included).")
 flags.DEFINE_float("epsilon", 8.0, "L-inf budget in pixels.")
 flags.DEFINE_integer("steps", 100, "APGD iterations per run (AutoAttack: 100).")
-flags.DEFINE_integer("restarts", 1, "Runs per attack (per target for APGD-T); ART's "
-                     "nb_random_init.")
+flags.DEFINE_integer(
+    "restarts", 1, "Runs per attack (per target for APGD-T); ART's nb_random_init."
+)
 flags.DEFINE_integer("num_targets", 9, "APGD-T target classes (AutoAttack: 9).")
 flags.DEFINE_integer("seed", 0, "Seed of our random starts (ART draws from numpy's global state).")
 flags.DEFINE_boolean("art", True, "Also run ART (pip install adversarial-robustness-toolbox).")
@@ -80,8 +85,12 @@ def main(argv):
     n, eps, steps, restarts = len(x), FLAGS.epsilon, FLAGS.steps, FLAGS.restarts
 
     def predict(images):
-        return np.concatenate([np.argmax(model(images[i:i + 100], training=False).numpy(), 1)
-                               for i in range(0, len(images), 100)])
+        return np.concatenate(
+            [
+                np.argmax(model(images[i : i + 100], training=False).numpy(), 1)
+                for i in range(0, len(images), 100)
+            ]
+        )
 
     clean_ok = predict(x) == y
     xt = tf.constant(x)
@@ -95,38 +104,76 @@ def main(argv):
 
     def limit(z, labels):
         z, labels = tf.constant(z), tf.constant(labels)
-        return timed(lambda: [forward_backward(z, labels) for _ in range(steps)][-1].numpy(),
-                     warmup=lambda: forward_backward(z, labels).numpy())[0]
+        return timed(
+            lambda: [forward_backward(z, labels) for _ in range(steps)][-1].numpy(),
+            warmup=lambda: forward_backward(z, labels).numpy(),
+        )[0]
 
     t_limit, t_limit_all = limit(x[clean_ok], y[clean_ok]), limit(x, y)
-    rows = [{"attack": f"fwd+bwd limit ({steps} passes of {int(clean_ok.sum())} points)",
-             "points": int(clean_ok.sum()), "seconds": t_limit, "x limit": 1.0}]
-    result = dict(model=path, points=n, epsilon=eps, steps=steps, restarts=restarts,
-                  num_targets=FLAGS.num_targets, seed=FLAGS.seed, jit_compile=FLAGS.jit_compile,
-                  clean_accuracy=float(clean_ok.mean()), limit_seconds=t_limit,
-                  limit_seconds_all_points=t_limit_all,
-                  cpu_count=os.cpu_count(), load_average_start=os.getloadavg())
+    rows = [
+        {
+            "attack": f"fwd+bwd limit ({steps} passes of {int(clean_ok.sum())} points)",
+            "points": int(clean_ok.sum()),
+            "seconds": t_limit,
+            "x limit": 1.0,
+        }
+    ]
+    result = dict(
+        model=path,
+        points=n,
+        epsilon=eps,
+        steps=steps,
+        restarts=restarts,
+        num_targets=FLAGS.num_targets,
+        seed=FLAGS.seed,
+        jit_compile=FLAGS.jit_compile,
+        clean_accuracy=float(clean_ok.mean()),
+        limit_seconds=t_limit,
+        limit_seconds_all_points=t_limit_all,
+        cpu_count=os.cpu_count(),
+        load_average_start=os.getloadavg(),
+    )
 
     def report(name, seconds, x_adv, art_seconds=None):
         flat = np.asarray(x_adv, np.float64).reshape(n, -1)
-        valid = ((np.abs(flat - x.reshape(n, -1)).max(1) <= eps + 1e-3) & (flat.min(1) >= 0.0)
-                 & (flat.max(1) <= 255.0))
+        valid = (
+            (np.abs(flat - x.reshape(n, -1)).max(1) <= eps + 1e-3)
+            & (flat.min(1) >= 0.0)
+            & (flat.max(1) <= 255.0)
+        )
         # A point outside the ball or the box breaks nothing.
         robust = clean_ok & ((predict(np.asarray(x_adv, np.float32)) == y) | ~valid)
         k, broken = int(robust.sum()), int((clean_ok & ~robust).sum())
         lo, hi = clopper_pearson(k, n)
-        result[name] = dict(seconds=seconds, robust=k, robust_accuracy=k / n,
-                            clopper_pearson_95=[lo, hi], broken=broken, invalid=int((~valid).sum()))
-        rows.append({"attack": name, "points": n, "robust acc": k / n,
-                     "95% CI": f"[{lo:.3f}, {hi:.3f}]", "broken": broken, "seconds": seconds,
-                     "x limit": seconds / t_limit,
-                     "ours/ART": None if art_seconds is None else seconds / art_seconds})
+        result[name] = dict(
+            seconds=seconds,
+            robust=k,
+            robust_accuracy=k / n,
+            clopper_pearson_95=[lo, hi],
+            broken=broken,
+            invalid=int((~valid).sum()),
+        )
+        rows.append(
+            {
+                "attack": name,
+                "points": n,
+                "robust acc": k / n,
+                "95% CI": f"[{lo:.3f}, {hi:.3f}]",
+                "broken": broken,
+                "seconds": seconds,
+                "x limit": seconds / t_limit,
+                "ours/ART": None if art_seconds is None else seconds / art_seconds,
+            }
+        )
         return robust
 
-    kw = dict(epsilon=eps, steps=steps, restarts=restarts, seed=FLAGS.seed,
-              jit_compile=FLAGS.jit_compile)
-    ours = {"APGD-CE": lambda a, b: attacks.apgd_ce(model, a, b, **kw),
-            "APGD-T": lambda a, b: attacks.apgd_t(model, a, b, num_targets=FLAGS.num_targets, **kw)}
+    kw = dict(
+        epsilon=eps, steps=steps, restarts=restarts, seed=FLAGS.seed, jit_compile=FLAGS.jit_compile
+    )
+    ours = {
+        "APGD-CE": lambda a, b: attacks.apgd_ce(model, a, b, **kw),
+        "APGD-T": lambda a, b: attacks.apgd_t(model, a, b, num_targets=FLAGS.num_targets, **kw),
+    }
     if FLAGS.dlr:
         ours["APGD-DLR"] = lambda a, b: attacks.apgd_dlr(model, a, b, **kw)
     art_times = {}
@@ -136,22 +183,40 @@ def main(argv):
             attack = make_art(model, x.shape[1:], loss, eps, steps, restarts, n)
             name = f"ART APGD ({'CE' if loss == 'cross_entropy' else 'DLR'})"
             # Warm up the same object: ART's classifier traces its forward pass per instance.
-            t, x_adv = timed(lambda: attack.generate(x, y),
-                             warmup=lambda: attack.generate(x[:2], y[:2]))
+            t, x_adv = timed(
+                lambda attack=attack: attack.generate(x, y),
+                warmup=lambda attack=attack: attack.generate(x[:2], y[:2]),
+            )
             art_times["APGD-CE" if loss == "cross_entropy" else "APGD-DLR"] = t
             report(name, t, x_adv)
     robust_all = clean_ok.copy()
     for name, fn in ours.items():
-        t, x_adv = timed(lambda: fn(xt, y).numpy(), warmup=lambda: fn(xt[:2], y[:2]))
+        t, x_adv = timed(lambda fn=fn: fn(xt, y).numpy(), warmup=lambda fn=fn: fn(xt[:2], y[:2]))
         robust_all &= report(f"ours {name}", t, x_adv, art_times.get(name))
     result["ours_worst_case_robust_accuracy"] = float(robust_all.mean())
-    rows.append({"attack": "ours, worst case over the above", "points": n,
-                 "robust acc": robust_all.mean(), "broken": int((clean_ok & ~robust_all).sum())})
+    rows.append(
+        {
+            "attack": "ours, worst case over the above",
+            "points": n,
+            "robust acc": robust_all.mean(),
+            "broken": int((clean_ok & ~robust_all).sum()),
+        }
+    )
     result["load_average_end"] = os.getloadavg()
-    columns = ["attack", "points", "robust acc", "95% CI", "broken", "seconds", "x limit",
-               "ours/ART"]
-    print(f"model {path}; {n} points, clean accuracy {clean_ok.mean():.3f}; eps {eps} px, "
-          f"{steps} steps, {restarts} restart(s), APGD-T {FLAGS.num_targets} targets")
+    columns = [
+        "attack",
+        "points",
+        "robust acc",
+        "95% CI",
+        "broken",
+        "seconds",
+        "x limit",
+        "ours/ART",
+    ]
+    print(
+        f"model {path}; {n} points, clean accuracy {clean_ok.mean():.3f}; eps {eps} px, "
+        f"{steps} steps, {restarts} restart(s), APGD-T {FLAGS.num_targets} targets"
+    )
     timing.write_results(FLAGS.output, rows, columns=columns, extra=result)
 
 
@@ -160,13 +225,25 @@ def make_art(model, input_shape, loss_type, eps, steps, restarts, batch_size):
     from art.estimators.classification import TensorFlowV2Classifier
 
     clf = TensorFlowV2Classifier(
-        model=model, nb_classes=int(model.output_shape[-1]), input_shape=tuple(input_shape),
+        model=model,
+        nb_classes=int(model.output_shape[-1]),
+        input_shape=tuple(input_shape),
         loss_object=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        clip_values=(0.0, 255.0))
+        clip_values=(0.0, 255.0),
+    )
     # eps_step is ART's initial step size eta: APGD's 2 * eps.
     return AutoProjectedGradientDescent(
-        clf, norm=np.inf, eps=eps, eps_step=2.0 * eps, max_iter=steps, targeted=False,
-        nb_random_init=restarts, batch_size=batch_size, loss_type=loss_type, verbose=False)
+        clf,
+        norm=np.inf,
+        eps=eps,
+        eps_step=2.0 * eps,
+        max_iter=steps,
+        targeted=False,
+        nb_random_init=restarts,
+        batch_size=batch_size,
+        loss_type=loss_type,
+        verbose=False,
+    )
 
 
 if __name__ == "__main__":

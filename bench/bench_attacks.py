@@ -40,9 +40,13 @@ from manifold_tf import attacks, pretrained  # noqa: E402
 from manifold_tf.data import load_arrays  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "Model (.keras, .weights.h5 or TF1 checkpoint); "
-                    "default the shipped narrow_natural model (manifold_tf.pretrained), else a "
-                    "randomly initialised narrow model.")
+flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "Model (.keras, .weights.h5 or TF1 checkpoint); "
+    "default the shipped narrow_natural model (manifold_tf.pretrained), else a "
+    "randomly initialised narrow model.",
+)
 flags.DEFINE_string("dataset", "cifar10", "cifar10 or synthetic.")
 flags.DEFINE_string("data_dir", "../shared/data/cifar10-sample", "CIFAR-10 python batches.")
 flags.DEFINE_integer("num_images", 24, "Points (correctly classified test points, seeded order).")
@@ -51,7 +55,9 @@ flags.DEFINE_float("epsilon", 8.0, "L-inf budget in pixels.")
 flags.DEFINE_integer("pgd_steps", 10, "PGD steps.")
 flags.DEFINE_float("pgd_step_size", 2.0, "PGD step in pixels.")
 flags.DEFINE_integer("cw_max_iterations", 10, "CW Adam steps per constant (paper: 1000; ART: 10).")
-flags.DEFINE_float("cw_learning_rate", 5e-3, "CW Adam learning rate (paper 5e-3; ART default 0.01).")
+flags.DEFINE_float(
+    "cw_learning_rate", 5e-3, "CW Adam learning rate (paper 5e-3; ART default 0.01)."
+)
 flags.DEFINE_integer("art_cw_images", 3, "Points for ART's CW L-inf (one image at a time, slow).")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions (the minimum is reported).")
 flags.DEFINE_boolean("art", True, "Also run ART (needs adversarial-robustness-toolbox).")
@@ -80,11 +86,14 @@ def load_model():
 
 
 def pick_points(model):
-    x, y = load_arrays(FLAGS.dataset, "test", FLAGS.data_dir if FLAGS.dataset == "cifar10" else None)
+    x, y = load_arrays(
+        FLAGS.dataset, "test", FLAGS.data_dir if FLAGS.dataset == "cifar10" else None
+    )
     order = np.random.default_rng(FLAGS.seed).permutation(len(x))
     x, y = x[order], y[order]
-    pred = np.concatenate([np.argmax(model(x[i:i + 100], training=False).numpy(), 1)
-                           for i in range(0, len(x), 100)])
+    pred = np.concatenate(
+        [np.argmax(model(x[i : i + 100], training=False).numpy(), 1) for i in range(0, len(x), 100)]
+    )
     keep = np.flatnonzero(pred == y)[: FLAGS.num_images]
     return x[keep], y[keep].astype(np.int32), float((pred == y).mean())
 
@@ -103,8 +112,17 @@ def main(argv):
     x, y, clean_acc = pick_points(model)
     n, eps, reps = len(x), FLAGS.epsilon, FLAGS.repeats
     xt, yt = tf.constant(x), tf.constant(y)
-    rows, result = [], dict(model=model_name, points=n, clean_accuracy_sample=clean_acc,
-                            epsilon=eps, repeats=reps, cpu_count=os.cpu_count())
+    rows, result = (
+        [],
+        dict(
+            model=model_name,
+            points=n,
+            clean_accuracy_sample=clean_acc,
+            epsilon=eps,
+            repeats=reps,
+            cpu_count=os.cpu_count(),
+        ),
+    )
 
     @tf.function
     def raw_step(z):
@@ -120,52 +138,85 @@ def main(argv):
     result["raw"] = dict(passes_per_second=raw_rate, seconds_for_k_steps=t_raw)
     rows.append(row("raw fwd+bwd (ceiling)", n, raw_rate, 1.0, None, t_raw))
 
-    pgd_kw = dict(epsilon=eps, steps=k, step_size=FLAGS.pgd_step_size, random_start=True,
-                  seed=FLAGS.seed)
-    for jit in ([False, True] if FLAGS.jit_compare else [False]):
+    pgd_kw = dict(
+        epsilon=eps, steps=k, step_size=FLAGS.pgd_step_size, random_start=True, seed=FLAGS.seed
+    )
+    for jit in [False, True] if FLAGS.jit_compare else [False]:
         attacks.pgd(model, x, y, jit_compile=jit, **pgd_kw)  # compile
-        t, x_adv = best_time(lambda: attacks.pgd(model, x, y, jit_compile=jit, **pgd_kw).numpy(), reps)
+        t, x_adv = best_time(
+            lambda jit=jit: attacks.pgd(model, x, y, jit_compile=jit, **pgd_kw).numpy(), reps
+        )
         rate = n * k / t
         ok = misclassified(model, x_adv, y)
         name = "pgd" + ("_xla" if jit else "")
-        result[name] = dict(passes_per_second=rate, ratio_to_raw=rate / raw_rate, seconds=t,
-                            success_rate=float(ok.mean()), settings=dict(pgd_kw, jit_compile=jit))
-        rows.append(row(f"ours PGD-{k}{' XLA' if jit else ''}", n, rate, rate / raw_rate,
-                        ok.mean(), t))
+        result[name] = dict(
+            passes_per_second=rate,
+            ratio_to_raw=rate / raw_rate,
+            seconds=t,
+            success_rate=float(ok.mean()),
+            settings=dict(pgd_kw, jit_compile=jit),
+        )
+        rows.append(
+            row(f"ours PGD-{k}{' XLA' if jit else ''}", n, rate, rate / raw_rate, ok.mean(), t)
+        )
 
-    cw_kw = dict(epsilon=eps, max_iterations=FLAGS.cw_max_iterations,
-                 learning_rate=FLAGS.cw_learning_rate)
+    cw_kw = dict(
+        epsilon=eps, max_iterations=FLAGS.cw_max_iterations, learning_rate=FLAGS.cw_learning_rate
+    )
     m = min(FLAGS.art_cw_images, n)
     attacks.cw_linf_details(model, x[:1], y[:1], **dict(cw_kw, max_iterations=1))  # compile
     for name, sl in (("cw_linf_all", slice(None)), ("cw_linf_subset", slice(0, m))):
-        t, out = best_time(lambda: attacks.cw_linf_details(model, x[sl], y[sl], **cw_kw), 1)
+        t, out = best_time(lambda sl=sl: attacks.cw_linf_details(model, x[sl], y[sl], **cw_kw), 1)
         steps = out["total_steps"] * len(x[sl])
         ok = out["success"].numpy() & misclassified(model, out["x_adv"], y[sl])
-        result[name] = dict(seconds=t, passes_per_second=steps / t, ratio_to_raw=steps / t / raw_rate,
-                            useful_passes=int(out["iterations"].numpy().sum()), batched_passes=steps,
-                            success_rate=float(ok.mean()), points=len(x[sl]),
-                            median_distance=float(np.median(out["distance"].numpy())),
-                            settings=out["settings"])
-        rows.append(row(f"ours CW-Linf ({name.split('_')[-1]})", len(x[sl]), steps / t,
-                        steps / t / raw_rate, ok.mean(), t))
+        result[name] = dict(
+            seconds=t,
+            passes_per_second=steps / t,
+            ratio_to_raw=steps / t / raw_rate,
+            useful_passes=int(out["iterations"].numpy().sum()),
+            batched_passes=steps,
+            success_rate=float(ok.mean()),
+            points=len(x[sl]),
+            median_distance=float(np.median(out["distance"].numpy())),
+            settings=out["settings"],
+        )
+        rows.append(
+            row(
+                f"ours CW-Linf ({name.split('_')[-1]})",
+                len(x[sl]),
+                steps / t,
+                steps / t / raw_rate,
+                ok.mean(),
+                t,
+            )
+        )
 
     if FLAGS.art:
         rows += run_art(model, x, y, eps, k, m, cw_kw, result)
 
     if "art_cw_linf" in result:
         result["cw_speedup_vs_art"] = (
-            result["art_cw_linf"]["seconds"] / result["cw_linf_subset"]["seconds"])
+            result["art_cw_linf"]["seconds"] / result["cw_linf_subset"]["seconds"]
+        )
     timing.write_results(FLAGS.output, rows, extra=result)
     if "art_cw_linf" in result:
-        print(f"CW L-inf on {m} points: ours {result['cw_linf_subset']['seconds']:.1f}s, "
-              f"ART {result['art_cw_linf']['seconds']:.1f}s: "
-              f"{result['cw_speedup_vs_art']:.1f}x faster")
+        print(
+            f"CW L-inf on {m} points: ours {result['cw_linf_subset']['seconds']:.1f}s, "
+            f"ART {result['art_cw_linf']['seconds']:.1f}s: "
+            f"{result['cw_speedup_vs_art']:.1f}x faster"
+        )
 
 
 def row(attack, points, rate, ratio, success, seconds):
     """A table row; ``None`` shows as an empty cell."""
-    return {"attack": attack, "points": points, "fwd+bwd/s": rate, "x raw": ratio,
-            "success": None if success is None else float(success), "seconds": seconds}
+    return {
+        "attack": attack,
+        "points": points,
+        "fwd+bwd/s": rate,
+        "x raw": ratio,
+        "success": None if success is None else float(success),
+        "seconds": seconds,
+    }
 
 
 def run_art(model, x, y, eps, k, m, cw_kw, result):
@@ -175,35 +226,87 @@ def run_art(model, x, y, eps, k, m, cw_kw, result):
 
     rows = []
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    clf = TensorFlowV2Classifier(model=model, nb_classes=10, input_shape=x.shape[1:],
-                                 loss_object=loss, clip_values=(0.0, 255.0))
-    pgd = ProjectedGradientDescent(clf, norm=np.inf, eps=eps, eps_step=FLAGS.pgd_step_size,
-                                   max_iter=k, num_random_init=1, batch_size=len(x), verbose=False)
+    clf = TensorFlowV2Classifier(
+        model=model,
+        nb_classes=10,
+        input_shape=x.shape[1:],
+        loss_object=loss,
+        clip_values=(0.0, 255.0),
+    )
+    pgd = ProjectedGradientDescent(
+        clf,
+        norm=np.inf,
+        eps=eps,
+        eps_step=FLAGS.pgd_step_size,
+        max_iter=k,
+        num_random_init=1,
+        batch_size=len(x),
+        verbose=False,
+    )
     pgd.generate(x[:2], y[:2])  # warm-up
     t, x_adv = best_time(lambda: pgd.generate(x, y), FLAGS.repeats)
     ok = misclassified(model, x_adv, y) & (linf(x_adv, x) <= eps + 1e-3)
-    result["art_pgd"] = dict(seconds=t, passes_per_second=len(x) * k / t, success_rate=float(ok.mean()),
-                             settings=dict(eps=eps, eps_step=FLAGS.pgd_step_size, max_iter=k,
-                                           num_random_init=1, clip_values=[0, 255]))
-    rows.append(row(f"ART PGD-{k}", len(x), len(x) * k / t,
-                    len(x) * k / t / result["raw"]["passes_per_second"], ok.mean(), t))
+    result["art_pgd"] = dict(
+        seconds=t,
+        passes_per_second=len(x) * k / t,
+        success_rate=float(ok.mean()),
+        settings=dict(
+            eps=eps,
+            eps_step=FLAGS.pgd_step_size,
+            max_iter=k,
+            num_random_init=1,
+            clip_values=[0, 255],
+        ),
+    )
+    rows.append(
+        row(
+            f"ART PGD-{k}",
+            len(x),
+            len(x) * k / t,
+            len(x) * k / t / result["raw"]["passes_per_second"],
+            ok.mean(),
+            t,
+        )
+    )
 
     # CW L-inf in [0, 1] units (see the module docstring).
     inp = keras.Input(x.shape[1:])
     unit_model = keras.Model(inp, model(keras.layers.Rescaling(255.0)(inp)))
-    clf01 = TensorFlowV2Classifier(model=unit_model, nb_classes=10, input_shape=x.shape[1:],
-                                   loss_object=loss, clip_values=(0.0, 1.0))
-    cw = CarliniLInfMethod(clf01, learning_rate=cw_kw["learning_rate"],
-                           max_iter=cw_kw["max_iterations"], initial_const=1e-5, largest_const=20.0,
-                           const_factor=2.0, decrease_factor=0.9, batch_size=1, verbose=False)
+    clf01 = TensorFlowV2Classifier(
+        model=unit_model,
+        nb_classes=10,
+        input_shape=x.shape[1:],
+        loss_object=loss,
+        clip_values=(0.0, 1.0),
+    )
+    cw = CarliniLInfMethod(
+        clf01,
+        learning_rate=cw_kw["learning_rate"],
+        max_iter=cw_kw["max_iterations"],
+        initial_const=1e-5,
+        largest_const=20.0,
+        const_factor=2.0,
+        decrease_factor=0.9,
+        batch_size=1,
+        verbose=False,
+    )
     t, x_adv = best_time(lambda: cw.generate(x[:m] / 255.0, y[:m]) * 255.0, 1)
     ok = misclassified(model, x_adv, y[:m]) & (linf(x_adv, x[:m]) <= eps + 1e-3)
     result["art_cw_linf"] = dict(
-        seconds=t, success_rate=float(ok.mean()), points=m,
+        seconds=t,
+        success_rate=float(ok.mean()),
+        points=m,
         median_distance=float(np.median(linf(x_adv, x[:m]))),
-        settings=dict(learning_rate=cw_kw["learning_rate"], max_iter=cw_kw["max_iterations"],
-                      initial_const=1e-5, largest_const=20.0, const_factor=2.0,
-                      decrease_factor=0.9, units="[0,1] via z -> model(255 z)"))
+        settings=dict(
+            learning_rate=cw_kw["learning_rate"],
+            max_iter=cw_kw["max_iterations"],
+            initial_const=1e-5,
+            largest_const=20.0,
+            const_factor=2.0,
+            decrease_factor=0.9,
+            units="[0,1] via z -> model(255 z)",
+        ),
+    )
     rows.append(row("ART CW-Linf", m, None, None, ok.mean(), t))
     return rows
 

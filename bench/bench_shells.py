@@ -18,7 +18,8 @@ Both loops are timed on one image (``C * K`` steps) and reported per image. Each
 is run without and with XLA. Reported: images per second (median over repeats after warm-up),
 the shell's fraction of the limit (goal >= 0.85) and its speed-up over the loops (goal >= 50).
 
-    python -m bench.bench_shells                 # N=4 images, K=10 steps (MCNShell default), 3 repeats
+    python -m bench.bench_shells                 # N=4 images, K=10 steps (MCNShell default),
+                                                 # 3 repeats
     python -m bench.bench_shells --images 8 --steps 10
 
 Writes ``bench/results/bench_shells.json`` (``--output`` to change).
@@ -38,11 +39,15 @@ from bench import timing
 def _parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=4, help="N images per shell call")
-    parser.add_argument("--steps", type=int, default=10, help="K optimiser steps per label (the shell default)")
+    parser.add_argument(
+        "--steps", type=int, default=10, help="K optimiser steps per label (the shell default)"
+    )
     parser.add_argument("--delta", type=float, default=8.0, help="ball radius, pixels")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     parser.add_argument("--width", default="narrow", choices=["narrow", "wide"])
-    parser.add_argument("--weights", default=None, help="optional .keras base (default: random init)")
+    parser.add_argument(
+        "--weights", default=None, help="optional .keras base (default: random init)"
+    )
     parser.add_argument(
         "--output", default=timing.default_output("bench_shells"), help="JSON output file"
     )
@@ -57,7 +62,9 @@ def main(argv=None) -> dict:
     from manifold_tf import models, projected
     from manifold_tf.shells import MCNShell, log_odds
 
-    base = keras.saving.load_model(args.weights) if args.weights else models.madry_resnet(args.width)
+    base = (
+        keras.saving.load_model(args.weights) if args.weights else models.madry_resnet(args.width)
+    )
     num_classes = int(base.outputs[0].shape[-1])
     n, k, delta = args.images, args.steps, args.delta
     step = 2.5 * delta / k
@@ -77,7 +84,10 @@ def main(argv=None) -> dict:
         return one_pass
 
     passes = {jit: make_pass(jit) for jit in (False, True)}
-    shells = {jit: MCNShell(base, delta, steps=k, step_size=step, jit_compile=jit) for jit in (False, True)}
+    shells = {
+        jit: MCNShell(base, delta, steps=k, step_size=step, jit_compile=jit)
+        for jit in (False, True)
+    }
     step_fn = make_pass(False)  # compiled one-image step, called C * K times per image
 
     def loop_step():
@@ -104,8 +114,14 @@ def main(argv=None) -> dict:
         """The shell's "pgd" computation with its K steps in a tf.while_loop, under XLA."""
         xt = tf.repeat(x, num_classes, axis=0)
         z, f = projected.projected_ascent(
-            lambda z: log_odds(base(z, training=False), labels), xt, xt, radius=delta, steps=k,
-            step_size=step, unroll=False)
+            lambda z: log_odds(base(z, training=False), labels),
+            xt,
+            xt,
+            radius=delta,
+            steps=k,
+            step_size=step,
+            unroll=False,
+        )
         label = tf.argmax(tf.reshape(f, [n, num_classes]), axis=1, output_type=tf.int32)
         chosen = tf.gather(tf.reshape(z, [n, num_classes, 32, 32, 3]), label, batch_dims=1)
         return label, tf.nn.softmax(base(chosen, training=False))
@@ -131,32 +147,51 @@ def main(argv=None) -> dict:
     rate["loop_step"] = 1.0 / seconds["loop_step"]
     rate["loop_eager"] = 1.0 / seconds["loop_eager"]
     best_limit = max(rate["limit_no_xla"], rate["limit_xla"])
+
     def row(variant, images_per_s, limit=None):
         out = {"variant": variant, "images/s": images_per_s, "limit images/s (same XLA)": limit}
         if limit is not None:
-            out.update({
-                "x limit": images_per_s / limit, "x best limit": images_per_s / best_limit,
-                "x loop_step": images_per_s / rate["loop_step"],
-                "x loop_eager": images_per_s / rate["loop_eager"],
-            })
+            out.update(
+                {
+                    "x limit": images_per_s / limit,
+                    "x best limit": images_per_s / best_limit,
+                    "x loop_step": images_per_s / rate["loop_step"],
+                    "x loop_eager": images_per_s / rate["loop_eager"],
+                }
+            )
         return out
 
-    rows_out = [row(f"shell ({tag})", rate[f"shell_{tag}"], rate[f"limit_{tag}"])
-                for tag in ("no_xla", "xla")]
-    rows_out.append(row("shell_xla_while_loop (bench only)", rate["shell_xla_while_loop"],
-                        rate["limit_xla"]))
+    rows_out = [
+        row(f"shell ({tag})", rate[f"shell_{tag}"], rate[f"limit_{tag}"])
+        for tag in ("no_xla", "xla")
+    ]
+    rows_out.append(
+        row("shell_xla_while_loop (bench only)", rate["shell_xla_while_loop"], rate["limit_xla"])
+    )
     rows_out += [row(name, rate[name]) for name in ("loop_step", "loop_eager")]
     results = dict(
-        settings=dict(images=n, steps=k, delta=delta, num_classes=num_classes, rows=n * num_classes,
-                      repeats=args.repeats, width=args.width, weights=args.weights,
-                      tensorflow=tf.__version__, cpu_count=os.cpu_count(), machine=platform.machine(),
-                      load_average=os.getloadavg()),
+        settings=dict(
+            images=n,
+            steps=k,
+            delta=delta,
+            num_classes=num_classes,
+            rows=n * num_classes,
+            repeats=args.repeats,
+            width=args.width,
+            weights=args.weights,
+            tensorflow=tf.__version__,
+            cpu_count=os.cpu_count(),
+            machine=platform.machine(),
+            load_average=os.getloadavg(),
+        ),
         seconds_per_call=seconds,
         images_per_second=rate,
         goals=dict(shell_vs_limit=0.85, shell_vs_loop=50.0),
     )
-    print(f"MCN shell, {args.width} ResNet, N={n} images x C={num_classes} labels, K={k} steps "
-          f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)\n")
+    print(
+        f"MCN shell, {args.width} ResNet, N={n} images x C={num_classes} labels, K={k} steps "
+        f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)\n"
+    )
     results["table"] = timing.write_results(args.output, rows_out, extra=results)
     return results
 

@@ -57,7 +57,8 @@ _TANH_SHRINK = 0.999999  # the original's arctanh(x * 1.999999) on [-0.5, 0.5] i
 
 
 def to_tanh_space(x: tf.Tensor) -> tf.Tensor:
-    """Pixels (0..255) -> ``w`` with ``from_tanh_space(w) ~= x`` (shrunk by 1e-6, as the original)."""
+    """Pixels (0..255) -> ``w`` with ``from_tanh_space(w) ~= x`` (shrunk by 1e-6, as the
+    original)."""
     return tf.atanh((x / (PIXEL_MAX / 2.0) - 1.0) * _TANH_SHRINK)
 
 
@@ -69,22 +70,24 @@ def from_tanh_space(w: tf.Tensor) -> tf.Tensor:
 class CWState(NamedTuple):
     """The batched loop's state, one entry per example unless noted (pixels for distances)."""
 
-    step: tf.Tensor        # scalar: iterations of the batched loop so far
-    w: tf.Tensor           # [N, ...] the iterate in tanh space
-    m: tf.Tensor           # [N, ...] Adam's first moment
-    v: tf.Tensor           # [N, ...] Adam's second moment
-    t: tf.Tensor           # Adam's step count (reset by a warm start)
-    it: tf.Tensor          # steps at the current constant
-    tau: tf.Tensor         # the penalty threshold
-    const: tf.Tensor       # the constant c
-    small_prev: tf.Tensor  # the previous step's loss was below 1e-4 * c ("works" if it met the goal)
-    active: tf.Tensor      # still running
-    iters: tf.Tensor       # forward+backward passes spent on the example
-    x_last: tf.Tensor      # [N, ...] the last success of the schedule
-    has_last: tf.Tensor    # there is one
-    dist_last: tf.Tensor   # its L-inf distance (inf if none)
-    x_within: tf.Tensor    # [N, ...] the last success within epsilon
-    within: tf.Tensor      # there is one
+    step: tf.Tensor  # scalar: iterations of the batched loop so far
+    w: tf.Tensor  # [N, ...] the iterate in tanh space
+    m: tf.Tensor  # [N, ...] Adam's first moment
+    v: tf.Tensor  # [N, ...] Adam's second moment
+    t: tf.Tensor  # Adam's step count (reset by a warm start)
+    it: tf.Tensor  # steps at the current constant
+    tau: tf.Tensor  # the penalty threshold
+    const: tf.Tensor  # the constant c
+    small_prev: (
+        tf.Tensor
+    )  # the previous step's loss was below 1e-4 * c ("works" if it met the goal)
+    active: tf.Tensor  # still running
+    iters: tf.Tensor  # forward+backward passes spent on the example
+    x_last: tf.Tensor  # [N, ...] the last success of the schedule
+    has_last: tf.Tensor  # there is one
+    dist_last: tf.Tensor  # its L-inf distance (inf if none)
+    x_within: tf.Tensor  # [N, ...] the last success within epsilon
+    within: tf.Tensor  # there is one
 
 
 def _rows_mask(mask: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
@@ -96,9 +99,23 @@ def _per_example(v, n: tf.Tensor) -> tf.Tensor:
     return tf.broadcast_to(tf.cast(v, tf.float32), tf.reshape(n, [1]))
 
 
-def _loop(model, x, labels, w0, tau, const, *, targeted, max_iterations, learning_rate,
-          schedule=None, epsilon=None, max_total_iterations=None):
-    """The shared loop. ``schedule=None``: fixed (tau, c), one round. Else a dict of the schedule."""
+def _loop(
+    model,
+    x,
+    labels,
+    w0,
+    tau,
+    const,
+    *,
+    targeted,
+    max_iterations,
+    learning_rate,
+    schedule=None,
+    epsilon=None,
+    max_total_iterations=None,
+):
+    """The shared loop. ``schedule=None``: fixed (tau, c), one round. Else a dict of the
+    schedule."""
     n = tf.shape(x)[0]
     bshape = [-1] + [1] * (len(x.shape) - 1)
     axes = list(range(1, len(x.shape)))
@@ -111,8 +128,24 @@ def _loop(model, x, labels, w0, tau, const, *, targeted, max_iterations, learnin
         return tf.reshape(mask, bshape)
 
     def body(state: CWState) -> tuple[CWState]:
-        (step, w, m, v, t, it, tau, const, small_prev, active, iters,
-         x_last, has_last, dist_last, x_within, within) = state
+        (
+            step,
+            w,
+            m,
+            v,
+            t,
+            it,
+            tau,
+            const,
+            small_prev,
+            active,
+            iters,
+            x_last,
+            has_last,
+            dist_last,
+            x_within,
+            within,
+        ) = state
         with tf.GradientTape() as tape:
             tape.watch(w)
             xn = from_tanh_space(w)
@@ -172,15 +205,41 @@ def _loop(model, x, labels, w0, tau, const, *, targeted, max_iterations, learnin
         active = active & ~failed & ~finished
         if schedule is not None:
             # The schedule runs as one compiled loop: report from inside it, every 250 iterations.
-            tf.cond(tf.equal((step + 1) % PROGRESS_EVERY, 0),
-                    lambda: tf.print("CW L-inf: iteration", step + 1, "-",
-                                     tf.reduce_sum(tf.cast(active, tf.int32)), "of", tf.size(active),
-                                     "points still running, mean constant",
-                                     tf.reduce_mean(tf.boolean_mask(const, active)),
-                                     output_stream=sys.stderr),
-                    lambda: tf.no_op())
-        return (CWState(step + 1, w, m, v, t, it, tau, const, small_prev, active, iters,
-                        x_last, has_last, dist_last, x_within, within),)
+            tf.cond(
+                tf.equal((step + 1) % PROGRESS_EVERY, 0),
+                lambda: tf.print(
+                    "CW L-inf: iteration",
+                    step + 1,
+                    "-",
+                    tf.reduce_sum(tf.cast(active, tf.int32)),
+                    "of",
+                    tf.size(active),
+                    "points still running, mean constant",
+                    tf.reduce_mean(tf.boolean_mask(const, active)),
+                    output_stream=sys.stderr,
+                ),
+                lambda: tf.no_op(),
+            )
+        return (
+            CWState(
+                step + 1,
+                w,
+                m,
+                v,
+                t,
+                it,
+                tau,
+                const,
+                small_prev,
+                active,
+                iters,
+                x_last,
+                has_last,
+                dist_last,
+                x_within,
+                within,
+            ),
+        )
 
     def cond(state: CWState):
         keep = tf.reduce_any(state.active)
@@ -190,24 +249,48 @@ def _loop(model, x, labels, w0, tau, const, *, targeted, max_iterations, learnin
 
     zeros_x = tf.zeros_like(x)
     state = CWState(
-        step=tf.constant(0), w=w0, m=zeros_x, v=zeros_x, t=zeros_n, it=tf.zeros([n], tf.int32),
-        tau=tau, const=const, small_prev=false, active=tf.ones([n], tf.bool),
-        iters=tf.zeros([n], tf.int32), x_last=x, has_last=false,
-        dist_last=tf.fill([n], float("inf")), x_within=x, within=false)
+        step=tf.constant(0),
+        w=w0,
+        m=zeros_x,
+        v=zeros_x,
+        t=zeros_n,
+        it=tf.zeros([n], tf.int32),
+        tau=tau,
+        const=const,
+        small_prev=false,
+        active=tf.ones([n], tf.bool),
+        iters=tf.zeros([n], tf.int32),
+        x_last=x,
+        has_last=false,
+        dist_last=tf.fill([n], float("inf")),
+        x_within=x,
+        within=false,
+    )
     limit = max_iterations + 1 if schedule is None else max_total_iterations
     (final,) = tf.while_loop(cond, body, (state,), maximum_iterations=limit)
     return final
 
 
-def cw_inner(model, x, labels, w0, *, tau, const, max_iterations: int,
-             learning_rate: float = CW_PAPER["learning_rate"], targeted: bool):
+def cw_inner(
+    model,
+    x,
+    labels,
+    w0,
+    *,
+    tau,
+    const,
+    max_iterations: int,
+    learning_rate: float = CW_PAPER["learning_rate"],
+    targeted: bool,
+):
     """One round of the attack at fixed ``(tau, const)`` per example (traceable, any batch size).
 
     Args:
       model: images -> logits ``[N, K]``.
       x: original images ``[N, H, W, C]`` (pixels). labels: int32 ``[N]`` (targets if ``targeted``).
       w0: starting point in tanh space ``[N, H, W, C]`` (``to_tanh_space(x)``, or a warm start).
-      tau: penalty threshold in pixels, scalar or ``[N]``. const: the constant ``c``, scalar or ``[N]``.
+      tau: penalty threshold in pixels, scalar or ``[N]``. const: the constant ``c``, scalar or
+        ``[N]``.
       max_iterations: Adam steps at most; learning_rate: Adam's.
 
     Returns:
@@ -215,16 +298,39 @@ def cw_inner(model, x, labels, w0, *, tau, const, max_iterations: int,
       the module docstring), else the last iterate. Warm-start another round from
       ``to_tanh_space(x_new)``. Cost: at most ``max_iterations + 1`` forward+backward passes.
     """
-    out = _loop(model, x, tf.cast(labels, tf.int32), w0, tau, const, targeted=targeted,
-                max_iterations=int(max_iterations), learning_rate=float(learning_rate))
+    out = _loop(
+        model,
+        x,
+        tf.cast(labels, tf.int32),
+        w0,
+        tau,
+        const,
+        targeted=targeted,
+        max_iterations=int(max_iterations),
+        learning_rate=float(learning_rate),
+    )
     x_new = tf.where(_rows_mask(out.has_last, x), out.x_last, from_tanh_space(out.w))
     return x_new, out.has_last
 
 
-def cw_schedule(model, x, labels, *, epsilon, targeted: bool, max_iterations: int,
-                learning_rate: float, initial_const: float, const_factor: float,
-                largest_const: float, initial_tau: float, decrease_factor: float, min_tau: float,
-                stop_within_epsilon: bool = False, max_total_iterations: int | None = None) -> dict:
+def cw_schedule(
+    model,
+    x,
+    labels,
+    *,
+    epsilon,
+    targeted: bool,
+    max_iterations: int,
+    learning_rate: float,
+    initial_const: float,
+    const_factor: float,
+    largest_const: float,
+    initial_tau: float,
+    decrease_factor: float,
+    min_tau: float,
+    stop_within_epsilon: bool = False,
+    max_total_iterations: int | None = None,
+) -> dict:
     """The whole tau/const schedule for a batch (traceable). Units: pixels.
 
     Returns a dict of tensors: ``x_last``/``has_last``/``distance`` (the last success of the
@@ -232,13 +338,33 @@ def cw_schedule(model, x, labels, *, epsilon, targeted: bool, max_iterations: in
     ``x_within``/``within`` (the last success with distance ``<= epsilon``), ``iterations``
     (forward+backward passes per example) and ``total_steps`` (iterations of the batched loop).
     """
-    schedule = dict(const_factor=const_factor, largest_const=largest_const,
-                    decrease_factor=decrease_factor, min_tau=min_tau,
-                    stop_within_epsilon=stop_within_epsilon)
-    out = _loop(model, x, tf.cast(labels, tf.int32), to_tanh_space(x), initial_tau, initial_const,
-                targeted=targeted, max_iterations=int(max_iterations),
-                learning_rate=float(learning_rate), schedule=schedule, epsilon=epsilon,
-                max_total_iterations=max_total_iterations)
-    return dict(total_steps=out.step, iterations=out.iters, x_last=out.x_last,
-                has_last=out.has_last, distance=out.dist_last, x_within=out.x_within,
-                within=out.within)
+    schedule = dict(
+        const_factor=const_factor,
+        largest_const=largest_const,
+        decrease_factor=decrease_factor,
+        min_tau=min_tau,
+        stop_within_epsilon=stop_within_epsilon,
+    )
+    out = _loop(
+        model,
+        x,
+        tf.cast(labels, tf.int32),
+        to_tanh_space(x),
+        initial_tau,
+        initial_const,
+        targeted=targeted,
+        max_iterations=int(max_iterations),
+        learning_rate=float(learning_rate),
+        schedule=schedule,
+        epsilon=epsilon,
+        max_total_iterations=max_total_iterations,
+    )
+    return dict(
+        total_steps=out.step,
+        iterations=out.iters,
+        x_last=out.x_last,
+        has_last=out.has_last,
+        distance=out.dist_last,
+        x_within=out.x_within,
+        within=out.within,
+    )

@@ -2,18 +2,19 @@
 
 Every search over an L-inf ball in this project (PGD and the high-confidence attack in
 ``attacks``, the MCN shell's per-label ascent in ``shells``) is one call of
-:func:`projected_ascent`: maximise a per-example objective over ``N(x, r) = {z : |z - x|_inf <= r}
-intersected with the pixel box [0, 255]``, by signed-gradient steps or Adam, keeping the best iterate
-per example (:func:`apgd_ascent` is the Auto-PGD variant of the same search, with its own
-step-size schedule). It is written to run inside a caller's ``tf.function`` (it traces to a single
-``tf.while_loop``), so the caller decides the batch layout and the compilation (XLA or not).
+:func:`projected_ascent`: maximise a per-example objective over
+``N(x, r) = {z : |z - x|_inf <= r} intersected with the pixel box [0, 255]``, by signed-gradient
+steps or Adam, keeping the best iterate per example (:func:`apgd_ascent` is the Auto-PGD variant
+of the same search, with its own step-size schedule). It is written to run inside a caller's
+``tf.function`` (it traces to a single ``tf.while_loop``), so the caller decides the batch layout
+and the compilation (XLA or not).
 
 Units: pixels (0..255); ``radius`` and ``step_size`` are in pixel units.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import tensorflow as tf
 
@@ -22,7 +23,8 @@ from manifold_tf.validation import PIXEL_MAX, PIXEL_MIN
 Objective = Callable[[tf.Tensor], tf.Tensor]
 
 # The one vocabulary of optimisers in the package: "sign" (signed-gradient, PGD steps), "adam"
-# (Adam on the point) and "apgd" (Auto-PGD's schedule). Each search accepts the subset it implements.
+# (Adam on the point) and "apgd" (Auto-PGD's schedule). Each search accepts the subset it
+# implements.
 OPTIMIZERS = ("sign", "adam")
 SCHEDULES = ("sign", "apgd")
 MADRY_STEP_FACTOR = 2.5
@@ -56,8 +58,17 @@ def random_start(x: tf.Tensor, radius, seed: tf.Tensor) -> tf.Tensor:
 ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.9, 0.999, 1e-8  # tf.compat.v1.train.AdamOptimizer's
 
 
-def adam_step(g, m, v, t, learning_rate, *, beta1: float = ADAM_BETA1, beta2: float = ADAM_BETA2,
-              epsilon: float = ADAM_EPSILON):
+def adam_step(
+    g,
+    m,
+    v,
+    t,
+    learning_rate,
+    *,
+    beta1: float = ADAM_BETA1,
+    beta2: float = ADAM_BETA2,
+    epsilon: float = ADAM_EPSILON,
+):
     """One Adam update as ``tf.compat.v1.train.AdamOptimizer`` computes it: ``(delta, m, v)``.
 
     ``delta = lr * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + epsilon)`` is the step to
@@ -68,7 +79,7 @@ def adam_step(g, m, v, t, learning_rate, *, beta1: float = ADAM_BETA1, beta2: fl
     m = beta1 * m + (1.0 - beta1) * g
     v = beta2 * v + (1.0 - beta2) * tf.square(g)
     t = tf.cast(t, g.dtype)
-    lr_t = learning_rate * tf.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+    lr_t = learning_rate * tf.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
     return lr_t * m / (tf.sqrt(v) + epsilon), m, v
 
 
@@ -137,8 +148,9 @@ def projected_ascent(
         if optimizer == "sign":
             z_new = z + step_size * tf.sign(g)
         else:
-            delta, m, v = adam_step(g, m, v, i + 1, step_size, beta1=beta1, beta2=beta2,
-                                    epsilon=adam_epsilon)
+            delta, m, v = adam_step(
+                g, m, v, i + 1, step_size, beta1=beta1, beta2=beta2, epsilon=adam_epsilon
+            )
             z_new = z + delta
         return i + 1, project(z_new, x, radius), m, v, z_best, f_best
 
@@ -223,7 +235,7 @@ def apgd_ascent(
     checks = [w for w in apgd_checkpoints(steps) if w < steps]  # a check at K would act on nothing
     is_check = [False] * max(steps, 1)
     since_last = [0.0] * max(steps, 1)  # w_j - w_{j-1} at w_j
-    for prev, w in zip(checks, checks[1:]):
+    for prev, w in zip(checks, checks[1:], strict=False):
         is_check[w], since_last[w] = True, float(w - prev)
     is_check = tf.constant(is_check)
     since_last = tf.constant(since_last, x.dtype)
@@ -238,7 +250,15 @@ def apgd_ascent(
             out = objective(z)
         f, ok = out if isinstance(out, (tuple, list)) else (out, tf.zeros(n, tf.bool))
         has_success[0] = isinstance(out, (tuple, list))
-        return f, ok, (tape.gradient(f, z, unconnected_gradients=tf.UnconnectedGradients.ZERO) if with_grad else None)
+        return (
+            f,
+            ok,
+            (
+                tape.gradient(f, z, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+                if with_grad
+                else None
+            ),
+        )
 
     def keep(mask, new, old):
         return tf.where(tf.reshape(mask, expand) if len(old.shape) > 1 else mask, new, old)
@@ -246,11 +266,17 @@ def apgd_ascent(
     def keep_best(z, f, ok, z_best, f_best, z_ok, f_ok):
         better = f > f_best
         better_ok = ok & (f > f_ok)  # f_ok is -inf until a success
-        return (keep(better, z, z_best), keep(better, f, f_best),
-                keep(better_ok, z, z_ok), keep(better_ok, f, f_ok), better)
+        return (
+            keep(better, z, z_best),
+            keep(better, f, f_best),
+            keep(better_ok, z, z_ok),
+            keep(better_ok, f, f_ok),
+            better,
+        )
 
-    def body(i, z, z_prev, f_prev, eta, count, f_last, reduced_last, z_best, f_best, g_best,
-             z_ok, f_ok):
+    def body(
+        i, z, z_prev, f_prev, eta, count, f_last, reduced_last, z_best, f_best, g_best, z_ok, f_ok
+    ):
         f, ok, g = evaluate(z)
         count += tf.cast(f > f_prev, count.dtype)
         z_best, f_best, z_ok, f_ok, better = keep_best(z, f, ok, z_best, f_best, z_ok, f_ok)
@@ -269,20 +295,44 @@ def apgd_ascent(
         a = tf.where(i > 0, tf.constant(alpha, x.dtype), tf.constant(1.0, x.dtype))
         z_step = project(z + eta * tf.sign(g), x, radius)
         z_new = project(z + a * (z_step - z) + (1.0 - a) * (z - z_prev), x, radius)
-        return (i + 1, z_new, z, f, eta, count, f_last, reduced_last, z_best, f_best, g_best,
-                z_ok, f_ok)
+        return (
+            i + 1,
+            z_new,
+            z,
+            f,
+            eta,
+            count,
+            f_last,
+            reduced_last,
+            z_best,
+            f_best,
+            g_best,
+            z_ok,
+            f_ok,
+        )
 
     z0 = project(z0, x, radius)
     inf = tf.constant(float("inf"), x.dtype)
     eta0 = 2.0 * radius * tf.ones(tf.concat([n, tf.ones([len(x.shape) - 1], tf.int32)], 0), x.dtype)
     loop_vars = (
-        tf.constant(0), z0, z0, tf.fill(n, inf), eta0,  # i, z, z_prev, f_prev, eta
-        tf.zeros(n, x.dtype), tf.fill(n, -inf), tf.zeros(n, tf.bool),  # count, f_last, reduced_last
-        z0, tf.fill(n, -inf), tf.zeros_like(z0), z0, tf.fill(n, -inf),  # bests
+        tf.constant(0),
+        z0,
+        z0,
+        tf.fill(n, inf),
+        eta0,  # i, z, z_prev, f_prev, eta
+        tf.zeros(n, x.dtype),
+        tf.fill(n, -inf),
+        tf.zeros(n, tf.bool),  # count, f_last, reduced_last
+        z0,
+        tf.fill(n, -inf),
+        tf.zeros_like(z0),
+        z0,
+        tf.fill(n, -inf),  # bests
     )
     if steps > 0:
-        loop_vars = tf.while_loop(lambda i, *_: i < steps, body, loop_vars,
-                                  maximum_iterations=steps)
+        loop_vars = tf.while_loop(
+            lambda i, *_: i < steps, body, loop_vars, maximum_iterations=steps
+        )
     z, z_best, f_best, z_ok, f_ok = (loop_vars[k] for k in (1, 8, 9, 11, 12))
     f, ok, _ = evaluate(z, with_grad=False)
     z_best, f_best, z_ok, f_ok, _ = keep_best(z, f, ok, z_best, f_best, z_ok, f_ok)

@@ -25,7 +25,9 @@ def uniform_images(n: int, shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0.0, 255.0, size=(n, *shape)).astype(np.float32)
 
 
-def linear_model(shape: tuple[int, ...], kernel: np.ndarray, bias: np.ndarray | None = None) -> keras.Model:
+def linear_model(
+    shape: tuple[int, ...], kernel: np.ndarray, bias: np.ndarray | None = None
+) -> keras.Model:
     """Logits ``flatten(x) @ kernel + bias``: images ``[N, *shape]`` -> ``[N, K]``.
 
     ``kernel`` is ``[prod(shape), K]``, ``bias`` ``[K]`` (zeros when ``None``); both are cast to
@@ -33,13 +35,16 @@ def linear_model(shape: tuple[int, ...], kernel: np.ndarray, bias: np.ndarray | 
     """
     kernel = np.asarray(kernel)
     bias = np.zeros(kernel.shape[1]) if bias is None else np.asarray(bias)
-    model = keras.Sequential([keras.Input(shape), keras.layers.Flatten(),
-                              keras.layers.Dense(kernel.shape[1])])
+    model = keras.Sequential(
+        [keras.Input(shape), keras.layers.Flatten(), keras.layers.Dense(kernel.shape[1])]
+    )
     model.layers[-1].set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
     return model
 
 
-def nearest_centre_weights(centres: np.ndarray, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+def nearest_centre_weights(
+    centres: np.ndarray, temperature: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Float64 ``kernel [D, C]`` and ``bias [C]`` of logits ``-||x - mu_c||^2 / T``.
 
     Up to the class-independent term ``-||x||^2 / T``, which leaves the softmax unchanged:
@@ -50,7 +55,8 @@ def nearest_centre_weights(centres: np.ndarray, temperature: float) -> tuple[np.
 
 
 def nearest_centre_model(centres: np.ndarray, temperature: float) -> keras.Model:
-    """The linear nearest-centre classifier of :func:`nearest_centre_weights` (images like ``centres[0]``).
+    """The linear nearest-centre classifier of :func:`nearest_centre_weights` (images like
+    ``centres[0]``).
 
     With ``manifold_tf.data.synthetic_manifold`` centres its per-label log-odds are concave in
     ``x``: shell optima and robustness radii have closed forms.
@@ -82,19 +88,25 @@ def small_conv(
     h = keras.layers.Rescaling(scale, offset=offset)(inp)
     if filters:
         h = keras.layers.Conv2D(filters, 3, activation="relu")(h)
-    h = keras.layers.Flatten()(h) if pooling == "flatten" else keras.layers.GlobalAveragePooling2D()(h)
+    h = (
+        keras.layers.Flatten()(h)
+        if pooling == "flatten"
+        else keras.layers.GlobalAveragePooling2D()(h)
+    )
     return keras.Model(inp, keras.layers.Dense(classes)(h))
 
 
 class LabelInPixel(keras.Model):
-    """Predicts the label stored in pixel ``(0, 0, 0)``: logits ``10 * one_hot(x[:, 0, 0, 0], 3)``."""
+    """Predicts the label stored in pixel ``(0, 0, 0)``: logits
+    ``10 * one_hot(x[:, 0, 0, 0], 3)``."""
 
     def call(self, x, training=False):
         return keras.ops.one_hot(keras.ops.cast(x[:, 0, 0, 0], "int32"), 3) * 10.0
 
 
-def binary_linear_problem(ratio, eps: float = 6.0, delta: float = 2.0, seed: int = 0,
-                          shape: tuple[int, ...] = (8, 8, 3)):
+def binary_linear_problem(
+    ratio, eps: float = 6.0, delta: float = 2.0, seed: int = 0, shape: tuple[int, ...] = (8, 8, 3)
+):
     """A binary linear base and ``len(ratio)`` points whose margin is ``ratio * eps * |a|_1``.
 
     Logits ``W.x + b``, ``a = w0 - w1``, ``m(x) = Z0 - Z1 = a.x + b0 - b1`` (= ``lo_0 = -lo_1``).
@@ -138,7 +150,8 @@ def binary_linear_problem(ratio, eps: float = 6.0, delta: float = 2.0, seed: int
 
 
 def np_logits(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """Float64 logits ``flatten(x) @ kernel + bias`` of a linear model: ``[N, ...]`` -> ``[N, K]``."""
+    """Float64 logits ``flatten(x) @ kernel + bias`` of a linear model: ``[N, ...]`` ->
+    ``[N, K]``."""
     return x.reshape(len(x), -1).astype(np.float64) @ kernel + bias
 
 
@@ -226,7 +239,6 @@ def without_timings(obj):
     if isinstance(obj, list):
         return [without_timings(v) for v in obj]
     return obj
-
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,14 +1,14 @@
-"""Tests of accuracy mode: per-attack and worst-case robust accuracy with intervals, on a linear oracle."""
+"""Tests of accuracy mode: per-attack and worst-case robust accuracy with intervals, on a linear
+oracle."""
 
 from __future__ import annotations
 
 import keras
 import numpy as np
 
+from helpers import linear_model
 from manifold_tf.evaluation.accuracy import accuracy_markdown, accuracy_report
 from manifold_tf.evaluation.config import AccuracyConfig
-
-from helpers import linear_model
 
 SHAPE = (4, 4, 3)
 
@@ -33,9 +33,15 @@ def test_robust_accuracy_matches_the_linear_closed_form_and_the_worst_case_is_th
     margin = logits[np.arange(40), y][:, None] - logits
     provable = np.all((margin > reach + 1e-3) | (np.arange(5)[None] == y[:, None]), axis=1)
     breakable = np.any((margin < reach - 1e-3) & (np.arange(5)[None] != y[:, None]), axis=1)
-    report = accuracy_report(model, x, y, AccuracyConfig(pgd_steps=30, pgd_step_size=0.5,
-                                                         apgd_steps=30, apgd_targets=4,
-                                                         batch_size=16), epsilon=eps)
+    report = accuracy_report(
+        model,
+        x,
+        y,
+        AccuracyConfig(
+            pgd_steps=30, pgd_step_size=0.5, apgd_steps=30, apgd_targets=4, batch_size=16
+        ),
+        epsilon=eps,
+    )
     assert report["clean"]["k"] == 35 and report["clean"]["n"] == 40
     assert set(report["robust"]) == {"PGD-30", "APGD-CE", "APGD-T"}
     worst = report["worst_case"]

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from helpers import subprocess_env
 from manifold_tf.data import synthetic_manifold
 from manifold_tf.evaluation import adaptive, adaptive_report
 from manifold_tf.evaluation.config import AdaptiveConfig
@@ -19,20 +20,27 @@ from manifold_tf.evaluation.stats import mcnemar_exact
 from manifold_tf.evaluation.store import RunStore
 from manifold_tf.shells import MCNShell
 
-from helpers import subprocess_env
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["--adaptive_steps=3", "--adaptive_square_queries=4", "--adaptive_sanity_points=3",
-         "--adaptive_sanity_steps=4", "--adaptive_lift_steps=3", "--adaptive_base_apgd_steps=5"]
+SMALL = [
+    "--adaptive_steps=3",
+    "--adaptive_square_queries=4",
+    "--adaptive_sanity_points=3",
+    "--adaptive_sanity_steps=4",
+    "--adaptive_lift_steps=3",
+    "--adaptive_base_apgd_steps=5",
+]
 
 
 @pytest.fixture(scope="module")
 def nearest_centre(tmp_path_factory) -> str:
     centres, _ = synthetic_manifold(num_classes=10)
     flat = centres.reshape(10, -1).astype(np.float64)
-    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)])
-    model.layers[-1].set_weights([(2 * flat.T / 3e4).astype(np.float32),
-                                  (-(flat**2).sum(1) / 3e4).astype(np.float32)])
+    model = keras.Sequential(
+        [keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)]
+    )
+    model.layers[-1].set_weights(
+        [(2 * flat.T / 3e4).astype(np.float32), (-(flat**2).sum(1) / 3e4).astype(np.float32)]
+    )
     path = str(tmp_path_factory.mktemp("model") / "nearest_centre.keras")
     model.save(path)
     return path
@@ -41,11 +49,24 @@ def nearest_centre(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def headline(nearest_centre, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runs") / "headline")
-    cmd = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--shell=mcn", "--delta=8",
-           f"--checkpoint={nearest_centre}", "--dataset=synthetic", f"--output_dir={out}",
-           "--num_points=8", "--defence_batch_points=4", "--epsilon=36",
-           "--base_attack_max_iterations=5", "--shell_steps=3", *SMALL]
-    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "evaluate.py"),
+        "--shell=mcn",
+        "--delta=8",
+        f"--checkpoint={nearest_centre}",
+        "--dataset=synthetic",
+        f"--output_dir={out}",
+        "--num_points=8",
+        "--defence_batch_points=4",
+        "--epsilon=36",
+        "--base_attack_max_iterations=5",
+        "--shell_steps=3",
+        *SMALL,
+    ]
+    done = subprocess.run(
+        cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900, cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done.stdout, cmd
 
@@ -64,7 +85,7 @@ def test_headline_prints_the_verdict_first_and_writes_summary_json(headline):
         assert lo <= robust <= hi
         # Robust accuracy after each attack never rises along the suite.
         steps = list(summary[who]["robust_accuracy_by_attack"].values())
-        assert all(b <= a for a, b in zip(steps, steps[1:]))
+        assert all(b <= a for a, b in zip(steps, steps[1:], strict=False))
         assert steps[-1] == robust
     assert summary["threat_model"]["epsilon_pixels"] == 36
     assert summary["threat_model"]["epsilon_fraction"] == pytest.approx(36 / 255)
@@ -89,8 +110,12 @@ def test_a_lost_batch_is_recomputed_on_resume_with_the_same_verdict(headline, tm
     copy = str(tmp_path / "copy")
     shutil.copytree(out, copy)
     os.remove(os.path.join(copy, "adaptive", "batch_001.json"))
-    cmd = [c if not c.startswith("--output_dir=") else f"--output_dir={copy}" for c in cmd] + ["--resume"]
-    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    cmd = [c if not c.startswith("--output_dir=") else f"--output_dir={copy}" for c in cmd] + [
+        "--resume"
+    ]
+    done = subprocess.run(
+        cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900, cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     a = json.load(open(os.path.join(out, "summary.json")))
     b = json.load(open(os.path.join(copy, "summary.json")))
@@ -99,13 +124,22 @@ def test_a_lost_batch_is_recomputed_on_resume_with_the_same_verdict(headline, tm
 
 
 def test_summary_counts_robust_accuracy_over_all_points_and_mcnemar():
-    records = [dict(base_broken_by=["", "clean", "apgd_ce", ""], shell_broken_by=["", "", "bpda", "clean"],
-                    cost=dict(base_passes=40, shell_predictions=8), seconds=dict(total=1.0))]
+    records = [
+        dict(
+            base_broken_by=["", "clean", "apgd_ce", ""],
+            shell_broken_by=["", "", "bpda", "clean"],
+            cost=dict(base_passes=40, shell_predictions=8),
+            seconds=dict(total=1.0),
+        )
+    ]
     settings = dict(suite=dict(shell_attacks=["transfer_cw", "bpda"]))
     v = adaptive_report.summarize(records, settings, dict(passed=True, failures=[]))
     assert (v["n"], v["base"]["clean"]["k"], v["base"]["robust"]["k"]) == (4, 3, 2)
     assert (v["shell"]["clean"]["k"], v["shell"]["robust"]["k"]) == (3, 2)
-    assert v["shell"]["by_attack"]["transfer_cw"]["k"] == 3 and v["shell"]["by_attack"]["bpda"]["k"] == 2
+    assert (
+        v["shell"]["by_attack"]["transfer_cw"]["k"] == 3
+        and v["shell"]["by_attack"]["bpda"]["k"] == 2
+    )
     assert (v["mcnemar"]["shell_only"], v["mcnemar"]["base_only"]) == (1, 1)
     robust = v["difference"]["robust_accuracy"]  # shell minus base on the same 4 points
     assert (robust["estimate"], robust["shell_only"], robust["base_only"]) == (0.0, 1, 1)
@@ -113,7 +147,7 @@ def test_summary_counts_robust_accuracy_over_all_points_and_mcnemar():
     assert v["difference"]["clean_accuracy"]["estimate"] == 0.0
     assert v["passes_per_point"] == dict(base_passes=10, shell_predictions=2)
     assert mcnemar_exact(0, 0) == 1.0
-    assert mcnemar_exact(0, 10) == pytest.approx(2 * 0.5 ** 10)
+    assert mcnemar_exact(0, 10) == pytest.approx(2 * 0.5**10)
 
 
 @keras.saving.register_keras_serializable(package="tests")
@@ -128,17 +162,36 @@ def test_sanity_checks_flag_a_model_that_masks_gradients(tmp_path):
     rng = np.random.default_rng(0)
     inp = keras.Input((8, 8, 3))
     h = keras.layers.Flatten()(Quantise()(inp))
-    out = keras.layers.Dense(3, kernel_initializer=keras.initializers.RandomNormal(0, 0.05, seed=1))(h)
+    out = keras.layers.Dense(
+        3, kernel_initializer=keras.initializers.RandomNormal(0, 0.05, seed=1)
+    )(h)
     base = keras.Model(inp, out)
     shell = MCNShell(base, 4.0, steps=2, jit_compile=False)
     x = rng.uniform(0, 255, size=(12, 8, 8, 3)).astype(np.float32)
     y = base(x).numpy().argmax(1)
     store = RunStore(str(tmp_path / "run"))
-    cfg = AdaptiveConfig(num_points=12, steps=3, square_queries=60, sanity_points=12, sanity_steps=5,
-                         lift_steps=3, base_apgd_steps=3,
-                         shell_attacks=("bpda", "square"))
-    run = adaptive.run_adaptive(base, shell, x, y, cfg, store, epsilon=40.0,
-                                cw_kwargs=dict(max_iterations=2), seed=0, batch_points=12)
+    cfg = AdaptiveConfig(
+        num_points=12,
+        steps=3,
+        square_queries=60,
+        sanity_points=12,
+        sanity_steps=5,
+        lift_steps=3,
+        base_apgd_steps=3,
+        shell_attacks=("bpda", "square"),
+    )
+    run = adaptive.run_adaptive(
+        base,
+        shell,
+        x,
+        y,
+        cfg,
+        store,
+        epsilon=40.0,
+        cw_kwargs=dict(max_iterations=2),
+        seed=0,
+        batch_points=12,
+    )
     report = adaptive_report.write_adaptive_report(run, x, store)
     sanity = report["verdict"]["sanity"]
     # Zero gradients: BPDA never moves, so it cannot win even at 64 px; only the black box can.
@@ -154,12 +207,26 @@ def test_the_duration_estimate_counts_every_phase_and_grows_with_the_budget():
         num_classes = 10
 
     cw = dict(max_iterations=100, initial_const=1e-5, largest_const=20.0, stop_within_epsilon=True)
-    small = estimate.defence_passes(table2_points=10, num_points=30, shell=Shell(), per_prediction=100,
-                                    cw=cw, suite=AdaptiveConfig())
-    big = estimate.defence_passes(table2_points=10, num_points=30, shell=Shell(), per_prediction=100,
-                                  cw=cw, suite=AdaptiveConfig(steps=100, restarts=2, targets=0))
+    small = estimate.defence_passes(
+        table2_points=10,
+        num_points=30,
+        shell=Shell(),
+        per_prediction=100,
+        cw=cw,
+        suite=AdaptiveConfig(),
+    )
+    big = estimate.defence_passes(
+        table2_points=10,
+        num_points=30,
+        shell=Shell(),
+        per_prediction=100,
+        cw=cw,
+        suite=AdaptiveConfig(steps=100, restarts=2, targets=0),
+    )
     assert set(small) == set(big)
-    assert len(small) == 4 + len(AdaptiveConfig().base_attacks) + len(AdaptiveConfig().shell_attacks)
+    assert len(small) == 4 + len(AdaptiveConfig().base_attacks) + len(
+        AdaptiveConfig().shell_attacks
+    )
     assert sum(big.values()) > sum(small.values())
     # CW's schedule: 22 constants from 1e-5 to 20 (doubling), plus one tau round, 100 steps each.
     assert estimate.cw_passes(cw) == 100 * (22 + 1)
@@ -168,14 +235,16 @@ def test_the_duration_estimate_counts_every_phase_and_grows_with_the_budget():
 
 def test_every_protocol_reads_the_shell_answer_as_predict_does():
     """Table 2, the adaptive suite and BPDA all take the argmax of the shell's output."""
+    from helpers import small_conv
     from manifold_tf.evaluation import defence
     from manifold_tf.shells import NCNShell
 
-    from helpers import small_conv
-
     base = small_conv(seed=4, shape=(32, 32, 3))
     x = np.random.default_rng(0).uniform(0, 255, (5, 32, 32, 3)).astype(np.float32)
-    for shell in (MCNShell(base, delta=8.0, steps=2), NCNShell(base, p=0.99, delta_max=8.0, steps=2, rounds=1)):
+    for shell in (
+        MCNShell(base, delta=8.0, steps=2),
+        NCNShell(base, p=0.99, delta_max=8.0, steps=2, rounds=1),
+    ):
         expected = np.argmax(shell.predict(x, verbose=0), -1)
         np.testing.assert_array_equal(adaptive.shell_labels(shell, x), expected)
         np.testing.assert_array_equal(defence._shell_labels(shell, x, 5)[0], expected)
@@ -183,10 +252,21 @@ def test_every_protocol_reads_the_shell_answer_as_predict_does():
 
 
 def test_the_report_flags_a_suite_whose_last_attack_still_breaks_points_and_square_only_hits():
-    flags = adaptive_report.suite_flags(["", "square", "bpda", "clean"], ["bpda", "square"],
-                                        ["", "apgd_t", "", ""], ["transfer_cw", "apgd_ce", "apgd_t"])
+    flags = adaptive_report.suite_flags(
+        ["", "square", "bpda", "clean"],
+        ["bpda", "square"],
+        ["", "apgd_t", "", ""],
+        ["transfer_cw", "apgd_ce", "apgd_t"],
+    )
     kinds = {(f["kind"], f["classifier"], f["points"]) for f in flags}
-    assert kinds == {("not converged", "shell", 1), ("gradient masking", "shell", 1),
-                     ("not converged", "base", 1)}
-    assert adaptive_report.suite_flags(["", "bpda"], ["bpda", "square"], ["", ""],
-                                       ["transfer_cw", "apgd_ce"]) == []
+    assert kinds == {
+        ("not converged", "shell", 1),
+        ("gradient masking", "shell", 1),
+        ("not converged", "base", 1),
+    }
+    assert (
+        adaptive_report.suite_flags(
+            ["", "bpda"], ["bpda", "square"], ["", ""], ["transfer_cw", "apgd_ce"]
+        )
+        == []
+    )

@@ -16,9 +16,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args],
-                          env=subprocess_env(), capture_output=True, text=True, timeout=300,
-                          cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "evaluate.py"), *args],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,17 +35,20 @@ def corrupt_data(tmp_path_factory) -> str:
     return str(folder.parent)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--mode=accuracy", "--epsilon=-1"], "epsilon must be a finite number >= 0"),
-    (["--mode=accuracy", "--epsilon=300"], "exceeds the pixel range"),
-    (["--mode=accuracy", "--pgd_steps=-2"], "pgd_steps must be an integer >= 0"),
-    (["--shell=mcn", "--num_points=0"], "num_points must be an integer >= 1"),
-    (["--shell=mcn", "--p=1.5"], "p must lie in \\(0, 1\\)"),
-    (["--shell=sgd"], "--shell"),
-    (["--mode=accuracy", "--checkpoint=/nonexistent/model.keras"], "no model at"),
-    (["--mode=accuracy", "--shell_steps=3"], "belong to the defence evaluation"),
-    (["--mode=separation", "--separation_batches=0"], "batches must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mode=accuracy", "--epsilon=-1"], "epsilon must be a finite number >= 0"),
+        (["--mode=accuracy", "--epsilon=300"], "exceeds the pixel range"),
+        (["--mode=accuracy", "--pgd_steps=-2"], "pgd_steps must be an integer >= 0"),
+        (["--shell=mcn", "--num_points=0"], "num_points must be an integer >= 1"),
+        (["--shell=mcn", "--p=1.5"], "p must lie in \\(0, 1\\)"),
+        (["--shell=sgd"], "--shell"),
+        (["--mode=accuracy", "--checkpoint=/nonexistent/model.keras"], "no model at"),
+        (["--mode=accuracy", "--shell_steps=3"], "belong to the defence evaluation"),
+        (["--mode=separation", "--separation_batches=0"], "batches must be an integer >= 1"),
+    ],
+)
 def test_bad_flags_exit_non_zero_naming_the_problem(tmp_path, args, message):
     import re
 
@@ -51,40 +59,67 @@ def test_bad_flags_exit_non_zero_naming_the_problem(tmp_path, args, message):
     assert not out.exists() or not any(out.iterdir())
 
 
-@pytest.mark.parametrize("script, tf_config, message", [
-    ("evaluate.py", "{not json", "TF_CONFIG is not JSON"),
-    ("evaluate.py",
-     '{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 3}}',
-     "not in the cluster"),
-    ("train.py",
-     '{"cluster": {"worker": ["a:1"], "ps": ["b:1"]}, "task": {"type": "worker", "index": 0}}',
-     "only 'worker'"),
-])
+@pytest.mark.parametrize(
+    "script, tf_config, message",
+    [
+        ("evaluate.py", "{not json", "TF_CONFIG is not JSON"),
+        (
+            "evaluate.py",
+            '{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 3}}',
+            "not in the cluster",
+        ),
+        (
+            "train.py",
+            (
+                '{"cluster": {"worker": ["a:1"], "ps": ["b:1"]}, '
+                '"task": {"type": "worker", "index": 0}}'
+            ),
+            "only 'worker'",
+        ),
+    ],
+)
 def test_bad_tf_config_exits_non_zero_naming_the_problem(tmp_path, script, tf_config, message):
     out = tmp_path / "out"
-    args = ([f"--model_dir={out}", "--dataset=synthetic"] if script == "train.py" else
-            ["--shell=mcn", "--dataset=synthetic", f"--output_dir={out}"])
-    done = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT,
-                          env=subprocess_env(TF_CONFIG=tf_config), capture_output=True, text=True,
-                          timeout=300)
+    args = (
+        [f"--model_dir={out}", "--dataset=synthetic"]
+        if script == "train.py"
+        else ["--shell=mcn", "--dataset=synthetic", f"--output_dir={out}"]
+    )
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *args],
+        cwd=ROOT,
+        env=subprocess_env(TF_CONFIG=tf_config),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode != 0
     assert message in done.stderr, done.stderr[-2000:]
     assert not out.exists()
 
 
 def test_corrupt_data_file_is_named(tmp_path, corrupt_data):
-    done = _evaluate("--mode=accuracy", f"--data_dir={corrupt_data}", "--dataset=cifar10",
-                     f"--output_dir={tmp_path / 'out'}")
+    done = _evaluate(
+        "--mode=accuracy",
+        f"--data_dir={corrupt_data}",
+        "--dataset=cifar10",
+        f"--output_dir={tmp_path / 'out'}",
+    )
     assert done.returncode != 0
     assert "test_batch: corrupt or truncated CIFAR-10 batch file" in done.stderr
 
 
 def test_corrupt_batch_in_a_resumed_run_is_named(tmp_path):
     out = tmp_path / "out"
-    args = ["--mode=separation", "--dataset=synthetic", "--separation_batches=2",
-            "--separation_batch_points=2", "--separation_steps=1",
-            "--separation_convergence_batches=0",
-            f"--output_dir={out}"]
+    args = [
+        "--mode=separation",
+        "--dataset=synthetic",
+        "--separation_batches=2",
+        "--separation_batch_points=2",
+        "--separation_steps=1",
+        "--separation_convergence_batches=0",
+        f"--output_dir={out}",
+    ]
     assert _evaluate(*args).returncode == 0
     (out / "separation_synthetic_narrow" / "batch_001.json").write_text('{"batch": 1, "conf')
     done = _evaluate(*args, "--resume")

@@ -11,14 +11,19 @@ def _linear_problem(seed=0, n=3):
     rng = np.random.default_rng(seed)
     x = tf.constant(rng.uniform(20, 235, (n, 4, 4, 3)).astype(np.float32))
     w = tf.constant(rng.normal(size=(n, 4, 4, 3)).astype(np.float32))
-    objective = lambda z: tf.reduce_sum(w * z, axis=[1, 2, 3])
+
+    def objective(z):
+        return tf.reduce_sum(w * z, axis=[1, 2, 3])
+
     return x, w, objective
 
 
 @pytest.mark.parametrize("optimizer, steps, step_size", [("sign", 3, 4.0), ("adam", 200, 1.0)])
 def test_linear_objective_reaches_the_corner_of_the_ball(optimizer, steps, step_size):
     x, w, objective = _linear_problem()
-    z, f = projected_ascent(objective, x, x, radius=8.0, steps=steps, step_size=step_size, optimizer=optimizer)
+    z, f = projected_ascent(
+        objective, x, x, radius=8.0, steps=steps, step_size=step_size, optimizer=optimizer
+    )
     expected = np.clip(x + 8.0 * np.sign(w), 0, 255)
     np.testing.assert_allclose(z.numpy(), expected, atol=1e-3)
     np.testing.assert_allclose(f.numpy(), objective(tf.constant(expected)).numpy(), rtol=1e-5)
@@ -26,7 +31,10 @@ def test_linear_objective_reaches_the_corner_of_the_ball(optimizer, steps, step_
 
 def test_box_clipping_binds_near_the_pixel_range():
     x = tf.constant(np.full((1, 2, 2, 1), 252.0, np.float32))
-    objective = lambda z: tf.reduce_sum(z, axis=[1, 2, 3])
+
+    def objective(z):
+        return tf.reduce_sum(z, axis=[1, 2, 3])
+
     z, _ = projected_ascent(objective, x, x, radius=8.0, steps=5, step_size=2.0)
     np.testing.assert_array_equal(z.numpy(), 255.0)
 
@@ -34,10 +42,16 @@ def test_box_clipping_binds_near_the_pixel_range():
 def test_best_iterate_is_kept_when_the_last_one_is_worse():
     # Peaked at x + 1: sign steps of 3 oscillate between x and x + 3, ending at x + 3.
     x = tf.zeros((1, 1, 1, 1)) + 100.0
-    objective = lambda z: -tf.reduce_sum(tf.square(z - x - 1.0), axis=[1, 2, 3])
+
+    def objective(z):
+        return -tf.reduce_sum(tf.square(z - x - 1.0), axis=[1, 2, 3])
+
     z_best, f_best = projected_ascent(objective, x, x, radius=8.0, steps=3, step_size=3.0)
-    z_last, _ = projected_ascent(objective, x, x, radius=8.0, steps=3, step_size=3.0, return_best=False)
-    assert float(f_best[0]) == pytest.approx(-1.0)  # the start (distance 1) beats every later iterate
+    z_last, _ = projected_ascent(
+        objective, x, x, radius=8.0, steps=3, step_size=3.0, return_best=False
+    )
+    # The start (distance 1) beats every later iterate.
+    assert float(f_best[0]) == pytest.approx(-1.0)
     assert float(z_best[0, 0, 0, 0]) == 100.0
     assert float(z_last[0, 0, 0, 0]) == 103.0
 
@@ -49,12 +63,17 @@ def test_per_example_radius_and_random_start_stay_inside():
     dist = tf.reduce_max(tf.abs(z - x), axis=[1, 2, 3]).numpy()
     assert dist[0] <= 1.0 and dist[1] <= 5.0 and dist[1] > 1.0
     np.testing.assert_array_equal(random_start(x, radius, tf.constant([1, 2])).numpy(), z.numpy())
-    np.testing.assert_array_equal(project(x + 100.0, x, radius).numpy(), np.clip(x + radius, 0, 255))
+    np.testing.assert_array_equal(
+        project(x + 100.0, x, radius).numpy(), np.clip(x + radius, 0, 255)
+    )
 
 
 def test_runs_inside_a_compiled_function_with_xla():
     x, w, objective = _linear_problem()
-    fn = tf.function(lambda x: projected_ascent(objective, x, x, radius=2.0, steps=2, step_size=1.0)[0], jit_compile=True)
+    fn = tf.function(
+        lambda x: projected_ascent(objective, x, x, radius=2.0, steps=2, step_size=1.0)[0],
+        jit_compile=True,
+    )
     np.testing.assert_allclose(fn(x).numpy(), np.clip(x + 2.0 * np.sign(w), 0, 255), atol=1e-4)
 
 
@@ -68,7 +87,10 @@ def test_bad_optimizer_is_rejected():
 def test_unrolled_steps_give_the_while_loop_result(optimizer):
     # A non-linear objective, so the iterates depend on every step's gradient.
     x, w, _ = _linear_problem(seed=3)
-    objective = lambda z: tf.reduce_sum(tf.sin(z / 7.0) * w, axis=[1, 2, 3])
+
+    def objective(z):
+        return tf.reduce_sum(tf.sin(z / 7.0) * w, axis=[1, 2, 3])
+
     kwargs = dict(radius=6.0, steps=7, step_size=1.5, optimizer=optimizer)
     z_loop, f_loop = projected_ascent(objective, x, x, **kwargs)
     z_unrolled, f_unrolled = projected_ascent(objective, x, x, unroll=True, **kwargs)

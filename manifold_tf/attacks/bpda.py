@@ -20,7 +20,8 @@ decision rule decides what "best" and the scales mean:
   ``d_t``, the rest by log-odds (its fallback). While ``down`` does not meet ``p`` the race is one
   of log-odds, as for MCN (``s = 1``; raising ``lo_up`` also makes ``up`` meet ``p``, which wins).
   Once ``down`` meets ``p`` at ``d_down`` the race is one of distances: ``up`` must meet ``p``
-  nearer than ``d_down``. By the envelope theorem (KKT of ``min ||z - x'||_inf s.t. lo_t(z) >= logit p``),
+  nearer than ``d_down``. By the envelope theorem (KKT of
+  ``min ||z - x'||_inf s.t. lo_t(z) >= logit p``),
   ``d d_t / d x' = -lo_t'(z_t) / ||lo_t'(z_t)||_1``; for a label not yet meeting ``p`` the same
   holds for its linearised distance ``d_t + (logit p - lo_t) / ||lo_t'||_1``. So the ascended
   surrogate is ``d_down - d_up``: ``s = 1 / ||lo'||_1`` per row (both terms in pixels of distance).
@@ -57,14 +58,21 @@ from manifold_tf import compiled, projected
 from manifold_tf.attacks.result import AttackResult
 from manifold_tf.projected import SCHEDULES, madry_step_size
 from manifold_tf.shells import FactorShell, Scores, log_odds
-from manifold_tf.validation import (PIXEL_MAX, PIXEL_MIN, check_choice, check_int, validate_images,
-                                    validate_labels, validate_radius)
+from manifold_tf.validation import (
+    PIXEL_MAX,
+    PIXEL_MIN,
+    check_choice,
+    check_int,
+    validate_images,
+    validate_labels,
+    validate_radius,
+)
 
 __all__ = ["SCHEDULES", "bpda"]
 
 APGD_RHO, APGD_MOMENTUM = 0.75, 0.75  # Croce & Hein 2020
 # shell -> {seed: copy of the shell with that seed} (EOT samples; one trace per copy).
-_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _grad_function(base, image_shape: tuple[int, ...], num_classes: int):
@@ -76,15 +84,22 @@ def _grad_function(base, image_shape: tuple[int, ...], num_classes: int):
     batch axis is ``None``: traced once although the batch shrinks as points succeed.
     """
     ints = tf.TensorSpec((None,), tf.int32)
-    signature = [tf.TensorSpec((None, num_classes) + tuple(image_shape), tf.float32),
-                 ints, ints, ints, ints, tf.TensorSpec((None,), tf.bool)]
+    signature = [
+        tf.TensorSpec((None, num_classes) + tuple(image_shape), tf.float32),
+        ints,
+        ints,
+        ints,
+        ints,
+        tf.TensorSpec((None,), tf.bool),
+    ]
     expand = [-1] + [1] * len(image_shape)
 
     def build(net):
         def grad(z, up_slot, up_label, down_slot, down_label, scaled):
             m = tf.shape(z)[0]
-            points = tf.concat([tf.gather(z, up_slot, batch_dims=1),
-                                tf.gather(z, down_slot, batch_dims=1)], 0)
+            points = tf.concat(
+                [tf.gather(z, up_slot, batch_dims=1), tf.gather(z, down_slot, batch_dims=1)], 0
+            )
             with tf.GradientTape() as tape:
                 tape.watch(points)
                 logits = tf.cast(net(points, training=False), tf.float32)
@@ -98,8 +113,9 @@ def _grad_function(base, image_shape: tuple[int, ...], num_classes: int):
 
         return grad
 
-    return compiled.cached(base, ("bpda", tuple(image_shape), int(num_classes)), build,
-                           input_signature=signature)
+    return compiled.cached(
+        base, ("bpda", tuple(image_shape), int(num_classes)), build, input_signature=signature
+    )
 
 
 # ---- the shell's decision rule, per point and candidate slot ------------------------------------
@@ -148,13 +164,21 @@ def surrogate_rows(sc: Scores, y: np.ndarray, target: np.ndarray | None = None) 
     else:
         mu, md = sc.met[rows, up], sc.met[rows, down]
         lu, ld = sc.lo[rows, up], sc.lo[rows, down]
-        margin = np.select([mu & md, ~mu & ~md, mu & ~md],
-                           [sc.dist[rows, down] - sc.dist[rows, up], lu - ld, sc.logit_p - ld],
-                           default=lu - sc.logit_p)
+        margin = np.select(
+            [mu & md, ~mu & ~md, mu & ~md],
+            [sc.dist[rows, down] - sc.dist[rows, up], lu - ld, sc.logit_p - ld],
+            default=lu - sc.logit_p,
+        )
         scaled = md
     margin = np.where(has_down, np.where(has_up, margin, -np.inf), np.inf)
-    return Rows(up.astype(np.int32), up_label, down.astype(np.int32), down_label.astype(np.int32),
-                scaled, margin)
+    return Rows(
+        up.astype(np.int32),
+        up_label,
+        down.astype(np.int32),
+        down_label.astype(np.int32),
+        scaled,
+        margin,
+    )
 
 
 # ---- input checks and EOT copies ----------------------------------------------------------------
@@ -179,16 +203,20 @@ def prepare(shell, x, y, epsilon, target=None):
     if target is not None:
         target = validate_labels(target, num_examples=len(x), num_classes=c, name="target").numpy()
         if (target == y).any():
-            raise ValueError(f"target must differ from y (a wrong label per point); target == y "
-                             f"at indices {np.flatnonzero(target == y).tolist()}.")
+            raise ValueError(
+                f"target must differ from y (a wrong label per point); target == y "
+                f"at indices {np.flatnonzero(target == y).tolist()}."
+            )
     return x, y, epsilon, target
 
 
 def check_progress(progress):
     if progress is None or callable(progress):
         return progress
-    raise ValueError(f"progress must be a callable (done_steps, total_steps, points_standing) or "
-                     f"None; got {type(progress).__name__}.")
+    raise ValueError(
+        f"progress must be a callable (done_steps, total_steps, points_standing) or "
+        f"None; got {type(progress).__name__}."
+    )
 
 
 def eot_shells(shell, eot_samples: int, seed: int) -> list:
@@ -218,27 +246,51 @@ def empty_result(x: np.ndarray, steps: int, target=None) -> dict:
     """The working state of a BPDA run (numpy arrays ``[N]``), turned into an
     :class:`AttackResult` by :func:`as_result`."""
     n = len(x)
-    return dict(x_adv=x.copy(), success=np.zeros(n, bool), shell_label=np.zeros(n, np.int32),
-                margin=np.full(n, -np.inf, np.float32), steps_used=np.full(n, steps, np.int32),
-                shell_evals=np.zeros(n, np.int64), base_passes=np.zeros(n, np.int64),
-                target=np.full(n, -1, np.int32) if target is None else np.array(target, np.int32))
+    return dict(
+        x_adv=x.copy(),
+        success=np.zeros(n, bool),
+        shell_label=np.zeros(n, np.int32),
+        margin=np.full(n, -np.inf, np.float32),
+        steps_used=np.full(n, steps, np.int32),
+        shell_evals=np.zeros(n, np.int64),
+        base_passes=np.zeros(n, np.int64),
+        target=np.full(n, -1, np.int32) if target is None else np.array(target, np.int32),
+    )
 
 
 def as_result(res: dict) -> AttackResult:
     """:class:`AttackResult` of a BPDA state: ``score`` is the shell's margin, ``details`` hold
     ``shell_label``, ``steps_used`` and ``target``."""
-    return AttackResult(res["x_adv"], res["success"], base_passes=res["base_passes"],
-                        shell_predictions=res["shell_evals"], score=res["margin"],
-                        details={k: res[k] for k in ("shell_label", "steps_used", "target")})
+    return AttackResult(
+        res["x_adv"],
+        res["success"],
+        base_passes=res["base_passes"],
+        shell_predictions=res["shell_evals"],
+        score=res["margin"],
+        details={k: res[k] for k in ("shell_label", "steps_used", "target")},
+    )
 
 
 # ---- one run ------------------------------------------------------------------------------------
 
 
-def bpda(shell, x, y, *, epsilon: float, steps: int = 20, step_size: float | None = None,
-         x_init=None, random_start: bool = False, seed: int = 0, target=None,
-         schedule: str = "sign", eot_samples: int = 0, warm_steps: int = 0,
-         progress=None) -> AttackResult:
+def bpda(
+    shell,
+    x,
+    y,
+    *,
+    epsilon: float,
+    steps: int = 20,
+    step_size: float | None = None,
+    x_init=None,
+    random_start: bool = False,
+    seed: int = 0,
+    target=None,
+    schedule: str = "sign",
+    eot_samples: int = 0,
+    warm_steps: int = 0,
+    progress=None,
+) -> AttackResult:
     """One L-inf BPDA run on a factor shell (identity approximation of its search; see the module).
 
     Per step, on the points not yet fooled: evaluate the shell at ``x'``; a point it gets wrong is
@@ -289,10 +341,13 @@ def bpda(shell, x, y, *, epsilon: float, steps: int = 20, step_size: float | Non
     warm_steps = check_int(warm_steps, "warm_steps", 0)
     schedule = check_choice(schedule, "schedule", SCHEDULES)
     if schedule == "apgd" and step_size is not None:
-        raise ValueError(f"step_size is for schedule='sign'; APGD starts at 2 * epsilon and halves "
-                         f"it (got step_size={step_size}).")
-    step_size = validate_radius(madry_step_size(epsilon, steps) if step_size is None
-                                else step_size, "step_size")
+        raise ValueError(
+            f"step_size is for schedule='sign'; APGD starts at 2 * epsilon and halves "
+            f"it (got step_size={step_size})."
+        )
+    step_size = validate_radius(
+        madry_step_size(epsilon, steps) if step_size is None else step_size, "step_size"
+    )
     progress = check_progress(progress)
     copies = eot_shells(shell, eot_samples, seed)
     if x_init is not None:
@@ -300,8 +355,9 @@ def bpda(shell, x, y, *, epsilon: float, steps: int = 20, step_size: float | Non
             raise ValueError("give either x_init or random_start=True, not both.")
         start = np.clip(check_x_init(shell, x, x_init), x - epsilon, x + epsilon)
     elif random_start:
-        start = projected.random_start(tf.constant(x), epsilon,
-                                       tf.constant([int(seed), 0], tf.int64)).numpy()
+        start = projected.random_start(
+            tf.constant(x), epsilon, tf.constant([int(seed), 0], tf.int64)
+        ).numpy()
     else:
         start = x
     res = empty_result(start, steps, target)
@@ -344,9 +400,18 @@ def bpda(shell, x, y, *, epsilon: float, steps: int = 20, step_size: float | Non
         else:
             samples = [(shell, {key: tf.boolean_mask(v, keep) for key, v in out.items()})]
         rows = [surrogate_rows(c.scores(o), y[active], tk) for c, o in samples]
-        cat = lambda f: tf.constant(np.concatenate([getattr(r, f) for r in rows]))  # noqa: E731
-        g = grad_fn(tf.concat([o["z"] for _, o in samples], 0), cat("up"), cat("up_label"),
-                    cat("down"), cat("down_label"), cat("scaled")).numpy()
+
+        def cat(f, rows=rows):
+            return tf.constant(np.concatenate([getattr(r, f) for r in rows]))
+
+        g = grad_fn(
+            tf.concat([o["z"] for _, o in samples], 0),
+            cat("up"),
+            cat("up_label"),
+            cat("down"),
+            cat("down_label"),
+            cat("scaled"),
+        ).numpy()
         g = g.reshape((len(samples), len(active)) + g.shape[1:]).mean(0)
         res["base_passes"][active] += 2 * len(samples)
         lo, hi = lo_box[active], hi_box[active]
@@ -359,8 +424,9 @@ def bpda(shell, x, y, *, epsilon: float, steps: int = 20, step_size: float | Non
     return as_result(res)
 
 
-def _confirmed(shell, x: np.ndarray, y: np.ndarray, approx: Scores, res: dict,
-               active: np.ndarray) -> Scores:
+def _confirmed(
+    shell, x: np.ndarray, y: np.ndarray, approx: Scores, res: dict, active: np.ndarray
+) -> Scores:
     """``approx`` (a warm-started search's scores) with every row it calls wrong replaced by the
     shell's own answer there: a success is never a property of the approximation."""
     claimed = np.flatnonzero(approx.pick != y)
@@ -369,7 +435,7 @@ def _confirmed(shell, x: np.ndarray, y: np.ndarray, approx: Scores, res: dict,
     real = shell.scores(shell.embed_function(tf.constant(x[claimed])))
     res["shell_evals"][active[claimed]] += 1
     fields = []
-    for mine, theirs in zip(approx, real):
+    for mine, theirs in zip(approx, real, strict=True):
         if isinstance(mine, np.ndarray):
             mine = mine.copy()
             mine[claimed] = theirs
@@ -391,7 +457,7 @@ class _Apgd:
         self.f_last = np.full(n, -np.inf)
         self.count, self.reduced_last = np.zeros(n), np.zeros(n, bool)
         checks = [w for w in projected.apgd_checkpoints(steps) if w < steps]
-        self.since = {w: float(w - prev) for prev, w in zip(checks, checks[1:])}
+        self.since = {w: float(w - prev) for prev, w in zip(checks, checks[1:], strict=False)}
 
     def step(self, i, a, z, g, f, lo, hi):
         expand = (-1,) + (1,) * (z.ndim - 1)
@@ -401,7 +467,8 @@ class _Apgd:
         self.f_best[a[better]] = f[better]
         if i in self.since:
             reduce = (self.count[a] < APGD_RHO * self.since[i]) | (
-                ~self.reduced_last[a] & (self.f_best[a] <= self.f_last[a]))
+                ~self.reduced_last[a] & (self.f_best[a] <= self.f_last[a])
+            )
             self.eta[a[reduce]] /= 2.0
             z = np.where(reduce.reshape(expand), self.x_best[a], z)
             g = np.where(reduce.reshape(expand), self.g_best[a], g)

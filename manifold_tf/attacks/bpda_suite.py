@@ -1,8 +1,9 @@
 """The strengthened attacks on a shell: chains of BPDA runs, and the ``lift`` attack on MCN_delta.
 
-Each function runs several attacks AutoAttack-style with :func:`~manifold_tf.attacks.runner.run_standing`:
-every run sees only the points still standing, and per point the first verified success is kept
-(a point never broken keeps the result with the highest shell margin). All return the
+Each function runs several attacks AutoAttack-style with
+:func:`~manifold_tf.attacks.runner.run_standing`: every run sees only the points still standing,
+and per point the first verified success is kept (a point never broken keeps the result with the
+highest shell margin). All return the
 :class:`~manifold_tf.attacks.result.AttackResult` of :func:`~manifold_tf.attacks.bpda.bpda` with
 costs summed over runs, ``details["run"]`` the index of the run that produced ``x_adv`` and
 ``details["target"]`` its target (-1: untargeted).
@@ -49,8 +50,10 @@ def _num_targets(num_targets, num_classes: int) -> int:
         return num_classes - 1
     k = check_int(num_targets, "num_targets", 1)
     if k > num_classes - 1:
-        raise ValueError(f"num_targets must be 'all' or 1..{num_classes - 1} (the wrong labels); "
-                         f"got {num_targets!r}.")
+        raise ValueError(
+            f"num_targets must be 'all' or 1..{num_classes - 1} (the wrong labels); "
+            f"got {num_targets!r}."
+        )
     return k
 
 
@@ -79,8 +82,11 @@ def _starts(shell, x, epsilon, x_init, from_x, random_restarts, seed):
     if x_init is not None:
         starts.append(check_x_init(shell, x, x_init))
     for r in range(check_int(random_restarts, "random_restarts", 0)):
-        starts.append(projected.random_start(tf.constant(x), epsilon,
-                                             tf.constant([int(seed), r + 1], tf.int64)).numpy())
+        starts.append(
+            projected.random_start(
+                tf.constant(x), epsilon, tf.constant([int(seed), r + 1], tf.int64)
+            ).numpy()
+        )
     if not starts:
         raise ValueError("no start: set from_x=True, give x_init, or random_restarts >= 1.")
     return starts
@@ -92,9 +98,17 @@ def _chain(shell, x, y, epsilon, steps, runs, progress, kwargs) -> AttackResult:
 
     def step(r: int, start, target) -> Step:
         def attack(xs, ys, idx):
-            return bpda(shell, xs, ys, epsilon=epsilon, steps=steps, x_init=start[idx],
-                        target=None if target is None else target[idx],
-                        progress=_sub_progress(progress, r * steps, total), **kwargs)
+            return bpda(
+                shell,
+                xs,
+                ys,
+                epsilon=epsilon,
+                steps=steps,
+                x_init=start[idx],
+                target=None if target is None else target[idx],
+                progress=_sub_progress(progress, r * steps, total),
+                **kwargs,
+            )
 
         return Step(f"run {r}", attack)
 
@@ -104,10 +118,24 @@ def _chain(shell, x, y, epsilon, steps, runs, progress, kwargs) -> AttackResult:
     return suite.result
 
 
-def bpda_restarts(shell, x, y, *, epsilon: float, steps: int = 20, x_init=None,
-                  from_x: bool = True, random_restarts: int = 0, target=None, seed: int = 0,
-                  schedule: str = "apgd", step_size: float | None = None, eot_samples: int = 0,
-                  warm_steps: int = 0, progress=None) -> AttackResult:
+def bpda_restarts(
+    shell,
+    x,
+    y,
+    *,
+    epsilon: float,
+    steps: int = 20,
+    x_init=None,
+    from_x: bool = True,
+    random_restarts: int = 0,
+    target=None,
+    seed: int = 0,
+    schedule: str = "apgd",
+    step_size: float | None = None,
+    eot_samples: int = 0,
+    warm_steps: int = 0,
+    progress=None,
+) -> AttackResult:
     """BPDA from several starts, in order: ``x`` (if ``from_x``), ``x_init`` (if given), then
     ``random_restarts`` seeded uniform points of ``N(x, epsilon)``; each run attacks only the points
     still standing. Other arguments as :func:`~manifold_tf.attacks.bpda.bpda` (``target`` makes
@@ -118,16 +146,36 @@ def bpda_restarts(shell, x, y, *, epsilon: float, steps: int = 20, x_init=None,
     x, y, epsilon, target = prepare(shell, x, y, epsilon, target)
     steps = check_int(steps, "steps", 0)
     starts = _starts(shell, x, epsilon, x_init, from_x, random_restarts, seed)
-    kwargs = dict(schedule=schedule, step_size=step_size, eot_samples=eot_samples, seed=seed,
-                  warm_steps=warm_steps)
-    return _chain(shell, x, y, epsilon, steps, [(s, target) for s in starts],
-                  check_progress(progress), kwargs)
+    kwargs = dict(
+        schedule=schedule,
+        step_size=step_size,
+        eot_samples=eot_samples,
+        seed=seed,
+        warm_steps=warm_steps,
+    )
+    return _chain(
+        shell, x, y, epsilon, steps, [(s, target) for s in starts], check_progress(progress), kwargs
+    )
 
 
-def bpda_targeted(shell, x, y, *, epsilon: float, num_targets=3, steps: int = 20, x_init=None,
-                  from_x: bool = True, random_restarts: int = 0, seed: int = 0,
-                  schedule: str = "apgd", step_size: float | None = None, eot_samples: int = 0,
-                  warm_steps: int = 0, progress=None) -> AttackResult:
+def bpda_targeted(
+    shell,
+    x,
+    y,
+    *,
+    epsilon: float,
+    num_targets=3,
+    steps: int = 20,
+    x_init=None,
+    from_x: bool = True,
+    random_restarts: int = 0,
+    seed: int = 0,
+    schedule: str = "apgd",
+    step_size: float | None = None,
+    eot_samples: int = 0,
+    warm_steps: int = 0,
+    progress=None,
+) -> AttackResult:
     """Targeted BPDA for the ``num_targets`` best wrong labels (int, or ``"all"``) by the shell's
     ranking at ``x`` (:func:`target_order`), best first; for each target the starts of
     :func:`bpda_restarts`. Every run attacks only the points still standing; success is any wrong
@@ -142,8 +190,13 @@ def bpda_targeted(shell, x, y, *, epsilon: float, num_targets=3, steps: int = 20
         return bpda(shell, x, y, epsilon=epsilon, steps=steps)
     order = target_order(shell, x, y)
     runs = [(s, order[:, j]) for j in range(k) for s in starts]
-    kwargs = dict(schedule=schedule, step_size=step_size, eot_samples=eot_samples, seed=seed,
-                  warm_steps=warm_steps)
+    kwargs = dict(
+        schedule=schedule,
+        step_size=step_size,
+        eot_samples=eot_samples,
+        seed=seed,
+        warm_steps=warm_steps,
+    )
     res = _chain(shell, x, y, epsilon, steps, runs, check_progress(progress), kwargs)
     return res.with_cost(shell_predictions=1)  # the ranking at x
 
@@ -153,8 +206,11 @@ def bpda_targeted(shell, x, y, *, epsilon: float, num_targets=3, steps: int = 20
 
 def _lift_function(base, image_shape, steps: int, schedule: str):
     """Cached compiled ``(x [M, ...], t [M], radius) -> argmax_{z in N(x, radius)} lo_t(z)``."""
-    signature = [tf.TensorSpec((None,) + tuple(image_shape), tf.float32),
-                 tf.TensorSpec((None,), tf.int32), tf.TensorSpec((), tf.float32)]
+    signature = [
+        tf.TensorSpec((None,) + tuple(image_shape), tf.float32),
+        tf.TensorSpec((None,), tf.int32),
+        tf.TensorSpec((), tf.float32),
+    ]
 
     def build(net):
         def run(x, t, radius):
@@ -164,20 +220,39 @@ def _lift_function(base, image_shape, steps: int, schedule: str):
             if schedule == "apgd":
                 z, _ = projected.apgd_ascent(objective, x, x, radius=radius, steps=steps)
             else:
-                z, _ = projected.projected_ascent(objective, x, x, radius=radius, steps=steps,
-                                                  step_size=madry_step_size(radius, steps))
+                z, _ = projected.projected_ascent(
+                    objective,
+                    x,
+                    x,
+                    radius=radius,
+                    steps=steps,
+                    step_size=madry_step_size(radius, steps),
+                )
             return z
 
         return run
 
-    return compiled.cached(base, ("bpda_lift", tuple(image_shape), steps, schedule), build,
-                           input_signature=signature)
+    return compiled.cached(
+        base, ("bpda_lift", tuple(image_shape), steps, schedule), build, input_signature=signature
+    )
 
 
-def lift(shell, x, y, *, epsilon: float, delta: float | None = None, num_targets="all",
-         steps: int = 20, schedule: str = "apgd", bpda_steps: int = 0, eot_samples: int = 0,
-         seed: int = 0, progress=None) -> AttackResult:
-    """"Think as the attacker of MCN": lift a confident point of the base into the shell's reach.
+def lift(
+    shell,
+    x,
+    y,
+    *,
+    epsilon: float,
+    delta: float | None = None,
+    num_targets="all",
+    steps: int = 20,
+    schedule: str = "apgd",
+    bpda_steps: int = 0,
+    eot_samples: int = 0,
+    seed: int = 0,
+    progress=None,
+) -> AttackResult:
+    """ "Think as the attacker of MCN": lift a confident point of the base into the shell's reach.
 
     MCN_delta answers the label that can be made most confident within ``delta`` of its input. For
     each point and each of the ``num_targets`` best wrong labels ``t`` (:func:`target_order`; an
@@ -240,10 +315,19 @@ def lift(shell, x, y, *, epsilon: float, delta: float | None = None, num_targets
             if progress is not None:
                 progress(j * (steps + bpda_steps) + steps, total, int(idx.size))
             if bpda_steps:
-                got = bpda(shell, xs, ys, epsilon=epsilon, steps=bpda_steps, x_init=start,
-                           target=t, schedule="apgd", eot_samples=eot_samples, seed=seed,
-                           progress=_sub_progress(progress, j * (steps + bpda_steps) + steps,
-                                                  total))
+                got = bpda(
+                    shell,
+                    xs,
+                    ys,
+                    epsilon=epsilon,
+                    steps=bpda_steps,
+                    x_init=start,
+                    target=t,
+                    schedule="apgd",
+                    eot_samples=eot_samples,
+                    seed=seed,
+                    progress=_sub_progress(progress, j * (steps + bpda_steps) + steps, total),
+                )
             else:  # zero BPDA steps: the verification of x' alone, with the target recorded
                 got = bpda(shell, xs, ys, epsilon=epsilon, steps=0, x_init=start, target=t)
             return got.with_cost(base_passes=steps)
@@ -256,10 +340,12 @@ def lift(shell, x, y, *, epsilon: float, delta: float | None = None, num_targets
     # Points the shell already gets wrong at x keep x, with the shell's answer and margin there.
     n = len(x)
     details = dict(suite.result.details)  # empty of the steps' keys when no step ran
-    details["shell_label"] = np.where(wrong_at_x, at_x.pick,
-                                      details.get("shell_label", np.full(n, -1, np.int32)))
+    details["shell_label"] = np.where(
+        wrong_at_x, at_x.pick, details.get("shell_label", np.full(n, -1, np.int32))
+    )
     details["target"] = np.where(wrong_at_x, -1, details.get("target", np.full(n, -1, np.int32)))
-    details["steps_used"] = np.where(wrong_at_x, 0,
-                                     details.get("steps_used", np.zeros(n, np.int32)))
+    details["steps_used"] = np.where(
+        wrong_at_x, 0, details.get("steps_used", np.zeros(n, np.int32))
+    )
     score = np.where(wrong_at_x, surrogate_rows(at_x, y).margin, suite.result.score)
     return suite.result.replace(score=score, details=details).with_cost(shell_predictions=1)

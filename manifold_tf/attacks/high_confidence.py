@@ -27,9 +27,9 @@ def high_confidence(
     """The most confident wrong prediction reachable in ``N(x, epsilon)``, per point.
 
     For every point ``i`` and every wrong label ``t != y_i`` it ascends ``log F(z)_t`` over
-    ``N(x_i, epsilon)`` (:func:`projected.projected_ascent`); all ``N * (K - 1)`` problems run as one
-    batch. Each candidate ``z_t`` is scored by its wrong-label confidence ``max_{j != y} F(z_t)_j``
-    (usually ``F(z_t)_t``), and the best candidate per point is returned.
+    ``N(x_i, epsilon)`` (:func:`projected.projected_ascent`); all ``N * (K - 1)`` problems run as
+    one batch. Each candidate ``z_t`` is scored by its wrong-label confidence
+    ``max_{j != y} F(z_t)_j`` (usually ``F(z_t)_t``), and the best candidate per point is returned.
 
     Args:
       model: Keras model, images -> logits ``[N, K]``.
@@ -51,8 +51,9 @@ def high_confidence(
     step_size = validate_radius(step_size, "step_size")
     x, y, num_classes, epsilon = prepare(model, x, y, epsilon, "epsilon")
     if x.shape[0] == 0:
-        return AttackResult.unattacked(x.numpy(), confidence=np.zeros(0, np.float32),
-                                       label=np.zeros(0, np.int32))
+        return AttackResult.unattacked(
+            x.numpy(), confidence=np.zeros(0, np.float32), label=np.zeros(0, np.int32)
+        )
     key = ("high_confidence", steps, optimizer, bool(random_start))
 
     def build(net):
@@ -81,14 +82,28 @@ def high_confidence(
             best = tf.argmax(conf, axis=-1, output_type=tf.int32)
             rows = tf.range(n) * k + best
             top = tf.argmax(tf.gather(probs, rows), axis=-1, output_type=tf.int32)
-            return (tf.gather(z, rows), tf.gather(conf, best, batch_dims=1),
-                    tf.gather(label, best, batch_dims=1), tf.not_equal(top, labels))
+            return (
+                tf.gather(z, rows),
+                tf.gather(conf, best, batch_dims=1),
+                tf.gather(label, best, batch_dims=1),
+                tf.not_equal(top, labels),
+            )
 
         return run
 
     fn = compiled.cached(model, key, build, jit_compile=jit_compile)
-    z, conf, label, wrong = fn(x, y, tf.constant(epsilon, tf.float32),
-                               tf.constant(step_size, tf.float32), seed_tensor(seed))
+    z, conf, label, wrong = fn(
+        x,
+        y,
+        tf.constant(epsilon, tf.float32),
+        tf.constant(step_size, tf.float32),
+        seed_tensor(seed),
+    )
     conf = conf.numpy()
-    return AttackResult(z.numpy(), wrong.numpy(), base_passes=(num_classes - 1) * steps,
-                        score=conf, details=dict(confidence=conf, label=label.numpy()))
+    return AttackResult(
+        z.numpy(),
+        wrong.numpy(),
+        base_passes=(num_classes - 1) * steps,
+        score=conf,
+        details=dict(confidence=conf, label=label.numpy()),
+    )

@@ -1,4 +1,5 @@
-"""L-inf projected gradient descent (Madry et al. 2018), untargeted or targeted, on the shared core."""
+"""L-inf projected gradient descent (Madry et al. 2018), untargeted or targeted, on the shared
+core."""
 
 from __future__ import annotations
 
@@ -102,6 +103,11 @@ def pgd(
         return run
 
     fn = compiled.cached(model, key, build, jit_compile=jit_compile)
-    z, ok, f = fn(x, y, tf.constant(epsilon, tf.float32), tf.constant(step_size, tf.float32),
-                  seed_tensor(seed))
+    z, ok, f = fn(
+        x,
+        y,
+        tf.constant(epsilon, tf.float32),
+        tf.constant(step_size, tf.float32),
+        seed_tensor(seed),
+    )
     return AttackResult(z.numpy(), ok.numpy(), base_passes=restarts * steps, score=f.numpy())

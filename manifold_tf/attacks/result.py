@@ -28,8 +28,9 @@ def _rows(value, n: int, dtype, name: str) -> np.ndarray:
     if arr.ndim == 0:
         arr = np.full(n, arr, dtype)
     if arr.shape[:1] != (n,):
-        raise ValueError(f"AttackResult.{name} must have {n} rows (one per point); got shape "
-                         f"{arr.shape}.")
+        raise ValueError(
+            f"AttackResult.{name} must have {n} rows (one per point); got shape {arr.shape}."
+        )
     return arr
 
 
@@ -41,8 +42,9 @@ class AttackResult:
       x_adv: ``[N, H, W, C]`` float32 pixels, inside the attack's L-inf ball and the box [0, 255].
       success: ``[N]`` bool, success as the attack saw it: its model's label at ``x_adv`` is
         wrong (APGD-T, FAB-T and targeted BPDA too, as in AutoAttack), except for the targeted
-        modes of :func:`pgd` and :func:`cw_linf`, where it is "the target reached". A caller that must be sure checks it
-        again with a fresh prediction (:func:`~manifold_tf.attacks.runner.run_standing` can).
+        modes of :func:`pgd` and :func:`cw_linf`, where it is "the target reached". A caller
+        that must be sure checks it again with a fresh prediction
+        (:func:`~manifold_tf.attacks.runner.run_standing` can).
       base_passes: ``[N]`` int64, forward+backward passes of the base model run by the attack.
       shell_predictions: ``[N]`` int64, shell predictions run by the attack.
       score: ``[N]`` float32, the attack's own objective at ``x_adv`` (higher is closer to success;
@@ -64,15 +66,34 @@ class AttackResult:
         set_ = object.__setattr__  # frozen: normalise once, here
         set_(self, "x_adv", x_adv)
         set_(self, "success", _rows(self.success, n, bool, "success"))
-        set_(self, "base_passes", _rows(0 if self.base_passes is None else self.base_passes, n,
-                                        np.int64, "base_passes"))
-        set_(self, "shell_predictions", _rows(0 if self.shell_predictions is None
-                                              else self.shell_predictions, n, np.int64,
-                                              "shell_predictions"))
-        set_(self, "score", _rows(-np.inf if self.score is None else self.score, n, np.float32,
-                                  "score"))
-        set_(self, "details", {k: _rows(v, n, np.asarray(v).dtype, f"details[{k!r}]")
-                               for k, v in dict(self.details).items()})
+        set_(
+            self,
+            "base_passes",
+            _rows(0 if self.base_passes is None else self.base_passes, n, np.int64, "base_passes"),
+        )
+        set_(
+            self,
+            "shell_predictions",
+            _rows(
+                0 if self.shell_predictions is None else self.shell_predictions,
+                n,
+                np.int64,
+                "shell_predictions",
+            ),
+        )
+        set_(
+            self,
+            "score",
+            _rows(-np.inf if self.score is None else self.score, n, np.float32, "score"),
+        )
+        set_(
+            self,
+            "details",
+            {
+                k: _rows(v, n, np.asarray(v).dtype, f"details[{k!r}]")
+                for k, v in dict(self.details).items()
+            },
+        )
 
     @classmethod
     def unattacked(cls, x, success=False, **details) -> AttackResult:
@@ -86,14 +107,21 @@ class AttackResult:
     @property
     def cost(self) -> dict:
         """Total cost over the points: ``{"base_passes": int, "shell_predictions": int}``."""
-        return {"base_passes": int(self.base_passes.sum()),
-                "shell_predictions": int(self.shell_predictions.sum())}
+        return {
+            "base_passes": int(self.base_passes.sum()),
+            "shell_predictions": int(self.shell_predictions.sum()),
+        }
 
     def take(self, idx) -> AttackResult:
         """The rows ``idx`` (an index array or a boolean mask) as a new result."""
-        return AttackResult(self.x_adv[idx], self.success[idx], self.base_passes[idx],
-                            self.shell_predictions[idx], self.score[idx],
-                            {k: v[idx] for k, v in self.details.items()})
+        return AttackResult(
+            self.x_adv[idx],
+            self.success[idx],
+            self.base_passes[idx],
+            self.shell_predictions[idx],
+            self.score[idx],
+            {k: v[idx] for k, v in self.details.items()},
+        )
 
     def replace(self, **changes) -> AttackResult:
         """A copy with ``changes`` (as :func:`dataclasses.replace`)."""
@@ -101,6 +129,7 @@ class AttackResult:
 
     def with_cost(self, *, base_passes=0, shell_predictions=0) -> AttackResult:
         """A copy with ``base_passes`` and ``shell_predictions`` (scalars or ``[N]``) added."""
-        return self.replace(base_passes=self.base_passes + np.asarray(base_passes, np.int64),
-                            shell_predictions=self.shell_predictions
-                            + np.asarray(shell_predictions, np.int64))
+        return self.replace(
+            base_passes=self.base_passes + np.asarray(base_passes, np.int64),
+            shell_predictions=self.shell_predictions + np.asarray(shell_predictions, np.int64),
+        )

@@ -22,8 +22,8 @@ Choices beyond the reference, each cheap: the first query is the clean image (a 
 already gets wrong is returned as ``x`` after one query; the reference skips such points before it
 starts); the remaining ``queries - 1`` queries are the reference's run with ``n_iters = queries -
 1``. Windows are placed uniformly over all ``(H - s + 1)^2`` positions and may cover the whole
-image (the reference draws ``randint(0, h - s)`` and caps ``s`` at ``h - 1``, never touching the last
-row and column). Candidate coordinates are ``clip(x +- eps, 0, 255)``, so every iterate lies in
+image (the reference draws ``randint(0, h - s)`` and caps ``s`` at ``h - 1``, never touching the
+last row and column). Candidate coordinates are ``clip(x +- eps, 0, 255)``, so every iterate lies in
 ``N(x, eps)``.
 
 Cost: one model call per iteration on the images still standing (the call dominates; the search
@@ -33,7 +33,7 @@ Units: pixels (0..255) for images and ``epsilon``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import keras
 import numpy as np
@@ -80,8 +80,12 @@ def _scorer(model, output: str, image_shape: tuple, batch_size: int | None) -> C
         # A base model: one compiled forward pass, traced once for every batch size. (A shell
         # compiles its own search and is called as it is.)
         spec = tf.TensorSpec((None,) + tuple(image_shape), tf.float32)
-        fn = compiled.cached(model, ("square", tuple(image_shape)),
-                             lambda net: (lambda z: net(z, training=False)), input_signature=[spec])
+        fn = compiled.cached(
+            model,
+            ("square", tuple(image_shape)),
+            lambda net: lambda z: net(z, training=False),
+            input_signature=[spec],
+        )
     elif isinstance(model, keras.layers.Layer):
         fn = lambda z: model(z, training=False)  # noqa: E731
     else:
@@ -89,8 +93,10 @@ def _scorer(model, output: str, image_shape: tuple, batch_size: int | None) -> C
 
     def score(x: np.ndarray) -> np.ndarray:
         step = batch_size or max(len(x), 1)
-        parts = [np.asarray(fn(tf.convert_to_tensor(x[i:i + step])), np.float64)
-                 for i in range(0, len(x), step)]
+        parts = [
+            np.asarray(fn(tf.convert_to_tensor(x[i : i + step])), np.float64)
+            for i in range(0, len(x), step)
+        ]
         return np.concatenate(parts) if parts else np.zeros((0, 0))
 
     return score
@@ -98,18 +104,27 @@ def _scorer(model, output: str, image_shape: tuple, batch_size: int | None) -> C
 
 def _check_scores(scores: np.ndarray, n: int, output: str) -> None:
     if scores.ndim != 2 or scores.shape[0] != n or scores.shape[1] < 2:
-        raise ValueError(f"the model must return scores of shape [{n}, num_classes >= 2]; "
-                         f"got shape {scores.shape}.")
+        raise ValueError(
+            f"the model must return scores of shape [{n}, num_classes >= 2]; "
+            f"got shape {scores.shape}."
+        )
     if not np.isfinite(scores).all():
         raise ValueError("the model returned non-finite scores (nan or inf).")
-    simplex = (scores.min() >= 0.0 and scores.max() <= 1.0
-               and np.allclose(scores.sum(axis=1), 1.0, atol=1e-3))
+    simplex = (
+        scores.min() >= 0.0
+        and scores.max() <= 1.0
+        and np.allclose(scores.sum(axis=1), 1.0, atol=1e-3)
+    )
     if output == "logits" and simplex:
-        raise ValueError("output='logits' but the model returns probabilities (every row is in "
-                         "[0, 1] and sums to 1): pass output='probabilities' (e.g. for a shell).")
+        raise ValueError(
+            "output='logits' but the model returns probabilities (every row is in "
+            "[0, 1] and sums to 1): pass output='probabilities' (e.g. for a shell)."
+        )
     if output == "probabilities" and not simplex:
-        raise ValueError(f"output='probabilities' but the model's rows are not probability vectors "
-                         f"(values in [{scores.min():g}, {scores.max():g}]): pass output='logits'.")
+        raise ValueError(
+            f"output='probabilities' but the model's rows are not probability vectors "
+            f"(values in [{scores.min():g}, {scores.max():g}]): pass output='logits'."
+        )
 
 
 def _margin(scores: np.ndarray, y: np.ndarray, output: str) -> np.ndarray:
@@ -138,8 +153,9 @@ def square(
 
     Args:
       model: images ``[M, H, W, C]`` (pixels) -> scores ``[M, K]``: a Keras base model returning
-        logits, a shell (:class:`~manifold_tf.shells.MCNShell`, :class:`~manifold_tf.shells.NCNShell`)
-        returning probabilities, or any callable. Keras models are called with ``training=False``.
+        logits, a shell (:class:`~manifold_tf.shells.MCNShell`,
+        :class:`~manifold_tf.shells.NCNShell`) returning probabilities, or any callable. Keras
+        models are called with ``training=False``.
       x: clean images ``[N, H, W, C]``, float, pixels 0..255.
       y: true labels ``[N]`` (int).
       epsilon: L-inf budget in pixels (8 means 8/255).
@@ -174,8 +190,9 @@ def square(
     n, h, w, c = x.shape
     if n == 0:
         validate_labels(y, num_examples=0, num_classes=1)
-        return AttackResult.unattacked(x, queries=np.zeros(0, np.int32),
-                                       margin=np.zeros(0, np.float32))
+        return AttackResult.unattacked(
+            x, queries=np.zeros(0, np.int32), margin=np.zeros(0, np.float32)
+        )
     score = _scorer(model, output, (h, w, c), batch_size)
     rng = np.random.default_rng(int(seed))
     eps = np.float32(epsilon)
@@ -215,15 +232,17 @@ def square(
         s = min(max(int(round(np.sqrt(p_schedule(p_init, it, queries - 1) * h * w))), 1), h, w)
         top = rng.integers(0, h - s + 1, m)[:, None]
         left = rng.integers(0, w - s + 1, m)[:, None]
-        window = (((rows_h >= top) & (rows_h < top + s))[:, :, None, None]
-                  & ((cols_w >= left) & (cols_w < left + s))[:, None, :, None])  # [m, h, w, 1]
+        window = ((rows_h >= top) & (rows_h < top + s))[:, :, None, None] & (
+            (cols_w >= left) & (cols_w < left + s)
+        )[:, None, :, None]  # [m, h, w, 1]
         xi, bi = x[idx], best[idx]
         cand = np.empty_like(bi)
         todo = np.arange(m)
         for _ in range(_MAX_REDRAWS):
             signs = (2 * rng.integers(0, 2, (len(todo), 1, 1, c)) - 1).astype(np.float32)
-            cand[todo] = np.clip(np.where(window[todo], xi[todo] + eps * signs, bi[todo]),
-                                 PIXEL_MIN, PIXEL_MAX)
+            cand[todo] = np.clip(
+                np.where(window[todo], xi[todo] + eps * signs, bi[todo]), PIXEL_MIN, PIXEL_MAX
+            )
             todo = todo[(cand[todo] == bi[todo]).reshape(len(todo), -1).all(axis=1)]
             if not len(todo):
                 break
@@ -233,6 +252,9 @@ def square(
     final = score(best)
     margin = _margin(final, y, output).astype(np.float32)
     return AttackResult(
-        best, final.argmax(axis=1) != y, score=-margin,
+        best,
+        final.argmax(axis=1) != y,
+        score=-margin,
         shell_predictions=spent if isinstance(model, FactorShell) else 0,
-        details=dict(queries=spent, margin=margin))
+        details=dict(queries=spent, margin=margin),
+    )

@@ -22,21 +22,33 @@ from manifold_tf.validation import validate_images, validate_labels, validate_ra
 def _attacks(config: AccuracyConfig, num_classes: int, epsilon: float) -> dict:
     """``{name: fn(model, x, y, seed) -> AttackResult}`` for the attacks ``config`` asks for, at
     budget ``epsilon`` pixels."""
-    out = {f"PGD-{config.pgd_steps}": lambda m, x, y, s: attacks.pgd(
-        m, x, y, epsilon=epsilon, steps=config.pgd_steps, step_size=config.pgd_step_size,
-        restarts=config.pgd_restarts, seed=s)}
+    out = {
+        f"PGD-{config.pgd_steps}": lambda m, x, y, s: attacks.pgd(
+            m,
+            x,
+            y,
+            epsilon=epsilon,
+            steps=config.pgd_steps,
+            step_size=config.pgd_step_size,
+            restarts=config.pgd_restarts,
+            seed=s,
+        )
+    }
     if config.apgd_steps:
         out["APGD-CE"] = lambda m, x, y, s: attacks.apgd_ce(
-            m, x, y, epsilon=epsilon, steps=config.apgd_steps, seed=s)
+            m, x, y, epsilon=epsilon, steps=config.apgd_steps, seed=s
+        )
         if num_classes >= 4:  # the targeted DLR loss needs four logits
             targets = min(config.apgd_targets, num_classes - 1)
             out["APGD-T"] = lambda m, x, y, s: attacks.apgd_t(
-                m, x, y, epsilon=epsilon, steps=config.apgd_steps, num_targets=targets, seed=s)
+                m, x, y, epsilon=epsilon, steps=config.apgd_steps, num_targets=targets, seed=s
+            )
     return out
 
 
-def accuracy_report(model, x: np.ndarray, y: np.ndarray, config: AccuracyConfig, *, epsilon: float,
-                    seed: int = 0) -> dict:
+def accuracy_report(
+    model, x: np.ndarray, y: np.ndarray, config: AccuracyConfig, *, epsilon: float, seed: int = 0
+) -> dict:
     """Clean accuracy and robust accuracy under each attack and under their worst case.
 
     ``x``: ``[N, 32, 32, 3]`` pixels (0..255), ``y``: ``[N]`` labels; ``epsilon``: the threat
@@ -62,7 +74,9 @@ def accuracy_report(model, x: np.ndarray, y: np.ndarray, config: AccuracyConfig,
                 continue
             x_adv = attack(model, x[idx], y[idx], seed + i).x_adv
             ok[idx] = predict_logits(model, x_adv).argmax(-1) == y[idx]
-            progress.update(len(idx), extra=f"robust so far {int(ok[: i + bs].sum())}/{min(i + bs, len(x))}")
+            progress.update(
+                len(idx), extra=f"robust so far {int(ok[: i + bs].sum())}/{min(i + bs, len(x))}"
+            )
         robust[name] = ok
         seconds[name] = time.perf_counter() - start
     worst = np.logical_and.reduce(list(robust.values())) if robust else clean_correct
@@ -76,9 +90,14 @@ def accuracy_report(model, x: np.ndarray, y: np.ndarray, config: AccuracyConfig,
         "robust": {name: proportion(int(ok.sum()), n) for name, ok in robust.items()},
         "worst_case": proportion(int(worst.sum()), n),
         "settings": {
-            "epsilon": epsilon, "pgd_steps": config.pgd_steps,
-            "pgd_step_size": config.pgd_step_size, "restarts": config.pgd_restarts, "loss": "xent",
-            "random_start": True, "seed": seed, "apgd_steps": config.apgd_steps,
+            "epsilon": epsilon,
+            "pgd_steps": config.pgd_steps,
+            "pgd_step_size": config.pgd_step_size,
+            "restarts": config.pgd_restarts,
+            "loss": "xent",
+            "random_start": True,
+            "seed": seed,
+            "apgd_steps": config.apgd_steps,
             "apgd_targets": config.apgd_targets,
         },
         "seconds": sum(seconds.values()),
@@ -89,17 +108,33 @@ def accuracy_report(model, x: np.ndarray, y: np.ndarray, config: AccuracyConfig,
 def accuracy_markdown(report: dict) -> str:
     s = report["settings"]
     rows = [["clean", format_proportion(report["clean"])]]
-    rows += [[f"{name} (eps {s['epsilon']:g} px)", format_proportion(p)] for name, p in report["robust"].items()]
+    rows += [
+        [f"{name} (eps {s['epsilon']:g} px)", format_proportion(p)]
+        for name, p in report["robust"].items()
+    ]
     rows.append(["worst case of the attacks", format_proportion(report["worst_case"])])
-    return (f"# Accuracy of `{report.get('checkpoint', 'the model')}` on {report['num_examples']} "
-            f"test images\n\n" + reporting.markdown_table(["", "accuracy (n, 95% CI)"], rows)
-            + "\nRobust accuracy: correct at x and at the attack's x'. Attacks give lower bounds on "
-              "the true success rate, so these are upper bounds on the true robust accuracy.\n")
+    return (
+        f"# Accuracy of `{report.get('checkpoint', 'the model')}` on {report['num_examples']} "
+        f"test images\n\n"
+        + reporting.markdown_table(["", "accuracy (n, 95% CI)"], rows)
+        + "\nRobust accuracy: correct at x and at the attack's x'. Attacks give lower bounds on "
+        "the true success rate, so these are upper bounds on the true robust accuracy.\n"
+    )
 
 
-def run_accuracy(model, x: np.ndarray, y: np.ndarray, config: AccuracyConfig, store, *,
-                 epsilon: float, seed: int = 0, metadata: dict | None = None) -> tuple[dict, str]:
-    """Runs :func:`accuracy_report` on the first ``num_examples`` points; writes ``accuracy.{json,md}``."""
+def run_accuracy(
+    model,
+    x: np.ndarray,
+    y: np.ndarray,
+    config: AccuracyConfig,
+    store,
+    *,
+    epsilon: float,
+    seed: int = 0,
+    metadata: dict | None = None,
+) -> tuple[dict, str]:
+    """Runs :func:`accuracy_report` on the first ``num_examples`` points; writes
+    ``accuracy.{json,md}``."""
     if config.num_examples:
         x, y = x[: config.num_examples], y[: config.num_examples]
     report = accuracy_report(model, x, y, config, epsilon=epsilon, seed=seed)

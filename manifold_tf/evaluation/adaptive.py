@@ -1,4 +1,5 @@
-"""The adaptive evaluation, the verdict: a worst-case attack suite on the shell, and on the base alone.
+"""The adaptive evaluation, the verdict: a worst-case attack suite on the shell, and on the base
+alone.
 
 Points: the first ``num_points`` of the seeded walk order, right or wrong at ``x``. A classifier is
 robust on a point when it is right at ``x`` and at the ``x'`` of every attack; attacks run in order,
@@ -26,8 +27,8 @@ from manifold_tf import attacks, reporting
 from manifold_tf.attacks import run_standing
 from manifold_tf.evaluation import adaptive_suites, sequential
 from manifold_tf.evaluation.config import AdaptiveConfig, parse_budget
-from manifold_tf.evaluation.inputs import predict_logits
 from manifold_tf.evaluation.defence import walk_order
+from manifold_tf.evaluation.inputs import predict_logits
 from manifold_tf.shells import answer
 
 PROTOCOL = "adaptive"
@@ -40,9 +41,12 @@ def shell_labels(shell, x: np.ndarray, batch_size: int = 30) -> np.ndarray:
     evaluation, what every success is checked on."""
     if not len(x):
         return np.zeros(0, np.int64)
-    return np.concatenate([answer(shell.embed_function(np.asarray(x[i : i + batch_size],
-                                                                  np.float32)))
-                           for i in range(0, len(x), batch_size)])
+    return np.concatenate(
+        [
+            answer(shell.embed_function(np.asarray(x[i : i + batch_size], np.float32)))
+            for i in range(0, len(x), batch_size)
+        ]
+    )
 
 
 class TransferPoint(NamedTuple):
@@ -79,14 +83,26 @@ def transfer_points(store) -> dict:
             continue  # a record written before the CW results were kept
         x_cw = store.load_array(PROTOCOL, b, "xcw")
         for k, i in enumerate(rec["indices"]):
-            out[int(i)] = TransferPoint(x_cw[k], bool(rec["cw_success"][k]),
-                                        int(rec["cw_iterations"][k]))
+            out[int(i)] = TransferPoint(
+                x_cw[k], bool(rec["cw_success"][k]), int(rec["cw_iterations"][k])
+            )
     return out
 
 
-def adaptive_batch(base, shell, x, y, indices, *, config: AdaptiveConfig, epsilon: float,
-                   cw_kwargs: dict, known_transfer: dict, seed: int,
-                   desc: str = "") -> tuple[dict, np.ndarray]:
+def adaptive_batch(
+    base,
+    shell,
+    x,
+    y,
+    indices,
+    *,
+    config: AdaptiveConfig,
+    epsilon: float,
+    cw_kwargs: dict,
+    known_transfer: dict,
+    seed: int,
+    desc: str = "",
+) -> tuple[dict, np.ndarray]:
     """One batch of both suites: ``(record, x_worst [N, H, W, C], x_cw [N, H, W, C])`` (the
     breaking x' per point, else x; CW's x' on the base)."""
     t0 = time.perf_counter()
@@ -112,33 +128,68 @@ def adaptive_batch(base, shell, x, y, indices, *, config: AdaptiveConfig, epsilo
             logging.info(f"{desc}: {name}: {broken}/{attempted} broken ({seconds:.0f} s)")
 
     base_steps = adaptive_suites.base_suite(base, config, x_cw, epsilon=epsilon, seed=seed)
-    base_run = run_standing([adaptive_suites.in_ball(s, x, epsilon) for s in base_steps], x, y,
-                            broken=f_x != y, verify=base_wrong)
-    shell_steps = adaptive_suites.shell_suite(shell, base, config, x_cw, epsilon=epsilon,
-                                              seed=seed, desc=desc or "adaptive")
-    shell_run = run_standing([adaptive_suites.in_ball(s, x, epsilon) for s in shell_steps], x, y,
-                             broken=g_x != y, verify=shell_wrong, on_step=log_step)
+    base_run = run_standing(
+        [adaptive_suites.in_ball(s, x, epsilon) for s in base_steps],
+        x,
+        y,
+        broken=f_x != y,
+        verify=base_wrong,
+    )
+    shell_steps = adaptive_suites.shell_suite(
+        shell, base, config, x_cw, epsilon=epsilon, seed=seed, desc=desc or "adaptive"
+    )
+    shell_run = run_standing(
+        [adaptive_suites.in_ball(s, x, epsilon) for s in shell_steps],
+        x,
+        y,
+        broken=g_x != y,
+        verify=shell_wrong,
+        on_step=log_step,
+    )
     broken = ~shell_run.standing & (shell_run.broken_by != "clean")
     x_worst = np.where(broken[:, None, None, None], shell_run.result.x_adv, x)
     shell_cost = shell_run.result.cost
     shell_predictions = sum(checks) + shell_cost["shell_predictions"]
-    cost = dict(base_passes=int(base_run.result.cost["base_passes"] + shell_cost["base_passes"]
-                                + shell_predictions * shell.passes_per_prediction()),
-                shell_predictions=int(shell_predictions))
-    record = dict(indices=[int(i) for i in indices], labels=y.tolist(), base_clean=f_x.tolist(),
-                  shell_clean=g_x.tolist(), base_broken_by=base_run.broken_by.tolist(),
-                  base_attacks=[s.name for s in base_steps],
-                  shell_broken_by=shell_run.broken_by.tolist(), shell_adv=shell_adv.tolist(),
-                  attempted=shell_run.attempted,
-                  linf=np.abs(x_worst - x).reshape(n, -1).max(-1).tolist(), cost=cost,
-                  seconds=dict(total=time.perf_counter() - t0, **shell_run.seconds),
-                  base_seconds=base_run.seconds, cw_success=cw.success.tolist(),
-                  cw_iterations=cw.details["iterations"].tolist())
+    cost = dict(
+        base_passes=int(
+            base_run.result.cost["base_passes"]
+            + shell_cost["base_passes"]
+            + shell_predictions * shell.passes_per_prediction()
+        ),
+        shell_predictions=int(shell_predictions),
+    )
+    record = dict(
+        indices=[int(i) for i in indices],
+        labels=y.tolist(),
+        base_clean=f_x.tolist(),
+        shell_clean=g_x.tolist(),
+        base_broken_by=base_run.broken_by.tolist(),
+        base_attacks=[s.name for s in base_steps],
+        shell_broken_by=shell_run.broken_by.tolist(),
+        shell_adv=shell_adv.tolist(),
+        attempted=shell_run.attempted,
+        linf=np.abs(x_worst - x).reshape(n, -1).max(-1).tolist(),
+        cost=cost,
+        seconds=dict(total=time.perf_counter() - t0, **shell_run.seconds),
+        base_seconds=base_run.seconds,
+        cw_success=cw.success.tolist(),
+        cw_iterations=cw.details["iterations"].tolist(),
+    )
     return record, x_worst, x_cw
 
 
-def sanity_checks(shell, images, labels, order, config: AdaptiveConfig, store, *, epsilon: float,
-                  seed: int, records: list[dict]) -> dict:
+def sanity_checks(
+    shell,
+    images,
+    labels,
+    order,
+    config: AdaptiveConfig,
+    store,
+    *,
+    epsilon: float,
+    seed: int,
+    records: list[dict],
+) -> dict:
     """Carlini et al. 2019's checks, run (or loaded) on the first ``sanity_points`` of ``order``.
 
     - ``zero_epsilon``: with ``epsilon = 0`` BPDA returns ``x`` and G there is G(x) (no success);
@@ -149,43 +200,71 @@ def sanity_checks(shell, images, labels, order, config: AdaptiveConfig, store, *
       breaks none of them (if it does, the gradient attacks missed what a query attack found).
     """
     broken_by_square = sum(r["shell_broken_by"].count("square") for r in records)
-    black_box = dict(passed=broken_by_square == 0, square_only=int(broken_by_square),
-                     ran="square" in config.shell_attacks,
-                     note="points Square broke after every white-box attack failed on them")
+    black_box = dict(
+        passed=broken_by_square == 0,
+        square_only=int(broken_by_square),
+        ran="square" in config.shell_attacks,
+        note="points Square broke after every white-box attack failed on them",
+    )
     saved = store.load(SANITY, 0) if store.settings(SANITY) else None
     if saved is None and config.sanity_points:
-        store.bind(SANITY, dict(points=int(config.sanity_points), steps=int(config.sanity_steps),
-                                epsilon=float(epsilon), large_epsilon=float(config.large_epsilon)))
+        store.bind(
+            SANITY,
+            dict(
+                points=int(config.sanity_points),
+                steps=int(config.sanity_steps),
+                epsilon=float(epsilon),
+                large_epsilon=float(config.large_epsilon),
+            ),
+        )
         idx = order[: config.sanity_points]
         x, y = images[idx].astype(np.float32), labels[idx].astype(np.int64)
         g_x = shell_labels(shell, x)
         right = g_x == y
         zero = attacks.bpda(shell, x[right], y[right], epsilon=0.0, steps=2, seed=seed)
         again = shell_labels(shell, x)
-        epsilons = sorted({float(epsilon), float(min(2 * epsilon, 255)),
-                           float(config.large_epsilon)})
+        epsilons = sorted(
+            {float(epsilon), float(min(2 * epsilon, 255)), float(config.large_epsilon)}
+        )
         sweep = []
         for eps in epsilons:
-            out = attacks.bpda(shell, x[right], y[right], epsilon=eps, steps=config.sanity_steps,
-                               schedule="apgd", seed=seed)
+            out = attacks.bpda(
+                shell,
+                x[right],
+                y[right],
+                epsilon=eps,
+                steps=config.sanity_steps,
+                schedule="apgd",
+                seed=seed,
+            )
             ok = shell_labels(shell, out.x_adv) != y[right]
             sweep.append(dict(epsilon=eps, broken=int(ok.sum()), attacked=int(right.sum())))
         moved = float(np.abs(zero.x_adv - x[right]).max(initial=0.0))
-        saved = dict(zero_epsilon=dict(successes=int(np.sum(zero.success)), moved=moved,
-                                       consistent=bool(np.array_equal(g_x, again)),
-                                       points=int(right.sum())),
-                     epsilon_sweep=sweep)
+        saved = dict(
+            zero_epsilon=dict(
+                successes=int(np.sum(zero.success)),
+                moved=moved,
+                consistent=bool(np.array_equal(g_x, again)),
+                points=int(right.sum()),
+            ),
+            epsilon_sweep=sweep,
+        )
         store.save(SANITY, 0, saved)
     if saved is None:
-        return dict(black_box=black_box, passed=black_box["passed"],
-                    failures=[] if black_box["passed"] else ["black_box"])
+        return dict(
+            black_box=black_box,
+            passed=black_box["passed"],
+            failures=[] if black_box["passed"] else ["black_box"],
+        )
     z = saved["zero_epsilon"]
     zero_ok = z["successes"] == 0 and z["moved"] == 0.0 and z["consistent"]
     rates = [s["broken"] / s["attacked"] if s["attacked"] else 1.0 for s in saved["epsilon_sweep"]]
-    sweep_ok = all(b >= a for a, b in zip(rates, rates[1:])) and rates[-1] >= 0.99
-    checks = dict(zero_epsilon=dict(passed=zero_ok, **z),
-                  epsilon_sweep=dict(passed=sweep_ok, rates=rates, runs=saved["epsilon_sweep"]),
-                  black_box=black_box)
+    sweep_ok = all(b >= a for a, b in zip(rates, rates[1:], strict=False)) and rates[-1] >= 0.99
+    checks = dict(
+        zero_epsilon=dict(passed=zero_ok, **z),
+        epsilon_sweep=dict(passed=sweep_ok, rates=rates, runs=saved["epsilon_sweep"]),
+        black_box=black_box,
+    )
     failures = [k for k, v in checks.items() if not v["passed"]]
     return dict(checks, passed=not failures, failures=failures)
 
@@ -208,8 +287,7 @@ def _known_transfer(store, images) -> dict:
         rec = store.load(DEFENCE_PROTOCOL, b)
         x_adv = store.load_array(DEFENCE_PROTOCOL, b, "xadv")
         for k, i in enumerate(rec["indices"]):
-            known[int(i)] = ((x_adv[k], True) if rec["base_success"][k]
-                             else (images[int(i)], False))
+            known[int(i)] = (x_adv[k], True) if rec["base_success"][k] else (images[int(i)], False)
     return known
 
 
@@ -228,17 +306,32 @@ def _stopping_rule(config: AdaptiveConfig, n_total: int):
         if budget is not None:
             spent = sum(r["seconds"]["total"] for r in records)
             if spent >= budget:
-                return dict(rule="budget", reason=f"the time budget {config.budget} is spent "
-                                                  f"({reporting.format_duration(spent)})",
-                            n=sum(len(r["indices"]) for r in records))
+                return dict(
+                    rule="budget",
+                    reason=f"the time budget {config.budget} is spent "
+                    f"({reporting.format_duration(spent)})",
+                    n=sum(len(r["indices"]) for r in records),
+                )
         return None
 
     return check
 
 
-def run_adaptive(base, shell, images: np.ndarray, labels: np.ndarray, config: AdaptiveConfig, store,
-                 *, epsilon: float, cw_kwargs: dict, seed: int = 0, permutation: str = "numpy",
-                 batch_points: int = 30, metadata: dict | None = None) -> AdaptiveRun | None:
+def run_adaptive(
+    base,
+    shell,
+    images: np.ndarray,
+    labels: np.ndarray,
+    config: AdaptiveConfig,
+    store,
+    *,
+    epsilon: float,
+    cw_kwargs: dict,
+    seed: int = 0,
+    permutation: str = "numpy",
+    batch_points: int = 30,
+    metadata: dict | None = None,
+) -> AdaptiveRun | None:
     """Runs (or resumes) the suite on the points of the order, batch by batch, until the stopping
     rule holds (``num_points`` reached, the answer decided, or the budget spent).
 
@@ -250,20 +343,33 @@ def run_adaptive(base, shell, images: np.ndarray, labels: np.ndarray, config: Ad
     batches = [order[i : i + batch_points] for i in range(0, len(order), batch_points)]
     sequential_run = config.until == "decided" or config.budget is not None
     if sequential_run and store.workers.distributed:
-        raise ValueError("--adaptive_until=decided and --adaptive_budget evaluate batches in "
-                         "order in one process; run them without TF_CONFIG.")
-    settings = reporting._to_jsonable(dict(
-        protocol="adaptive (METHOD.md, Adaptive evaluation)", epsilon=float(epsilon),
-        shell=shell.settings(), suite=config, base_attack_cw=cw_kwargs, seed=int(seed),
-        permutation=permutation, num_points=int(len(order)), batch_points=int(batch_points),
-        num_test_points=int(len(images)), **(metadata or {})))
+        raise ValueError(
+            "--adaptive_until=decided and --adaptive_budget evaluate batches in "
+            "order in one process; run them without TF_CONFIG."
+        )
+    settings = reporting._to_jsonable(
+        dict(
+            protocol="adaptive (METHOD.md, Adaptive evaluation)",
+            epsilon=float(epsilon),
+            shell=shell.settings(),
+            suite=config,
+            base_attack_cw=cw_kwargs,
+            seed=int(seed),
+            permutation=permutation,
+            num_points=int(len(order)),
+            batch_points=int(batch_points),
+            num_test_points=int(len(images)),
+            **(metadata or {}),
+        )
+    )
     settings = store.bind(PROTOCOL, settings, free=("strategy",))
     known = _known_transfer(store, images)
     records = [store.load(PROTOCOL, b) for b in range(len(batches))]
     progress = store.progress([len(b) for b in batches], records, "adaptive")
     stop_rule = _stopping_rule(config, n_total=len(images))
-    stopping = dict(rule="points", reason=f"all {len(order)} planned points were evaluated",
-                    n=int(len(order)))
+    stopping = dict(
+        rule="points", reason=f"all {len(order)} planned points were evaluated", n=int(len(order))
+    )
     for b, idx in enumerate(batches):
         if sequential_run and b:
             why = stop_rule(records[:b])
@@ -273,16 +379,33 @@ def run_adaptive(base, shell, images: np.ndarray, labels: np.ndarray, config: Ad
         if records[b] is not None or not store.mine(b):
             continue
         record, x_worst, x_cw = adaptive_batch(
-            base, shell, images[idx].astype(np.float32), labels[idx].astype(np.int64), idx,
-            config=config, epsilon=epsilon, cw_kwargs=cw_kwargs, known_transfer=known,
-            seed=seed + b, desc=f"adaptive batch {b + 1}/{len(batches)}")
+            base,
+            shell,
+            images[idx].astype(np.float32),
+            labels[idx].astype(np.int64),
+            idx,
+            config=config,
+            epsilon=epsilon,
+            cw_kwargs=cw_kwargs,
+            known_transfer=known,
+            seed=seed + b,
+            desc=f"adaptive batch {b + 1}/{len(batches)}",
+        )
         record["batch"] = b
-        store.save(PROTOCOL, b, record, arrays={"xadv": x_worst.astype(np.float32),
-                                                "xcw": x_cw.astype(np.float32)})
+        store.save(
+            PROTOCOL,
+            b,
+            record,
+            arrays={"xadv": x_worst.astype(np.float32), "xcw": x_cw.astype(np.float32)},
+        )
         records[b] = record
-        progress.update(len(idx), extra=(
-            f"batch {b + 1}/{len(batches)}: shell robust {record['shell_broken_by'].count('')}/"
-            f"{len(idx)}, base robust {record['base_broken_by'].count('')}/{len(idx)}"))
+        progress.update(
+            len(idx),
+            extra=(
+                f"batch {b + 1}/{len(batches)}: shell robust {record['shell_broken_by'].count('')}/"
+                f"{len(idx)}, base robust {record['base_broken_by'].count('')}/{len(idx)}"
+            ),
+        )
     else:
         why = stop_rule(records) if sequential_run else None
         if why is not None and why["rule"] == "decided":  # decided at the last planned batch
@@ -292,6 +415,7 @@ def run_adaptive(base, shell, images: np.ndarray, labels: np.ndarray, config: Ad
     if not store.workers.is_chief:
         return None  # the chief runs the sanity checks and writes the reports
     store = store.alone()
-    sanity = sanity_checks(shell, images, labels, order, config, store, epsilon=epsilon,
-                           seed=seed, records=records)
+    sanity = sanity_checks(
+        shell, images, labels, order, config, store, epsilon=epsilon, seed=seed, records=records
+    )
     return AdaptiveRun(records, settings, sanity, stopping)

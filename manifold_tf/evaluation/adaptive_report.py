@@ -15,8 +15,8 @@ from importlib import metadata as importlib_metadata
 import numpy as np
 
 from manifold_tf import reporting
-from manifold_tf.evaluation.adaptive import PROTOCOL, AdaptiveRun
 from manifold_tf.evaluation import sequential
+from manifold_tf.evaluation.adaptive import PROTOCOL, AdaptiveRun
 from manifold_tf.evaluation.stats import (
     format_paired_difference,
     format_proportion,
@@ -24,6 +24,7 @@ from manifold_tf.evaluation.stats import (
     paired_difference,
     proportion,
 )
+
 
 def _cumulative(records: list[dict], key: str, names: list[str]) -> dict:
     """Robust accuracy after each attack in order (a point falls at the attack that broke it)."""
@@ -44,9 +45,14 @@ def paired(shell: np.ndarray, base: np.ndarray, *, anytime: bool, n_total: int) 
     if not anytime:
         return dict(fixed, interval="fixed-n, Newcombe 1998 method 10")
     cs = sequential.decide(shell.astype(float) - base.astype(float), n_total=n_total, margin=0.0)
-    return dict(fixed, ci_low=cs.ci_low, ci_high=cs.ci_high, method="betting sequence",
-                interval="anytime-valid confidence sequence (Waudby-Smith & Ramdas), sampling "
-                         "without replacement from the test set")
+    return dict(
+        fixed,
+        ci_low=cs.ci_low,
+        ci_high=cs.ci_high,
+        method="betting sequence",
+        interval="anytime-valid confidence sequence (Waudby-Smith & Ramdas), sampling "
+        "without replacement from the test set",
+    )
 
 
 WHITE_BOX_BASE = ("apgd_ce", "apgd_t", "fab_t")
@@ -62,21 +68,34 @@ def suite_flags(shell_by: list, shell_names: list, base_by: list, base_names: li
             continue
         last = names[-1]
         if broken_by.count(last):
-            out.append(dict(kind="not converged", classifier=who, attack=last,
-                            points=broken_by.count(last),
-                            note=f"the last attack of the {who}'s suite ({last}) still broke "
-                                 f"{broken_by.count(last)} point(s): the suite may not have "
-                                 f"converged"))
+            out.append(
+                dict(
+                    kind="not converged",
+                    classifier=who,
+                    attack=last,
+                    points=broken_by.count(last),
+                    note=f"the last attack of the {who}'s suite ({last}) still broke "
+                    f"{broken_by.count(last)} point(s): the suite may not have "
+                    f"converged",
+                )
+            )
         if "square" in names and broken_by.count("square"):
-            out.append(dict(kind="gradient masking", classifier=who, attack="square",
-                            points=broken_by.count("square"),
-                            note=f"Square broke {broken_by.count('square')} point(s) of the "
-                                 f"{who} that every gradient attack before it missed"))
+            out.append(
+                dict(
+                    kind="gradient masking",
+                    classifier=who,
+                    attack="square",
+                    points=broken_by.count("square"),
+                    note=f"Square broke {broken_by.count('square')} point(s) of the "
+                    f"{who} that every gradient attack before it missed",
+                )
+            )
     return out
 
 
-def summarize(records: list[dict], settings: dict, sanity: dict, stopping: dict | None = None
-              ) -> dict:
+def summarize(
+    records: list[dict], settings: dict, sanity: dict, stopping: dict | None = None
+) -> dict:
     """The verdict of the records: paired differences, accuracies with intervals, McNemar,
     per-attack, cost, and why the run stopped."""
     base_by = sum((r["base_broken_by"] for r in records), [])
@@ -86,7 +105,8 @@ def summarize(records: list[dict], settings: dict, sanity: dict, stopping: dict 
     shell_robust = np.array([b == "" for b in shell_by])
     shell_names = list(settings["suite"]["shell_attacks"])
     base_names = records[0].get("base_attacks") or ["transfer_cw"] + sorted(
-        {b for b in base_by if b not in ("", "clean", "transfer_cw")})
+        {b for b in base_by if b not in ("", "clean", "transfer_cw")}
+    )
     cost = {k: sum(r["cost"][k] for r in records) for k in records[0]["cost"]}
     stopping = stopping or dict(rule="points", reason="all planned points were evaluated", n=n)
     anytime = settings["suite"].get("until") == "decided"
@@ -97,19 +117,27 @@ def summarize(records: list[dict], settings: dict, sanity: dict, stopping: dict 
         n=n,
         difference=dict(
             robust_accuracy=paired(shell_robust, base_robust, anytime=anytime, n_total=n_total),
-            clean_accuracy=paired(shell_clean, base_clean, anytime=anytime, n_total=n_total)),
+            clean_accuracy=paired(shell_clean, base_clean, anytime=anytime, n_total=n_total),
+        ),
         stopping=stopping,
-        base=dict(clean=proportion(sum(b != "clean" for b in base_by), n),
-                  robust=proportion(int(base_robust.sum()), n),
-                  by_attack=_cumulative(records, "base_broken_by", base_names)),
-        shell=dict(clean=proportion(sum(b != "clean" for b in shell_by), n),
-                   robust=proportion(int(shell_robust.sum()), n),
-                   by_attack=_cumulative(records, "shell_broken_by", shell_names),
-                   broken_by={name: shell_by.count(name) for name in shell_names}),
-        mcnemar=dict(shell_only=int(np.sum(shell_robust & ~base_robust)),
-                     base_only=int(np.sum(base_robust & ~shell_robust)),
-                     p_value=mcnemar_exact(int(np.sum(shell_robust & ~base_robust)),
-                                           int(np.sum(base_robust & ~shell_robust)))),
+        base=dict(
+            clean=proportion(sum(b != "clean" for b in base_by), n),
+            robust=proportion(int(base_robust.sum()), n),
+            by_attack=_cumulative(records, "base_broken_by", base_names),
+        ),
+        shell=dict(
+            clean=proportion(sum(b != "clean" for b in shell_by), n),
+            robust=proportion(int(shell_robust.sum()), n),
+            by_attack=_cumulative(records, "shell_broken_by", shell_names),
+            broken_by={name: shell_by.count(name) for name in shell_names},
+        ),
+        mcnemar=dict(
+            shell_only=int(np.sum(shell_robust & ~base_robust)),
+            base_only=int(np.sum(base_robust & ~shell_robust)),
+            p_value=mcnemar_exact(
+                int(np.sum(shell_robust & ~base_robust)), int(np.sum(base_robust & ~shell_robust))
+            ),
+        ),
         passes_per_point={k: v / max(n, 1) for k, v in cost.items()},
         flags=suite_flags(shell_by, shell_names, base_by, base_names),
         seconds=sum(r["seconds"]["total"] for r in records),
@@ -120,8 +148,9 @@ def summarize(records: list[dict], settings: dict, sanity: dict, stopping: dict 
 def _git_commit() -> str | None:
     try:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(
+            ["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -138,109 +167,165 @@ def summary_json(report: dict) -> dict:
             versions[pkg] = None
 
     def block(who: dict, extra: dict) -> dict:
-        return dict(clean_accuracy=who["clean"]["rate"], robust_accuracy=who["robust"]["rate"],
-                    clean_accuracy_ci=[who["clean"]["ci_low"], who["clean"]["ci_high"]],
-                    robust_accuracy_ci=[who["robust"]["ci_low"], who["robust"]["ci_high"]],
-                    robust_accuracy_by_attack={k: p["rate"] for k, p in who["by_attack"].items()},
-                    **extra)
+        return dict(
+            clean_accuracy=who["clean"]["rate"],
+            robust_accuracy=who["robust"]["rate"],
+            clean_accuracy_ci=[who["clean"]["ci_low"], who["clean"]["ci_high"]],
+            robust_accuracy_ci=[who["robust"]["ci_low"], who["robust"]["ci_high"]],
+            robust_accuracy_by_attack={k: p["rate"] for k, p in who["by_attack"].items()},
+            **extra,
+        )
 
     return dict(
         n=v["n"],
         threat_model=dict(
-            norm="Linf", epsilon_pixels=s["epsilon"], epsilon_fraction=s["epsilon"] / 255.0,
+            norm="Linf",
+            epsilon_pixels=s["epsilon"],
+            epsilon_fraction=s["epsilon"] / 255.0,
             attacker_knowledge=(
                 "white box: the attacker knows the base weights and the shell (delta, optimiser, "
                 "steps). Gradients: transfer attacks and lift differentiate the base alone; BPDA "
                 "differentiates the base at the shell's own points (identity approximation of the "
-                "search); Square uses only the shell's output probabilities.")),
+                "search); Square uses only the shell's output probabilities."
+            ),
+        ),
         shell=block(v["shell"], dict(settings=s["shell"])),
         base=block(v["base"], dict(checkpoint=s.get("checkpoint"))),
-        difference={k: {f: d[f] for f in ("estimate", "ci_low", "ci_high", "shell_only",
-                                          "base_only", "n", "method", "interval")}
-                    for k, d in v["difference"].items()},
+        difference={
+            k: {
+                f: d[f]
+                for f in (
+                    "estimate",
+                    "ci_low",
+                    "ci_high",
+                    "shell_only",
+                    "base_only",
+                    "n",
+                    "method",
+                    "interval",
+                )
+            }
+            for k, d in v["difference"].items()
+        },
         stopping=v["stopping"],
         mcnemar_p_value=v["mcnemar"]["p_value"],
         sanity_checks_passed=v["sanity"]["passed"],
         sanity_failures=v["sanity"]["failures"],
         suite_warnings=v["flags"],
         passes_per_point=v["passes_per_point"],
-        robust_accuracy_note=("robust accuracy is over all n evaluated points (correct at x and at "
-                              "every attack's x'); attacks give lower bounds on vulnerability, so "
-                              "robust accuracies are upper bounds on the true ones"),
-        settings=s, versions=versions, git_commit=_git_commit())
+        robust_accuracy_note=(
+            "robust accuracy is over all n evaluated points (correct at x and at "
+            "every attack's x'); attacks give lower bounds on vulnerability, so "
+            "robust accuracies are upper bounds on the true ones"
+        ),
+        settings=s,
+        versions=versions,
+        git_commit=_git_commit(),
+    )
 
 
 def verdict_lines(v: dict) -> str:
     """The lines the headline prints first: sanity verdict, clean and robust accuracy, McNemar."""
-    sanity = ("SANITY CHECKS FAILED: " + ", ".join(v["sanity"]["failures"]) + " (the robust accuracy "
-              "below is not trustworthy)" if not v["sanity"]["passed"] else "Sanity checks passed.")
+    sanity = (
+        "SANITY CHECKS FAILED: " + ", ".join(v["sanity"]["failures"]) + " (the robust accuracy "
+        "below is not trustworthy)"
+        if not v["sanity"]["passed"]
+        else "Sanity checks passed."
+    )
     m, d = v["mcnemar"], v["difference"]
-    return (f"{sanity}\n\n"
-            f"- **what the shell changes, robust accuracy (shell minus base, same points): "
-            f"{format_paired_difference(d['robust_accuracy'])}**\n"
-            f"- what the shell costs, clean accuracy (shell minus base): "
-            f"{format_paired_difference(d['clean_accuracy'])}\n"
-            f"- stopped: {v['stopping']['reason']} (rule: {v['stopping']['rule']})\n"
-            + "".join(f"- **warning ({f['kind']})**: {f['note']}\n" for f in v.get("flags", []))
-            + f"- base, clean: {format_proportion(v['base']['clean'])}\n"
-            f"- shell, clean: {format_proportion(v['shell']['clean'])}\n"
-            f"- **base alone, robust (worst case of its attacks): {format_proportion(v['base']['robust'])}**\n"
-            f"- **shell, robust (worst case of the adaptive suite): {format_proportion(v['shell']['robust'])}**\n"
-            f"- shell vs base on the same points: {m['shell_only']} points only the shell survives, "
-            f"{m['base_only']} only the base; exact McNemar p = {m['p_value']:.3g}\n")
+    return (
+        f"{sanity}\n\n"
+        f"- **what the shell changes, robust accuracy (shell minus base, same points): "
+        f"{format_paired_difference(d['robust_accuracy'])}**\n"
+        f"- what the shell costs, clean accuracy (shell minus base): "
+        f"{format_paired_difference(d['clean_accuracy'])}\n"
+        f"- stopped: {v['stopping']['reason']} (rule: {v['stopping']['rule']})\n"
+        + "".join(f"- **warning ({f['kind']})**: {f['note']}\n" for f in v.get("flags", []))
+        + f"- base, clean: {format_proportion(v['base']['clean'])}\n"
+        f"- shell, clean: {format_proportion(v['shell']['clean'])}\n"
+        f"- **base alone, robust (worst case of its attacks): "
+        f"{format_proportion(v['base']['robust'])}**\n"
+        f"- **shell, robust (worst case of the adaptive suite): "
+        f"{format_proportion(v['shell']['robust'])}**\n"
+        f"- shell vs base on the same points: {m['shell_only']} points only the shell survives, "
+        f"{m['base_only']} only the base; exact McNemar p = {m['p_value']:.3g}\n"
+    )
 
 
 ATTACK_NOTES = {
     "transfer_cw": "the paper's CW L-inf x' on the base, given to the shell (Table 2's attack)",
     "transfer_confident": "the most confident wrong point of N(x, epsilon) for the base (the "
-                          "separation search, every wrong label), given to the shell: a high-"
-                          "confidence transfer, far past the base's boundary",
+    "separation search, every wrong label), given to the shell: a high-"
+    "confidence transfer, far past the base's boundary",
     "lift": "MCN answers the label that can be made most confident within delta of its input: a "
-            "confident point z* of N(x, epsilon + delta) for the base, clipped into N(x, epsilon), "
-            "leaves z* within delta of x' (for NCN a heuristic)",
-    "bpda": "BPDA with the identity approximation of the shell's search (the base's gradient at the "
-            "shell's own points), APGD step schedule, from x, from the CW x' and from random starts",
+    "confident point z* of N(x, epsilon + delta) for the base, clipped into N(x, epsilon), "
+    "leaves z* within delta of x' (for NCN a heuristic)",
+    "bpda": "BPDA with the identity approximation of the shell's search (the base's gradient at "
+    "the shell's own points), APGD step schedule, from x, from the CW x' and from random starts",
     "bpda_targeted": "the same, targeted at the shell's top wrong labels, each against the best "
-                     "other label",
+    "other label",
     "square": "Square (Andriushchenko et al. 2020), score-based black box on the shell's "
-              "probabilities: no gradients, so it sees through gradient masking",
+    "probabilities: no gradients, so it sees through gradient masking",
 }
 
 
 def adaptive_markdown(report: dict) -> str:
     s, v = report["settings"], report["verdict"]
-    rows = [[name, format_proportion(p), v["shell"]["broken_by"].get(name, 0)]
-            for name, p in v["shell"]["by_attack"].items()]
+    rows = [
+        [name, format_proportion(p), v["shell"]["broken_by"].get(name, 0)]
+        for name, p in v["shell"]["by_attack"].items()
+    ]
     base_rows = [[name, format_proportion(p)] for name, p in v["base"]["by_attack"].items()]
     checks = v["sanity"]
-    check_lines = "".join(f"- `{k}`: {'passed' if c['passed'] else 'FAILED'} "
-                          f"{json.dumps({a: b for a, b in c.items() if a != 'passed'})}\n"
-                          for k, c in checks.items() if isinstance(c, dict) and "passed" in c)
+    check_lines = "".join(
+        f"- `{k}`: {'passed' if c['passed'] else 'FAILED'} "
+        f"{json.dumps({a: b for a, b in c.items() if a != 'passed'})}\n"
+        for k, c in checks.items()
+        if isinstance(c, dict) and "passed" in c
+    )
     per_point = ", ".join(f"{k} {val:.0f}" for k, val in v["passes_per_point"].items())
-    return (f"# Adaptive evaluation of the {s['shell']['shell'].upper()} shell: the verdict\n\n"
-            + verdict_lines(v)
-            + f"\nThreat model: L-inf, epsilon {s['epsilon']:g} px ({s['epsilon'] / 255:.4f}); "
-            f"n = {v['n']} points, the first of the seeded order (all points, right or wrong at x).\n\n"
-            f"Shell robust accuracy after each attack (AutoAttack style: each attack runs on the points "
-            f"still standing):\n\n"
-            + reporting.markdown_table(["after attack", "shell robust accuracy", "points it broke"], rows)
-            + "\nBase alone:\n\n" + reporting.markdown_table(["after attack", "base robust accuracy"], base_rows)
-            + "\nThe attacks on the shell:\n\n"
-            + "".join(f"- `{name}`: {ATTACK_NOTES.get(name, '')}\n" for name in v["shell"]["by_attack"])
-            + f"\nSanity checks:\n\n{check_lines}\nCost per point: {per_point} (base passes include "
-            f"the shell's own search: shell predictions x its passes per prediction). Time: "
-            f"{v['seconds']:.0f} s.\n\nSuite settings: `{json.dumps(s['suite'])}`\n")
+    return (
+        f"# Adaptive evaluation of the {s['shell']['shell'].upper()} shell: the verdict\n\n"
+        + verdict_lines(v)
+        + f"\nThreat model: L-inf, epsilon {s['epsilon']:g} px ({s['epsilon'] / 255:.4f}); "
+        f"n = {v['n']} points, the first of the seeded order (all points, right or wrong at x).\n\n"
+        f"Shell robust accuracy after each attack (AutoAttack style: each attack runs on the "
+        f"points still standing):\n\n"
+        + reporting.markdown_table(
+            ["after attack", "shell robust accuracy", "points it broke"], rows
+        )
+        + "\nBase alone:\n\n"
+        + reporting.markdown_table(["after attack", "base robust accuracy"], base_rows)
+        + "\nThe attacks on the shell:\n\n"
+        + "".join(f"- `{name}`: {ATTACK_NOTES.get(name, '')}\n" for name in v["shell"]["by_attack"])
+        + f"\nSanity checks:\n\n{check_lines}\nCost per point: {per_point} (base passes include "
+        f"the shell's own search: shell predictions x its passes per prediction). Time: "
+        f"{v['seconds']:.0f} s.\n\nSuite settings: `{json.dumps(s['suite'])}`\n"
+    )
 
 
-def write_adaptive_report(run: AdaptiveRun, images, store, *, class_names=None,
-                          max_figure_cases: int = 12) -> dict:
-    """``adaptive.json``/``.md``, ``summary.json``, ``adaptive_failures.png``, ``adaptive_attacks.png``."""
+def write_adaptive_report(
+    run: AdaptiveRun, images, store, *, class_names=None, max_figure_cases: int = 12
+) -> dict:
+    """``adaptive.json``/``.md``, ``summary.json``, ``adaptive_failures.png``,
+    ``adaptive_attacks.png``."""
     records, settings = run.records, run.settings
     verdict = summarize(records, settings, run.sanity, run.stopping)
-    report = dict(settings=settings, verdict=verdict,
-                  points=[dict(index=i, label=r["labels"][k], base_broken_by=r["base_broken_by"][k],
-                               shell_broken_by=r["shell_broken_by"][k], linf=r["linf"][k])
-                          for r in records for k, i in enumerate(r["indices"])])
+    report = dict(
+        settings=settings,
+        verdict=verdict,
+        points=[
+            dict(
+                index=i,
+                label=r["labels"][k],
+                base_broken_by=r["base_broken_by"][k],
+                shell_broken_by=r["shell_broken_by"][k],
+                linf=r["linf"][k],
+            )
+            for r in records
+            for k, i in enumerate(r["indices"])
+        ],
+    )
     store.write_report("adaptive", report, adaptive_markdown(report))
     reporting.write_json(store.path("summary.json"), summary_json(report))
     cases = []
@@ -250,13 +335,26 @@ def write_adaptive_report(run: AdaptiveRun, images, store, *, class_names=None,
             x_adv = store.load_array(PROTOCOL, r["batch"], "xadv")
             for k in hits:
                 i = r["indices"][k]
-                cases.append(dict(index=i, x=images[i], x_adv=x_adv[k], label=r["labels"][k],
-                                  shell_clean=r["shell_clean"][k], shell_adv=r["shell_adv"][k],
-                                  category=f"broken by {r['shell_broken_by'][k]}"))
+                cases.append(
+                    dict(
+                        index=i,
+                        x=images[i],
+                        x_adv=x_adv[k],
+                        label=r["labels"][k],
+                        shell_clean=r["shell_clean"][k],
+                        shell_adv=r["shell_adv"][k],
+                        category=f"broken by {r['shell_broken_by'][k]}",
+                    )
+                )
     reporting.plot_failure_cases(
-        cases[:max_figure_cases], store.path("adaptive_failures.png"), class_names=class_names,
-        title=(f"{settings['shell']['shell'].upper()} shell broken by the suite: {len(cases)} of "
-               f"{verdict['n']} points (eps {settings['epsilon']:g})"))
+        cases[:max_figure_cases],
+        store.path("adaptive_failures.png"),
+        class_names=class_names,
+        title=(
+            f"{settings['shell']['shell'].upper()} shell broken by the suite: {len(cases)} of "
+            f"{verdict['n']} points (eps {settings['epsilon']:g})"
+        ),
+    )
     plot_attack_curve(verdict, store.path("adaptive_attacks.png"))
     plot_differences(verdict, store.path("adaptive_difference.png"))
     return report
@@ -269,13 +367,25 @@ def plot_attack_curve(verdict: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # deferred: as above
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), sharey=True,
-                             gridspec_kw=dict(width_ratios=[len(verdict["shell"]["by_attack"]) + 1,
-                                                            len(verdict["base"]["by_attack"]) + 1]))
+    fig, axes = plt.subplots(
+        1,
+        2,
+        figsize=(10, 3.4),
+        sharey=True,
+        gridspec_kw=dict(
+            width_ratios=[
+                len(verdict["shell"]["by_attack"]) + 1,
+                len(verdict["base"]["by_attack"]) + 1,
+            ]
+        ),
+    )
     for ax, who, color in ((axes[0], "shell", "C0"), (axes[1], "base", "C1")):
         items = [("clean", verdict[who]["clean"])] + list(verdict[who]["by_attack"].items())
         xs = np.arange(len(items))
-        err = [[p["rate"] - p["ci_low"] for _, p in items], [p["ci_high"] - p["rate"] for _, p in items]]
+        err = [
+            [p["rate"] - p["ci_low"] for _, p in items],
+            [p["ci_high"] - p["rate"] for _, p in items],
+        ]
         ax.errorbar(xs, [p["rate"] for _, p in items], yerr=err, marker="o", color=color, capsize=3)
         ax.set_xticks(xs, [n for n, _ in items], rotation=20, fontsize=8)
         ax.set_title(f"{who}: accuracy after each attack", fontsize=10)
@@ -292,20 +402,37 @@ def plot_differences(verdict: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # deferred: as above
 
-    items = [("robust accuracy", verdict["difference"]["robust_accuracy"]),
-             ("clean accuracy", verdict["difference"]["clean_accuracy"])]
+    items = [
+        ("robust accuracy", verdict["difference"]["robust_accuracy"]),
+        ("clean accuracy", verdict["difference"]["clean_accuracy"]),
+    ]
     fig, ax = plt.subplots(figsize=(6, 2.4))
-    for row, (name, d) in enumerate(items):
+    for row, (_name, d) in enumerate(items):
         est, low, high = (100 * d[k] for k in ("estimate", "ci_low", "ci_high"))
-        ax.errorbar([est], [row], xerr=[[est - low], [high - est]], fmt="o", capsize=4,
-                    color="C0" if row == 0 else "C1")
-        ax.annotate(f"{est:+.1f} ({low:+.1f} to {high:+.1f}); shell only {d['shell_only']}, "
-                    f"base only {d['base_only']}", (est, row), textcoords="offset points",
-                    xytext=(0, 8), ha="center", fontsize=8)
+        ax.errorbar(
+            [est],
+            [row],
+            xerr=[[est - low], [high - est]],
+            fmt="o",
+            capsize=4,
+            color="C0" if row == 0 else "C1",
+        )
+        ax.annotate(
+            f"{est:+.1f} ({low:+.1f} to {high:+.1f}); shell only {d['shell_only']}, "
+            f"base only {d['base_only']}",
+            (est, row),
+            textcoords="offset points",
+            xytext=(0, 8),
+            ha="center",
+            fontsize=8,
+        )
     ax.axvline(0.0, color="grey", lw=0.8)
     ax.set_yticks([0, 1], [name for name, _ in items])
     ax.set_ylim(-0.7, 1.7)
-    ax.set_xlabel(f"shell minus base, points (n = {verdict['n']}; "
-                  f"{items[0][1].get('interval', 'paired 95% interval')})", fontsize=7)
+    ax.set_xlabel(
+        f"shell minus base, points (n = {verdict['n']}; "
+        f"{items[0][1].get('interval', 'paired 95% interval')})",
+        fontsize=7,
+    )
     ax.grid(alpha=0.3, axis="x")
     reporting.save_figure(fig, path)

@@ -1,8 +1,9 @@
 """The separation test of the goodness property (paper, Section 4, Table 1 and Appendix A).
 
-``(p, q, delta)``-separation: ``Pr_{(x,y)~D}[exists y' != y, x' in N(x, delta): F(x')_{y'} >= p] <= q``.
-The test draws ``batches`` batches of ``batch_points`` random test points (paper: 10 x 30) by a
-seeded permutation, and for every point finds the largest wrong-label confidence reachable in
+``(p, q, delta)``-separation:
+``Pr_{(x,y)~D}[exists y' != y, x' in N(x, delta): F(x')_{y'} >= p] <= q``. The test draws
+``batches`` batches of ``batch_points`` random test points (paper: 10 x 30) by a seeded
+permutation, and for every point finds the largest wrong-label confidence reachable in
 ``N(x, delta)`` with :func:`attacks.high_confidence`. From those confidences one run gives:
 
 - the count of points with confidence ``>= p`` per batch and in total (Table 1's form);
@@ -32,7 +33,9 @@ from manifold_tf.validation import validate_radius
 PAPER_TABLE1 = {"robust": 26, "natural": 277, "points": 300, "p": 0.9, "delta": 8.0}
 
 
-def sample_indices(num_available: int, *, num_batches: int, batch_points: int, seed: int) -> np.ndarray:
+def sample_indices(
+    num_available: int, *, num_batches: int, batch_points: int, seed: int
+) -> np.ndarray:
     """Indices ``[num_batches, batch_points]`` of distinct test points from a seeded permutation."""
     num_batches, batch_points = int(num_batches), int(batch_points)
     if num_batches < 1 or batch_points < 1:
@@ -50,7 +53,8 @@ def sample_indices(num_available: int, *, num_batches: int, batch_points: int, s
 
 
 def p_grid(start: float = 0.5, stop: float = 1.0, step: float = 0.01) -> np.ndarray:
-    """Probabilities ``start, start + step, ... < stop`` (rounded to 1e-9, so 0.9 is exactly 0.9)."""
+    """Probabilities ``start, start + step, ... < stop`` (rounded to 1e-9, so 0.9 is exactly
+    0.9)."""
     n = int(np.floor((stop - start) / step - 1e-9)) + 1
     return np.round(start + step * np.arange(n), 9)
 
@@ -67,9 +71,10 @@ def summarize(
 ) -> dict:
     """Statistics of one run. ``confidence``: ``[num_batches, batch_points]`` in [0, 1].
 
-    Returns a dict: ``per_batch`` counts at ``p``, ``total``, ``points``, ``fraction``, the Chebyshev
-    ``epsilon`` and ``q_upper = fraction + epsilon`` (probability ``>= alpha``), the Clopper-Pearson
-    interval, and ``curve``: ``p``, ``count``, ``fraction``, ``ci_low``, ``ci_high`` per grid value.
+    Returns a dict: ``per_batch`` counts at ``p``, ``total``, ``points``, ``fraction``, the
+    Chebyshev ``epsilon`` and ``q_upper = fraction + epsilon`` (probability ``>= alpha``), the
+    Clopper-Pearson interval, and ``curve``: ``p``, ``count``, ``fraction``, ``ci_low``, ``ci_high``
+    per grid value.
     """
     conf = np.asarray(confidence, dtype=np.float64)
     if conf.ndim != 2:
@@ -87,8 +92,12 @@ def summarize(
         total=total,
         points=t,
         fraction=total / t,
-        chebyshev=dict(alpha=alpha, epsilon=eps, q_upper=min(1.0, total / t + eps),
-                       q_lower=max(0.0, total / t - eps)),
+        chebyshev=dict(
+            alpha=alpha,
+            epsilon=eps,
+            q_upper=min(1.0, total / t + eps),
+            q_lower=max(0.0, total / t - eps),
+        ),
         clopper_pearson=dict(level=level, interval=clopper_pearson(total, t, level)),
         curve=dict(
             p=ps.tolist(),
@@ -100,10 +109,22 @@ def summarize(
     )
 
 
-def run_separation(model, images: np.ndarray, labels: np.ndarray, *, delta: float,
-                   num_batches: int = 10, batch_points: int = 30, seed: int = 0,
-                   attack: dict | None = None, store=None, protocol: str = "separation",
-                   desc: str = "separation", p: float = 0.9, model_name: str | None = None) -> dict:
+def run_separation(
+    model,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    delta: float,
+    num_batches: int = 10,
+    batch_points: int = 30,
+    seed: int = 0,
+    attack: dict | None = None,
+    store=None,
+    protocol: str = "separation",
+    desc: str = "separation",
+    p: float = 0.9,
+    model_name: str | None = None,
+) -> dict:
     """Runs the high-confidence attack on ``num_batches`` seeded random batches.
 
     Args:
@@ -129,18 +150,27 @@ def run_separation(model, images: np.ndarray, labels: np.ndarray, *, delta: floa
     attack.setdefault("step_size", madry_step_size(delta, attack["steps"]))
     attack.setdefault("optimizer", "sign")
     attack.setdefault("random_start", False)
-    indices = sample_indices(len(images), num_batches=num_batches, batch_points=batch_points, seed=seed)
-    settings = dict(delta=delta, num_batches=int(num_batches), batch_points=int(batch_points),
-                    seed=int(seed), attack={k: v for k, v in attack.items() if k != "jit_compile"},
-                    num_test_points=int(len(images)), model=model_name)
+    indices = sample_indices(
+        len(images), num_batches=num_batches, batch_points=batch_points, seed=seed
+    )
+    settings = dict(
+        delta=delta,
+        num_batches=int(num_batches),
+        batch_points=int(batch_points),
+        seed=int(seed),
+        attack={k: v for k, v in attack.items() if k != "jit_compile"},
+        num_test_points=int(len(images)),
+        model=model_name,
+    )
     batches: list[dict | None] = [None] * num_batches
     if store is not None:
         settings = store.bind(protocol, settings)
         for b in range(num_batches):
             batches[b] = store.load(protocol, b)
     done = sum(r is not None for r in batches)
-    progress = reporting.Progress(num_batches * batch_points, desc, unit="points",
-                                  initial=done * batch_points)
+    progress = reporting.Progress(
+        num_batches * batch_points, desc, unit="points", initial=done * batch_points
+    )
     for b in range(num_batches):
         if batches[b] is not None:
             continue
@@ -151,9 +181,13 @@ def run_separation(model, images: np.ndarray, labels: np.ndarray, *, delta: floa
         conf, wrong = out.details["confidence"], out.details["label"]
         pred = np.argmax(model(x, training=False).numpy(), axis=-1)
         result = dict(
-            batch=b, indices=idx.tolist(), labels=y.tolist(),
-            confidence=np.asarray(conf, np.float64).tolist(), wrong_label=np.asarray(wrong).tolist(),
-            clean_correct=(pred == y).tolist(), seconds=time.perf_counter() - start,
+            batch=b,
+            indices=idx.tolist(),
+            labels=y.tolist(),
+            confidence=np.asarray(conf, np.float64).tolist(),
+            wrong_label=np.asarray(wrong).tolist(),
+            clean_correct=(pred == y).tolist(),
+            seconds=time.perf_counter() - start,
         )
         if store is not None:
             store.save(protocol, b, result)
@@ -171,9 +205,21 @@ def run_separation(model, images: np.ndarray, labels: np.ndarray, *, delta: floa
     )
 
 
-def convergence_check(model, images: np.ndarray, labels: np.ndarray, run: dict, *, delta: float,
-                      steps: tuple[int, ...], batches: int, attack: dict, seed: int, p: float,
-                      store=None, protocol: str = "separation_convergence") -> dict:
+def convergence_check(
+    model,
+    images: np.ndarray,
+    labels: np.ndarray,
+    run: dict,
+    *,
+    delta: float,
+    steps: tuple[int, ...],
+    batches: int,
+    attack: dict,
+    seed: int,
+    p: float,
+    store=None,
+    protocol: str = "separation_convergence",
+) -> dict:
     """Reruns the search on the first ``batches`` batches of ``run`` with more steps and a restart.
 
     Rows: the main run, each of ``steps`` (same optimiser, Madry's step rule), and the main run's
@@ -188,9 +234,13 @@ def convergence_check(model, images: np.ndarray, labels: np.ndarray, run: dict, 
     idx = np.concatenate([np.asarray(i) for i in run["indices"][:batches]])
     x, y = images[idx].astype(np.float32), labels[idx].astype(np.int32)
     main = np.concatenate([np.asarray(c) for c in run["confidence"][:batches]])
-    variants = [(f"{s} steps", dict(attack, steps=int(s), step_size=madry_step_size(delta, s)))
-                for s in steps]
-    variants.append((f"{attack['steps']} steps + 1 random restart", dict(attack, random_start=True)))
+    variants = [
+        (f"{s} steps", dict(attack, steps=int(s), step_size=madry_step_size(delta, s)))
+        for s in steps
+    ]
+    variants.append(
+        (f"{attack['steps']} steps + 1 random restart", dict(attack, random_start=True))
+    )
     settings = dict(delta=delta, points=idx.tolist(), variants=[v for v in variants], seed=seed)
     if store is not None:
         store.bind(protocol, settings)
@@ -199,8 +249,9 @@ def convergence_check(model, images: np.ndarray, labels: np.ndarray, run: dict, 
     for b, (name, kwargs) in enumerate(variants):
         saved = store.load(protocol, b) if store is not None else None
         if saved is None:
-            conf = attacks.high_confidence(model, x, y, epsilon=delta, seed=seed + 1000 + b,
-                                           **kwargs).details["confidence"]
+            conf = attacks.high_confidence(
+                model, x, y, epsilon=delta, seed=seed + 1000 + b, **kwargs
+            ).details["confidence"]
             conf = np.asarray(conf, np.float64)
             if kwargs.get("random_start"):
                 conf = np.maximum(conf, main)
@@ -212,8 +263,9 @@ def convergence_check(model, images: np.ndarray, labels: np.ndarray, run: dict, 
     return dict(points=int(len(idx)), p=float(p), rows=rows)
 
 
-def separation_report(runs: dict, *, p: float, dataset: str, data_dir: str | None,
-                      convergence: dict | None = None) -> dict:
+def separation_report(
+    runs: dict, *, p: float, dataset: str, data_dir: str | None, convergence: dict | None = None
+) -> dict:
     """The report of one or more models' runs: ``{name: (checkpoint, run)}`` -> the JSON dict."""
     report = dict(dataset=dataset, data_dir=data_dir, models={}, paper_table1=PAPER_TABLE1)
     for name, (checkpoint, run) in runs.items():
@@ -221,9 +273,14 @@ def separation_report(runs: dict, *, p: float, dataset: str, data_dir: str | Non
         report["settings"] = run["settings"]
         report["models"][name] = dict(
             convergence=(convergence or {}).get(name, {}),
-            checkpoint=checkpoint, summary=summary, seconds=float(sum(run["seconds"])),
+            checkpoint=checkpoint,
+            summary=summary,
+            seconds=float(sum(run["seconds"])),
             clean_accuracy=float(sum(map(sum, run["clean_correct"]))) / summary["points"],
-            confidence=run["confidence"], wrong_label=run["wrong_label"], indices=run["indices"])
+            confidence=run["confidence"],
+            wrong_label=run["wrong_label"],
+            indices=run["indices"],
+        )
     s0 = next(iter(report["models"].values()))["summary"]
     cheb = s0["chebyshev"]
     report["bound_note"] = (
@@ -234,7 +291,8 @@ def separation_report(runs: dict, *, p: float, dataset: str, data_dir: str | Non
         f"Clopper-Pearson: exact two-sided {s0['clopper_pearson']['level']:.0%} binomial interval. "
         f"Both bound mu, the attack's success rate, not q: the attack finds a lower bound on each "
         f"point's best wrong-label confidence, so q >= mu; the lower bounds hold for q, the upper "
-        f"bounds do not.")
+        f"bounds do not."
+    )
     return report
 
 
@@ -245,25 +303,48 @@ def separation_markdown(report: dict) -> str:
     s = report["settings"]
     p = next(iter(models.values()))["summary"]["p"]
     cheb = next(iter(models.values()))["summary"]["chebyshev"]
-    batch_rows = [[f"Batch #{b + 1}"] + [r["summary"]["per_batch"][b] for r in models.values()]
-                  for b in range(s["num_batches"])]
-    batch_rows.append(["Total"] + [f"{r['summary']['total']}/{r['summary']['points']}"
-                                   for r in models.values()])
-    stats_rows = [[n, f"{r['summary']['total']}/{r['summary']['points']}",
-                   r["summary"]["fraction"], r["summary"]["chebyshev"]["q_lower"],
-                   r["summary"]["chebyshev"]["q_upper"],
-                   "[{:.4f}, {:.4f}]".format(*r["summary"]["clopper_pearson"]["interval"]),
-                   r["clean_accuracy"], f"{r['seconds']:.0f}"]
-                  for n, r in models.items()]
-    return (f"# Separation test: radius {s['delta']:g} px, p = {p:g}\n\n"
-            f"Attack: {s['attack']}; seed {s['seed']}; dataset {report['dataset']}.\n\n"
-            + reporting.markdown_table(["", *names], batch_rows) + "\n"
-            + reporting.markdown_table(
-                ["model", f"count at p={p:g}", "fraction", "q >= (Chebyshev)",
-                 f"attack rate <= (Chebyshev, alpha={cheb['alpha']:g}; not a bound on q)",
-                 "attack rate, Clopper-Pearson 95%", "clean accuracy (points)", "seconds"], stats_rows)
-            + f"\n{report['bound_note']}\n\n" + _convergence_markdown(models)
-            + "Paper's Table 1 (wide models, delta 8, p 0.9): robust 26/300, natural 277/300.\n")
+    batch_rows = [
+        [f"Batch #{b + 1}"] + [r["summary"]["per_batch"][b] for r in models.values()]
+        for b in range(s["num_batches"])
+    ]
+    batch_rows.append(
+        ["Total"] + [f"{r['summary']['total']}/{r['summary']['points']}" for r in models.values()]
+    )
+    stats_rows = [
+        [
+            n,
+            f"{r['summary']['total']}/{r['summary']['points']}",
+            r["summary"]["fraction"],
+            r["summary"]["chebyshev"]["q_lower"],
+            r["summary"]["chebyshev"]["q_upper"],
+            "[{:.4f}, {:.4f}]".format(*r["summary"]["clopper_pearson"]["interval"]),
+            r["clean_accuracy"],
+            f"{r['seconds']:.0f}",
+        ]
+        for n, r in models.items()
+    ]
+    return (
+        f"# Separation test: radius {s['delta']:g} px, p = {p:g}\n\n"
+        f"Attack: {s['attack']}; seed {s['seed']}; dataset {report['dataset']}.\n\n"
+        + reporting.markdown_table(["", *names], batch_rows)
+        + "\n"
+        + reporting.markdown_table(
+            [
+                "model",
+                f"count at p={p:g}",
+                "fraction",
+                "q >= (Chebyshev)",
+                f"attack rate <= (Chebyshev, alpha={cheb['alpha']:g}; not a bound on q)",
+                "attack rate, Clopper-Pearson 95%",
+                "clean accuracy (points)",
+                "seconds",
+            ],
+            stats_rows,
+        )
+        + f"\n{report['bound_note']}\n\n"
+        + _convergence_markdown(models)
+        + "Paper's Table 1 (wide models, delta 8, p 0.9): robust 26/300, natural 277/300.\n"
+    )
 
 
 def _convergence_markdown(models: dict) -> str:
@@ -273,8 +354,11 @@ def _convergence_markdown(models: dict) -> str:
         if not c:
             continue
         rows = [[row["name"], f"{row['count']}/{c['points']}"] for row in c["rows"]]
-        parts.append(f"Convergence of the search for `{name}` on its first {c['points']} points:\n\n"
-                     + reporting.markdown_table(["search", f"count at p={c['p']:g}"], rows) + "\n")
+        parts.append(
+            f"Convergence of the search for `{name}` on its first {c['points']} points:\n\n"
+            + reporting.markdown_table(["search", f"count at p={c['p']:g}"], rows)
+            + "\n"
+        )
     return "".join(parts)
 
 
@@ -283,7 +367,15 @@ def plot_separation(report: dict, path: str) -> None:
     first = next(iter(report["models"].values()))["summary"]
     p = first["p"]
     reporting.plot_separation_curve(
-        {n: r["summary"]["curve"] for n, r in report["models"].items()}, path, p=p,
-        reference=({"paper robust (wide)": 26 / 300, "paper natural (wide)": 277 / 300}
-                   if (s["delta"], p) == (8.0, 0.9) else None),
-        title=f"s_p at delta={s['delta']:g} px, {first['points']} points (95% Clopper-Pearson bands)")
+        {n: r["summary"]["curve"] for n, r in report["models"].items()},
+        path,
+        p=p,
+        reference=(
+            {"paper robust (wide)": 26 / 300, "paper natural (wide)": 277 / 300}
+            if (s["delta"], p) == (8.0, 0.9)
+            else None
+        ),
+        title=(
+            f"s_p at delta={s['delta']:g} px, {first['points']} points (95% Clopper-Pearson bands)"
+        ),
+    )
