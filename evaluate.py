@@ -14,7 +14,9 @@ import os
 from manifold_tf import data
 from manifold_tf.cli import evaluate
 
-_SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "cifar10-sample")
+_SAMPLE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "cifar10-sample"
+)
 
 if __name__ == "__main__":
     if os.path.isdir(_SAMPLE):

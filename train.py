@@ -12,7 +12,9 @@ import os
 from manifold_tf import data
 from manifold_tf.cli import train
 
-_SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "cifar10-sample")
+_SAMPLE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "cifar10-sample"
+)
 
 if __name__ == "__main__":
     if os.path.isdir(_SAMPLE):

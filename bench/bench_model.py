@@ -21,7 +21,7 @@ import argparse
 import os
 import platform
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -141,13 +141,22 @@ def main(argv=None) -> dict:
             )
     results["settings"]["load_average_at_end"] = _load()
 
-    columns = ["width", "batch", "variant", "forward_img_per_s", "grad_img_per_s",
-               "forward_ratio_vs_tf1", "grad_ratio_vs_tf1"]
+    columns = [
+        "width",
+        "batch",
+        "variant",
+        "forward_img_per_s",
+        "grad_img_per_s",
+        "forward_ratio_vs_tf1",
+        "grad_ratio_vs_tf1",
+    ]
     results["table"] = timing.write_results(
         args.output, results["rows"], columns=columns, extra=dict(settings=results["settings"])
     )
-    print("(ratio_vs_tf1: Keras throughput / TF1 throughput, each against TF1 with the same XLA "
-          "setting)")
+    print(
+        "(ratio_vs_tf1: Keras throughput / TF1 throughput, each against TF1 with the same XLA "
+        "setting)"
+    )
     print(
         f"load average at start/end: {results['settings']['load_average_at_start']} / "
         f"{results['settings']['load_average_at_end']} on {os.cpu_count()} cores"

@@ -85,12 +85,17 @@ def _cpu_flags() -> dict:
     model = None
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")),
-                         None)
+            model = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None
+            )
     except OSError:
         pass
-    return dict(model_name=model, bf16_flags=sorted(f for f in flags if "bf16" in f),
-                avx512f="avx512f" in flags, amx_tile="amx_tile" in flags)
+    return dict(
+        model_name=model,
+        bf16_flags=sorted(f for f in flags if "bf16" in f),
+        avx512f="avx512f" in flags,
+        amx_tile="amx_tile" in flags,
+    )
 
 
 def _models(name: str):
@@ -100,9 +105,15 @@ def _models(name: str):
     from manifold_tf import models, pretrained
 
     f32 = keras.saving.load_model(pretrained.path(name))
-    width = next((w for w, filt in models.FILTERS.items()
-                  if int(f32.get_layer("init_conv").kernel.shape[-1]) == filt[0]
-                  and int(f32.get_layer("logit").kernel.shape[0]) == filt[3]), None)
+    width = next(
+        (
+            w
+            for w, filt in models.FILTERS.items()
+            if int(f32.get_layer("init_conv").kernel.shape[-1]) == filt[0]
+            and int(f32.get_layer("logit").kernel.shape[0]) == filt[3]
+        ),
+        None,
+    )
     if width is None:
         raise ValueError(f"{name}: not a Madry ResNet of a known width.")
     previous = keras.mixed_precision.global_policy()
@@ -149,8 +160,8 @@ def _agreement(functions, images, labels, chunk: int = 100) -> dict:
     for name, (logits_fn, grad_fn) in functions.items():
         logits, grads = [], []
         for s in range(0, len(images), chunk):
-            x = tf.constant(images[s:s + chunk])
-            y = tf.constant(labels[s:s + chunk])
+            x = tf.constant(images[s : s + chunk])
+            y = tf.constant(labels[s : s + chunk])
             logits.append(logits_fn(x).numpy())
             grads.append(grad_fn(x, y).numpy())
         out[name] = (np.concatenate(logits), np.concatenate(grads))
@@ -190,9 +201,17 @@ def main(argv=None) -> dict:
     }
     data_dir = _data_dir(args.data_dir)
     settings = dict(
-        model=args.model, width=width, warmup=args.warmup, iters=args.iters, repeats=args.repeats,
-        batches=args.batches, tensorflow=tf.__version__, cpu_count=os.cpu_count(),
-        machine=platform.machine(), cpu=_cpu_flags(), load_average_at_start=_load(),
+        model=args.model,
+        width=width,
+        warmup=args.warmup,
+        iters=args.iters,
+        repeats=args.repeats,
+        batches=args.batches,
+        tensorflow=tf.__version__,
+        cpu_count=os.cpu_count(),
+        machine=platform.machine(),
+        cpu=_cpu_flags(),
+        load_average_at_start=_load(),
         onednn=os.environ.get("TF_ENABLE_ONEDNN_OPTS", "(default)"),
         grad="d sum(cross-entropy of the true labels) / d images",
         bf16="keras mixed_bfloat16 policy: bf16 compute, f32 variables, f32 input and input grad",
@@ -205,8 +224,8 @@ def main(argv=None) -> dict:
         rng = np.random.default_rng(0)
         images = rng.uniform(0, 255, (args.agree_points, 32, 32, 3)).astype(np.float32)
         labels = rng.integers(0, 10, args.agree_points).astype(np.int32)
-    images = images[:args.agree_points].astype(np.float32)
-    labels = labels[:args.agree_points].astype(np.int32)
+    images = images[: args.agree_points].astype(np.float32)
+    labels = labels[: args.agree_points].astype(np.int32)
     print(f"[bench] agreement on {len(labels)} images", file=sys.stderr, flush=True)
     agreement = _agreement(functions, images, labels)
     settings["agree_points"] = int(len(labels))
@@ -215,8 +234,9 @@ def main(argv=None) -> dict:
         reps = -(-batch // len(images))
         x = tf.constant(np.concatenate([images] * reps)[:batch])
         y = tf.constant(np.concatenate([labels] * reps)[:batch])
-        thunks = {name: (lambda g=g, x=x, y=y: g(x, y).numpy())
-                  for name, (_, g) in functions.items()}
+        thunks = {
+            name: (lambda g=g, x=x, y=y: g(x, y).numpy()) for name, (_, g) in functions.items()
+        }
         print(f"[bench] batch {batch}: {list(thunks)}", file=sys.stderr, flush=True)
         timed = timing.time_calls(
             thunks, repeats=args.repeats, warmup=args.warmup, iters=args.iters
@@ -224,24 +244,44 @@ def main(argv=None) -> dict:
         ref = timed["f32"]["median_s"]
         for name in VARIANTS:
             t = timed[name]
-            rows.append(dict(
-                batch=batch, variant=name, grad_img_per_s=batch / t["median_s"],
-                ratio_vs_f32=ref / t["median_s"], grad_s=t["median_s"], grad_min_s=t["min_s"],
-                times_s=t["times_s"],
-                **{k: agreement[name][k] for k in
-                   ("label_agreement", "max_logit_diff", "sign_agreement", "accuracy")},
-            ))
+            rows.append(
+                dict(
+                    batch=batch,
+                    variant=name,
+                    grad_img_per_s=batch / t["median_s"],
+                    ratio_vs_f32=ref / t["median_s"],
+                    grad_s=t["median_s"],
+                    grad_min_s=t["min_s"],
+                    times_s=t["times_s"],
+                    **{
+                        k: agreement[name][k]
+                        for k in ("label_agreement", "max_logit_diff", "sign_agreement", "accuracy")
+                    },
+                )
+            )
     settings["load_average_at_end"] = _load()
-    columns = ["batch", "variant", "grad_img_per_s", "ratio_vs_f32", "label_agreement",
-               "max_logit_diff", "sign_agreement", "accuracy"]
+    columns = [
+        "batch",
+        "variant",
+        "grad_img_per_s",
+        "ratio_vs_f32",
+        "label_agreement",
+        "max_logit_diff",
+        "sign_agreement",
+        "accuracy",
+    ]
     table = timing.write_results(
         args.output, rows, columns=columns, extra=dict(settings=settings, agreement=agreement)
     )
-    print("(ratio_vs_f32: throughput / float32-without-XLA throughput at the same batch; "
-          "agreement with float32 without XLA on the test images)")
-    print(f"bf16 CPU flags: {settings['cpu']['bf16_flags']}; load average at start/end: "
-          f"{settings['load_average_at_start']} / {settings['load_average_at_end']} "
-          f"on {os.cpu_count()} cores")
+    print(
+        "(ratio_vs_f32: throughput / float32-without-XLA throughput at the same batch; "
+        "agreement with float32 without XLA on the test images)"
+    )
+    print(
+        f"bf16 CPU flags: {settings['cpu']['bf16_flags']}; load average at start/end: "
+        f"{settings['load_average_at_start']} / {settings['load_average_at_end']} "
+        f"on {os.cpu_count()} cores"
+    )
     return dict(settings=settings, agreement=agreement, rows=rows, table=table)
 
 

@@ -63,9 +63,16 @@ def _parse(argv=None) -> argparse.Namespace:
 
 
 def _command(args, output_dir: str) -> list[str]:
-    return [args.python, "evaluate.py", f"--shell={args.shell}", f"--delta={args.delta}",
-            f"--num_points={args.num_points}", f"--output_dir={output_dir}", "--overwrite",
-            *args.extra_args.split()]
+    return [
+        args.python,
+        "evaluate.py",
+        f"--shell={args.shell}",
+        f"--delta={args.delta}",
+        f"--num_points={args.num_points}",
+        f"--output_dir={output_dir}",
+        "--overwrite",
+        *args.extra_args.split(),
+    ]
 
 
 def _git(checkout: str) -> dict:
@@ -74,22 +81,30 @@ def _git(checkout: str) -> dict:
         return out.stdout.strip() if out.returncode == 0 else None
 
     status = run("status", "--porcelain", "--untracked-files=no")
-    return dict(commit=run("rev-parse", "HEAD"), dirty_files=len(status.splitlines())
-                if status else 0)
+    return dict(
+        commit=run("rev-parse", "HEAD"), dirty_files=len(status.splitlines()) if status else 0
+    )
 
 
 def _run(args, checkout: str, output_dir: str, log_path: str) -> dict:
     """Runs the headline command in ``checkout``: ``{"returncode", "wall_s", "log_tail"}``."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.path.abspath(checkout) + (
-        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
+    )
     cmd = _command(args, output_dir)
     print(f"[bench] {checkout}: {' '.join(cmd)}", file=sys.stderr, flush=True)
     start = time.perf_counter()
     with open(log_path, "w") as log:
         try:
-            code = subprocess.run(cmd, cwd=checkout, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=args.timeout).returncode
+            code = subprocess.run(
+                cmd,
+                cwd=checkout,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                timeout=args.timeout,
+            ).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
     wall = time.perf_counter() - start
@@ -122,9 +137,12 @@ def parse_run(output_dir: str) -> dict:
     attempted = {name: sum(r.get("attempted", {}).get(name, 0) for r in records) for name in names}
     n = sum(len(r["indices"]) for r in records)
     out.update(
-        n=n, indices=sorted(i for r in records for i in r["indices"]),
-        adaptive_s=total, base_attacks_s=total - sum(attacks.values()),
-        shell_attacks_s=attacks, attempted=attempted,
+        n=n,
+        indices=sorted(i for r in records for i in r["indices"]),
+        adaptive_s=total,
+        base_attacks_s=total - sum(attacks.values()),
+        shell_attacks_s=attacks,
+        attempted=attempted,
         points_per_minute=60.0 * n / total if total > 0 else None,
         seconds_per_point=total / n if n else None,
         cost_per_point={k: sum(r["cost"][k] for r in records) / n for k in records[0]["cost"]},
@@ -144,11 +162,14 @@ def parse_run(output_dir: str) -> dict:
     if os.path.exists(summary):
         s = _read(summary)
         out.update(
-            shell_robust=s["shell"]["robust_accuracy"], base_robust=s["base"]["robust_accuracy"],
-            shell_clean=s["shell"]["clean_accuracy"], base_clean=s["base"]["clean_accuracy"],
+            shell_robust=s["shell"]["robust_accuracy"],
+            base_robust=s["base"]["robust_accuracy"],
+            shell_clean=s["shell"]["clean_accuracy"],
+            base_clean=s["base"]["clean_accuracy"],
             shell_robust_by_attack=s["shell"]["robust_accuracy_by_attack"],
             base_robust_by_attack=s["base"]["robust_accuracy_by_attack"],
-            sanity_checks_passed=s.get("sanity_checks_passed"), git_commit=s.get("git_commit"),
+            sanity_checks_passed=s.get("sanity_checks_passed"),
+            git_commit=s.get("git_commit"),
         )
     else:
         out["error"] = "no summary.json (the run stopped before its report)"
@@ -171,10 +192,15 @@ def _rows(sides: dict) -> list[dict]:
     for side in SIDES:
         r = sides.get(side) or {}
         n = r.get("n")
-        row = dict(side=side, n=n, points_per_minute=r.get("points_per_minute"),
-                   adaptive_s_per_point=r.get("seconds_per_point"),
-                   wall_s_per_point=r["wall_s"] / n if n and r.get("wall_s") else None,
-                   shell_robust=r.get("shell_robust"), base_robust=r.get("base_robust"))
+        row = dict(
+            side=side,
+            n=n,
+            points_per_minute=r.get("points_per_minute"),
+            adaptive_s_per_point=r.get("seconds_per_point"),
+            wall_s_per_point=r["wall_s"] / n if n and r.get("wall_s") else None,
+            shell_robust=r.get("shell_robust"),
+            base_robust=r.get("base_robust"),
+        )
         if n:
             for key in ("table2_s", "sanity_s"):
                 if r.get(key) is not None:
@@ -195,13 +221,21 @@ def _attack_rows(sides: dict) -> list[dict]:
             continue
         n, total = r["n"], r["adaptive_s"]
         items = [("base: cw+apgd", r["base_attacks_s"], None)]
-        items += [(name, sec, r["attempted"].get(name))
-                  for name, sec in r["shell_attacks_s"].items()]
+        items += [
+            (name, sec, r["attempted"].get(name)) for name, sec in r["shell_attacks_s"].items()
+        ]
         for name, sec, attempted in items:
-            rows.append(dict(side=side, attack=name, attacked_points=attempted, seconds=sec,
-                             s_per_suite_point=sec / n,
-                             s_per_attacked_point=sec / attempted if attempted else None,
-                             share_of_suite=sec / total if total else None))
+            rows.append(
+                dict(
+                    side=side,
+                    attack=name,
+                    attacked_points=attempted,
+                    seconds=sec,
+                    s_per_suite_point=sec / n,
+                    s_per_attacked_point=sec / attempted if attempted else None,
+                    share_of_suite=sec / total if total else None,
+                )
+            )
     return rows
 
 
@@ -209,8 +243,9 @@ def main(argv=None) -> dict:
     args = _parse(argv)
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_suite_")
     os.makedirs(work, exist_ok=True)
-    checkouts = dict(before=os.path.abspath(args.checkout_before),
-                     after=os.path.abspath(args.checkout_after))
+    checkouts = dict(
+        before=os.path.abspath(args.checkout_before), after=os.path.abspath(args.checkout_after)
+    )
     reuse = dict(before=args.reuse_before, after=args.reuse_after)
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     load = {"start": _load()}
@@ -225,57 +260,82 @@ def main(argv=None) -> dict:
             parsed = parse_run(out_dir)
             runs[side].append(dict(parsed, **run))
             if run["returncode"] != 0:
-                print(f"[bench] {side} failed ({run['returncode']}):\n  "
-                      + "\n  ".join(run["log_tail"]), file=sys.stderr, flush=True)
+                print(
+                    f"[bench] {side} failed ({run['returncode']}):\n  "
+                    + "\n  ".join(run["log_tail"]),
+                    file=sys.stderr,
+                    flush=True,
+                )
     load["end"] = _load()
     sides = {side: _median_run(runs[side]) for side in SIDES if runs[side]}
     before, after = sides.get("before", {}), sides.get("after", {})
     comparison: dict = {}
     if before.get("points_per_minute") and after.get("points_per_minute"):
         same = before.get("indices") == after.get("indices")
-        stronger = (after.get("shell_robust") is not None and before.get("shell_robust") is not None
-                    and after["shell_robust"] <= before["shell_robust"]
-                    and after["base_robust"] <= before["base_robust"])
+        stronger = (
+            after.get("shell_robust") is not None
+            and before.get("shell_robust") is not None
+            and after["shell_robust"] <= before["shell_robust"]
+            and after["base_robust"] <= before["base_robust"]
+        )
         comparison = dict(
             speedup=after["points_per_minute"] / before["points_per_minute"],
-            wall_speedup=(before["wall_s"] / after["wall_s"]
-                          if before.get("wall_s") and after.get("wall_s") else None),
-            same_points=same, after_as_strong=stronger, speedup_counts=bool(same and stronger),
+            wall_speedup=(
+                before["wall_s"] / after["wall_s"]
+                if before.get("wall_s") and after.get("wall_s")
+                else None
+            ),
+            same_points=same,
+            after_as_strong=stronger,
+            speedup_counts=bool(same and stronger),
             per_attack_speedup={
                 name: before["shell_attacks_s"][name] / after["shell_attacks_s"][name]
                 for name in before["shell_attacks_s"]
-                if after["shell_attacks_s"].get(name)},
+                if after["shell_attacks_s"].get(name)
+            },
         )
     settings = dict(
         checkouts={s: dict(path=checkouts[s], **_git(checkouts[s])) for s in SIDES},
-        command=" ".join(_command(args, "<dir>")), num_points=args.num_points,
-        rounds=args.rounds, cpu_count=os.cpu_count(), machine=platform.machine(),
-        load_average=load, other_evaluations=_other_evaluations(),
+        command=" ".join(_command(args, "<dir>")),
+        num_points=args.num_points,
+        rounds=args.rounds,
+        cpu_count=os.cpu_count(),
+        machine=platform.machine(),
+        load_average=load,
+        other_evaluations=_other_evaluations(),
     )
     rows = _rows(sides)
     columns = list(dict.fromkeys(k for row in rows for k in row))
     table = timing.write_results(
-        args.json, rows, columns=columns,
+        args.json,
+        rows,
+        columns=columns,
         extra=dict(settings=settings, runs=runs, comparison=comparison),
     )
     attack_rows = _attack_rows(sides)
     if attack_rows:
         attack_table = reporting.markdown_table(
             list(attack_rows[0]),
-            [["" if row[c] is None else row[c] for c in attack_rows[0]] for row in attack_rows])
+            [["" if row[c] is None else row[c] for c in attack_rows[0]] for row in attack_rows],
+        )
         print("\nPer attack (the adaptive phase):\n" + attack_table)
-        reporting.write_json(args.json, dict(_read(args.json), attack_rows=attack_rows,
-                                             attack_table=attack_table))
+        reporting.write_json(
+            args.json, dict(_read(args.json), attack_rows=attack_rows, attack_table=attack_table)
+        )
     for side in SIDES:
         r = sides.get(side) or {}
         if r.get("returncode") not in (None, 0) or r.get("error"):
             print(f"{side}: FAILED ({r.get('returncode')}, {r.get('error')}); log {r.get('log')}")
     if comparison:
-        print(f"after/before points per minute: {comparison['speedup']:.3g} "
-              f"(same points: {comparison['same_points']}, after as strong: "
-              f"{comparison['after_as_strong']}, counts: {comparison['speedup_counts']})")
-    print(f"load average start/end: {load['start']} / {load['end']} on {os.cpu_count()} cores; "
-          f"other evaluate.py processes at the end: {len(settings['other_evaluations'])}")
+        print(
+            f"after/before points per minute: {comparison['speedup']:.3g} "
+            f"(same points: {comparison['same_points']}, after as strong: "
+            f"{comparison['after_as_strong']}, counts: {comparison['speedup_counts']})"
+        )
+    print(
+        f"load average start/end: {load['start']} / {load['end']} on {os.cpu_count()} cores; "
+        f"other evaluate.py processes at the end: {len(settings['other_evaluations'])}"
+    )
     return dict(settings=settings, sides=sides, comparison=comparison, table=table)
 
 

@@ -31,8 +31,14 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     config = training.TrainConfig(
-        width=FLAGS.width, dataset="synthetic", adversarial=True, pgd_steps=FLAGS.pgd_steps,
-        batch_size=FLAGS.batch_size, steps=1, checkpoint_every=1, jit_compile=FLAGS.jit_compile,
+        width=FLAGS.width,
+        dataset="synthetic",
+        adversarial=True,
+        pgd_steps=FLAGS.pgd_steps,
+        batch_size=FLAGS.batch_size,
+        steps=1,
+        checkpoint_every=1,
+        jit_compile=FLAGS.jit_compile,
     )
     trainer = training.build_trainer(config)
     rng = np.random.default_rng(0)
@@ -51,24 +57,32 @@ def main(argv):
 
     def calls(fn, iters):
         """A thunk: ``iters`` calls of ``fn``, then waits for the last result."""
+
         def run():
             for _ in range(iters):
                 out = fn((x, y)) if fn is train_step else fn(x, y)
             tf.nest.map_structure(lambda t: t.numpy() if hasattr(t, "numpy") else t, out)
+
         return run
 
     calls(forward_backward, 1)(), calls(train_step, 1)()  # compile
     fb_iters, adv_iters = FLAGS.iters * (FLAGS.pgd_steps + 1), FLAGS.iters
     timed = timing.time_calls(
         {"fb": calls(forward_backward, fb_iters), "adv": calls(train_step, adv_iters)},
-        repeats=FLAGS.repeats, warmup=0)
+        repeats=FLAGS.repeats,
+        warmup=0,
+    )
     fb_rate = FLAGS.batch_size / (timed["fb"]["median_s"] / fb_iters)
     adv_rate = FLAGS.batch_size / (timed["adv"]["median_s"] / adv_iters)
     limit = fb_rate / (FLAGS.pgd_steps + 1)
     result = {
-        "width": FLAGS.width, "batch_size": FLAGS.batch_size, "pgd_steps": FLAGS.pgd_steps,
-        "jit_compile": FLAGS.jit_compile, "forward_backward_examples_per_s": fb_rate,
-        "limit_examples_per_s": limit, "adversarial_training_examples_per_s": adv_rate,
+        "width": FLAGS.width,
+        "batch_size": FLAGS.batch_size,
+        "pgd_steps": FLAGS.pgd_steps,
+        "jit_compile": FLAGS.jit_compile,
+        "forward_backward_examples_per_s": fb_rate,
+        "limit_examples_per_s": limit,
+        "adversarial_training_examples_per_s": adv_rate,
         "ratio_to_limit": adv_rate / limit,
     }
     timing.write_results(FLAGS.output, [result], extra=dict(load_average=os.getloadavg()))

@@ -242,14 +242,18 @@ def load_model_weights(path: str, width: str | None = None) -> keras.Model:
     if path.endswith(".keras"):
         # The custom layers are registered by importing manifold_tf.models (at the top).
         if not zipfile.is_zipfile(path):  # keras would report a truncated file as "not found"
-            raise ValueError(f"{path!r} is not a valid .keras file (not a zip archive: truncated or "
-                             f"corrupt?). Re-save or re-download the model.")
+            raise ValueError(
+                f"{path!r} is not a valid .keras file (not a zip archive: truncated or "
+                f"corrupt?). Re-save or re-download the model."
+            )
         try:
             model = keras.saving.load_model(path)
         except (zipfile.BadZipFile, KeyError, OSError, ValueError, TypeError) as e:
             # TypeError: the file names a layer or function this process has not registered.
-            raise ValueError(f"{path!r} could not be loaded as a Keras model ({type(e).__name__}: "
-                             f"{e}); is it truncated or corrupt?") from None
+            raise ValueError(
+                f"{path!r} could not be loaded as a Keras model ({type(e).__name__}: "
+                f"{e}); is it truncated or corrupt?"
+            ) from None
         got = _model_width(tf1_variable_map(model))
         if width is not None and got != width:
             raise ValueError(f"{path!r} holds a {got} model; width={width!r} was requested.")
@@ -270,4 +274,3 @@ def load_model_weights(path: str, width: str | None = None) -> keras.Model:
         f"unknown model format at {path!r}: expected a TF1 checkpoint (prefix with '.index', or a "
         f"directory with a 'checkpoint' file), '*.keras' or '*.weights.h5'."
     )
-

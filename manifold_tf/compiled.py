@@ -16,8 +16,15 @@ import tensorflow as tf
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def cached(model, key: tuple, build: Callable, *, jit_compile: bool = False,
-           input_signature=None, reduce_retracing: bool = False):
+def cached(
+    model,
+    key: tuple,
+    build: Callable,
+    *,
+    jit_compile: bool = False,
+    input_signature=None,
+    reduce_retracing: bool = False,
+):
     """The cached ``tf.function`` of ``build(net)`` for ``(model, key)``.
 
     ``net(z, training=False)`` calls ``model`` through a weak reference: a strong one inside the
@@ -31,9 +38,12 @@ def cached(model, key: tuple, build: Callable, *, jit_compile: bool = False,
         def net(z, training=False):
             return ref()(z, training=training)
 
-        per_model[key] = tf.function(build(net), jit_compile=bool(jit_compile),
-                                     input_signature=input_signature,
-                                     reduce_retracing=reduce_retracing)
+        per_model[key] = tf.function(
+            build(net),
+            jit_compile=bool(jit_compile),
+            input_signature=input_signature,
+            reduce_retracing=reduce_retracing,
+        )
     return per_model[key]
 
 
@@ -42,5 +52,8 @@ def tracing_counts(model, kind: str | None = None) -> dict:
 
     ``kind`` keeps only the keys whose first element is ``kind`` (e.g. ``"pgd"``, ``"bpda"``).
     """
-    return {k: f.experimental_get_tracing_count() for k, f in _CACHE.get(model, {}).items()
-            if kind is None or k[0] == kind}
+    return {
+        k: f.experimental_get_tracing_count()
+        for k, f in _CACHE.get(model, {}).items()
+        if kind is None or k[0] == kind
+    }

@@ -28,7 +28,16 @@ DATA_DIR_ENV = "MANIFOLD_TF_CIFAR10_DIR"
 SPLITS = ("train", "test")
 DATASETS = ("cifar10", "synthetic")
 CIFAR10_LABELS = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 
 
@@ -70,15 +79,31 @@ def _read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     except safe_pickle.RefusedGlobal:
         raise
     except MemoryError:
-        raise ValueError(f"{path}: a CIFAR-10 batch file asking for more memory than this machine "
-                         f"has (corrupt or crafted). Replace it with the original file.") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError,
-            IndexError, KeyError, OverflowError, RecursionError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: corrupt or truncated CIFAR-10 batch file (unpickling failed: "
-                         f"{type(e).__name__}: {e}). Replace it with the original file.") from None
+        raise ValueError(
+            f"{path}: a CIFAR-10 batch file asking for more memory than this machine "
+            f"has (corrupt or crafted). Replace it with the original file."
+        ) from None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        ImportError,
+        IndexError,
+        KeyError,
+        OverflowError,
+        RecursionError,
+        UnicodeDecodeError,
+    ) as e:
+        raise ValueError(
+            f"{path}: corrupt or truncated CIFAR-10 batch file (unpickling failed: "
+            f"{type(e).__name__}: {e}). Replace it with the original file."
+        ) from None
     if not isinstance(batch, dict):
-        raise ValueError(f"{path}: not a CIFAR-10 python batch (a {type(batch).__name__}, not a "
-                         f"dict).")
+        raise ValueError(
+            f"{path}: not a CIFAR-10 python batch (a {type(batch).__name__}, not a dict)."
+        )
     try:
         data = np.asarray(batch[b"data"])
         labels = np.asarray(batch[b"labels"])
@@ -88,12 +113,15 @@ def _read_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{path}: CIFAR-10 batch with unreadable data or labels ({e}).") from None
     # Integers only: a cast would wrap 256 to 0 and NaN to 0 without a word.
     for name, values, low, high in (("data", data, 0, 255), ("labels", labels, 0, 9)):
-        if values.size and (values.dtype.kind not in "iu" or values.min() < low
-                            or values.max() > high):
-            raise ValueError(f"{path}: CIFAR-10 {name} must be integers in {low}..{high}; got "
-                             f"dtype {values.dtype}" + (f", {values.min()}..{values.max()}"
-                                                         if values.dtype.kind in "iufb" else "")
-                             + ".")
+        if values.size and (
+            values.dtype.kind not in "iu" or values.min() < low or values.max() > high
+        ):
+            raise ValueError(
+                f"{path}: CIFAR-10 {name} must be integers in {low}..{high}; got "
+                f"dtype {values.dtype}"
+                + (f", {values.min()}..{values.max()}" if values.dtype.kind in "iufb" else "")
+                + "."
+            )
     data, labels = data.astype(np.uint8), labels.astype(np.int64)
     if data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1 or len(labels) != len(data):
         raise ValueError(
@@ -256,8 +284,9 @@ def make_dataset(
     seed64 = tf.constant(seed, tf.int64)
 
     def epoch_order(epoch):
-        perm = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64),
-                                                        seed=tf.stack([seed64, epoch]))
+        perm = tf.random.experimental.stateless_shuffle(
+            tf.range(n, dtype=tf.int64), seed=tf.stack([seed64, epoch])
+        )
         return tf.data.Dataset.from_tensor_slices(perm)
 
     def example(i, index):

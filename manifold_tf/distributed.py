@@ -68,7 +68,8 @@ class Workers:
         if not self.distributed:
             return
         total = self.strategy.reduce(
-            tf.distribute.ReduceOp.SUM, self.strategy.run(lambda: tf.constant(1.0)), axis=None)
+            tf.distribute.ReduceOp.SUM, self.strategy.run(lambda: tf.constant(1.0)), axis=None
+        )
         expected = self.strategy.num_replicas_in_sync
         if int(round(float(total))) != expected:  # a mismatched collective: workers out of step
             raise RuntimeError(f"barrier {name!r}: {float(total)} of {expected} replicas answered.")
@@ -105,21 +106,29 @@ def parse_tf_config(text: str | None) -> tuple[int, int] | None:
         raise ValueError(f'{TF_CONFIG} needs a "cluster" object; got {text[:200]!r}.')
     task = spec.get("task")
     if not isinstance(task, dict) or "type" not in task or "index" not in task:
-        raise ValueError(f'{TF_CONFIG} needs "task": {{"type": "worker", "index": i}}; got {task!r}.')
+        raise ValueError(
+            f'{TF_CONFIG} needs "task": {{"type": "worker", "index": i}}; got {task!r}.'
+        )
     cluster = spec["cluster"]
     unknown = sorted(set(cluster) - {"worker", "chief"})
     if unknown:
-        raise ValueError(f"{TF_CONFIG}: only 'worker' (and 'chief') jobs are used here; got {unknown}.")
+        raise ValueError(
+            f"{TF_CONFIG}: only 'worker' (and 'chief') jobs are used here; got {unknown}."
+        )
     # An explicit "chief" job is task 0 of the collective group, then the workers.
     chiefs, workers = list(cluster.get("chief", [])), list(cluster.get("worker", []))
     if len(chiefs) > 1:
         raise ValueError(f"{TF_CONFIG}: at most one chief; got {chiefs}.")
     kind, i = task["type"], task["index"]
     if kind not in ("worker", "chief") or not isinstance(i, int):
-        raise ValueError(f"{TF_CONFIG}: task must be a worker or the chief with an integer index; got {task!r}.")
+        raise ValueError(
+            f"{TF_CONFIG}: task must be a worker or the chief with an integer index; got {task!r}."
+        )
     group = {"chief": chiefs, "worker": workers}[kind]
     if not 0 <= i < len(group):
-        raise ValueError(f"{TF_CONFIG}: task {kind} {i} is not in the cluster ({len(group)} {kind}s).")
+        raise ValueError(
+            f"{TF_CONFIG}: task {kind} {i} is not in the cluster ({len(group)} {kind}s)."
+        )
     index = i if kind == "chief" else len(chiefs) + i
     return index, len(chiefs) + len(workers)
 
@@ -146,7 +155,8 @@ def from_env(*, heartbeat_seconds: float | None = None) -> Workers:
     except RuntimeError as e:
         raise RuntimeError(
             f"could not start MultiWorkerMirroredStrategy ({e}); it must be created before any "
-            f"other TensorFlow op in the process.") from None
+            f"other TensorFlow op in the process."
+        ) from None
     return Workers(index=index, count=count, strategy=strategy)
 
 

@@ -96,8 +96,9 @@ def _download(url: str, destination: str, *, name: str, cache_dir: str, verbose:
     """
     folder, fname = os.path.split(destination)
     try:
-        path = keras.utils.get_file(fname=fname, origin=url, cache_dir=folder, cache_subdir="",
-                                    force_download=True)
+        path = keras.utils.get_file(
+            fname=fname, origin=url, cache_dir=folder, cache_subdir="", force_download=True
+        )
     except Exception as error:  # keras raises a bare Exception naming the URL; urllib errors too
         reason = getattr(error, "reason", error)
         raise ModelDownloadError(
@@ -109,7 +110,9 @@ def _download(url: str, destination: str, *, name: str, cache_dir: str, verbose:
         for chunk in iter(lambda: f.read(_DOWNLOAD_CHUNK), b""):
             digest.update(chunk)
     if verbose:
-        logging.info(f"[fetch_madry_model] {name}: downloaded {os.path.getsize(path):,} bytes from {url}")
+        logging.info(
+            f"[fetch_madry_model] {name}: downloaded {os.path.getsize(path):,} bytes from {url}"
+        )
     return digest.hexdigest()
 
 

@@ -31,8 +31,9 @@ class HoldoutMonitor(keras.callbacks.Callback):
     The history lives in ``holdout.json`` so that a resumed run keeps its best and its verdict.
     """
 
-    def __init__(self, config, model_dir: str, images: np.ndarray, labels: np.ndarray,
-                 history: dict):
+    def __init__(
+        self, config, model_dir: str, images: np.ndarray, labels: np.ndarray, history: dict
+    ):
         super().__init__()
         self.config = config
         self.model_dir = model_dir
@@ -48,8 +49,13 @@ class HoldoutMonitor(keras.callbacks.Callback):
             y = self.labels[start : start + MEASURE_BATCH]
             clean += int(np.sum(np.argmax(base(x, training=False), -1) == y))
             x_adv = attacks.pgd(
-                base, x, y, epsilon=self.config.epsilon, steps=self.config.holdout_pgd_steps,
-                step_size=self.config.holdout_pgd_step_size, seed=self.config.seed,
+                base,
+                x,
+                y,
+                epsilon=self.config.epsilon,
+                steps=self.config.holdout_pgd_steps,
+                step_size=self.config.holdout_pgd_step_size,
+                seed=self.config.seed,
             ).x_adv
             robust += int(np.sum(np.argmax(base(x_adv, training=False), -1) == y))
         n = len(self.images)
@@ -60,8 +66,13 @@ class HoldoutMonitor(keras.callbacks.Callback):
         step = int(self.model.optimizer.iterations.numpy())
         start = time.perf_counter()
         clean, robust = self.measure(base)
-        entry = {"step": step, "clean_accuracy": clean, "pgd_accuracy": robust, "n": len(self.images),
-                 "train_accuracy": float((logs or {}).get("accuracy", float("nan")))}
+        entry = {
+            "step": step,
+            "clean_accuracy": clean,
+            "pgd_accuracy": robust,
+            "n": len(self.images),
+            "train_accuracy": float((logs or {}).get("accuracy", float("nan"))),
+        }
         self.history["entries"].append(entry)
         best = self.history.get("best")
         if best is None or robust >= best["pgd_accuracy"]:  # ties: the later, longer-trained model
@@ -71,10 +82,14 @@ class HoldoutMonitor(keras.callbacks.Callback):
             os.replace(tmp, os.path.join(self.model_dir, BEST_WEIGHTS))
         best = self.history["best"]
         if robust < best["pgd_accuracy"] - self.config.overfit_drop:
-            self.history["stopped"] = {"step": step, "reason": (
-                f"held-out PGD accuracy {robust:.3f} fell more than {self.config.overfit_drop} "
-                f"below its best {best['pgd_accuracy']:.3f} (step {best['step']}): "
-                f"catastrophic overfitting")}
+            self.history["stopped"] = {
+                "step": step,
+                "reason": (
+                    f"held-out PGD accuracy {robust:.3f} fell more than {self.config.overfit_drop} "
+                    f"below its best {best['pgd_accuracy']:.3f} (step {best['step']}): "
+                    f"catastrophic overfitting"
+                ),
+            }
             self.model.stop_training = True
         reporting.write_json(os.path.join(self.model_dir, HOLDOUT_LOG), self.history)
         logging.info(

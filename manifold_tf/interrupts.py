@@ -62,8 +62,10 @@ def _handler(signum, frame) -> None:
         signal.signal(s, signal.SIG_DFL)
     if not _safe_points:
         raise Stopped(signum)
-    sys.stderr.write(f"\n{signal_name(signum)} received: stopping after the current batch or "
-                     f"checkpoint is saved (send it again to stop at once).\n")
+    sys.stderr.write(
+        f"\n{signal_name(signum)} received: stopping after the current batch or "
+        f"checkpoint is saved (send it again to stop at once).\n"
+    )
     sys.stderr.flush()
 
 
@@ -118,12 +120,15 @@ def resume_command(argv: list[str] | None = None) -> str:
     return shlex.join([*head, *rest, "--resume"])
 
 
-def stopped_message(error: Stopped, program: str, output_dir: str | None,
-                    argv: list[str] | None = None) -> str:
+def stopped_message(
+    error: Stopped, program: str, output_dir: str | None, argv: list[str] | None = None
+) -> str:
     """What a CLI prints when ``error`` stopped it: what is kept and the exact resume command."""
     where = f" in {output_dir}" if output_dir else ""
-    return (f"{program}: {error}. Every finished batch and checkpoint is kept{where}. To continue "
-            f"from there, run:\n  {resume_command(argv)}\n")
+    return (
+        f"{program}: {error}. Every finished batch and checkpoint is kept{where}. To continue "
+        f"from there, run:\n  {resume_command(argv)}\n"
+    )
 
 
 def pid_alive(pid: int) -> bool:

@@ -136,7 +136,12 @@ class ResidualUnit(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         n, h, w, _ = input_shape
         s = self.stride
-        return (n, None if h is None else -(-h // s), None if w is None else -(-w // s), self.out_filters)
+        return (
+            n,
+            None if h is None else -(-h // s),
+            None if w is None else -(-w // s),
+            self.out_filters,
+        )
 
     def get_config(self) -> dict:
         config = super().get_config()
@@ -160,7 +165,9 @@ class LeakyReLU(keras.layers.Layer):
         return input_shape
 
 
-def madry_resnet(width: str = "narrow", num_classes: int = 10, name: str | None = None) -> keras.Model:
+def madry_resnet(
+    width: str = "narrow", num_classes: int = 10, name: str | None = None
+) -> keras.Model:
     """Builds Madry et al.'s CIFAR-10 ResNet.
 
     Args:

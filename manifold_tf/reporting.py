@@ -31,8 +31,10 @@ class WriteError(OSError):
 
 def _write_error(path: str, e: OSError, note: str = "") -> WriteError:
     reason = os.strerror(e.errno) if e.errno else str(e)
-    error = WriteError(f"cannot write {path}: {reason}{note}. Free space or fix the directory's "
-                       f"permissions, then run again with --resume.")
+    error = WriteError(
+        f"cannot write {path}: {reason}{note}. Free space or fix the directory's "
+        f"permissions, then run again with --resume."
+    )
     error.errno = e.errno
     return error
 
@@ -217,7 +219,11 @@ class Progress:
 
 
 def plot_separation_curve(
-    curves: dict, path: str, *, p: float | None = None, title: str = "",
+    curves: dict,
+    path: str,
+    *,
+    p: float | None = None,
+    title: str = "",
     reference: dict | None = None,
 ) -> None:
     """Plots ``s_p`` (fraction of points with a wrong label of confidence ``>= p``) vs ``p``.
@@ -231,9 +237,15 @@ def plot_separation_curve(
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, curve in curves.items():
-        line, = ax.plot(curve["p"], curve["fraction"], label=name)
-        ax.fill_between(curve["p"], curve["ci_low"], curve["ci_high"], color=line.get_color(),
-                        alpha=0.2, linewidth=0)
+        (line,) = ax.plot(curve["p"], curve["fraction"], label=name)
+        ax.fill_between(
+            curve["p"],
+            curve["ci_low"],
+            curve["ci_high"],
+            color=line.get_color(),
+            alpha=0.2,
+            linewidth=0,
+        )
     if p is not None:
         ax.axvline(p, color="grey", linestyle=":", linewidth=1)
         for name, value in (reference or {}).items():
@@ -248,8 +260,9 @@ def plot_separation_curve(
     save_figure(fig, path)
 
 
-def plot_failure_cases(cases: Sequence[dict], path: str, *, class_names=None,
-                       title: str = "") -> None:
+def plot_failure_cases(
+    cases: Sequence[dict], path: str, *, class_names=None, title: str = ""
+) -> None:
     """Draws the defence evaluation's failure cases, one row each, and saves a PNG.
 
     Each case is a dict with ``x`` and ``x_adv`` (``[32, 32, 3]`` pixels 0..255), ``label`` (true),
@@ -281,12 +294,16 @@ def plot_failure_cases(cases: Sequence[dict], path: str, *, class_names=None,
         row[0].set_title(
             f"x (#{case.get('index', '?')}), true {name(case['label'])}\n"
             f"shell: {name(case['shell_clean'])}"
-            + (f" ({conf_c:.2f})" if conf_c is not None else ""), fontsize=8)
+            + (f" ({conf_c:.2f})" if conf_c is not None else ""),
+            fontsize=8,
+        )
         row[1].imshow(np.clip(x_adv / 255.0, 0, 1))
         base = f"base: {name(case['base_adv'])}, " if "base_adv" in case else ""
         row[1].set_title(
             f"x' (L-inf {diff.max():.1f} px)\n{base}shell: {name(case['shell_adv'])}"
-            + (f" ({conf_a:.2f})" if conf_a is not None else ""), fontsize=8)
+            + (f" ({conf_a:.2f})" if conf_a is not None else ""),
+            fontsize=8,
+        )
         row[2].imshow(diff.max(-1) / max(diff.max(), 1e-12), cmap="gray", vmin=0, vmax=1)
         row[2].set_title(f"|x' - x| (scaled)\n{case.get('category', '')}", fontsize=8)
         for ax in row:

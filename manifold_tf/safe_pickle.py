@@ -49,7 +49,8 @@ class RefusedGlobal(pickle.UnpicklingError, ValueError):
         super().__init__(
             f"{path}: refused to unpickle global {name!r} ({why}); its code was not run. The file "
             f"is not an original CIFAR-10 batch: replace it with the one from the CIFAR-10 "
-            f"'python version' archive.")
+            f"'python version' archive."
+        )
 
 
 class _NdarrayType:
@@ -70,12 +71,18 @@ def _reconstruct(path: str):
     def reconstruct(subtype, shape, dtype):
         # numpy calls _reconstruct(ndarray, (0,), b'b'); the real shape arrives with BUILD.
         if not isinstance(subtype, _NdarrayType):
-            raise RefusedGlobal(path, f"_reconstruct({getattr(subtype, '__name__', subtype)!r})",
-                                "only plain numpy arrays are allowed")
+            raise RefusedGlobal(
+                path,
+                f"_reconstruct({getattr(subtype, '__name__', subtype)!r})",
+                "only plain numpy arrays are allowed",
+            )
         dims = (shape,) if isinstance(shape, int) else tuple(shape)
         if not all(isinstance(d, int) and d >= 0 for d in dims) or math.prod(dims) > MAX_ELEMENTS:
-            raise RefusedGlobal(path, f"_reconstruct(shape={shape!r})",
-                                f"shape must be at most {MAX_ELEMENTS} elements")
+            raise RefusedGlobal(
+                path,
+                f"_reconstruct(shape={shape!r})",
+                f"shape must be at most {MAX_ELEMENTS} elements",
+            )
         return _np_reconstruct(np.ndarray, dims, _dtype(path)(dtype))
 
     return reconstruct
@@ -106,8 +113,9 @@ def _dtype(path: str):
         if made.hasobject or made.kind in "OV":
             # An object array's state is a list of arbitrary pickled objects, and BUILD can give a
             # void dtype object fields: neither is in a CIFAR-10 batch.
-            raise RefusedGlobal(path, f"numpy.dtype({spec!r})", "object and record dtypes are not "
-                                "allowed")
+            raise RefusedGlobal(
+                path, f"numpy.dtype({spec!r})", "object and record dtypes are not allowed"
+            )
         return made
 
     return dtype
@@ -116,8 +124,11 @@ def _dtype(path: str):
 def _encode(path: str):
     def encode(obj, encoding="utf-8", errors="strict"):
         if not isinstance(obj, str) or str(encoding).lower() not in _LATIN1:
-            raise RefusedGlobal(path, f"_codecs.encode(..., {encoding!r})",
-                                "only latin-1 encoding of a str is allowed")
+            raise RefusedGlobal(
+                path,
+                f"_codecs.encode(..., {encoding!r})",
+                "only latin-1 encoding of a str is allowed",
+            )
         return codecs.encode(obj, "latin1", errors)
 
     return encode

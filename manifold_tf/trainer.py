@@ -103,9 +103,13 @@ class AdversarialTrainer(keras.Model):
             # "mean" aggregation: every replica computes the same average; mirrored like BN
             # statistics.
             self._average = [
-                self.add_weight(shape=w.shape, initializer=keras.initializers.Constant(w.numpy()),
-                                trainable=False, aggregation="mean",
-                                name="average_" + w.name.replace("/", "_"))
+                self.add_weight(
+                    shape=w.shape,
+                    initializer=keras.initializers.Constant(w.numpy()),
+                    trainable=False,
+                    aggregation="mean",
+                    name="average_" + w.name.replace("/", "_"),
+                )
                 for w in self.base.weights
             ]
         self.built = True
@@ -151,8 +155,13 @@ class AdversarialTrainer(keras.Model):
 
         z0 = random_start(x, self.epsilon, seed)
         z, _ = projected_ascent(
-            loss, x, z0, radius=self.epsilon, steps=self.pgd_steps,
-            step_size=self.pgd_step_size, return_best=False,
+            loss,
+            x,
+            z0,
+            radius=self.epsilon,
+            steps=self.pgd_steps,
+            step_size=self.pgd_step_size,
+            return_best=False,
         )
         return tf.stop_gradient(z)
 
@@ -172,8 +181,15 @@ class AdversarialTrainer(keras.Model):
 
         # TRADES starts at x plus small Gaussian noise (std 0.001 of the range).
         noise = tf.random.stateless_normal(tf.shape(x), seed=self._seed()) * (0.001 * 255.0)
-        z, _ = projected_ascent(kl, x, project(x + noise, x, self.epsilon), radius=self.epsilon,
-                                steps=self.pgd_steps, step_size=self.pgd_step_size, return_best=False)
+        z, _ = projected_ascent(
+            kl,
+            x,
+            project(x + noise, x, self.epsilon),
+            radius=self.epsilon,
+            steps=self.pgd_steps,
+            step_size=self.pgd_step_size,
+            return_best=False,
+        )
         return tf.stop_gradient(z)
 
     def train_step(self, data):
@@ -223,13 +239,19 @@ class AdversarialTrainer(keras.Model):
         if self.trades:
             logits = self.base(x, training=True)
             logits_adv = self.base(x_adv, training=True)
-            ce = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+            ce = tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+            )
             log_p = tf.nn.log_softmax(logits)
-            kl = tf.reduce_mean(tf.reduce_sum(tf.exp(log_p) * (log_p - tf.nn.log_softmax(logits_adv)), -1))
+            kl = tf.reduce_mean(
+                tf.reduce_sum(tf.exp(log_p) * (log_p - tf.nn.log_softmax(logits_adv)), -1)
+            )
             loss = ce + self.trades_beta * kl
         else:
             logits = self.base(x_adv, training=True)
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+            loss = tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+            )
         if self.base.losses:  # weight decay
             loss = loss + tf.add_n(self.base.losses)
         return loss, logits
@@ -258,12 +280,14 @@ class AdversarialTrainer(keras.Model):
         # Keras builds its metrics from one batch: under MultiWorkerMirroredStrategy it averages the
         # replicas' batches with an eager collective that fails on PerReplica values (Keras 3.x).
         # One replica's batch has the same shapes.
-        if iterator is not None and isinstance(self.distribute_strategy,
-                                               tf.distribute.MultiWorkerMirroredStrategy):
+        if iterator is not None and isinstance(
+            self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy
+        ):
             for _, _, it in iterator:
                 batch = next(it)
                 data_batch = tf.nest.map_structure(
-                    lambda v: self.distribute_strategy.experimental_local_results(v)[0], batch)
+                    lambda v: self.distribute_strategy.experimental_local_results(v)[0], batch
+                )
                 break
             iterator = None
         return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)

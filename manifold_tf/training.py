@@ -43,7 +43,6 @@ LR_SCHEDULES = ("piecewise", "cyclic")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 
 
-
 @dataclasses.dataclass
 class TrainConfig:
     """Everything that defines a training run (saved as ``config.json`` in the model dir).
@@ -53,11 +52,17 @@ class TrainConfig:
 
     width: str = setting("narrow", "Model width.", choices=("narrow", "wide"))
     dataset: str = setting("cifar10", "Training data.", choices=("cifar10", "synthetic"))
-    data_dir: str | None = setting(None, "cifar-10-batches-py folder (default: $MANIFOLD_TF_CIFAR10_DIR, "
-                                         "else TensorFlow Datasets).")
+    data_dir: str | None = setting(
+        None,
+        "cifar-10-batches-py folder (default: $MANIFOLD_TF_CIFAR10_DIR, else TensorFlow Datasets).",
+    )
     adversarial: bool = setting(False, "Train on adversarial examples (--attack).")
-    attack: str = setting("pgd", "Training attack: Madry's PGD-k, FGSM from a random start (Wong et "
-                                 "al.), or TRADES with PGD-k on the KL (Zhang et al.).", choices=ATTACKS)
+    attack: str = setting(
+        "pgd",
+        "Training attack: Madry's PGD-k, FGSM from a random start (Wong et "
+        "al.), or TRADES with PGD-k on the KL (Zhang et al.).",
+        choices=ATTACKS,
+    )
     epsilon: float = setting(8.0, "Attack L-inf budget, pixels (0..255).")
     pgd_steps: int = setting(7, "PGD steps per batch.")
     pgd_step_size: float = setting(2.0, "PGD step size, pixels.")
@@ -66,30 +71,48 @@ class TrainConfig:
     batch_size: int = setting(128, "Global batch size.")
     steps: int = setting(80000, "Total training steps.")
     lr_schedule: str = setting("piecewise", "Learning-rate schedule.", choices=LR_SCHEDULES)
-    lr_boundaries: tuple[int, ...] = setting((40000, 60000), "Steps where the piecewise rate drops.")
-    lr_values: tuple[float, ...] = setting((0.1, 0.01, 0.001), "Piecewise rates (one more than boundaries).")
+    lr_boundaries: tuple[int, ...] = setting(
+        (40000, 60000), "Steps where the piecewise rate drops."
+    )
+    lr_values: tuple[float, ...] = setting(
+        (0.1, 0.01, 0.001), "Piecewise rates (one more than boundaries)."
+    )
     lr_max: float = setting(0.2, "Peak learning rate of the cyclic schedule.")
     lr_peak: float = setting(0.4, "Where the cyclic schedule peaks, as a fraction of the steps.")
-    ema_decay: float = setting(0.0, "Keep an exponential moving average of the weights with this "
-                                    "decay (0: none); held-out checks, best.keras and final.keras "
-                                    "then use the averaged weights.")
-    awp_gamma: float = setting(0.0, "Adversarial weight perturbation (Wu et al. 2020): relative size "
-                                    "of the kernels' ascent step before each update (0: none; 5e-3 "
-                                    "is the paper's).")
+    ema_decay: float = setting(
+        0.0,
+        "Keep an exponential moving average of the weights with this "
+        "decay (0: none); held-out checks, best.keras and final.keras "
+        "then use the averaged weights.",
+    )
+    awp_gamma: float = setting(
+        0.0,
+        "Adversarial weight perturbation (Wu et al. 2020): relative size "
+        "of the kernels' ascent step before each update (0: none; 5e-3 "
+        "is the paper's).",
+    )
     holdout: int = setting(0, "Training images held out for PGD early stopping (0: none).")
     holdout_pgd_steps: int = setting(10, "PGD steps of the held-out check.")
     holdout_pgd_step_size: float = setting(2.0, "PGD step size of the held-out check, pixels.")
-    overfit_drop: float = setting(0.2, "Stop when held-out PGD accuracy falls this far below its best.")
+    overfit_drop: float = setting(
+        0.2, "Stop when held-out PGD accuracy falls this far below its best."
+    )
     momentum: float = setting(0.9, "SGD momentum.")
     seed: int = setting(0, "Seed: initialisation, data order, augmentation, attack starts.")
     checkpoint_every: int = setting(100, "Steps between checkpoints (and held-out checks).")
     log_every: int = setting(10, "Steps between progress lines.")
-    strategy: str = setting("default", "tf.distribute strategy: one device, the devices of this "
-                                       "host (mirrored), or the workers of TF_CONFIG (multi_worker).",
-                            choices=STRATEGIES)
+    strategy: str = setting(
+        "default",
+        "tf.distribute strategy: one device, the devices of this "
+        "host (mirrored), or the workers of TF_CONFIG (multi_worker).",
+        choices=STRATEGIES,
+    )
     jit_compile: bool = setting(False, "Compile the train step with XLA.")
-    init_from: str | None = setting(None, "Start from these weights (.keras of the same width): "
-                                          "fine-tuning, e.g. PGD after fast FGSM training.")
+    init_from: str | None = setting(
+        None,
+        "Start from these weights (.keras of the same width): "
+        "fine-tuning, e.g. PGD after fast FGSM training.",
+    )
 
     @property
     def attack_steps(self) -> int:
@@ -106,9 +129,13 @@ class TrainConfig:
         if self.attack not in ATTACKS:
             raise ValueError(f"attack must be one of {ATTACKS}; got {self.attack!r}.")
         if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}.")
+            raise ValueError(
+                f"lr_schedule must be one of {LR_SCHEDULES}; got {self.lr_schedule!r}."
+            )
         if not 0.0 < self.lr_peak < 1.0:
-            raise ValueError(f"lr_peak must be in (0, 1) (a fraction of the steps); got {self.lr_peak}.")
+            raise ValueError(
+                f"lr_peak must be in (0, 1) (a fraction of the steps); got {self.lr_peak}."
+            )
         check_int(self.holdout, "holdout")
         check_int(self.holdout_pgd_steps, "holdout_pgd_steps", minimum=1)
         if not 0.0 <= self.ema_decay < 1.0:
@@ -195,12 +222,16 @@ class _Checkpointer(keras.callbacks.Callback):
 def _strategy(name: str, workers: Workers) -> tf.distribute.Strategy:
     if name == "multi_worker":
         if not workers.distributed:
-            raise ValueError("--strategy=multi_worker needs TF_CONFIG describing two or more workers "
-                             "(BUILD.md, 'Several machines').")
+            raise ValueError(
+                "--strategy=multi_worker needs TF_CONFIG describing two or more workers "
+                "(BUILD.md, 'Several machines')."
+            )
         return workers.strategy
     if workers.distributed:
-        raise ValueError(f"TF_CONFIG describes {workers.count} workers: train with "
-                         f"--strategy=multi_worker (got {name!r}).")
+        raise ValueError(
+            f"TF_CONFIG describes {workers.count} workers: train with "
+            f"--strategy=multi_worker (got {name!r})."
+        )
     if name == "mirrored":
         return tf.distribute.MirroredStrategy()
     return tf.distribute.get_strategy()
@@ -266,22 +297,42 @@ def train(
     # The run store compares the saved config with this one and names every setting that differs
     # (on the other workers: with the chief's).
     RunStore(model_dir, resume=resume, overwrite=overwrite, workers=workers).bind(
-        "train", dataclasses.asdict(config), free=free, settings_file="config.json")
+        "train", dataclasses.asdict(config), free=free, settings_file="config.json"
+    )
     own_dir = scratch_dir(model_dir, workers)  # where this worker writes: model_dir for the chief
     try:
-        model = _run(config, model_dir, own_dir, strategy, workers, resume=resume,
-                     overwrite=overwrite, train_arrays=train_arrays)
+        model = _run(
+            config,
+            model_dir,
+            own_dir,
+            strategy,
+            workers,
+            resume=resume,
+            overwrite=overwrite,
+            train_arrays=train_arrays,
+        )
     finally:
         remove_scratch(own_dir, model_dir)
     workers.barrier("train done")  # the chief's files are complete when any worker returns
     return model
 
 
-def _run(config: TrainConfig, model_dir: str, own_dir: str, strategy, workers: Workers, *,
-         resume: bool, overwrite: bool, train_arrays) -> keras.Model:
+def _run(
+    config: TrainConfig,
+    model_dir: str,
+    own_dir: str,
+    strategy,
+    workers: Workers,
+    *,
+    resume: bool,
+    overwrite: bool,
+    train_arrays,
+) -> keras.Model:
     """The training run of :func:`train`, writing into ``own_dir`` (``model_dir`` on the chief)."""
     if train_arrays is None:
-        folder = config.data_dir or (data_lib.default_data_dir() if config.dataset == "cifar10" else None)
+        folder = config.data_dir or (
+            data_lib.default_data_dir() if config.dataset == "cifar10" else None
+        )
         train_arrays = data_lib.load_arrays(config.dataset, "train", folder)
     images, labels = train_arrays
     callbacks = []
@@ -300,8 +351,9 @@ def _run(config: TrainConfig, model_dir: str, own_dir: str, strategy, workers: W
             trainer.reset_average()
     # Keras does not expose the trainer's own weights (the averages) to tf.train.Checkpoint: name
     # them.
-    ckpt = tf.train.Checkpoint(model=trainer, optimizer=trainer.optimizer,
-                               average=list(trainer.average_variables))
+    ckpt = tf.train.Checkpoint(
+        model=trainer, optimizer=trainer.optimizer, average=list(trainer.average_variables)
+    )
     manager = tf.train.CheckpointManager(
         ckpt, os.path.join(own_dir, CHECKPOINT_SUBDIR), max_to_keep=3
     )
@@ -330,8 +382,10 @@ def _run(config: TrainConfig, model_dir: str, own_dir: str, strategy, workers: W
     if start >= config.steps:
         logging.info(f"already trained for {start} >= {config.steps} steps")
     elif history.get("stopped"):
-        logging.info(f"not resuming: the run stopped at step {history['stopped']['step']}: "
-              f"{history['stopped']['reason']}")
+        logging.info(
+            f"not resuming: the run stopped at step {history['stopped']['step']}: "
+            f"{history['stopped']['reason']}"
+        )
     else:
         ds = data_lib.make_dataset(
             images, labels, batch_size=config.batch_size, training=True, seed=config.seed
@@ -345,10 +399,13 @@ def _run(config: TrainConfig, model_dir: str, own_dir: str, strategy, workers: W
             steps_per_epoch=config.checkpoint_every,
             verbose=0,
             shuffle=False,
-            callbacks=callbacks + [
+            callbacks=callbacks
+            + [
                 _ProgressLogger(start, config.steps, config.batch_size, config.log_every),
                 _Checkpointer(manager, trainer.optimizer, config.steps),
-                keras.callbacks.TensorBoard(os.path.join(own_dir, "logs"), update_freq=config.log_every),
+                keras.callbacks.TensorBoard(
+                    os.path.join(own_dir, "logs"), update_freq=config.log_every
+                ),
             ],
         )
     final = os.path.join(own_dir, FINAL_WEIGHTS)

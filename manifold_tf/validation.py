@@ -69,7 +69,9 @@ def validate_images(
             warnings.warn(
                 f"{name} has all pixel values in [{lo:g}, {hi:g}]: manifold_tf expects pixels in "
                 f"0..255 (delta and epsilon are in pixels). Multiply [0, 1] images by 255.",
-                UserWarning, stacklevel=2)
+                UserWarning,
+                stacklevel=2,
+            )
     return x
 
 
@@ -109,7 +111,8 @@ def check_int(value, name: str, minimum: int = 0) -> int:
     infinities are refused.
     """
     whole = isinstance(value, (int, np.integer)) or (
-        isinstance(value, (float, np.floating)) and float(value).is_integer())
+        isinstance(value, (float, np.floating)) and float(value).is_integer()
+    )
     if isinstance(value, bool) or not whole or int(value) < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}.")
     return int(value)

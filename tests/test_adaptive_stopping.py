@@ -8,15 +8,22 @@ import json
 import numpy as np
 import pytest
 
+from helpers import small_conv
 from manifold_tf.evaluation import adaptive, adaptive_report
 from manifold_tf.evaluation.config import AdaptiveConfig
 from manifold_tf.evaluation.store import RunStore
 from manifold_tf.shells import MCNShell
 
-from helpers import small_conv
-
-SMALL = AdaptiveConfig(num_points=12, steps=2, square_queries=3, sanity_points=0, lift_steps=2,
-                       base_apgd_steps=2, targets=1, shell_attacks=("transfer_cw", "bpda"))
+SMALL = AdaptiveConfig(
+    num_points=12,
+    steps=2,
+    square_queries=3,
+    sanity_points=0,
+    lift_steps=2,
+    base_apgd_steps=2,
+    targets=1,
+    shell_attacks=("transfer_cw", "bpda"),
+)
 CW = dict(max_iterations=2)
 
 
@@ -33,8 +40,9 @@ def setup():
 def run(setup, path, config, *, resume=False):
     base, shell, x, y = setup
     store = RunStore(str(path), resume=resume)
-    return adaptive.run_adaptive(base, shell, x, y, config, store, epsilon=6.0, cw_kwargs=CW,
-                                 seed=0, batch_points=4), store
+    return adaptive.run_adaptive(
+        base, shell, x, y, config, store, epsilon=6.0, cw_kwargs=CW, seed=0, batch_points=4
+    ), store
 
 
 def test_decided_stops_at_the_first_look_that_decides_and_resumes_there(setup, tmp_path):

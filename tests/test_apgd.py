@@ -21,8 +21,9 @@ TOL = 1e-3  # pixels: float32 rounding of x +- epsilon
 
 
 # The conv net of these tests: 10 classes spread over uniform noise images.
-small_conv = functools.partial(helpers.small_conv, classes=10, scale=1.0 / 64.0, offset=-2.0,
-                               filters=16)
+small_conv = functools.partial(
+    helpers.small_conv, classes=10, scale=1.0 / 64.0, offset=-2.0, filters=16
+)
 
 
 def successes(model, x_adv, y) -> np.ndarray:
@@ -51,6 +52,7 @@ def test_ascent_reaches_the_corner_on_a_linear_objective():
     rng = np.random.default_rng(0)
     x = tf.constant(rng.uniform(0, 255, (3, 4, 4, 3)).astype(np.float32))  # some corners clip
     w = tf.constant(rng.normal(size=(3, 4, 4, 3)).astype(np.float32))
+
     def objective(z):
         return tf.reduce_sum(w * z, axis=[1, 2, 3])
 
@@ -65,6 +67,7 @@ def test_step_halving_converges_to_an_interior_maximum():
     # faces of the ball; the halvings (8 checkpoints in 100 steps: eta down to 16 / 2^8) must not.
     x = tf.fill([2, 1, 1, 3], 100.0)
     c = tf.constant([[1.3, -2.7, 5.1], [0.2, 7.5, -6.1]])[:, None, None, :]
+
     def objective(z):
         return -tf.reduce_sum(tf.square(z - x - c), axis=[1, 2, 3])
 
@@ -80,9 +83,12 @@ def test_ascent_with_success_prefers_successful_points():
     # Success is "z > x + 4"; the objective peaks at x + 2, so the best successful point is not
     # the best point.
     x = tf.fill([1, 1, 1, 1], 50.0)
+
     def objective(z):
-        return (-tf.reduce_sum(tf.square(z - x - 2.0), axis=[1, 2, 3]),
-                tf.reduce_min(z - x, axis=[1, 2, 3]) > 4.0)
+        return (
+            -tf.reduce_sum(tf.square(z - x - 2.0), axis=[1, 2, 3]),
+            tf.reduce_min(z - x, axis=[1, 2, 3]) > 4.0,
+        )
 
     z, f, ok = apgd_ascent(objective, x, x, radius=8.0, steps=20)
     assert bool(ok[0]) and float(z[0, 0, 0, 0]) > 54.0
@@ -175,8 +181,9 @@ def test_dlr_losses_match_their_formulas_and_are_shift_and_scale_invariant():
 def test_apgd_t_is_at_least_as_strong_as_pgd_and_apgd_ce(conv):
     model, x, y = conv
     eps = 2.0  # PGD-20 breaks about half of the points here
-    pgd = successes(model, attacks.pgd(model, x, y, epsilon=eps, steps=20,
-                                       step_size=eps / 4).x_adv, y)
+    pgd = successes(
+        model, attacks.pgd(model, x, y, epsilon=eps, steps=20, step_size=eps / 4).x_adv, y
+    )
     ce = successes(model, attacks.apgd_ce(model, x, y, epsilon=eps, steps=20).x_adv, y)
     res = attacks.apgd_t(model, x, y, epsilon=eps, steps=20)
     t = successes(model, res.x_adv, y)

@@ -23,7 +23,6 @@ import importlib
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from helpers import PIXEL_TOL, assert_in_ball_and_box, assert_results_equal, small_conv
 from manifold_tf import attacks
@@ -54,50 +53,118 @@ def _row(name, fn, on_shell=False, missing=None):
 def with_known_bugs(rows, bugs: dict, raises=None):
     """``rows`` with a strict xfail (raising ``raises``, if given) on the rows named in ``bugs``
     (name -> reason)."""
-    return [pytest.param(*r.values, id=r.id, marks=list(r.marks) + (
-        [pytest.mark.xfail(strict=True, reason=bugs[r.id], raises=raises)] if r.id in bugs
-        else [])) for r in rows]
+    return [
+        pytest.param(
+            *r.values,
+            id=r.id,
+            marks=list(r.marks)
+            + (
+                [pytest.mark.xfail(strict=True, reason=bugs[r.id], raises=raises)]
+                if r.id in bugs
+                else []
+            ),
+        )
+        for r in rows
+    ]
 
 
 FAB, FAB_T = _fab("fab"), _fab("fab_t")
 NO_FAB = "manifold_tf.attacks.fab is not there (yet): FAB's rows are skipped"
 
 ROWS = [
-    _row("pgd", lambda m, x, y, eps, seed: attacks.pgd(
-        m, x, y, epsilon=eps, steps=2, step_size=2.0, restarts=2, seed=seed)),
+    _row(
+        "pgd",
+        lambda m, x, y, eps, seed: attacks.pgd(
+            m, x, y, epsilon=eps, steps=2, step_size=2.0, restarts=2, seed=seed
+        ),
+    ),
     # (Targeted pgd and cw_linf are left out: their y are the targets, and their success is
     # reaching the target, not misclassification.)
-    _row("apgd_ce", lambda m, x, y, eps, seed: attacks.apgd_ce(
-        m, x, y, epsilon=eps, steps=2, restarts=2, seed=seed)),
-    _row("apgd_dlr", lambda m, x, y, eps, seed: attacks.apgd_dlr(
-        m, x, y, epsilon=eps, steps=2, seed=seed)),
-    _row("apgd_t", lambda m, x, y, eps, seed: attacks.apgd_t(
-        m, x, y, epsilon=eps, steps=2, num_targets=2, seed=seed)),
-    _row("high_confidence", lambda m, x, y, eps, seed: attacks.high_confidence(
-        m, x, y, epsilon=eps, steps=2, step_size=2.0, random_start=True, seed=seed)),
-    _row("cw_linf", lambda m, x, y, eps, seed: attacks.cw_linf(
-        m, x, y, epsilon=eps, max_iterations=3, largest_const=1e-3, max_total_iterations=40)),
-    _row("square", lambda m, x, y, eps, seed: attacks.square(
-        m, x, y, epsilon=eps, queries=5, seed=seed)),
-    _row("fab", lambda m, x, y, eps, seed: FAB(
-        m, x, y, epsilon=eps, steps=2, restarts=2, seed=seed), missing=FAB is None and NO_FAB),
-    _row("fab_t", lambda m, x, y, eps, seed: FAB_T(
-        m, x, y, epsilon=eps, steps=2, num_targets=2, seed=seed),
-        missing=FAB_T is None and NO_FAB),
+    _row(
+        "apgd_ce",
+        lambda m, x, y, eps, seed: attacks.apgd_ce(
+            m, x, y, epsilon=eps, steps=2, restarts=2, seed=seed
+        ),
+    ),
+    _row(
+        "apgd_dlr",
+        lambda m, x, y, eps, seed: attacks.apgd_dlr(m, x, y, epsilon=eps, steps=2, seed=seed),
+    ),
+    _row(
+        "apgd_t",
+        lambda m, x, y, eps, seed: attacks.apgd_t(
+            m, x, y, epsilon=eps, steps=2, num_targets=2, seed=seed
+        ),
+    ),
+    _row(
+        "high_confidence",
+        lambda m, x, y, eps, seed: attacks.high_confidence(
+            m, x, y, epsilon=eps, steps=2, step_size=2.0, random_start=True, seed=seed
+        ),
+    ),
+    _row(
+        "cw_linf",
+        lambda m, x, y, eps, seed: attacks.cw_linf(
+            m, x, y, epsilon=eps, max_iterations=3, largest_const=1e-3, max_total_iterations=40
+        ),
+    ),
+    _row(
+        "square",
+        lambda m, x, y, eps, seed: attacks.square(m, x, y, epsilon=eps, queries=5, seed=seed),
+    ),
+    _row(
+        "fab",
+        lambda m, x, y, eps, seed: FAB(m, x, y, epsilon=eps, steps=2, restarts=2, seed=seed),
+        missing=FAB is None and NO_FAB,
+    ),
+    _row(
+        "fab_t",
+        lambda m, x, y, eps, seed: FAB_T(m, x, y, epsilon=eps, steps=2, num_targets=2, seed=seed),
+        missing=FAB_T is None and NO_FAB,
+    ),
     # On a shell.
-    _row("bpda", lambda s, x, y, eps, seed: attacks.bpda(
-        s, x, y, epsilon=eps, steps=2, random_start=True, seed=seed), on_shell=True),
-    _row("bpda_targeted_run", lambda s, x, y, eps, seed: attacks.bpda(
-        s, x, y, epsilon=eps, steps=2, target=(y + 1) % CLASSES, schedule="apgd", seed=seed),
-        on_shell=True),
-    _row("bpda_restarts", lambda s, x, y, eps, seed: attacks.bpda_restarts(
-        s, x, y, epsilon=eps, steps=1, random_restarts=1, seed=seed), on_shell=True),
-    _row("bpda_targeted", lambda s, x, y, eps, seed: attacks.bpda_targeted(
-        s, x, y, epsilon=eps, steps=1, num_targets=2, seed=seed), on_shell=True),
-    _row("lift", lambda s, x, y, eps, seed: attacks.lift(
-        s, x, y, epsilon=eps, steps=2, num_targets=2, bpda_steps=1, seed=seed), on_shell=True),
-    _row("square_on_shell", lambda s, x, y, eps, seed: attacks.square(
-        s, x, y, epsilon=eps, queries=4, seed=seed, output="probabilities"), on_shell=True),
+    _row(
+        "bpda",
+        lambda s, x, y, eps, seed: attacks.bpda(
+            s, x, y, epsilon=eps, steps=2, random_start=True, seed=seed
+        ),
+        on_shell=True,
+    ),
+    _row(
+        "bpda_targeted_run",
+        lambda s, x, y, eps, seed: attacks.bpda(
+            s, x, y, epsilon=eps, steps=2, target=(y + 1) % CLASSES, schedule="apgd", seed=seed
+        ),
+        on_shell=True,
+    ),
+    _row(
+        "bpda_restarts",
+        lambda s, x, y, eps, seed: attacks.bpda_restarts(
+            s, x, y, epsilon=eps, steps=1, random_restarts=1, seed=seed
+        ),
+        on_shell=True,
+    ),
+    _row(
+        "bpda_targeted",
+        lambda s, x, y, eps, seed: attacks.bpda_targeted(
+            s, x, y, epsilon=eps, steps=1, num_targets=2, seed=seed
+        ),
+        on_shell=True,
+    ),
+    _row(
+        "lift",
+        lambda s, x, y, eps, seed: attacks.lift(
+            s, x, y, epsilon=eps, steps=2, num_targets=2, bpda_steps=1, seed=seed
+        ),
+        on_shell=True,
+    ),
+    _row(
+        "square_on_shell",
+        lambda s, x, y, eps, seed: attacks.square(
+            s, x, y, epsilon=eps, queries=4, seed=seed, output="probabilities"
+        ),
+        on_shell=True,
+    ),
 ]
 
 
@@ -158,12 +225,15 @@ def test_reported_success_is_a_fresh_prediction(setting, name, attack, on_shell)
 
 @pytest.mark.parametrize("name, attack, on_shell", ROWS)
 def test_costs_are_non_negative_and_shell_attacks_pay_shell_predictions(
-        setting, name, attack, on_shell):
+    setting, name, attack, on_shell
+):
     _, _, _, res = outcome(setting, name, attack, on_shell)
     assert (res.base_passes >= 0).all() and (res.shell_predictions >= 0).all()
     cost = res.cost
-    assert cost == {"base_passes": int(res.base_passes.sum()),
-                    "shell_predictions": int(res.shell_predictions.sum())}
+    assert cost == {
+        "base_passes": int(res.base_passes.sum()),
+        "shell_predictions": int(res.shell_predictions.sum()),
+    }
     if on_shell:
         assert (res.shell_predictions >= 1).all(), res.shell_predictions
     else:
@@ -180,8 +250,7 @@ def test_same_seed_same_result(setting, name, attack, on_shell):
     assert_results_equal(first, again)
 
 
-@pytest.mark.parametrize("name, attack, on_shell", with_known_bugs(ROWS, {},
-                                                                    raises=AssertionError))
+@pytest.mark.parametrize("name, attack, on_shell", with_known_bugs(ROWS, {}, raises=AssertionError))
 def test_zero_budget_returns_x_and_succeeds_only_where_x_is_wrong(setting, name, attack, on_shell):
     model, x, y, res = outcome(setting, name, attack, on_shell, eps=0.0)
     assert len(res) == N

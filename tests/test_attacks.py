@@ -39,8 +39,9 @@ def corner(x, w, source, target, delta):
 
 
 # The conv net of these tests: 4 classes, pixels / 255, global average pooling.
-small_conv = functools.partial(helpers.small_conv, classes=4, scale=1.0 / 255.0, offset=0.0,
-                               pooling="average")
+small_conv = functools.partial(
+    helpers.small_conv, classes=4, scale=1.0 / 255.0, offset=0.0, pooling="average"
+)
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +80,18 @@ def test_targeted_pgd_reaches_linear_optimum(binary, loss):
     model, w, x, y = binary
     delta = 6.0
     target = (1 - y).astype(np.int32)
-    res = attacks.pgd(model, x, target, epsilon=delta, steps=12, step_size=1.5, loss=loss,
-                      targeted=True, random_start=True, seed=3)
+    res = attacks.pgd(
+        model,
+        x,
+        target,
+        epsilon=delta,
+        steps=12,
+        step_size=1.5,
+        loss=loss,
+        targeted=True,
+        random_start=True,
+        seed=3,
+    )
     x_adv = res.x_adv
     # success = the goal (here: classified as the target) at x_adv, by the model itself.
     np.testing.assert_array_equal(res.success, np.argmax(model(x_adv).numpy(), 1) == target)
@@ -123,9 +134,18 @@ def test_cw_inner_targeted_fixed_tau(binary):
     model, _, x, y = binary
     target = tf.constant(1 - y, tf.int32)
     xt = tf.constant(x)
-    fn = tf.function(lambda: cw_inner(model, xt, target, to_tanh_space(xt), tau=255.0,
-                                              const=tf.fill([len(x)], 1e-5), max_iterations=500,
-                                              targeted=True))
+    fn = tf.function(
+        lambda: cw_inner(
+            model,
+            xt,
+            target,
+            to_tanh_space(xt),
+            tau=255.0,
+            const=tf.fill([len(x)], 1e-5),
+            max_iterations=500,
+            targeted=True,
+        )
+    )
     x_new, ok = fn()
     assert ok.numpy().all()
     assert np.all(np.argmax(model(x_new).numpy(), axis=1) == target.numpy())
@@ -147,8 +167,9 @@ def test_outputs_inside_ball_and_box(conv):
     assert_in_ball(pgd(restarts=2).x_adv, x, eps)
     assert_in_ball(pgd(loss="cw").x_adv, x, eps)
     for opt in ("sign", "adam"):
-        res = attacks.high_confidence(model, x, y, epsilon=eps, steps=4, step_size=2.0,
-                                      optimizer=opt, random_start=True)
+        res = attacks.high_confidence(
+            model, x, y, epsilon=eps, steps=4, step_size=2.0, optimizer=opt, random_start=True
+        )
         conf, label = res.details["confidence"], res.details["label"]
         assert_in_ball(res.x_adv, x, eps)
         assert np.all((conf >= 0) & (conf <= 1)) and np.all(label != y)

@@ -179,8 +179,20 @@ def test_mcn_on_a_binary_linear_base_is_broken_exactly_below_the_linear_margin()
     np.testing.assert_array_equal(out.base_passes, 2 * out.details["steps_used"])
 
 
-@pytest.mark.parametrize("variant", ["apgd", "targeted", "targeted_apgd", "restarts", "top_k",
-                                     "lift", "lift_bpda", "eot_random_start", "ncn"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "apgd",
+        "targeted",
+        "targeted_apgd",
+        "restarts",
+        "top_k",
+        "lift",
+        "lift_bpda",
+        "eot_random_start",
+        "ncn",
+    ],
+)
 def test_every_variant_meets_the_binary_linear_oracle(variant):
     # The same exact condition for every attack: broken iff |m(x)| < eps |a|_1, at the corner.
     base, x, y, p = binary_problem()
@@ -197,15 +209,18 @@ def test_every_variant_meets_the_binary_linear_oracle(variant):
     run = dict(
         apgd=lambda: bpda(shell, x, y, epsilon=eps, steps=3, schedule="apgd"),
         targeted=lambda: bpda(shell, x, y, epsilon=eps, steps=3, step_size=eps, target=1 - y),
-        targeted_apgd=lambda: bpda(shell, x, y, epsilon=eps, steps=3, target=1 - y,
-                                   schedule="apgd"),
-        restarts=lambda: attacks.bpda_restarts(shell, x, y, epsilon=eps, steps=3,
-                                               random_restarts=2, seed=4),
+        targeted_apgd=lambda: bpda(
+            shell, x, y, epsilon=eps, steps=3, target=1 - y, schedule="apgd"
+        ),
+        restarts=lambda: attacks.bpda_restarts(
+            shell, x, y, epsilon=eps, steps=3, random_restarts=2, seed=4
+        ),
         top_k=lambda: attacks.bpda_targeted(shell, x, y, epsilon=eps, steps=3, num_targets="all"),
         lift=lambda: attacks.lift(shell, x, y, epsilon=eps, steps=3),
         lift_bpda=lambda: attacks.lift(shell, x, y, epsilon=eps, steps=3, bpda_steps=2),
-        eot_random_start=lambda: bpda(shell, x, y, epsilon=eps, steps=3, schedule="apgd",
-                                      eot_samples=2, seed=1),
+        eot_random_start=lambda: bpda(
+            shell, x, y, epsilon=eps, steps=3, schedule="apgd", eot_samples=2, seed=1
+        ),
         ncn=lambda: bpda(shell, x, y, epsilon=eps, steps=3, schedule="apgd"),
     )[variant]
     out = run()
@@ -229,7 +244,6 @@ def test_every_variant_meets_the_binary_linear_oracle(variant):
         np.testing.assert_array_equal(out.details["target"], 1 - y)
 
 
-
 def test_eot_on_a_random_start_mcn_shell_verifies_each_success_on_a_fresh_draw(conv):
     # MCN with a random start is random only through its seed (and the batch layout: one point
     # per call here, so a re-evaluation reproduces the attack's check). EOT averages copies with
@@ -238,7 +252,7 @@ def test_eot_on_a_random_start_mcn_shell_verifies_each_success_on_a_fresh_draw(c
     shell = MCNShell(base, 4.0, steps=2, random_start=True, seed=11)
     steps, broken = 4, 0
     for i in range(len(x)):
-        xi = x[i:i + 1]
+        xi = x[i : i + 1]
         yi = shell.embed(xi)["label"].numpy()
         out = bpda(shell, xi, yi, epsilon=3.0, steps=steps, schedule="apgd", eot_samples=3)
         assert_in_ball_and_box(out.x_adv, xi, 3.0)

@@ -38,7 +38,6 @@ def conv():
     return base, x, shells
 
 
-
 # ------------------------------------------------------------------------------------------------
 # Control: an attack on the shell finds what a transfer attack on the base cannot
 
@@ -86,8 +85,9 @@ def test_bpda_fools_a_shell_that_transfer_attacks_on_the_base_do_not():
     # Transfer: PGD on the base (both losses, random restarts) goes up the ramp to mu + 6u and
     # fools the base there, but the shell's ball around that point still holds mu: it stays right.
     for loss in ("xent", "cw"):
-        res = attacks.pgd(base, x, y, epsilon=eps, steps=10, step_size=1.5, loss=loss,
-                          restarts=3, seed=0)
+        res = attacks.pgd(
+            base, x, y, epsilon=eps, steps=10, step_size=1.5, loss=loss, restarts=3, seed=0
+        )
         x_t = res.x_adv
         assert res.success[0], loss
         assert base(x_t).numpy().argmax() != 1, loss
@@ -141,8 +141,12 @@ def test_lift_breaks_mcn_where_transfer_attacks_from_the_base_do_not():
 
     # Transfer: untargeted attacks on the base go up the ramp (or to random corners); the shell's
     # ball around their x' still holds mu, and the cliff stays out of its reach: it stays right.
-    transfers = [attacks.pgd(base, x, y, epsilon=eps, steps=10, step_size=1.0, loss=loss,
-                             random_start=False).x_adv for loss in ("xent", "cw")]
+    transfers = [
+        attacks.pgd(
+            base, x, y, epsilon=eps, steps=10, step_size=1.0, loss=loss, random_start=False
+        ).x_adv
+        for loss in ("xent", "cw")
+    ]
     transfers.append(attacks.apgd_ce(base, x, y, epsilon=eps, steps=10, restarts=2).x_adv)
     for x_t in transfers:
         assert_in_ball_and_box(x_t, x, eps)
@@ -194,9 +198,11 @@ def test_a_provably_robust_shell_is_not_broken_inside_its_radius_but_is_beyond()
     np.testing.assert_array_equal(shell.embed(x)["label"].numpy(), y)
 
     eps = 0.95 * radius.min()
-    for out in (attacks.bpda_restarts(shell, x, y, epsilon=eps, steps=5, random_restarts=1),
-                attacks.bpda_targeted(shell, x, y, epsilon=eps, steps=5, num_targets="all"),
-                attacks.lift(shell, x, y, epsilon=eps, steps=5, bpda_steps=2)):
+    for out in (
+        attacks.bpda_restarts(shell, x, y, epsilon=eps, steps=5, random_restarts=1),
+        attacks.bpda_targeted(shell, x, y, epsilon=eps, steps=5, num_targets="all"),
+        attacks.lift(shell, x, y, epsilon=eps, steps=5, bpda_steps=2),
+    ):
         assert not out.success.any()
         assert_in_ball_and_box(out.x_adv, x, eps)
         assert (out.score < 0).all()
@@ -228,8 +234,9 @@ def test_suite_outputs_are_verified_in_the_ball_and_deterministic(conv, cw_shell
     def run():
         kwargs = dict(epsilon=eps, seed=3, progress=lambda *a: calls.append(a))
         if attack == "restarts":
-            return attacks.bpda_restarts(shell, x, y, steps=3, x_init=np.clip(x + 2.0, 0, 255),
-                                         random_restarts=1, **kwargs)
+            return attacks.bpda_restarts(
+                shell, x, y, steps=3, x_init=np.clip(x + 2.0, 0, 255), random_restarts=1, **kwargs
+            )
         if attack == "top_k":
             return attacks.bpda_targeted(shell, x, y, steps=3, num_targets=2, **kwargs)
         return attacks.lift(shell, x, y, steps=4, bpda_steps=2, **kwargs)
@@ -254,7 +261,6 @@ def test_suite_outputs_are_verified_in_the_ball_and_deterministic(conv, cw_shell
     # One trace of each compiled piece, whatever the batch sizes met.
     assert list(compiled.tracing_counts(base, "bpda").values()) == [1]
     assert set(compiled.tracing_counts(base, "bpda_lift").values()) <= {1}
-
 
 
 def test_bad_inputs_of_the_strengthened_attacks_raise_naming_the_problem(conv):

@@ -34,8 +34,9 @@ def test_the_quantile_of_top_label_confidence_is_numpy_s():
     conf = np_softmax(np_logits(x, kernel, bias)).max(1)
     np.testing.assert_allclose(calibrate.top_confidence(base, x, batch_size=7), conf, rtol=1e-5)
     for q in (0.0, 0.25, 0.5, 0.9, 1.0):
-        assert calibrate.confidence_quantile(base, x, q) == pytest.approx(np.quantile(conf, q),
-                                                                         rel=1e-5)
+        assert calibrate.confidence_quantile(base, x, q) == pytest.approx(
+            np.quantile(conf, q), rel=1e-5
+        )
     with pytest.raises(ValueError, match="quantile must lie in"):
         calibrate.confidence_quantile(base, x, 1.5)
     with pytest.raises(ValueError, match="no held-out images"):
@@ -73,8 +74,9 @@ def test_threat_p_parses_numbers_and_auto():
     base, _, _, _ = problem()
     with pytest.raises(ValueError, match="must be resolved"):
         ShellConfig(kind="ncn").build(base, ThreatConfig(p="auto"))
-    shell = ShellConfig(kind="ncn", steps=1, ncn_rounds=1).build(base, ThreatConfig(p="auto"),
-                                                                 p=0.42)
+    shell = ShellConfig(kind="ncn", steps=1, ncn_rounds=1).build(
+        base, ThreatConfig(p="auto"), p=0.42
+    )
     assert isinstance(shell, NCNShell) and shell.settings()["p"] == 0.42
 
 
@@ -82,9 +84,12 @@ def test_the_runner_resolves_auto_on_the_walk_order_s_held_out_points():
     base, kernel, bias, x = problem()
     config = EvaluationConfig(mode="defence")
     config = dataclasses.replace(
-        config, threat=ThreatConfig(p="auto"),
-        defence=dataclasses.replace(config.defence, shell=ShellConfig(
-            kind="ncn", p_quantile=0.25, p_calibration_points=12)))
+        config,
+        threat=ThreatConfig(p="auto"),
+        defence=dataclasses.replace(
+            config.defence, shell=ShellConfig(kind="ncn", p_quantile=0.25, p_calibration_points=12)
+        ),
+    )
     p, record = runner._shell_p(config, base, x, num_points=8)
     order = walk_order(len(x), seed=config.run.seed, kind=config.defence.permutation)
     conf = np_softmax(np_logits(x, kernel, bias)).max(1)

@@ -41,8 +41,11 @@ def _get(config, path):
 @pytest.mark.parametrize("name", list(presets.PRESETS))
 def test_every_setting_of_a_preset_reaches_the_built_config(name):
     changes = presets.PRESETS[name].changes
-    for config in (_config(f"--preset={name}"), _config(f"--preset={name}", "--shell=mcn"),
-                   presets.from_preset(name)):
+    for config in (
+        _config(f"--preset={name}"),
+        _config(f"--preset={name}", "--shell=mcn"),
+        presets.from_preset(name),
+    ):
         for path, value in _leaves(changes):
             if path == ("defence", "shell", "kind") and config.mode == "defence":
                 continue  # --shell=mcn was given: it wins
@@ -56,10 +59,21 @@ def test_full_is_autoattack_standard_on_the_base_and_the_strong_suite_on_the_she
     assert a.base_attacks == ("apgd_ce", "apgd_t", "fab_t", "square")
     assert (a.base_apgd_steps, a.base_targets, a.base_square_queries) == (100, 9, 5000)
     default = cfg.AdaptiveConfig()
-    differ = {f.name for f in dataclasses.fields(a)
-              if getattr(a, f.name) != getattr(default, f.name)}
-    assert differ == {"num_points", "steps", "restarts", "targets", "lift_steps", "square_queries",
-                      "eot_samples", "sanity_points", "sanity_steps", "base_attacks"}
+    differ = {
+        f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(default, f.name)
+    }
+    assert differ == {
+        "num_points",
+        "steps",
+        "restarts",
+        "targets",
+        "lift_steps",
+        "square_queries",
+        "eot_samples",
+        "sanity_points",
+        "sanity_steps",
+        "base_attacks",
+    }
 
 
 def test_paper_keeps_its_150_points_and_its_protocol():
@@ -70,18 +84,31 @@ def test_paper_keeps_its_150_points_and_its_protocol():
     assert (d.batches, d.permutation, d.points) == (5, "paper", "paper")
     assert d.shell.cw_max_iterations == 1000
     assert (d.attack.max_iterations, d.attack.initial_const, d.attack.stop_within_epsilon) == (
-        1000, 1e-5, False)
+        1000,
+        1e-5,
+        False,
+    )
     assert _config("--preset=default", "--shell=cw") == _config("--shell=cw")
 
 
 def test_an_explicit_flag_beats_the_preset_even_at_the_default_value():
-    config = _config("--preset=full", "--shell=mcn", "--adaptive_steps=3", "--num_points=30",
-                     "--adaptive_base_attacks=apgd_ce")
+    config = _config(
+        "--preset=full",
+        "--shell=mcn",
+        "--adaptive_steps=3",
+        "--num_points=30",
+        "--adaptive_base_attacks=apgd_ce",
+    )
     a = config.adaptive
     assert (a.steps, a.num_points, a.base_attacks) == (3, 30, ("apgd_ce",))
     assert a.restarts == 2 and a.base_square_queries == 5000  # the rest is still the preset's
-    paper = _config("--preset=paper", "--shell=mcn", "--base_attack_stop_within_epsilon",
-                    "--separation_batches=2", "--delta=4")
+    paper = _config(
+        "--preset=paper",
+        "--shell=mcn",
+        "--base_attack_stop_within_epsilon",
+        "--separation_batches=2",
+        "--delta=4",
+    )
     assert paper.defence.shell.kind == "mcn" and paper.defence.shell.cw_max_iterations == 1000
     assert paper.defence.attack.stop_within_epsilon is True
     assert paper.defence.attack.max_iterations == 1000
@@ -96,17 +123,25 @@ def test_an_unknown_preset_is_an_error_naming_it():
         _config("--preset=fast")
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(adaptive=dict(stepz=3)),
-     "preset 'bad': adaptive.stepz is not a setting of AdaptiveConfig"),
-    (dict(defence=dict(shell=dict(delta=4.0))),
-     "defence.shell.delta is not a setting of ShellConfig"),
-    (dict(epsilon=4.0), "preset 'bad': epsilon is not a setting of EvaluationConfig"),
-    (dict(threat=4.0), "threat is a section \\(ThreatConfig\\)"),
-    (dict(adaptive=dict(steps=-1)), "steps must be an integer >= 0; got -1"),
-])
-def test_a_preset_naming_an_unknown_field_or_a_bad_value_is_an_error_naming_it(monkeypatch, changes,
-                                                                              message):
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            dict(adaptive=dict(stepz=3)),
+            "preset 'bad': adaptive.stepz is not a setting of AdaptiveConfig",
+        ),
+        (
+            dict(defence=dict(shell=dict(delta=4.0))),
+            "defence.shell.delta is not a setting of ShellConfig",
+        ),
+        (dict(epsilon=4.0), "preset 'bad': epsilon is not a setting of EvaluationConfig"),
+        (dict(threat=4.0), "threat is a section \\(ThreatConfig\\)"),
+        (dict(adaptive=dict(steps=-1)), "steps must be an integer >= 0; got -1"),
+    ],
+)
+def test_a_preset_naming_an_unknown_field_or_a_bad_value_is_an_error_naming_it(
+    monkeypatch, changes, message
+):
     monkeypatch.setitem(presets.PRESETS, "bad", presets.Preset("a broken preset", changes))
     with pytest.raises(ValueError, match=message):
         presets._check_presets()  # what the module runs at import
@@ -138,8 +173,12 @@ def test_the_threat_model_is_one_config_read_by_every_mode():
 def test_the_separation_search_takes_the_threat_models_delta():
     sep = cfg.SeparationConfig(steps=10, extra_radius=2.0)
     assert sep.radius(8.0) == 10.0
-    assert sep.attack(8.0) == dict(steps=10, step_size=projected.madry_step_size(10.0, 10),
-                                   optimizer="sign", random_start=False)
+    assert sep.attack(8.0) == dict(
+        steps=10,
+        step_size=projected.madry_step_size(10.0, 10),
+        optimizer="sign",
+        random_start=False,
+    )
     assert sep.attack(8.0, steps=50)["step_size"] == pytest.approx(2.5 * 10.0 / 50)
     assert cfg.SeparationConfig(step_size=1.5).attack(8.0)["step_size"] == 1.5
 
@@ -156,15 +195,27 @@ def test_the_shell_is_built_by_kind_at_the_threat_models_delta_and_p(monkeypatch
     from manifold_tf import shells
 
     calls = []
-    monkeypatch.setattr(shells, "build", lambda kind, base, settings, **kw: calls.append(
-        (kind, base, settings, kw)) or "shell")
+    monkeypatch.setattr(
+        shells,
+        "build",
+        lambda kind, base, settings, **kw: calls.append((kind, base, settings, kw)) or "shell",
+    )
     settings = cfg.ShellConfig(kind="ncn", ncn_rounds=2)
     assert settings.build("base", cfg.ThreatConfig(delta=4.0, p=0.8), seed=3) == "shell"
     assert calls == [("ncn", "base", settings, dict(delta=4.0, p=0.8, seed=3))]
 
 
-@pytest.mark.parametrize("text, seconds", [("90s", 90.0), ("10m", 600.0), ("1h", 3600.0),
-                                           ("1.5h", 5400.0), (" 45 ", 45.0), ("2M", 120.0)])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("90s", 90.0),
+        ("10m", 600.0),
+        ("1h", 3600.0),
+        ("1.5h", 5400.0),
+        (" 45 ", 45.0),
+        ("2M", 120.0),
+    ],
+)
 def test_parse_budget(text, seconds):
     assert cfg.parse_budget(text) == seconds
 
@@ -175,24 +226,39 @@ def test_parse_budget_names_a_bad_text(text):
         cfg.parse_budget(text)
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(until="forever"),
-     "adaptive_until must be one of \\('points', 'decided'\\); got 'forever'"),
-    (dict(margin=150.0), "adaptive_margin is in percentage points, 0..100; got 150.0"),
-    (dict(budget="ten minutes"), "budget must be a positive wall time .*got 'ten minutes'"),
-    (dict(base_attacks=("apgd_ce", "pgd")), "base_attacks must be one of .*got 'pgd'"),
-    (dict(base_targets=0), "base_targets must be an integer >= 1; got 0"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            dict(until="forever"),
+            "adaptive_until must be one of \\('points', 'decided'\\); got 'forever'",
+        ),
+        (dict(margin=150.0), "adaptive_margin is in percentage points, 0..100; got 150.0"),
+        (dict(budget="ten minutes"), "budget must be a positive wall time .*got 'ten minutes'"),
+        (dict(base_attacks=("apgd_ce", "pgd")), "base_attacks must be one of .*got 'pgd'"),
+        (dict(base_targets=0), "base_targets must be an integer >= 1; got 0"),
+    ],
+)
 def test_the_new_adaptive_settings_are_validated(changes, message):
     with pytest.raises(ValueError, match=message):
         cfg.AdaptiveConfig(**changes)
 
 
 def test_the_new_adaptive_settings_come_from_flags():
-    a = _config("--shell=mcn", "--adaptive_until=decided", "--adaptive_margin=2.5",
-                "--adaptive_budget=10m", "--adaptive_base_targets=3").adaptive
+    a = _config(
+        "--shell=mcn",
+        "--adaptive_until=decided",
+        "--adaptive_margin=2.5",
+        "--adaptive_budget=10m",
+        "--adaptive_base_targets=3",
+    ).adaptive
     assert (a.until, a.margin, a.budget, a.budget_seconds, a.base_targets) == (
-        "decided", 2.5, "10m", 600.0, 3)
+        "decided",
+        2.5,
+        "10m",
+        600.0,
+        3,
+    )
     assert cfg.AdaptiveConfig().budget_seconds is None
 
 
@@ -206,8 +272,13 @@ def test_full_plans_at_least_ten_times_the_defaults_passes_on_the_same_points():
     for name in ("default", "full"):
         config = presets.from_preset(name)
         phases = estimate.defence_passes(
-            table2_points=100, num_points=150, shell=Shell(), per_prediction=10 * 10,
-            cw=config.defence.attack.cw_kwargs(), suite=config.adaptive)
+            table2_points=100,
+            num_points=150,
+            shell=Shell(),
+            per_prediction=10 * 10,
+            cw=config.defence.attack.cw_kwargs(),
+            suite=config.adaptive,
+        )
         planned[name] = sum(phases.values())
     assert planned["full"] >= 10 * planned["default"], planned
 
@@ -216,11 +287,23 @@ def test_make_and_changes_of_round_trip():
     for name in presets.PRESETS:
         config = presets.from_preset(name)
         assert presets.make(cfg.EvaluationConfig, presets.changes_of(config)) == config
-    assert presets.merge(dict(a=dict(b=1, c=2)), dict(a=dict(c=3), d=4)) == dict(a=dict(b=1, c=3), d=4)
+    assert presets.merge(dict(a=dict(b=1, c=2)), dict(a=dict(c=3), d=4)) == dict(
+        a=dict(b=1, c=3), d=4
+    )
 
 
 def test_every_setting_has_one_flag():
     names = [s.flag for s in config_flags.walk(cfg.EvaluationConfig)]
     assert len(names) == len(set(names))
-    assert {"epsilon", "delta", "p", "shell", "num_points", "adaptive", "adaptive_until",
-            "adaptive_budget", "separation_steps", "base_attack_max_iterations"} <= set(names)
+    assert {
+        "epsilon",
+        "delta",
+        "p",
+        "shell",
+        "num_points",
+        "adaptive",
+        "adaptive_until",
+        "adaptive_budget",
+        "separation_steps",
+        "base_attack_max_iterations",
+    } <= set(names)

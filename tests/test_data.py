@@ -97,9 +97,13 @@ def test_augmentation_is_a_padded_shift_and_maybe_a_flip():
 def test_training_pipeline_is_deterministic_under_a_seed():
     x, y = data.synthetic_arrays("train", num_examples=40)
     tf.random.set_seed(1)  # the order must not depend on the global seed
-    first = [b[0].numpy() for b in data.make_dataset(x, y, batch_size=8, training=True, seed=5).take(6)]
+    first = [
+        b[0].numpy() for b in data.make_dataset(x, y, batch_size=8, training=True, seed=5).take(6)
+    ]
     tf.random.set_seed(2)
-    again = [b[0].numpy() for b in data.make_dataset(x, y, batch_size=8, training=True, seed=5).take(6)]
+    again = [
+        b[0].numpy() for b in data.make_dataset(x, y, batch_size=8, training=True, seed=5).take(6)
+    ]
     skipped = next(iter(data.make_dataset(x, y, batch_size=8, training=True, seed=5).skip(4)))[0]
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a, b)

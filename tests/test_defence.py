@@ -28,17 +28,25 @@ def test_categories_and_rates_follow_the_paper():
     g_x = np.array([1, 1, 2, 2, 1, 3])
     g_adv = np.array([1, 1, 2, 3, 4, 1])
     cats = defence.categorize(base_success, g_x, g_adv, y)
-    assert cats.tolist() == ["robust_kept", "vulnerable_fixed", "wrong_but_robust",
-                             "wrong_not_robust", "wrong_not_robust", "wrong_not_robust"]
-    r = defence.batch_rates(dict(labels=y, base_success=base_success, shell_clean=g_x,
-                                    shell_adv=g_adv, category=cats))
+    assert cats.tolist() == [
+        "robust_kept",
+        "vulnerable_fixed",
+        "wrong_but_robust",
+        "wrong_not_robust",
+        "wrong_not_robust",
+        "wrong_not_robust",
+    ]
+    r = defence.batch_rates(
+        dict(labels=y, base_success=base_success, shell_clean=g_x, shell_adv=g_adv, category=cats)
+    )
     assert r["base_successes"] == 3
     # The attack "succeeds" on the shell where it changes the answer into a wrong one: points
     # 3 (2 -> 3) and 4 (1 -> 4); point 5 (3 -> 1) was wrong before and is right after.
     assert r["shell_successes"] == 2
     assert r["retained"] == 4 - 1  # G(x) == y at points 0, 1, 4
-    assert r["categories"] == dict(robust_kept=1, vulnerable_fixed=1, wrong_but_robust=1,
-                                   wrong_not_robust=3)
+    assert r["categories"] == dict(
+        robust_kept=1, vulnerable_fixed=1, wrong_but_robust=1, wrong_not_robust=3
+    )
     assert r["new_vulnerabilities"] == 2  # base-robust points 4 and 5, inconsistent under G
 
 
@@ -79,27 +87,52 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     centres, _ = synthetic_manifold(num_classes=10)
     flat = centres.reshape(10, -1).astype(np.float64)
     temperature = 3e4
-    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)])
-    model.layers[-1].set_weights([(2 * flat.T / temperature).astype(np.float32),
-                                  (-(flat**2).sum(1) / temperature).astype(np.float32)])
+    model = keras.Sequential(
+        [keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)]
+    )
+    model.layers[-1].set_weights(
+        [
+            (2 * flat.T / temperature).astype(np.float32),
+            (-(flat**2).sum(1) / temperature).astype(np.float32),
+        ]
+    )
     path = str(tmp_path_factory.mktemp("model") / "nearest_centre.keras")
     model.save(path)
     return path
 
 
 def _cli(checkpoint: str, output_dir: str, *extra: str) -> list[str]:
-    return [sys.executable, os.path.join(ROOT, "evaluate.py"), "--shell=mcn", "--delta=8",
-            f"--checkpoint={checkpoint}", "--dataset=synthetic", f"--output_dir={output_dir}",
-            "--defence_batches=4", "--defence_batch_points=4", "--epsilon=36",
-            "--base_attack_max_iterations=10", "--shell_steps=20", "--noshell_jit_compile",
-            "--adaptive=none", "--defence_points=paper", *extra]
+    return [
+        sys.executable,
+        os.path.join(ROOT, "evaluate.py"),
+        "--shell=mcn",
+        "--delta=8",
+        f"--checkpoint={checkpoint}",
+        "--dataset=synthetic",
+        f"--output_dir={output_dir}",
+        "--defence_batches=4",
+        "--defence_batch_points=4",
+        "--epsilon=36",
+        "--base_attack_max_iterations=10",
+        "--shell_steps=20",
+        "--noshell_jit_compile",
+        "--adaptive=none",
+        "--defence_points=paper",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_checkpoint, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("runs") / "uninterrupted")
-    done = subprocess.run(_cli(tiny_checkpoint, out), env=subprocess_env(), capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+    done = subprocess.run(
+        _cli(tiny_checkpoint, out),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -111,22 +144,38 @@ def test_cli_writes_the_report_and_refuses_to_clobber(uninterrupted, tiny_checkp
     assert sum(report["average"]["categories"].values()) == 16
     assert report["settings"]["shell"]["steps"] == 20
     assert report["settings"]["attack"]["max_iterations"] == 10
-    for name in ("defence.md", "failures.png", "defence/batch_003.json", "defence/batch_003_xadv.npy",
-                 "defence/settings.json"):
+    for name in (
+        "defence.md",
+        "failures.png",
+        "defence/batch_003.json",
+        "defence/batch_003_xadv.npy",
+        "defence/settings.json",
+    ):
         assert os.path.exists(os.path.join(uninterrupted, name)), name
     text = open(os.path.join(uninterrupted, "defence.md")).read()
     assert text.startswith("# Defence evaluation") and "Transfer only, not the verdict" in text
     assert "Average" in text and "shell retained accuracy" in text and "37.33%" in text
-    again = subprocess.run(_cli(tiny_checkpoint, uninterrupted), env=subprocess_env(), capture_output=True,
-                           text=True, timeout=600, cwd=ROOT)
+    again = subprocess.run(
+        _cli(tiny_checkpoint, uninterrupted),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert again.returncode != 0
     assert "--resume" in again.stderr and "--overwrite" in again.stderr
 
 
 def test_resume_after_kill_gives_the_uninterrupted_report(uninterrupted, tiny_checkpoint, tmp_path):
     out = str(tmp_path / "killed")
-    proc = subprocess.Popen(_cli(tiny_checkpoint, out), env=subprocess_env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli(tiny_checkpoint, out),
+        env=subprocess_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     first = os.path.join(out, "defence", "batch_000.json")
     deadline = time.time() + 600
     while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
@@ -136,12 +185,24 @@ def test_resume_after_kill_gives_the_uninterrupted_report(uninterrupted, tiny_ch
     assert os.path.exists(first), "the run died before finishing its first batch"
     assert not os.path.exists(os.path.join(out, "defence.json")), "killed too late to test resume"
     # A resume with other settings is refused.
-    other = subprocess.run(_cli(tiny_checkpoint, out, "--resume", "--shell_steps=3"), env=subprocess_env(),
-                           capture_output=True, text=True, timeout=600, cwd=ROOT)
+    other = subprocess.run(
+        _cli(tiny_checkpoint, out, "--resume", "--shell_steps=3"),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert other.returncode != 0 and "differ from the run" in other.stderr
     assert "shell: saved" in other.stderr  # names the setting that differs
-    done = subprocess.run(_cli(tiny_checkpoint, out, "--resume"), env=subprocess_env(), capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)
+    done = subprocess.run(
+        _cli(tiny_checkpoint, out, "--resume"),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming" in done.stdout + done.stderr
     a = json.load(open(os.path.join(uninterrupted, "defence.json")))
@@ -159,12 +220,19 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_mirrored_strategy_on_two_logical_cpus_gives_the_same_results(uninterrupted, tiny_checkpoint,
-                                                                      tmp_path):
+def test_mirrored_strategy_on_two_logical_cpus_gives_the_same_results(
+    uninterrupted, tiny_checkpoint, tmp_path
+):
     out = str(tmp_path / "mirrored")
     cmd = _cli(tiny_checkpoint, out, "--defence_strategy=mirrored")
-    done = subprocess.run([sys.executable, "-c", _MIRRORED, *cmd[1:]], env=subprocess_env(),
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    done = subprocess.run(
+        [sys.executable, "-c", _MIRRORED, *cmd[1:]],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     a = json.load(open(os.path.join(uninterrupted, "defence.json")))
     b = json.load(open(os.path.join(out, "defence.json")))
@@ -179,21 +247,39 @@ def test_default_command_runs_on_a_fresh_checkout(tmp_path):
     # synthetic data with a committed or quickly trained model), shrunk to one tiny batch.
     out = str(tmp_path / "default")
     done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "evaluate.py"), "--shell=mcn", f"--output_dir={out}",
-         "--num_points=4", "--base_attack_max_iterations=5", "--shell_steps=1", "--adaptive_steps=2",
-         "--adaptive_square_queries=2", "--adaptive_sanity_points=2", "--adaptive_sanity_steps=2"],
-        env=subprocess_env(), capture_output=True, text=True, timeout=3600, cwd=ROOT)
+        [
+            sys.executable,
+            os.path.join(ROOT, "evaluate.py"),
+            "--shell=mcn",
+            f"--output_dir={out}",
+            "--num_points=4",
+            "--base_attack_max_iterations=5",
+            "--shell_steps=1",
+            "--adaptive_steps=2",
+            "--adaptive_square_queries=2",
+            "--adaptive_sanity_points=2",
+            "--adaptive_sanity_steps=2",
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=3600,
+        cwd=ROOT,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert os.path.exists(os.path.join(out, "defence.json"))
     assert os.path.exists(os.path.join(out, "summary.json"))
 
 
-def test_a_second_shell_reuses_the_first_runs_adversarial_examples(uninterrupted, tiny_checkpoint,
-                                                                   tmp_path):
+def test_a_second_shell_reuses_the_first_runs_adversarial_examples(
+    uninterrupted, tiny_checkpoint, tmp_path
+):
     out = str(tmp_path / "ncn")
     cmd = _cli(tiny_checkpoint, out, f"--base_attack_from_run={uninterrupted}")
     cmd[cmd.index("--shell=mcn")] = "--shell=ncn"
-    done = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    done = subprocess.run(
+        cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "reusing x'" in done.stdout + done.stderr
     a = json.load(open(os.path.join(uninterrupted, "defence.json")))
@@ -205,10 +291,16 @@ def test_a_second_shell_reuses_the_first_runs_adversarial_examples(uninterrupted
     assert 0 <= b["ncn_unmet"]["clean"] <= 16 and 0 <= b["ncn_unmet"]["adversarial"] <= 16
     assert "NCN fallback" in open(os.path.join(out, "defence.md")).read()
     for pa, pb in zip(a["points"], b["points"], strict=True):
-        assert (pa["index"], pa["base_success"], pa["linf"]) == (pb["index"], pb["base_success"], pb["linf"])
+        assert (pa["index"], pa["base_success"], pa["linf"]) == (
+            pb["index"],
+            pb["base_success"],
+            pb["linf"],
+        )
     # Another attack budget cannot reuse them.
     saved = json.load(open(os.path.join(uninterrupted, "defence", "batch_000.json")))
-    settings = dict(json.load(open(os.path.join(uninterrupted, "defence", "settings.json"))), epsilon=4.0)
+    settings = dict(
+        json.load(open(os.path.join(uninterrupted, "defence", "settings.json"))), epsilon=4.0
+    )
     with pytest.raises(ValueError, match="cannot reuse"):
         defence._reusable_attack(uninterrupted, 0, settings, np.asarray(saved["indices"]))
 
@@ -220,8 +312,9 @@ def test_where_cw_fails_the_shell_is_probed_inside_the_ball(tiny_checkpoint):
     base = keras.saving.load_model(tiny_checkpoint)
     x, y = synthetic_arrays("test", num_examples=6)
     shell = MCNShell(base, 8.0, steps=2, jit_compile=False)
-    record, x_adv = defence.defence_batch(base, shell, x, y, epsilon=1.0,
-                                          attack=dict(max_iterations=5), shell_batch_size=6)
+    record, x_adv = defence.defence_batch(
+        base, shell, x, y, epsilon=1.0, attack=dict(max_iterations=5), shell_batch_size=6
+    )
     probes = np.asarray(record["probe"])
     # At 1 px CW cannot break the nearest-centre model: every point gets a probe x' != x.
     assert probes.all() and not any(record["base_success"])
@@ -232,9 +325,19 @@ def test_where_cw_fails_the_shell_is_probed_inside_the_ball(tiny_checkpoint):
 
 def test_defence_only_flags_without_a_shell_are_refused(tmp_path):
     done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "evaluate.py"), "--mode=accuracy", "--adaptive=suite",
-         f"--output_dir={tmp_path / 'out'}"],
-        env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+        [
+            sys.executable,
+            os.path.join(ROOT, "evaluate.py"),
+            "--mode=accuracy",
+            "--adaptive=suite",
+            f"--output_dir={tmp_path / 'out'}",
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert done.returncode != 0
     assert "belong to the defence evaluation" in done.stderr
     assert not os.path.exists(tmp_path / "out")  # refused before anything was written

@@ -22,10 +22,21 @@ from manifold_tf.evaluation.store import RunStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-DEFENCE = ["--dataset=synthetic", "--shell=mcn", "--num_points=8", "--defence_batch_points=2",
-           "--shell_steps=2", "--base_attack_max_iterations=3", "--adaptive_steps=2",
-           "--adaptive_square_queries=3", "--adaptive_sanity_points=2", "--adaptive_sanity_steps=2",
-           "--adaptive_lift_steps=2", "--adaptive_base_apgd_steps=3", "--adaptive_targets=1"]
+DEFENCE = [
+    "--dataset=synthetic",
+    "--shell=mcn",
+    "--num_points=8",
+    "--defence_batch_points=2",
+    "--shell_steps=2",
+    "--base_attack_max_iterations=3",
+    "--adaptive_steps=2",
+    "--adaptive_square_queries=3",
+    "--adaptive_sanity_points=2",
+    "--adaptive_sanity_steps=2",
+    "--adaptive_lift_steps=2",
+    "--adaptive_base_apgd_steps=3",
+    "--adaptive_targets=1",
+]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -39,15 +50,27 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _tf_config(ports: list[int], index: int) -> str:
-    return json.dumps({"cluster": {"worker": [f"localhost:{p}" for p in ports]},
-                       "task": {"type": "worker", "index": index}})
+    return json.dumps(
+        {
+            "cluster": {"worker": [f"localhost:{p}" for p in ports]},
+            "task": {"type": "worker", "index": index},
+        }
+    )
 
 
 def _start_workers(cmd: list[str], count: int = 2, **env) -> list[subprocess.Popen]:
     ports = _free_ports(count)
-    return [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=subprocess_env(TF_CONFIG=_tf_config(ports, i), **env))
-            for i in range(count)]
+    return [
+        subprocess.Popen(
+            cmd,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=subprocess_env(TF_CONFIG=_tf_config(ports, i), **env),
+        )
+        for i in range(count)
+    ]
 
 
 def _finish(procs: list[subprocess.Popen], timeout: float = 900) -> list[tuple[int, str, str]]:
@@ -63,8 +86,10 @@ def _evaluate(out: str, *args: str) -> list[str]:
 
 
 def _reports(folder) -> dict:
-    return {name: without_timings(json.load(open(os.path.join(folder, name))))
-            for name in ("defence.json", "adaptive.json", "summary.json")}
+    return {
+        name: without_timings(json.load(open(os.path.join(folder, name))))
+        for name in ("defence.json", "adaptive.json", "summary.json")
+    }
 
 
 # -- TF_CONFIG parsing and the store's worker rules (no processes) ---------------------------------
@@ -73,18 +98,31 @@ def _reports(folder) -> dict:
 def test_tf_config_is_parsed_and_bad_ones_are_named():
     assert distributed.parse_tf_config(None) is None
     assert distributed.parse_tf_config(_tf_config([1, 2, 3], 2)) == (2, 3)
-    chief = json.dumps({"cluster": {"chief": ["a:1"], "worker": ["b:1", "c:1"]},
-                        "task": {"type": "worker", "index": 1}})
+    chief = json.dumps(
+        {
+            "cluster": {"chief": ["a:1"], "worker": ["b:1", "c:1"]},
+            "task": {"type": "worker", "index": 1},
+        }
+    )
     assert distributed.parse_tf_config(chief) == (2, 3)
     for text, message in [
         ("{not json", "not JSON"),
         (json.dumps({"task": {"type": "worker", "index": 0}}), '"cluster"'),
         (json.dumps({"cluster": {"worker": ["a:1"]}}), '"task"'),
-        (json.dumps({"cluster": {"worker": ["a:1"], "ps": ["b:1"]}, "task": {"type": "worker", "index": 0}}),
-         "ps"),
+        (
+            json.dumps(
+                {
+                    "cluster": {"worker": ["a:1"], "ps": ["b:1"]},
+                    "task": {"type": "worker", "index": 0},
+                }
+            ),
+            "ps",
+        ),
         (_tf_config([1, 2], 2), "not in the cluster"),
-        (json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "evaluator", "index": 0}}),
-         "worker or the chief"),
+        (
+            json.dumps({"cluster": {"worker": ["a:1"]}, "task": {"type": "evaluator", "index": 0}}),
+            "worker or the chief",
+        ),
     ]:
         with pytest.raises(ValueError, match=message):
             distributed.parse_tf_config(text)
@@ -118,8 +156,14 @@ def test_a_worker_with_other_settings_is_refused(tmp_path, monkeypatch):
 def one_process(tmp_path_factory) -> dict:
     """The reports of the defence evaluation run by one process."""
     out = str(tmp_path_factory.mktemp("one"))
-    single = subprocess.run(_evaluate(out, "--overwrite", *DEFENCE), cwd=ROOT, env=subprocess_env(),
-                            capture_output=True, text=True, timeout=900)
+    single = subprocess.run(
+        _evaluate(out, "--overwrite", *DEFENCE),
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     return _reports(out)
 
@@ -145,14 +189,23 @@ def test_a_lost_worker_loses_no_finished_batch(tmp_path, one_process):
         time.sleep(0.05)
     assert os.path.exists(first), "worker 1 never finished a batch"
     os.kill(procs[1].pid, signal.SIGKILL)
-    finished_before = {n: os.path.getmtime(os.path.join(shared, "defence", n))
-                       for n in os.listdir(os.path.join(shared, "defence")) if n.startswith("batch_")}
+    finished_before = {
+        n: os.path.getmtime(os.path.join(shared, "defence", n))
+        for n in os.listdir(os.path.join(shared, "defence"))
+        if n.startswith("batch_")
+    }
     rc, _, err = _finish(procs[:1], timeout=600)[0]
     procs[1].wait()
     assert rc == 1 and "a worker was lost" in err, err[-3000:]
     # Resume in one process: only the missing batches run, the finished ones stay as written.
-    resumed = subprocess.run(_evaluate(shared, *DEFENCE, "--resume"), cwd=ROOT, env=subprocess_env(),
-                             capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(
+        _evaluate(shared, *DEFENCE, "--resume"),
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for name, mtime in finished_before.items():
         assert os.path.getmtime(os.path.join(shared, "defence", name)) == mtime, name
@@ -182,7 +235,9 @@ print("weights", digest[:16])
     digests = [out.split("weights ")[-1].strip() for _, out, _ in outs]
     assert digests[0] == digests[1]  # one model: weights all-reduced, BN statistics averaged
     names = sorted(os.listdir(run))
-    assert {"final.keras", "best.keras", "holdout.json", "config.json", "checkpoints"} <= set(names), names
+    assert {"final.keras", "best.keras", "holdout.json", "config.json", "checkpoints"} <= set(
+        names
+    ), names
     assert sorted(os.listdir(os.path.join(run, "checkpoints")))[0].startswith("checkpoint")
     import hashlib
 
@@ -192,8 +247,12 @@ print("weights", digest[:16])
     import manifold_tf  # noqa: F401  (registers the custom layers)
 
     final = keras.saving.load_model(os.path.join(run, "final.keras"))
-    assert hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in final.get_weights())).hexdigest()[:16] \
+    assert (
+        hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in final.get_weights())).hexdigest()[
+            :16
+        ]
         == digests[0]
+    )
 
 
 def test_modes_without_workers_refuse_a_cluster():

@@ -13,9 +13,23 @@ from manifold_tf import data, early_stopping, training
 
 
 def _config(**overrides):
-    base = dict(width="narrow", dataset="synthetic", adversarial=True, attack="fgsm", epsilon=8.0,
-                batch_size=8, steps=6, lr_schedule="cyclic", lr_max=0.05, checkpoint_every=2,
-                log_every=2, seed=3, holdout=16, holdout_pgd_steps=2, overfit_drop=0.2)
+    base = dict(
+        width="narrow",
+        dataset="synthetic",
+        adversarial=True,
+        attack="fgsm",
+        epsilon=8.0,
+        batch_size=8,
+        steps=6,
+        lr_schedule="cyclic",
+        lr_max=0.05,
+        checkpoint_every=2,
+        log_every=2,
+        seed=3,
+        holdout=16,
+        holdout_pgd_steps=2,
+        overfit_drop=0.2,
+    )
     base.update(overrides)
     return training.TrainConfig(**base)
 
@@ -73,8 +87,9 @@ def test_trades_trains_on_the_kl_objective_and_its_examples_stay_in_the_ball(tmp
 
     from helpers import assert_in_ball_and_box
 
-    config = _config(attack="trades", trades_beta=6.0, pgd_steps=3, pgd_step_size=3.0, holdout=0,
-                     steps=2)
+    config = _config(
+        attack="trades", trades_beta=6.0, pgd_steps=3, pgd_step_size=3.0, holdout=0, steps=2
+    )
     trainer = training.build_trainer(config)
     x = tf.constant(arrays[0][:8])
     x_adv = trainer.perturb_kl(x).numpy()

@@ -20,8 +20,9 @@ SHAPE = (4, 4, 3)
 DIM = int(np.prod(SHAPE))
 CLOSE = 1.01  # FAB's best norm over the minimal one, at most (measured: 1.0052 after 100 steps)
 
-small_conv = functools.partial(helpers.small_conv, classes=10, scale=1.0 / 64.0, offset=-2.0,
-                               filters=8, shape=SHAPE)
+small_conv = functools.partial(
+    helpers.small_conv, classes=10, scale=1.0 / 64.0, offset=-2.0, filters=8, shape=SHAPE
+)
 
 
 def float64_weights(model):
@@ -35,8 +36,9 @@ def lp_min_norm(x, a, c):
     d = len(x)
     cost = np.r_[np.zeros(d), 1.0]
     eye = np.eye(d)
-    a_ub = np.block([[eye, -np.ones((d, 1))], [-eye, -np.ones((d, 1))],
-                     [-a[None], np.zeros((1, 1))]])
+    a_ub = np.block(
+        [[eye, -np.ones((d, 1))], [-eye, -np.ones((d, 1))], [-a[None], np.zeros((1, 1))]]
+    )
     b_ub = np.r_[np.zeros(2 * d), a @ x + c]
     bounds = [(-xi, 255.0 - xi) for xi in x] + [(0, None)]
     res = linprog(cost, A_ub=a_ub, b_ub=b_ub, bounds=bounds, method="highs")
@@ -58,8 +60,13 @@ def test_projection_is_the_linear_programs_minimum_and_a_corner_when_out_of_reac
     reach = np.abs(w) * np.where(w > 0, 255.0 - t, t)  # the largest w . d each way
     r = rng.uniform(0.05, 1.2, m) * reach.sum(1) * rng.choice([-1.0, 1.0], m)
     r[-1] = 0.0
-    got = project_linf_hyperplane(tf.constant(t, tf.float32), tf.constant(w, tf.float32),
-                                  tf.constant(r, tf.float32)).numpy().astype(np.float64)
+    got = (
+        project_linf_hyperplane(
+            tf.constant(t, tf.float32), tf.constant(w, tf.float32), tf.constant(r, tf.float32)
+        )
+        .numpy()
+        .astype(np.float64)
+    )
     assert np.all(got[:, :2] == 0.0)
     assert np.all(t + got >= -1e-4) and np.all(t + got <= 255.0 + 1e-4)
     for i in range(m):
@@ -72,8 +79,12 @@ def test_projection_is_the_linear_programs_minimum_and_a_corner_when_out_of_reac
             continue
         np.testing.assert_allclose(w[i] @ got[i], r[i], rtol=1e-4, atol=1e-3)
         np.testing.assert_allclose(np.abs(got[i]).max(), lam, rtol=1e-4, atol=1e-4)
-    assert np.any([lp_min_norm(t[i], np.sign(r[i]) * w[i], -np.sign(r[i]) * (w[i] @ t[i] + r[i]))
-                   is None for i in range(m - 1)])  # the corner case was exercised
+    assert np.any(
+        [
+            lp_min_norm(t[i], np.sign(r[i]) * w[i], -np.sign(r[i]) * (w[i] @ t[i] + r[i])) is None
+            for i in range(m - 1)
+        ]
+    )  # the corner case was exercised
 
 
 # ---- closed-form oracles on linear models ---------------------------------------------------
@@ -90,8 +101,17 @@ def linear():
     kernel, bias = float64_weights(model)
     z = x.reshape(len(x), -1).astype(np.float64) @ kernel + bias
     y = z.argmax(1).astype(np.int32)
-    to = np.array([[(z[i, y[i]] - z[i, t]) / np.abs(kernel[:, y[i]] - kernel[:, t]).sum()
-                    if t != y[i] else np.inf for t in range(4)] for i in range(len(x))])
+    to = np.array(
+        [
+            [
+                (z[i, y[i]] - z[i, t]) / np.abs(kernel[:, y[i]] - kernel[:, t]).sum()
+                if t != y[i]
+                else np.inf
+                for t in range(4)
+            ]
+            for i in range(len(x))
+        ]
+    )
     assert to.min(1).max() < 60.0
     return model, x, y, z, to
 
@@ -134,12 +154,24 @@ def test_success_iff_epsilon_above_the_minimal_norm(linear, targeted):
     model, x, y, _, to = linear
     x, y, best = x[:2], y[:2], to.min(1)[:2]
     for i in range(2):
-        above = fab(model, x[i:i + 1], y[i:i + 1], epsilon=best[i] * 1.02, targeted=targeted,
-                    num_targets=3)
-        below = fab(model, x[i:i + 1], y[i:i + 1], epsilon=best[i] * 0.98, targeted=targeted,
-                    num_targets=3)
+        above = fab(
+            model,
+            x[i : i + 1],
+            y[i : i + 1],
+            epsilon=best[i] * 1.02,
+            targeted=targeted,
+            num_targets=3,
+        )
+        below = fab(
+            model,
+            x[i : i + 1],
+            y[i : i + 1],
+            epsilon=best[i] * 0.98,
+            targeted=targeted,
+            num_targets=3,
+        )
         assert above.success[0] and not below.success[0], (above.details, below.details)
-        assert_in_ball_and_box(below.x_adv, x[i:i + 1], best[i] * 0.98)
+        assert_in_ball_and_box(below.x_adv, x[i : i + 1], best[i] * 0.98)
 
 
 def test_box_constraint_binds_and_the_linear_programs_minimum_is_found():
@@ -175,8 +207,7 @@ def test_box_constraint_binds_and_the_linear_programs_minimum_is_found():
     assert np.all(lam > 1.2 * free_formula)  # the box binds
     np.testing.assert_allclose(lam, 12.0, rtol=1e-3)
     for targeted in (False, True):
-        res = fab(model, x.reshape((n,) + SHAPE), y, epsilon=30.0, targeted=targeted,
-                  num_targets=1)
+        res = fab(model, x.reshape((n,) + SHAPE), y, epsilon=30.0, targeted=targeted, num_targets=1)
         ratio = res.details["norm"] / lam
         assert np.all(ratio >= 1.0 - 1e-4) and np.all(ratio <= CLOSE), ratio
         assert res.success.all()

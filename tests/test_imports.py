@@ -178,7 +178,8 @@ def test_imports_inside_functions_say_why():
                 undocumented.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
     assert not undocumented, (
         f"imports inside functions without a '{DEFERRED} <why>' comment (move them to the top of "
-        f"the module unless they save start-up time):\n  " + "\n  ".join(undocumented))
+        f"the module unless they save start-up time):\n  " + "\n  ".join(undocumented)
+    )
 
 
 def test_no_module_is_too_long():
@@ -194,6 +195,12 @@ def test_no_module_is_too_long():
 @pytest.mark.parametrize("package", PACKAGES)
 def test_each_package_imports_in_a_fresh_interpreter(package):
     """A fresh process catches import-order problems that an already-warm test session hides."""
-    done = subprocess.run([sys.executable, "-c", f"import {package}"], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", f"import {package}"],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]

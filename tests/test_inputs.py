@@ -32,7 +32,10 @@ def test_default_inputs_prefer_the_cifar_folder_then_synthetic(tmp_path, monkeyp
     monkeypatch.setenv(data.DATA_DIR_ENV, str(sample))
     got = inputs.resolve(InputConfig(), run_dir=out)
     assert (got.dataset, got.data_dir, got.checkpoint) == (
-        "cifar10", str(sample), f"/w/{inputs.DEFAULT_MODELS['cifar10']}.keras")
+        "cifar10",
+        str(sample),
+        f"/w/{inputs.DEFAULT_MODELS['cifar10']}.keras",
+    )
     got = inputs.resolve(InputConfig(checkpoint="/m.keras", data_dir="/d"), run_dir=out)
     assert (got.dataset, got.data_dir, got.checkpoint) == ("cifar10", "/d", "/m.keras")
 
@@ -42,7 +45,8 @@ def test_predict_logits_reuses_one_function_per_model():
     x = np.zeros((7, 32, 32, 3), np.float32)
     x[:, 0, 0, 0] = np.arange(7) % 3
     for batch_size in (7, 3, 2, 7):
-        np.testing.assert_array_equal(inputs.predict_logits(model, x, batch_size).argmax(-1),
-                                      np.arange(7) % 3)
+        np.testing.assert_array_equal(
+            inputs.predict_logits(model, x, batch_size).argmax(-1), np.arange(7) % 3
+        )
     # Shapes 7, 3, 1, 2: reduce_retracing relaxes the batch axis after the second shape.
     assert inputs._predict_function(model).experimental_get_tracing_count() <= 2

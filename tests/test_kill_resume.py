@@ -24,8 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _kill_after(cmd: list[str], marker: str, done: str, seed: int) -> None:
     """Starts ``cmd``, waits for ``marker`` to exist, sleeps a random moment, then SIGKILLs it."""
-    proc = subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, env=subprocess_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 600
     while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -38,23 +39,39 @@ def _kill_after(cmd: list[str], marker: str, done: str, seed: int) -> None:
 
 
 def _run(cmd: list[str]) -> None:
-    done = subprocess.run(cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 
 def _evaluate(out: str, *args: str) -> list[str]:
-    return [sys.executable, os.path.join(ROOT, "evaluate.py"), "--dataset=synthetic",
-            f"--output_dir={out}", *args]
+    return [
+        sys.executable,
+        os.path.join(ROOT, "evaluate.py"),
+        "--dataset=synthetic",
+        f"--output_dir={out}",
+        *args,
+    ]
 
 
 def test_separation_killed_then_resumed_gives_the_same_report(tmp_path):
-    args = ["--mode=separation", "--separation_batches=3", "--separation_batch_points=4",
-            "--separation_steps=3", "--separation_convergence_batches=1",
-            "--separation_convergence_steps=4"]
+    args = [
+        "--mode=separation",
+        "--separation_batches=3",
+        "--separation_batch_points=4",
+        "--separation_steps=3",
+        "--separation_convergence_batches=1",
+        "--separation_convergence_steps=4",
+    ]
     _run(_evaluate(str(tmp_path / "full"), *args))
     killed = str(tmp_path / "killed")
-    _kill_after(_evaluate(killed, *args), os.path.join(killed, "separation_synthetic_narrow", "batch_000.json"),
-                os.path.join(killed, "separation.json"), seed=1)
+    _kill_after(
+        _evaluate(killed, *args),
+        os.path.join(killed, "separation_synthetic_narrow", "batch_000.json"),
+        os.path.join(killed, "separation.json"),
+        seed=1,
+    )
     _run(_evaluate(killed, *args, "--resume"))
     a = json.load(open(tmp_path / "full" / "separation.json"))
     b = json.load(open(os.path.join(killed, "separation.json")))
@@ -62,29 +79,61 @@ def test_separation_killed_then_resumed_gives_the_same_report(tmp_path):
 
 
 def test_adaptive_run_killed_then_resumed_gives_the_same_verdict(tmp_path):
-    args = ["--shell=mcn", "--num_points=8", "--defence_batch_points=4", "--shell_steps=2",
-            "--base_attack_max_iterations=3", "--adaptive_steps=2", "--adaptive_square_queries=3",
-            "--adaptive_sanity_points=2", "--adaptive_sanity_steps=2", "--adaptive_lift_steps=2",
-            "--adaptive_base_apgd_steps=3", "--adaptive_targets=1"]
+    args = [
+        "--shell=mcn",
+        "--num_points=8",
+        "--defence_batch_points=4",
+        "--shell_steps=2",
+        "--base_attack_max_iterations=3",
+        "--adaptive_steps=2",
+        "--adaptive_square_queries=3",
+        "--adaptive_sanity_points=2",
+        "--adaptive_sanity_steps=2",
+        "--adaptive_lift_steps=2",
+        "--adaptive_base_apgd_steps=3",
+        "--adaptive_targets=1",
+    ]
     _run(_evaluate(str(tmp_path / "full"), *args))
     killed = str(tmp_path / "killed")
-    _kill_after(_evaluate(killed, *args), os.path.join(killed, "adaptive", "batch_000.json"),
-                os.path.join(killed, "summary.json"), seed=2)
+    _kill_after(
+        _evaluate(killed, *args),
+        os.path.join(killed, "adaptive", "batch_000.json"),
+        os.path.join(killed, "summary.json"),
+        seed=2,
+    )
     _run(_evaluate(killed, *args, "--resume"))
     a = json.load(open(tmp_path / "full" / "summary.json"))
     b = json.load(open(os.path.join(killed, "summary.json")))
-    for key in ("n", "shell", "base", "mcnemar_p_value", "sanity_checks_passed", "passes_per_point"):
+    for key in (
+        "n",
+        "shell",
+        "base",
+        "mcnemar_p_value",
+        "sanity_checks_passed",
+        "passes_per_point",
+    ):
         assert a[key] == b[key], key
 
 
 def test_training_killed_then_resumed_gives_the_same_weights(tmp_path):
-    args = ["--dataset=synthetic", "--steps=6", "--checkpoint_every=2", "--batch_size=8",
-            "--adversarial", "--attack=fgsm", "--seed=3", "--lr_boundaries=4", "--lr_values=0.05,0.01"]
+    args = [
+        "--dataset=synthetic",
+        "--steps=6",
+        "--checkpoint_every=2",
+        "--batch_size=8",
+        "--adversarial",
+        "--attack=fgsm",
+        "--seed=3",
+        "--lr_boundaries=4",
+        "--lr_values=0.05,0.01",
+    ]
     train = [sys.executable, os.path.join(ROOT, "train.py")]
     _run(train + [f"--model_dir={tmp_path / 'full'}", *args])
     killed = str(tmp_path / "killed")
     ckpt = os.path.join(killed, "checkpoints", "checkpoint")
-    _kill_after(train + [f"--model_dir={killed}", *args], ckpt, os.path.join(killed, "final.keras"), seed=3)
+    _kill_after(
+        train + [f"--model_dir={killed}", *args], ckpt, os.path.join(killed, "final.keras"), seed=3
+    )
     _run(train + [f"--model_dir={killed}", *args, "--resume"])
     import keras
 

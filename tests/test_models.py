@@ -37,8 +37,11 @@ def test_keras_save_and_load_roundtrip_gives_identical_outputs(narrow, tmp_path)
 
 @pytest.mark.parametrize(
     "layer",
-    [models.PerImageStandardization(), models.LeakyReLU(),
-     models.ResidualUnit(16, 32, 2, False, name="u")],
+    [
+        models.PerImageStandardization(),
+        models.LeakyReLU(),
+        models.ResidualUnit(16, 32, 2, False, name="u"),
+    ],
 )
 def test_custom_layers_config_roundtrip_through_json(layer):
     assert_config_round_trip(layer, strict=True)

@@ -81,9 +81,21 @@ def test_wheel_contains_subpackages_weights_and_console_scripts(tmp_path):
         shutil.copy(os.path.join(ROOT, name), src / name)
     out = tmp_path / "dist"
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-         "-w", str(out), str(src)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(out),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env=dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1"),
     )
     assert done.returncode == 0, done.stdout + done.stderr

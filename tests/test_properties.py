@@ -27,10 +27,20 @@ CLASSES = 3
 COUNTS: collections.Counter = collections.Counter()  # cases run per target, for the figures
 OUTCOMES: collections.Counter = collections.Counter()  # "returned" / "refused"
 
-QUICK = settings(max_examples=6, deadline=None, derandomize=True, database=None,
-                 suppress_health_check=list(HealthCheck))
-MANY = settings(max_examples=60, deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck))
+QUICK = settings(
+    max_examples=6,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+MANY = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 
 
 @pytest.fixture(scope="module")
@@ -74,28 +84,66 @@ def _images(n: int, kind: str, rng: np.random.Generator):
     raise AssertionError(kind)
 
 
-IMAGE_KINDS = ["valid", "valid", "valid", "nan", "inf", "above", "negative", "int", "uint8",
-               "float64", "bool", "rank3", "channels", "string"]
-LABEL_KINDS = ["valid", "valid", "valid", "out_of_range", "negative", "float", "fractional",
-               "wrong_length", "2d", "nan"]
-BUDGETS = st.one_of(st.sampled_from([0.0, 1.0, 4.0, 8.0]),
-                    st.sampled_from([-1.0, math.nan, math.inf, 1e9, 256.0, -0.0]),
-                    st.floats(-10, 300, allow_nan=False))
+IMAGE_KINDS = [
+    "valid",
+    "valid",
+    "valid",
+    "nan",
+    "inf",
+    "above",
+    "negative",
+    "int",
+    "uint8",
+    "float64",
+    "bool",
+    "rank3",
+    "channels",
+    "string",
+]
+LABEL_KINDS = [
+    "valid",
+    "valid",
+    "valid",
+    "out_of_range",
+    "negative",
+    "float",
+    "fractional",
+    "wrong_length",
+    "2d",
+    "nan",
+]
+BUDGETS = st.one_of(
+    st.sampled_from([0.0, 1.0, 4.0, 8.0]),
+    st.sampled_from([-1.0, math.nan, math.inf, 1e9, 256.0, -0.0]),
+    st.floats(-10, 300, allow_nan=False),
+)
 STEPS = st.one_of(st.sampled_from([1, 2, 3]), st.sampled_from([0, -1, 2.5, True, False, 1e9]))
 
 
 def _labels(n: int, kind: str, rng):
     y = rng.integers(0, CLASSES, n)
-    return {"valid": y, "out_of_range": y + CLASSES, "negative": y - CLASSES,
-            "float": y.astype(np.float32), "fractional": y + 0.5,
-            "wrong_length": np.append(y, 0), "2d": y[:, None],
-            "nan": np.full(n, np.nan)}[kind]
+    return {
+        "valid": y,
+        "out_of_range": y + CLASSES,
+        "negative": y - CLASSES,
+        "float": y.astype(np.float32),
+        "fractional": y + 0.5,
+        "wrong_length": np.append(y, 0),
+        "2d": y[:, None],
+        "nan": np.full(n, np.nan),
+    }[kind]
 
 
-CASE = st.fixed_dictionaries(dict(
-    n=st.sampled_from([1, 2, 0]), images=st.sampled_from(IMAGE_KINDS),
-    labels=st.sampled_from(LABEL_KINDS), epsilon=BUDGETS, steps=STEPS,
-    seed=st.integers(0, 2**16)))
+CASE = st.fixed_dictionaries(
+    dict(
+        n=st.sampled_from([1, 2, 0]),
+        images=st.sampled_from(IMAGE_KINDS),
+        labels=st.sampled_from(LABEL_KINDS),
+        epsilon=BUDGETS,
+        steps=STEPS,
+        seed=st.integers(0, 2**16),
+    )
+)
 
 
 def _call(name, model, shell, x, y, eps, steps):
@@ -108,8 +156,9 @@ def _call(name, model, shell, x, y, eps, steps):
     if name == "high_confidence":
         return attacks.high_confidence(model, x, y, epsilon=eps, steps=steps, step_size=1.0)
     if name == "cw_linf":
-        return attacks.cw_linf(model, x, y, epsilon=eps, max_iterations=steps,
-                               max_total_iterations=6)
+        return attacks.cw_linf(
+            model, x, y, epsilon=eps, max_iterations=steps, max_total_iterations=6
+        )
     if name == "square":
         return attacks.square(model, x, y, epsilon=eps, queries=steps)
     if name == "fab":
@@ -123,8 +172,18 @@ def _call(name, model, shell, x, y, eps, steps):
     raise AssertionError(name)
 
 
-ATTACKS = ["pgd", "apgd_ce", "apgd_t", "high_confidence", "cw_linf", "square", "fab", "fab_t",
-           "bpda", "lift"]
+ATTACKS = [
+    "pgd",
+    "apgd_ce",
+    "apgd_t",
+    "high_confidence",
+    "cw_linf",
+    "square",
+    "fab",
+    "fab_t",
+    "bpda",
+    "lift",
+]
 
 
 def _check_attack(name, model, shell, case):
@@ -174,8 +233,9 @@ def test_lift_when_the_shell_is_already_wrong_at_every_point(shell):
     than the shell's answer at x. Nothing is attacked; x comes back as a success."""
     x = np.random.default_rng(0).uniform(0, 255, (1, *SHAPE)).astype(np.float32)
     answer = int(np.argmax(shell.predict(x, verbose=0), -1)[0])
-    res = attacks.lift(shell, x, np.array([(answer + 1) % CLASSES]), epsilon=4.0, num_targets=1,
-                       steps=1)
+    res = attacks.lift(
+        shell, x, np.array([(answer + 1) % CLASSES]), epsilon=4.0, num_targets=1, steps=1
+    )
     np.testing.assert_array_equal(res.x_adv, x)
     assert res.success.tolist() == [True] and res.details["shell_label"].tolist() == [answer]
 
@@ -198,15 +258,18 @@ def test_shell_predict_and_embed(shell, n, kind, seed):
 
 
 @QUICK
-@given(split=st.sampled_from(["train", "test", "valid", ""]),
-       num=st.sampled_from([None, 0, 1, 5, -3, 2.5, True]),
-       classes=st.sampled_from([10, 2, 1, 0, -1]),
-       dim=st.sampled_from([4, 1, 0, -2]))
+@given(
+    split=st.sampled_from(["train", "test", "valid", ""]),
+    num=st.sampled_from([None, 0, 1, 5, -3, 2.5, True]),
+    classes=st.sampled_from([10, 2, 1, 0, -1]),
+    dim=st.sampled_from([4, 1, 0, -2]),
+)
 def test_synthetic_loader(split, num, classes, dim):
     COUNTS["loader"] += 1
     try:
-        images, labels = data.synthetic_arrays(split, num_examples=num, num_classes=classes,
-                                               manifold_dim=dim)
+        images, labels = data.synthetic_arrays(
+            split, num_examples=num, num_classes=classes, manifold_dim=dim
+        )
     except (ValueError, TypeError):
         OUTCOMES["refused"] += 1
         return
@@ -217,14 +280,23 @@ def test_synthetic_loader(split, num, classes, dim):
 
 
 @QUICK
-@given(value=st.one_of(st.integers(-5, 5), st.floats(allow_nan=True, allow_infinity=True),
-                       st.booleans(), st.none(), st.text(max_size=3)),
-       minimum=st.sampled_from([0, 1]))
+@given(
+    value=st.one_of(
+        st.integers(-5, 5),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.booleans(),
+        st.none(),
+        st.text(max_size=3),
+    ),
+    minimum=st.sampled_from([0, 1]),
+)
 def test_validation_functions(value, minimum):
     COUNTS["validation"] += 1
-    for check in (lambda: validation.check_int(value, "k", minimum=minimum),
-                  lambda: validation.check_positive(value, "r"),
-                  lambda: validation.validate_radius(value, "epsilon")):
+    for check in (
+        lambda: validation.check_int(value, "k", minimum=minimum),
+        lambda: validation.check_positive(value, "r"),
+        lambda: validation.validate_radius(value, "epsilon"),
+    ):
         try:
             out = check()
         except (ValueError, TypeError):

@@ -18,13 +18,27 @@ from helpers import ROOT, subprocess_env, without_timings
 
 MODES = {
     "accuracy": ["--mode=accuracy", "--num_examples=8", "--pgd_steps=2"],
-    "separation": ["--mode=separation", "--separation_batches=2", "--separation_batch_points=2",
-                   "--separation_steps=2", "--separation_convergence_batches=0"],
-    "defence": ["--shell=mcn", "--num_points=4", "--defence_batch_points=2", "--shell_steps=2",
-                "--base_attack_max_iterations=3", "--adaptive_steps=2",
-                "--adaptive_square_queries=3", "--adaptive_sanity_points=2",
-                "--adaptive_sanity_steps=2", "--adaptive_lift_steps=2",
-                "--adaptive_base_apgd_steps=3", "--adaptive_targets=1"],
+    "separation": [
+        "--mode=separation",
+        "--separation_batches=2",
+        "--separation_batch_points=2",
+        "--separation_steps=2",
+        "--separation_convergence_batches=0",
+    ],
+    "defence": [
+        "--shell=mcn",
+        "--num_points=4",
+        "--defence_batch_points=2",
+        "--shell_steps=2",
+        "--base_attack_max_iterations=3",
+        "--adaptive_steps=2",
+        "--adaptive_square_queries=3",
+        "--adaptive_sanity_points=2",
+        "--adaptive_sanity_steps=2",
+        "--adaptive_lift_steps=2",
+        "--adaptive_base_apgd_steps=3",
+        "--adaptive_targets=1",
+    ],
 }
 
 
@@ -45,9 +59,20 @@ def _reports(out: str) -> dict[str, str]:
 
 
 def _run(out: str, dataset_args: list[str], mode: str) -> dict[str, str]:
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *dataset_args,
-                           *MODES[mode], f"--output_dir={out}"], env=subprocess_env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "evaluate.py"),
+            *dataset_args,
+            *MODES[mode],
+            f"--output_dir={out}",
+        ],
+        env=subprocess_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return _reports(out)
 

@@ -33,8 +33,13 @@ time.sleep(float(sys.argv[2]))
 
 def _holder(directory: str, seconds: float = 120.0) -> subprocess.Popen:
     """A process holding a RunStore on ``directory`` (bound, so locked) for ``seconds``."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, directory, str(seconds)],
-                            env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, directory, str(seconds)],
+        env=subprocess_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "holding"
     return proc
 
@@ -97,16 +102,20 @@ def test_a_stale_lock_is_taken_over_with_a_message(tmp_path, caplog):
 def test_a_stale_lock_does_not_make_the_directory_non_empty(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / LOCK_FILE).write_text(json.dumps(dict(pid=2**22 + 12345, host=socket.gethostname(),
-                                                 started="then", command="gone")))
+    (run / LOCK_FILE).write_text(
+        json.dumps(
+            dict(pid=2**22 + 12345, host=socket.gethostname(), started="then", command="gone")
+        )
+    )
     RunStore(str(run))  # neither --resume nor --overwrite: the lock alone is not a run
 
 
 def test_a_lock_from_another_host_is_refused(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    (run / LOCK_FILE).write_text(json.dumps(dict(pid=1, host="elsewhere.example", started="t",
-                                                 command="python evaluate.py")))
+    (run / LOCK_FILE).write_text(
+        json.dumps(dict(pid=1, host="elsewhere.example", started="t", command="python evaluate.py"))
+    )
     with pytest.raises(RunLocked, match="another host"):
         RunStore(str(run), resume=True).bind("p", {})
 
@@ -151,9 +160,20 @@ def test_a_second_evaluate_on_a_running_directory_is_refused(tmp_path):
     try:
         start = time.time()
         done = subprocess.run(
-            [sys.executable, os.path.join(ROOT, "evaluate.py"), "--mode=separation",
-             "--dataset=synthetic", f"--output_dir={run}", "--resume"],
-            env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+            [
+                sys.executable,
+                os.path.join(ROOT, "evaluate.py"),
+                "--mode=separation",
+                "--dataset=synthetic",
+                f"--output_dir={run}",
+                "--resume",
+            ],
+            env=subprocess_env(),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 1, done.stderr[-2000:]
         assert f"in use by another run (pid {proc.pid}" in done.stderr
         assert "Traceback" not in done.stderr, done.stderr[-2000:]

@@ -31,13 +31,24 @@ class FakeStep:
     ``calls`` records ``(x, y, idx)`` of every call.
     """
 
-    def __init__(self, name, shift, success=False, score=0.0, base_passes=0,
-                 shell_predictions=0, details=None, rows=None):
+    def __init__(
+        self,
+        name,
+        shift,
+        success=False,
+        score=0.0,
+        base_passes=0,
+        shell_predictions=0,
+        details=None,
+        rows=None,
+    ):
         self.name, self.shift = name, float(shift)
-        self.table = dict(success=np.broadcast_to(np.asarray(success, bool), (N,)),
-                          score=np.broadcast_to(np.asarray(score, np.float32), (N,)),
-                          base_passes=np.broadcast_to(np.asarray(base_passes), (N,)),
-                          shell_predictions=np.broadcast_to(np.asarray(shell_predictions), (N,)))
+        self.table = dict(
+            success=np.broadcast_to(np.asarray(success, bool), (N,)),
+            score=np.broadcast_to(np.asarray(score, np.float32), (N,)),
+            base_passes=np.broadcast_to(np.asarray(base_passes), (N,)),
+            shell_predictions=np.broadcast_to(np.asarray(shell_predictions), (N,)),
+        )
         self.details = details or {}
         self.rows = rows  # a wrong number of rows to return, to test the check
         self.calls = []
@@ -46,11 +57,15 @@ class FakeStep:
         self.calls.append((x.copy(), np.array(y), np.array(idx)))
         take = idx if self.rows is None else np.resize(idx, self.rows)
         return AttackResult(
-            x[:len(take)] + self.shift if self.rows is None
+            x[: len(take)] + self.shift
+            if self.rows is None
             else np.zeros((len(take),) + SHAPE, np.float32),
-            self.table["success"][take], self.table["base_passes"][take],
-            self.table["shell_predictions"][take], self.table["score"][take],
-            {k: np.asarray(v)[take] for k, v in self.details.items()})
+            self.table["success"][take],
+            self.table["base_passes"][take],
+            self.table["shell_predictions"][take],
+            self.table["score"][take],
+            {k: np.asarray(v)[take] for k, v in self.details.items()},
+        )
 
     @property
     def step(self) -> Step:
@@ -89,8 +104,9 @@ def test_the_first_success_wins_and_later_steps_see_only_the_points_standing():
     np.testing.assert_array_equal(suite.broken_by, ["a", "b", "c", "a", "b", "c"])
     assert not suite.standing.any() and res.success.all()
     # A broken point keeps the x_adv of the step that broke it.
-    np.testing.assert_array_equal(res.x_adv, x + np.array([1, 2, 3, 1, 2, 3], np.float32)
-                                  .reshape(-1, 1, 1, 1))
+    np.testing.assert_array_equal(
+        res.x_adv, x + np.array([1, 2, 3, 1, 2, 3], np.float32).reshape(-1, 1, 1, 1)
+    )
     np.testing.assert_array_equal(res.details["run"], [0, 1, 2, 0, 1, 2])
     assert suite.attempted == {"a": 6, "b": 4, "c": 2}
     assert set(suite.seconds) == {"a", "b", "c"} and all(s >= 0 for s in suite.seconds.values())
@@ -114,8 +130,9 @@ def test_failures_keep_the_highest_score_the_first_step_on_ties():
     res = suite.result
     keep = np.array([1, 0, 0, 2, 0, 2])  # the step whose x_adv each point keeps
     np.testing.assert_array_equal(res.details["run"], keep)
-    np.testing.assert_array_equal(res.x_adv, x + (keep + 1.0).astype(np.float32)
-                                  .reshape(-1, 1, 1, 1))
+    np.testing.assert_array_equal(
+        res.x_adv, x + (keep + 1.0).astype(np.float32).reshape(-1, 1, 1, 1)
+    )
     np.testing.assert_array_equal(res.score, [1.0, 5.0, 1.0, 9.0, -np.inf, 2.5])
     assert not res.success.any() and suite.standing.all()
     np.testing.assert_array_equal(suite.broken_by, "")
@@ -132,8 +149,7 @@ def test_a_success_replaces_a_failure_with_a_higher_score():
 
 
 def test_costs_add_up_over_the_steps_each_point_took_part_in():
-    a = FakeStep("a", 1.0, success=mask(0, 1), base_passes=[3, 3, 3, 3, 3, 0],
-                 shell_predictions=1)
+    a = FakeStep("a", 1.0, success=mask(0, 1), base_passes=[3, 3, 3, 3, 3, 0], shell_predictions=1)
     b = FakeStep("b", 2.0, success=mask(2), base_passes=5, shell_predictions=[0, 0, 2, 2, 2, 2])
     c = FakeStep("c", 3.0, base_passes=7)
     res = run([a, b, c]).result
@@ -205,17 +221,29 @@ def test_points_broken_before_the_first_step_by_name():
     everything = run([FakeStep("z", 1.0)], broken=np.ones(N, bool))
     np.testing.assert_array_equal(everything.result.x_adv, images())
     assert everything.result.success.all() and everything.result.cost == {
-        "base_passes": 0, "shell_predictions": 0}
+        "base_passes": 0,
+        "shell_predictions": 0,
+    }
     assert everything.attempted == {"z": 0}
 
 
 def test_details_are_merged_per_point_where_every_step_reports_them():
     target_a = np.array([10, 11, 12, 13, 14, 15], np.int32)
     target_b = np.array([20, 21, 22, 23, 24, 25], np.int32)
-    a = FakeStep("a", 1.0, success=mask(0), score=[0, 0, 5, 0, 0, 0],
-                 details=dict(target=target_a, only_a=np.ones(N), vec=np.ones((N, 2))))
-    b = FakeStep("b", 2.0, success=mask(1), score=1.0,
-                 details=dict(target=target_b, only_b=np.ones(N), vec=2 * np.ones((N, 2))))
+    a = FakeStep(
+        "a",
+        1.0,
+        success=mask(0),
+        score=[0, 0, 5, 0, 0, 0],
+        details=dict(target=target_a, only_a=np.ones(N), vec=np.ones((N, 2))),
+    )
+    b = FakeStep(
+        "b",
+        2.0,
+        success=mask(1),
+        score=1.0,
+        details=dict(target=target_b, only_b=np.ones(N), vec=2 * np.ones((N, 2))),
+    )
     res = run([a, b]).result
     # Each point: the detail of the step whose x_adv it keeps (point 2 keeps a's failure).
     np.testing.assert_array_equal(res.details["run"], [0, 1, 0, 1, 1, 1])

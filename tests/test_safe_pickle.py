@@ -52,10 +52,12 @@ class ForeignDict(dict):
 
 def _batch(n: int = 2) -> dict:
     rng = np.random.default_rng(0)
-    return {b"batch_label": b"testing batch 1 of 1",
-            b"labels": [int(v) for v in rng.integers(0, 10, n)],
-            b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
-            b"filenames": [b"img_%d.png" % i for i in range(n)]}
+    return {
+        b"batch_label": b"testing batch 1 of 1",
+        b"labels": [int(v) for v in rng.integers(0, 10, n)],
+        b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
+        b"filenames": [b"img_%d.png" % i for i in range(n)],
+    }
 
 
 def _folder(tmp_path, payload_batch) -> str:
@@ -91,9 +93,11 @@ def test_crafted_batch_is_refused_and_its_code_never_runs(tmp_path, kind):
     assert not os.path.exists(marker), "the crafted file's code ran"
     assert os.path.join(root, "cifar-10-batches-py", "test_batch") in message
     assert "refused to unpickle global" in message
-    expected = {"os.system": ("posix.system", "os.system"),
-                "builtins.eval": ("builtins.eval", "__builtin__.eval"),
-                "ForeignDict": ("ForeignDict",)}[kind]
+    expected = {
+        "os.system": ("posix.system", "os.system"),
+        "builtins.eval": ("builtins.eval", "__builtin__.eval"),
+        "ForeignDict": ("ForeignDict",),
+    }[kind]
     assert any(name in message for name in expected), message
     assert isinstance(info.value, safe_pickle.RefusedGlobal)
 
@@ -124,12 +128,15 @@ def test_every_pickle_protocol_of_a_batch_is_read(tmp_path, protocol):
     assert images.shape == (3, 32, 32, 3) and labels.tolist() == batch[b"labels"]
 
 
-@pytest.mark.parametrize("value, refused", [
-    (np.array([object()], dtype=object), "numpy.dtype('O8')"),
-    (np.zeros(2, dtype=[("a", "u1")]), "numpy.dtype('V1')"),
-    (np.ma.array([1, 2]), "numpy.ma.core._mareconstruct"),
-    (np.matrix([[1]]), "numpy.matrix"),
-])
+@pytest.mark.parametrize(
+    "value, refused",
+    [
+        (np.array([object()], dtype=object), "numpy.dtype('O8')"),
+        (np.zeros(2, dtype=[("a", "u1")]), "numpy.dtype('V1')"),
+        (np.ma.array([1, 2]), "numpy.ma.core._mareconstruct"),
+        (np.matrix([[1]]), "numpy.matrix"),
+    ],
+)
 def test_numpy_objects_beyond_plain_arrays_are_refused(value, refused):
     for protocol in (2, 5):
         with pytest.raises(safe_pickle.RefusedGlobal) as info:
@@ -142,19 +149,24 @@ def test_direct_ndarray_call_and_huge_shapes_are_refused():
     crafted = b"\x80\x02cnumpy\nndarray\nJ\x00\x00\x00\x01\x85R."
     with pytest.raises(safe_pickle.RefusedGlobal, match="numpy.ndarray"):
         safe_pickle.loads(crafted)
-    bomb = (b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
-            b"\x8a\x05\x00\x00\x00\x00\x01\x85C\x01b\x87R.")
+    bomb = (
+        b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n"
+        b"\x8a\x05\x00\x00\x00\x00\x01\x85C\x01b\x87R."
+    )
     with pytest.raises(safe_pickle.RefusedGlobal, match="shape"):
         safe_pickle.loads(bomb)
 
 
-@pytest.mark.parametrize("field, value, message", [
-    (b"labels", [0, 10], "labels must be integers in 0..9"),
-    (b"labels", [0.5, 1.0], "labels must be integers"),
-    (b"data", np.full((2, 3072), 300, np.int64), "data must be integers in 0..255"),
-    (b"data", np.full((2, 3072), np.nan), "data must be integers"),
-    (b"labels", [0], "N labels"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        (b"labels", [0, 10], "labels must be integers in 0..9"),
+        (b"labels", [0.5, 1.0], "labels must be integers"),
+        (b"data", np.full((2, 3072), 300, np.int64), "data must be integers in 0..255"),
+        (b"data", np.full((2, 3072), np.nan), "data must be integers"),
+        (b"labels", [0], "N labels"),
+    ],
+)
 def test_malformed_batch_values_are_named(tmp_path, field, value, message):
     root = _folder(tmp_path, {**_batch(), field: value})
     with pytest.raises(ValueError, match=message):
@@ -165,9 +177,20 @@ def test_crafted_batch_through_the_command_line(tmp_path):
     marker = str(tmp_path / "payload_ran")
     root = _folder(tmp_path, _payloads(marker)["os.system"])
     done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "evaluate.py"), "--mode=accuracy",
-         "--dataset=cifar10", f"--data_dir={root}", f"--output_dir={tmp_path / 'out'}"],
-        env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            os.path.join(ROOT, "evaluate.py"),
+            "--mode=accuracy",
+            "--dataset=cifar10",
+            f"--data_dir={root}",
+            f"--output_dir={tmp_path / 'out'}",
+        ],
+        env=subprocess_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1, done.stderr[-2000:]
     assert "test_batch: refused to unpickle global" in done.stderr
     assert "Traceback" not in done.stderr
@@ -199,8 +222,9 @@ def test_keras_file_with_a_lambda_layer_is_refused(tmp_path):
 
 def test_tf1_checkpoint_of_the_wrong_dtype_is_refused_naming_the_variable(tmp_path):
     model = madry_resnet("narrow")
-    values = {name: np.zeros(v.shape, np.float32)
-              for name, v in tf1_reference_variable_map(model).items()}
+    values = {
+        name: np.zeros(v.shape, np.float32) for name, v in tf1_reference_variable_map(model).items()
+    }
     values["logit/DW"] = np.zeros(values["logit/DW"].shape, np.int32)
     values["unit_1_0/sub1/conv1/DW"] = np.zeros([3, 3, 16, 17], np.float32)
     prefix = tf1_reference.write_checkpoint(values, str(tmp_path))

@@ -7,11 +7,10 @@ import os
 import numpy as np
 import pytest
 
+from helpers import small_conv
 from manifold_tf import reporting
 from manifold_tf.evaluation import separation, stats
 from manifold_tf.evaluation.store import RunStore
-
-from helpers import small_conv
 
 
 def test_chebyshev_epsilon_known_values():
@@ -54,7 +53,9 @@ def test_curve_monotone_and_consistent_with_count():
 def test_sample_indices_seeded_and_distinct():
     a = separation.sample_indices(100, num_batches=3, batch_points=7, seed=4)
     assert a.shape == (3, 7) and len(set(a.ravel())) == 21
-    np.testing.assert_array_equal(a, separation.sample_indices(100, num_batches=3, batch_points=7, seed=4))
+    np.testing.assert_array_equal(
+        a, separation.sample_indices(100, num_batches=3, batch_points=7, seed=4)
+    )
     with pytest.raises(ValueError, match="only 20"):
         separation.sample_indices(20, num_batches=3, batch_points=7, seed=0)
 
@@ -75,7 +76,9 @@ def test_run_separation_saves_and_resumes(tmp_path, monkeypatch):
     batch_dir = os.path.join(run_dir, "separation")
     first = separation.run_separation(model, images, labels, store=RunStore(run_dir), **kw)
     assert first["confidence"].shape == (3, 4)
-    assert sorted(os.listdir(batch_dir)) == [f"batch_{b:03d}.json" for b in range(3)] + ["settings.json"]
+    assert sorted(os.listdir(batch_dir)) == [f"batch_{b:03d}.json" for b in range(3)] + [
+        "settings.json"
+    ]
     assert first["settings"]["attack"]["step_size"] == pytest.approx(2.5 * 8 / 3)
 
     # Resume: only the missing batch is recomputed, and the results are identical.
@@ -84,20 +87,25 @@ def test_run_separation_saves_and_resumes(tmp_path, monkeypatch):
 
     calls = []
     real = attacks.high_confidence
-    monkeypatch.setattr(attacks, "high_confidence", lambda *a, **k: calls.append(1) or real(*a, **k))
-    second = separation.run_separation(model, images, labels, store=RunStore(run_dir, resume=True), **kw)
+    monkeypatch.setattr(
+        attacks, "high_confidence", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    second = separation.run_separation(
+        model, images, labels, store=RunStore(run_dir, resume=True), **kw
+    )
     assert len(calls) == 1
     np.testing.assert_allclose(second["confidence"], first["confidence"], atol=1e-6)
 
     # Other settings in the same directory are refused rather than mixed.
     with pytest.raises(ValueError, match="delta: saved 8.0, now 4.0"):
-        separation.run_separation(model, images, labels, store=RunStore(run_dir, resume=True),
-                                  **dict(kw, delta=4.0))
+        separation.run_separation(
+            model, images, labels, store=RunStore(run_dir, resume=True), **dict(kw, delta=4.0)
+        )
 
 
 def test_plot_separation_curve(tmp_path):
     conf = np.random.default_rng(1).uniform(size=(2, 30))
-    curves = {"a": separation.summarize(conf)["curve"], "b": separation.summarize(conf ** 3)["curve"]}
+    curves = {"a": separation.summarize(conf)["curve"], "b": separation.summarize(conf**3)["curve"]}
     path = str(tmp_path / "curve.png")
     reporting.plot_separation_curve(curves, path, p=0.9, title="t", reference={"paper": 0.5})
     with open(path, "rb") as f:
@@ -108,12 +116,38 @@ def test_convergence_check_reruns_the_first_batches_and_a_restart_never_lowers_t
     model, images, labels = tiny_problem()
     store = RunStore(str(tmp_path / "run"))
     attack = dict(steps=2, step_size=8.0, optimizer="sign", random_start=False)
-    run = separation.run_separation(model, images, labels, delta=8.0, num_batches=3, batch_points=4,
-                                    seed=1, attack=attack, store=store)
-    out = separation.convergence_check(model, images, labels, run, delta=8.0, steps=(5,), batches=2,
-                                       attack=attack, seed=1, p=0.5, store=store)
+    run = separation.run_separation(
+        model,
+        images,
+        labels,
+        delta=8.0,
+        num_batches=3,
+        batch_points=4,
+        seed=1,
+        attack=attack,
+        store=store,
+    )
+    out = separation.convergence_check(
+        model,
+        images,
+        labels,
+        run,
+        delta=8.0,
+        steps=(5,),
+        batches=2,
+        attack=attack,
+        seed=1,
+        p=0.5,
+        store=store,
+    )
     assert out["points"] == 8 and [r["name"] for r in out["rows"]] == [
-        "2 steps (main run)", "5 steps", "2 steps + 1 random restart"]
+        "2 steps (main run)",
+        "5 steps",
+        "2 steps + 1 random restart",
+    ]
     assert out["rows"][2]["count"] >= out["rows"][0]["count"]  # per point the max of both runs
     assert sorted(os.listdir(tmp_path / "run" / "separation_convergence")) == [
-        "batch_000.json", "batch_001.json", "settings.json"]
+        "batch_000.json",
+        "batch_001.json",
+        "settings.json",
+    ]

@@ -20,7 +20,7 @@ def finite_test_set(n_total: int, p_shell_only: float, p_base_only: float) -> np
     """A test set's paired differences with round(p N) points of each discordant kind."""
     b, c = round(p_shell_only * n_total), round(p_base_only * n_total)
     d = np.zeros(n_total, dtype=np.int8)
-    d[:b], d[b:b + c] = 1, -1
+    d[:b], d[b : b + c] = 1, -1
     return d
 
 
@@ -37,8 +37,9 @@ def simulate(n_total, rates, n_sequences, seed, max_grid=2001, look_every=10):
     theta = pop.mean()
     rng = np.random.default_rng(seed)
     orders = rng.permuted(np.tile(np.arange(n_total), (n_sequences, 1)), axis=1)
-    r = sequential.confidence_sequence(pop[orders], n_total=n_total, look_every=look_every,
-                                       max_grid=max_grid)
+    r = sequential.confidence_sequence(
+        pop[orders], n_total=n_total, look_every=look_every, max_grid=max_grid
+    )
     # 1e-9: the lattice endpoints are k/N up to float rounding.
     hit = ((r["ci_low"] <= theta + 1e-9) & (theta - 1e-9 <= r["ci_high"])).all(axis=1)
     r["hit"] = hit
@@ -49,9 +50,11 @@ def check_coverage(n_total, rates, n_sequences, seed, max_grid=2001):
     covered, r, theta = simulate(n_total, rates, n_sequences, seed, max_grid=max_grid)
     width = r["ci_high"] - r["ci_low"]
     half = width.shape[1] // 2
-    print(f"N={n_total} P(b)={rates[0]} P(c)={rates[1]} theta={theta:+.3f} grid={max_grid}: "
-          f"covered at every look in {covered}/{n_sequences} = {covered / n_sequences:.3f}; "
-          f"mean width at n={r['n'][half]}: {width[:, half].mean():.3f}")
+    print(
+        f"N={n_total} P(b)={rates[0]} P(c)={rates[1]} theta={theta:+.3f} grid={max_grid}: "
+        f"covered at every look in {covered}/{n_sequences} = {covered / n_sequences:.3f}; "
+        f"mean width at n={r['n'][half]}: {width[:, half].mean():.3f}"
+    )
     assert covered >= min_covered(n_sequences), covered
     # After the whole set the interval is one point: the set's difference wherever it covered.
     assert np.allclose(r["ci_low"][:, -1], r["ci_high"][:, -1])
@@ -131,7 +134,7 @@ def test_batches_and_vectorisation_do_not_change_the_interval():
         cs = sequential.PairedConfidenceSequence(400)
         start = 0
         for size in (1, 7, 42, 150):
-            cs.update(d[row, start:start + size])
+            cs.update(d[row, start : start + size])
             start += size
         one = sequential.confidence_sequence(d[row], n_total=400, look_every=50)
         assert cs.n == 200

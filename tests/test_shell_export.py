@@ -28,6 +28,7 @@ from manifold_tf.shells import CarliniWagnerShell, MCNShell, NCNShell
 
 SHAPE = (32, 32, 3)
 
+
 def test_predict_and_evaluate_work_as_for_any_keras_model():
     centres, _ = synthetic_manifold(num_classes=10)
     x, y = synthetic_arrays("test", num_examples=6)
@@ -55,8 +56,16 @@ def _small_shells(base=None):
     return [
         MCNShell(base, 8.0, steps=2, jit_compile=False, name="mcn"),
         NCNShell(base, 0.6, delta_max=8.0, steps=1, rounds=2, jit_compile=False, name="ncn"),
-        CarliniWagnerShell(base, variant="all_labels", delta=6.0, const=0.5, max_iterations=3,
-                           learning_rate=1e-2, jit_compile=False, name="cw"),
+        CarliniWagnerShell(
+            base,
+            variant="all_labels",
+            delta=6.0,
+            const=0.5,
+            max_iterations=3,
+            learning_rate=1e-2,
+            jit_compile=False,
+            name="cw",
+        ),
     ]
 
 
@@ -96,15 +105,26 @@ def test_export_runs_in_a_fresh_process_without_manifold_tf(tmp_path, index):
     np.save(tmp_path / "x.npy", x)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH="")
     done = subprocess.run(
-        [sys.executable, "-c", _LOAD_SCRIPT, export_dir, str(tmp_path / "x.npy"),
-         str(tmp_path / "p.npy")],
-        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-c",
+            _LOAD_SCRIPT,
+            export_dir,
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "p.npy"),
+        ],
+        cwd=str(tmp_path),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert not [m for m in report["imported"] if m.startswith("manifold_tf")], report["imported"]
-    np.testing.assert_allclose(np.load(tmp_path / "p.npy"), expected["probabilities"].numpy(),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "p.npy"), expected["probabilities"].numpy(), atol=1e-6
+    )
     assert report["label"] == expected["label"].numpy().tolist()
 
 
@@ -119,15 +139,18 @@ def test_madry_resnet_shell_saves_and_exports(tmp_path):
     np.testing.assert_allclose(loaded.serve(x).numpy(), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("bad, message", [
-    (np.full((2, 32, 32, 3), np.nan, np.float32), "NaN|pixel values"),
-    (np.full((2, 32, 32, 3), np.inf, np.float32), "infinite|pixel values"),
-    (np.full((2, 32, 32, 3), -1.0, np.float32), "pixel values in \\[0, 255\\]|< 0"),
-    (np.full((2, 32, 32, 3), 300.0, np.float32), "pixel values in \\[0, 255\\]|> 255"),
-    (np.zeros((0, 32, 32, 3), np.float32), "empty batch"),
-    (np.zeros((2, 32, 32), np.float32), "shape"),
-    (np.zeros((2, 32, 32, 3), np.uint8), "floating-point"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.full((2, 32, 32, 3), np.nan, np.float32), "NaN|pixel values"),
+        (np.full((2, 32, 32, 3), np.inf, np.float32), "infinite|pixel values"),
+        (np.full((2, 32, 32, 3), -1.0, np.float32), "pixel values in \\[0, 255\\]|< 0"),
+        (np.full((2, 32, 32, 3), 300.0, np.float32), "pixel values in \\[0, 255\\]|> 255"),
+        (np.zeros((0, 32, 32, 3), np.float32), "empty batch"),
+        (np.zeros((2, 32, 32), np.float32), "shape"),
+        (np.zeros((2, 32, 32, 3), np.uint8), "floating-point"),
+    ],
+)
 def test_bad_input_is_refused_by_call_predict_and_embed(bad, message):
     base = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(), keras.layers.Dense(3)])
     shell = MCNShell(base, 4.0, steps=1, jit_compile=False)

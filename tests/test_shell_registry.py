@@ -36,8 +36,9 @@ C = 3
 
 def tiny_base() -> keras.Model:
     init = keras.initializers.RandomNormal(0.0, 0.01, seed=4)
-    return keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(),
-                             keras.layers.Dense(C, kernel_initializer=init)])
+    return keras.Sequential(
+        [keras.Input(SHAPE), keras.layers.Flatten(), keras.layers.Dense(C, kernel_initializer=init)]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,14 +51,28 @@ def make(kind: str, base, **overrides) -> FactorShell:
     if kind == "mcn":
         return MCNShell(base, 5.0, **{"steps": 4, "jit_compile": False, **overrides})
     if kind == "mcn_random":
-        return MCNShell(base, 5.0, **{"steps": 2, "random_start": True, "seed": 3,
-                                      "jit_compile": False, **overrides})
+        return MCNShell(
+            base,
+            5.0,
+            **{"steps": 2, "random_start": True, "seed": 3, "jit_compile": False, **overrides},
+        )
     if kind == "ncn":
-        return NCNShell(base, 0.6, **{"delta_max": 7.0, "steps": 2, "rounds": 3,
-                                      "jit_compile": False, **overrides})
+        return NCNShell(
+            base,
+            0.6,
+            **{"delta_max": 7.0, "steps": 2, "rounds": 3, "jit_compile": False, **overrides},
+        )
     variant = "all_labels" if kind == "cw" else "paper_code"
-    return CarliniWagnerShell(base, **{"variant": variant, "delta": 6.0, "max_iterations": 5,
-                                       "jit_compile": False, **overrides})
+    return CarliniWagnerShell(
+        base,
+        **{
+            "variant": variant,
+            "delta": 6.0,
+            "max_iterations": 5,
+            "jit_compile": False,
+            **overrides,
+        },
+    )
 
 
 KINDS = ["mcn", "mcn_random", "ncn", "cw", "cw_paper"]
@@ -94,17 +109,26 @@ def reference_scores(shell, out: dict) -> Scores:
 # What the evaluation asks of a shell
 
 
-@pytest.mark.parametrize("kind, expected", [("mcn", C * 4), ("mcn_random", C * 2),
-                                            ("ncn", C * 2 * 3), ("cw", C * 2 * 5),
-                                            ("cw_paper", C * 2 * 5)])
+@pytest.mark.parametrize(
+    "kind, expected",
+    [
+        ("mcn", C * 4),
+        ("mcn_random", C * 2),
+        ("ncn", C * 2 * 3),
+        ("cw", C * 2 * 5),
+        ("cw_paper", C * 2 * 5),
+    ],
+)
 def test_passes_per_prediction(base, kind, expected):
     shell = make(kind, base)
     assert shell.passes_per_prediction() == expected == probed_passes(shell)
     assert shell.rows_per_image == C
 
 
-@pytest.mark.parametrize("kind, expected", [("mcn", 5.0), ("ncn", 7.0), ("cw", 6.0),
-                                            ("cw_paper", cw_shell.PAPER_CODE_TAU)])
+@pytest.mark.parametrize(
+    "kind, expected",
+    [("mcn", 5.0), ("ncn", 7.0), ("cw", 6.0), ("cw_paper", cw_shell.PAPER_CODE_TAU)],
+)
 def test_search_radius_is_the_ball_searched(base, kind, expected):
     radius = make(kind, base).search_radius
     assert isinstance(radius, float) and radius == expected
@@ -132,8 +156,12 @@ def test_scores_match_the_rule_bpda_used(base, kind):
 
 def test_ncn_scores_rank_met_labels_by_distance_above_unmet_ones(base):
     shell = make("ncn", base)
-    out = dict(log_odds=tf.constant([[50.0, -1.0, 0.5]]), met=tf.constant([[False, True, True]]),
-               distances=tf.constant([[0.0, 3.0, 2.0]]), probabilities=tf.constant([[0, 0, 1.0]]))
+    out = dict(
+        log_odds=tf.constant([[50.0, -1.0, 0.5]]),
+        met=tf.constant([[False, True, True]]),
+        distances=tf.constant([[0.0, 3.0, 2.0]]),
+        probabilities=tf.constant([[0, 0, 1.0]]),
+    )
     sc = shell.scores(out)
     assert sc.key.argmax(1).tolist() == [2]  # met and nearest, though label 0 is most confident
     assert sc.logit_p == pytest.approx(np.log(0.6 / 0.4))
@@ -146,11 +174,13 @@ def test_only_a_random_start_mcn_is_random_and_with_seed_redraws_it(base):
     copy = shell.with_seed(11)
     assert type(copy) is MCNShell and copy.seed == 11 and copy.base is shell.base
     drop = ("name", "seed")
-    assert ({k: v for k, v in copy.get_config().items() if k not in drop}
-            == {k: v for k, v in shell.get_config().items() if k not in drop})
+    assert {k: v for k, v in copy.get_config().items() if k not in drop} == {
+        k: v for k, v in shell.get_config().items() if k not in drop
+    }
     assert not np.array_equal(copy.embed(x)["z"].numpy(), shell.embed(x)["z"].numpy())
-    np.testing.assert_array_equal(shell.with_seed(11).embed(x)["z"].numpy(),
-                                  copy.embed(x)["z"].numpy())  # the seed decides the draw
+    np.testing.assert_array_equal(
+        shell.with_seed(11).embed(x)["z"].numpy(), copy.embed(x)["z"].numpy()
+    )  # the seed decides the draw
     for kind in ("mcn", "ncn", "cw", "cw_paper"):
         deterministic = make(kind, base)
         assert not deterministic.is_random
@@ -177,18 +207,45 @@ def test_get_config_chains_to_the_factor_shell_and_round_trips(base, kind):
 
 def test_settings_for_reports_are_unchanged(base):
     shell = make("mcn", base)
-    assert shell.settings() == dict(shell="mcn", delta=5.0, optimizer="sign", steps=4,
-                                    step_size=projected.madry_step_size(5.0, 4),
-                                    random_start=False, seed=0, jit_compile=False)
+    assert shell.settings() == dict(
+        shell="mcn",
+        delta=5.0,
+        optimizer="sign",
+        steps=4,
+        step_size=projected.madry_step_size(5.0, 4),
+        random_start=False,
+        seed=0,
+        jit_compile=False,
+    )
     assert make("ncn", base).settings() == dict(
-        shell="ncn", p=0.6, delta_max=7.0, steps=2, rounds=3, alpha=1.0, alpha_factor=10.0,
-        learning_rate=0.05, jit_compile=False)
+        shell="ncn",
+        p=0.6,
+        delta_max=7.0,
+        steps=2,
+        rounds=3,
+        alpha=1.0,
+        alpha_factor=10.0,
+        learning_rate=0.05,
+        jit_compile=False,
+    )
     assert make("cw", base).settings() == dict(
-        shell="cw", variant="all_labels", max_iterations=5, learning_rate=5e-3, delta=6.0,
-        const=0.1, jit_compile=False)
+        shell="cw",
+        variant="all_labels",
+        max_iterations=5,
+        learning_rate=5e-3,
+        delta=6.0,
+        const=0.1,
+        jit_compile=False,
+    )
     assert make("cw_paper", base).settings() == dict(
-        shell="cw", variant="paper_code", max_iterations=5, learning_rate=5e-3,
-        tau=cw_shell.PAPER_CODE_TAU, **cw_shell.PAPER_CODE_CONSTS, jit_compile=False)
+        shell="cw",
+        variant="paper_code",
+        max_iterations=5,
+        learning_rate=5e-3,
+        tau=cw_shell.PAPER_CODE_TAU,
+        **cw_shell.PAPER_CODE_CONSTS,
+        jit_compile=False,
+    )
 
 
 def test_mcn_optimizer_pgd_is_a_deprecated_alias_of_sign(base):
@@ -203,8 +260,9 @@ def test_mcn_optimizer_pgd_is_a_deprecated_alias_of_sign(base):
         warnings.simplefilter("ignore", DeprecationWarning)
         loaded = MCNShell.from_config(saved)
     x = uniform_images(2, SHAPE, seed=3)
-    np.testing.assert_array_equal(loaded.embed(x)["z"].numpy(),
-                                  make("mcn", base).embed(x)["z"].numpy())
+    np.testing.assert_array_equal(
+        loaded.embed(x)["z"].numpy(), make("mcn", base).embed(x)["z"].numpy()
+    )
     assert make("mcn", base, steps=0).step_size == projected.madry_step_size(5.0, 1)
 
 
@@ -223,9 +281,21 @@ def test_the_strategy_a_shell_runs_under_is_public(base):
 
 def shell_settings(**overrides) -> types.SimpleNamespace:
     """The fields ``from_settings`` reads (the evaluation's ShellConfig has them all)."""
-    fields = dict(steps=3, step_size=None, optimizer="sign", random_start=True, ncn_delta_max=6.0,
-                  ncn_rounds=2, ncn_alpha=1.0, ncn_alpha_factor=10.0, ncn_learning_rate=0.05,
-                  cw_variant="all_labels", cw_const=0.2, cw_max_iterations=4, jit_compile=None)
+    fields = dict(
+        steps=3,
+        step_size=None,
+        optimizer="sign",
+        random_start=True,
+        ncn_delta_max=6.0,
+        ncn_rounds=2,
+        ncn_alpha=1.0,
+        ncn_alpha_factor=10.0,
+        ncn_learning_rate=0.05,
+        cw_variant="all_labels",
+        cw_const=0.2,
+        cw_max_iterations=4,
+        jit_compile=None,
+    )
     return types.SimpleNamespace(**{**fields, **overrides})
 
 
@@ -244,12 +314,30 @@ def test_build_equals_direct_construction(base, jit):
     s = shell_settings(jit_compile=jit)
     jit_kw = {} if jit is None else dict(jit_compile=True)
     direct = {
-        "mcn": MCNShell(base, 4.0, optimizer="sign", steps=3, step_size=None, random_start=True,
-                        seed=9, **jit_kw),
-        "ncn": NCNShell(base, 0.7, delta_max=6.0, steps=3, rounds=2, alpha=1.0, alpha_factor=10.0,
-                        learning_rate=0.05, **jit_kw),
-        "cw": CarliniWagnerShell(base, variant="all_labels", delta=4.0, const=0.2,
-                                 max_iterations=4, **jit_kw),
+        "mcn": MCNShell(
+            base,
+            4.0,
+            optimizer="sign",
+            steps=3,
+            step_size=None,
+            random_start=True,
+            seed=9,
+            **jit_kw,
+        ),
+        "ncn": NCNShell(
+            base,
+            0.7,
+            delta_max=6.0,
+            steps=3,
+            rounds=2,
+            alpha=1.0,
+            alpha_factor=10.0,
+            learning_rate=0.05,
+            **jit_kw,
+        ),
+        "cw": CarliniWagnerShell(
+            base, variant="all_labels", delta=4.0, const=0.2, max_iterations=4, **jit_kw
+        ),
     }
     for kind, expected in direct.items():
         built = build(kind, base, s, delta=4.0, p=0.7, seed=9)

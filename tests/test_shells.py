@@ -24,6 +24,7 @@ from manifold_tf.shells import CarliniWagnerShell, MCNShell, NCNShell, cw_shell
 SHAPE = (32, 32, 3)
 D = int(np.prod(SHAPE))
 
+
 class CentreBumps(keras.layers.Layer):
     """A nearest-centre classifier that is confident only near the class centres (a "good" model).
 
@@ -40,8 +41,11 @@ class CentreBumps(keras.layers.Layer):
 
     def call(self, x):
         z = tf.reshape(x, [tf.shape(x)[0], -1])
-        ms = (tf.reduce_sum(z**2, 1, keepdims=True) - 2.0 * z @ tf.transpose(self.centres)
-              + tf.reduce_sum(self.centres**2, 1)[None]) / D
+        ms = (
+            tf.reduce_sum(z**2, 1, keepdims=True)
+            - 2.0 * z @ tf.transpose(self.centres)
+            + tf.reduce_sum(self.centres**2, 1)[None]
+        ) / D
         return self.height * tf.exp(-ms / (2.0 * self.sigma**2)) + self.bias
 
 
@@ -73,16 +77,18 @@ def test_mcn_two_class_linear_matches_closed_form(optimizer, steps, step_size):
     # the corner z_t = clip(x + delta * sign(w_t - w_o), 0, 255).
     base, kernel, bias, x = two_class_problem()
     delta = 8.0
-    shell = MCNShell(base, delta, optimizer=optimizer, steps=steps, step_size=step_size,
-                     jit_compile=False)
+    shell = MCNShell(
+        base, delta, optimizer=optimizer, steps=steps, step_size=step_size, jit_compile=False
+    )
     out = shell.embed(x)
     direction = np.sign(kernel[:, 0] - kernel[:, 1]).reshape(SHAPE)
     z_expected = np.stack(
         [np.clip(x + delta * direction, 0, 255), np.clip(x - delta * direction, 0, 255)], axis=1
     )
     np.testing.assert_allclose(out["z"].numpy(), z_expected, atol=1e-3)
-    conf = np.stack([np_softmax(np_logits(z_expected[:, t], kernel, bias))[:, t]
-                     for t in (0, 1)], 1)
+    conf = np.stack(
+        [np_softmax(np_logits(z_expected[:, t], kernel, bias))[:, t] for t in (0, 1)], 1
+    )
     np.testing.assert_allclose(out["confidences"].numpy(), conf, rtol=1e-4)
     label = conf.argmax(1)
     np.testing.assert_array_equal(out["label"].numpy(), label)
@@ -105,8 +111,9 @@ def _best_log_odds(x, t, kernel, bias, delta):
         return -(logits[t] - lse), -g
 
     bounds = list(zip(np.maximum(x0 - delta, 0), np.minimum(x0 + delta, 255), strict=True))
-    res = scipy.optimize.minimize(f, x0, jac=True, method="L-BFGS-B", bounds=bounds,
-                                  options=dict(maxiter=500))
+    res = scipy.optimize.minimize(
+        f, x0, jac=True, method="L-BFGS-B", bounds=bounds, options=dict(maxiter=500)
+    )
     return -res.fun
 
 
@@ -189,8 +196,15 @@ def test_ncn_two_class_linear_matches_closed_form_distance():
     margins = np.stack([m0 + bias[0] - bias[1], -(m0 + bias[0] - bias[1])], 1)
     expected = np.maximum(0.0, (logit_p - margins) / np.abs(a).sum())
     assert expected.max() < 16.0
-    shell = NCNShell(linear_model(SHAPE, kernel, bias), p, delta_max=16.0, steps=30, rounds=3,
-                     learning_rate=0.02, jit_compile=False)
+    shell = NCNShell(
+        linear_model(SHAPE, kernel, bias),
+        p,
+        delta_max=16.0,
+        steps=30,
+        rounds=3,
+        learning_rate=0.02,
+        jit_compile=False,
+    )
     out = shell.embed(x)
     got = out["distances"].numpy()
     assert out["met"].numpy().all()
@@ -210,11 +224,14 @@ def test_ncn_flags_points_where_no_label_meets_p():
     np.testing.assert_array_equal(out["label"].numpy(), conf.argmax(1))
 
 
-@pytest.mark.parametrize("make", [
-    lambda b: MCNShell(b, 0.0, steps=3, jit_compile=False),
-    lambda b: MCNShell(b, 0.0, optimizer="adam", steps=3, random_start=True, jit_compile=False),
-    lambda b: NCNShell(b, 0.5, delta_max=0.0, steps=2, rounds=1, jit_compile=False),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda b: MCNShell(b, 0.0, steps=3, jit_compile=False),
+        lambda b: MCNShell(b, 0.0, optimizer="adam", steps=3, random_start=True, jit_compile=False),
+        lambda b: NCNShell(b, 0.5, delta_max=0.0, steps=2, rounds=1, jit_compile=False),
+    ],
+)
 def test_zero_radius_is_the_base_model(make):
     base, _, _, x = two_class_problem()
     expected = tf.nn.softmax(base(x)).numpy()
@@ -245,8 +262,9 @@ def test_confident_points_are_their_own_nearest_neighbour_under_ncn():
 
 def test_cw_all_labels_stays_in_the_ball_and_scores_by_own_label():
     base, kernel, bias, x = two_class_problem()
-    shell = CarliniWagnerShell(base, variant="all_labels", delta=8.0, max_iterations=50, const=1.0,
-                               jit_compile=False)
+    shell = CarliniWagnerShell(
+        base, variant="all_labels", delta=8.0, max_iterations=50, const=1.0, jit_compile=False
+    )
     out = shell.embed(x)
     z = out["z"].numpy()
     assert_in_ball_and_box(z, np.broadcast_to(x[:, None], z.shape), 8.0, tol=1e-3, dtype=None)
@@ -300,8 +318,9 @@ def test_bad_arguments_raise_with_the_value():
 
 
 def test_a_base_that_returns_probabilities_is_refused():
-    model = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(),
-                              keras.layers.Dense(3, activation="softmax")])
+    model = keras.Sequential(
+        [keras.Input(SHAPE), keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax")]
+    )
     with pytest.raises(ValueError, match="probabilities"):
         MCNShell(model)
     with pytest.raises(ValueError, match="probabilities"):
@@ -346,8 +365,13 @@ def test_random_start_is_deterministic_under_a_seed():
     base, _, _, x = two_class_problem()
 
     def run(seed):
-        return MCNShell(base, 8.0, steps=1, step_size=0.5, random_start=True, seed=seed,
-                        jit_compile=False).embed(x)["z"].numpy()
+        return (
+            MCNShell(
+                base, 8.0, steps=1, step_size=0.5, random_start=True, seed=seed, jit_compile=False
+            )
+            .embed(x)["z"]
+            .numpy()
+        )
 
     np.testing.assert_array_equal(run(1), run(1))
     assert not np.array_equal(run(1), run(2))
@@ -355,8 +379,9 @@ def test_random_start_is_deterministic_under_a_seed():
 
 def test_xla_shell_pads_batches_to_buckets_and_matches_plain_tensorflow():
     init = keras.initializers.RandomNormal(0, 0.01, seed=2)
-    base = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(),
-                             keras.layers.Dense(3, kernel_initializer=init)])
+    base = keras.Sequential(
+        [keras.Input(SHAPE), keras.layers.Flatten(), keras.layers.Dense(3, kernel_initializer=init)]
+    )
     x = np.random.default_rng(0).uniform(0, 255, size=(5, *SHAPE)).astype(np.float32)
     plain = MCNShell(base, 4.0, steps=3, jit_compile=False)
     xla = MCNShell(base, 4.0, steps=3, jit_compile=True)
@@ -364,6 +389,7 @@ def test_xla_shell_pads_batches_to_buckets_and_matches_plain_tensorflow():
         a, b = plain.embed(x[:n]), xla.embed(x[:n])
         assert b["z"].shape[0] == n and b["label"].shape == (n,)
         np.testing.assert_array_equal(a["label"].numpy(), b["label"].numpy())
-        np.testing.assert_allclose(a["probabilities"].numpy(), b["probabilities"].numpy(),
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            a["probabilities"].numpy(), b["probabilities"].numpy(), atol=1e-4
+        )
     assert xla.embed_function.experimental_get_tracing_count() == 1

@@ -27,14 +27,25 @@ from helpers import ROOT, subprocess_env
 from manifold_tf import interrupts, reporting
 from manifold_tf.evaluation.store import RunStore
 
-SEPARATION = ["--mode=separation", "--dataset=synthetic", "--separation_batches=8",
-              "--separation_batch_points=2", "--separation_steps=30",
-              "--separation_convergence_batches=0"]
+SEPARATION = [
+    "--mode=separation",
+    "--dataset=synthetic",
+    "--separation_batches=8",
+    "--separation_batch_points=2",
+    "--separation_steps=30",
+    "--separation_convergence_batches=0",
+]
 
 
 def _start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=subprocess_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd,
+        env=subprocess_env(),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _signal_after(proc: subprocess.Popen, marker: str, signum: int) -> tuple[int, str]:
@@ -69,8 +80,14 @@ def test_sigterm_stops_evaluate_after_a_batch_and_resume_completes(tmp_path):
     assert 1 <= len(done) < 8 and not (out / "separation.json").exists()
     assert not list(out.rglob(".tmp-*"))  # no partial file
     assert not (out / ".lock").exists()  # released on the way out
-    resumed = subprocess.run(_resume_command(err), env=subprocess_env(), cwd=ROOT,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        _resume_command(err),
+        env=subprocess_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert len(list(folder.glob("batch_*.json"))) == 8 and (out / "separation.json").exists()
 
@@ -78,8 +95,15 @@ def test_sigterm_stops_evaluate_after_a_batch_and_resume_completes(tmp_path):
 def test_sigint_stops_training_after_a_checkpoint_and_the_last_step_is_checkpointed(tmp_path):
     # steps=5 is not a multiple of checkpoint_every=2: checkpoints at 2, 4 and the last step, 5.
     out = tmp_path / "model"
-    args = ["--dataset=synthetic", "--steps=5", "--checkpoint_every=2", "--batch_size=8",
-            "--seed=3", "--lr_boundaries=", "--lr_values=0.05"]
+    args = [
+        "--dataset=synthetic",
+        "--steps=5",
+        "--checkpoint_every=2",
+        "--batch_size=8",
+        "--seed=3",
+        "--lr_boundaries=",
+        "--lr_values=0.05",
+    ]
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--model_dir={out}", *args]
     code, err = _signal_after(_start(cmd), str(out / "checkpoints" / "checkpoint"), signal.SIGINT)
     if code == 0:
@@ -87,8 +111,14 @@ def test_sigint_stops_training_after_a_checkpoint_and_the_last_step_is_checkpoin
     assert code == 130, err[-3000:]
     assert "stopped by SIGINT after checkpoint" in err, err[-3000:]
     assert not (out / "final.keras").exists()
-    resumed = subprocess.run(_resume_command(err), env=subprocess_env(), cwd=ROOT,
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        _resume_command(err),
+        env=subprocess_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (out / "final.keras").exists()
     assert (out / "checkpoints" / "ckpt-5.index").exists()
@@ -115,9 +145,11 @@ def test_safe_points_raise_stopped_after_the_write(tmp_path):
 def test_resume_command_drops_overwrite_and_adds_resume():
     argv = ["/x/evaluate.py", "--shell=mcn", "--overwrite", "--output_dir=a b", "--resume"]
     assert interrupts.resume_command(argv) == (
-        "python /x/evaluate.py --shell=mcn '--output_dir=a b' --resume")
+        "python /x/evaluate.py --shell=mcn '--output_dir=a b' --resume"
+    )
     assert interrupts.resume_command(["manifold-tf-train", "--model_dir=m"]) == (
-        "manifold-tf-train --model_dir=m --resume")
+        "manifold-tf-train --model_dir=m --resume"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,9 +214,18 @@ def test_unwritable_output_directory_exits_non_zero_naming_it(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "evaluate.py"), *SEPARATION,
-         f"--output_dir={blocker / 'run'}"],
-        env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            os.path.join(ROOT, "evaluate.py"),
+            *SEPARATION,
+            f"--output_dir={blocker / 'run'}",
+        ],
+        env=subprocess_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1 and str(blocker / "run") in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
 
@@ -193,19 +234,33 @@ def test_unwritable_output_directory_exits_non_zero_naming_it(tmp_path):
 # Usage errors a newcomer can read
 
 
-@pytest.mark.parametrize("script, args, message", [
-    ("evaluate.py", ["--num_examples=-3", "--dataset=synthetic"],
-     "num_examples must be an integer >= 1; got -3."),
-    ("train.py", ["--model_dir=/nonexistent/m", "--steps=0"], "steps must be an integer >= 1"),
-    ("train.py", [], "--model_dir is required"),
-])
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        (
+            "evaluate.py",
+            ["--num_examples=-3", "--dataset=synthetic"],
+            "num_examples must be an integer >= 1; got -3.",
+        ),
+        ("train.py", ["--model_dir=/nonexistent/m", "--steps=0"], "steps must be an integer >= 1"),
+        ("train.py", [], "--model_dir is required"),
+    ],
+)
 def test_usage_errors_print_the_problem_not_the_help(script, args, message):
-    done = subprocess.run([sys.executable, os.path.join(ROOT, script), *args],
-                          env=subprocess_env(), cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *args],
+        env=subprocess_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2
-    lines = [line for line in done.stderr.splitlines()
-             if line.startswith(("evaluate:", "train:", "Run "))]
+    lines = [
+        line
+        for line in done.stderr.splitlines()
+        if line.startswith(("evaluate:", "train:", "Run "))
+    ]
     assert message in lines[0], done.stderr[-2000:]
     assert lines[1] == f"Run 'python {script} --help' to list the flags."
     assert "--width" not in done.stderr and len(done.stderr.splitlines()) < 20

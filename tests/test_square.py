@@ -113,7 +113,15 @@ def test_zero_budget_returns_x_and_succeeds_only_where_x_is_already_wrong(conv):
 
 def test_p_schedule_halves_at_the_papers_iterations_rescaled_to_the_budget():
     assert [p_schedule(0.8, i, 10000) for i in (0, 10, 11, 50, 51, 8000, 8001, 9999)] == [
-        0.8, 0.8, 0.4, 0.4, 0.2, 0.8 / 256, 0.8 / 512, 0.8 / 512]
+        0.8,
+        0.8,
+        0.4,
+        0.4,
+        0.2,
+        0.8 / 256,
+        0.8 / 512,
+        0.8 / 512,
+    ]
     # A 1000-query run passes the same steps ten times sooner.
     assert [p_schedule(0.8, i, 1000) for i in (1, 2, 5, 6, 999)] == [0.8, 0.4, 0.4, 0.2, 0.8 / 512]
 

@@ -19,6 +19,7 @@ def counts(a, b, c, d, method, confidence=0.95):
 
 # --- published worked examples ---------------------------------------------------------------
 
+
 def test_newcombe_method10_newcombe_1998_example():
     """Newcombe (1998) Stat. Med. 17:2635, Table II, example a = 36, b = 12, c = 2, d = 0:
     method 10 gives 0.0569 to 0.3404 (d = 0, so phi = 0 and the phi correction plays no part)."""
@@ -35,8 +36,9 @@ def test_cavo_2012_example_fagerland():
     here: ad - bc = 4624 > n/2) -0.1186 to -0.0046; Tango asymptotic score -0.1240 to -0.0054."""
     assert counts(59, 6, 16, 80, "newcombe") == pytest.approx((-0.1186, -0.0046), abs=5e-5)
     assert counts(59, 6, 16, 80, "tango") == pytest.approx((-0.1240, -0.0054), abs=5e-5)
-    assert stats.paired_difference_counts(59, 6, 16, 80)["estimate"] == pytest.approx(-0.0621,
-                                                                                     abs=5e-5)
+    assert stats.paired_difference_counts(59, 6, 16, 80)["estimate"] == pytest.approx(
+        -0.0621, abs=5e-5
+    )
 
 
 def test_tango_bentur_2009_example():
@@ -59,6 +61,7 @@ def test_method_md_example_n30():
 
 # --- independent computations ----------------------------------------------------------------
 
+
 def newcombe_from_scipy_wilson(a, b, c, d, confidence=0.95):
     """Method 10 written out again on scipy's Wilson interval (not the module's)."""
     n = a + b + c + d
@@ -70,12 +73,24 @@ def newcombe_from_scipy_wilson(a, b, c, d, confidence=0.95):
     num = max(num - n / 2, 0) if num > 0 else num
     phi = 0.0 if e * f * g * h == 0 else num / np.sqrt(e * f * g * h)
     dl1, du1, dl2, du2 = p1 - ci1.low, ci1.high - p1, p2 - ci2.low, ci2.high - p2
-    return (p1 - p2 - np.sqrt(dl1**2 - 2 * phi * dl1 * du2 + du2**2),
-            p1 - p2 + np.sqrt(du1**2 - 2 * phi * du1 * dl2 + dl2**2))
+    return (
+        p1 - p2 - np.sqrt(dl1**2 - 2 * phi * dl1 * du2 + du2**2),
+        p1 - p2 + np.sqrt(du1**2 - 2 * phi * du1 * dl2 + dl2**2),
+    )
 
 
-TABLES = [(36, 12, 2, 0), (59, 6, 16, 80), (1, 1, 7, 12), (11, 1, 0, 18), (263, 21, 3, 18),
-          (5, 3, 3, 9), (0, 4, 1, 0), (40, 0, 0, 10), (0, 0, 0, 25), (90, 6, 1, 3)]
+TABLES = [
+    (36, 12, 2, 0),
+    (59, 6, 16, 80),
+    (1, 1, 7, 12),
+    (11, 1, 0, 18),
+    (263, 21, 3, 18),
+    (5, 3, 3, 9),
+    (0, 4, 1, 0),
+    (40, 0, 0, 10),
+    (0, 0, 0, 25),
+    (90, 6, 1, 3),
+]
 
 
 @pytest.mark.parametrize("table", TABLES)
@@ -94,7 +109,8 @@ def test_newcombe_phi_continuity_correction():
     l1, u1 = stats.wilson(a + b, n)
     l2, u2 = stats.wilson(a + c, n)
     assert counts(a, b, c, d, "newcombe") == pytest.approx(
-        (-np.hypot(0.4 - l1, u2 - 0.4), np.hypot(u1 - 0.4, 0.4 - l2)), abs=1e-12)
+        (-np.hypot(0.4 - l1, u2 - 0.4), np.hypot(u1 - 0.4, 0.4 - l2)), abs=1e-12
+    )
     # A strong positive association (ad - bc >> n/2) narrows the interval against phi = 0.
     lo, hi = counts(40, 5, 3, 40, "newcombe")
     p = 45 / 88, 43 / 88
@@ -137,8 +153,18 @@ def tango_by_grid(b, c, n, confidence=0.95, step=1e-5):
     return ok[0], ok[-1]
 
 
-@pytest.mark.parametrize("table", [(1, 1, 7, 12), (59, 6, 16, 80), (36, 12, 2, 0), (5, 3, 3, 9),
-                                   (0, 4, 1, 0), (11, 1, 0, 18), (263, 21, 3, 18)])
+@pytest.mark.parametrize(
+    "table",
+    [
+        (1, 1, 7, 12),
+        (59, 6, 16, 80),
+        (36, 12, 2, 0),
+        (5, 3, 3, 9),
+        (0, 4, 1, 0),
+        (11, 1, 0, 18),
+        (263, 21, 3, 18),
+    ],
+)
 def test_tango_root_finding_matches_quartic_and_grid(table):
     a, b, c, d = table
     n = a + b + c + d
@@ -201,7 +227,8 @@ def test_paired_difference_from_outcomes():
 def test_format_paired_difference():
     r = stats.paired_difference_counts(11, 1, 0, 18)
     assert stats.format_paired_difference(r) == (
-        "+3.3 points (shell only 1, base only 0 of 30; 95% CI -5.7 to +12.3, newcombe)")
+        "+3.3 points (shell only 1, base only 0 of 30; 95% CI -5.7 to +12.3, newcombe)"
+    )
 
 
 def test_wilson_known_values():

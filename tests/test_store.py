@@ -34,8 +34,9 @@ def test_a_different_setting_is_named_and_nothing_is_lost(tmp_path):
         RunStore(run, resume=True).bind("proto", dict(delta=8.0, steps=20, strategy="default"))
     assert "delta" not in str(e.value)  # only what differs is named
     # A free setting may change between sessions.
-    RunStore(run, resume=True).bind("proto", dict(delta=8.0, steps=10, strategy="mirrored"),
-                                    free=("strategy",))
+    RunStore(run, resume=True).bind(
+        "proto", dict(delta=8.0, steps=10, strategy="mirrored"), free=("strategy",)
+    )
     assert RunStore(run, resume=True).load("proto", 0) == dict(v=1)
     with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
         RunStore(run)  # a non-empty run directory is not clobbered silently

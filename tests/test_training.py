@@ -18,9 +18,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _config(**overrides):
     base = dict(
-        width="narrow", dataset="synthetic", adversarial=True, epsilon=8.0, pgd_steps=1,
-        pgd_step_size=8.0, batch_size=8, steps=4, lr_boundaries=(2,), lr_values=(0.1, 0.01),
-        checkpoint_every=2, log_every=2, seed=3,
+        width="narrow",
+        dataset="synthetic",
+        adversarial=True,
+        epsilon=8.0,
+        pgd_steps=1,
+        pgd_step_size=8.0,
+        batch_size=8,
+        steps=4,
+        lr_boundaries=(2,),
+        lr_values=(0.1, 0.01),
+        checkpoint_every=2,
+        log_every=2,
+        seed=3,
     )
     base.update(overrides)
     return training.TrainConfig(**base)
@@ -58,7 +68,9 @@ def test_refuses_a_non_empty_model_dir_and_mismatched_resume(tmp_path, arrays):
     assert (run / "notes.txt").read_text() == "mine"
     training.train(_config(steps=2), str(tmp_path / "r2"), train_arrays=arrays)
     with pytest.raises(ValueError, match="pgd_steps"):
-        training.train(_config(steps=2, pgd_steps=2), str(tmp_path / "r2"), resume=True, train_arrays=arrays)
+        training.train(
+            _config(steps=2, pgd_steps=2), str(tmp_path / "r2"), resume=True, train_arrays=arrays
+        )
 
 
 def test_adversarial_batches_stay_in_the_ball_and_raise_the_loss(arrays):
@@ -75,24 +87,30 @@ def test_cyclic_learning_rate_round_trips_through_its_config():
     schedule = training.CyclicLearningRate(0.05, 100, peak=0.3)
     clone = assert_config_round_trip(schedule, strict=True)
     steps = [0, 10, 30, 65, 100]
-    np.testing.assert_array_equal([float(clone(s)) for s in steps], [float(schedule(s)) for s in steps])
+    np.testing.assert_array_equal(
+        [float(clone(s)) for s in steps], [float(schedule(s)) for s in steps]
+    )
 
 
 def test_adversarial_trainer_round_trips_through_its_config():
-    trainer = training.AdversarialTrainer(small_conv(seed=0, shape=(32, 32, 3)), epsilon=4.0,
-                                          pgd_steps=3, pgd_step_size=1.5, seed=7)
+    trainer = training.AdversarialTrainer(
+        small_conv(seed=0, shape=(32, 32, 3)), epsilon=4.0, pgd_steps=3, pgd_step_size=1.5, seed=7
+    )
     clone = assert_config_round_trip(trainer)
     assert (clone.epsilon, clone.pgd_steps, clone.pgd_step_size, clone.seed) == (4.0, 3, 1.5, 7)
     assert type(clone.base) is type(trainer.base)
 
 
-@pytest.mark.parametrize("bad, message", [
-    (dict(lr_values=(0.1,)), "one more learning rate"),
-    (dict(width="tiny"), "width must be one of"),
-    (dict(strategy="tpu"), "strategy must be"),
-    (dict(ema_decay=1.0), "ema_decay must be in"),
-    (dict(awp_gamma=-0.1), "awp_gamma must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(lr_values=(0.1,)), "one more learning rate"),
+        (dict(width="tiny"), "width must be one of"),
+        (dict(strategy="tpu"), "strategy must be"),
+        (dict(ema_decay=1.0), "ema_decay must be in"),
+        (dict(awp_gamma=-0.1), "awp_gamma must be >= 0"),
+    ],
+)
 def test_bad_config_is_rejected(bad, message):
     with pytest.raises(ValueError, match=message):
         _config(**bad).validate()
@@ -114,7 +132,9 @@ import numpy as np
 assert all(np.all(np.isfinite(v.numpy())) for v in model.weights)
 print("replicas", tf.distribute.MirroredStrategy().num_replicas_in_sync)
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "replicas 2" in out.stdout
     assert os.path.exists(tmp_path / "m" / training.FINAL_WEIGHTS)
@@ -138,7 +158,9 @@ def test_weight_average_follows_its_recursion_and_survives_resume(tmp_path, arra
         decay = min(0.5, (1 + t) / (10 + t))
         average = [decay * a + (1 - decay) * w for a, w in zip(average, weights, strict=True)]
     got = trainer.averaged_base().get_weights()
-    assert any(not np.allclose(a, w) for a, w in zip(average, seen[-1], strict=True))  # the average is not the last step
+    assert any(
+        not np.allclose(a, w) for a, w in zip(average, seen[-1], strict=True)
+    )  # the average is not the last step
     for a, b in zip(average, got, strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
 
@@ -147,9 +169,12 @@ def test_weight_average_follows_its_recursion_and_survives_resume(tmp_path, arra
     keras.utils.set_random_seed(0)
     training.train(_config(steps=2, ema_decay=0.9), str(tmp_path / "split"), train_arrays=arrays)
     keras.utils.set_random_seed(99)
-    resumed = training.train(_config(ema_decay=0.9), str(tmp_path / "split"), resume=True,
-                             train_arrays=arrays)
-    for a, b in zip(_weights(full), _weights(resumed), strict=True):  # final.keras holds the averaged weights
+    resumed = training.train(
+        _config(ema_decay=0.9), str(tmp_path / "split"), resume=True, train_arrays=arrays
+    )
+    for a, b in zip(
+        _weights(full), _weights(resumed), strict=True
+    ):  # final.keras holds the averaged weights
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -167,20 +192,29 @@ def test_weight_perturbation_step_is_sgd_at_the_ascended_kernels():
             w.assign(value)
         with tf.GradientTape() as tape:
             logits = base(tf.constant(x), training=True)
-            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits))
+            loss = tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(labels=y, logits=logits)
+            )
         return [g.numpy() for g in tape.gradient(loss, base.trainable_variables)]
 
     g0 = loss_grads(w0)
-    shifted = [w + gamma * np.linalg.norm(w) * g / np.linalg.norm(g) if w.ndim > 1 else w
-               for w, g in zip(w0, g0, strict=True)]
+    shifted = [
+        w + gamma * np.linalg.norm(w) * g / np.linalg.norm(g) if w.ndim > 1 else w
+        for w, g in zip(w0, g0, strict=True)
+    ]
     expected = [w - lr * g for w, g in zip(w0, loss_grads(shifted), strict=True)]
-    assert any(not np.allclose(a, b, atol=1e-6) for a, b in
-               zip(expected, [w - lr * g for w, g in zip(w0, g0, strict=True)], strict=True))  # AWP changes the step
+    assert any(
+        not np.allclose(a, b, atol=1e-6)
+        for a, b in zip(expected, [w - lr * g for w, g in zip(w0, g0, strict=True)], strict=True)
+    )  # AWP changes the step
     for w, value in zip(base.trainable_variables, w0, strict=True):
         w.assign(value)
     trainer = training.AdversarialTrainer(base, epsilon=0.0, pgd_steps=0, awp_gamma=gamma)
-    trainer.compile(optimizer=keras.optimizers.SGD(lr), loss=keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True), metrics=[keras.metrics.SparseCategoricalAccuracy()])
+    trainer.compile(
+        optimizer=keras.optimizers.SGD(lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy()],
+    )
     trainer.train_on_batch(x, y)
     for got, want in zip(base.trainable_variables, expected, strict=True):
         np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)

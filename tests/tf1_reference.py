@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import tensorflow as tf

@@ -102,13 +102,16 @@ def _apgd(model, x, y, *, loss, epsilon, steps, restarts, num_targets, seed, jit
     x, y, num_classes, epsilon = prepare(model, x, y, epsilon, "epsilon")
     needed = {"ce": 2, "dlr": 3, "dlr_targeted": 4}[loss]
     if num_classes < needed:
-        raise ValueError(f"APGD with the {loss} loss needs at least {needed} classes; "
-                         f"the model has {num_classes}.")
+        raise ValueError(
+            f"APGD with the {loss} loss needs at least {needed} classes; "
+            f"the model has {num_classes}."
+        )
     if loss == "dlr_targeted":
         num_targets = check_int(num_targets, "num_targets", 1)
         if num_targets > num_classes - 1:
-            raise ValueError(f"num_targets must be <= num_classes - 1 = {num_classes - 1}; "
-                             f"got {num_targets}.")
+            raise ValueError(
+                f"num_targets must be <= num_classes - 1 = {num_classes - 1}; got {num_targets}."
+            )
     n = int(x.shape[0])
     if n == 0:
         return AttackResult.unattacked(x.numpy())
@@ -125,20 +128,34 @@ def _apgd(model, x, y, *, loss, epsilon, steps, restarts, num_targets, seed, jit
     image_shape = tuple(int(d) for d in x.shape[1:])
     key = ("apgd", loss, steps, image_shape)
     # A None batch axis: one trace serves every number of still-standing points.
-    signature = [tf.TensorSpec((None,) + image_shape, tf.float32), tf.TensorSpec([None], tf.int32),
-                 tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.float32),
-                 tf.TensorSpec([2], tf.int64)]
-    fn = compiled.cached(model, key, _build(loss, steps), jit_compile=jit_compile,
-                         input_signature=signature)
+    signature = [
+        tf.TensorSpec((None,) + image_shape, tf.float32),
+        tf.TensorSpec([None], tf.int32),
+        tf.TensorSpec([None], tf.int32),
+        tf.TensorSpec([], tf.float32),
+        tf.TensorSpec([2], tf.int64),
+    ]
+    fn = compiled.cached(
+        model, key, _build(loss, steps), jit_compile=jit_compile, input_signature=signature
+    )
     eps = tf.constant(epsilon, tf.float32)
 
     def step(j: int, run: int) -> Step:
         def attack(xs, ys, idx):
-            z, f, ok = fn(tf.constant(xs), tf.constant(ys, tf.int32),
-                          tf.constant(targets[idx, j]), eps, tf.constant([int(seed), run], tf.int64))
-            return AttackResult(z.numpy(), ok.numpy(), base_passes=steps, score=f.numpy(),
-                                details=dict(target=np.where(loss == "dlr_targeted",
-                                                             targets[idx, j], -1)))
+            z, f, ok = fn(
+                tf.constant(xs),
+                tf.constant(ys, tf.int32),
+                tf.constant(targets[idx, j]),
+                eps,
+                tf.constant([int(seed), run], tf.int64),
+            )
+            return AttackResult(
+                z.numpy(),
+                ok.numpy(),
+                base_passes=steps,
+                score=f.numpy(),
+                details=dict(target=np.where(loss == "dlr_targeted", targets[idx, j], -1)),
+            )
 
         return Step(f"target {j + 1}, restart {run % restarts + 1}", attack)
 
@@ -148,8 +165,17 @@ def _apgd(model, x, y, *, loss, epsilon, steps, restarts, num_targets, seed, jit
     return run_standing(chain, x.numpy(), y_np, broken=np.argmax(clean, axis=1) != y_np).result
 
 
-def apgd_ce(model, x, y, *, epsilon: float, steps: int = 100, restarts: int = 1, seed: int = 0,
-            jit_compile: bool = DEFAULT_JIT_COMPILE) -> AttackResult:
+def apgd_ce(
+    model,
+    x,
+    y,
+    *,
+    epsilon: float,
+    steps: int = 100,
+    restarts: int = 1,
+    seed: int = 0,
+    jit_compile: bool = DEFAULT_JIT_COMPILE,
+) -> AttackResult:
     """APGD-CE: Auto-PGD ascending the cross-entropy of the true label, L-inf.
 
     The loss is :func:`cross_entropy` (the usual value, with a gradient that survives saturation).
@@ -173,22 +199,61 @@ def apgd_ce(model, x, y, *, epsilon: float, steps: int = 100, restarts: int = 1,
       forward+backward passes (``base_passes``, per point as spent) and one forward pass over
       the points still standing: at most ``restarts * steps`` forward+backward passes per point.
     """
-    return _apgd(model, x, y, loss="ce", epsilon=epsilon, steps=steps, restarts=restarts,
-                 num_targets=1, seed=seed, jit_compile=jit_compile)
+    return _apgd(
+        model,
+        x,
+        y,
+        loss="ce",
+        epsilon=epsilon,
+        steps=steps,
+        restarts=restarts,
+        num_targets=1,
+        seed=seed,
+        jit_compile=jit_compile,
+    )
 
 
-def apgd_dlr(model, x, y, *, epsilon: float, steps: int = 100, restarts: int = 1, seed: int = 0,
-             jit_compile: bool = DEFAULT_JIT_COMPILE) -> AttackResult:
+def apgd_dlr(
+    model,
+    x,
+    y,
+    *,
+    epsilon: float,
+    steps: int = 100,
+    restarts: int = 1,
+    seed: int = 0,
+    jit_compile: bool = DEFAULT_JIT_COMPILE,
+) -> AttackResult:
     """APGD-DLR: Auto-PGD ascending the untargeted :func:`dlr_loss` (``K >= 3``), L-inf.
 
     Arguments, output and cost as :func:`apgd_ce`.
     """
-    return _apgd(model, x, y, loss="dlr", epsilon=epsilon, steps=steps, restarts=restarts,
-                 num_targets=1, seed=seed, jit_compile=jit_compile)
+    return _apgd(
+        model,
+        x,
+        y,
+        loss="dlr",
+        epsilon=epsilon,
+        steps=steps,
+        restarts=restarts,
+        num_targets=1,
+        seed=seed,
+        jit_compile=jit_compile,
+    )
 
 
-def apgd_t(model, x, y, *, epsilon: float, steps: int = 100, num_targets: int = 9,
-           restarts: int = 1, seed: int = 0, jit_compile: bool = DEFAULT_JIT_COMPILE) -> AttackResult:
+def apgd_t(
+    model,
+    x,
+    y,
+    *,
+    epsilon: float,
+    steps: int = 100,
+    num_targets: int = 9,
+    restarts: int = 1,
+    seed: int = 0,
+    jit_compile: bool = DEFAULT_JIT_COMPILE,
+) -> AttackResult:
     """APGD-T: Auto-PGD ascending :func:`dlr_targeted_loss` (``K >= 4``), L-inf.
 
     ``restarts`` runs per target, for the ``num_targets`` (``<= K - 1``; AutoAttack: 9) highest
@@ -197,5 +262,15 @@ def apgd_t(model, x, y, *, epsilon: float, steps: int = 100, num_targets: int = 
     arguments and the output as :func:`apgd_ce`. Cost: at most ``num_targets * restarts * steps``
     forward+backward passes per point (a point leaves once broken).
     """
-    return _apgd(model, x, y, loss="dlr_targeted", epsilon=epsilon, steps=steps,
-                 restarts=restarts, num_targets=num_targets, seed=seed, jit_compile=jit_compile)
+    return _apgd(
+        model,
+        x,
+        y,
+        loss="dlr_targeted",
+        epsilon=epsilon,
+        steps=steps,
+        restarts=restarts,
+        num_targets=num_targets,
+        seed=seed,
+        jit_compile=jit_compile,
+    )

@@ -64,14 +64,23 @@ def cw_linf(
       spent on each example, also ``base_passes``). :func:`cw_settings` gives the knobs used.
     """
     settings = cw_settings(
-        targeted=targeted, max_iterations=max_iterations, learning_rate=learning_rate,
-        initial_const=initial_const, const_factor=const_factor, largest_const=largest_const,
-        initial_tau=initial_tau, decrease_factor=decrease_factor, min_tau=min_tau,
-        stop_within_epsilon=stop_within_epsilon, max_total_iterations=max_total_iterations)
+        targeted=targeted,
+        max_iterations=max_iterations,
+        learning_rate=learning_rate,
+        initial_const=initial_const,
+        const_factor=const_factor,
+        largest_const=largest_const,
+        initial_tau=initial_tau,
+        decrease_factor=decrease_factor,
+        min_tau=min_tau,
+        stop_within_epsilon=stop_within_epsilon,
+        max_total_iterations=max_total_iterations,
+    )
     x, y, _, epsilon = prepare(model, x, y, epsilon, "epsilon")
     if x.shape[0] == 0:
-        return AttackResult.unattacked(x.numpy(), distance=np.zeros(0, np.float32),
-                                       iterations=np.zeros(0, np.int32))
+        return AttackResult.unattacked(
+            x.numpy(), distance=np.zeros(0, np.float32), iterations=np.zeros(0, np.int32)
+        )
     key = ("cw_linf",) + tuple(sorted(settings.items()))
 
     def build(net):
@@ -89,8 +98,13 @@ def cw_linf(
     fn = compiled.cached(model, key, build, jit_compile=jit_compile)
     x_adv, ok, dist, iters = fn(x, y, tf.constant(epsilon, tf.float32))
     dist, iters = dist.numpy(), iters.numpy()
-    return AttackResult(x_adv.numpy(), ok.numpy(), base_passes=iters, score=-dist,
-                        details=dict(distance=dist, iterations=iters))
+    return AttackResult(
+        x_adv.numpy(),
+        ok.numpy(),
+        base_passes=iters,
+        score=-dist,
+        details=dict(distance=dist, iterations=iters),
+    )
 
 
 def cw_settings(

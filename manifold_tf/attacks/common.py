@@ -16,7 +16,7 @@ from manifold_tf.validation import check_logits, validate_images, validate_label
 DEFAULT_JIT_COMPILE = False
 _CHECK_ROWS = 8
 # model -> number of classes, once check_logits has accepted its outputs.
-_CHECKED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_CHECKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def seed_tensor(seed: int) -> tf.Tensor:

@@ -104,8 +104,11 @@ def project_linf_hyperplane(t: tf.Tensor, w: tf.Tensor, r: tf.Tensor) -> tf.Tens
         return i + 1, lam + step, moved
 
     lam0 = tf.zeros_like(need)
-    _, lam, _ = tf.while_loop(lambda i, lam, moved: (i < _NEWTON_STEPS) & moved, body,
-                              (tf.constant(0), lam0, tf.constant(True)))
+    _, lam, _ = tf.while_loop(
+        lambda i, lam, moved: (i < _NEWTON_STEPS) & moved,
+        body,
+        (tf.constant(0), lam0, tf.constant(True)),
+    )
     reach = tf.reduce_sum(a * room, axis=1)
     lam = tf.where(reach < need, tf.constant(np.inf), lam)[:, None]
     return tf.clip_by_value(full, -lam, lam)
@@ -158,8 +161,9 @@ def _build(steps: int, targeted: bool):
                 # x0 it needs w . d = -f - w . (x0 - x1). Both in one batch of 2n rows.
                 r1 = -f
                 r0 = -f - tf.reduce_sum(w * (x0 - x1), axis=1)
-                d = project_linf_hyperplane(tf.concat([x1, x0], 0), tf.concat([w, w], 0),
-                                            tf.concat([r1, r0], 0))
+                d = project_linf_hyperplane(
+                    tf.concat([x1, x0], 0), tf.concat([w, w], 0), tf.concat([r1, r0], 0)
+                )
                 d1, d0 = d[:n], d[n:]
                 a1 = tf.maximum(tf.reduce_max(tf.abs(d1), axis=1), _MIN_STEP)
                 a0 = tf.maximum(tf.reduce_max(tf.abs(d0), axis=1), _MIN_STEP)
@@ -178,7 +182,8 @@ def _build(steps: int, targeted: bool):
 
             best_norm = tf.fill([n], tf.constant(np.inf, tf.float32))
             _, _, best, best_norm = tf.while_loop(
-                lambda k, *_: k < steps, body, (tf.constant(0), x1, x0, best_norm))
+                lambda k, *_: k < steps, body, (tf.constant(0), x1, x0, best_norm)
+            )
             # Inside the ball the best point is kept as is (projection is then the identity);
             # outside, its projection onto N(x, eps); x when nothing adversarial was found.
             found = best_norm < np.inf
@@ -199,15 +204,29 @@ def _check_unit(value, name: str, low: float, high: float, low_open: bool = Fals
     ok = np.isfinite(value) and (value > low if low_open else value >= low) and value <= high
     if not ok:
         bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must lie in {bracket}{low:g}, {high:g}]; got {value} "
-                         f"(AutoAttack's FAB uses alpha_max=0.1, eta=1.05, beta=0.9).")
+        raise ValueError(
+            f"{name} must lie in {bracket}{low:g}, {high:g}]; got {value} "
+            f"(AutoAttack's FAB uses alpha_max=0.1, eta=1.05, beta=0.9)."
+        )
     return value
 
 
-def fab(model, x, y, *, epsilon: float, steps: int = 100, restarts: int = 1,
-        targeted: bool = False, num_targets: int = 9, alpha_max: float = 0.1, eta: float = 1.05,
-        beta: float = 0.9, seed: int = 0,
-        jit_compile: bool = DEFAULT_JIT_COMPILE) -> AttackResult:
+def fab(
+    model,
+    x,
+    y,
+    *,
+    epsilon: float,
+    steps: int = 100,
+    restarts: int = 1,
+    targeted: bool = False,
+    num_targets: int = 9,
+    alpha_max: float = 0.1,
+    eta: float = 1.05,
+    beta: float = 0.9,
+    seed: int = 0,
+    jit_compile: bool = DEFAULT_JIT_COMPILE,
+) -> AttackResult:
     """FAB, L-inf: the smallest adversarial perturbation found, and success within ``epsilon``.
 
     Args:
@@ -252,14 +271,17 @@ def fab(model, x, y, *, epsilon: float, steps: int = 100, restarts: int = 1,
     if targeted:
         num_targets = check_int(num_targets, "num_targets", 1)
         if num_targets > num_classes - 1:
-            raise ValueError(f"num_targets must be <= num_classes - 1 = {num_classes - 1}; got "
-                             f"{num_targets}. Pass num_targets={num_classes - 1} to try every "
-                             f"wrong label.")
+            raise ValueError(
+                f"num_targets must be <= num_classes - 1 = {num_classes - 1}; got "
+                f"{num_targets}. Pass num_targets={num_classes - 1} to try every "
+                f"wrong label."
+            )
     x_np, y_np = x.numpy(), y.numpy()
     n = len(x_np)
     if n == 0:
-        return AttackResult.unattacked(x_np, norm=np.zeros(0, np.float32),
-                                       target=np.zeros(0, np.int32))
+        return AttackResult.unattacked(
+            x_np, norm=np.zeros(0, np.float32), target=np.zeros(0, np.int32)
+        )
     # The clean forward pass: misclassified points are successes at x, and FAB-T's targets are
     # the top wrong labels of the clean logits.
     clean = model(x, training=False).numpy()
@@ -273,33 +295,54 @@ def fab(model, x, y, *, epsilon: float, steps: int = 100, restarts: int = 1,
 
     image_shape = tuple(int(d) for d in x.shape[1:])
     # A None batch axis: one trace serves every number of still-standing points.
-    signature = [tf.TensorSpec((None,) + image_shape, tf.float32), tf.TensorSpec([None], tf.int32),
-                 tf.TensorSpec([None], tf.int32), tf.TensorSpec([], tf.float32),
-                 tf.TensorSpec([2], tf.int64), tf.TensorSpec([], tf.bool),
-                 tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.float32),
-                 tf.TensorSpec([], tf.float32)]
-    fn = compiled.cached(model, ("fab", steps, bool(targeted), image_shape),
-                         _build(steps, bool(targeted)), jit_compile=jit_compile,
-                         input_signature=signature)
+    signature = [
+        tf.TensorSpec((None,) + image_shape, tf.float32),
+        tf.TensorSpec([None], tf.int32),
+        tf.TensorSpec([None], tf.int32),
+        tf.TensorSpec([], tf.float32),
+        tf.TensorSpec([2], tf.int64),
+        tf.TensorSpec([], tf.bool),
+        tf.TensorSpec([], tf.float32),
+        tf.TensorSpec([], tf.float32),
+        tf.TensorSpec([], tf.float32),
+    ]
+    fn = compiled.cached(
+        model,
+        ("fab", steps, bool(targeted), image_shape),
+        _build(steps, bool(targeted)),
+        jit_compile=jit_compile,
+        input_signature=signature,
+    )
     passes = steps * (1 if targeted else num_classes)
     settings = [tf.constant(v, tf.float32) for v in (epsilon, alpha_max, eta, beta)]
 
     def make_step(j: int, restart: int, run: int) -> Step:
         def step(xs, ys, idx):
             tgt = targets[idx, j]
-            z, ok, norm = fn(tf.constant(xs), tf.constant(ys, tf.int32),
-                             tf.constant(np.maximum(tgt, 0)), settings[0],
-                             tf.constant([int(seed), run], tf.int64), tf.constant(restart > 0),
-                             *settings[1:])
+            z, ok, norm = fn(
+                tf.constant(xs),
+                tf.constant(ys, tf.int32),
+                tf.constant(np.maximum(tgt, 0)),
+                settings[0],
+                tf.constant([int(seed), run], tf.int64),
+                tf.constant(restart > 0),
+                *settings[1:],
+            )
             norm = norm.numpy()
-            return AttackResult(z.numpy(), ok.numpy(), base_passes=passes, score=-norm,
-                                details={"norm": norm, "target": tgt})
+            return AttackResult(
+                z.numpy(),
+                ok.numpy(),
+                base_passes=passes,
+                score=-norm,
+                details={"norm": norm, "target": tgt},
+            )
 
         name = f"fab-t{j}-r{restart}" if targeted else f"fab-r{restart}"
         return Step(name, step)
 
-    steps_list = [make_step(j, r, j * restarts + r) for j in range(targets.shape[1])
-                  for r in range(restarts)]
+    steps_list = [
+        make_step(j, r, j * restarts + r) for j in range(targets.shape[1]) for r in range(restarts)
+    ]
     if epsilon == 0.0:
         steps_list = []  # only x is in the ball: nothing to search
     result = run_standing(steps_list, x_np, y_np, broken=wrong).result
@@ -313,10 +356,34 @@ def fab(model, x, y, *, epsilon: float, steps: int = 100, restarts: int = 1,
     return result.replace(score=-norm, details=details)
 
 
-def fab_t(model, x, y, *, epsilon: float, steps: int = 100, restarts: int = 1,
-          num_targets: int = 9, alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
-          seed: int = 0, jit_compile: bool = DEFAULT_JIT_COMPILE) -> AttackResult:
+def fab_t(
+    model,
+    x,
+    y,
+    *,
+    epsilon: float,
+    steps: int = 100,
+    restarts: int = 1,
+    num_targets: int = 9,
+    alpha_max: float = 0.1,
+    eta: float = 1.05,
+    beta: float = 0.9,
+    seed: int = 0,
+    jit_compile: bool = DEFAULT_JIT_COMPILE,
+) -> AttackResult:
     """FAB-T, AutoAttack's targeted FAB: :func:`fab` with ``targeted=True`` (see there)."""
-    return fab(model, x, y, epsilon=epsilon, steps=steps, restarts=restarts, targeted=True,
-               num_targets=num_targets, alpha_max=alpha_max, eta=eta, beta=beta, seed=seed,
-               jit_compile=jit_compile)
+    return fab(
+        model,
+        x,
+        y,
+        epsilon=epsilon,
+        steps=steps,
+        restarts=restarts,
+        targeted=True,
+        num_targets=num_targets,
+        alpha_max=alpha_max,
+        eta=eta,
+        beta=beta,
+        seed=seed,
+        jit_compile=jit_compile,
+    )

@@ -92,7 +92,9 @@ def run_standing(
         broken_by = np.full(n, "", object)
     else:
         broken = np.asarray(broken)
-        broken_by = (np.where(broken, "clean", "") if broken.dtype == bool else broken).astype(object)
+        broken_by = (np.where(broken, "clean", "") if broken.dtype == bool else broken).astype(
+            object
+        )
     base = AttackResult.unattacked(x, success=broken_by != "")
     x_adv, success, score = base.x_adv, base.success, base.score
     base_passes, shell_predictions = base.base_passes, base.shell_predictions
@@ -108,8 +110,9 @@ def run_standing(
             continue
         out = step.run(x[idx], y[idx], idx)
         if len(out) != idx.size:
-            raise ValueError(f"attack step {step.name!r} returned {len(out)} rows for {idx.size} "
-                             f"points.")
+            raise ValueError(
+                f"attack step {step.name!r} returned {len(out)} rows for {idx.size} points."
+            )
         ok = np.asarray(verify(out.x_adv, idx), bool) if verify is not None else out.success
         base_passes[idx] += out.base_passes
         shell_predictions[idx] += out.shell_predictions
@@ -124,8 +127,9 @@ def run_standing(
             if key not in details:
                 if not first:
                     continue
-                details[key] = np.full((n,) + value.shape[1:], _EMPTY.get(value.dtype.kind, 0),
-                                       value.dtype)
+                details[key] = np.full(
+                    (n,) + value.shape[1:], _EMPTY.get(value.dtype.kind, 0), value.dtype
+                )
             details[key][rows] = value[replace]
         broken_by[idx[ok]] = step.name
         seconds[step.name] = time.perf_counter() - t0

@@ -40,22 +40,33 @@ def preset_help() -> str:
     lines = ["Named settings, a complete set each; explicit flags override the preset's values."]
     for name, (description, changes) in presets.PRESETS.items():
         set_flags = config_flags.flags_of(cfg.EvaluationConfig, changes)
-        lines.append(f"{name}: {description} " + (f"Sets {' '.join(set_flags)}." if set_flags
-                                                   else "Changes nothing."))
+        lines.append(
+            f"{name}: {description} "
+            + (f"Sets {' '.join(set_flags)}." if set_flags else "Changes nothing.")
+        )
     return "\n".join(lines)
 
 
 def define_flags(flag_values=FLAGS) -> None:
     """Defines the evaluation's flags: --mode, --preset, --heartbeat_seconds and one per setting
     of :class:`~manifold_tf.evaluation.config.EvaluationConfig` (see :func:`config_flags.walk`)."""
-    flags.DEFINE_enum("mode", None, list(cfg.MODES),
-                      "What to evaluate (default: defence when --shell is given, else accuracy).",
-                      flag_values=flag_values)
-    flags.DEFINE_enum("preset", "default", list(presets.PRESETS), preset_help(),
-                      flag_values=flag_values)
-    flags.DEFINE_float("heartbeat_seconds", None, "With TF_CONFIG (several workers): seconds "
-                       "between TensorFlow's checks that every worker is alive (default 30).",
-                       flag_values=flag_values)
+    flags.DEFINE_enum(
+        "mode",
+        None,
+        list(cfg.MODES),
+        "What to evaluate (default: defence when --shell is given, else accuracy).",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_enum(
+        "preset", "default", list(presets.PRESETS), preset_help(), flag_values=flag_values
+    )
+    flags.DEFINE_float(
+        "heartbeat_seconds",
+        None,
+        "With TF_CONFIG (several workers): seconds "
+        "between TensorFlow's checks that every worker is alive (default 30).",
+        flag_values=flag_values,
+    )
     config_flags.define_tree(cfg.EvaluationConfig, flag_values=flag_values)
 
 
@@ -73,11 +84,16 @@ def config_from_flags(flag_values=FLAGS) -> cfg.EvaluationConfig:
     """
     changes = config_flags.given(cfg.EvaluationConfig, flag_values=flag_values)
     mode = flag_values.mode or ("defence" if flag_values["shell"].present else "accuracy")
-    stray = [f"--{s.flag}" for s in config_flags.walk(cfg.EvaluationConfig)
-             if s.path[0] in _DEFENCE_SECTIONS and flag_values[s.flag].present]
+    stray = [
+        f"--{s.flag}"
+        for s in config_flags.walk(cfg.EvaluationConfig)
+        if s.path[0] in _DEFENCE_SECTIONS and flag_values[s.flag].present
+    ]
     if mode != "defence" and stray:
-        raise ValueError(f"{', '.join(sorted(stray))} belong to the defence evaluation: give "
-                         f"--shell=mcn|ncn|cw (or --mode=defence).")
+        raise ValueError(
+            f"{', '.join(sorted(stray))} belong to the defence evaluation: give "
+            f"--shell=mcn|ncn|cw (or --mode=defence)."
+        )
     return presets.from_preset(flag_values.preset, presets.merge(changes, dict(mode=mode)))
 
 
@@ -99,10 +115,12 @@ def main(argv):
         sys.stderr.write(interrupts.stopped_message(e, "evaluate", output_dir))
         sys.exit(e.exit_code)
     except distributed.WORKER_LOST as e:
-        sys.stderr.write(f"evaluate: error: a worker was lost ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:300]}). Every finished batch is kept in the "
-                         f"run directory: start the workers again with --resume to run only the "
-                         f"rest.\n")
+        sys.stderr.write(
+            f"evaluate: error: a worker was lost ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300]}). Every finished batch is kept in the "
+            f"run directory: start the workers again with --resume to run only the "
+            f"rest.\n"
+        )
         sys.exit(1)
     except (ValueError, OSError, RunLocked) as e:
         # Expected failures (bad input, missing, corrupt or crafted files, a clobber refused, a

@@ -62,8 +62,9 @@ def _define(cls, f: dataclasses.Field, name: str, flag_values) -> None:
     default, help_text = f.default, f.metadata["help"]
     kind = _kind(cls, f)
     if kind == "enum":
-        flags.DEFINE_enum(name, default, list(f.metadata["choices"]), help_text,
-                          flag_values=flag_values)
+        flags.DEFINE_enum(
+            name, default, list(f.metadata["choices"]), help_text, flag_values=flag_values
+        )
     elif kind == "bool":
         flags.DEFINE_bool(name, default, help_text, flag_values=flag_values)
     elif kind == "integer":
@@ -120,8 +121,10 @@ def define_tree(cls, *, flag_values=flags.FLAGS) -> None:
     seen: dict[str, tuple[str, ...]] = {}
     for s in walk(cls):
         if s.flag in seen:
-            raise ValueError(f"--{s.flag} would configure both {'.'.join(seen[s.flag])} and "
-                             f"{'.'.join(s.path)}: give one of them a flag= or another prefix.")
+            raise ValueError(
+                f"--{s.flag} would configure both {'.'.join(seen[s.flag])} and "
+                f"{'.'.join(s.path)}: give one of them a flag= or another prefix."
+            )
         seen[s.flag] = s.path
         _define(s.owner, s.field, s.flag, flag_values)
 

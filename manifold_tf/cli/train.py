@@ -33,8 +33,12 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model_dir", None, "Output directory (checkpoints, logs, final.keras).")
 flags.DEFINE_bool("resume", False, "Continue the run in --model_dir from its last checkpoint.")
 flags.DEFINE_bool("overwrite", False, "Replace the run in a non-empty --model_dir.")
-flags.DEFINE_float("heartbeat_seconds", None, "With TF_CONFIG (several workers): seconds between "
-                   "TensorFlow's checks that every worker is alive (default 30).")
+flags.DEFINE_float(
+    "heartbeat_seconds",
+    None,
+    "With TF_CONFIG (several workers): seconds between "
+    "TensorFlow's checks that every worker is alive (default 30).",
+)
 config_flags.define(TrainConfig)
 
 
@@ -53,15 +57,18 @@ def main(argv):
     keras.utils.set_random_seed(config.seed)
     interrupts.install()  # safe points: after each checkpoint
     try:
-        training.train(config, FLAGS.model_dir, resume=FLAGS.resume, overwrite=FLAGS.overwrite,
-                       workers=workers)
+        training.train(
+            config, FLAGS.model_dir, resume=FLAGS.resume, overwrite=FLAGS.overwrite, workers=workers
+        )
     except interrupts.Stopped as e:
         sys.stderr.write(interrupts.stopped_message(e, "train", FLAGS.model_dir))
         sys.exit(e.exit_code)
     except distributed.WORKER_LOST as e:
-        sys.stderr.write(f"train: error: a worker was lost ({type(e).__name__}). The chief's "
-                         f"last checkpoint is in {FLAGS.model_dir}: start the workers again with "
-                         f"--resume.\n")
+        sys.stderr.write(
+            f"train: error: a worker was lost ({type(e).__name__}). The chief's "
+            f"last checkpoint is in {FLAGS.model_dir}: start the workers again with "
+            f"--resume.\n"
+        )
         sys.exit(1)
     except (ValueError, OSError, RunLocked) as e:
         sys.stderr.write(f"train: error: {e}\n")

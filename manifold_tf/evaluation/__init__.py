@@ -29,7 +29,20 @@ from manifold_tf.evaluation.runner import evaluate
 from manifold_tf.evaluation.store import RunStore, SettingsMismatch
 
 __all__ = [
-    "PRESETS", "AccuracyConfig", "AdaptiveConfig", "BaseAttackConfig", "DefenceConfig",
-    "EvaluationConfig", "InputConfig", "RunConfig", "RunStore", "SeparationConfig",
-    "SettingsMismatch", "ShellConfig", "ThreatConfig", "evaluate", "from_preset", "parse_budget",
+    "PRESETS",
+    "AccuracyConfig",
+    "AdaptiveConfig",
+    "BaseAttackConfig",
+    "DefenceConfig",
+    "EvaluationConfig",
+    "InputConfig",
+    "RunConfig",
+    "RunStore",
+    "SeparationConfig",
+    "SettingsMismatch",
+    "ShellConfig",
+    "ThreatConfig",
+    "evaluate",
+    "from_preset",
+    "parse_budget",
 ]

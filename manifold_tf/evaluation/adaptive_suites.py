@@ -44,9 +44,11 @@ class Ticker:
         self.last = now
         rate = done / max(now - self.start, 1e-9)
         eta = (total - done) / rate if total and rate > 0 else float("nan")
-        logging.info(f"{self.desc}: {done}/{total if total else '?'} steps, {rate:.2g} steps/s, "
-                     f"ETA {reporting.format_duration(eta)}"
-                     + (f", {standing} points standing" if standing is not None else ""))
+        logging.info(
+            f"{self.desc}: {done}/{total if total else '?'} steps, {rate:.2g} steps/s, "
+            f"ETA {reporting.format_duration(eta)}"
+            + (f", {standing} points standing" if standing is not None else "")
+        )
 
 
 def in_ball(step: Step, x: np.ndarray, epsilon: float) -> Step:
@@ -66,31 +68,93 @@ def given(name: str, x_given: np.ndarray) -> Step:
     return Step(name, lambda xs, ys, idx: AttackResult(x_given[idx], np.zeros(len(idx), bool)))
 
 
-def shell_suite(shell, base, config: AdaptiveConfig, x_cw: np.ndarray, *, epsilon: float,
-                seed: int, desc: str = "adaptive") -> list[Step]:
+def shell_suite(
+    shell,
+    base,
+    config: AdaptiveConfig,
+    x_cw: np.ndarray,
+    *,
+    epsilon: float,
+    seed: int,
+    desc: str = "adaptive",
+) -> list[Step]:
     """The attacks on the shell, in ``config.shell_attacks`` order (``x_cw``: CW's ``x'`` on F)."""
     eot = config.eot_samples if shell.is_random else 0
     targets = "all" if config.targets == 0 else config.targets
     steps = {
         "transfer_cw": lambda: given("transfer_cw", x_cw),
-        "transfer_confident": lambda: Step("transfer_confident", lambda xs, ys, idx: (
-            attacks.high_confidence(base, xs, ys, epsilon=epsilon, steps=config.steps,
-                                    step_size=madry_step_size(epsilon, config.steps), seed=seed))),
-        "lift": lambda: Step("lift", lambda xs, ys, idx: attacks.lift(
-            shell, xs, ys, epsilon=epsilon, num_targets=targets, steps=config.lift_steps,
-            seed=seed, progress=Ticker(f"{desc}: lift"))),
-        "bpda": lambda: Step("bpda", lambda xs, ys, idx: attacks.bpda_restarts(
-            shell, xs, ys, epsilon=epsilon, steps=config.steps, x_init=x_cw[idx], from_x=True,
-            random_restarts=config.restarts, seed=seed, eot_samples=eot,
-            warm_steps=config.warm_steps, progress=Ticker(f"{desc}: bpda"))),
-        "bpda_targeted": lambda: Step("bpda_targeted", lambda xs, ys, idx: attacks.bpda_targeted(
-            shell, xs, ys, epsilon=epsilon, num_targets=targets, steps=config.steps,
-            x_init=x_cw[idx], from_x=False, seed=seed, eot_samples=eot,
-            warm_steps=config.warm_steps, progress=Ticker(f"{desc}: bpda_targeted"))),
-        "square": lambda: Step("square", lambda xs, ys, idx: attacks.square(
-            shell, xs, ys, epsilon=epsilon, queries=config.square_queries, seed=seed,
-            output="probabilities", progress=_square_ticker(f"{desc}: square (queries)",
-                                                            config.square_queries))),
+        "transfer_confident": lambda: Step(
+            "transfer_confident",
+            lambda xs, ys, idx: attacks.high_confidence(
+                base,
+                xs,
+                ys,
+                epsilon=epsilon,
+                steps=config.steps,
+                step_size=madry_step_size(epsilon, config.steps),
+                seed=seed,
+            ),
+        ),
+        "lift": lambda: Step(
+            "lift",
+            lambda xs, ys, idx: attacks.lift(
+                shell,
+                xs,
+                ys,
+                epsilon=epsilon,
+                num_targets=targets,
+                steps=config.lift_steps,
+                seed=seed,
+                progress=Ticker(f"{desc}: lift"),
+            ),
+        ),
+        "bpda": lambda: Step(
+            "bpda",
+            lambda xs, ys, idx: attacks.bpda_restarts(
+                shell,
+                xs,
+                ys,
+                epsilon=epsilon,
+                steps=config.steps,
+                x_init=x_cw[idx],
+                from_x=True,
+                random_restarts=config.restarts,
+                seed=seed,
+                eot_samples=eot,
+                warm_steps=config.warm_steps,
+                progress=Ticker(f"{desc}: bpda"),
+            ),
+        ),
+        "bpda_targeted": lambda: Step(
+            "bpda_targeted",
+            lambda xs, ys, idx: attacks.bpda_targeted(
+                shell,
+                xs,
+                ys,
+                epsilon=epsilon,
+                num_targets=targets,
+                steps=config.steps,
+                x_init=x_cw[idx],
+                from_x=False,
+                seed=seed,
+                eot_samples=eot,
+                warm_steps=config.warm_steps,
+                progress=Ticker(f"{desc}: bpda_targeted"),
+            ),
+        ),
+        "square": lambda: Step(
+            "square",
+            lambda xs, ys, idx: attacks.square(
+                shell,
+                xs,
+                ys,
+                epsilon=epsilon,
+                queries=config.square_queries,
+                seed=seed,
+                output="probabilities",
+                progress=_square_ticker(f"{desc}: square (queries)", config.square_queries),
+            ),
+        ),
     }
     return [steps[name]() for name in config.shell_attacks]
 
@@ -100,24 +164,36 @@ def _square_ticker(desc: str, queries: int):
     return lambda spent, standing: ticker(spent, queries, standing)
 
 
-def base_suite(base, config: AdaptiveConfig, x_cw: np.ndarray, *, epsilon: float,
-               seed: int) -> list[Step]:
+def base_suite(
+    base, config: AdaptiveConfig, x_cw: np.ndarray, *, epsilon: float, seed: int
+) -> list[Step]:
     """The attacks on the base alone: CW's ``x'``, then ``config.base_attacks`` in order (APGD-T
     and FAB-T need at least 4 and 3 classes; a model with fewer skips them)."""
     num_classes = int(base.output_shape[-1])
     targets = min(config.base_targets, num_classes - 1)
     steps = config.base_apgd_steps
     runs = {
-        "apgd_ce": lambda xs, ys, idx: attacks.apgd_ce(base, xs, ys, epsilon=epsilon, steps=steps,
-                                                       seed=seed),
-        "apgd_t": lambda xs, ys, idx: attacks.apgd_t(base, xs, ys, epsilon=epsilon, steps=steps,
-                                                     num_targets=targets, seed=seed),
-        "fab_t": lambda xs, ys, idx: attacks.fab(base, xs, ys, epsilon=epsilon, steps=steps,
-                                                 targeted=True, num_targets=targets, seed=seed),
+        "apgd_ce": lambda xs, ys, idx: attacks.apgd_ce(
+            base, xs, ys, epsilon=epsilon, steps=steps, seed=seed
+        ),
+        "apgd_t": lambda xs, ys, idx: attacks.apgd_t(
+            base, xs, ys, epsilon=epsilon, steps=steps, num_targets=targets, seed=seed
+        ),
+        "fab_t": lambda xs, ys, idx: attacks.fab(
+            base,
+            xs,
+            ys,
+            epsilon=epsilon,
+            steps=steps,
+            targeted=True,
+            num_targets=targets,
+            seed=seed,
+        ),
         "square": lambda xs, ys, idx: attacks.square(
-            base, xs, ys, epsilon=epsilon, queries=config.base_square_queries,
-            seed=seed),
+            base, xs, ys, epsilon=epsilon, queries=config.base_square_queries, seed=seed
+        ),
     }
     needs = {"apgd_t": 4, "fab_t": 3}
-    return [given("transfer_cw", x_cw)] + [Step(n, runs[n]) for n in config.base_attacks
-                                           if num_classes >= needs.get(n, 2)]
+    return [given("transfer_cw", x_cw)] + [
+        Step(n, runs[n]) for n in config.base_attacks if num_classes >= needs.get(n, 2)
+    ]

@@ -19,7 +19,6 @@ import random
 import time
 
 import numpy as np
-import tensorflow as tf
 from absl import logging
 
 from manifold_tf import attacks, reporting
@@ -38,7 +37,8 @@ PROTOCOL_BIAS = (
     "Table 2 transfers a minimal CW x' from the base model to the shell. With epsilon <= delta, x "
     "lies inside the shell's delta-ball around x', and a barely misclassified x' is the easiest "
     "case for a shell that looks for confident labels nearby: this protocol cannot show that the "
-    "shell is robust. The adaptive evaluation attacks the shell itself; its figure is the verdict.")
+    "shell is robust. The adaptive evaluation attacks the shell itself; its figure is the verdict."
+)
 
 CATEGORIES = ("robust_kept", "vulnerable_fixed", "wrong_but_robust", "wrong_not_robust")
 CATEGORY_TITLES = {
@@ -54,8 +54,9 @@ PAPER_TABLE2 = dict(
     base_attack_success=[0.30, 1 / 3, 0.40, 1 / 3, 0.4667],
     shell_attack_success=[0.0, 0.0, 0.0, 2 / 30, 0.0],
     retained_accuracy=[0.9667, 1.0, 1.0, 0.9933, 1.0],
-    average=dict(base_attack_success=56 / 150, shell_attack_success=2 / 150,
-                 retained_accuracy=147 / 150),
+    average=dict(
+        base_attack_success=56 / 150, shell_attack_success=2 / 150, retained_accuracy=147 / 150
+    ),
     categories=dict(robust_kept=94, vulnerable_fixed=53, wrong_but_robust=1, wrong_not_robust=2),
 )
 PERMUTATIONS = ("numpy", "paper")
@@ -77,7 +78,13 @@ def walk_order(num_test: int, *, seed: int, kind: str = "numpy") -> np.ndarray:
 
 
 def select_correct_points(
-    model, x: np.ndarray, y: np.ndarray, *, num_points: int, seed: int, permutation: str = "numpy",
+    model,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    num_points: int,
+    seed: int,
+    permutation: str = "numpy",
     chunk: int = 256,
 ) -> np.ndarray:
     """The first ``num_points`` indices, in permutation order, that ``model`` classifies correctly.
@@ -135,7 +142,9 @@ def batch_rates(record: dict) -> dict:
     )
 
 
-def _shell_labels(shell, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _shell_labels(
+    shell, x: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The shell's labels and top probabilities on ``x``, and for NCN which points met no label.
 
     Under a multi-device strategy the shell runs through ``predict`` (spread over the devices) and
@@ -154,10 +163,19 @@ def _shell_labels(shell, x: np.ndarray, batch_size: int) -> tuple[np.ndarray, np
     return answer({"probabilities": probs}), probs.max(-1), unmet
 
 
-def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, attack: dict,
-                  shell_batch_size: int, desc: str = "",
-                  precomputed: tuple[np.ndarray, list] | None = None,
-                  cw: attacks.AttackResult | None = None) -> tuple[dict, np.ndarray]:
+def defence_batch(
+    base,
+    shell,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epsilon: float,
+    attack: dict,
+    shell_batch_size: int,
+    desc: str = "",
+    precomputed: tuple[np.ndarray, list] | None = None,
+    cw: attacks.AttackResult | None = None,
+) -> tuple[dict, np.ndarray]:
     """Table 2 on one batch of base-correct points: ``(record, x_adv [N, 32, 32, 3])``.
 
     ``x'`` is CW's point where CW succeeded on the base (the paper's protocol). Where it failed,
@@ -182,9 +200,16 @@ def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, 
         # Valid: within the budget (up to float rounding of the projection) and misclassified.
         success = found & (base_adv != y) & (linf <= epsilon + 1e-3)
         if (~success).any():
-            probe = attacks.pgd(base, x[~success], y[~success], epsilon=epsilon, steps=PROBE_STEPS,
-                                step_size=madry_step_size(epsilon, PROBE_STEPS), loss="cw",
-                                random_start=False)
+            probe = attacks.pgd(
+                base,
+                x[~success],
+                y[~success],
+                epsilon=epsilon,
+                steps=PROBE_STEPS,
+                step_size=madry_step_size(epsilon, PROBE_STEPS),
+                loss="cw",
+                random_start=False,
+            )
             x_adv[~success] = probe.x_adv
     else:
         x_adv, iterations, success = precomputed
@@ -194,8 +219,10 @@ def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, 
     t1 = time.perf_counter()
     if desc:
         what = "reused x'" if precomputed is not None else f"CW attack done in {t1 - t0:.0f} s"
-        logging.info(f"{desc}: {what} ({int(success.sum())}/{len(x)} successes); "
-              f"shell on {len(x)} x and {len(x)} x' ...")
+        logging.info(
+            f"{desc}: {what} ({int(success.sum())}/{len(x)} successes); "
+            f"shell on {len(x)} x and {len(x)} x' ..."
+        )
     g_x, c_x, unmet_x = _shell_labels(shell, x, shell_batch_size)
     g_adv, c_adv, unmet_adv = _shell_labels(shell, x_adv, shell_batch_size)
     diagnostics = {}
@@ -220,8 +247,15 @@ def defence_batch(base, shell, x: np.ndarray, y: np.ndarray, *, epsilon: float, 
     return record, x_adv
 
 
-def table2_points(base, images: np.ndarray, labels: np.ndarray, config: DefenceConfig, *, seed: int,
-                  walk: int | None = None) -> list[np.ndarray]:
+def table2_points(
+    base,
+    images: np.ndarray,
+    labels: np.ndarray,
+    config: DefenceConfig,
+    *,
+    seed: int,
+    walk: int | None = None,
+) -> list[np.ndarray]:
     """Table 2's points, as a list of index batches.
 
     ``walk=None``: the paper's ``batches x batch_points`` first base-correct points of the seeded
@@ -230,15 +264,20 @@ def table2_points(base, images: np.ndarray, labels: np.ndarray, config: DefenceC
     """
     if walk is None:
         num_points = int(config.batches) * int(config.batch_points)
-        chosen = select_correct_points(base, images, labels, num_points=num_points, seed=seed,
-                                       permutation=config.permutation)
+        chosen = select_correct_points(
+            base, images, labels, num_points=num_points, seed=seed, permutation=config.permutation
+        )
         return list(chosen.reshape(config.batches, config.batch_points))
     order = walk_order(len(images), seed=seed, kind=config.permutation)[:walk]
     correct = order[predict_logits(base, images[order]).argmax(-1) == labels[order]]
     if not len(correct):
-        raise ValueError(f"the base model gets none of the first {len(order)} points right: "
-                         f"Table 2 needs base-correct points (raise --num_points).")
-    return [correct[i : i + config.batch_points] for i in range(0, len(correct), config.batch_points)]
+        raise ValueError(
+            f"the base model gets none of the first {len(order)} points right: "
+            f"Table 2 needs base-correct points (raise --num_points)."
+        )
+    return [
+        correct[i : i + config.batch_points] for i in range(0, len(correct), config.batch_points)
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,9 +293,20 @@ class DefenceRun:
     settings: dict
 
 
-def run_table2(base, shell, images: np.ndarray, labels: np.ndarray, config: DefenceConfig,
-               store: RunStore, *, epsilon: float, seed: int = 0, metadata: dict | None = None,
-               walk: int | None = None, known_cw: dict | None = None) -> DefenceRun | None:
+def run_table2(
+    base,
+    shell,
+    images: np.ndarray,
+    labels: np.ndarray,
+    config: DefenceConfig,
+    store: RunStore,
+    *,
+    epsilon: float,
+    seed: int = 0,
+    metadata: dict | None = None,
+    walk: int | None = None,
+    known_cw: dict | None = None,
+) -> DefenceRun | None:
     """Runs (or resumes) the Table-2 protocol in ``store``; returns its records, writes no report.
 
     Args:
@@ -291,52 +341,82 @@ def run_table2(base, shell, images: np.ndarray, labels: np.ndarray, config: Defe
     validate_images(images)
     indices = table2_points(base, images, labels, config, seed=seed, walk=walk)
     num_batches = len(indices)
-    settings = reporting._to_jsonable(dict(
-        protocol="Table 2 (METHOD.md, Defence evaluation)",
-        shell=shell.settings(), epsilon=float(epsilon), attack=attack,
-        num_batches=int(num_batches), batch_points=int(batch_points), seed=int(seed),
-        permutation=config.permutation, num_test_points=int(len(images)), **(metadata or {}),
-        **({} if walk is None else dict(walk=int(walk))),
-    ))
+    settings = reporting._to_jsonable(
+        dict(
+            protocol="Table 2 (METHOD.md, Defence evaluation)",
+            shell=shell.settings(),
+            epsilon=float(epsilon),
+            attack=attack,
+            num_batches=int(num_batches),
+            batch_points=int(batch_points),
+            seed=int(seed),
+            permutation=config.permutation,
+            num_test_points=int(len(images)),
+            **(metadata or {}),
+            **({} if walk is None else dict(walk=int(walk))),
+        )
+    )
     settings = store.bind(PROTOCOL, settings, free=("strategy",))
     records: list[dict | None] = [store.load(PROTOCOL, b) for b in range(num_batches)]
     for b, saved in enumerate(records):
         if saved is not None and saved["indices"] != indices[b].tolist():
-            raise ValueError(f"batch {b} of {store.path(PROTOCOL)} holds other points than this run "
-                             f"selects: use another --output_dir, or --overwrite to start again.")
+            raise ValueError(
+                f"batch {b} of {store.path(PROTOCOL)} holds other points than this run "
+                f"selects: use another --output_dir, or --overwrite to start again."
+            )
     done = sum(r is not None for r in records)
     progress = store.progress([len(i) for i in indices], records, "defence")
     if done:
-        logging.info(f"resuming: {done}/{num_batches} batches already done in {store.path(PROTOCOL)}")
+        logging.info(
+            f"resuming: {done}/{num_batches} batches already done in {store.path(PROTOCOL)}"
+        )
     from_run = config.attack.from_run
     for b in range(num_batches):
         if records[b] is not None or not store.mine(b):
             continue
         idx = indices[b]
         precomputed = _reusable_attack(from_run, b, settings, idx) if from_run else None
-        logging.info(f"batch {b + 1}/{num_batches}: "
-              + (f"reusing x' from {from_run}" if precomputed else
-                 f"CW L-inf attack (eps {epsilon:g}) on {len(idx)} points ..."))
+        logging.info(
+            f"batch {b + 1}/{num_batches}: "
+            + (
+                f"reusing x' from {from_run}"
+                if precomputed
+                else f"CW L-inf attack (eps {epsilon:g}) on {len(idx)} points ..."
+            )
+        )
         cw = None
         if precomputed is None and known_cw and all(int(i) in known_cw for i in idx):
             cw = attacks.AttackResult(
                 np.stack([known_cw[int(i)].x_adv for i in idx]),
                 np.array([known_cw[int(i)].success for i in idx]),
-                details=dict(iterations=np.array([known_cw[int(i)].iterations for i in idx])))
-        record, x_adv = defence_batch(base, shell, images[idx], labels[idx], epsilon=epsilon,
-                                      attack=attack, shell_batch_size=config.shell.batch_size,
-                                      desc=f"batch {b + 1}/{num_batches}", precomputed=precomputed,
-                                      cw=cw)
+                details=dict(iterations=np.array([known_cw[int(i)].iterations for i in idx])),
+            )
+        record, x_adv = defence_batch(
+            base,
+            shell,
+            images[idx],
+            labels[idx],
+            epsilon=epsilon,
+            attack=attack,
+            shell_batch_size=config.shell.batch_size,
+            desc=f"batch {b + 1}/{num_batches}",
+            precomputed=precomputed,
+            cw=cw,
+        )
         record = dict(batch=b, indices=idx.tolist(), **record)
         store.save(PROTOCOL, b, record, arrays={"xadv": x_adv.astype(np.float32)})
         records[b] = record
         rates = batch_rates(record)
         size = len(idx)
-        progress.update(size, extra=(
-            f"batch {b + 1}/{num_batches}: base attack {rates['base_successes']}/{size}, "
-            f"shell attack {rates['shell_successes']}/{size}, retained {rates['retained']}/"
-            f"{size} (attack {record['seconds']['attack']:.0f} s, shell "
-            f"{record['seconds']['shell']:.0f} s)"))
+        progress.update(
+            size,
+            extra=(
+                f"batch {b + 1}/{num_batches}: base attack {rates['base_successes']}/{size}, "
+                f"shell attack {rates['shell_successes']}/{size}, retained {rates['retained']}/"
+                f"{size} (attack {record['seconds']['attack']:.0f} s, shell "
+                f"{record['seconds']['shell']:.0f} s)"
+            ),
+        )
     records = store.gather(PROTOCOL, num_batches)
     if not store.workers.is_chief:
         return None  # the chief writes the reports
@@ -370,13 +450,16 @@ def _reusable_attack(run_dir: str, b: int, settings: dict, indices: np.ndarray):
 
 def summarize_defence(records: list[dict]) -> dict:
     """Per-batch and overall rates and counts (the overall rates are over all points)."""
-    merged = {k: sum((list(r[k]) for r in records), []) for k in
-              ("labels", "base_success", "shell_clean", "shell_adv", "category")}
+    merged = {
+        k: sum((list(r[k]) for r in records), [])
+        for k in ("labels", "base_success", "shell_clean", "shell_adv", "category")
+    }
     per_batch = [batch_rates(r) for r in records]
     summary = dict(per_batch=per_batch, average=batch_rates(merged))
     if all("shell_clean_unmet" in r for r in records):  # NCN: points where the fallback was used
         summary["ncn_unmet"] = dict(
             clean=int(sum(map(sum, (r["shell_clean_unmet"] for r in records)))),
             adversarial=int(sum(map(sum, (r["shell_adv_unmet"] for r in records)))),
-            points=len(merged["labels"]))
+            points=len(merged["labels"]),
+        )
     return summary

@@ -34,13 +34,27 @@ def defence_markdown(report: dict) -> str:
         ("Average", report["average"])
     ]:
         n = r["points"]
-        rows.append([name, n, _pct(r["base_attack_success"], r["base_successes"], n),
-                     _pct(r["shell_attack_success"], r["shell_successes"], n),
-                     _pct(r["retained_accuracy"], r["retained"], n),
-                     *[r["categories"][c] for c in CATEGORIES]])
+        rows.append(
+            [
+                name,
+                n,
+                _pct(r["base_attack_success"], r["base_successes"], n),
+                _pct(r["shell_attack_success"], r["shell_successes"], n),
+                _pct(r["retained_accuracy"], r["retained"], n),
+                *[r["categories"][c] for c in CATEGORIES],
+            ]
+        )
     table = reporting.markdown_table(
-        ["", "points", "base attack success", "shell attack success", "shell retained accuracy",
-         *CATEGORIES], rows)
+        [
+            "",
+            "points",
+            "base attack success",
+            "shell attack success",
+            "shell retained accuracy",
+            *CATEGORIES,
+        ],
+        rows,
+    )
     avg = report["average"]
     cats = "\n".join(f"- `{c}` ({CATEGORY_TITLES[c]}): {avg['categories'][c]}" for c in CATEGORIES)
     paper = PAPER_TABLE2
@@ -48,22 +62,41 @@ def defence_markdown(report: dict) -> str:
     unmet_text = (
         f"NCN fallback (no label met p, the most confident label answered): "
         f"{unmet['clean']}/{unmet['points']} points at x, {unmet['adversarial']}/{unmet['points']} "
-        f"at x'.\n\n" if unmet else "")
+        f"at x'.\n\n"
+        if unmet
+        else ""
+    )
     return (
         f"# Defence evaluation (Table 2 protocol): {s['shell']['shell'].upper()} shell\n\n"
         f"**Transfer only, not the verdict.** {PROTOCOL_BIAS}\n\n"
         f"Points: {avg['points']} base-correct test points ("
-        + (f"those among the first {s['walk']} of the order, in batches of up to "
-           f"{s['batch_points']}"
-           if "walk" in s else f"{s['num_batches']} batches x {s['batch_points']}")
+        + (
+            f"those among the first {s['walk']} of the order, in batches of up to "
+            f"{s['batch_points']}"
+            if "walk" in s
+            else f"{s['num_batches']} batches x {s['batch_points']}"
+        )
         + f"), {s['permutation']} permutation, seed {s['seed']}, of "
         f"{s['num_test_points']} test images.\n\n"
         f"Settings:\n\n- shell: `{json.dumps(s['shell'])}`\n"
         f"- base attack: CW L-inf, untargeted, epsilon {s['epsilon']:g} px: "
         f"`{json.dumps(s['attack'])}`\n"
-        + "".join(f"- {k}: `{v}`\n" for k, v in s.items()
-                  if k not in ("shell", "attack", "epsilon", "protocol", "num_batches",
-                               "batch_points", "seed", "permutation", "num_test_points"))
+        + "".join(
+            f"- {k}: `{v}`\n"
+            for k, v in s.items()
+            if k
+            not in (
+                "shell",
+                "attack",
+                "epsilon",
+                "protocol",
+                "num_batches",
+                "batch_points",
+                "seed",
+                "permutation",
+                "num_test_points",
+            )
+        )
         + f"\n{table}\n"
         f"Shell attack success: `G(x') != y` and `G(x') != G(x)`. Retained accuracy: `G(x) = y`. "
         f"Base attack success: CW found `x'` with `||x' - x||_inf <= {s['epsilon']:g}` that the "
@@ -81,8 +114,15 @@ def defence_markdown(report: dict) -> str:
     )
 
 
-def write_defence_report(records: list[dict], settings: dict, images: np.ndarray, store, *,
-                         class_names=None, max_figure_cases: int = 12) -> dict:
+def write_defence_report(
+    records: list[dict],
+    settings: dict,
+    images: np.ndarray,
+    store,
+    *,
+    class_names=None,
+    max_figure_cases: int = 12,
+) -> dict:
     """Assembles ``defence.json``, ``defence.md`` and ``failures.png`` from the batch records."""
     summary = summarize_defence(records)
     report = dict(
@@ -92,31 +132,57 @@ def write_defence_report(records: list[dict], settings: dict, images: np.ndarray
         **({"ncn_unmet": summary["ncn_unmet"]} if "ncn_unmet" in summary else {}),
         paper_table2=PAPER_TABLE2,
         points=[
-            dict(index=i, batch=r["batch"], label=r["labels"][k], category=r["category"][k],
-                 base_success=r["base_success"][k], base_adv_pred=r["base_adv_pred"][k],
-                 linf=r["linf"][k], shell_clean=r["shell_clean"][k], shell_adv=r["shell_adv"][k])
-            for r in records for k, i in enumerate(r["indices"])
+            dict(
+                index=i,
+                batch=r["batch"],
+                label=r["labels"][k],
+                category=r["category"][k],
+                base_success=r["base_success"][k],
+                base_adv_pred=r["base_adv_pred"][k],
+                linf=r["linf"][k],
+                shell_clean=r["shell_clean"][k],
+                shell_adv=r["shell_adv"][k],
+            )
+            for r in records
+            for k, i in enumerate(r["indices"])
         ],
-        seconds=dict(attack=sum(r["seconds"]["attack"] for r in records),
-                     shell=sum(r["seconds"]["shell"] for r in records)),
+        seconds=dict(
+            attack=sum(r["seconds"]["attack"] for r in records),
+            shell=sum(r["seconds"]["shell"] for r in records),
+        ),
     )
     store.write_report("defence", report, defence_markdown(report))
     cases = []
     for r in records:
-        bad = [k for k, c in enumerate(r["category"]) if c in ("wrong_but_robust", "wrong_not_robust")]
+        bad = [
+            k for k, c in enumerate(r["category"]) if c in ("wrong_but_robust", "wrong_not_robust")
+        ]
         if not bad:
             continue
         x_adv = store.load_array(PROTOCOL, r["batch"], "xadv")
         for k in bad:
-            cases.append(dict(
-                index=r["indices"][k], x=images[r["indices"][k]], x_adv=x_adv[k], label=r["labels"][k],
-                shell_clean=r["shell_clean"][k], shell_adv=r["shell_adv"][k],
-                shell_clean_confidence=r["shell_clean_confidence"][k],
-                shell_adv_confidence=r["shell_adv_confidence"][k],
-                base_adv=r["base_adv_pred"][k], category=r["category"][k]))
+            cases.append(
+                dict(
+                    index=r["indices"][k],
+                    x=images[r["indices"][k]],
+                    x_adv=x_adv[k],
+                    label=r["labels"][k],
+                    shell_clean=r["shell_clean"][k],
+                    shell_adv=r["shell_adv"][k],
+                    shell_clean_confidence=r["shell_clean_confidence"][k],
+                    shell_adv_confidence=r["shell_adv_confidence"][k],
+                    base_adv=r["base_adv_pred"][k],
+                    category=r["category"][k],
+                )
+            )
     s = report["settings"]
     reporting.plot_failure_cases(
-        cases[:max_figure_cases], store.path("failures.png"), class_names=class_names,
-        title=(f"{s['shell']['shell'].upper()} shell failures ({len(cases)} of "
-               f"{report['average']['points']} points; CW eps {s['epsilon']:g})"))
+        cases[:max_figure_cases],
+        store.path("failures.png"),
+        class_names=class_names,
+        title=(
+            f"{s['shell']['shell'].upper()} shell failures ({len(cases)} of "
+            f"{report['average']['points']} points; CW eps {s['epsilon']:g})"
+        ),
+    )
     return report

@@ -42,34 +42,53 @@ def cw_passes(attack: dict) -> float:
     return attack["max_iterations"] * (constants + tau_rounds)
 
 
-def defence_passes(*, table2_points: int, num_points: int, shell, per_prediction: int, cw: dict,
-                   suite) -> dict:
+def defence_passes(
+    *, table2_points: int, num_points: int, shell, per_prediction: int, cw: dict, suite
+) -> dict:
     """Pass counts per phase of a defence run (``suite=None``: Table 2 only)."""
-    phases = {"Table 2: CW on the base": table2_points * cw_passes(cw),
-              "Table 2: the shell on x and x'": 2 * table2_points * per_prediction}
+    phases = {
+        "Table 2: CW on the base": table2_points * cw_passes(cw),
+        "Table 2: the shell on x and x'": 2 * table2_points * per_prediction,
+    }
     if suite is None or suite.attack == "none":
         return phases
     c = int(shell.num_classes)
     k = c - 1 if suite.targets == 0 else min(suite.targets, c - 1)
     starts = 2 + suite.restarts
     shell_predictions = {
-        "bpda": starts * (suite.steps + 1), "bpda_targeted": k * (1 + suite.restarts) * (suite.steps + 1) + 1,
-        "lift": 1 + k, "square": suite.square_queries, "transfer_cw": 1, "transfer_confident": 1,
+        "bpda": starts * (suite.steps + 1),
+        "bpda_targeted": k * (1 + suite.restarts) * (suite.steps + 1) + 1,
+        "lift": 1 + k,
+        "square": suite.square_queries,
+        "transfer_cw": 1,
+        "transfer_confident": 1,
     }
-    base_only = {"bpda": 2 * starts * suite.steps, "bpda_targeted": 2 * k * suite.steps,
-                 "lift": k * suite.lift_steps, "transfer_confident": (c - 1) * suite.steps}
+    base_only = {
+        "bpda": 2 * starts * suite.steps,
+        "bpda_targeted": 2 * k * suite.steps,
+        "lift": k * suite.lift_steps,
+        "transfer_confident": (c - 1) * suite.steps,
+    }
     for name in suite.shell_attacks:
         phases[f"adaptive: {name} on the shell"] = num_points * (
-            shell_predictions.get(name, 0) * per_prediction + base_only.get(name, 0))
+            shell_predictions.get(name, 0) * per_prediction + base_only.get(name, 0)
+        )
     targets = min(suite.base_targets, c - 1)
-    base_passes = {"apgd_ce": suite.base_apgd_steps, "apgd_t": targets * suite.base_apgd_steps,
-                   "fab_t": targets * suite.base_apgd_steps,
-                   # Square's queries are forward passes only: about a third of a forward+backward.
-                   "square": suite.base_square_queries / 3.0}
+    base_passes = {
+        "apgd_ce": suite.base_apgd_steps,
+        "apgd_t": targets * suite.base_apgd_steps,
+        "fab_t": targets * suite.base_apgd_steps,
+        # Square's queries are forward passes only: about a third of a forward+backward.
+        "square": suite.base_square_queries / 3.0,
+    }
     for name in suite.base_attacks:
         phases[f"adaptive: {name} on the base"] = num_points * base_passes[name]
-    phases["adaptive: CW on the base (points not in Table 2)"] = (num_points - table2_points) * cw_passes(cw)
-    phases["adaptive: sanity checks"] = 3 * suite.sanity_points * (suite.sanity_steps + 1) * per_prediction
+    phases["adaptive: CW on the base (points not in Table 2)"] = (
+        num_points - table2_points
+    ) * cw_passes(cw)
+    phases["adaptive: sanity checks"] = (
+        3 * suite.sanity_points * (suite.sanity_steps + 1) * per_prediction
+    )
     return phases
 
 
@@ -78,8 +97,10 @@ def describe(phases: dict, rate: float) -> str:
     rows = [[name, f"{p:,.0f}", reporting.format_duration(p / rate)] for name, p in phases.items()]
     total = sum(phases.values())
     rows.append(["total (upper bound)", f"{total:,.0f}", reporting.format_duration(total / rate)])
-    return (f"Expected duration at {rate:,.0f} forward+backward images/s (measured now):\n\n"
-            + reporting.markdown_table(["phase", "forward+backward passes", "time"], rows))
+    return (
+        f"Expected duration at {rate:,.0f} forward+backward images/s (measured now):\n\n"
+        + reporting.markdown_table(["phase", "forward+backward passes", "time"], rows)
+    )
 
 
 def total_seconds(phases: dict, rate: float) -> float:

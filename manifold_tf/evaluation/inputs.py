@@ -54,15 +54,19 @@ def default_checkpoint(dataset: str) -> str:
     try:
         return pretrained.path(DEFAULT_MODELS[dataset])
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"no --checkpoint given and {e} Pass --checkpoint=PATH (a TF1 "
-                                f"checkpoint, a .keras file or .weights.h5).") from None
+        raise FileNotFoundError(
+            f"no --checkpoint given and {e} Pass --checkpoint=PATH (a TF1 "
+            f"checkpoint, a .keras file or .weights.h5)."
+        ) from None
 
 
 def _has_cifar(folder: str | None) -> bool:
     if not folder:
         return False
-    return any(os.path.isfile(os.path.join(d, "test_batch"))
-               for d in (folder, os.path.join(folder, "cifar-10-batches-py")))
+    return any(
+        os.path.isfile(os.path.join(d, "test_batch"))
+        for d in (folder, os.path.join(folder, "cifar-10-batches-py"))
+    )
 
 
 def resolve(config: InputConfig, *, run_dir: str | None = None) -> Inputs:
@@ -82,14 +86,27 @@ def resolve(config: InputConfig, *, run_dir: str | None = None) -> Inputs:
         return Inputs(dataset, data_dir, default_checkpoint(dataset), "default model")
     env_dir = data.default_data_dir()
     if _has_cifar(env_dir) and DEFAULT_MODELS["cifar10"] in pretrained.available():
-        return Inputs("cifar10", env_dir, pretrained.path(DEFAULT_MODELS["cifar10"]),
-                      f"embedded default: CIFAR-10 from ${data.DATA_DIR_ENV} + "
-                      f"{DEFAULT_MODELS['cifar10']}.keras")
+        return Inputs(
+            "cifar10",
+            env_dir,
+            pretrained.path(DEFAULT_MODELS["cifar10"]),
+            f"embedded default: CIFAR-10 from ${data.DATA_DIR_ENV} + "
+            f"{DEFAULT_MODELS['cifar10']}.keras",
+        )
     if DEFAULT_MODELS["synthetic"] in pretrained.available():
-        return Inputs("synthetic", None, pretrained.path(DEFAULT_MODELS["synthetic"]),
-                      "embedded default: synthetic data + shipped model")
-    return Inputs("synthetic", None, quick, "embedded default: synthetic data + a quickly trained "
-                  "narrow model", train_quick_model=True)
+        return Inputs(
+            "synthetic",
+            None,
+            pretrained.path(DEFAULT_MODELS["synthetic"]),
+            "embedded default: synthetic data + shipped model",
+        )
+    return Inputs(
+        "synthetic",
+        None,
+        quick,
+        "embedded default: synthetic data + a quickly trained narrow model",
+        train_quick_model=True,
+    )
 
 
 def load_model(inputs: Inputs, *, width: str | None = None, seed: int = 0):
@@ -120,8 +137,10 @@ def quick_synthetic_model(path: str, *, steps: int = 300, batch_size: int = 32, 
     keras.utils.set_random_seed(seed)
     x, y = data.synthetic_arrays("train", seed=0)
     model = models.madry_resnet("narrow")
-    model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     ds = data.make_dataset(x, y, batch_size=batch_size, training=True, seed=seed)
     model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
     tmp = path + ".tmp.keras"
@@ -133,8 +152,9 @@ def quick_synthetic_model(path: str, *, steps: int = 300, batch_size: int = 32, 
 def _predict_function(model):
     # One inference function per model, traced once per image shape: a new tf.function per call
     # would retrace on every batch of an evaluation.
-    return compiled.cached(model, ("predict",), lambda net: (lambda b: net(b, training=False)),
-                           reduce_retracing=True)
+    return compiled.cached(
+        model, ("predict",), lambda net: lambda b: net(b, training=False), reduce_retracing=True
+    )
 
 
 def predict_logits(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:

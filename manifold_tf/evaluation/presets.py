@@ -15,7 +15,6 @@ from typing import NamedTuple
 from manifold_tf.evaluation.config import EvaluationConfig
 
 
-
 def make(cls=EvaluationConfig, changes: dict | None = None, *, where: str = ""):
     """``cls`` with ``changes`` applied: a nested dict by field name (a section's changes are a
     dict of its own), every other setting at the dataclass default.
@@ -28,15 +27,19 @@ def make(cls=EvaluationConfig, changes: dict | None = None, *, where: str = ""):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(changes) - set(fields))
     if unknown:
-        raise ValueError(f"{where}{unknown[0]} is not a setting of {cls.__name__} (its settings: "
-                         f"{', '.join(fields)}).")
+        raise ValueError(
+            f"{where}{unknown[0]} is not a setting of {cls.__name__} (its settings: "
+            f"{', '.join(fields)})."
+        )
     kwargs = {}
     for name, f in fields.items():
         if "section" in f.metadata:
             sub = changes.get(name, {})
             if not isinstance(sub, dict):
-                raise ValueError(f"{where}{name} is a section ({f.metadata['section'].__name__}): "
-                                 f"give a dict of its settings; got {sub!r}.")
+                raise ValueError(
+                    f"{where}{name} is a section ({f.metadata['section'].__name__}): "
+                    f"give a dict of its settings; got {sub!r}."
+                )
             kwargs[name] = make(f.metadata["section"], sub, where=f"{where}{name}.")
         elif name in changes:
             kwargs[name] = changes[name]
@@ -84,11 +87,24 @@ PRESETS: dict[str, Preset] = {
     "full": Preset(
         "AutoAttack's standard version on the base and the strongest suite this library builds on "
         "the shell, on 150 points (hours per 100 points on a CPU).",
-        dict(adaptive=dict(
-            num_points=150, steps=100, restarts=2, targets=0, lift_steps=100, square_queries=5000,
-            eot_samples=8, sanity_points=30, sanity_steps=50,
-            base_attacks=("apgd_ce", "apgd_t", "fab_t", "square"), base_apgd_steps=100,
-            base_targets=9, base_square_queries=5000))),
+        dict(
+            adaptive=dict(
+                num_points=150,
+                steps=100,
+                restarts=2,
+                targets=0,
+                lift_steps=100,
+                square_queries=5000,
+                eot_samples=8,
+                sanity_points=30,
+                sanity_steps=50,
+                base_attacks=("apgd_ce", "apgd_t", "fab_t", "square"),
+                base_apgd_steps=100,
+                base_targets=9,
+                base_square_queries=5000,
+            )
+        ),
+    ),
     # Table 1 as printed (10 x 30 points, delta 8, p 0.9) and Table 2 with the original
     # Carlini-Wagner settings (1000 Adam steps per constant, no early stop) and the authors'
     # CarliniWagnerShell, on their point order.
@@ -96,13 +112,20 @@ PRESETS: dict[str, Preset] = {
         "The paper's protocol: Table 1 (10 x 30 points, delta 8, p 0.9) and Table 2 (5 x 30 "
         "points in the paper's order, CW with 1000 steps per constant, the authors' cw shell); "
         "hours on a CPU.",
-        dict(threat=dict(epsilon=8.0, delta=8.0, p=0.9),
-             separation=dict(batches=10, batch_points=30),
-             defence=dict(batches=5, batch_points=30, permutation="paper", points="paper",
-                          attack=dict(max_iterations=1000, initial_const=1e-5,
-                                      stop_within_epsilon=False),
-                          shell=dict(kind="cw", cw_variant="paper_code", cw_max_iterations=1000)),
-             adaptive=dict(num_points=150))),
+        dict(
+            threat=dict(epsilon=8.0, delta=8.0, p=0.9),
+            separation=dict(batches=10, batch_points=30),
+            defence=dict(
+                batches=5,
+                batch_points=30,
+                permutation="paper",
+                points="paper",
+                attack=dict(max_iterations=1000, initial_const=1e-5, stop_within_epsilon=False),
+                shell=dict(kind="cw", cw_variant="paper_code", cw_max_iterations=1000),
+            ),
+            adaptive=dict(num_points=150),
+        ),
+    ),
 }
 
 
@@ -115,8 +138,9 @@ def preset(name: str) -> Preset:
 
 def from_preset(name: str = "default", overrides: dict | None = None) -> EvaluationConfig:
     """The :class:`EvaluationConfig` of preset ``name`` with ``overrides`` (nested dict) on top."""
-    return make(EvaluationConfig, merge(preset(name).changes, overrides or {}),
-                where=f"preset {name!r}: ")
+    return make(
+        EvaluationConfig, merge(preset(name).changes, overrides or {}), where=f"preset {name!r}: "
+    )
 
 
 def _check_presets() -> None:

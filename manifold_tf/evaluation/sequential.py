@@ -93,8 +93,14 @@ class PairedConfidenceSequence:
     ``None`` for i.i.d. draws from a population. ``max_grid``: most candidate means evaluated.
     """
 
-    def __init__(self, n_total: int | None, *, confidence: float = 0.95, max_grid: int = 2001,
-                 n_sequences: int | None = None):
+    def __init__(
+        self,
+        n_total: int | None,
+        *,
+        confidence: float = 0.95,
+        max_grid: int = 2001,
+        n_sequences: int | None = None,
+    ):
         if not 0.0 < confidence < 1.0:
             raise ValueError(f"need 0 < confidence < 1; got {confidence}.")
         if n_total is not None and n_total < 1:
@@ -170,9 +176,11 @@ class PairedConfidenceSequence:
         if d.ndim != 2 or d.shape[0] != self._alive.shape[0]:
             raise ValueError(f"need {self._alive.shape[0]} rows of differences; got {d.shape}.")
         if self.n_total is not None and self.n + d.shape[1] > self.n_total:
-            raise ValueError(f"{self.n + d.shape[1]} points seen but the test set has "
-                             f"{self.n_total}: draws are without replacement.")
-        for x in ((d.T + 1.0) / 2.0):
+            raise ValueError(
+                f"{self.n + d.shape[1]} points seen but the test set has "
+                f"{self.n_total}: draws are without replacement."
+            )
+        for x in (d.T + 1.0) / 2.0:
             self._step_one(x)
         self._refresh()
         return self.interval
@@ -213,8 +221,14 @@ class PairedConfidenceSequence:
         return est if self._vector else float(est[0])
 
 
-def confidence_sequence(d_values, *, n_total: int | None, look_every: int = 1,
-                        confidence: float = 0.95, max_grid: int = 2001) -> dict:
+def confidence_sequence(
+    d_values,
+    *,
+    n_total: int | None,
+    look_every: int = 1,
+    confidence: float = 0.95,
+    max_grid: int = 2001,
+) -> dict:
     """The interval after each look over a stream of differences ``D_i`` (in draw order).
 
     ``d_values``: shape ``(n,)``, or ``(S, n)`` for ``S`` independent sequences. Looks are after
@@ -228,8 +242,9 @@ def confidence_sequence(d_values, *, n_total: int | None, look_every: int = 1,
         raise ValueError(f"need look_every >= 1; got {look_every}.")
     vector = d.ndim == 2
     d2 = d if vector else d[None, :]
-    cs = PairedConfidenceSequence(n_total, confidence=confidence, max_grid=max_grid,
-                                  n_sequences=d2.shape[0])
+    cs = PairedConfidenceSequence(
+        n_total, confidence=confidence, max_grid=max_grid, n_sequences=d2.shape[0]
+    )
     ends = list(range(look_every, d2.shape[1] + 1, look_every))
     if not ends or ends[-1] != d2.shape[1]:
         ends.append(d2.shape[1])
@@ -240,8 +255,9 @@ def confidence_sequence(d_values, *, n_total: int | None, look_every: int = 1,
         highs.append(high)
         start = end
     low, high = np.stack(lows, axis=-1), np.stack(highs, axis=-1)
-    return dict(n=np.asarray(ends), ci_low=low if vector else low[0],
-                ci_high=high if vector else high[0])
+    return dict(
+        n=np.asarray(ends), ci_low=low if vector else low[0], ci_high=high if vector else high[0]
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,8 +280,9 @@ class Decision:
 REASONS = ("helps", "hurts", "gains less than margin", "undecided")
 
 
-def decide(d_values, *, n_total: int | None, margin: float, confidence: float = 0.95,
-           max_grid: int = 2001) -> Decision:
+def decide(
+    d_values, *, n_total: int | None, margin: float, confidence: float = 0.95, max_grid: int = 2001
+) -> Decision:
     """Stop or go on, from every difference ``D_i`` seen so far (in draw order).
 
     ``margin`` is in proportion units (0.05 = 5 points of robust accuracy). The interval is the
@@ -286,5 +303,11 @@ def decide(d_values, *, n_total: int | None, margin: float, confidence: float = 
     else:
         reason = "undecided"
     exhausted = n_total is not None and d.size >= n_total
-    return Decision(stop=reason != "undecided" or exhausted, reason=reason, ci_low=low,
-                    ci_high=high, n=int(d.size), estimate=cs.estimate)
+    return Decision(
+        stop=reason != "undecided" or exhausted,
+        reason=reason,
+        ci_low=low,
+        ci_high=high,
+        n=int(d.size),
+        estimate=cs.estimate,
+    )

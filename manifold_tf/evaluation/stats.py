@@ -53,8 +53,9 @@ from scipy.stats import binomtest, norm
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Exact two-sided binomial (Clopper-Pearson) interval for ``k`` successes in ``n`` trials."""
     if n < 1 or not 0 <= k <= n or not 0.0 < level < 1.0:
-        raise ValueError(f"need n >= 1, 0 <= k <= n and 0 < level < 1; "
-                         f"got k={k}, n={n}, level={level}.")
+        raise ValueError(
+            f"need n >= 1, 0 <= k <= n and 0 < level < 1; got k={k}, n={n}, level={level}."
+        )
     ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="exact")
     return float(ci.low), float(ci.high)
 
@@ -72,8 +73,10 @@ def format_proportion(p: dict, digits: int = 1) -> str:
     """``"51.3% (77/150, 95% CI 43.0-59.6)"``."""
     if not p["n"]:
         return "n/a (0 points)"
-    return (f"{100 * p['rate']:.{digits}f}% ({p['k']}/{p['n']}, {100 * p['level']:.0f}% CI "
-            f"{100 * p['ci_low']:.{digits}f}-{100 * p['ci_high']:.{digits}f})")
+    return (
+        f"{100 * p['rate']:.{digits}f}% ({p['k']}/{p['n']}, {100 * p['level']:.0f}% CI "
+        f"{100 * p['ci_low']:.{digits}f}-{100 * p['ci_high']:.{digits}f})"
+    )
 
 
 def chebyshev_epsilon(t: int, alpha: float = 0.9) -> float:
@@ -126,15 +129,20 @@ def paired_counts(shell_robust, base_robust) -> tuple[int, int, int, int]:
     shell = np.asarray(shell_robust)
     base = np.asarray(base_robust)
     if shell.shape != base.shape or shell.ndim != 1:
-        raise ValueError(f"need two 1-D arrays of the same length; "
-                         f"got {shell.shape} and {base.shape}.")
+        raise ValueError(
+            f"need two 1-D arrays of the same length; got {shell.shape} and {base.shape}."
+        )
     for name, arr in (("shell_robust", shell), ("base_robust", base)):
         # 0/1 integers are accepted too; anything else is a caller's mistake, not a robust flag.
         if arr.dtype != bool and not np.isin(arr, (0, 1)).all():
             raise ValueError(f"{name} must hold booleans or 0/1.")
     shell, base = shell.astype(bool), base.astype(bool)
-    return (int(np.sum(shell & base)), int(np.sum(shell & ~base)), int(np.sum(~shell & base)),
-            int(np.sum(~shell & ~base)))
+    return (
+        int(np.sum(shell & base)),
+        int(np.sum(shell & ~base)),
+        int(np.sum(~shell & base)),
+        int(np.sum(~shell & ~base)),
+    )
 
 
 def _newcombe_paired(a: int, b: int, c: int, d: int, confidence: float) -> tuple[float, float]:
@@ -188,18 +196,25 @@ def _tango_paired(b: int, c: int, n: int, confidence: float) -> tuple[float, flo
     theta = (b - c) / n
     # Z(theta) = 0 and Z decreases, so the upper limit lies in [theta, 1] and the lower one in
     # [-1, theta]; at theta = +-1 (every pair discordant one way) that end is the limit itself.
-    high = 1.0 if theta >= 1.0 else brentq(lambda t: tango_score(t, b, c, n) + z, theta, 1.0,
-                                           xtol=1e-12)
-    low = -1.0 if theta <= -1.0 else brentq(lambda t: tango_score(t, b, c, n) - z, -1.0, theta,
-                                            xtol=1e-12)
+    high = (
+        1.0
+        if theta >= 1.0
+        else brentq(lambda t: tango_score(t, b, c, n) + z, theta, 1.0, xtol=1e-12)
+    )
+    low = (
+        -1.0
+        if theta <= -1.0
+        else brentq(lambda t: tango_score(t, b, c, n) - z, -1.0, theta, xtol=1e-12)
+    )
     return float(low), float(high)
 
 
 PAIRED_METHODS = ("newcombe", "tango")
 
 
-def paired_difference_counts(a: int, b: int, c: int, d: int, *, method: str = "newcombe",
-                             confidence: float = 0.95) -> dict:
+def paired_difference_counts(
+    a: int, b: int, c: int, d: int, *, method: str = "newcombe", confidence: float = 0.95
+) -> dict:
     """Shell-minus-base difference of paired proportions from the 2x2 counts, with its interval.
 
     ``a`` both robust, ``b`` shell only, ``c`` base only, ``d`` neither. Returns
@@ -217,12 +232,21 @@ def paired_difference_counts(a: int, b: int, c: int, d: int, *, method: str = "n
         low, high = _newcombe_paired(a, b, c, d, confidence)
     else:
         low, high = _tango_paired(b, c, n, confidence)
-    return dict(estimate=(b - c) / n, ci_low=low, ci_high=high, shell_only=b, base_only=c, n=n,
-                method=method, confidence=confidence)
+    return dict(
+        estimate=(b - c) / n,
+        ci_low=low,
+        ci_high=high,
+        shell_only=b,
+        base_only=c,
+        n=n,
+        method=method,
+        confidence=confidence,
+    )
 
 
-def paired_difference(shell_robust, base_robust, *, method: str = "newcombe",
-                      confidence: float = 0.95) -> dict:
+def paired_difference(
+    shell_robust, base_robust, *, method: str = "newcombe", confidence: float = 0.95
+) -> dict:
     """:func:`paired_difference_counts` from per-point outcomes (booleans, same points, order)."""
     a, b, c, d = paired_counts(shell_robust, base_robust)
     return paired_difference_counts(a, b, c, d, method=method, confidence=confidence)
@@ -230,6 +254,8 @@ def paired_difference(shell_robust, base_robust, *, method: str = "newcombe",
 
 def format_paired_difference(p: dict, digits: int = 1) -> str:
     """``"+3.3 points (shell only 1, base only 0 of 30; 95% CI -6.1 to +11.8, newcombe)"``."""
-    return (f"{100 * p['estimate']:+.{digits}f} points (shell only {p['shell_only']}, base only "
-            f"{p['base_only']} of {p['n']}; {100 * p['confidence']:.0f}% CI "
-            f"{100 * p['ci_low']:+.{digits}f} to {100 * p['ci_high']:+.{digits}f}, {p['method']})")
+    return (
+        f"{100 * p['estimate']:+.{digits}f} points (shell only {p['shell_only']}, base only "
+        f"{p['base_only']} of {p['n']}; {100 * p['confidence']:.0f}% CI "
+        f"{100 * p['ci_low']:+.{digits}f} to {100 * p['ci_high']:+.{digits}f}, {p['method']})"
+    )

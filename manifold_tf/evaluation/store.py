@@ -69,14 +69,20 @@ def _process_start(pid: int) -> str | None:
 
 
 def _owner() -> dict:
-    return dict(pid=os.getpid(), host=socket.gethostname(),
-                started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                command=shlex.join(sys.argv), process_start=_process_start(os.getpid()))
+    return dict(
+        pid=os.getpid(),
+        host=socket.gethostname(),
+        started=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        command=shlex.join(sys.argv),
+        process_start=_process_start(os.getpid()),
+    )
 
 
 def describe_owner(owner: dict) -> str:
-    return (f"pid {owner.get('pid')} on host {owner.get('host')!r}, started "
-            f"{owner.get('started')}: {owner.get('command')}")
+    return (
+        f"pid {owner.get('pid')} on host {owner.get('host')!r}, started "
+        f"{owner.get('started')}: {owner.get('command')}"
+    )
 
 
 def _alive(owner: dict) -> bool:
@@ -119,23 +125,30 @@ def acquire_lock(directory: str) -> str:
                 if not isinstance(owner, dict):
                     raise ValueError("not a JSON object")
             except (OSError, ValueError) as e:
-                raise RunLocked(f"{path} cannot be read ({e}): if no run is using {directory!r}, "
-                                f"delete it.") from None
-        if owner is not None and not (owner.get("pid") == os.getpid()
-                                      and owner.get("host") == socket.gethostname()):
+                raise RunLocked(
+                    f"{path} cannot be read ({e}): if no run is using {directory!r}, delete it."
+                ) from None
+        if owner is not None and not (
+            owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname()
+        ):
             if owner.get("host") != socket.gethostname():
                 raise RunLocked(
                     f"{directory!r} is in use by another run ({describe_owner(owner)}; lock "
                     f"{path}). It runs on another host, so this one cannot tell whether it is "
                     f"still alive: wait for it to finish, use another output directory, or delete "
-                    f"{path} if that run is gone.")
+                    f"{path} if that run is gone."
+                )
             if _alive(owner):
                 raise RunLocked(
                     f"{directory!r} is in use by another run ({describe_owner(owner)}; lock "
                     f"{path}). Wait for it to finish, stop it (it resumes with --resume), or use "
-                    f"another output directory.")
-            logging.warning("taking over the lock of %s: its owner (%s) is gone.", directory,
-                            describe_owner(owner))
+                    f"another output directory."
+                )
+            logging.warning(
+                "taking over the lock of %s: its owner (%s) is gone.",
+                directory,
+                describe_owner(owner),
+            )
         reporting.write_json(path, _owner())
     _HELD[key] = path
     return path
@@ -175,12 +188,15 @@ def compare_settings(saved: dict, now: dict, *, free: Iterable[str] = (), where:
     keys = [k for k in sorted(set(saved) | set(now)) if k not in free]
     diff = [k for k in keys if saved.get(k, "<missing>") != now.get(k, "<missing>")]
     if diff:
-        lines = "\n".join(f"  {k}: saved {saved.get(k, '<missing>')!r}, "
-                          f"now {now.get(k, '<missing>')!r}" for k in diff)
+        lines = "\n".join(
+            f"  {k}: saved {saved.get(k, '<missing>')!r}, now {now.get(k, '<missing>')!r}"
+            for k in diff
+        )
         raise SettingsMismatch(
             f"--resume with settings that differ from the run{' in ' + where if where else ''}:\n"
             f"{lines}\nUse the same settings, another output directory, or --overwrite to start "
-            f"again.")
+            f"again."
+        )
 
 
 def read_json_checked(path: str) -> Any:
@@ -188,8 +204,10 @@ def read_json_checked(path: str) -> Any:
     try:
         return reporting.read_json(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is corrupt ({e}); delete it to recompute that batch, or use "
-                         f"--overwrite to start the run again.") from None
+        raise ValueError(
+            f"{path} is corrupt ({e}); delete it to recompute that batch, or use "
+            f"--overwrite to start the run again."
+        ) from None
 
 
 class RunStore:
@@ -209,8 +227,15 @@ class RunStore:
         when not resuming. ``False`` for a store that only reads another run's files.
     """
 
-    def __init__(self, directory: str, *, resume: bool = False, overwrite: bool = False,
-                 workers: Workers = SINGLE, lock: bool = True):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        workers: Workers = SINGLE,
+        lock: bool = True,
+    ):
         self.workers = workers
         self.resume = bool(resume)
         self.overwrite = bool(overwrite)
@@ -227,8 +252,10 @@ class RunStore:
                     acquire_lock(out)
                 return out
             if not os.path.isdir(directory):
-                raise FileNotFoundError(f"{directory!r} does not exist on {workers.describe()}: "
-                                        f"the run directory must be shared by every worker.")
+                raise FileNotFoundError(
+                    f"{directory!r} does not exist on {workers.describe()}: "
+                    f"the run directory must be shared by every worker."
+                )
             return directory
 
         self.directory = workers.chief_first(prepare, "store")
@@ -248,8 +275,14 @@ class RunStore:
     def path(self, *parts: str) -> str:
         return os.path.join(self.directory, *parts)
 
-    def bind(self, protocol: str, settings: dict, *, free: Iterable[str] = (),
-             settings_file: str | None = None) -> dict:
+    def bind(
+        self,
+        protocol: str,
+        settings: dict,
+        *,
+        free: Iterable[str] = (),
+        settings_file: str | None = None,
+    ) -> dict:
         """Declares the settings of ``protocol`` for this run; returns them as saved (JSON form).
 
         On resume, saved settings must equal ``settings`` except for the ``free`` keys (things that
@@ -257,14 +290,20 @@ class RunStore:
         old files are removed first.
         """
         folder = self.path(protocol)
-        path = (os.path.join(folder, "settings.json") if settings_file is None
-                else self.path(settings_file))
+        path = (
+            os.path.join(folder, "settings.json")
+            if settings_file is None
+            else self.path(settings_file)
+        )
         # The chief has bound them: the same flags must give the same settings.
         if not self.workers.is_chief:
             self.workers.barrier(f"bind {protocol}")
-            compare_settings(read_json_checked(path), settings, free=free,
-                             where=f"{folder!r}, as the chief bound them "
-                                   f"({self.workers.describe()})")
+            compare_settings(
+                read_json_checked(path),
+                settings,
+                free=free,
+                where=f"{folder!r}, as the chief bound them ({self.workers.describe()})",
+            )
             interrupts.check(f"before {protocol} began")
             return json.loads(json.dumps(reporting._to_jsonable(settings)))
         self._writing()
@@ -288,8 +327,9 @@ class RunStore:
     def _batch(self, protocol: str, b: int, suffix: str = ".json") -> str:
         return self.path(protocol, f"batch_{int(b):03d}{suffix}")
 
-    def save(self, protocol: str, b: int, record: dict,
-             arrays: dict[str, np.ndarray] | None = None) -> None:
+    def save(
+        self, protocol: str, b: int, record: dict, arrays: dict[str, np.ndarray] | None = None
+    ) -> None:
         """Writes batch ``b``: its arrays first, then the JSON record that marks it finished.
 
         Then a safe point: raises :class:`~manifold_tf.interrupts.Stopped` if a signal asked the
@@ -313,16 +353,21 @@ class RunStore:
         except FileNotFoundError:
             raise
         except Exception as e:  # a truncated or foreign file: name it
-            raise ValueError(f"{path} is corrupt ({type(e).__name__}: {e}); delete it and its "
-                             f"batch JSON to recompute that batch.") from None
+            raise ValueError(
+                f"{path} is corrupt ({type(e).__name__}: {e}); delete it and its "
+                f"batch JSON to recompute that batch."
+            ) from None
 
     def finished(self, protocol: str) -> list[int]:
         """The numbers of the finished batches of ``protocol``, in order."""
         folder = self.path(protocol)
         if not os.path.isdir(folder):
             return []
-        return sorted(int(m.group(1)) for n in os.listdir(folder)
-                      if (m := re.fullmatch(r"batch_(\d{3})\.json", n)))
+        return sorted(
+            int(m.group(1))
+            for n in os.listdir(folder)
+            if (m := re.fullmatch(r"batch_(\d{3})\.json", n))
+        )
 
     def mine(self, b: int) -> bool:
         """Whether batch ``b`` is this worker's to compute (every batch, for one process)."""
@@ -336,8 +381,12 @@ class RunStore:
         mine = [b for b in range(len(sizes)) if self.mine(b)]
         if self.workers.distributed:
             desc = f"{desc} [{self.workers.describe()}]"
-        return reporting.Progress(sum(sizes[b] for b in mine), desc, unit=unit,
-                                  initial=sum(sizes[b] for b in mine if records[b] is not None))
+        return reporting.Progress(
+            sum(sizes[b] for b in mine),
+            desc,
+            unit=unit,
+            initial=sum(sizes[b] for b in mine if records[b] is not None),
+        )
 
     def gather(self, protocol: str, num_batches: int) -> list[dict]:
         """Every batch record of ``protocol`` once all workers have finished theirs (a barrier).
@@ -348,8 +397,10 @@ class RunStore:
         records = [self.load(protocol, b) for b in range(num_batches)]
         missing = [b for b, r in enumerate(records) if r is None]
         if missing:
-            raise ValueError(f"batches {missing} of {self.path(protocol)} are missing after every "
-                             f"worker finished.")
+            raise ValueError(
+                f"batches {missing} of {self.path(protocol)} are missing after every "
+                f"worker finished."
+            )
         return records
 
     def alone(self) -> RunStore:

@@ -82,18 +82,30 @@ class CarliniWagnerShell(FactorShell):
         super().__init__(base, jit_compile=jit_compile, **kwargs)
 
     @classmethod
-    def from_settings(cls, base: keras.Model, settings, *, delta: float, p: float,
-                      seed: int = 0) -> CarliniWagnerShell:
+    def from_settings(
+        cls, base: keras.Model, settings, *, delta: float, p: float, seed: int = 0
+    ) -> CarliniWagnerShell:
         """The cw shell from the evaluation's settings (``cw_variant``, ``cw_const``,
         ``cw_max_iterations``, ``jit_compile``) and ``delta`` (all_labels' tau); ``p`` and
         ``seed`` are unused (it is deterministic)."""
         del p, seed
-        return cls(base, variant=settings.cw_variant, delta=delta, const=settings.cw_const,
-                   max_iterations=settings.cw_max_iterations, **jit_kwargs(settings))
+        return cls(
+            base,
+            variant=settings.cw_variant,
+            delta=delta,
+            const=settings.cw_const,
+            max_iterations=settings.cw_max_iterations,
+            **jit_kwargs(settings),
+        )
 
     def _shell_config(self) -> dict:
-        return dict(variant=self.variant, delta=self.delta, const=self.const,
-                    max_iterations=self.max_iterations, learning_rate=self.learning_rate)
+        return dict(
+            variant=self.variant,
+            delta=self.delta,
+            const=self.const,
+            max_iterations=self.max_iterations,
+            learning_rate=self.learning_rate,
+        )
 
     def get_config(self) -> dict:
         return {**super().get_config(), **self._shell_config()}
@@ -120,8 +132,12 @@ class CarliniWagnerShell(FactorShell):
 
     def settings(self) -> dict:
         """The settings that matter for the variant (for reports)."""
-        s = dict(shell=self.kind, variant=self.variant, max_iterations=self.max_iterations,
-                 learning_rate=self.learning_rate)
+        s = dict(
+            shell=self.kind,
+            variant=self.variant,
+            max_iterations=self.max_iterations,
+            learning_rate=self.learning_rate,
+        )
         if self.variant == "all_labels":
             s.update(delta=self.delta, const=self.const)
         else:
@@ -135,17 +151,30 @@ class CarliniWagnerShell(FactorShell):
 
         xt, labels = self._tile(x)
         z, ok = cw_inner(
-            self.base, xt, labels, to_tanh_space(xt), tau=self.delta, const=self.const,
-            max_iterations=self.max_iterations, learning_rate=self.learning_rate, targeted=True,
+            self.base,
+            xt,
+            labels,
+            to_tanh_space(xt),
+            tau=self.delta,
+            const=self.const,
+            max_iterations=self.max_iterations,
+            learning_rate=self.learning_rate,
+            targeted=True,
         )
         z = projected.project(z, xt, self.delta)
         logits = self._logits(z)
         score = self._per_label(log_odds(logits, labels))
         z = self._per_label(z)
         label = tf.argmax(score, axis=1, output_type=tf.int32)
-        return dict(z=z, label=label, confidences=tf.sigmoid(score), log_odds=score,
-                    probabilities=self._output(z, label), cw_success=self._per_label(ok),
-                    candidate_labels=self._per_label(tf.argmax(logits, -1, output_type=tf.int32)))
+        return dict(
+            z=z,
+            label=label,
+            confidences=tf.sigmoid(score),
+            log_odds=score,
+            probabilities=self._output(z, label),
+            cw_success=self._per_label(ok),
+            candidate_labels=self._per_label(tf.argmax(logits, -1, output_type=tf.int32)),
+        )
 
     def _paper_code(self, x: tf.Tensor) -> dict:
 
@@ -159,9 +188,16 @@ class CarliniWagnerShell(FactorShell):
         # One constant-growing round at a fixed tau: min_tau = tau ends an example at its first
         # success (the next tau would be below it), as one call of the original's inner loop.
         out = cw_schedule(
-            self.base, xt, targets, epsilon=PAPER_CODE_TAU, targeted=True,
-            max_iterations=self.max_iterations, learning_rate=self.learning_rate,
-            initial_tau=PAPER_CODE_TAU, decrease_factor=0.9, min_tau=PAPER_CODE_TAU,
+            self.base,
+            xt,
+            targets,
+            epsilon=PAPER_CODE_TAU,
+            targeted=True,
+            max_iterations=self.max_iterations,
+            learning_rate=self.learning_rate,
+            initial_tau=PAPER_CODE_TAU,
+            decrease_factor=0.9,
+            min_tau=PAPER_CODE_TAU,
             **PAPER_CODE_CONSTS,
         )
         ok = out["has_last"]
@@ -180,6 +216,12 @@ class CarliniWagnerShell(FactorShell):
         top_score = self._per_label(log_odds(logits, top))  # ranks as the top confidence does
         best = tf.argmax(top_score, axis=1, output_type=tf.int32)
         label = tf.gather(top_label, best, batch_dims=1)
-        return dict(z=z, label=label, confidences=tf.sigmoid(top_score), log_odds=top_score,
-                    probabilities=tf.one_hot(label, c, dtype=tf.float32),
-                    cw_success=ok, candidate_labels=top_label)
+        return dict(
+            z=z,
+            label=label,
+            confidences=tf.sigmoid(top_score),
+            log_odds=top_score,
+            probabilities=tf.one_hot(label, c, dtype=tf.float32),
+            cw_success=ok,
+            candidate_labels=top_label,
+        )

@@ -75,9 +75,12 @@ class MCNShell(FactorShell):
     ):
         self.delta = validate_radius(delta, "delta")
         if optimizer in DEPRECATED_OPTIMIZERS:
-            warnings.warn(f"MCNShell optimizer {optimizer!r} is deprecated: use "
-                          f"{DEPRECATED_OPTIMIZERS[optimizer]!r} (the same signed steps).",
-                          DeprecationWarning, stacklevel=2)
+            warnings.warn(
+                f"MCNShell optimizer {optimizer!r} is deprecated: use "
+                f"{DEPRECATED_OPTIMIZERS[optimizer]!r} (the same signed steps).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
             optimizer = DEPRECATED_OPTIMIZERS[optimizer]
         self.optimizer_name = check_choice(optimizer, "optimizer", OPTIMIZERS)
         self.steps = check_int(steps, "steps", 0)
@@ -89,18 +92,32 @@ class MCNShell(FactorShell):
         super().__init__(base, jit_compile=jit_compile, **kwargs)
 
     @classmethod
-    def from_settings(cls, base: keras.Model, settings, *, delta: float, p: float,
-                      seed: int = 0) -> MCNShell:
+    def from_settings(
+        cls, base: keras.Model, settings, *, delta: float, p: float, seed: int = 0
+    ) -> MCNShell:
         """MCN_delta from the evaluation's settings (``optimizer``, ``steps``, ``step_size``,
         ``random_start``, ``jit_compile``); ``p`` is unused."""
         del p  # MCN has no confidence level
-        return cls(base, delta, optimizer=settings.optimizer, steps=settings.steps,
-                   step_size=settings.step_size, random_start=settings.random_start, seed=seed,
-                   **jit_kwargs(settings))
+        return cls(
+            base,
+            delta,
+            optimizer=settings.optimizer,
+            steps=settings.steps,
+            step_size=settings.step_size,
+            random_start=settings.random_start,
+            seed=seed,
+            **jit_kwargs(settings),
+        )
 
     def _shell_config(self) -> dict:
-        return dict(delta=self.delta, optimizer=self.optimizer_name, steps=self.steps,
-                    step_size=self.step_size, random_start=self.random_start, seed=self.seed)
+        return dict(
+            delta=self.delta,
+            optimizer=self.optimizer_name,
+            steps=self.steps,
+            step_size=self.step_size,
+            random_start=self.random_start,
+            seed=self.seed,
+        )
 
     def get_config(self) -> dict:
         return {**super().get_config(), **self._shell_config()}
@@ -141,16 +158,21 @@ class MCNShell(FactorShell):
             spec = tf.TensorSpec((None,) + self.image_shape, tf.float32)
             prev = tf.TensorSpec((None, self.num_classes) + self.image_shape, tf.float32)
             cache[steps] = tf.function(
-                lambda x, z_prev: self._search(x, tf.reshape(z_prev, (-1,) + self.image_shape),
-                                               steps),
-                input_signature=[spec, prev])
+                lambda x, z_prev: self._search(
+                    x, tf.reshape(z_prev, (-1,) + self.image_shape), steps
+                ),
+                input_signature=[spec, prev],
+            )
         return cache[steps]
 
     def _embed_graph(self, x: tf.Tensor) -> dict:
         z0 = None
         if self.random_start:
-            z0 = projected.random_start(tf.repeat(x, self.num_classes, axis=0), self.delta,
-                                        tf.constant([self.seed, 0], tf.int64))
+            z0 = projected.random_start(
+                tf.repeat(x, self.num_classes, axis=0),
+                self.delta,
+                tf.constant([self.seed, 0], tf.int64),
+            )
         return self._search(x, z0, self.steps)
 
     def _search(self, x: tf.Tensor, z0: tf.Tensor | None, steps: int) -> dict:
@@ -161,11 +183,21 @@ class MCNShell(FactorShell):
             return log_odds(self._logits(z), labels)
 
         z, score = projected.projected_ascent(
-            objective, xt, xt if z0 is None else z0, radius=self.delta, steps=steps,
-            step_size=self.step_size, optimizer=self.optimizer_name,
+            objective,
+            xt,
+            xt if z0 is None else z0,
+            radius=self.delta,
+            steps=steps,
+            step_size=self.step_size,
+            optimizer=self.optimizer_name,
             unroll=self.jit_compile and steps <= MAX_UNROLLED_STEPS,
         )
         z, score = self._per_label(z), self._per_label(score)
         label = tf.argmax(score, axis=1, output_type=tf.int32)
-        return dict(z=z, label=label, confidences=tf.sigmoid(score), log_odds=score,
-                    probabilities=self._output(z, label))
+        return dict(
+            z=z,
+            label=label,
+            confidences=tf.sigmoid(score),
+            log_odds=score,
+            probabilities=self._output(z, label),
+        )

@@ -82,21 +82,35 @@ class NCNShell(FactorShell):
         super().__init__(base, jit_compile=jit_compile, **kwargs)
 
     @classmethod
-    def from_settings(cls, base: keras.Model, settings, *, delta: float, p: float,
-                      seed: int = 0) -> NCNShell:
+    def from_settings(
+        cls, base: keras.Model, settings, *, delta: float, p: float, seed: int = 0
+    ) -> NCNShell:
         """NCN_p from the evaluation's settings (``ncn_delta_max``, ``steps``, ``ncn_rounds``,
         ``ncn_alpha``, ``ncn_alpha_factor``, ``ncn_learning_rate``, ``jit_compile``); ``delta``
         and ``seed`` are unused (its radius is ``ncn_delta_max``; it is deterministic)."""
         del delta, seed
-        return cls(base, p, delta_max=settings.ncn_delta_max, steps=settings.steps,
-                   rounds=settings.ncn_rounds, alpha=settings.ncn_alpha,
-                   alpha_factor=settings.ncn_alpha_factor,
-                   learning_rate=settings.ncn_learning_rate, **jit_kwargs(settings))
+        return cls(
+            base,
+            p,
+            delta_max=settings.ncn_delta_max,
+            steps=settings.steps,
+            rounds=settings.ncn_rounds,
+            alpha=settings.ncn_alpha,
+            alpha_factor=settings.ncn_alpha_factor,
+            learning_rate=settings.ncn_learning_rate,
+            **jit_kwargs(settings),
+        )
 
     def _shell_config(self) -> dict:
-        return dict(p=self.p, delta_max=self.delta_max, steps=self.steps, rounds=self.rounds,
-                    alpha=self.alpha, alpha_factor=self.alpha_factor,
-                    learning_rate=self.learning_rate)
+        return dict(
+            p=self.p,
+            delta_max=self.delta_max,
+            steps=self.steps,
+            rounds=self.rounds,
+            alpha=self.alpha,
+            alpha_factor=self.alpha_factor,
+            learning_rate=self.learning_rate,
+        )
 
     def get_config(self) -> dict:
         return {**super().get_config(), **self._shell_config()}
@@ -136,8 +150,9 @@ class NCNShell(FactorShell):
         logit_p = self.logit_p  # F_t >= p  <=>  log-odds >= logit(p)
 
         def point(s, w):
-            return tf.clip_by_value(xt + tf.reshape(self.delta_max * s, expand) * tf.tanh(w),
-                                    0.0, PIXEL_MAX)
+            return tf.clip_by_value(
+                xt + tf.reshape(self.delta_max * s, expand) * tf.tanh(w), 0.0, PIXEL_MAX
+            )
 
         def target_odds(z):
             return log_odds(self._logits(z), labels)
@@ -163,8 +178,9 @@ class NCNShell(FactorShell):
                 odds = target_odds(z)
                 q = self.delta_max * s + alpha * tf.square(tf.nn.relu(logit_p - odds))
                 total_q = tf.reduce_sum(q)  # rows are independent: the sum's gradient is per row
-            gs, gw = tape.gradient(total_q, [s, w],
-                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            gs, gw = tape.gradient(
+                total_q, [s, w], unconnected_gradients=tf.UnconnectedGradients.ZERO
+            )
             best = keep(z, odds, best)
             ds, ms, vs = adam_step(gs, ms, vs, i + 1, self.learning_rate)
             dw, mw, vw = adam_step(gw, mw, vw, i + 1, self.learning_rate)
@@ -192,11 +208,19 @@ class NCNShell(FactorShell):
         met = self._per_label(found)
         z = self._per_label(z_rows)
         any_met = tf.reduce_any(met, axis=1)
-        nearest = tf.argmin(tf.where(met, distances, np.float32(np.inf)), axis=1,
-                            output_type=tf.int32)
+        nearest = tf.argmin(
+            tf.where(met, distances, np.float32(np.inf)), axis=1, output_type=tf.int32
+        )
         surest = tf.argmax(self._per_label(cf), axis=1, output_type=tf.int32)
         label = tf.where(any_met, nearest, surest)
         odds = self._per_label(tf.where(found, bf, cf))
-        return dict(z=z, label=label, distances=distances, met=met,
-                    confidences=tf.sigmoid(odds), log_odds=odds, unmet=~any_met,
-                    probabilities=self._output(z, label))
+        return dict(
+            z=z,
+            label=label,
+            distances=distances,
+            met=met,
+            confidences=tf.sigmoid(odds),
+            log_odds=odds,
+            unmet=~any_met,
+            probabilities=self._output(z, label),
+        )

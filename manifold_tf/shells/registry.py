@@ -31,11 +31,15 @@ def register(kind: str):
         if not (isinstance(cls, type) and issubclass(cls, FactorShell)):
             raise ValueError(f"register({kind!r}) decorates FactorShell subclasses; got {cls!r}.")
         old = SHELLS.get(kind)
-        same = old is not None and (old.__module__, old.__qualname__) == (cls.__module__,
-                                                                          cls.__qualname__)
+        same = old is not None and (old.__module__, old.__qualname__) == (
+            cls.__module__,
+            cls.__qualname__,
+        )
         if old is not None and not same:
-            raise ValueError(f"shell kind {kind!r} is already registered to {old.__module__}."
-                             f"{old.__qualname__}; register {cls.__qualname__} under another kind.")
+            raise ValueError(
+                f"shell kind {kind!r} is already registered to {old.__module__}."
+                f"{old.__qualname__}; register {cls.__qualname__} under another kind."
+            )
         cls.kind = kind
         SHELLS[kind] = cls
         return cls
@@ -43,8 +47,9 @@ def register(kind: str):
     return decorate
 
 
-def build(kind: str, base: keras.Model, settings, *, delta: float, p: float,
-          seed: int = 0) -> FactorShell:
+def build(
+    kind: str, base: keras.Model, settings, *, delta: float, p: float, seed: int = 0
+) -> FactorShell:
     """The shell of ``kind`` around ``base``: ``SHELLS[kind].from_settings(...)``.
 
     Args:
@@ -60,6 +65,8 @@ def build(kind: str, base: keras.Model, settings, *, delta: float, p: float,
     """
     cls = SHELLS.get(kind)
     if cls is None:
-        raise ValueError(f"unknown shell kind {kind!r}; known kinds: {sorted(SHELLS)} (a new shell "
-                         f"registers itself with @manifold_tf.shells.register(kind)).")
+        raise ValueError(
+            f"unknown shell kind {kind!r}; known kinds: {sorted(SHELLS)} (a new shell "
+            f"registers itself with @manifold_tf.shells.register(kind))."
+        )
     return cls.from_settings(base, settings, delta=delta, p=p, seed=seed)
