@@ -62,8 +62,10 @@ def test_full_is_autoattack_standard_on_the_base_and_the_strong_suite_on_the_she
     differ = {
         f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(default, f.name)
     }
+    assert a.budget is None  # the strongest suite runs every planned point
     assert differ == {
         "num_points",
+        "budget",
         "steps",
         "restarts",
         "targets",
@@ -259,7 +261,8 @@ def test_the_new_adaptive_settings_come_from_flags():
         600.0,
         3,
     )
-    assert cfg.AdaptiveConfig().budget_seconds is None
+    assert cfg.AdaptiveConfig().budget_seconds == 360.0  # the headline's default: 6 minutes
+    assert cfg.AdaptiveConfig(budget="none").budget_seconds is None
 
 
 def test_full_plans_at_least_ten_times_the_defaults_passes_on_the_same_points():

@@ -341,12 +341,19 @@ def run_adaptive(
     """
     order = walk_order(len(images), seed=seed, kind=permutation)[: config.num_points]
     batches = [order[i : i + batch_points] for i in range(0, len(order), batch_points)]
+    if store.workers.distributed:
+        if config.until == "decided":
+            raise ValueError(
+                "--adaptive_until=decided evaluates batches in order in one process; run it "
+                "without TF_CONFIG."
+            )
+        if config.budget is not None:
+            # Workers split the batches and cannot agree on where time ran out: several machines
+            # are for evaluating all num_points.
+            logging.info(f"the time budget {config.budget} applies to one process: the workers "
+                         f"evaluate all {len(order)} points")
+            config = dataclasses.replace(config, budget=None)
     sequential_run = config.until == "decided" or config.budget is not None
-    if sequential_run and store.workers.distributed:
-        raise ValueError(
-            "--adaptive_until=decided and --adaptive_budget evaluate batches in "
-            "order in one process; run them without TF_CONFIG."
-        )
     settings = reporting._to_jsonable(
         dict(
             protocol="adaptive (METHOD.md, Adaptive evaluation)",

@@ -338,7 +338,8 @@ class AdaptiveConfig:
     attack: str = setting("suite", "Attack the shell itself after Table 2 (the verdict), or not.",
                           choices=("none", "suite"), flag="adaptive")
     num_points: int = setting(
-        30, "Points of the seeded order evaluated (all if the data has fewer).", flag="num_points")
+        100, "Points of the seeded order evaluated at most (all if the data has fewer); "
+             "--adaptive_budget and --adaptive_until=decided may stop earlier.", flag="num_points")
     until: str = setting("points", "Stop after num_points points, or (decided) as soon as an "
                                    "anytime-valid 95% interval on the paired robust difference "
                                    "(shell minus base) excludes 0 (the shell helps, or hurts) or "
@@ -348,7 +349,7 @@ class AdaptiveConfig:
         5.0, "Percentage points (0..100) for --adaptive_until=decided: an interval on the robust "
              "difference below margin decides 'the shell gains less than margin'.")
     budget: str | None = setting(
-        None, "Wall-time budget of the adaptive evaluation, e.g. 90s, 10m, 1h, or none. Stops at "
+        "6m", "Wall-time budget of the adaptive evaluation, e.g. 90s, 10m, 1h, or none. Stops at "
               "a batch boundary; a stop by time alone is a fixed design (fixed-n interval).")
     shell_attacks: tuple[str, ...] = setting(SHELL_ATTACKS, "Attacks on the shell, in order: "
                                              + ", ".join(SHELL_ATTACKS) + ".")

@@ -86,10 +86,13 @@ PRESETS: dict[str, Preset] = {
     "default": Preset("CPU-sized settings (the defaults).", {}),
     "full": Preset(
         "AutoAttack's standard version on the base and the strongest suite this library builds on "
-        "the shell, on 150 points (hours per 100 points on a CPU).",
+        "the shell, on 150 points, no time budget (hours per point on 2 CPU cores: for machines "
+        "with an accelerator).",
         dict(
             adaptive=dict(
                 num_points=150,
+                budget=None,
+                warm_steps=0,
                 steps=100,
                 restarts=2,
                 targets=0,
@@ -123,7 +126,7 @@ PRESETS: dict[str, Preset] = {
                 attack=dict(max_iterations=1000, initial_const=1e-5, stop_within_epsilon=False),
                 shell=dict(kind="cw", cw_variant="paper_code", cw_max_iterations=1000),
             ),
-            adaptive=dict(num_points=150),
+            adaptive=dict(num_points=150, budget=None),
         ),
     ),
 }
