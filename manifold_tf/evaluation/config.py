@@ -355,7 +355,7 @@ class AdaptiveConfig:
                                              + ", ".join(SHELL_ATTACKS) + ".")
     steps: int = setting(20, "BPDA steps per run (each one shell prediction).")
     warm_steps: int = setting(
-        0, "BPDA steps between the first and the last evaluate a warm-started approximation of the "
+        2, "BPDA steps between the first and the last evaluate a warm-started approximation of the "
            "shell (this many search steps per label, from the previous step's points) instead of "
            "the shell; every success it claims is checked with the shell (0: the shell each step).")
     restarts: int = setting(
