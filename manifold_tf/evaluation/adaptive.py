@@ -34,6 +34,7 @@ from manifold_tf.shells import answer
 PROTOCOL = "adaptive"
 SANITY = "adaptive_sanity"
 DEFENCE_PROTOCOL = "defence"  # Table 2's records, whose CW x' the suite reuses
+BUDGET_SLACK = 0.15  # a batch may end this fraction of the budget late
 
 
 def shell_labels(shell, x: np.ndarray, batch_size: int = 30) -> np.ndarray:
@@ -303,13 +304,15 @@ def _stopping_rule(config: AdaptiveConfig, n_total: int):
             decision = sequential.decide(d, n_total=n_total, margin=config.margin / 100.0)
             if decision.stop:
                 return dict(rule="decided", reason=decision.reason, n=int(len(d)))
-        if budget is not None:
+        if budget is not None and records:
             spent = sum(r["seconds"]["total"] for r in records)
-            if spent >= budget:
+            # Stop when the next batch, at the mean time of those before it, would overrun the
+            # budget by more than BUDGET_SLACK: the budget bounds the run, not just its start.
+            if spent + spent / len(records) > budget * (1.0 + BUDGET_SLACK):
                 return dict(
                     rule="budget",
-                    reason=f"the time budget {config.budget} is spent "
-                    f"({reporting.format_duration(spent)})",
+                    reason=f"the time budget {config.budget} would be overrun by another batch "
+                    f"({reporting.format_duration(spent)} spent on {len(records)} batch(es))",
                     n=sum(len(r["indices"]) for r in records),
                 )
         return None
