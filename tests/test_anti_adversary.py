@@ -56,7 +56,8 @@ def test_two_classes_reach_the_corner_of_largest_predicted_margin():
     corner = x + steps * alpha * direction.reshape(x.shape)
     np.testing.assert_allclose(out["point"].numpy(), corner, atol=1e-4)
     margin = lambda z: np.take_along_axis(  # noqa: E731
-        np_logits(z, kernel, bias) @ np.array([[1.0, -1.0], [-1.0, 1.0]]), y_hat[:, None], 1)[:, 0]
+        np_logits(z, kernel, bias) @ np.array([[1.0, -1.0], [-1.0, 1.0]]), y_hat[:, None], 1
+    )[:, 0]
     rng = np.random.default_rng(1)
     for _ in range(20):  # no point of the ball is more confident in y_hat than the corner
         other = x + rng.uniform(-1, 1, size=x.shape) * steps * alpha
@@ -78,8 +79,7 @@ def test_one_step_with_more_classes_is_the_hand_computed_step():
     q = np_softmax(others)
     grad = ((np.eye(5)[y_hat] - q) @ kernel.T).reshape(x.shape)
     assert np.abs(grad).min() > 1e-8
-    np.testing.assert_allclose(shell.embed(x)["point"].numpy(), x + 3.0 * np.sign(grad),
-                               atol=1e-4)
+    np.testing.assert_allclose(shell.embed(x)["point"].numpy(), x + 3.0 * np.sign(grad), atol=1e-4)
 
 
 def test_radius_and_box_bound_the_steps():
@@ -114,8 +114,14 @@ def test_built_from_the_evaluation_settings_by_name():
     shell = cfg.build(base, ThreatConfig(), seed=9)
     assert isinstance(shell, AntiAdversaryShell)
     assert (shell.steps, shell.step_size, shell.radius) == (3, 4.0, 10.0)
-    assert shell.settings() == dict(shell="anti_adversary", steps=3, step_size=4.0, radius=10.0,
-                                    search_radius=10.0, jit_compile=False)
+    assert shell.settings() == dict(
+        shell="anti_adversary",
+        steps=3,
+        step_size=4.0,
+        radius=10.0,
+        search_radius=10.0,
+        jit_compile=False,
+    )
     built = shells.build("anti_adversary", base, ShellConfig(), delta=8.0, p=0.9)
     assert built.radius is None and built.search_radius == pytest.approx(76.5)
 
@@ -128,8 +134,9 @@ def test_keras_round_trips_and_export(tmp_path):
     assert_saving_round_trip(shell, x, tmp_path, atol=1e-5)
     shell.export(str(tmp_path / "export"), verbose=False)
     loaded = tf.saved_model.load(str(tmp_path / "export"))
-    np.testing.assert_allclose(loaded.serve(tf.constant(x)).numpy(), shell.predict(x, verbose=0),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        loaded.serve(tf.constant(x)).numpy(), shell.predict(x, verbose=0), atol=1e-5
+    )
     emb = loaded.embed(tf.constant(x))
     np.testing.assert_array_equal(emb["pseudo_label"].numpy(), shell.embed(x)["pseudo_label"])
 

@@ -104,11 +104,29 @@ def test_a_defence_defined_outside_the_package_runs_the_whole_verdict(tmp_path):
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
 
     store = RunStore(str(tmp_path / "run"))
-    cfg = AdaptiveConfig(num_points=12, steps=3, square_queries=30, sanity_points=6,
-                         sanity_steps=3, lift_steps=2, base_apgd_steps=3, eot_samples=2,
-                         shell_attacks=("transfer_cw", "bpda", "square"))
-    run = adaptive.run_adaptive(base, shell, x, y, cfg, store, epsilon=24.0,
-                                cw_kwargs=dict(max_iterations=5), seed=0, batch_points=6)
+    cfg = AdaptiveConfig(
+        num_points=12,
+        steps=3,
+        square_queries=30,
+        sanity_points=6,
+        sanity_steps=3,
+        lift_steps=2,
+        base_apgd_steps=3,
+        eot_samples=2,
+        shell_attacks=("transfer_cw", "bpda", "square"),
+    )
+    run = adaptive.run_adaptive(
+        base,
+        shell,
+        x,
+        y,
+        cfg,
+        store,
+        epsilon=24.0,
+        cw_kwargs=dict(max_iterations=5),
+        seed=0,
+        batch_points=6,
+    )
     report = adaptive_report.write_adaptive_report(run, x, store)
     assert report["verdict"]["n"] == 12
     with open(store.path("summary.json")) as f:
@@ -135,5 +153,4 @@ def test_bpda_vjp_is_the_identity_by_default_and_the_approximation_s_jacobian_ot
     base = nearest_centre_model(centres, temperature=2000.0)
     g = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
     assert DitherShell(base).bpda_vjp(x, g) is g
-    np.testing.assert_allclose(HalfApproximation(base).bpda_vjp(x, g).numpy(), 0.5 * g,
-                               rtol=1e-6)
+    np.testing.assert_allclose(HalfApproximation(base).bpda_vjp(x, g).numpy(), 0.5 * g, rtol=1e-6)

@@ -97,8 +97,10 @@ def test_k_steps_match_the_projected_numpy_ascent_and_raise_the_objective():
 def test_radius_zero_or_no_steps_answers_the_base_at_x():
     base, kernel, bias, x = problem(seed=3)
     probs = np_softmax(np_logits(x, kernel, bias))
-    for shell in (HedgeShell(base, 0.0, random_start=True),
-                  HedgeShell(base, 8.0, steps=0, random_start=False)):
+    for shell in (
+        HedgeShell(base, 0.0, random_start=True),
+        HedgeShell(base, 8.0, steps=0, random_start=False),
+    ):
         np.testing.assert_allclose(shell.predict(x, verbose=0), probs, atol=1e-5)
 
 
@@ -136,9 +138,21 @@ def test_built_from_the_evaluation_settings_by_name():
     shell = cfg.build(base, ThreatConfig(delta=5.0), seed=4)
     assert isinstance(shell, HedgeShell)
     assert (shell.delta, shell.steps, shell.step_size, shell.random_start, shell.seed) == (
-        5.0, 3, 1.5, False, 4)
-    assert shell.settings() == dict(shell="hedge", delta=5.0, steps=3, step_size=1.5,
-                                    random_start=False, seed=4, jit_compile=False)
+        5.0,
+        3,
+        1.5,
+        False,
+        4,
+    )
+    assert shell.settings() == dict(
+        shell="hedge",
+        delta=5.0,
+        steps=3,
+        step_size=1.5,
+        random_start=False,
+        seed=4,
+        jit_compile=False,
+    )
     assert isinstance(shells.build("hedge", base, ShellConfig(), delta=8.0, p=0.9), HedgeShell)
     assert ShellConfig().hedge_steps == HEDGE_STEPS
     assert ShellConfig().hedge_step_size == pytest.approx(HEDGE_STEP_SIZE)
@@ -152,8 +166,9 @@ def test_keras_round_trips_and_export(tmp_path):
     assert_saving_round_trip(shell, x, tmp_path, atol=1e-5)
     shell.export(str(tmp_path / "export"), verbose=False)
     loaded = tf.saved_model.load(str(tmp_path / "export"))
-    np.testing.assert_allclose(loaded.serve(tf.constant(x)).numpy(), shell.predict(x, verbose=0),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        loaded.serve(tf.constant(x)).numpy(), shell.predict(x, verbose=0), atol=1e-5
+    )
 
 
 def test_bpda_attacks_hedge_through_f_at_its_point():

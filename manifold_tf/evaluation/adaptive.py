@@ -353,8 +353,10 @@ def run_adaptive(
         if config.budget is not None:
             # Workers split the batches and cannot agree on where time ran out: several machines
             # are for evaluating all num_points.
-            logging.info(f"the time budget {config.budget} applies to one process: the workers "
-                         f"evaluate all {len(order)} points")
+            logging.info(
+                f"the time budget {config.budget} applies to one process: the workers "
+                f"evaluate all {len(order)} points"
+            )
             config = dataclasses.replace(config, budget=None)
     sequential_run = config.until == "decided" or config.budget is not None
     settings = reporting._to_jsonable(

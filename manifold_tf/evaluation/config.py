@@ -39,14 +39,20 @@ class InputConfig:
     """What is evaluated: the model and the data."""
 
     checkpoint: str | None = setting(
-        None, "TF1 checkpoint (prefix or dir), .keras or .weights.h5 (default: a shipped model).")
-    width: str | None = setting(None, "Model width, narrow or wide (default: detected).",
-                                choices=("narrow", "wide"))
-    dataset: str = setting("auto", "Data: cifar10, synthetic, or auto (cifar10 when a CIFAR-10 "
-                                   "folder is known, else synthetic).",
-                           choices=("auto", "cifar10", "synthetic"))
+        None, "TF1 checkpoint (prefix or dir), .keras or .weights.h5 (default: a shipped model)."
+    )
+    width: str | None = setting(
+        None, "Model width, narrow or wide (default: detected).", choices=("narrow", "wide")
+    )
+    dataset: str = setting(
+        "auto",
+        "Data: cifar10, synthetic, or auto (cifar10 when a CIFAR-10 "
+        "folder is known, else synthetic).",
+        choices=("auto", "cifar10", "synthetic"),
+    )
     data_dir: str | None = setting(
-        None, "cifar-10-batches-py folder (default: $MANIFOLD_TF_CIFAR10_DIR).")
+        None, "cifar-10-batches-py folder (default: $MANIFOLD_TF_CIFAR10_DIR)."
+    )
 
 
 @dataclass(frozen=True)
@@ -68,15 +74,20 @@ class ThreatConfig:
     radius and confidence level."""
 
     epsilon: float = setting(
-        8.0, "Attacker's L-inf budget, pixels (0..255; 8 = 8/255), every mode.")
+        8.0, "Attacker's L-inf budget, pixels (0..255; 8 = 8/255), every mode."
+    )
     delta: float = setting(
-        8.0, "Radius delta of the separation test and of the shells (MCN radius, the cw shell's "
-             "all_labels tau), pixels.")
+        8.0,
+        "Radius delta of the separation test and of the shells (MCN radius, the cw shell's "
+        "all_labels tau), pixels.",
+    )
     # A string flag so that it can say "auto"; a number is stored as a float (__post_init__).
     p: str | float = setting(
-        "0.9", "Confidence level p of the separation test and of the NCN shell, in (0, 1); "
-               "auto (NCN): the --p_quantile quantile of the base model's top-label confidence "
-               "on held-out test points (those after the evaluated ones in the walk order).")
+        "0.9",
+        "Confidence level p of the separation test and of the NCN shell, in (0, 1); "
+        "auto (NCN): the --p_quantile quantile of the base model's top-label confidence "
+        "on held-out test points (those after the evaluated ones in the walk order).",
+    )
 
     def __post_init__(self):
         validate_radius(self.epsilon, "epsilon")
@@ -87,8 +98,9 @@ class ThreatConfig:
         try:
             p = float(self.p)
         except (TypeError, ValueError):
-            raise ValueError(f"p must be a number in (0, 1) or {P_AUTO!r}; got "
-                             f"{self.p!r}.") from None
+            raise ValueError(
+                f"p must be a number in (0, 1) or {P_AUTO!r}; got {self.p!r}."
+            ) from None
         if not 0.0 < p < 1.0:
             raise ValueError(f"p must lie in (0, 1); got {p} (a number, or {P_AUTO!r}).")
         object.__setattr__(self, "p", p)
@@ -102,7 +114,8 @@ class AccuracyConfig:
     pgd_step_size: float = setting(2.0, "PGD step size, pixels.")
     pgd_restarts: int = setting(1, "PGD random restarts.")
     apgd_steps: int = setting(
-        100, "APGD-CE and APGD-T iterations per run (AutoAttack: 100; 0 skips both).")
+        100, "APGD-CE and APGD-T iterations per run (AutoAttack: 100; 0 skips both)."
+    )
     apgd_targets: int = setting(9, "APGD-T target classes (AutoAttack: 9).")
     batch_size: int = setting(128, "Images per attack batch.")
     num_examples: int | None = setting(None, "Evaluate only the first N test images.")
@@ -129,18 +142,26 @@ class SeparationConfig:
     batch_points: int = setting(30, "Points per batch (paper: 30).")
     steps: int = setting(20, "Ascent steps per wrong label.")
     step_size: float | None = setting(None, "Ascent step, pixels (default 2.5 * delta / steps).")
-    optimizer: str = setting("sign", "Ascent optimiser: " + " or ".join(projected.OPTIMIZERS) + ".",
-                             choices=projected.OPTIMIZERS)
+    optimizer: str = setting(
+        "sign",
+        "Ascent optimiser: " + " or ".join(projected.OPTIMIZERS) + ".",
+        choices=projected.OPTIMIZERS,
+    )
     random_start: bool = setting(False, "Start the ascent at a random point of the ball.")
-    compare_checkpoint: str | None = setting(None, "A second model, run on the same points.",
-                                             flag="compare_checkpoint")
+    compare_checkpoint: str | None = setting(
+        None, "A second model, run on the same points.", flag="compare_checkpoint"
+    )
     extra_radius: float = setting(
-        0.0, "Search N(x, delta + extra_radius): give epsilon to measure what an attacker of "
-             "MCN_delta with budget epsilon can reach.")
+        0.0,
+        "Search N(x, delta + extra_radius): give epsilon to measure what an attacker of "
+        "MCN_delta with budget epsilon can reach.",
+    )
     convergence_steps: tuple[int, ...] = setting(
-        (100, 200), "Rerun the search with these step counts (and once with a random restart) on "
-                    "the first convergence_batches batches, to show whether the count has "
-                    "converged.")
+        (100, 200),
+        "Rerun the search with these step counts (and once with a random restart) on "
+        "the first convergence_batches batches, to show whether the count has "
+        "converged.",
+    )
     convergence_batches: int = setting(2, "Batches the convergence check reruns (0: none).")
 
     def __post_init__(self):
@@ -167,10 +188,17 @@ class SeparationConfig:
         :meth:`radius`.
         """
         steps = int(self.steps if steps is None else steps)
-        step = (self.step_size if self.step_size is not None
-                else projected.madry_step_size(self.radius(delta), steps))
-        return dict(steps=steps, step_size=float(step), optimizer=self.optimizer,
-                    random_start=bool(self.random_start))
+        step = (
+            self.step_size
+            if self.step_size is not None
+            else projected.madry_step_size(self.radius(delta), steps)
+        )
+        return dict(
+            steps=steps,
+            step_size=float(step),
+            optimizer=self.optimizer,
+            random_start=bool(self.random_start),
+        )
 
 
 @dataclass(frozen=True)
@@ -180,16 +208,22 @@ class BaseAttackConfig:
     max_iterations: int = setting(100, "Adam steps per constant (paper: 1000).")
     learning_rate: float = setting(5e-3, "Adam learning rate (paper: 5e-3).")
     initial_const: float = setting(
-        1e-2, "First constant (paper: 1e-5). The paper's schedule spends 10 rounds of "
-              "max_iterations at constants below 0.01, where the penalty dominates and nothing "
-              "moves.")
+        1e-2,
+        "First constant (paper: 1e-5). The paper's schedule spends 10 rounds of "
+        "max_iterations at constants below 0.01, where the penalty dominates and nothing "
+        "moves.",
+    )
     largest_const: float = setting(20.0, "Largest constant (paper: 20).")
     stop_within_epsilon: bool = setting(
-        True, "Stop a point once it has a success within epsilon (same success set; the paper's "
-              "code shrinks tau further).")
+        True,
+        "Stop a point once it has a success within epsilon (same success set; the paper's "
+        "code shrinks tau further).",
+    )
     from_run: str | None = setting(
-        None, "Reuse the x' of an earlier run's output dir (same model, data, points and attack; "
-              "checked) to compare shells cheaply.")
+        None,
+        "Reuse the x' of an earlier run's output dir (same model, data, points and attack; "
+        "checked) to compare shells cheaply.",
+    )
 
     def __post_init__(self):
         check_int(self.max_iterations, "max_iterations", 1)
@@ -197,11 +231,13 @@ class BaseAttackConfig:
 
     def cw_kwargs(self) -> dict:
         """Keyword arguments of :func:`manifold_tf.attacks.cw_linf_details`."""
-        return dict(max_iterations=int(self.max_iterations),
-                    stop_within_epsilon=bool(self.stop_within_epsilon),
-                    learning_rate=float(self.learning_rate),
-                    initial_const=float(self.initial_const),
-                    largest_const=float(self.largest_const))
+        return dict(
+            max_iterations=int(self.max_iterations),
+            stop_within_epsilon=bool(self.stop_within_epsilon),
+            learning_rate=float(self.learning_rate),
+            initial_const=float(self.initial_const),
+            largest_const=float(self.largest_const),
+        )
 
 
 @dataclass(frozen=True)
@@ -213,14 +249,21 @@ class ShellConfig:
     """
 
     kind: str = setting(
-        "mcn", "Shell: mcn (Algorithm 1), ncn (Algorithm 2), cw (the paper's code), hedge (Wu et "
-               "al. 2021) or anti_adversary (Alfarra et al. 2022), or a registered kind.",
-        choices=tuple(shells.SHELLS), flag="shell")
-    optimizer: str = setting("sign", "MCN optimiser: " + " or ".join(projected.OPTIMIZERS) + ".",
-                             choices=projected.OPTIMIZERS)
+        "mcn",
+        "Shell: mcn (Algorithm 1), ncn (Algorithm 2), cw (the paper's code), hedge (Wu et "
+        "al. 2021) or anti_adversary (Alfarra et al. 2022), or a registered kind.",
+        choices=tuple(shells.SHELLS),
+        flag="shell",
+    )
+    optimizer: str = setting(
+        "sign",
+        "MCN optimiser: " + " or ".join(projected.OPTIMIZERS) + ".",
+        choices=projected.OPTIMIZERS,
+    )
     steps: int = setting(10, "Optimiser steps K per label (MCN; NCN per penalty round).")
     step_size: float | None = setting(
-        None, "MCN step / Adam rate, pixels (default 2.5 * delta / K).")
+        None, "MCN step / Adam rate, pixels (default 2.5 * delta / K)."
+    )
     random_start: bool = setting(False, "MCN ascent from a random point of the ball.")
     ncn_delta_max: float = setting(16.0, "NCN search box radius, pixels.")
     ncn_rounds: int = setting(3, "NCN penalty rounds (alpha values).")
@@ -228,30 +271,43 @@ class ShellConfig:
     ncn_alpha_factor: float = setting(10.0, "NCN penalty growth per round.")
     ncn_learning_rate: float = setting(0.05, "NCN Adam learning rate.")
     cw_variant: str = setting(
-        "paper_code", "cw shell: the authors' code, or every label at tau = delta.",
-        choices=("paper_code", "all_labels"))
+        "paper_code",
+        "cw shell: the authors' code, or every label at tau = delta.",
+        choices=("paper_code", "all_labels"),
+    )
     cw_const: float = setting(0.1, "cw shell constant (all_labels).")
     cw_max_iterations: int = setting(100, "cw shell Adam steps per constant (paper: 1000).")
     hedge_steps: int = setting(20, "hedge: signed ascent steps of sum_k CE (Wu et al.: 20).")
     hedge_step_size: float = setting(
-        1.785, "hedge: pixels per step (Wu et al.: 0.007 of the range = 1.785); its radius is "
-               "--delta.")
-    hedge_random_start: bool = setting(True, "hedge: start at a random point of the ball (as "
-                                             "Wu et al.).")
-    anti_steps: int = setting(2, "anti_adversary: steps K against the predicted label's loss "
-                                 "(Alfarra et al.: 2).")
+        1.785,
+        "hedge: pixels per step (Wu et al.: 0.007 of the range = 1.785); its radius is --delta.",
+    )
+    hedge_random_start: bool = setting(
+        True, "hedge: start at a random point of the ball (as Wu et al.)."
+    )
+    anti_steps: int = setting(
+        2, "anti_adversary: steps K against the predicted label's loss (Alfarra et al.: 2)."
+    )
     anti_step_size: float = setting(
-        38.25, "anti_adversary: alpha, pixels per step (Alfarra et al.: 0.15 of the range = "
-               "38.25).")
+        38.25, "anti_adversary: alpha, pixels per step (Alfarra et al.: 0.15 of the range = 38.25)."
+    )
     anti_radius: float | None = setting(
-        None, "anti_adversary: L-inf radius of its steps, pixels (default K * alpha: "
-              "unconstrained, as Alfarra et al.).")
+        None,
+        "anti_adversary: L-inf radius of its steps, pixels (default K * alpha: "
+        "unconstrained, as Alfarra et al.).",
+    )
     p_quantile: float = setting(
-        0.5, "--p=auto: the quantile of the base's top-label confidence on held-out points that "
-             "becomes NCN's p (0.5: the median).", flag="p_quantile")
+        0.5,
+        "--p=auto: the quantile of the base's top-label confidence on held-out points that "
+        "becomes NCN's p (0.5: the median).",
+        flag="p_quantile",
+    )
     p_calibration_points: int = setting(
-        500, "--p=auto: held-out test points (those after the evaluated ones in the walk order) "
-             "whose confidences choose p.", flag="p_calibration_points")
+        500,
+        "--p=auto: held-out test points (those after the evaluated ones in the walk order) "
+        "whose confidences choose p.",
+        flag="p_calibration_points",
+    )
     batch_size: int = setting(30, "Images per shell call (global, all devices).")
     jit_compile: bool | None = setting(None, "Compile the shell with XLA (default: the shell's).")
 
@@ -272,8 +328,10 @@ class ShellConfig:
         ``threat.p`` is ``"auto"`` (resolved by :func:`manifold_tf.shells.calibrate.resolve_p`)."""
         if p is None:
             if threat.p == P_AUTO:
-                raise ValueError("p='auto' must be resolved from held-out points before the shell "
-                                 "is built (manifold_tf.shells.calibrate.resolve_p).")
+                raise ValueError(
+                    "p='auto' must be resolved from held-out points before the shell "
+                    "is built (manifold_tf.shells.calibrate.resolve_p)."
+                )
             p = threat.p
         return shells.build(self.kind, base, self, delta=threat.delta, p=p, seed=seed)
 
@@ -288,15 +346,22 @@ class DefenceConfig:
     batches: int = setting(5, "Batches of base-correct test points (paper: 5).")
     batch_points: int = setting(30, "Points per batch (paper: 30).")
     permutation: str = setting(
-        "numpy", "Order of test points (paper: Python random.sample, seed 123, reversed).",
-        choices=("numpy", "paper"))
+        "numpy",
+        "Order of test points (paper: Python random.sample, seed 123, reversed).",
+        choices=("numpy", "paper"),
+    )
     points: str = setting(
-        "walked", "Table 2's points: walked = the base-correct ones among the first --num_points "
-                  "of the order (the adaptive evaluation's points); paper = batches x "
-                  "batch_points base-correct points.",
-        choices=("walked", "paper"))
-    strategy: str = setting("default", "Spread shell batches over devices (MirroredStrategy).",
-                            choices=("default", "mirrored"))
+        "walked",
+        "Table 2's points: walked = the base-correct ones among the first --num_points "
+        "of the order (the adaptive evaluation's points); paper = batches x "
+        "batch_points base-correct points.",
+        choices=("walked", "paper"),
+    )
+    strategy: str = setting(
+        "default",
+        "Spread shell batches over devices (MirroredStrategy).",
+        choices=("default", "mirrored"),
+    )
     shell: ShellConfig = section(ShellConfig, "shell_")
     attack: BaseAttackConfig = section(BaseAttackConfig, "base_attack_")
 
@@ -320,8 +385,9 @@ def parse_budget(text: str) -> float:
     match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", str(text).lower())
     seconds = float(match.group(1)) * _BUDGET_UNITS[match.group(2) or "s"] if match else math.nan
     if not (math.isfinite(seconds) and seconds > 0):
-        raise ValueError(f"budget must be a positive wall time such as 90s, 10m or 1h; "
-                         f"got {text!r}.")
+        raise ValueError(
+            f"budget must be a positive wall time such as 90s, 10m or 1h; got {text!r}."
+        )
     return seconds
 
 
@@ -335,46 +401,70 @@ class AdaptiveConfig:
     is right at x and at every attack's x'. Budgets are in pixels and attack steps.
     """
 
-    attack: str = setting("suite", "Attack the shell itself after Table 2 (the verdict), or not.",
-                          choices=("none", "suite"), flag="adaptive")
+    attack: str = setting(
+        "suite",
+        "Attack the shell itself after Table 2 (the verdict), or not.",
+        choices=("none", "suite"),
+        flag="adaptive",
+    )
     num_points: int = setting(
-        100, "Points of the seeded order evaluated at most (all if the data has fewer); "
-             "--adaptive_budget and --adaptive_until=decided may stop earlier.", flag="num_points")
-    until: str = setting("points", "Stop after num_points points, or (decided) as soon as an "
-                                   "anytime-valid 95% interval on the paired robust difference "
-                                   "(shell minus base) excludes 0 (the shell helps, or hurts) or "
-                                   "lies below margin (it gains less than margin).",
-                         choices=UNTIL)
+        100,
+        "Points of the seeded order evaluated at most (all if the data has fewer); "
+        "--adaptive_budget and --adaptive_until=decided may stop earlier.",
+        flag="num_points",
+    )
+    until: str = setting(
+        "points",
+        "Stop after num_points points, or (decided) as soon as an "
+        "anytime-valid 95% interval on the paired robust difference "
+        "(shell minus base) excludes 0 (the shell helps, or hurts) or "
+        "lies below margin (it gains less than margin).",
+        choices=UNTIL,
+    )
     margin: float = setting(
-        5.0, "Percentage points (0..100) for --adaptive_until=decided: an interval on the robust "
-             "difference below margin decides 'the shell gains less than margin'.")
+        5.0,
+        "Percentage points (0..100) for --adaptive_until=decided: an interval on the robust "
+        "difference below margin decides 'the shell gains less than margin'.",
+    )
     budget: str | None = setting(
-        "6m", "Wall-time budget of the adaptive evaluation, e.g. 90s, 10m, 1h, or none. Stops at "
-              "a batch boundary; a stop by time alone is a fixed design (fixed-n interval).")
-    shell_attacks: tuple[str, ...] = setting(SHELL_ATTACKS, "Attacks on the shell, in order: "
-                                             + ", ".join(SHELL_ATTACKS) + ".")
+        "6m",
+        "Wall-time budget of the adaptive evaluation, e.g. 90s, 10m, 1h, or none. Stops at "
+        "a batch boundary; a stop by time alone is a fixed design (fixed-n interval).",
+    )
+    shell_attacks: tuple[str, ...] = setting(
+        SHELL_ATTACKS, "Attacks on the shell, in order: " + ", ".join(SHELL_ATTACKS) + "."
+    )
     steps: int = setting(20, "BPDA steps per run (each one shell prediction).")
     warm_steps: int = setting(
-        2, "BPDA steps between the first and the last evaluate a warm-started approximation of the "
-           "shell (this many search steps per label, from the previous step's points) instead of "
-           "the shell; every success it claims is checked with the shell (0: the shell each step).")
+        2,
+        "BPDA steps between the first and the last evaluate a warm-started approximation of the "
+        "shell (this many search steps per label, from the previous step's points) instead of "
+        "the shell; every success it claims is checked with the shell (0: the shell each step).",
+    )
     restarts: int = setting(
-        0, "BPDA random restarts (besides the starts at x and at the transfer x').")
+        0, "BPDA random restarts (besides the starts at x and at the transfer x')."
+    )
     targets: int = setting(2, "Targeted BPDA / lift: the shell's top wrong labels tried (0: all).")
     lift_steps: int = setting(20, "Lift attack: base ascent steps over N(x, epsilon + delta).")
     square_queries: int = setting(
-        30, "Square attack queries per point (each one shell prediction).")
+        30, "Square attack queries per point (each one shell prediction)."
+    )
     eot_samples: int = setting(
-        4, "EOT samples per step for a shell with randomness (random_start).")
+        4, "EOT samples per step for a shell with randomness (random_start)."
+    )
     base_attacks: tuple[str, ...] = setting(
         ("apgd_ce", "apgd_t"),
-        "Attacks on the base alone, in order, from: " + ", ".join(BASE_ATTACKS)
-        + " (AutoAttack's standard version: all four).")
+        "Attacks on the base alone, in order, from: "
+        + ", ".join(BASE_ATTACKS)
+        + " (AutoAttack's standard version: all four).",
+    )
     base_apgd_steps: int = setting(100, "APGD-CE / APGD-T steps on the base alone.")
     base_targets: int = setting(
-        9, "APGD-T / FAB-T target labels on the base alone (AutoAttack: 9).")
-    base_square_queries: int = setting(5000, "Square attack queries per point on the base alone "
-                                             "(AutoAttack: 5000).")
+        9, "APGD-T / FAB-T target labels on the base alone (AutoAttack: 9)."
+    )
+    base_square_queries: int = setting(
+        5000, "Square attack queries per point on the base alone (AutoAttack: 5000)."
+    )
     sanity_points: int = setting(10, "Points of the sanity checks (epsilon sweep, epsilon = 0).")
     sanity_steps: int = setting(10, "BPDA steps of the epsilon sweep.")
     large_epsilon: float = setting(64.0, "The sweep's large budget, where success must reach 99%.")
@@ -384,14 +474,26 @@ class AdaptiveConfig:
         check_choice(self.until, "adaptive_until", UNTIL)
         margin = float(self.margin)
         if not (math.isfinite(margin) and 0.0 <= margin <= 100.0):
-            raise ValueError(f"adaptive_margin is in percentage points, 0..100; "
-                             f"got {self.margin!r}.")
+            raise ValueError(
+                f"adaptive_margin is in percentage points, 0..100; got {self.margin!r}."
+            )
         if isinstance(self.budget, str) and self.budget.strip().lower() in NO_BUDGET:
             object.__setattr__(self, "budget", None)  # --adaptive_budget=none lifts a preset's
         if self.budget is not None:
             parse_budget(self.budget)
-        for name in ("steps", "restarts", "targets", "warm_steps", "lift_steps", "square_queries",
-                     "eot_samples", "base_apgd_steps", "base_square_queries", "sanity_points", "sanity_steps"):
+        for name in (
+            "steps",
+            "restarts",
+            "targets",
+            "warm_steps",
+            "lift_steps",
+            "square_queries",
+            "eot_samples",
+            "base_apgd_steps",
+            "base_square_queries",
+            "sanity_points",
+            "sanity_steps",
+        ):
             check_int(getattr(self, name), name, 0)
         check_int(self.base_targets, "base_targets", 1)
         for name in self.shell_attacks:
@@ -430,5 +532,7 @@ class EvaluationConfig:
     def __post_init__(self):
         check_choice(self.mode, "mode", MODES)
         if self.mode != "defence" and self.defence.attack.from_run:
-            raise ValueError("--base_attack_from_run belongs to the defence evaluation: give "
-                             "--shell=mcn|ncn|cw (or --mode=defence).")
+            raise ValueError(
+                "--base_attack_from_run belongs to the defence evaluation: give "
+                "--shell=mcn|ncn|cw (or --mode=defence)."
+            )

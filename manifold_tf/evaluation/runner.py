@@ -6,9 +6,8 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from absl import logging
-
 import tensorflow as tf
+from absl import logging
 
 from manifold_tf import checkpoints
 from manifold_tf.distributed import SINGLE, Workers
@@ -39,8 +38,10 @@ def evaluate(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
     over several processes; the other modes run on one.
     """
     if workers.distributed and config.mode != "defence":
-        raise ValueError(f"mode {config.mode!r} runs in one process; TF_CONFIG describes "
-                         f"{workers.count} workers (only --mode=defence and train.py use them).")
+        raise ValueError(
+            f"mode {config.mode!r} runs in one process; TF_CONFIG describes "
+            f"{workers.count} workers (only --mode=defence and train.py use them)."
+        )
     if config.mode == "defence":
         return _defence(config, workers)
     return {"accuracy": _accuracy, "separation": _separation}[config.mode](config)
@@ -51,22 +52,40 @@ def _accuracy(config: EvaluationConfig) -> str:
     inputs = inputs_lib.resolve(config.inputs, run_dir=store.directory)
     model = inputs_lib.load_model(inputs, width=config.inputs.width, seed=config.run.seed)
     x, y = inputs.load_test()
-    _, text = run_accuracy(model, x, y, config.accuracy, store, epsilon=config.threat.epsilon,
-                           seed=config.run.seed, metadata=dict(
-        checkpoint=inputs.checkpoint, dataset=inputs.dataset, data_dir=inputs.data_dir))
+    _, text = run_accuracy(
+        model,
+        x,
+        y,
+        config.accuracy,
+        store,
+        epsilon=config.threat.epsilon,
+        seed=config.run.seed,
+        metadata=dict(
+            checkpoint=inputs.checkpoint, dataset=inputs.dataset, data_dir=inputs.data_dir
+        ),
+    )
     return f"{text}\nreports written to {store.directory}"
 
 
 def _separation(config: EvaluationConfig) -> str:
     """Table 1: counts at p per batch, the s_p curve, Chebyshev and Clopper-Pearson bounds."""
     cfg, threat = config.separation, config.threat
+    if threat.p == P_AUTO:
+        raise ValueError(
+            "--p=auto chooses NCN's p from held-out confidences (--shell=ncn); the "
+            "separation test needs a number: give --p=0.9 (or another level)."
+        )
     radius = cfg.radius(threat.delta)
     store = _store(config, "separation")
     inputs = inputs_lib.resolve(config.inputs, run_dir=store.directory)
     models = [(inputs.checkpoint, inputs_lib.load_model(inputs, width=config.inputs.width))]
     if cfg.compare_checkpoint:
-        models.append((cfg.compare_checkpoint, checkpoints.load_model_weights(
-            cfg.compare_checkpoint, width=config.inputs.width)))
+        models.append(
+            (
+                cfg.compare_checkpoint,
+                checkpoints.load_model_weights(cfg.compare_checkpoint, width=config.inputs.width),
+            )
+        )
     x, y = inputs.load_test()
     runs, names, convergence = {}, [], {}
     for i, (ckpt, model) in enumerate(models):
@@ -75,19 +94,39 @@ def _separation(config: EvaluationConfig) -> str:
         name = name if name not in names else f"{name}_{i}"
         names.append(name)
         run = separation.run_separation(
-            model, x, y, delta=radius, num_batches=cfg.batches, batch_points=cfg.batch_points,
-            seed=config.run.seed, attack=cfg.attack(threat.delta), p=threat.p, store=store,
-            protocol=f"separation_{name}", desc=f"separation {name}",
-            model_name=inputs_lib.model_identity(ckpt))
+            model,
+            x,
+            y,
+            delta=radius,
+            num_batches=cfg.batches,
+            batch_points=cfg.batch_points,
+            seed=config.run.seed,
+            attack=cfg.attack(threat.delta),
+            p=threat.p,
+            store=store,
+            protocol=f"separation_{name}",
+            desc=f"separation {name}",
+            model_name=inputs_lib.model_identity(ckpt),
+        )
         runs[name] = (ckpt, run)
         if cfg.convergence_batches and cfg.convergence_steps:
             convergence[name] = separation.convergence_check(
-                model, x, y, run, delta=radius, steps=cfg.convergence_steps,
-                batches=cfg.convergence_batches, attack=cfg.attack(threat.delta),
-                seed=config.run.seed, p=threat.p,
-                store=store, protocol=f"separation_{name}_convergence")
-    report = separation.separation_report(runs, p=threat.p, dataset=inputs.dataset,
-                                          data_dir=inputs.data_dir, convergence=convergence)
+                model,
+                x,
+                y,
+                run,
+                delta=radius,
+                steps=cfg.convergence_steps,
+                batches=cfg.convergence_batches,
+                attack=cfg.attack(threat.delta),
+                seed=config.run.seed,
+                p=threat.p,
+                store=store,
+                protocol=f"separation_{name}_convergence",
+            )
+    report = separation.separation_report(
+        runs, p=threat.p, dataset=inputs.dataset, data_dir=inputs.data_dir, convergence=convergence
+    )
     text = separation.separation_markdown(report)
     store.write_report("separation", report, text)
     separation.plot_separation(report, store.path("separation.png"))
@@ -102,19 +141,38 @@ def _shell_p(config: EvaluationConfig, base, x, num_points: int):
         return config.threat.p, None
     cfg = config.defence
     order = defence.walk_order(len(x), seed=config.run.seed, kind=cfg.permutation)
-    p, record = calibrate.resolve_p(base, x, order, num_points=num_points,
-                                    quantile=cfg.shell.p_quantile,
-                                    count=cfg.shell.p_calibration_points)
-    logging.info("p=auto: p = %.4f, the %.2f quantile of the base's top-label confidence on %s",
-                 p, record["quantile"], record["source"])
+    p, record = calibrate.resolve_p(
+        base,
+        x,
+        order,
+        num_points=num_points,
+        quantile=cfg.shell.p_quantile,
+        count=cfg.shell.p_calibration_points,
+    )
+    logging.info(
+        "p=auto: p = %.4f, the %.2f quantile of the base's top-label confidence on %s",
+        p,
+        record["quantile"],
+        record["source"],
+    )
     return p, record
 
 
 def _table2(base, shell, x, y, config: EvaluationConfig, store, metadata, walk, known_cw):
     """Table 2 on ``walk`` points of the order (``None``: the paper's count)."""
-    return defence.run_table2(base, shell, x, y, config.defence, store,
-                              epsilon=config.threat.epsilon, seed=config.run.seed,
-                              metadata=metadata, walk=walk, known_cw=known_cw)
+    return defence.run_table2(
+        base,
+        shell,
+        x,
+        y,
+        config.defence,
+        store,
+        epsilon=config.threat.epsilon,
+        seed=config.run.seed,
+        metadata=metadata,
+        walk=walk,
+        known_cw=known_cw,
+    )
 
 
 def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
@@ -123,17 +181,27 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
     cfg = config.defence
     store = _store(config, "defence", workers)
     inputs = inputs_lib.resolve(config.inputs, run_dir=store.directory)
-    if (config.run.overwrite and inputs.train_quick_model and os.path.exists(inputs.checkpoint)
-            and workers.is_chief):
+    if (
+        config.run.overwrite
+        and inputs.train_quick_model
+        and os.path.exists(inputs.checkpoint)
+        and workers.is_chief
+    ):
         os.remove(inputs.checkpoint)
-    logging.info("defence evaluation on %s (%s): %s", inputs.dataset, inputs.note,
-                 inputs.checkpoint)
+    logging.info(
+        "defence evaluation on %s (%s): %s", inputs.dataset, inputs.note, inputs.checkpoint
+    )
     if workers.distributed and cfg.strategy == "mirrored":
-        raise ValueError("--defence_strategy=mirrored spreads one process's batches over its "
-                         "devices; with TF_CONFIG the workers split the batches instead: run one "
-                         "worker per device (BUILD.md).")
-    strategy = (tf.distribute.MirroredStrategy() if cfg.strategy == "mirrored"
-                else tf.distribute.get_strategy())
+        raise ValueError(
+            "--defence_strategy=mirrored spreads one process's batches over its "
+            "devices; with TF_CONFIG the workers split the batches instead: run one "
+            "worker per device (BUILD.md)."
+        )
+    strategy = (
+        tf.distribute.MirroredStrategy()
+        if cfg.strategy == "mirrored"
+        else tf.distribute.get_strategy()
+    )
 
     def load():
         with strategy.scope():
@@ -147,16 +215,23 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
     p, p_auto = _shell_p(config, base, x, num_points)
     with strategy.scope():
         shell = cfg.shell.build(base, config.threat, seed=config.run.seed, p=p)
-    metadata = dict(checkpoint=os.path.abspath(inputs.checkpoint), dataset=inputs.dataset,
-                    data_dir=inputs.data_dir and os.path.abspath(inputs.data_dir),
-                    strategy=f"{cfg.strategy} ({strategy.num_replicas_in_sync} replicas)")
+    metadata = dict(
+        checkpoint=os.path.abspath(inputs.checkpoint),
+        dataset=inputs.dataset,
+        data_dir=inputs.data_dir and os.path.abspath(inputs.data_dir),
+        strategy=f"{cfg.strategy} ({strategy.num_replicas_in_sync} replicas)",
+    )
     if p_auto is not None:
         metadata["p_auto"] = p_auto
     walk = num_points if cfg.points == "walked" else None
     phases = estimate.defence_passes(
-        table2_points=walk or cfg.batches * cfg.batch_points, num_points=num_points, shell=shell,
-        per_prediction=shell.passes_per_prediction(), cw=cfg.attack.cw_kwargs(),
-        suite=suite)
+        table2_points=walk or cfg.batches * cfg.batch_points,
+        num_points=num_points,
+        shell=shell,
+        per_prediction=shell.passes_per_prediction(),
+        cw=cfg.attack.cw_kwargs(),
+        suite=suite,
+    )
     rate = estimate.passes_per_second(base, shell.image_shape)
     logging.info("%s", estimate.describe(phases, rate))
     known_cw = {}
@@ -170,12 +245,23 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
         # The verdict first (one process): with a budget or the sequential rule, Table 2 then runs
         # on the points the verdict reached, reusing its CW x' (the same attack, points, labels).
         run = adaptive.run_adaptive(
-            base, shell, x, y, dataclasses.replace(suite, num_points=num_points), store,
-            epsilon=config.threat.epsilon, cw_kwargs=cfg.attack.cw_kwargs(), seed=config.run.seed,
-            permutation=cfg.permutation, batch_points=cfg.batch_points, metadata=metadata)
+            base,
+            shell,
+            x,
+            y,
+            dataclasses.replace(suite, num_points=num_points),
+            store,
+            epsilon=config.threat.epsilon,
+            cw_kwargs=cfg.attack.cw_kwargs(),
+            seed=config.run.seed,
+            permutation=cfg.permutation,
+            batch_points=cfg.batch_points,
+            metadata=metadata,
+        )
         if run is not None:  # the chief writes the reports
-            result = adaptive_report.write_adaptive_report(run, x, store.alone(),
-                                                           class_names=inputs.class_names)
+            result = adaptive_report.write_adaptive_report(
+                run, x, store.alone(), class_names=inputs.class_names
+            )
             if walk is not None and not workers.distributed:
                 walk = sum(len(r["indices"]) for r in run.records)
         known_cw = adaptive.transfer_points(store)
@@ -183,15 +269,20 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
         table2 = _table2(base, shell, x, y, config, store, metadata, walk, known_cw)
     report = None
     if table2 is not None:  # the chief writes the reports
-        report = defence_report.write_defence_report(table2.records, table2.settings, x,
-                                                     store.alone(), class_names=inputs.class_names)
+        report = defence_report.write_defence_report(
+            table2.records, table2.settings, x, store.alone(), class_names=inputs.class_names
+        )
     if not workers.is_chief:
-        return (f"{workers.describe()}: its batches are in {store.directory}; the chief (worker 0) "
-                f"writes the reports.")
+        return (
+            f"{workers.describe()}: its batches are in {store.directory}; the chief (worker 0) "
+            f"writes the reports."
+        )
     table2_text = defence_report.defence_markdown(report)
     if suite.attack == "none":
         return f"{table2_text}\nreports written to {store.directory}"
     verdict = adaptive_report.adaptive_markdown(result)
-    return (f"{verdict}\n{table2_text}\nThe verdict is the adaptive evaluation above; Table 2 is the "
-            f"paper's transfer protocol.\nreports written to {store.directory} (summary.json, "
-            f"adaptive.md, defence.md, PNG figures)")
+    return (
+        f"{verdict}\n{table2_text}\nThe verdict is the adaptive evaluation above; Table 2 is the "
+        f"paper's transfer protocol.\nreports written to {store.directory} (summary.json, "
+        f"adaptive.md, defence.md, PNG figures)"
+    )

@@ -27,6 +27,18 @@ from manifold_tf.shells.mcn import MCNShell
 from manifold_tf.shells.ncn import NCNShell
 from manifold_tf.shells.registry import SHELLS, build, register
 
-__all__ = ["AntiAdversaryShell", "CarliniWagnerShell", "DEFAULT_JIT_COMPILE", "FactorShell",
-           "HedgeShell", "MCNShell", "NCNShell", "SHELLS", "Scores", "answer", "build", "log_odds",
-           "register"]
+__all__ = [
+    "AntiAdversaryShell",
+    "CarliniWagnerShell",
+    "DEFAULT_JIT_COMPILE",
+    "FactorShell",
+    "HedgeShell",
+    "MCNShell",
+    "NCNShell",
+    "SHELLS",
+    "Scores",
+    "answer",
+    "build",
+    "log_odds",
+    "register",
+]

@@ -31,8 +31,6 @@ ANTI_STEPS = 2
 ANTI_STEP_SIZE = 0.15 * 255.0
 
 
-
-
 @register("anti_adversary")
 @keras.saving.register_keras_serializable(package="manifold_tf")
 class AntiAdversaryShell(FactorShell):
@@ -69,14 +67,20 @@ class AntiAdversaryShell(FactorShell):
         super().__init__(base, jit_compile=jit_compile, **kwargs)
 
     @classmethod
-    def from_settings(cls, base: keras.Model, settings, *, delta: float, p: float,
-                      seed: int = 0) -> AntiAdversaryShell:
+    def from_settings(
+        cls, base: keras.Model, settings, *, delta: float, p: float, seed: int = 0
+    ) -> AntiAdversaryShell:
         """The anti-adversary with ``anti_steps``, ``anti_step_size`` and ``anti_radius`` of the
         settings; ``delta``, ``p`` and ``seed`` are unused (its reach is ``K * alpha``; it is
         deterministic)."""
         del delta, p, seed
-        return cls(base, steps=settings.anti_steps, step_size=settings.anti_step_size,
-                   radius=settings.anti_radius, **jit_kwargs(settings))
+        return cls(
+            base,
+            steps=settings.anti_steps,
+            step_size=settings.anti_step_size,
+            radius=settings.anti_radius,
+            **jit_kwargs(settings),
+        )
 
     def _shell_config(self) -> dict:
         return dict(steps=self.steps, step_size=self.step_size, radius=self.radius)
@@ -86,8 +90,12 @@ class AntiAdversaryShell(FactorShell):
 
     def settings(self) -> dict:
         """The settings of the shell (for reports), with the radius actually searched."""
-        return dict(shell=self.kind, **self._shell_config(), search_radius=self.search_radius,
-                    jit_compile=self.jit_compile)
+        return dict(
+            shell=self.kind,
+            **self._shell_config(),
+            search_radius=self.search_radius,
+            jit_compile=self.jit_compile,
+        )
 
     def passes_per_prediction(self) -> int:
         """``K``: one forward+backward pass per step (one point per image)."""
@@ -114,7 +122,14 @@ class AntiAdversaryShell(FactorShell):
             return log_odds(self._logits(z), pseudo)
 
         z, _ = projected.projected_ascent(
-            objective, x, x, radius=self.search_radius, steps=self.steps,
-            step_size=self.step_size, optimizer="sign", return_best=False,
-            unroll=self.jit_compile and self.steps <= 32)
+            objective,
+            x,
+            x,
+            radius=self.search_radius,
+            steps=self.steps,
+            step_size=self.step_size,
+            optimizer="sign",
+            return_best=False,
+            unroll=self.jit_compile and self.steps <= 32,
+        )
         return self._at_point(z, pseudo_label=pseudo)

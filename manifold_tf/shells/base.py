@@ -43,11 +43,13 @@ def _base_signature(base) -> tuple[tuple[int, ...], int]:
     if not shape or any(d is None for d in shape):
         shape = IMAGE_SHAPE
     if len(shape) != 3:
-        raise ValueError(f"the base model must take images [N, H, W, C]; its input shape is "
-                         f"{shape}.")
+        raise ValueError(
+            f"the base model must take images [N, H, W, C]; its input shape is {shape}."
+        )
     # A fixed probe (not the user's data): enough to tell logits from probabilities.
-    probe = tf.random.stateless_uniform((4,) + tuple(shape), seed=[0, 0], minval=0.0,
-                                        maxval=PIXEL_MAX)
+    probe = tf.random.stateless_uniform(
+        (4,) + tuple(shape), seed=[0, 0], minval=0.0, maxval=PIXEL_MAX
+    )
     logits = check_logits(base, probe)
     return tuple(int(d) for d in shape), int(logits.shape[-1])
 
@@ -128,8 +130,9 @@ class FactorShell(keras.Model):
     def __init__(self, base: keras.Model, *, jit_compile: bool = DEFAULT_JIT_COMPILE, **kwargs):
         super().__init__(**kwargs)
         if not callable(base):
-            raise ValueError(f"base must be a Keras model (images -> logits); got "
-                             f"{type(base).__name__}.")
+            raise ValueError(
+                f"base must be a Keras model (images -> logits); got {type(base).__name__}."
+            )
         self.image_shape, self.num_classes = _base_signature(base)
         self.base = base
         self.jit_compile = bool(jit_compile)
@@ -149,11 +152,13 @@ class FactorShell(keras.Model):
         """
         if self._embed_function is None:
             spec = tf.TensorSpec((None,) + self.image_shape, tf.float32, name="x")
-            inner = tf.function(self._embed_graph, input_signature=[spec],
-                                jit_compile=self.jit_compile)
+            inner = tf.function(
+                self._embed_graph, input_signature=[spec], jit_compile=self.jit_compile
+            )
             if not self.jit_compile:
                 self._embed_function = inner
             else:
+
                 def bucketed(x):
                     n = tf.shape(x)[0]
                     log2 = tf.math.log(tf.cast(tf.maximum(n, 1), tf.float32)) / tf.math.log(2.0)
@@ -186,12 +191,16 @@ class FactorShell(keras.Model):
             # Inside predict's compiled step the eager range check cannot run: check in the graph,
             # so NaN or out-of-range pixels fail loudly instead of answering.
             x = tf.debugging.assert_all_finite(x, "shell input x has NaN or infinite pixels")
-            with tf.control_dependencies([
-                tf.debugging.assert_greater_equal(x, 0.0, message="shell input x has pixels < 0 "
-                                                  "(expected 0..255)"),
-                tf.debugging.assert_less_equal(x, PIXEL_MAX, message="shell input x has pixels > "
-                                               "255 (expected 0..255)"),
-            ]):
+            with tf.control_dependencies(
+                [
+                    tf.debugging.assert_greater_equal(
+                        x, 0.0, message="shell input x has pixels < 0 (expected 0..255)"
+                    ),
+                    tf.debugging.assert_less_equal(
+                        x, PIXEL_MAX, message="shell input x has pixels > 255 (expected 0..255)"
+                    ),
+                ]
+            ):
                 x = tf.identity(x)
         return self.embed_function(x)["probabilities"]
 
@@ -199,8 +208,9 @@ class FactorShell(keras.Model):
         """Keras' ``predict``, after checking an array input whole (shape, dtype, range, size)."""
         if isinstance(x, (np.ndarray, tf.Tensor)) or hasattr(x, "__array__"):
             if len(getattr(x, "shape", ())) >= 1 and x.shape[0] == 0:
-                raise ValueError(f"x is an empty batch (shape {tuple(x.shape)}): nothing to "
-                                 f"predict.")
+                raise ValueError(
+                    f"x is an empty batch (shape {tuple(x.shape)}): nothing to predict."
+                )
             validate_images(x, image_shape=self.image_shape)
         return super().predict(x, *args, **kwargs)
 
@@ -213,8 +223,9 @@ class FactorShell(keras.Model):
     # -- what the evaluation asks of a shell ------------------------------------------------------
 
     @classmethod
-    def from_settings(cls, base: keras.Model, settings, *, delta: float, p: float,
-                      seed: int = 0) -> FactorShell:
+    def from_settings(
+        cls, base: keras.Model, settings, *, delta: float, p: float, seed: int = 0
+    ) -> FactorShell:
         """The shell around ``base`` from the evaluation's shell settings.
 
         Args:
@@ -229,20 +240,23 @@ class FactorShell(keras.Model):
         """
         raise NotImplementedError(
             f"{cls.__name__} does not implement from_settings(base, settings, *, delta, p, seed): "
-            f"define it to build the shell from the evaluation's settings.")
+            f"define it to build the shell from the evaluation's settings."
+        )
 
     def passes_per_prediction(self) -> int:
         """Forward+backward passes of the base in one shell prediction of one image (its search)."""
         raise NotImplementedError(
             f"{type(self).__name__} does not implement passes_per_prediction(): define it as the "
-            f"forward+backward passes of the base per image of one prediction.")
+            f"forward+backward passes of the base per image of one prediction."
+        )
 
     @property
     def search_radius(self) -> float:
         """The L-inf radius in pixels of the ball around ``x`` the shell searches."""
         raise NotImplementedError(
             f"{type(self).__name__} does not implement search_radius: define it as the L-inf "
-            f"radius (pixels) of the ball its search covers.")
+            f"radius (pixels) of the ball its search covers."
+        )
 
     @property
     def is_random(self) -> bool:
@@ -315,8 +329,9 @@ class FactorShell(keras.Model):
         with tf.GradientTape() as tape:
             tape.watch(x)
             z = self.bpda_approximation(x)
-        return tape.gradient(z, x, output_gradients=g,
-                             unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        return tape.gradient(
+            z, x, output_gradients=g, unconnected_gradients=tf.UnconnectedGradients.ZERO
+        )
 
     def scores(self, out: dict) -> Scores:
         """The shell's decision rule as :class:`Scores`, from the dict of :meth:`embed` (``M``
@@ -335,8 +350,7 @@ class FactorShell(keras.Model):
         return tf.cast(self.base(z, training=False), tf.float32)
 
     def _tile(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """``[N, ...]`` -> (``[N * C, ...]``, row ``i * C + t`` = image ``i``; labels ``[N * C]``).
-        """
+        """``[N, ...]`` -> ``[N * C, ...]`` (row ``i * C + t`` = image ``i``), labels ``[N * C]``."""
         n = tf.shape(x)[0]
         return tf.repeat(x, self.num_classes, axis=0), tf.tile(tf.range(self.num_classes), [n])
 
@@ -356,13 +370,20 @@ class FactorShell(keras.Model):
         logits = self._logits(z)
         n = tf.shape(logits)[0]
         labels = tf.tile(tf.range(self.num_classes), [n])
-        lo = tf.reshape(log_odds(tf.repeat(logits, self.num_classes, axis=0), labels),
-                        [-1, self.num_classes])
+        lo = tf.reshape(
+            log_odds(tf.repeat(logits, self.num_classes, axis=0), labels), [-1, self.num_classes]
+        )
         probabilities = tf.nn.softmax(logits)
         slots = tf.repeat(z[:, None], self.num_classes, axis=1)
-        return dict(z=slots, label=tf.argmax(logits, axis=-1, output_type=tf.int32),
-                    log_odds=lo, confidences=probabilities, probabilities=probabilities,
-                    point=z, **extra)
+        return dict(
+            z=slots,
+            label=tf.argmax(logits, axis=-1, output_type=tf.int32),
+            log_odds=lo,
+            confidences=probabilities,
+            probabilities=probabilities,
+            point=z,
+            **extra,
+        )
 
     def _output(self, z: tf.Tensor, label: tf.Tensor) -> tf.Tensor:
         """``F(z_t*)`` ``[N, C]`` from ``z`` ``[N, C, ...]``: one forward pass on the ``N`` chosen
@@ -380,8 +401,9 @@ class FactorShell(keras.Model):
         """
         if self.loss is None and not self.losses:  # Keras sets `loss` in compile()
             return tf.constant(0.0)
-        return super().compute_loss(x=x, y=y, y_pred=y_pred, sample_weight=sample_weight,
-                                    training=training)
+        return super().compute_loss(
+            x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=training
+        )
 
     def train_step(self, data):
         raise NotImplementedError(
@@ -413,12 +435,14 @@ class FactorShell(keras.Model):
         """A new shell of the same class around the same ``base`` (shared, not copied: same
         weights, same compiled caches) with ``changes`` applied to its constructor keywords."""
         # A fresh name (Keras makes it unique); the base is passed as is, not serialised.
-        config = {k: v for k, v in self.get_config().items()
-                  if k not in ("base", "name", "trainable")}
+        config = {
+            k: v for k, v in self.get_config().items() if k not in ("base", "name", "trainable")
+        }
         return type(self)(self.base, **{**config, **changes})
 
-    def export(self, filepath, format="tf_saved_model", verbose=None, input_signature=None,
-               **kwargs):
+    def export(
+        self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs
+    ):
         """Writes a SavedModel with endpoints ``serve`` (probabilities) and ``embed`` (diagnostics).
 
         Both take ``x`` float32 ``[None, H, W, C]`` (pixels). The SavedModel needs neither Keras
@@ -426,8 +450,9 @@ class FactorShell(keras.Model):
         delegated to :meth:`keras.Model.export`.
         """
         if format != "tf_saved_model":
-            return super().export(filepath, format=format, verbose=verbose,
-                                  input_signature=input_signature, **kwargs)
+            return super().export(
+                filepath, format=format, verbose=verbose, input_signature=input_signature, **kwargs
+            )
         spec = tf.TensorSpec((None,) + self.image_shape, tf.float32, name="x")
         archive = keras.export.ExportArchive()
         archive.track(self)

@@ -33,9 +33,12 @@ def top_confidence(base, x, *, batch_size: int = 256) -> np.ndarray:
     """
     x = validate_images(x, image_shape=None).numpy()  # any image size
     batch_size = check_int(batch_size, "batch_size", 1)
-    out = [tf.reduce_max(tf.nn.softmax(tf.cast(base(x[i:i + batch_size], training=False),
-                                               tf.float32)), axis=-1).numpy()
-           for i in range(0, len(x), batch_size)]
+    out = [
+        tf.reduce_max(
+            tf.nn.softmax(tf.cast(base(x[i : i + batch_size], training=False), tf.float32)), axis=-1
+        ).numpy()
+        for i in range(0, len(x), batch_size)
+    ]
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 
@@ -72,16 +75,25 @@ def held_out_indices(order: np.ndarray, num_points: int, count: int) -> np.ndarr
     order = np.asarray(order)
     num_points = check_int(num_points, "num_points", 0)
     count = check_int(count, "count", 1)
-    held = order[num_points:num_points + count]
+    held = order[num_points : num_points + count]
     if held.size == 0:
-        raise ValueError(f"p=auto needs held-out test points after the {num_points} evaluated "
-                         f"ones, but the order has only {len(order)}: evaluate fewer points or "
-                         f"give --p a number.")
+        raise ValueError(
+            f"p=auto needs held-out test points after the {num_points} evaluated "
+            f"ones, but the order has only {len(order)}: evaluate fewer points or "
+            f"give --p a number."
+        )
     return held
 
 
-def resolve_p(base, images: np.ndarray, order: np.ndarray, *, num_points: int,
-              quantile: float = 0.5, count: int = 500) -> tuple[float, dict]:
+def resolve_p(
+    base,
+    images: np.ndarray,
+    order: np.ndarray,
+    *,
+    num_points: int,
+    quantile: float = 0.5,
+    count: int = 500,
+) -> tuple[float, dict]:
     """NCN's ``p`` for ``--p=auto`` and a record of how it was chosen.
 
     Args:
@@ -103,8 +115,14 @@ def resolve_p(base, images: np.ndarray, order: np.ndarray, *, num_points: int,
         raise ValueError(f"quantile must lie in [0, 1]; got {quantile}.")
     conf = top_confidence(base, np.asarray(images)[held].astype(np.float32))
     p = _quantile(conf, quantile)
-    record = dict(p=p, quantile=float(quantile), points=int(held.size),
-                  source=f"test points {num_points + 1}..{num_points + held.size} of the walk "
-                         f"order (after the {num_points} evaluated ones)",
-                  min=float(conf.min()), median=float(np.median(conf)), max=float(conf.max()))
+    record = dict(
+        p=p,
+        quantile=float(quantile),
+        points=int(held.size),
+        source=f"test points {num_points + 1}..{num_points + held.size} of the walk "
+        f"order (after the {num_points} evaluated ones)",
+        min=float(conf.min()),
+        median=float(np.median(conf)),
+        max=float(conf.max()),
+    )
     return p, record

@@ -91,17 +91,30 @@ class HedgeShell(FactorShell):
         super().__init__(base, jit_compile=jit_compile, **kwargs)
 
     @classmethod
-    def from_settings(cls, base: keras.Model, settings, *, delta: float, p: float,
-                      seed: int = 0) -> HedgeShell:
+    def from_settings(
+        cls, base: keras.Model, settings, *, delta: float, p: float, seed: int = 0
+    ) -> HedgeShell:
         """Hedge at radius ``delta`` (the threat model's) with ``hedge_steps``,
         ``hedge_step_size`` and ``hedge_random_start`` of the settings; ``p`` is unused."""
         del p  # Hedge has no confidence level
-        return cls(base, delta, steps=settings.hedge_steps, step_size=settings.hedge_step_size,
-                   random_start=settings.hedge_random_start, seed=seed, **jit_kwargs(settings))
+        return cls(
+            base,
+            delta,
+            steps=settings.hedge_steps,
+            step_size=settings.hedge_step_size,
+            random_start=settings.hedge_random_start,
+            seed=seed,
+            **jit_kwargs(settings),
+        )
 
     def _shell_config(self) -> dict:
-        return dict(delta=self.delta, steps=self.steps, step_size=self.step_size,
-                    random_start=self.random_start, seed=self.seed)
+        return dict(
+            delta=self.delta,
+            steps=self.steps,
+            step_size=self.step_size,
+            random_start=self.random_start,
+            seed=self.seed,
+        )
 
     def get_config(self) -> dict:
         return {**super().get_config(), **self._shell_config()}
@@ -146,8 +159,16 @@ class HedgeShell(FactorShell):
         # The last iterate, as the authors' defence (not the best: Hedge is not a maximiser of
         # a score the answer is ranked by, it moves the input and classifies where it lands).
         z, _ = projected.projected_ascent(
-            objective, x, z0, radius=self.delta, steps=self.steps, step_size=self.step_size,
-            optimizer="sign", return_best=False, unroll=self.jit_compile and self.steps <= 32)
+            objective,
+            x,
+            z0,
+            radius=self.delta,
+            steps=self.steps,
+            step_size=self.step_size,
+            optimizer="sign",
+            return_best=False,
+            unroll=self.jit_compile and self.steps <= 32,
+        )
         out = self._at_point(z)
         out["objective"] = hedge_objective(self._logits(z))
         return out
