@@ -15,7 +15,7 @@ import pytest
 from helpers import linear_model, np_logits, np_softmax
 from manifold_tf.evaluation import runner
 from manifold_tf.evaluation.config import EvaluationConfig, ShellConfig, ThreatConfig
-from manifold_tf.evaluation.defence import walk_order
+from manifold_tf.evaluation.walk import walk_order
 from manifold_tf.shells import NCNShell, calibrate
 
 SHAPE = (4, 4, 3)

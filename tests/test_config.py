@@ -11,8 +11,8 @@ from absl import flags
 from manifold_tf import projected
 from manifold_tf.cli import evaluate
 from manifold_tf.cli import flags as config_flags
+from manifold_tf.evaluation import adaptive_config, presets
 from manifold_tf.evaluation import config as cfg
-from manifold_tf.evaluation import presets
 
 
 def _config(*argv: str) -> cfg.EvaluationConfig:
@@ -66,6 +66,7 @@ def test_full_is_autoattack_standard_on_the_base_and_the_strong_suite_on_the_she
     assert differ == {
         "num_points",
         "budget",
+        "warm_steps",
         "steps",
         "restarts",
         "targets",
@@ -219,13 +220,13 @@ def test_the_shell_is_built_by_kind_at_the_threat_models_delta_and_p(monkeypatch
     ],
 )
 def test_parse_budget(text, seconds):
-    assert cfg.parse_budget(text) == seconds
+    assert adaptive_config.parse_budget(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "10 min", "-5m", "0s", "h", "1e400s", "inf"])
 def test_parse_budget_names_a_bad_text(text):
     with pytest.raises(ValueError, match=f"got {text!r}"):
-        cfg.parse_budget(text)
+        adaptive_config.parse_budget(text)
 
 
 @pytest.mark.parametrize(

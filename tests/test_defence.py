@@ -17,7 +17,7 @@ import pytest
 
 from helpers import subprocess_env, without_timings
 from manifold_tf.data import synthetic_manifold
-from manifold_tf.evaluation import defence
+from manifold_tf.evaluation import defence, walk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,9 +53,9 @@ def test_categories_and_rates_follow_the_paper():
 def test_paper_permutation_is_the_authors_order():
     random.seed(123)
     expected = random.sample(range(50), 50)[::-1]
-    assert defence.walk_order(50, seed=123, kind="paper").tolist() == expected
+    assert walk.walk_order(50, seed=123, kind="paper").tolist() == expected
     with pytest.raises(ValueError, match="permutation.*'shuffled'"):
-        defence.walk_order(5, seed=0, kind="shuffled")
+        walk.walk_order(5, seed=0, kind="shuffled")
 
 
 class LabelInPixel(keras.Model):
@@ -71,11 +71,11 @@ def test_selection_walks_the_permutation_and_keeps_correct_points():
     pred = y.copy()
     pred[::2] = (y[::2] + 1) % 3  # even indices are misclassified
     x[:, 0, 0, 0] = pred
-    chosen = defence.select_correct_points(LabelInPixel(), x, y, num_points=5, seed=4, chunk=3)
-    order = defence.walk_order(20, seed=4)
+    chosen = walk.select_correct_points(LabelInPixel(), x, y, num_points=5, seed=4, chunk=3)
+    order = walk.walk_order(20, seed=4)
     assert chosen.tolist() == [int(i) for i in order if i % 2][:5]
     with pytest.raises(ValueError, match="only 10 of the 20"):
-        defence.select_correct_points(LabelInPixel(), x, y, num_points=11, seed=4)
+        walk.select_correct_points(LabelInPixel(), x, y, num_points=11, seed=4)
 
 
 # ------------------------------------------------------------------------------------------------

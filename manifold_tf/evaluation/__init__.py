@@ -11,9 +11,9 @@
   one call per mode.
 """
 
+from manifold_tf.evaluation.adaptive_config import AdaptiveConfig, parse_budget
 from manifold_tf.evaluation.config import (
     AccuracyConfig,
-    AdaptiveConfig,
     BaseAttackConfig,
     DefenceConfig,
     EvaluationConfig,
@@ -22,7 +22,6 @@ from manifold_tf.evaluation.config import (
     SeparationConfig,
     ShellConfig,
     ThreatConfig,
-    parse_budget,
 )
 from manifold_tf.evaluation.presets import PRESETS, from_preset
 from manifold_tf.evaluation.runner import evaluate

@@ -26,9 +26,9 @@ from absl import logging
 from manifold_tf import attacks, reporting
 from manifold_tf.attacks import run_standing
 from manifold_tf.evaluation import adaptive_suites, sequential
-from manifold_tf.evaluation.config import AdaptiveConfig, parse_budget
-from manifold_tf.evaluation.defence import walk_order
+from manifold_tf.evaluation.adaptive_config import AdaptiveConfig, parse_budget
 from manifold_tf.evaluation.inputs import predict_logits
+from manifold_tf.evaluation.walk import walk_order
 from manifold_tf.shells import answer
 
 PROTOCOL = "adaptive"

@@ -18,6 +18,7 @@ from manifold_tf.evaluation import (
     defence_report,
     estimate,
     separation,
+    walk,
 )
 from manifold_tf.evaluation import inputs as inputs_lib
 from manifold_tf.evaluation.accuracy import run_accuracy
@@ -140,7 +141,7 @@ def _shell_p(config: EvaluationConfig, base, x, num_points: int):
     if config.threat.p != P_AUTO:
         return config.threat.p, None
     cfg = config.defence
-    order = defence.walk_order(len(x), seed=config.run.seed, kind=cfg.permutation)
+    order = walk.walk_order(len(x), seed=config.run.seed, kind=cfg.permutation)
     p, record = calibrate.resolve_p(
         base,
         x,

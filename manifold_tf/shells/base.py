@@ -19,13 +19,23 @@ Units: images are float32 NHWC pixels in 0..255; radii, step sizes and distances
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import keras
 import numpy as np
 import tensorflow as tf
 
+from manifold_tf.shells.scores import Scores, answer, log_odds
 from manifold_tf.validation import IMAGE_SHAPE, PIXEL_MAX, check_logits, validate_images
+
+# The shells' scoring helpers live in manifold_tf.shells.scores; re-exported for the shells.
+__all__ = [
+    "DEFAULT_JIT_COMPILE",
+    "FactorShell",
+    "Scores",
+    "answer",
+    "check_seed",
+    "jit_kwargs",
+    "log_odds",
+]
 
 # Measured on 2 CPU cores (bench/bench_shells.py, BUILD.md): with XLA the shell (its K steps
 # unrolled) is 1.6-2.2x faster per call at a fixed batch size, but compiles for 30-45 s for every
@@ -52,50 +62,6 @@ def _base_signature(base) -> tuple[tuple[int, ...], int]:
     )
     logits = check_logits(base, probe)
     return tuple(int(d) for d in shape), int(logits.shape[-1])
-
-
-def log_odds(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
-    """``log(F_t / (1 - F_t)) = Z_t - logsumexp_{j != t} Z_j`` per row.
-
-    Logits ``[B, C]``, labels ``[B]`` -> ``[B]`` float32.
-
-    A strictly increasing function of ``F_t``, so it has the same maximiser and ranks candidates as
-    ``F_t`` does; unlike ``F_t`` or ``log F_t`` it does not round to a constant in float32 once the
-    softmax saturates (``F_t`` = 1.0 for margins above ~17), and its gradient does not vanish there.
-    """
-    logits = tf.cast(logits, tf.float32)
-    own = tf.one_hot(labels, tf.shape(logits)[-1], on_value=True, off_value=False)
-    others = tf.where(own, tf.constant(-1e30, tf.float32), logits)  # finite: no inf - inf
-    return tf.gather(logits, labels, batch_dims=1) - tf.reduce_logsumexp(others, axis=-1)
-
-
-def answer(out: dict) -> np.ndarray:
-    """The shell's label ``[N]`` from an ``embed`` dict: the argmax of its output ``F(z_t*)``.
-
-    The one definition every protocol uses (Table 2, the adaptive suite, BPDA's success test): it is
-    what a user reads from ``predict``. The search's ``label`` (``t*``) agrees whenever the search
-    found each label's optimum; with an approximate optimiser the two can differ on rare points.
-    """
-    return np.argmax(np.asarray(out["probabilities"]), axis=-1).astype(np.int64)
-
-
-class Scores(NamedTuple):
-    """A shell's answer in one form for every shell: ``S`` candidate slots per point (``[M, S]``).
-
-    ``label`` int32: the label a slot stands for; ``key`` float64: its rank (the shell answers the
-    label of the highest key, first on ties); ``lo`` float64: the log-odds of ``label`` at the
-    slot's point; ``met`` bool and ``dist`` float64 pixels (NCN only, else None); ``logit_p``
-    (NCN: ``log(p / (1 - p))``, else None); ``pick`` int32 ``[M]``: the shell's label
-    (:func:`answer`, the argmax of its output).
-    """
-
-    label: np.ndarray
-    key: np.ndarray
-    lo: np.ndarray
-    met: np.ndarray | None
-    dist: np.ndarray | None
-    logit_p: float | None
-    pick: np.ndarray
 
 
 def check_seed(seed) -> int:
@@ -350,7 +316,7 @@ class FactorShell(keras.Model):
         return tf.cast(self.base(z, training=False), tf.float32)
 
     def _tile(self, x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """``[N, ...]`` -> ``[N * C, ...]`` (row ``i * C + t`` = image ``i``), labels ``[N * C]``."""
+        """``[N, ...]`` -> ``[N * C, ...]`` (row ``i * C + t`` is image ``i``) and labels."""
         n = tf.shape(x)[0]
         return tf.repeat(x, self.num_classes, axis=0), tf.tile(tf.range(self.num_classes), [n])
 

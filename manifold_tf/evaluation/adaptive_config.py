@@ -1,0 +1,151 @@
+"""The verdict's settings: :class:`AdaptiveConfig` (the attack suites, their budgets, when to stop).
+
+Part of the typed settings of :mod:`manifold_tf.evaluation.config` (which re-exports it), in a
+module of its own because it is the largest section. Units: pixels (0..255) and attack steps.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+from manifold_tf.settings import setting
+from manifold_tf.validation import check_choice, check_int, validate_radius
+
+SHELL_ATTACKS = ("transfer_cw", "transfer_confident", "lift", "bpda", "bpda_targeted", "square")
+# The attacks on the base alone, AutoAttack's standard version in this order.
+BASE_ATTACKS = ("apgd_ce", "apgd_t", "fab_t", "square")
+UNTIL = ("points", "decided")
+NO_BUDGET = ("", "none", "off")
+
+_BUDGET_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_budget(text: str) -> float:
+    """Seconds of a wall-time budget written ``"90s"``, ``"10m"``, ``"1.5h"`` (a bare number:
+    seconds). Raises ValueError naming ``text`` when it is not such a positive, finite time."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", str(text).lower())
+    seconds = float(match.group(1)) * _BUDGET_UNITS[match.group(2) or "s"] if match else math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(
+            f"budget must be a positive wall time such as 90s, 10m or 1h; got {text!r}."
+        )
+    return seconds
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    """The verdict: a worst-case attack suite on the shell, and on the base alone, on the same
+    points.
+
+    Points: the first ``num_points`` of the seeded walk order (all of them, right or wrong at x).
+    Every attack runs only on the points still standing, AutoAttack style; a point is robust if it
+    is right at x and at every attack's x'. Budgets are in pixels and attack steps.
+    """
+
+    attack: str = setting(
+        "suite",
+        "Attack the shell itself after Table 2 (the verdict), or not.",
+        choices=("none", "suite"),
+        flag="adaptive",
+    )
+    num_points: int = setting(
+        100,
+        "Points of the seeded order evaluated at most (all if the data has fewer); "
+        "--adaptive_budget and --adaptive_until=decided may stop earlier.",
+        flag="num_points",
+    )
+    until: str = setting(
+        "points",
+        "Stop after num_points points, or (decided) as soon as an "
+        "anytime-valid 95% interval on the paired robust difference "
+        "(shell minus base) excludes 0 (the shell helps, or hurts) or "
+        "lies below margin (it gains less than margin).",
+        choices=UNTIL,
+    )
+    margin: float = setting(
+        5.0,
+        "Percentage points (0..100) for --adaptive_until=decided: an interval on the robust "
+        "difference below margin decides 'the shell gains less than margin'.",
+    )
+    budget: str | None = setting(
+        "6m",
+        "Wall-time budget of the adaptive evaluation, e.g. 90s, 10m, 1h, or none. Stops at "
+        "a batch boundary; a stop by time alone is a fixed design (fixed-n interval).",
+    )
+    shell_attacks: tuple[str, ...] = setting(
+        SHELL_ATTACKS, "Attacks on the shell, in order: " + ", ".join(SHELL_ATTACKS) + "."
+    )
+    steps: int = setting(20, "BPDA steps per run (each one shell prediction).")
+    warm_steps: int = setting(
+        2,
+        "BPDA steps between the first and the last evaluate a warm-started approximation of the "
+        "shell (this many search steps per label, from the previous step's points) instead of "
+        "the shell; every success it claims is checked with the shell (0: the shell each step).",
+    )
+    restarts: int = setting(
+        0, "BPDA random restarts (besides the starts at x and at the transfer x')."
+    )
+    targets: int = setting(2, "Targeted BPDA / lift: the shell's top wrong labels tried (0: all).")
+    lift_steps: int = setting(20, "Lift attack: base ascent steps over N(x, epsilon + delta).")
+    square_queries: int = setting(
+        30, "Square attack queries per point (each one shell prediction)."
+    )
+    eot_samples: int = setting(
+        4, "EOT samples per step for a shell with randomness (random_start)."
+    )
+    base_attacks: tuple[str, ...] = setting(
+        ("apgd_ce", "apgd_t"),
+        "Attacks on the base alone, in order, from: "
+        + ", ".join(BASE_ATTACKS)
+        + " (AutoAttack's standard version: all four).",
+    )
+    base_apgd_steps: int = setting(100, "APGD-CE / APGD-T steps on the base alone.")
+    base_targets: int = setting(
+        9, "APGD-T / FAB-T target labels on the base alone (AutoAttack: 9)."
+    )
+    base_square_queries: int = setting(
+        5000, "Square attack queries per point on the base alone (AutoAttack: 5000)."
+    )
+    sanity_points: int = setting(10, "Points of the sanity checks (epsilon sweep, epsilon = 0).")
+    sanity_steps: int = setting(10, "BPDA steps of the epsilon sweep.")
+    large_epsilon: float = setting(64.0, "The sweep's large budget, where success must reach 99%.")
+
+    def __post_init__(self):
+        check_int(self.num_points, "num_points", 1)
+        check_choice(self.until, "adaptive_until", UNTIL)
+        margin = float(self.margin)
+        if not (math.isfinite(margin) and 0.0 <= margin <= 100.0):
+            raise ValueError(
+                f"adaptive_margin is in percentage points, 0..100; got {self.margin!r}."
+            )
+        if isinstance(self.budget, str) and self.budget.strip().lower() in NO_BUDGET:
+            object.__setattr__(self, "budget", None)  # --adaptive_budget=none lifts a preset's
+        if self.budget is not None:
+            parse_budget(self.budget)
+        for name in (
+            "steps",
+            "restarts",
+            "targets",
+            "warm_steps",
+            "lift_steps",
+            "square_queries",
+            "eot_samples",
+            "base_apgd_steps",
+            "base_square_queries",
+            "sanity_points",
+            "sanity_steps",
+        ):
+            check_int(getattr(self, name), name, 0)
+        check_int(self.base_targets, "base_targets", 1)
+        for name in self.shell_attacks:
+            check_choice(name, "shell_attacks", SHELL_ATTACKS)
+        for name in self.base_attacks:
+            check_choice(name, "base_attacks", BASE_ATTACKS)
+        validate_radius(self.large_epsilon, "large_epsilon")
+
+    @property
+    def budget_seconds(self) -> float | None:
+        """The wall-time budget in seconds (``None``: no budget)."""
+        return None if self.budget is None else parse_budget(self.budget)
