@@ -131,7 +131,7 @@ def parse_run(output_dir: str) -> dict:
     if not records:
         out["error"] = "no adaptive batch records"
         return out
-    names = [k for k in records[0]["seconds"] if k != "total"]
+    names = [k for k in records[0]["seconds"] if k not in ("total", "base")]
     total = sum(r["seconds"]["total"] for r in records)
     attacks = {name: sum(r["seconds"].get(name, 0.0) for r in records) for name in names}
     attempted = {name: sum(r.get("attempted", {}).get(name, 0) for r in records) for name in names}

@@ -171,8 +171,7 @@ def adaptive_batch(
         attempted=shell_run.attempted,
         linf=np.abs(x_worst - x).reshape(n, -1).max(-1).tolist(),
         cost=cost,
-        seconds=dict(total=time.perf_counter() - t0, **shell_run.seconds),
-        base_seconds=base_run.seconds,
+        seconds=dict(total=time.perf_counter() - t0, **shell_run.seconds, base=base_run.seconds),
         cw_success=cw.success.tolist(),
         cw_iterations=cw.details["iterations"].tolist(),
     )
