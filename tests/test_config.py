@@ -66,7 +66,6 @@ def test_full_is_autoattack_standard_on_the_base_and_the_strong_suite_on_the_she
     assert differ == {
         "num_points",
         "budget",
-        "warm_steps",
         "steps",
         "restarts",
         "targets",

@@ -92,7 +92,6 @@ PRESETS: dict[str, Preset] = {
             adaptive=dict(
                 num_points=150,
                 budget=None,
-                warm_steps=0,
                 steps=100,
                 restarts=2,
                 targets=0,
