@@ -36,6 +36,8 @@ DEFENCE = [
     "--adaptive_lift_steps=2",
     "--adaptive_base_apgd_steps=3",
     "--adaptive_targets=1",
+    # Several workers evaluate every planned point (a time budget applies to one process).
+    "--adaptive_budget=none",
 ]
 
 
