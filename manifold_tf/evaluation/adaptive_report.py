@@ -24,6 +24,7 @@ from manifold_tf.evaluation.stats import (
     paired_difference,
     proportion,
 )
+from manifold_tf.evaluation.tensorboard_report import write_beside as write_tensorboard
 
 
 def _cumulative(records: list[dict], key: str, names: list[str]) -> dict:
@@ -328,6 +329,7 @@ def write_adaptive_report(
     )
     store.write_report("adaptive", report, adaptive_markdown(report))
     reporting.write_json(store.path("summary.json"), summary_json(report))
+    write_tensorboard(store.path("summary.json"))  # a logged warning without tensorboard
     cases = []
     for r in records:
         hits = [k for k, b in enumerate(r["shell_broken_by"]) if b not in ("", "clean")]
