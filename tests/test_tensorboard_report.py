@@ -21,6 +21,7 @@ from werkzeug import test as werkzeug_test
 
 from helpers import small_conv
 from manifold_tf import reporting
+from manifold_tf.cli import summaries
 from manifold_tf.evaluation import adaptive, adaptive_report, presets, tensorboard_report
 from manifold_tf.evaluation.config import AdaptiveConfig
 from manifold_tf.evaluation.store import RunStore
@@ -229,7 +230,7 @@ def test_without_tensorboard_a_warning_and_no_crash(two_summaries, tmp_path, mon
     assert tensorboard_report.write_beside(path) is None
     assert len(warnings) == 1 and "manifold-tf[tensorboard]" in warnings[0]
     assert not os.path.exists(tmp_path / "tensorboard")
-    assert tensorboard_report.main([path]) == 1
+    assert summaries.main([path]) == 1
 
 
 def test_a_real_verdict_writes_event_files_beside_summary_json_and_they_can_be_rebuilt(tmp_path):
@@ -263,8 +264,9 @@ def test_a_real_verdict_writes_event_files_beside_summary_json_and_they_can_be_r
     # The command line rebuilds them from summary.json (runs made before this module).
     for f in glob.glob(os.path.join(store.path(tensorboard_report.SUBDIR), "*")):
         os.remove(f)
-    assert tensorboard_report.main([store.path("summary.json")]) == 0
+    assert summaries.main([store.path("summary.json")]) == 0
     again, rescalars = read_run(store.path(tensorboard_report.SUBDIR))
     assert again == hparams
     assert rescalars == scalars
-    assert tensorboard_report.main([str(tmp_path / "nowhere.json")]) == 1
+    assert summaries.main([str(tmp_path / "nowhere.json")]) == 1
+    assert summaries.main([]) == 2

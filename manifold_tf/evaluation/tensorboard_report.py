@@ -13,7 +13,7 @@ The summaries are a view of ``summary.json`` (the record), written from it and r
 on resume. They need the ``tensorboard`` package (the ``tensorboard`` extra of ``pyproject.toml``;
 pinned in ``requirements.txt``): without it :func:`write_beside` logs a warning and writes nothing.
 
-Backfill runs made before this module: ``python -m manifold_tf.evaluation.tensorboard_report
+Backfill runs made before this module: ``python -m manifold_tf.cli.summaries
 results/*/summary.json``.
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 
 import tensorflow as tf
@@ -174,32 +173,9 @@ def write_beside(summary_path: str) -> str | None:
     except ImportError as e:
         logging.warning(
             "no TensorBoard summaries written for %s (%s): pip install 'manifold-tf[tensorboard]' "
-            "or tensorboard, then python -m manifold_tf.evaluation.tensorboard_report %s",
+            "or tensorboard, then python -m manifold_tf.cli.summaries %s",
             summary_path,
             e,
             summary_path,
         )
         return None
-
-
-def main(argv: list[str]) -> int:
-    """Writes the summaries beside each ``summary.json`` named in ``argv``."""
-    if not argv:
-        sys.stderr.write(
-            "usage: python -m manifold_tf.evaluation.tensorboard_report RUN_DIR/summary.json ...\n"
-        )
-        return 2
-    missing = [p for p in argv if not os.path.isfile(p)]
-    if missing:
-        sys.stderr.write(f"no such summary.json: {', '.join(missing)}\n")
-        return 1
-    for path in argv:
-        out = write_beside(path)
-        if out is None:
-            return 1
-        print(out)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
