@@ -164,6 +164,23 @@ def test_the_verdict_names_the_interval_it_used():
         AdaptiveConfig(paired_interval="wald")
 
 
+def test_the_flag_reaches_the_config():
+    from absl import flags  # deferred: the CLI (and TensorFlow) only for this test
+
+    from manifold_tf.cli import evaluate  # deferred: as above
+
+    cases = (([], stats.DEFAULT_PAIRED_METHOD), (["--paired_interval=newcombe"], "newcombe"))
+    for argv, want in cases:
+        flag_values = flags.FlagValues()
+        evaluate.define_flags(flag_values)
+        flag_values(["evaluate.py", "--shell=mcn", *argv])
+        assert evaluate.config_from_flags(flag_values).adaptive.paired_interval == want
+    flag_values = flags.FlagValues()
+    evaluate.define_flags(flag_values)
+    with pytest.raises(flags.IllegalFlagValueError):
+        flag_values(["evaluate.py", "--paired_interval=wald"])
+
+
 @pytest.mark.slow
 def test_default_covers_on_the_full_grid():
     """n in 20, 30, 60, 100, 200, 300; 16 discordance patterns; three concordant splits."""

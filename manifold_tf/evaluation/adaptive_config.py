@@ -10,7 +10,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from manifold_tf.evaluation.paired_intervals import PAIRED_METHODS
+from manifold_tf.evaluation.paired_intervals import DEFAULT_METHOD, PAIRED_METHODS
 from manifold_tf.settings import setting
 from manifold_tf.validation import check_choice, check_int, validate_radius
 
@@ -71,7 +71,7 @@ class AdaptiveConfig:
         "difference below margin decides 'the shell gains less than margin'.",
     )
     paired_interval: str = setting(
-        "tango",
+        DEFAULT_METHOD,
         "The fixed-n 95% interval of the paired differences (shell minus base): "
         + ", ".join(PAIRED_METHODS)
         + " (tango: the one measured to keep its coverage with few discordant points; "

@@ -68,11 +68,7 @@ from manifold_tf.evaluation.paired_intervals import (
 PAIRED_METHODS = paired_intervals.PAIRED_METHODS
 DESCRIPTIONS = paired_intervals.DESCRIPTIONS
 
-# The fixed-n paired interval of every report: Tango's score interval, chosen by its exact
-# coverage over the regime of the verdicts (few discordant points, mostly one way; n <= 300;
-# :mod:`manifold_tf.evaluation.coverage`, tests/test_paired_coverage.py): worst 0.933, mean 0.963
-# where Newcombe's method 10 had worst 0.884.
-DEFAULT_PAIRED_METHOD = "tango"
+DEFAULT_PAIRED_METHOD = paired_intervals.DEFAULT_METHOD
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
