@@ -143,7 +143,7 @@ def test_summary_counts_robust_accuracy_over_all_points_and_mcnemar():
     assert (v["mcnemar"]["shell_only"], v["mcnemar"]["base_only"]) == (1, 1)
     robust = v["difference"]["robust_accuracy"]  # shell minus base on the same 4 points
     assert (robust["estimate"], robust["shell_only"], robust["base_only"]) == (0.0, 1, 1)
-    assert robust["ci_low"] < 0 < robust["ci_high"] and robust["method"] == "newcombe"
+    assert robust["ci_low"] < 0 < robust["ci_high"] and robust["method"] == "tango"
     assert v["difference"]["clean_accuracy"]["estimate"] == 0.0
     assert v["passes_per_point"] == dict(base_passes=10, shell_predictions=2)
     assert mcnemar_exact(0, 0) == 1.0

@@ -65,7 +65,7 @@ def test_a_time_budget_is_a_fixed_design_with_the_fixed_n_interval(setup, tmp_pa
     out, store = run(setup, tmp_path / "run", config)
     assert len(out.records) == 1 and out.stopping["rule"] == "budget"
     report = adaptive_report.write_adaptive_report(out, setup[2], store)
-    assert report["verdict"]["difference"]["robust_accuracy"]["method"] == "newcombe"
+    assert report["verdict"]["difference"]["robust_accuracy"]["method"] == "tango"
     assert "budget" in open(store.path("adaptive.md")).read()
 
 

@@ -225,7 +225,7 @@ def test_paired_difference_from_outcomes():
 
 
 def test_format_paired_difference():
-    r = stats.paired_difference_counts(11, 1, 0, 18)
+    r = stats.paired_difference_counts(11, 1, 0, 18, method="newcombe")
     assert stats.format_paired_difference(r) == (
         "+3.3 points (shell only 1, base only 0 of 30; 95% CI -5.7 to +12.3, newcombe)"
     )

@@ -10,6 +10,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from manifold_tf.evaluation.paired_intervals import DEFAULT_METHOD, PAIRED_METHODS
 from manifold_tf.settings import setting
 from manifold_tf.validation import check_choice, check_int, validate_radius
 
@@ -69,6 +70,15 @@ class AdaptiveConfig:
         "Percentage points (0..100) for --adaptive_until=decided: an interval on the robust "
         "difference below margin decides 'the shell gains less than margin'.",
     )
+    paired_interval: str = setting(
+        DEFAULT_METHOD,
+        "The fixed-n 95% interval of the paired differences (shell minus base): "
+        + ", ".join(PAIRED_METHODS)
+        + " (tango: the one measured to keep its coverage with few discordant points; "
+        "manifold_tf.evaluation.coverage).",
+        choices=PAIRED_METHODS,
+        flag="paired_interval",
+    )
     budget: str | None = setting(
         "6m",
         "Wall-time budget of the adaptive evaluation, e.g. 90s, 10m, 1h, or none. Stops at "
@@ -117,6 +127,7 @@ class AdaptiveConfig:
     def __post_init__(self):
         check_int(self.num_points, "num_points", 1)
         check_choice(self.until, "adaptive_until", UNTIL)
+        check_choice(self.paired_interval, "paired_interval", PAIRED_METHODS)
         margin = float(self.margin)
         if not (math.isfinite(margin) and 0.0 <= margin <= 100.0):
             raise ValueError(

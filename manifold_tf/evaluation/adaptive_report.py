@@ -18,6 +18,8 @@ from manifold_tf import reporting
 from manifold_tf.evaluation import sequential
 from manifold_tf.evaluation.adaptive import PROTOCOL, AdaptiveRun
 from manifold_tf.evaluation.stats import (
+    DEFAULT_PAIRED_METHOD,
+    DESCRIPTIONS,
     format_paired_difference,
     format_proportion,
     mcnemar_exact,
@@ -38,13 +40,14 @@ def _cumulative(records: list[dict], key: str, names: list[str]) -> dict:
     return out
 
 
-def paired(shell: np.ndarray, base: np.ndarray, *, anytime: bool, n_total: int) -> dict:
-    """Shell minus base on the same points, with a paired 95% interval: Newcombe's hybrid score
-    interval for a fixed design, the confidence sequence where the run looked and stopped on the
-    outcomes (its fixed-n interval would not keep its coverage)."""
-    fixed = paired_difference(shell, base, method="newcombe")
+def paired(shell: np.ndarray, base: np.ndarray, *, anytime: bool, n_total: int, method: str):
+    """Shell minus base on the same points, with a paired 95% interval: ``method``'s (a name of
+    :data:`~manifold_tf.evaluation.stats.PAIRED_METHODS`) for a fixed design, the confidence
+    sequence where the run looked and stopped on the outcomes (its fixed-n interval would not keep
+    its coverage)."""
+    fixed = paired_difference(shell, base, method=method)
     if not anytime:
-        return dict(fixed, interval="fixed-n, Newcombe 1998 method 10")
+        return dict(fixed, interval=f"fixed-n, {DESCRIPTIONS[method]}")
     cs = sequential.decide(shell.astype(float) - base.astype(float), n_total=n_total, margin=0.0)
     return dict(
         fixed,
@@ -110,15 +113,19 @@ def summarize(
     )
     cost = {k: sum(r["cost"][k] for r in records) for k in records[0]["cost"]}
     stopping = stopping or dict(rule="points", reason="all planned points were evaluated", n=n)
-    anytime = settings["suite"].get("until") == "decided"
-    n_total = int(settings.get("num_test_points", n))
+    # Settings written before paired_interval existed are judged with the default.
+    pair = dict(
+        anytime=settings["suite"].get("until") == "decided",
+        n_total=int(settings.get("num_test_points", n)),
+        method=settings["suite"].get("paired_interval", DEFAULT_PAIRED_METHOD),
+    )
     shell_clean = np.array([b != "clean" for b in shell_by])
     base_clean = np.array([b != "clean" for b in base_by])
     return dict(
         n=n,
         difference=dict(
-            robust_accuracy=paired(shell_robust, base_robust, anytime=anytime, n_total=n_total),
-            clean_accuracy=paired(shell_clean, base_clean, anytime=anytime, n_total=n_total),
+            robust_accuracy=paired(shell_robust, base_robust, **pair),
+            clean_accuracy=paired(shell_clean, base_clean, **pair),
         ),
         stopping=stopping,
         base=dict(
