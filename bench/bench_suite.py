@@ -24,8 +24,8 @@ side is recorded (return code and the end of its log) and the other side is stil
 Writes ``bench/results/bench_suite.json`` (``--json`` or ``--output`` to change).
 
 ``--smoke`` runs the same two evaluations at tiny sizes (``SMOKE_ARGS``: 2 synthetic points, 2
-steps per attack, the synthetic set's nearest-centre model saved to the work dir); both checkouts
-default to this one.
+steps per attack, the synthetic set's nearest-centre model saved to the work dir, by default
+``<output>_work``); both checkouts default to this one.
 """
 
 from __future__ import annotations
@@ -80,6 +80,8 @@ def _parse(argv=None) -> argparse.Namespace:
     if args.smoke:
         args.checkout_before = args.checkout_before or HERE
         args.num_points, args.rounds = 2, 1
+        # Beside the JSON (a test's tmp_path), not a fresh /tmp folder left behind by every run.
+        args.work_dir = args.work_dir or os.path.splitext(args.json)[0] + "_work"
     elif args.checkout_before is None:
         parser.error("--checkout_before is required (or --smoke: both sides this checkout).")
     return args

@@ -25,6 +25,7 @@ def nearest_centre_model(num_classes: int = 10, seed: int = 0):
     centres of ``manifold_tf.data.synthetic_manifold(seed=seed)``: it classifies every synthetic
     point correctly and compiles in a blink, where a ResNet's tracing would dominate a smoke run.
     """
+    # deferred: the ART check and the help text need no TensorFlow.
     import keras
 
     from manifold_tf.data import synthetic_manifold
