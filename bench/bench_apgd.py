@@ -24,12 +24,16 @@ the points still standing.
 Usage (about 10 minutes on 2 shared cores)::
 
   python -m bench.bench_apgd --num_points=100 --steps=30
+  python -m bench.bench_apgd --smoke --output=/tmp/bench_apgd.json    # seconds
 
-(the default model is the shipped ``manifold_tf/weights/narrow_adv.keras``).
+(the default model is the shipped ``manifold_tf/weights/narrow_adv.keras``). Without ART the run
+stops at once (``--no_art`` skips it); ``--smoke`` (3 synthetic points, 2 steps, 2 targets, DLR
+too, the synthetic set's nearest-centre model) skips it with a note.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -37,34 +41,44 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from absl import app, flags  # noqa: E402
 
 import manifold_tf  # noqa: E402,F401  (registers the custom layers for load_model)
-from bench import timing  # noqa: E402
+from bench import smoke, timing  # noqa: E402
 from manifold_tf import attacks, pretrained  # noqa: E402
-from manifold_tf.data import load_cifar10_arrays  # noqa: E402
+from manifold_tf.data import load_arrays  # noqa: E402
 from manifold_tf.evaluation.stats import clopper_pearson  # noqa: E402
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "checkpoint",
-    None,
-    "A .keras model (logits, pixels 0..255); default the "
-    "shipped narrow_adv model (manifold_tf.pretrained).",
-)
-flags.DEFINE_string("data_dir", "../shared/data/cifar10-sample", "CIFAR-10 python batches.")
-flags.DEFINE_integer("num_points", 200, "The first N test points (clean-misclassified included).")
-flags.DEFINE_float("epsilon", 8.0, "L-inf budget in pixels.")
-flags.DEFINE_integer("steps", 100, "APGD iterations per run (AutoAttack: 100).")
-flags.DEFINE_integer(
-    "restarts", 1, "Runs per attack (per target for APGD-T); ART's nb_random_init."
-)
-flags.DEFINE_integer("num_targets", 9, "APGD-T target classes (AutoAttack: 9).")
-flags.DEFINE_integer("seed", 0, "Seed of our random starts (ART draws from numpy's global state).")
-flags.DEFINE_boolean("art", True, "Also run ART (pip install adversarial-robustness-toolbox).")
-flags.DEFINE_boolean("dlr", False, "Also run our APGD-DLR and ART's DLR loss.")
-flags.DEFINE_boolean("jit_compile", False, "Compile our runs with XLA.")
-flags.DEFINE_string("output", timing.default_output("apgd"), "JSON output file.")
+
+def _parse(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="a .keras model (logits, pixels 0..255); default the shipped narrow_adv model",
+    )
+    parser.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic"])
+    parser.add_argument("--data_dir", default="../shared/data/cifar10-sample", help="CIFAR-10")
+    parser.add_argument(
+        "--num_points", type=int, default=200, help="the first N test points (all of them)"
+    )
+    parser.add_argument("--epsilon", type=float, default=8.0, help="L-inf budget in pixels")
+    parser.add_argument("--steps", type=int, default=100, help="APGD iterations per run")
+    parser.add_argument(
+        "--restarts", type=int, default=1, help="runs per attack (per target for APGD-T)"
+    )
+    parser.add_argument("--num_targets", type=int, default=9, help="APGD-T target classes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of our random starts")
+    parser.add_argument("--no_art", action="store_true", help="skip the ART comparison")
+    parser.add_argument("--dlr", action="store_true", help="also APGD-DLR, ours and ART's")
+    parser.add_argument("--jit_compile", action="store_true", help="compile ours with XLA")
+    parser.add_argument("--smoke", action="store_true", help=smoke.HELP)
+    parser.add_argument("--output", default=timing.default_output("apgd"), help="JSON output file")
+    args = parser.parse_args(argv)
+    if args.smoke:  # the synthetic set's nearest-centre model, 3 points, 2 steps, 2 targets
+        args.dataset, args.checkpoint = "synthetic", None
+        args.num_points, args.steps, args.restarts, args.num_targets = 3, 2, 1, 2
+        args.dlr = True
+    return args
 
 
 def timed(fn, warmup=None) -> tuple[float, object]:
@@ -75,14 +89,21 @@ def timed(fn, warmup=None) -> tuple[float, object]:
     return out["min_s"], out["result"]
 
 
-def main(argv):
-    del argv
-    np.random.seed(FLAGS.seed)
-    path = FLAGS.checkpoint or pretrained.path("narrow_adv")
-    model = keras.saving.load_model(path)
-    x, y = load_cifar10_arrays("test", FLAGS.data_dir)
-    x, y = x[: FLAGS.num_points], y[: FLAGS.num_points].astype(np.int32)
-    n, eps, steps, restarts = len(x), FLAGS.epsilon, FLAGS.steps, FLAGS.restarts
+def load_model(args):
+    if args.smoke:
+        return smoke.nearest_centre_model(), "nearest-centre (synthetic, smoke)"
+    path = args.checkpoint or pretrained.path("narrow_adv")
+    return keras.saving.load_model(path), path
+
+
+def main(argv=None) -> dict:
+    args = _parse(argv)
+    use_art = smoke.check_art(not args.no_art, args.smoke, "bench_apgd")
+    np.random.seed(args.seed)
+    model, path = load_model(args)
+    x, y = load_arrays(args.dataset, "test", args.data_dir if args.dataset == "cifar10" else None)
+    x, y = x[: args.num_points], y[: args.num_points].astype(np.int32)
+    n, eps, steps, restarts = len(x), args.epsilon, args.steps, args.restarts
 
     def predict(images):
         return np.concatenate(
@@ -95,7 +116,7 @@ def main(argv):
     clean_ok = predict(x) == y
     xt = tf.constant(x)
 
-    @tf.function(jit_compile=FLAGS.jit_compile, reduce_retracing=True)
+    @tf.function(jit_compile=args.jit_compile, reduce_retracing=True)
     def forward_backward(z, labels):
         with tf.GradientTape() as tape:
             tape.watch(z)
@@ -124,9 +145,11 @@ def main(argv):
         epsilon=eps,
         steps=steps,
         restarts=restarts,
-        num_targets=FLAGS.num_targets,
-        seed=FLAGS.seed,
-        jit_compile=FLAGS.jit_compile,
+        num_targets=args.num_targets,
+        seed=args.seed,
+        jit_compile=args.jit_compile,
+        smoke=args.smoke,
+        art=use_art,
         clean_accuracy=float(clean_ok.mean()),
         limit_seconds=t_limit,
         limit_seconds_all_points=t_limit_all,
@@ -168,17 +191,17 @@ def main(argv):
         return robust
 
     kw = dict(
-        epsilon=eps, steps=steps, restarts=restarts, seed=FLAGS.seed, jit_compile=FLAGS.jit_compile
+        epsilon=eps, steps=steps, restarts=restarts, seed=args.seed, jit_compile=args.jit_compile
     )
     ours = {
         "APGD-CE": lambda a, b: attacks.apgd_ce(model, a, b, **kw),
-        "APGD-T": lambda a, b: attacks.apgd_t(model, a, b, num_targets=FLAGS.num_targets, **kw),
+        "APGD-T": lambda a, b: attacks.apgd_t(model, a, b, num_targets=args.num_targets, **kw),
     }
-    if FLAGS.dlr:
+    if args.dlr:
         ours["APGD-DLR"] = lambda a, b: attacks.apgd_dlr(model, a, b, **kw)
     art_times = {}
-    art_losses = ["cross_entropy"] + (["difference_logits_ratio"] if FLAGS.dlr else [])
-    if FLAGS.art:
+    art_losses = ["cross_entropy"] + (["difference_logits_ratio"] if args.dlr else [])
+    if use_art:
         for loss in art_losses:
             attack = make_art(model, x.shape[1:], loss, eps, steps, restarts, n)
             name = f"ART APGD ({'CE' if loss == 'cross_entropy' else 'DLR'})"
@@ -191,7 +214,7 @@ def main(argv):
             report(name, t, x_adv)
     robust_all = clean_ok.copy()
     for name, fn in ours.items():
-        t, x_adv = timed(lambda fn=fn: fn(xt, y).numpy(), warmup=lambda fn=fn: fn(xt[:2], y[:2]))
+        t, x_adv = timed(lambda fn=fn: fn(xt, y).x_adv, warmup=lambda fn=fn: fn(xt[:2], y[:2]))
         robust_all &= report(f"ours {name}", t, x_adv, art_times.get(name))
     result["ours_worst_case_robust_accuracy"] = float(robust_all.mean())
     rows.append(
@@ -215,12 +238,14 @@ def main(argv):
     ]
     print(
         f"model {path}; {n} points, clean accuracy {clean_ok.mean():.3f}; eps {eps} px, "
-        f"{steps} steps, {restarts} restart(s), APGD-T {FLAGS.num_targets} targets"
+        f"{steps} steps, {restarts} restart(s), APGD-T {args.num_targets} targets"
     )
-    timing.write_results(FLAGS.output, rows, columns=columns, extra=result)
+    result["table"] = timing.write_results(args.output, rows, columns=columns, extra=result)
+    return dict(result, rows=rows)
 
 
 def make_art(model, input_shape, loss_type, eps, steps, restarts, batch_size):
+    # deferred: ART is optional (bench/requirements-bench.txt).
     from art.attacks.evasion import AutoProjectedGradientDescent
     from art.estimators.classification import TensorFlowV2Classifier
 
@@ -247,4 +272,4 @@ def make_art(model, input_shape, loss_type, eps, steps, restarts, batch_size):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -3,8 +3,9 @@
 One run, one model, one set of points:
 1. raw forward+backward throughput of the model (gradient of the cross-entropy w.r.t. the input,
    compiled, same batch): the ceiling for any gradient attack;
-2. ``attacks.pgd`` and ``attacks.cw_linf_details``: passes per second (images x gradient steps /
-   seconds) and success rate;
+2. ``attacks.pgd`` and ``attacks.cw_linf``: passes per second (images x gradient steps /
+   seconds) and success rate (CW: its batched loop's passes, and the ones each point used, from
+   the ``AttackResult``'s ``details["iterations"]``; its knobs from ``attacks.cw_settings``);
 3. ART 1.20 (``bench/requirements-bench.txt``): ``ProjectedGradientDescent`` and
    ``CarliniLInfMethod`` through ``TensorFlowV2Classifier`` at the same settings.
 
@@ -21,48 +22,67 @@ problem, the paper's units); PGD runs in pixels with ``clip_values=(0, 255)``, `
 Usage (about 10-20 minutes on 2 shared cores)::
 
   python -m bench.bench_attacks --num_images=24 --output=bench/results/bench_attacks.json
+  python -m bench.bench_attacks --smoke --output=/tmp/bench_attacks.json   # seconds
 
-(the default model is the shipped ``manifold_tf/weights/narrow_natural.keras``).
+(the default model is the shipped ``manifold_tf/weights/narrow_natural.keras``). Without ART the
+run stops at once (``--no_art`` skips it); ``--smoke`` (2 synthetic points, 2 steps, the synthetic
+set's nearest-centre model, one repeat) skips it with a note.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from absl import app, flags  # noqa: E402
 
-from bench import timing  # noqa: E402
+from bench import smoke, timing  # noqa: E402
 from manifold_tf import attacks, pretrained  # noqa: E402
 from manifold_tf.data import load_arrays  # noqa: E402
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string(
-    "checkpoint",
-    None,
-    "Model (.keras, .weights.h5 or TF1 checkpoint); "
-    "default the shipped narrow_natural model (manifold_tf.pretrained), else a "
-    "randomly initialised narrow model.",
-)
-flags.DEFINE_string("dataset", "cifar10", "cifar10 or synthetic.")
-flags.DEFINE_string("data_dir", "../shared/data/cifar10-sample", "CIFAR-10 python batches.")
-flags.DEFINE_integer("num_images", 24, "Points (correctly classified test points, seeded order).")
-flags.DEFINE_integer("seed", 0, "Seed of the point order and the random starts.")
-flags.DEFINE_float("epsilon", 8.0, "L-inf budget in pixels.")
-flags.DEFINE_integer("pgd_steps", 10, "PGD steps.")
-flags.DEFINE_float("pgd_step_size", 2.0, "PGD step in pixels.")
-flags.DEFINE_integer("cw_max_iterations", 10, "CW Adam steps per constant (paper: 1000; ART: 10).")
-flags.DEFINE_float(
-    "cw_learning_rate", 5e-3, "CW Adam learning rate (paper 5e-3; ART default 0.01)."
-)
-flags.DEFINE_integer("art_cw_images", 3, "Points for ART's CW L-inf (one image at a time, slow).")
-flags.DEFINE_integer("repeats", 3, "Timed repetitions (the minimum is reported).")
-flags.DEFINE_boolean("art", True, "Also run ART (needs adversarial-robustness-toolbox).")
-flags.DEFINE_boolean("jit_compare", True, "Also time PGD with jit_compile=True.")
-flags.DEFINE_string("output", timing.default_output("bench_attacks"), "JSON output file.")
+
+def _parse(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="model (.keras, .weights.h5 or TF1 checkpoint); default the shipped narrow_natural "
+        "model (manifold_tf.pretrained), else a randomly initialised narrow model",
+    )
+    parser.add_argument("--dataset", default="cifar10", choices=["cifar10", "synthetic"])
+    parser.add_argument("--data_dir", default="../shared/data/cifar10-sample", help="CIFAR-10")
+    parser.add_argument(
+        "--num_images", type=int, default=24, help="points (correct test points, seeded order)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="point order and random starts")
+    parser.add_argument("--epsilon", type=float, default=8.0, help="L-inf budget in pixels")
+    parser.add_argument("--pgd_steps", type=int, default=10, help="PGD steps")
+    parser.add_argument("--pgd_step_size", type=float, default=2.0, help="PGD step in pixels")
+    parser.add_argument(
+        "--cw_max_iterations", type=int, default=10, help="CW Adam steps per constant (paper 1000)"
+    )
+    parser.add_argument(
+        "--cw_learning_rate", type=float, default=5e-3, help="CW Adam rate (paper 5e-3, ART 0.01)"
+    )
+    parser.add_argument(
+        "--art_cw_images", type=int, default=3, help="points of ART's CW L-inf (one at a time)"
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (minimum reported)")
+    parser.add_argument("--no_art", action="store_true", help="skip the ART comparison")
+    parser.add_argument("--no_jit_compare", action="store_true", help="skip PGD with XLA")
+    parser.add_argument("--smoke", action="store_true", help=smoke.HELP)
+    parser.add_argument(
+        "--output", default=timing.default_output("bench_attacks"), help="JSON output file"
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:  # the synthetic set's nearest-centre model, 2 points, 2 steps
+        args.dataset, args.checkpoint = "synthetic", None
+        args.num_images, args.pgd_steps, args.cw_max_iterations = 2, 2, 2
+        args.art_cw_images, args.repeats = 1, 1
+    return args
 
 
 def best_time(fn, repeats: int) -> tuple[float, object]:
@@ -71,12 +91,15 @@ def best_time(fn, repeats: int) -> tuple[float, object]:
     return timed["min_s"], timed["result"]
 
 
-def load_model():
+def load_model(args):
+    # deferred: only the default path needs the model builders.
     from manifold_tf.checkpoints import load_model_weights
     from manifold_tf.models import madry_resnet
 
-    if FLAGS.checkpoint:
-        return load_model_weights(FLAGS.checkpoint), FLAGS.checkpoint
+    if args.smoke:
+        return smoke.nearest_centre_model(), "nearest-centre (synthetic, smoke)"
+    if args.checkpoint:
+        return load_model_weights(args.checkpoint), args.checkpoint
     try:
         path = pretrained.path("narrow_natural")
     except FileNotFoundError as e:
@@ -85,16 +108,14 @@ def load_model():
     return load_model_weights(path), path
 
 
-def pick_points(model):
-    x, y = load_arrays(
-        FLAGS.dataset, "test", FLAGS.data_dir if FLAGS.dataset == "cifar10" else None
-    )
-    order = np.random.default_rng(FLAGS.seed).permutation(len(x))
+def pick_points(model, args):
+    x, y = load_arrays(args.dataset, "test", args.data_dir if args.dataset == "cifar10" else None)
+    order = np.random.default_rng(args.seed).permutation(len(x))
     x, y = x[order], y[order]
     pred = np.concatenate(
         [np.argmax(model(x[i : i + 100], training=False).numpy(), 1) for i in range(0, len(x), 100)]
     )
-    keep = np.flatnonzero(pred == y)[: FLAGS.num_images]
+    keep = np.flatnonzero(pred == y)[: args.num_images]
     return x[keep], y[keep].astype(np.int32), float((pred == y).mean())
 
 
@@ -106,11 +127,14 @@ def linf(a, b):
     return np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).reshape(len(a), -1).max(1)
 
 
-def main(argv):
-    del argv
-    model, model_name = load_model()
-    x, y, clean_acc = pick_points(model)
-    n, eps, reps = len(x), FLAGS.epsilon, FLAGS.repeats
+def main(argv=None) -> dict:
+    args = _parse(argv)
+    use_art = smoke.check_art(not args.no_art, args.smoke, "bench_attacks")
+    model, model_name = load_model(args)
+    x, y, clean_acc = pick_points(model, args)
+    n, eps, reps = len(x), args.epsilon, args.repeats
+    if n == 0:
+        raise SystemExit(f"bench_attacks: {model_name} classifies no {args.dataset} test point.")
     xt, yt = tf.constant(x), tf.constant(y)
     rows, result = (
         [],
@@ -120,6 +144,8 @@ def main(argv):
             clean_accuracy_sample=clean_acc,
             epsilon=eps,
             repeats=reps,
+            smoke=args.smoke,
+            art=use_art,
             cpu_count=os.cpu_count(),
         ),
     )
@@ -132,19 +158,19 @@ def main(argv):
         return tape.gradient(loss, z)
 
     raw_step(xt)
-    k = FLAGS.pgd_steps
+    k = args.pgd_steps
     t_raw, _ = best_time(lambda: [raw_step(xt) for _ in range(k)][-1].numpy(), reps)
     raw_rate = n * k / t_raw
     result["raw"] = dict(passes_per_second=raw_rate, seconds_for_k_steps=t_raw)
     rows.append(row("raw fwd+bwd (ceiling)", n, raw_rate, 1.0, None, t_raw))
 
     pgd_kw = dict(
-        epsilon=eps, steps=k, step_size=FLAGS.pgd_step_size, random_start=True, seed=FLAGS.seed
+        epsilon=eps, steps=k, step_size=args.pgd_step_size, random_start=True, seed=args.seed
     )
-    for jit in [False, True] if FLAGS.jit_compare else [False]:
+    for jit in [False] if args.no_jit_compare else [False, True]:
         attacks.pgd(model, x, y, jit_compile=jit, **pgd_kw)  # compile
         t, x_adv = best_time(
-            lambda jit=jit: attacks.pgd(model, x, y, jit_compile=jit, **pgd_kw).numpy(), reps
+            lambda jit=jit: attacks.pgd(model, x, y, jit_compile=jit, **pgd_kw).x_adv, reps
         )
         rate = n * k / t
         ok = misclassified(model, x_adv, y)
@@ -160,25 +186,30 @@ def main(argv):
             row(f"ours PGD-{k}{' XLA' if jit else ''}", n, rate, rate / raw_rate, ok.mean(), t)
         )
 
-    cw_kw = dict(
-        epsilon=eps, max_iterations=FLAGS.cw_max_iterations, learning_rate=FLAGS.cw_learning_rate
-    )
-    m = min(FLAGS.art_cw_images, n)
-    attacks.cw_linf_details(model, x[:1], y[:1], **dict(cw_kw, max_iterations=1))  # compile
+    knobs = dict(max_iterations=args.cw_max_iterations, learning_rate=args.cw_learning_rate)
+    cw_kw = dict(knobs, epsilon=eps)
+    m = min(args.art_cw_images, n)
     for name, sl in (("cw_linf_all", slice(None)), ("cw_linf_subset", slice(0, m))):
-        t, out = best_time(lambda sl=sl: attacks.cw_linf_details(model, x[sl], y[sl], **cw_kw), 1)
-        steps = out["total_steps"] * len(x[sl])
-        ok = out["success"].numpy() & misclassified(model, out["x_adv"], y[sl])
+        # An untimed call first: cw_linf traces once per settings and batch size.
+        timed = timing.time_call(
+            lambda sl=sl: attacks.cw_linf(model, x[sl], y[sl], **cw_kw), repeats=1, warmup=1
+        )
+        t, out = timed["min_s"], timed["result"]
+        iterations = out.details["iterations"]
+        # One batched loop runs until its last point is done (every point starts in it), each
+        # iteration a pass of the whole batch: the passes paid, beside the ones each point used.
+        steps = int(iterations.max()) * len(iterations)
+        ok = out.success & misclassified(model, out.x_adv, y[sl])
         result[name] = dict(
             seconds=t,
             passes_per_second=steps / t,
             ratio_to_raw=steps / t / raw_rate,
-            useful_passes=int(out["iterations"].numpy().sum()),
+            useful_passes=int(out.base_passes.sum()),
             batched_passes=steps,
             success_rate=float(ok.mean()),
             points=len(x[sl]),
-            median_distance=float(np.median(out["distance"].numpy())),
-            settings=out["settings"],
+            median_distance=float(np.median(out.details["distance"])),
+            settings=attacks.cw_settings(**knobs),
         )
         rows.append(
             row(
@@ -191,20 +222,21 @@ def main(argv):
             )
         )
 
-    if FLAGS.art:
-        rows += run_art(model, x, y, eps, k, m, cw_kw, result)
+    if use_art:
+        rows += run_art(model, x, y, eps, k, m, cw_kw, result, args)
 
     if "art_cw_linf" in result:
         result["cw_speedup_vs_art"] = (
             result["art_cw_linf"]["seconds"] / result["cw_linf_subset"]["seconds"]
         )
-    timing.write_results(FLAGS.output, rows, extra=result)
+    result["table"] = timing.write_results(args.output, rows, extra=result)
     if "art_cw_linf" in result:
         print(
             f"CW L-inf on {m} points: ours {result['cw_linf_subset']['seconds']:.1f}s, "
             f"ART {result['art_cw_linf']['seconds']:.1f}s: "
             f"{result['cw_speedup_vs_art']:.1f}x faster"
         )
+    return dict(result, rows=rows)
 
 
 def row(attack, points, rate, ratio, success, seconds):
@@ -219,7 +251,8 @@ def row(attack, points, rate, ratio, success, seconds):
     }
 
 
-def run_art(model, x, y, eps, k, m, cw_kw, result):
+def run_art(model, x, y, eps, k, m, cw_kw, result, args):
+    # deferred: ART is optional (bench/requirements-bench.txt).
     import keras
     from art.attacks.evasion import CarliniLInfMethod, ProjectedGradientDescent
     from art.estimators.classification import TensorFlowV2Classifier
@@ -237,14 +270,14 @@ def run_art(model, x, y, eps, k, m, cw_kw, result):
         clf,
         norm=np.inf,
         eps=eps,
-        eps_step=FLAGS.pgd_step_size,
+        eps_step=args.pgd_step_size,
         max_iter=k,
         num_random_init=1,
         batch_size=len(x),
         verbose=False,
     )
     pgd.generate(x[:2], y[:2])  # warm-up
-    t, x_adv = best_time(lambda: pgd.generate(x, y), FLAGS.repeats)
+    t, x_adv = best_time(lambda: pgd.generate(x, y), args.repeats)
     ok = misclassified(model, x_adv, y) & (linf(x_adv, x) <= eps + 1e-3)
     result["art_pgd"] = dict(
         seconds=t,
@@ -252,7 +285,7 @@ def run_art(model, x, y, eps, k, m, cw_kw, result):
         success_rate=float(ok.mean()),
         settings=dict(
             eps=eps,
-            eps_step=FLAGS.pgd_step_size,
+            eps_step=args.pgd_step_size,
             max_iter=k,
             num_random_init=1,
             clip_values=[0, 255],
@@ -312,4 +345,4 @@ def run_art(model, x, y, eps, k, m, cw_kw, result):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

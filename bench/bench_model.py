@@ -10,6 +10,7 @@ within each repeat. The TF1 graph standardises images one by one with ``map_fn``
 
     python -m bench.bench_model            # narrow (batch 128) and wide (batch 32)
     python -m bench.bench_model --quick    # narrow only, one call per repeat (~1 min idle)
+    python -m bench.bench_model --smoke --output=/tmp/bench_model.json   # narrow, batch 2, no XLA
 
 Run from the repository root (the TF1 graph is imported from ``tests/``). Writes
 ``bench/results/bench_model.json`` (``--output`` to change).
@@ -25,7 +26,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bench import timing
+from bench import smoke, timing
 
 BATCH = {"narrow": 128, "wide": 32}
 
@@ -38,6 +39,8 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=2, help="calls per timed repeat")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     parser.add_argument("--no_xla", action="store_true", help="skip the XLA variants")
+    parser.add_argument("--batch", type=int, default=None, help="batch of every width")
+    parser.add_argument("--smoke", action="store_true", help=smoke.HELP)
     parser.add_argument(
         "--output", default=timing.default_output("bench_model"), help="JSON output file"
     )
@@ -45,10 +48,17 @@ def _parse(argv=None) -> argparse.Namespace:
     if args.quick:
         args.warmup, args.iters, args.repeats = 1, 1, 3
         args.widths = args.widths or "narrow"
+    if args.smoke:  # the models are what is measured: narrow, batch 2, one call
+        args.warmup, args.iters, args.repeats, args.widths, args.batch = 1, 1, 1, "narrow", 2
+        # XLA compilation of the two ResNets would be most of a smoke run: the same runners with
+        # xla=True.
+        args.no_xla = True
     args.widths = (args.widths or "narrow,wide").split(",")
     for width in args.widths:
         if width not in BATCH:
             parser.error(f"--widths takes narrow and/or wide; got {width!r}.")
+    if args.batch is not None and args.batch < 1:
+        parser.error(f"--batch must be >= 1; got {args.batch}.")
     return args
 
 
@@ -92,7 +102,8 @@ def main(argv=None) -> dict:
     results = {
         "settings": {
             **settings,
-            "batch": {w: BATCH[w] for w in args.widths},
+            "batch": {w: args.batch or BATCH[w] for w in args.widths},
+            "smoke": args.smoke,
             "tensorflow": tf.__version__,
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),
@@ -104,7 +115,7 @@ def main(argv=None) -> dict:
         "rows": [],
     }
     for width in args.widths:
-        batch = BATCH[width]
+        batch = args.batch or BATCH[width]
         images = rng.uniform(0, 255, (batch, 32, 32, 3)).astype(np.float32)
         labels = rng.integers(0, 10, batch).astype(np.int64)
         thunks, closers = {}, []

@@ -21,6 +21,7 @@ components with the same sign (attacks step along ``sign(grad)``); also each var
 
     python -m bench.bench_precision                 # batches 30 and 300, 300 agreement images
     python -m bench.bench_precision --quick         # batch 30 only, fewer repeats
+    python -m bench.bench_precision --smoke --output=/tmp/bench_precision.json   # batch 2, no XLA
 
 Writes ``bench/results/bench_precision.json`` (``--output`` to change).
 """
@@ -34,7 +35,7 @@ import sys
 
 import numpy as np
 
-from bench import timing
+from bench import smoke, timing
 
 VARIANTS = ("f32", "f32_xla", "bf16", "bf16_xla")
 
@@ -49,12 +50,19 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--agree_points", type=int, default=300, help="test images for agreement")
     parser.add_argument("--data_dir", default=None, help="cifar-10-batches-py folder")
     parser.add_argument("--quick", action="store_true", help="batch 30 only, 3 repeats")
+    parser.add_argument("--no_xla", action="store_true", help="skip the XLA variants")
+    parser.add_argument("--smoke", action="store_true", help=smoke.HELP)
     parser.add_argument(
         "--output", default=timing.default_output("bench_precision"), help="JSON output file"
     )
     args = parser.parse_args(argv)
     if args.quick:
         args.batches, args.repeats, args.iters = "30", 3, 2
+    if args.smoke:  # the shipped model is what is measured: batch 2, 2 agreement images
+        args.batches, args.agree_points, args.warmup, args.iters, args.repeats = "2", 2, 1, 1, 1
+        # XLA compilation of the ResNet would be most of a smoke run: the same functions with
+        # jit_compile=True.
+        args.no_xla = True
     args.batches = [int(b) for b in args.batches.split(",")]
     return args
 
@@ -193,11 +201,10 @@ def main(argv=None) -> dict:
     from manifold_tf import data
 
     f32, bf16, width = _models(args.model)
+    variants = [v for v in VARIANTS if not (args.no_xla and v.endswith("_xla"))]
     functions = {
-        "f32": _functions(f32, jit=False),
-        "f32_xla": _functions(f32, jit=True),
-        "bf16": _functions(bf16, jit=False),
-        "bf16_xla": _functions(bf16, jit=True),
+        name: _functions(f32 if name.startswith("f32") else bf16, jit=name.endswith("_xla"))
+        for name in variants
     }
     data_dir = _data_dir(args.data_dir)
     settings = dict(
@@ -207,6 +214,8 @@ def main(argv=None) -> dict:
         iters=args.iters,
         repeats=args.repeats,
         batches=args.batches,
+        variants=variants,
+        smoke=args.smoke,
         tensorflow=tf.__version__,
         cpu_count=os.cpu_count(),
         machine=platform.machine(),
@@ -242,7 +251,7 @@ def main(argv=None) -> dict:
             thunks, repeats=args.repeats, warmup=args.warmup, iters=args.iters
         )
         ref = timed["f32"]["median_s"]
-        for name in VARIANTS:
+        for name in variants:
             t = timed[name]
             rows.append(
                 dict(

@@ -21,6 +21,7 @@ the shell's fraction of the limit (goal >= 0.85) and its speed-up over the loops
     python -m bench.bench_shells                 # N=4 images, K=10 steps (MCNShell default),
                                                  # 3 repeats
     python -m bench.bench_shells --images 8 --steps 10
+    python -m bench.bench_shells --smoke --output=/tmp/bench_shells.json  # 1 image, 2 steps
 
 Writes ``bench/results/bench_shells.json`` (``--output`` to change).
 """
@@ -33,7 +34,7 @@ import platform
 
 import numpy as np
 
-from bench import timing
+from bench import smoke, timing
 
 
 def _parse(argv=None) -> argparse.Namespace:
@@ -44,6 +45,7 @@ def _parse(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--delta", type=float, default=8.0, help="ball radius, pixels")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    parser.add_argument("--smoke", action="store_true", help=smoke.HELP)
     parser.add_argument("--width", default="narrow", choices=["narrow", "wide"])
     parser.add_argument(
         "--weights", default=None, help="optional .keras base (default: random init)"
@@ -51,7 +53,10 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--output", default=timing.default_output("bench_shells"), help="JSON output file"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.smoke:  # the synthetic set's nearest-centre model as the base, 1 image, 2 steps
+        args.images, args.steps, args.repeats, args.weights = 1, 2, 1, None
+    return args
 
 
 def main(argv=None) -> dict:
@@ -62,9 +67,12 @@ def main(argv=None) -> dict:
     from manifold_tf import models, projected
     from manifold_tf.shells import MCNShell, log_odds
 
-    base = (
-        keras.saving.load_model(args.weights) if args.weights else models.madry_resnet(args.width)
-    )
+    if args.smoke:
+        base, base_name = smoke.nearest_centre_model(), "nearest-centre (smoke)"
+    elif args.weights:
+        base, base_name = keras.saving.load_model(args.weights), f"{args.width} ResNet"
+    else:
+        base, base_name = models.madry_resnet(args.width), f"{args.width} ResNet"
     num_classes = int(base.outputs[0].shape[-1])
     n, k, delta = args.images, args.steps, args.delta
     step = 2.5 * delta / k
@@ -177,7 +185,9 @@ def main(argv=None) -> dict:
             num_classes=num_classes,
             rows=n * num_classes,
             repeats=args.repeats,
+            smoke=args.smoke,
             width=args.width,
+            base=base_name,
             weights=args.weights,
             tensorflow=tf.__version__,
             cpu_count=os.cpu_count(),
@@ -189,7 +199,7 @@ def main(argv=None) -> dict:
         goals=dict(shell_vs_limit=0.85, shell_vs_loop=50.0),
     )
     print(
-        f"MCN shell, {args.width} ResNet, N={n} images x C={num_classes} labels, K={k} steps "
+        f"MCN shell, {base_name}, N={n} images x C={num_classes} labels, K={k} steps "
         f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)\n"
     )
     results["table"] = timing.write_results(args.output, rows_out, extra=results)

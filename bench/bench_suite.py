@@ -16,11 +16,16 @@ same points and the after run's robust accuracies are equal or lower (its attack
 
     python -m bench.bench_suite --checkout_before=/work/baseline --checkout_after=. --num_points=10
     python -m bench.bench_suite --checkout_before=A --reuse_before=DIR ...   # parse an earlier run
+    python -m bench.bench_suite --smoke --output=/tmp/bench_suite.json      # seconds, see below
 
 The checkouts run in turn, not interleaved, so a load that comes and goes on a shared machine
 shows up as noise: ``--rounds=R`` alternates before/after R times and reports medians. A failed
 side is recorded (return code and the end of its log) and the other side is still reported.
-Writes ``bench/results/bench_suite.json`` (``--json`` to change).
+Writes ``bench/results/bench_suite.json`` (``--json`` or ``--output`` to change).
+
+``--smoke`` runs the same two evaluations at tiny sizes (``SMOKE_ARGS``: 2 synthetic points, 2
+steps per attack, the synthetic set's nearest-centre model saved to the work dir, by default
+``<output>_work``); both checkouts default to this one.
 """
 
 from __future__ import annotations
@@ -35,17 +40,25 @@ import sys
 import tempfile
 import time
 
-from bench import timing
+from bench import smoke, timing
 from manifold_tf import reporting
 
 SIDES = ("before", "after")
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# evaluate.py flags of a smoke run: every phase and attack of the headline, 2 steps each.
+SMOKE_ARGS = (
+    "--dataset=synthetic --defence_batch_points=2 --base_attack_max_iterations=2 "
+    "--shell_steps=2 --adaptive_steps=2 --adaptive_square_queries=2 --adaptive_sanity_points=2 "
+    "--adaptive_sanity_steps=2 --adaptive_lift_steps=2 --adaptive_base_apgd_steps=2 "
+    "--adaptive_targets=1 --adaptive_base_targets=1 --adaptive_base_square_queries=2"
+)
 
 
 def _parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkout_before", required=True, help="checkout (with evaluate.py)")
+    parser.add_argument("--checkout_before", default=None, help="checkout (with evaluate.py)")
     parser.add_argument("--checkout_after", default=HERE, help="checkout (default: this one)")
+    parser.add_argument("--smoke", action="store_true", help=smoke.HELP)
     parser.add_argument("--num_points", type=int, default=10, help="points of the suite")
     parser.add_argument("--shell", default="mcn")
     parser.add_argument("--delta", default="8")
@@ -57,9 +70,21 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--reuse_after", default=None, help="an earlier after output dir")
     parser.add_argument("--timeout", type=float, default=3 * 3600, help="seconds per run")
     parser.add_argument(
-        "--json", default=timing.default_output("bench_suite"), help="JSON output file"
+        "--json",
+        "--output",
+        dest="json",
+        default=timing.default_output("bench_suite"),
+        help="JSON output file",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.checkout_before = args.checkout_before or HERE
+        args.num_points, args.rounds = 2, 1
+        # Beside the JSON (a test's tmp_path), not a fresh /tmp folder left behind by every run.
+        args.work_dir = args.work_dir or os.path.splitext(args.json)[0] + "_work"
+    elif args.checkout_before is None:
+        parser.error("--checkout_before is required (or --smoke: both sides this checkout).")
+    return args
 
 
 def _command(args, output_dir: str) -> list[str]:
@@ -243,6 +268,10 @@ def main(argv=None) -> dict:
     args = _parse(argv)
     work = args.work_dir or tempfile.mkdtemp(prefix="bench_suite_")
     os.makedirs(work, exist_ok=True)
+    if args.smoke:
+        model_path = os.path.join(work, "nearest_centre.keras")
+        smoke.nearest_centre_model().save(model_path)
+        args.extra_args = f"{SMOKE_ARGS} --checkpoint={model_path} {args.extra_args}"
     checkouts = dict(
         before=os.path.abspath(args.checkout_before), after=os.path.abspath(args.checkout_after)
     )
@@ -299,6 +328,7 @@ def main(argv=None) -> dict:
         command=" ".join(_command(args, "<dir>")),
         num_points=args.num_points,
         rounds=args.rounds,
+        smoke=args.smoke,
         cpu_count=os.cpu_count(),
         machine=platform.machine(),
         load_average=load,
