@@ -28,6 +28,7 @@ from manifold_tf.attacks import run_standing
 from manifold_tf.evaluation import adaptive_suites, sequential
 from manifold_tf.evaluation.adaptive_config import AdaptiveConfig, parse_budget
 from manifold_tf.evaluation.inputs import predict_logits
+from manifold_tf.evaluation.ledger import batch_ledger
 from manifold_tf.evaluation.walk import walk_order
 from manifold_tf.shells import answer
 
@@ -171,6 +172,13 @@ def adaptive_batch(
         attempted=shell_run.attempted,
         linf=np.abs(x_worst - x).reshape(n, -1).max(-1).tolist(),
         cost=cost,
+        ledger=batch_ledger(
+            base_run,
+            shell_run,
+            per_prediction=shell.passes_per_prediction(),
+            shell_checks=np.full(n, checks[0] // max(n, 1)),
+            cw_iterations=cw.details["iterations"],
+        ),
         seconds=dict(total=time.perf_counter() - t0, **shell_run.seconds, base=base_run.seconds),
         cw_success=cw.success.tolist(),
         cw_iterations=cw.details["iterations"].tolist(),
