@@ -138,3 +138,46 @@ def test_run_standing_keeps_each_steps_cost_per_point_and_stops_when_asked():
     asked = []
     cut = run_standing(steps, x, y, stop=lambda: asked.append(1) or len(asked) > 1)
     assert not cut.complete and list(cut.attempted) == ["a"] and len(asked) == 2
+
+
+def test_bench_suite_compares_outcomes_point_by_point_and_reads_the_ledger(run, capsys):
+    from bench import bench_suite
+
+    _, report, store, _ = run
+    side = bench_suite.parse_run(store.directory)
+    assert side["ledger"] == json.loads(json.dumps(report["verdict"]["ledger"]))
+    assert len(side["outcomes"]) == 10
+    same = bench_suite.compare_outcomes(side["outcomes"], side["outcomes"])
+    assert same["points"] == 10 and not same["lost"] and not same["gained"]
+    before = {
+        "1": dict(shell="bpda", base=""),
+        "2": dict(shell="", base="apgd_ce"),
+        "3": dict(shell="clean", base="clean"),
+        "5": dict(shell="", base=""),
+    }
+    after = {
+        "1": dict(shell="", base=""),  # lost: the after suite misses what bpda found
+        "2": dict(shell="square", base="apgd_t"),  # gained for the shell, same for the base
+        "3": dict(shell="clean", base="clean"),
+        "4": dict(shell="", base=""),
+    }
+    out = bench_suite.compare_outcomes(before, after)
+    assert out["lost"] == [dict(index=1, suite="shell", before="bpda")]
+    assert out["gained"] == [dict(index=2, suite="shell", after="square")]
+    assert (out["points"], out["only_before"], out["only_after"]) == (3, ["5"], ["4"])
+    assert [r["flag"] for r in out["rows"]] == ["LOST", "", ""]
+    assert out["rows"][1] == dict(
+        index=2,
+        shell_before="",
+        shell_after="square",
+        base_before="apgd_ce",
+        base_after="apgd_t",
+        flag="",
+    )
+    bench_suite._print_outcomes(out)
+    assert "WEAKER: 1 point(s) broken before stand after: 1 (shell, by bpda)" in (
+        capsys.readouterr().out
+    )
+    rows = bench_suite._ledger_rows(dict(before=side, after=side))
+    assert [r["attack"] for r in rows][:3] == ["base: transfer_cw", "base: apgd_ce", "base: apgd_t"]
+    assert all(r["broken_before"] == r["broken_after"] for r in rows)
