@@ -129,7 +129,8 @@ def ledger_markdown(ledger: dict | None) -> str:
                 ]
             )
     c, cw = ledger["shell_checks"], ledger["cw"]
-    rows.append(["shell: G at x, final check", ledger["n"], "", fmt(c["passes"]), "", ""])
+    share = "" if c["share"] is None else f"{100 * c['share']:.1f}%"
+    rows.append(["shell: G at x, final check", ledger["n"], "", fmt(c["passes"]), "", share])
     rows.append(["total", ledger["n"], "", fmt(ledger["total_passes"]), "", "100.0%"])
     rows.append(
         ["CW x' on the base (beside the total)", cw["points"], "", fmt(cw["passes"]), "", ""]
@@ -158,14 +159,14 @@ def ledger_markdown(ledger: dict | None) -> str:
 
 def plot_ledger(ledger: dict, path: str) -> None:
     """Points broken against cumulative passes per evaluated point, one line per suite, a marker
-    per attack (a PNG)."""
+    per attack that ran on any point (a PNG)."""
     plt = reporting.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     n = max(ledger["n"], 1)
     for suite, color in zip(SUITES, ("C1", "C0"), strict=True):
         start = ledger["shell_checks"]["passes"] / n if suite == "shell" else 0.0
         xs, ys, names = [start], [0], [""]
-        for r in ledger["suites"][suite]:
+        for r in (r for r in ledger["suites"][suite] if r["attempted"]):  # those that ran
             xs.append(xs[-1] + r["passes"] / n)
             ys.append(ys[-1] + r["broken"])
             names.append(r["attack"])
