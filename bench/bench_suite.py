@@ -12,7 +12,11 @@ rest of the total), ``defence.json`` (Table 2: CW on the base and the shell on x
 checks). Reported per side: wall seconds of the whole command, seconds of each phase and of each
 attack, seconds per point, suite points per minute (the adaptive phase only), robust accuracy of
 the shell and of the base; then after / before. A speed-up counts only if the two runs saw the
-same points and the after run's robust accuracies are equal or lower (its attacks are as strong).
+same points and the after run's robust accuracies are equal or lower (its attacks are as strong)
+and, point by point, every point the before run broke (shell or base) is broken after too: the
+per-point outcomes are printed side by side (which attack broke each point) and a point broken
+before but standing after is flagged loudly (``WEAKER``). The cost ledger of each side
+(``adaptive.json``: passes per point and points broken per attack) is compared row by row.
 
     python -m bench.bench_suite --checkout_before=/work/baseline --checkout_after=. --num_points=10
     python -m bench.bench_suite --checkout_before=A --reuse_before=DIR ...   # parse an earlier run
@@ -171,7 +175,15 @@ def parse_run(output_dir: str) -> dict:
         points_per_minute=60.0 * n / total if total > 0 else None,
         seconds_per_point=total / n if n else None,
         cost_per_point={k: sum(r["cost"][k] for r in records) / n for k in records[0]["cost"]},
+        outcomes={
+            str(i): dict(shell=r["shell_broken_by"][k], base=r["base_broken_by"][k])
+            for r in records
+            for k, i in enumerate(r["indices"])
+        },
     )
+    report = os.path.join(output_dir, "adaptive.json")
+    if os.path.exists(report):
+        out["ledger"] = _read(report)["verdict"].get("ledger")  # None: an older checkout
     defence = os.path.join(output_dir, "defence.json")
     if os.path.exists(defence):
         seconds = _read(defence).get("seconds") or {}
@@ -317,11 +329,21 @@ def main(argv=None) -> dict:
             same_points=same,
             after_as_strong=stronger,
             speedup_counts=bool(same and stronger),
+            passes_per_point=dict(
+                before=before["cost_per_point"].get("base_passes"),
+                after=after["cost_per_point"].get("base_passes"),
+            ),
             per_attack_speedup={
                 name: before["shell_attacks_s"][name] / after["shell_attacks_s"][name]
                 for name in before["shell_attacks_s"]
                 if after["shell_attacks_s"].get(name)
             },
+        )
+    if before.get("outcomes") and after.get("outcomes"):
+        comparison["outcomes"] = compare_outcomes(before["outcomes"], after["outcomes"])
+        # A point the before suite broke and the after suite misses: after is weaker there.
+        comparison["speedup_counts"] = bool(
+            comparison.get("speedup_counts") and not comparison["outcomes"]["lost"]
         )
     settings = dict(
         checkouts={s: dict(path=checkouts[s], **_git(checkouts[s])) for s in SIDES},
@@ -352,6 +374,19 @@ def main(argv=None) -> dict:
         reporting.write_json(
             args.json, dict(_read(args.json), attack_rows=attack_rows, attack_table=attack_table)
         )
+    if comparison.get("outcomes"):
+        _print_outcomes(comparison["outcomes"])
+        ledger_rows = _ledger_rows(sides)
+        if ledger_rows:
+            print("\nCost ledger per attack (passes per evaluated point, points broken):")
+            print(
+                reporting.markdown_table(
+                    list(ledger_rows[0]), [list(r.values()) for r in ledger_rows]
+                )
+            )
+        reporting.write_json(
+            args.json, dict(_read(args.json), comparison=comparison, ledger_rows=ledger_rows)
+        )
     for side in SIDES:
         r = sides.get(side) or {}
         if r.get("returncode") not in (None, 0) or r.get("error"):
@@ -367,6 +402,82 @@ def main(argv=None) -> dict:
         f"other evaluate.py processes at the end: {len(settings['other_evaluations'])}"
     )
     return dict(settings=settings, sides=sides, comparison=comparison, table=table)
+
+
+def compare_outcomes(before: dict, after: dict) -> dict:
+    """Per point, who broke it before and after (index -> ``{"shell", "base"}``: the attack's name,
+    ``"clean"`` wrong at x, ``""`` standing), side by side.
+
+    ``lost``: points of either suite that ``before`` broke and ``after`` leaves standing (the after
+    suite is weaker there: a speed-up does not count); ``gained``: the other way round.
+    """
+    common = sorted(set(before) & set(after), key=int)
+    rows, lost, gained = [], [], []
+    for i in common:
+        row = dict(index=int(i))
+        for suite in ("shell", "base"):
+            b, a = before[i][suite], after[i][suite]
+            row[f"{suite}_before"], row[f"{suite}_after"] = b, a
+            if b not in ("", "clean") and a == "":
+                lost.append(dict(index=int(i), suite=suite, before=b))
+            elif b == "" and a not in ("", "clean"):
+                gained.append(dict(index=int(i), suite=suite, after=a))
+        row["flag"] = "LOST" if any(x["index"] == int(i) for x in lost) else ""
+        rows.append(row)
+    return dict(
+        points=len(common),
+        only_before=sorted(set(before) - set(after), key=int),
+        only_after=sorted(set(after) - set(before), key=int),
+        lost=lost,
+        gained=gained,
+        after_breaks_all_before_broke=not lost,
+        rows=rows,
+    )
+
+
+def _print_outcomes(outcomes: dict) -> None:
+    rows = outcomes["rows"]
+    if not rows:
+        print("\nno point evaluated by both sides")
+        return
+    print("\nPer-point outcomes (who broke each point; '' standing):")
+    print(reporting.markdown_table(list(rows[0]), [list(r.values()) for r in rows]))
+    if outcomes["lost"]:
+        lines = ", ".join(
+            f"{x['index']} ({x['suite']}, by {x['before']})" for x in outcomes["lost"]
+        )
+        message = (
+            f"\n!!! WEAKER: {len(outcomes['lost'])} point(s) broken before stand after: {lines}. "
+            f"The after suite misses them; its speed-up does not count. !!!\n"
+        )
+        print(message)
+        print(message, file=sys.stderr, flush=True)
+    if outcomes["only_before"] or outcomes["only_after"]:
+        print(
+            f"points only one side evaluated: before {outcomes['only_before']}, "
+            f"after {outcomes['only_after']}"
+        )
+
+
+def _ledger_rows(sides: dict) -> list[dict]:
+    """Per suite and attack, each side's passes per evaluated point and points broken."""
+    led = {side: (sides.get(side) or {}).get("ledger") for side in SIDES}
+    if not any(led.values()):
+        return []
+    keys = []
+    for side in SIDES:
+        for suite, rows in ((led[side] or {}).get("suites") or {}).items():
+            keys += [(suite, r["attack"]) for r in rows if (suite, r["attack"]) not in keys]
+    out = []
+    for suite, attack in keys:
+        row = dict(attack=f"{suite}: {attack}")
+        for side in SIDES:
+            rows = {r["attack"]: r for r in ((led[side] or {}).get("suites") or {}).get(suite, [])}
+            r, n = rows.get(attack), (led[side] or {}).get("n") or 0
+            row[f"passes_per_point_{side}"] = r["passes"] / n if r and n else None
+            row[f"broken_{side}"] = r["broken"] if r else None
+        out.append(row)
+    return out
 
 
 def _other_evaluations() -> list[str]:

@@ -50,12 +50,18 @@ class Suite:
       broken_by: ``[N]`` object, the name of the step that broke each point; ``""`` standing;
         points broken before the first step keep the name given in ``broken``.
       attempted: points each step ran on; seconds: wall time per step.
+      step_cost: per step, ``{"base_passes": [N], "shell_predictions": [N]}`` int64, what it
+        spent on each point (0 where it did not run); summed over steps, ``result``'s cost.
+      complete: False when ``stop`` ended the run before its last step (the points still
+        standing then were not attacked by every step).
     """
 
     result: AttackResult
     broken_by: np.ndarray
     attempted: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    step_cost: dict = field(default_factory=dict)
+    complete: bool = True
 
     @property
     def standing(self) -> np.ndarray:
@@ -71,6 +77,7 @@ def run_standing(
     broken=None,
     verify: VerifyFn | None = None,
     on_step: Callable[[str, int, int, float], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> Suite:
     """Runs ``steps`` in order, each on the points still standing; the first success wins.
 
@@ -81,6 +88,8 @@ def run_standing(
         named ``"clean"``): points not attacked at all (e.g. already misclassified at ``x``).
       verify: re-checks each step's success with a fresh prediction (see the module docstring).
       on_step: called after each step with ``(name, attempted, broken, seconds)``.
+      stop: asked before each step that has points to attack; ``True`` ends the run there
+        (e.g. a deadline passed): the :class:`Suite` is marked incomplete.
 
     Returns:
       A :class:`Suite`.
@@ -100,10 +109,18 @@ def run_standing(
     base_passes, shell_predictions = base.base_passes, base.shell_predictions
     run = np.full(n, -1, np.int32)
     details: dict[str, np.ndarray] = {}
-    attempted, seconds = {}, {}
+    attempted, seconds, step_cost = {}, {}, {}
+    complete = True
     for r, step in enumerate(steps):
         idx = np.flatnonzero(broken_by == "")
+        if idx.size and stop is not None and stop():
+            complete = False
+            break
         attempted[step.name] = int(idx.size)
+        cost = step_cost.setdefault(
+            step.name,
+            dict(base_passes=np.zeros(n, np.int64), shell_predictions=np.zeros(n, np.int64)),
+        )
         t0 = time.perf_counter()
         if idx.size == 0:
             seconds[step.name] = 0.0
@@ -116,6 +133,8 @@ def run_standing(
         ok = np.asarray(verify(out.x_adv, idx), bool) if verify is not None else out.success
         base_passes[idx] += out.base_passes
         shell_predictions[idx] += out.shell_predictions
+        cost["base_passes"][idx] += out.base_passes
+        cost["shell_predictions"][idx] += out.shell_predictions
         replace = ok | (out.score > score[idx]) | (run[idx] < 0)
         rows = idx[replace]
         x_adv[rows], score[rows], run[rows] = out.x_adv[replace], out.score[replace], r
@@ -137,4 +156,4 @@ def run_standing(
             on_step(step.name, int(idx.size), int(ok.sum()), seconds[step.name])
     details["run"] = run
     result = AttackResult(x_adv, success, base_passes, shell_predictions, score, details)
-    return Suite(result, broken_by, attempted, seconds)
+    return Suite(result, broken_by, attempted, seconds, step_cost, complete)

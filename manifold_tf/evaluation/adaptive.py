@@ -17,6 +17,7 @@ and with a ``budget`` when its time is spent. The sanity checks of Carlini et al
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import NamedTuple
 
@@ -25,16 +26,16 @@ from absl import logging
 
 from manifold_tf import attacks, reporting
 from manifold_tf.attacks import run_standing
-from manifold_tf.evaluation import adaptive_suites, sequential
-from manifold_tf.evaluation.adaptive_config import AdaptiveConfig, parse_budget
+from manifold_tf.evaluation import adaptive_budget, adaptive_suites
+from manifold_tf.evaluation.adaptive_config import AdaptiveConfig
 from manifold_tf.evaluation.inputs import predict_logits
-from manifold_tf.evaluation.walk import walk_order
+from manifold_tf.evaluation.ledger import batch_ledger
+from manifold_tf.evaluation.walk import continue_batches, walk_order
 from manifold_tf.shells import answer
 
 PROTOCOL = "adaptive"
 SANITY = "adaptive_sanity"
 DEFENCE_PROTOCOL = "defence"  # Table 2's records, whose CW x' the suite reuses
-BUDGET_SLACK = 0.15  # a batch may end this fraction of the budget late
 
 
 def shell_labels(shell, x: np.ndarray, batch_size: int = 30) -> np.ndarray:
@@ -103,10 +104,13 @@ def adaptive_batch(
     known_transfer: dict,
     seed: int,
     desc: str = "",
-) -> tuple[dict, np.ndarray]:
+    stop=None,
+    clock=time.perf_counter,
+) -> tuple[dict, np.ndarray, np.ndarray] | None:
     """One batch of both suites: ``(record, x_worst [N, H, W, C], x_cw [N, H, W, C])`` (the
-    breaking x' per point, else x; CW's x' on the base)."""
-    t0 = time.perf_counter()
+    breaking x' per point, else x; CW's x' on the base), or None when ``stop()`` (asked between
+    attack steps) ended it before every step ran."""
+    t0 = clock()
     n = len(y)
     f_x = predict_logits(base, x).argmax(-1)
     g_x = shell_labels(shell, x)
@@ -135,7 +139,10 @@ def adaptive_batch(
         y,
         broken=f_x != y,
         verify=base_wrong,
+        stop=stop,
     )
+    if not base_run.complete:
+        return None
     shell_steps = adaptive_suites.shell_suite(
         shell, base, config, x_cw, epsilon=epsilon, seed=seed, desc=desc or "adaptive"
     )
@@ -146,7 +153,10 @@ def adaptive_batch(
         broken=g_x != y,
         verify=shell_wrong,
         on_step=log_step,
+        stop=stop,
     )
+    if not shell_run.complete:
+        return None
     broken = ~shell_run.standing & (shell_run.broken_by != "clean")
     x_worst = np.where(broken[:, None, None, None], shell_run.result.x_adv, x)
     shell_cost = shell_run.result.cost
@@ -171,7 +181,14 @@ def adaptive_batch(
         attempted=shell_run.attempted,
         linf=np.abs(x_worst - x).reshape(n, -1).max(-1).tolist(),
         cost=cost,
-        seconds=dict(total=time.perf_counter() - t0, **shell_run.seconds, base=base_run.seconds),
+        ledger=batch_ledger(
+            base_run,
+            shell_run,
+            per_prediction=shell.passes_per_prediction(),
+            shell_checks=np.full(n, checks[0] // max(n, 1)),
+            cw_iterations=cw.details["iterations"],
+        ),
+        seconds=dict(total=clock() - t0, **shell_run.seconds, base=base_run.seconds),
         cw_success=cw.success.tolist(),
         cw_iterations=cw.details["iterations"].tolist(),
     )
@@ -291,34 +308,6 @@ def _known_transfer(store, images) -> dict:
     return known
 
 
-def _stopping_rule(config: AdaptiveConfig, n_total: int):
-    """``check(records) -> dict | None``: why to stop after these records, or None to go on."""
-    budget = parse_budget(config.budget) if config.budget else None
-
-    def check(records: list[dict]) -> dict | None:
-        if config.until == "decided":
-            shell = sum(([b == "" for b in r["shell_broken_by"]] for r in records), [])
-            base = sum(([b == "" for b in r["base_broken_by"]] for r in records), [])
-            d = np.asarray(shell, float) - np.asarray(base, float)
-            decision = sequential.decide(d, n_total=n_total, margin=config.margin / 100.0)
-            if decision.stop:
-                return dict(rule="decided", reason=decision.reason, n=int(len(d)))
-        if budget is not None and records:
-            spent = sum(r["seconds"]["total"] for r in records)
-            # Stop when the next batch, at the mean time of those before it, would overrun the
-            # budget by more than BUDGET_SLACK: the budget bounds the run, not just its start.
-            if spent + spent / len(records) > budget * (1.0 + BUDGET_SLACK):
-                return dict(
-                    rule="budget",
-                    reason=f"the time budget {config.budget} would be overrun by another batch "
-                    f"({reporting.format_duration(spent)} spent on {len(records)} batch(es))",
-                    n=sum(len(r["indices"]) for r in records),
-                )
-        return None
-
-    return check
-
-
 def run_adaptive(
     base,
     shell,
@@ -333,16 +322,21 @@ def run_adaptive(
     permutation: str = "numpy",
     batch_points: int = 30,
     metadata: dict | None = None,
+    clock=time.perf_counter,
+    seconds_per_point: float | None = None,
 ) -> AdaptiveRun | None:
     """Runs (or resumes) the suite on the points of the order, batch by batch, until the stopping
-    rule holds (``num_points`` reached, the answer decided, or the budget spent).
+    rule holds (``num_points`` reached, the answer decided, or the budget spent:
+    :mod:`~manifold_tf.evaluation.adaptive_budget`; ``clock`` times the budget, and
+    ``seconds_per_point``, the plan's, sizes the first batch under it). A resumed run
+    keeps its finished batches and may be given a larger ``num_points`` or budget (the attack
+    settings must not change).
 
     Reuses the CW ``x'`` of a Table-2 run in the same store for the points it has. Under several
     workers each computes its own batches and only the chief returns the :class:`AdaptiveRun`
     (the others return None); the sequential rule needs the batches in order, so it runs on one.
     """
     order = walk_order(len(images), seed=seed, kind=permutation)[: config.num_points]
-    batches = [order[i : i + batch_points] for i in range(0, len(order), batch_points)]
     if store.workers.distributed:
         if config.until == "decided":
             raise ValueError(
@@ -373,23 +367,34 @@ def run_adaptive(
             **(metadata or {}),
         )
     )
-    settings = store.bind(PROTOCOL, settings, free=("strategy",))
+    # More points or time extend a run: its finished batches stay what they were.
+    settings = store.bind(PROTOCOL, settings, free=("strategy",) + adaptive_budget.EXTENDS)
     known = _known_transfer(store, images)
-    records = [store.load(PROTOCOL, b) for b in range(len(batches))]
+    saved = {b: store.load(PROTOCOL, b) for b in store.finished(PROTOCOL)}
+    batches = continue_batches(order, {b: r["indices"] for b, r in saved.items()}, batch_points)
+    records = [saved.get(b) for b in range(len(batches))]
     progress = store.progress([len(b) for b in batches], records, "adaptive")
-    stop_rule = _stopping_rule(config, n_total=len(images))
+    note = store.load_note(PROTOCOL, adaptive_budget.CUT_NOTE) or dict(cut=[])
+    stop_rule = adaptive_budget.stopping_rule(config, len(images), note, seconds_per_point)
+    deadline = adaptive_budget.deadline(config, list(saved.values()), note, clock)
     stopping = dict(
         rule="points", reason=f"all {len(order)} planned points were evaluated", n=int(len(order))
     )
     for b, idx in enumerate(batches):
-        if sequential_run and b:
-            why = stop_rule(records[:b])
+        if sequential_run:
+            # A finished batch was paid for: only the sequential rule may stop before it.
+            left = math.inf if records[b] is not None or deadline is None else deadline.left()
+            why = stop_rule(records[:b], left=left, want=len(idx))
             if why is not None:
                 stopping, records = why, records[:b]
                 break
+            if all(r is None for r in records[b:]):  # a smaller batch may fit the time left
+                fit = adaptive_budget.fits(records[:b], left, len(idx), seconds_per_point)
+                idx = adaptive_budget.shrink(order, batches, records, b, fit, batch_points)
         if records[b] is not None or not store.mine(b):
             continue
-        record, x_worst, x_cw = adaptive_batch(
+        started = clock()
+        out = adaptive_batch(
             base,
             shell,
             images[idx].astype(np.float32),
@@ -401,7 +406,15 @@ def run_adaptive(
             known_transfer=known,
             seed=seed + b,
             desc=f"adaptive batch {b + 1}/{len(batches)}",
+            stop=None if deadline is None else deadline.passed,
+            clock=clock,
         )
+        if out is None:  # the deadline cut it: dropped whole, its time counted
+            cut = dict(batch=b, points=len(idx), seconds=clock() - started)
+            stopping = adaptive_budget.cut_stop(config, records[:b], cut, store, PROTOCOL, note)
+            records = records[:b]
+            break
+        record, x_worst, x_cw = out
         record["batch"] = b
         store.save(
             PROTOCOL,
@@ -418,7 +431,7 @@ def run_adaptive(
             ),
         )
     else:
-        why = stop_rule(records) if sequential_run else None
+        why = stop_rule(records, left=math.inf) if sequential_run else None
         if why is not None and why["rule"] == "decided":  # decided at the last planned batch
             stopping = why
     if not sequential_run:

@@ -81,8 +81,10 @@ class AdaptiveConfig:
     )
     budget: str | None = setting(
         "6m",
-        "Wall-time budget of the adaptive evaluation, e.g. 90s, 10m, 1h, or none. Stops at "
-        "a batch boundary; a stop by time alone is a fixed design (fixed-n interval).",
+        "Wall-time budget of the adaptive evaluation, e.g. 90s, 10m, 1h, or none. Holds within "
+        "one attack step: a batch it cuts is dropped whole, so the points evaluated are the "
+        "first n of the order, whole batches (a fixed design: fixed-n interval). --resume with "
+        "a larger budget goes on.",
     )
     shell_attacks: tuple[str, ...] = setting(
         SHELL_ATTACKS, "Attacks on the shell, in order: " + ", ".join(SHELL_ATTACKS) + "."

@@ -17,6 +17,7 @@ import numpy as np
 from manifold_tf import reporting
 from manifold_tf.evaluation import sequential
 from manifold_tf.evaluation.adaptive import PROTOCOL, AdaptiveRun
+from manifold_tf.evaluation.ledger import ledger_markdown, plot_ledger, summarize_ledger
 from manifold_tf.evaluation.stats import (
     DEFAULT_PAIRED_METHOD,
     DESCRIPTIONS,
@@ -147,6 +148,7 @@ def summarize(
             ),
         ),
         passes_per_point={k: v / max(n, 1) for k, v in cost.items()},
+        ledger=summarize_ledger(records),
         flags=suite_flags(shell_by, shell_names, base_by, base_names),
         seconds=sum(r["seconds"]["total"] for r in records),
         sanity=sanity,
@@ -221,6 +223,7 @@ def summary_json(report: dict) -> dict:
         sanity_failures=v["sanity"]["failures"],
         suite_warnings=v["flags"],
         passes_per_point=v["passes_per_point"],
+        ledger=v.get("ledger"),
         robust_accuracy_note=(
             "robust accuracy is over all n evaluated points (correct at x and at "
             "every attack's x'); attacks give lower bounds on vulnerability, so "
@@ -308,7 +311,9 @@ def adaptive_markdown(report: dict) -> str:
         + "".join(f"- `{name}`: {ATTACK_NOTES.get(name, '')}\n" for name in v["shell"]["by_attack"])
         + f"\nSanity checks:\n\n{check_lines}\nCost per point: {per_point} (base passes include "
         f"the shell's own search: shell predictions x its passes per prediction). Time: "
-        f"{v['seconds']:.0f} s.\n\nSuite settings: `{json.dumps(s['suite'])}`\n"
+        f"{v['seconds']:.0f} s.\n\nCost ledger (every attack of both suites; figure "
+        f"`adaptive_ledger.png`):\n\n{ledger_markdown(v.get('ledger'))}\n"
+        f"Suite settings: `{json.dumps(s['suite'])}`\n"
     )
 
 
@@ -316,7 +321,7 @@ def write_adaptive_report(
     run: AdaptiveRun, images, store, *, class_names=None, max_figure_cases: int = 12
 ) -> dict:
     """``adaptive.json``/``.md``, ``summary.json``, ``adaptive_failures.png``,
-    ``adaptive_attacks.png``."""
+    ``adaptive_attacks.png``, ``adaptive_difference.png``, ``adaptive_ledger.png``."""
     records, settings = run.records, run.settings
     verdict = summarize(records, settings, run.sanity, run.stopping)
     report = dict(
@@ -366,6 +371,8 @@ def write_adaptive_report(
     )
     plot_attack_curve(verdict, store.path("adaptive_attacks.png"))
     plot_differences(verdict, store.path("adaptive_difference.png"))
+    if verdict["ledger"] is not None:
+        plot_ledger(verdict["ledger"], store.path("adaptive_ledger.png"))
     return report
 
 

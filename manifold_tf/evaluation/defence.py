@@ -24,7 +24,7 @@ from manifold_tf import attacks, reporting
 from manifold_tf.evaluation.config import DefenceConfig
 from manifold_tf.evaluation.inputs import predict_logits
 from manifold_tf.evaluation.store import RunStore
-from manifold_tf.evaluation.walk import select_correct_points, walk_order
+from manifold_tf.evaluation.walk import continue_batches, select_correct_points, walk_order
 from manifold_tf.projected import madry_step_size
 from manifold_tf.shells.base import answer
 from manifold_tf.validation import validate_images, validate_radius
@@ -294,8 +294,8 @@ def run_table2(
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels).astype(np.int64)
     validate_images(images)
-    indices = table2_points(base, images, labels, config, seed=seed, walk=walk)
-    num_batches = len(indices)
+    points = np.concatenate(table2_points(base, images, labels, config, seed=seed, walk=walk))
+    num_batches = -(-len(points) // batch_points)
     settings = reporting._to_jsonable(
         dict(
             protocol="Table 2 (METHOD.md, Defence evaluation)",
@@ -311,14 +311,18 @@ def run_table2(
             **({} if walk is None else dict(walk=int(walk))),
         )
     )
-    settings = store.bind(PROTOCOL, settings, free=("strategy",))
-    records: list[dict | None] = [store.load(PROTOCOL, b) for b in range(num_batches)]
-    for b, saved in enumerate(records):
-        if saved is not None and saved["indices"] != indices[b].tolist():
-            raise ValueError(
-                f"batch {b} of {store.path(PROTOCOL)} holds other points than this run "
-                f"selects: use another --output_dir, or --overwrite to start again."
-            )
+    # A resumed run on more points (the verdict reached more) keeps its finished batches, a last
+    # partial one included, and goes on after them: the point count is free on resume.
+    settings = store.bind(PROTOCOL, settings, free=("strategy", "num_batches", "walk"))
+    saved = {b: store.load(PROTOCOL, b) for b in store.finished(PROTOCOL)}
+    try:
+        indices = continue_batches(
+            points, {b: r["indices"] for b, r in saved.items()}, batch_points
+        )
+    except ValueError as e:
+        raise ValueError(f"{store.path(PROTOCOL)}: {e}") from None
+    num_batches = len(indices)
+    records: list[dict | None] = [saved.get(b) for b in range(num_batches)]
     done = sum(r is not None for r in records)
     progress = store.progress([len(i) for i in indices], records, "defence")
     if done:

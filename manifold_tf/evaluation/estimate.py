@@ -83,13 +83,54 @@ def defence_passes(
     }
     for name in suite.base_attacks:
         phases[f"adaptive: {name} on the base"] = num_points * base_passes[name]
-    phases["adaptive: CW on the base (points not in Table 2)"] = (
-        num_points - table2_points
+    phases["adaptive: CW on the base (points not in Table 2)"] = max(
+        num_points - table2_points, 0
     ) * cw_passes(cw)
     phases["adaptive: sanity checks"] = (
         3 * suite.sanity_points * (suite.sanity_steps + 1) * per_prediction
     )
     return phases
+
+
+def verdict_seconds_per_point(phases: dict, rate: float, num_points: int) -> float:
+    """Upper bound on the verdict's seconds per point: its phases and CW's (the verdict computes CW
+    first; Table 2 reuses it), not Table 2's shell or the sanity checks, which run after it."""
+    skip = ("Table 2: the shell", "adaptive: sanity")
+    return sum(p for k, p in phases.items() if not k.startswith(skip)) / max(num_points, 1) / rate
+
+
+def under_budget(
+    phases_for, *, budget_s: float | None, rate: float, num_points: int, batch_points: int
+) -> tuple[dict, str]:
+    """``(phases, note)``: the phases of what will run under the verdict's time budget.
+
+    ``phases_for(n)``: the phases (:func:`defence_passes`) with the verdict on ``n`` points. The
+    budget holds within one attack step and drops a batch it cuts, so the verdict reaches the whole
+    batches that fit: at the upper bound per point, at least the ones counted here (more when
+    points fall early); Table 2 then runs on those points. ``note`` says so ("" without a budget
+    or when every point fits).
+    """
+    phases = phases_for(num_points)
+    if budget_s is None:
+        return phases, ""
+    per_batch = batch_points * verdict_seconds_per_point(phases, rate, num_points)
+    fit = (
+        min(num_points, int(budget_s // per_batch) * batch_points) if per_batch > 0 else num_points
+    )
+    if fit >= num_points:
+        return phases, ""
+    note = (
+        f"The time budget ({reporting.format_duration(budget_s)}) fits {fit} of the "
+        f"{num_points} points at this upper bound ({reporting.format_duration(per_batch)} per "
+        f"batch of {batch_points}); the verdict stops at the budget, within one attack step, "
+        f"dropping a batch it cuts, and usually reaches more points (they fall early)."
+    )
+    if fit == 0:
+        return phases_for(min(batch_points, num_points)), note + (
+            " Not even one batch fits at the upper bound: the first may be cut, leaving no "
+            "verdict (give a larger --adaptive_budget or smaller --defence_batch_points)."
+        )
+    return phases_for(fit), note + " The table counts those points."
 
 
 def describe(phases: dict, rate: float) -> str:

@@ -225,16 +225,23 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
     if p_auto is not None:
         metadata["p_auto"] = p_auto
     walk = num_points if cfg.points == "walked" else None
-    phases = estimate.defence_passes(
-        table2_points=walk or cfg.batches * cfg.batch_points,
-        num_points=num_points,
-        shell=shell,
-        per_prediction=shell.passes_per_prediction(),
-        cw=cfg.attack.cw_kwargs(),
-        suite=suite,
-    )
+
+    def phases_for(n: int) -> dict:
+        return estimate.defence_passes(
+            table2_points=n if walk else cfg.batches * cfg.batch_points,
+            num_points=n,
+            shell=shell,
+            per_prediction=shell.passes_per_prediction(),
+            cw=cfg.attack.cw_kwargs(),
+            suite=suite,
+        )
+
     rate = estimate.passes_per_second(base, shell.image_shape)
-    logging.info("%s", estimate.describe(phases, rate))
+    budget = suite.budget_seconds if suite.attack != "none" and not workers.distributed else None
+    phases, note = estimate.under_budget(
+        phases_for, budget_s=budget, rate=rate, num_points=num_points, batch_points=cfg.batch_points
+    )
+    logging.info("%s%s", estimate.describe(phases, rate), f"\n{note}" if note else "")
     known_cw = {}
     if workers.distributed:
         # Several workers split Table 2's batches, then the verdict's (no budget or sequential
@@ -258,6 +265,9 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
             permutation=cfg.permutation,
             batch_points=cfg.batch_points,
             metadata=metadata,
+            seconds_per_point=estimate.verdict_seconds_per_point(
+                phases_for(num_points), rate, num_points
+            ),
         )
         if run is not None:  # the chief writes the reports
             result = adaptive_report.write_adaptive_report(

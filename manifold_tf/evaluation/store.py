@@ -178,13 +178,19 @@ class SettingsMismatch(ValueError):
 
 
 def compare_settings(saved: dict, now: dict, *, free: Iterable[str] = (), where: str = "") -> None:
-    """Raises :class:`SettingsMismatch` naming every key whose value differs (except ``free`` ones).
+    """Raises :class:`SettingsMismatch` naming every key whose value differs (except ``free`` ones;
+    ``"section.key"`` frees one key of a nested section).
 
     Both sides are compared in their JSON form (tuples and lists, numpy scalars and floats alike).
     """
     saved = json.loads(json.dumps(reporting._to_jsonable(saved)))
     now = json.loads(json.dumps(reporting._to_jsonable(now)))
     free = set(free)
+    for key in [k for k in free if "." in k]:  # "suite.budget": a key of a nested section
+        section, name = key.split(".", 1)
+        for side in (saved, now):
+            if isinstance(side.get(section), dict):
+                side[section].pop(name, None)
     keys = [k for k in sorted(set(saved) | set(now)) if k not in free]
     diff = [k for k in keys if saved.get(k, "<missing>") != now.get(k, "<missing>")]
     if diff:
@@ -408,6 +414,15 @@ class RunStore:
         solo = copy.copy(self)
         solo.workers = SINGLE
         return solo
+
+    def save_note(self, protocol: str, name: str, note: dict) -> None:
+        """``<protocol>/<name>.json``: a small file beside the batches (not a batch record)."""
+        self._writing()
+        reporting.write_json(self.path(protocol, f"{name}.json"), note)
+
+    def load_note(self, protocol: str, name: str) -> dict | None:
+        path = self.path(protocol, f"{name}.json")
+        return read_json_checked(path) if os.path.exists(path) else None
 
     # -- reports ---------------------------------------------------------------------------------
 

@@ -58,3 +58,33 @@ def select_correct_points(
         f"the base model classifies only {len(chosen)} of the {len(x)} test points correctly; "
         f"{num_points} are needed (num_batches x batch_points): lower them."
     )
+
+
+def continue_batches(points, saved: dict, batch_points: int) -> list[np.ndarray]:
+    """``points`` (indices, in order) in batches: batch ``b`` is ``saved[b]`` (the indices of a
+    finished batch, kept as it was) or the next ``batch_points`` points.
+
+    A resumed run with more points (a larger ``--num_points`` or budget) thus keeps its finished
+    batches, a last partial one included, and goes on after them. Raises ``ValueError`` when a
+    finished batch is not the next points of ``points`` (another order, or fewer points planned
+    than the run already holds).
+    """
+    points = np.asarray(points)
+    out, start, b = [], 0, 0
+    while start < len(points) or b in saved:
+        idx = np.asarray(saved[b]) if b in saved else points[start : start + batch_points]
+        if not np.array_equal(points[start : start + len(idx)], idx):
+            raise ValueError(
+                f"finished batch {b} holds points that are not the next ones of this run "
+                f"({len(points)} points planned, {start} before it): resume with the settings "
+                f"it ran with (at least as many points), another --output_dir, or --overwrite."
+            )
+        out.append(idx)
+        start, b = start + len(idx), b + 1
+    extra = sorted(k for k in saved if k >= len(out))
+    if extra:
+        raise ValueError(
+            f"finished batches {extra} lie beyond the {len(points)} points planned: resume "
+            f"with at least as many points as the run holds, or --overwrite."
+        )
+    return out
