@@ -15,6 +15,7 @@ Units: pixels (0..255); ``radius`` and ``step_size`` are in pixel units.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import tensorflow as tf
 
@@ -191,6 +192,181 @@ def apgd_checkpoints(steps: int) -> list[int]:
     return sorted({-(-p * int(steps) // 100) for p in hundredths})
 
 
+class APGDState(NamedTuple):
+    """An APGD run between two iterations: what :func:`apgd_iterate` carries from one to the next.
+
+    Every field but ``i`` has one row per example (``[B]`` or ``[B, ...]`` as ``x``), so a run
+    can drop examples between calls by gathering the rows (:meth:`take`) and the iterates of the
+    others do not change: examples never interact.
+    """
+
+    i: tf.Tensor  # [] int32: the next iteration to run (0..steps)
+    z: tf.Tensor  # the current iterate x_k
+    z_prev: tf.Tensor  # x_{k-1} (the momentum's previous point)
+    f_prev: tf.Tensor  # the objective at x_{k-1} (+inf before the first step)
+    eta: tf.Tensor  # [B, 1, ...] the step size (pixels)
+    count: tf.Tensor  # increasing steps since the last checkpoint
+    f_last: tf.Tensor  # f_best at the last checkpoint
+    reduced_last: tf.Tensor  # [B] bool: eta was halved at the last checkpoint
+    z_best: tf.Tensor  # the highest-objective visited point, its value and its gradient
+    f_best: tf.Tensor
+    g_best: tf.Tensor
+    z_ok: tf.Tensor  # the highest-objective successful point and its value (-inf: none yet)
+    f_ok: tf.Tensor
+
+    def take(self, rows) -> APGDState:
+        """The state of the examples ``rows`` (indices ``[M]``), in that order."""
+        return APGDState(self.i, *(tf.gather(v, rows) for v in self[1:]))
+
+    def succeeded(self) -> tf.Tensor:
+        """``[B]`` bool: a successful point was visited (its best is ``z_ok``)."""
+        return self.f_ok > -float("inf")
+
+
+def apgd_start(x: tf.Tensor, z0: tf.Tensor, radius) -> APGDState:
+    """The state of an APGD run before its first iteration, from ``z0`` (projected first)."""
+    z0 = project(z0, x, radius)
+    n = tf.shape(x)[:1]
+    inf = tf.constant(float("inf"), x.dtype)
+    eta0 = 2.0 * radius * tf.ones(tf.concat([n, tf.ones([len(x.shape) - 1], tf.int32)], 0), x.dtype)
+    return APGDState(
+        tf.constant(0),
+        z0,
+        z0,
+        tf.fill(n, inf),
+        eta0,
+        tf.zeros(n, x.dtype),
+        tf.fill(n, -inf),
+        tf.zeros(n, tf.bool),
+        z0,
+        tf.fill(n, -inf),
+        tf.zeros_like(z0),
+        z0,
+        tf.fill(n, -inf),
+    )
+
+
+def _evaluate(objective, z, with_grad=True):
+    """``(f [B], ok [B] bool, grad or None, has_success)`` of ``objective`` at ``z``."""
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        out = objective(z)
+    has_success = isinstance(out, (tuple, list))
+    f, ok = out if has_success else (out, tf.zeros(tf.shape(z)[:1], tf.bool))
+    grad = None
+    if with_grad:
+        grad = tape.gradient(f, z, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+    return f, ok, grad, has_success
+
+
+def _keep(mask, new, old):
+    if len(old.shape) > 1:
+        mask = tf.reshape(mask, [-1] + [1] * (len(old.shape) - 1))
+    return tf.where(mask, new, old)
+
+
+def _keep_best(z, f, ok, z_best, f_best, z_ok, f_ok):
+    better = f > f_best
+    better_ok = ok & (f > f_ok)  # f_ok is -inf until a success
+    return (
+        _keep(better, z, z_best),
+        _keep(better, f, f_best),
+        _keep(better_ok, z, z_ok),
+        _keep(better_ok, f, f_ok),
+        better,
+    )
+
+
+def apgd_iterate(
+    objective: Objective,
+    x: tf.Tensor,
+    state: APGDState,
+    *,
+    radius,
+    steps: int,
+    stop=None,
+    rho: float = 0.75,
+    alpha: float = 0.75,
+) -> APGDState:
+    """Runs the iterations ``state.i, ..., stop - 1`` of a ``steps``-iteration APGD run.
+
+    :func:`apgd_ascent` is ``apgd_start``, this up to ``steps`` and :func:`apgd_finish`; a caller
+    may stop in between (``stop``: an int or a scalar int32 tensor, default ``steps``), drop the
+    examples it is done with (:meth:`APGDState.take`) and go on with the rest: an example's
+    iterates depend only on its own state. ``steps`` fixes the checkpoint schedule. Cost: one
+    forward+backward pass per iteration and example. Arguments as :func:`apgd_ascent`.
+    """
+    steps = int(steps)
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0; got {steps}.")
+    if not 0.0 < alpha <= 1.0 or not 0.0 < rho <= 1.0:
+        raise ValueError(f"alpha and rho must lie in (0, 1]; got alpha={alpha}, rho={rho}.")
+    if steps == 0:
+        return state
+    stop = steps if stop is None else stop
+    checks = [w for w in apgd_checkpoints(steps) if w < steps]  # a check at K would act on nothing
+    is_check, since_last = [False] * steps, [0.0] * steps  # since_last: w_j - w_{j-1} at w_j
+    for prev, w in zip(checks, checks[1:], strict=False):
+        is_check[w], since_last[w] = True, float(w - prev)
+    is_check = tf.constant(is_check)
+    since_last = tf.constant(since_last, x.dtype)
+    keep = _keep
+
+    def body(
+        i, z, z_prev, f_prev, eta, count, f_last, reduced_last, z_best, f_best, g_best, z_ok, f_ok
+    ):
+        f, ok, g, _ = _evaluate(objective, z)
+        count += tf.cast(f > f_prev, count.dtype)
+        z_best, f_best, z_ok, f_ok, better = _keep_best(z, f, ok, z_best, f_best, z_ok, f_ok)
+        g_best = keep(better, g, g_best)
+        # The step-size test at a checkpoint (iteration 0 is w_0: nothing to test yet).
+        check = is_check[i]
+        stalled = count < rho * since_last[i]
+        stuck = ~reduced_last & (f_best <= f_last)
+        reduce = check & (stalled | stuck)
+        eta = keep(reduce, eta / 2.0, eta)
+        z, g, f = keep(reduce, z_best, z), keep(reduce, g_best, g), keep(reduce, f_best, f)
+        f_last = keep(check, f_best, f_last)
+        reduced_last = keep(check, reduce, reduced_last)
+        count = keep(check, tf.zeros_like(count), count)
+        # The first step has no previous point, hence no momentum.
+        a = tf.where(i > 0, tf.constant(alpha, x.dtype), tf.constant(1.0, x.dtype))
+        z_step = project(z + eta * tf.sign(g), x, radius)
+        z_new = project(z + a * (z_step - z) + (1.0 - a) * (z - z_prev), x, radius)
+        return (
+            i + 1,
+            z_new,
+            z,
+            f,
+            eta,
+            count,
+            f_last,
+            reduced_last,
+            z_best,
+            f_best,
+            g_best,
+            z_ok,
+            f_ok,
+        )
+
+    out = tf.while_loop(
+        lambda i, *_: i < tf.minimum(stop, steps), body, tuple(state), maximum_iterations=steps
+    )
+    return APGDState(*out)
+
+
+def apgd_finish(objective: Objective, x: tf.Tensor, state: APGDState):
+    """The output of a finished run (see :func:`apgd_ascent`): one forward pass at the last
+    iterate, which needs no gradient."""
+    z_best, f_best, z_ok, f_ok = state.z_best, state.f_best, state.z_ok, state.f_ok
+    f, ok, _, has_success = _evaluate(objective, state.z, with_grad=False)
+    z_best, f_best, z_ok, f_ok, _ = _keep_best(state.z, f, ok, z_best, f_best, z_ok, f_ok)
+    if not has_success:
+        return z_best, f_best
+    succeeded = f_ok > -float("inf")
+    return _keep(succeeded, z_ok, z_best), _keep(succeeded, f_ok, f_best), succeeded
+
+
 def apgd_ascent(
     objective: Objective,
     x: tf.Tensor,
@@ -227,116 +403,7 @@ def apgd_ascent(
       point among the successful ones if any, else among all, its value, and whether it succeeded.
       Cost: ``K`` forward+backward passes and one forward pass (the last point needs no gradient).
     """
-    steps = int(steps)
-    if steps < 0:
-        raise ValueError(f"steps must be >= 0; got {steps}.")
-    if not 0.0 < alpha <= 1.0 or not 0.0 < rho <= 1.0:
-        raise ValueError(f"alpha and rho must lie in (0, 1]; got alpha={alpha}, rho={rho}.")
-    checks = [w for w in apgd_checkpoints(steps) if w < steps]  # a check at K would act on nothing
-    is_check = [False] * max(steps, 1)
-    since_last = [0.0] * max(steps, 1)  # w_j - w_{j-1} at w_j
-    for prev, w in zip(checks, checks[1:], strict=False):
-        is_check[w], since_last[w] = True, float(w - prev)
-    is_check = tf.constant(is_check)
-    since_last = tf.constant(since_last, x.dtype)
-
-    n = tf.shape(x)[:1]
-    expand = [-1] + [1] * (len(x.shape) - 1)
-    has_success = [None]  # set on the first call of `evaluate` (trace time)
-
-    def evaluate(z, with_grad=True):
-        with tf.GradientTape() as tape:
-            tape.watch(z)
-            out = objective(z)
-        f, ok = out if isinstance(out, (tuple, list)) else (out, tf.zeros(n, tf.bool))
-        has_success[0] = isinstance(out, (tuple, list))
-        return (
-            f,
-            ok,
-            (
-                tape.gradient(f, z, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-                if with_grad
-                else None
-            ),
-        )
-
-    def keep(mask, new, old):
-        return tf.where(tf.reshape(mask, expand) if len(old.shape) > 1 else mask, new, old)
-
-    def keep_best(z, f, ok, z_best, f_best, z_ok, f_ok):
-        better = f > f_best
-        better_ok = ok & (f > f_ok)  # f_ok is -inf until a success
-        return (
-            keep(better, z, z_best),
-            keep(better, f, f_best),
-            keep(better_ok, z, z_ok),
-            keep(better_ok, f, f_ok),
-            better,
-        )
-
-    def body(
-        i, z, z_prev, f_prev, eta, count, f_last, reduced_last, z_best, f_best, g_best, z_ok, f_ok
-    ):
-        f, ok, g = evaluate(z)
-        count += tf.cast(f > f_prev, count.dtype)
-        z_best, f_best, z_ok, f_ok, better = keep_best(z, f, ok, z_best, f_best, z_ok, f_ok)
-        g_best = keep(better, g, g_best)
-        # The step-size test at a checkpoint (iteration 0 is w_0: nothing to test yet).
-        check = is_check[i]
-        stalled = count < rho * since_last[i]
-        stuck = ~reduced_last & (f_best <= f_last)
-        reduce = check & (stalled | stuck)
-        eta = keep(reduce, eta / 2.0, eta)
-        z, g, f = keep(reduce, z_best, z), keep(reduce, g_best, g), keep(reduce, f_best, f)
-        f_last = keep(check, f_best, f_last)
-        reduced_last = keep(check, reduce, reduced_last)
-        count = keep(check, tf.zeros_like(count), count)
-        # The first step has no previous point, hence no momentum.
-        a = tf.where(i > 0, tf.constant(alpha, x.dtype), tf.constant(1.0, x.dtype))
-        z_step = project(z + eta * tf.sign(g), x, radius)
-        z_new = project(z + a * (z_step - z) + (1.0 - a) * (z - z_prev), x, radius)
-        return (
-            i + 1,
-            z_new,
-            z,
-            f,
-            eta,
-            count,
-            f_last,
-            reduced_last,
-            z_best,
-            f_best,
-            g_best,
-            z_ok,
-            f_ok,
-        )
-
-    z0 = project(z0, x, radius)
-    inf = tf.constant(float("inf"), x.dtype)
-    eta0 = 2.0 * radius * tf.ones(tf.concat([n, tf.ones([len(x.shape) - 1], tf.int32)], 0), x.dtype)
-    loop_vars = (
-        tf.constant(0),
-        z0,
-        z0,
-        tf.fill(n, inf),
-        eta0,  # i, z, z_prev, f_prev, eta
-        tf.zeros(n, x.dtype),
-        tf.fill(n, -inf),
-        tf.zeros(n, tf.bool),  # count, f_last, reduced_last
-        z0,
-        tf.fill(n, -inf),
-        tf.zeros_like(z0),
-        z0,
-        tf.fill(n, -inf),  # bests
+    state = apgd_iterate(
+        objective, x, apgd_start(x, z0, radius), radius=radius, steps=steps, rho=rho, alpha=alpha
     )
-    if steps > 0:
-        loop_vars = tf.while_loop(
-            lambda i, *_: i < steps, body, loop_vars, maximum_iterations=steps
-        )
-    z, z_best, f_best, z_ok, f_ok = (loop_vars[k] for k in (1, 8, 9, 11, 12))
-    f, ok, _ = evaluate(z, with_grad=False)
-    z_best, f_best, z_ok, f_ok, _ = keep_best(z, f, ok, z_best, f_best, z_ok, f_ok)
-    if not has_success[0]:
-        return z_best, f_best
-    succeeded = f_ok > -inf
-    return keep(succeeded, z_ok, z_best), keep(succeeded, f_ok, f_best), succeeded
+    return apgd_finish(objective, x, state)

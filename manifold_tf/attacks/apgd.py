@@ -1,12 +1,16 @@
 """Auto-PGD (Croce & Hein, ICML 2020): APGD-CE, APGD-DLR and APGD-T, L-inf, on base models.
 
 "Reliable evaluation of adversarial robustness with an ensemble of diverse parameter-free attacks".
-Each run is one call of :func:`projected.apgd_ascent` (step size ``2 * epsilon`` halved on a fixed
-schedule, momentum 0.75), compiled once per (model, loss, steps, image shape) in
-:mod:`manifold_tf.compiled`. As in AutoAttack, a run attacks only the points still classified
-correctly (the batch shrinks; the compiled function takes any batch size, so it does not retrace),
-and per example the first run that misclassifies it decides its output; a point never broken gets
-its highest-loss point. Units: pixels (0..255) for images and ``epsilon``.
+Each run is :func:`projected.apgd_ascent` (step size ``2 * epsilon`` halved on a fixed schedule,
+momentum 0.75) cut at its checkpoints (:func:`projected.apgd_checkpoints`) into calls of
+:func:`projected.apgd_iterate`, compiled once per (model, loss, steps, image shape) in
+:mod:`manifold_tf.compiled`. At each checkpoint the points that have reached a misclassified
+iterate leave the run (nothing is spent on a decided point; ``early_exit=False`` runs every step);
+the others go on exactly as in an uninterrupted run, since a point's iterates depend on it alone.
+As in AutoAttack, a run attacks only the points still classified correctly (the batch shrinks;
+the compiled functions take any batch size, so they do not retrace), and per example the first
+run that misclassifies it decides its output; a point never broken gets its highest-loss point.
+Units: pixels (0..255) for images and ``epsilon``.
 
 Choices where the paper leaves room: the random start is uniform in ``N(x, epsilon)`` (AutoAttack
 scales a uniform draw to the sphere of the ball); success means misclassification (also for
@@ -19,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from manifold_tf import compiled, projected
-from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE, margin, prepare
+from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE, checkpoint_stops, margin, prepare
 from manifold_tf.attacks.result import AttackResult
 from manifold_tf.attacks.runner import Step, run_standing
 from manifold_tf.validation import check_int
@@ -75,28 +79,90 @@ def cross_entropy(logits, y) -> tf.Tensor:
     return tf.nn.softplus(tf.reduce_logsumexp(others, axis=-1))
 
 
-def _build(loss: str, steps: int):
-    def build(net):
-        def run(x, y, target, eps, seed):
-            def objective(z):
-                logits = net(z, training=False)
-                if loss == "ce":
-                    f = cross_entropy(logits, y)
-                elif loss == "dlr":
-                    f = dlr_loss(logits, y)
-                else:
-                    f = dlr_targeted_loss(logits, y, target)
-                return f, tf.not_equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
+def _objective(net, loss, y, target):
+    def objective(z):
+        logits = net(z, training=False)
+        if loss == "ce":
+            f = cross_entropy(logits, y)
+        elif loss == "dlr":
+            f = dlr_loss(logits, y)
+        else:
+            f = dlr_targeted_loss(logits, y, target)
+        return f, tf.not_equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
 
-            z0 = projected.random_start(x, eps, seed)
-            return projected.apgd_ascent(objective, x, z0, radius=eps, steps=steps)
+    return objective
+
+
+def _build_iterate(loss: str, steps: int):
+    def build(net):
+        def run(x, y, target, eps, state, stop):
+            objective = _objective(net, loss, y, target)
+            return projected.apgd_iterate(objective, x, state, radius=eps, steps=steps, stop=stop)
 
         return run
 
     return build
 
 
-def _apgd(model, x, y, *, loss, epsilon, steps, restarts, num_targets, seed, jit_compile):
+def _build_finish(loss: str):
+    def build(net):
+        def run(x, y, target, eps, state):
+            return projected.apgd_finish(_objective(net, loss, y, target), x, state)
+
+        return run
+
+    return build
+
+
+def _state_shapes(image_shape: tuple) -> list:
+    """The ``(shape, dtype)`` of each per-point field of :class:`projected.APGDState`."""
+    img, row = (None,) + image_shape, [None]
+    ones = (None,) + (1,) * len(image_shape)
+    f32, b = tf.float32, tf.bool
+    # z, z_prev, f_prev, eta, count, f_last, reduced_last, z_best, f_best, g_best, z_ok, f_ok
+    shapes = [img, img, row, ones, row, row, row, img, row, img, img, row]
+    return [(s, b if k == 6 else f32) for k, s in enumerate(shapes)]
+
+
+def _run(iterate, finish, x, y, target, eps, seed, steps, early_exit):
+    """One APGD run on ``M`` points: ``(x_adv [M, ...], f [M], success [M], passes [M])``.
+
+    The run stops at each of APGD's checkpoints; with ``early_exit`` the points that have reached
+    a misclassified iterate leave there with their best misclassified point, and the others go on
+    alone (their iterates do not depend on the batch, so they end as in an uninterrupted run).
+    """
+    m = len(x)
+    z_out, f_out = np.array(x, np.float32), np.full(m, -np.inf, np.float32)
+    ok_out, passes = np.zeros(m, bool), np.zeros(m, np.int64)
+    xt, yt, tt = tf.constant(x), tf.constant(y, tf.int32), tf.constant(target, tf.int32)
+    state = projected.apgd_start(xt, projected.random_start(xt, eps, seed), eps)
+    rows, done = np.arange(m), 0
+    for stop in checkpoint_stops(steps, early_exit):
+        state = iterate(xt, yt, tt, eps, state, tf.constant(stop, tf.int32))
+        passes[rows] += stop - done
+        done = stop
+        if stop == steps:
+            break
+        left = state.succeeded().numpy()
+        if left.any():
+            z_out[rows[left]] = state.z_ok.numpy()[left]
+            f_out[rows[left]] = state.f_ok.numpy()[left]
+            ok_out[rows[left]] = True
+            keep = np.flatnonzero(~left)
+            rows = rows[keep]
+            if not rows.size:
+                return z_out, f_out, ok_out, passes
+            keep = tf.constant(keep, tf.int32)
+            state = state.take(keep)
+            xt, yt, tt = (tf.gather(v, keep) for v in (xt, yt, tt))
+    z, f, ok = finish(xt, yt, tt, eps, state)
+    z_out[rows], f_out[rows], ok_out[rows] = z.numpy(), f.numpy(), ok.numpy()
+    return z_out, f_out, ok_out, passes
+
+
+def _apgd(
+    model, x, y, *, loss, epsilon, steps, restarts, num_targets, seed, jit_compile, early_exit
+):
     steps = check_int(steps, "steps", 0)
     restarts = check_int(restarts, "restarts", 1)
     x, y, num_classes, epsilon = prepare(model, x, y, epsilon, "epsilon")
@@ -126,34 +192,44 @@ def _apgd(model, x, y, *, loss, epsilon, steps, restarts, num_targets, seed, jit
         targets = targets.astype(np.int32)
 
     image_shape = tuple(int(d) for d in x.shape[1:])
-    key = ("apgd", loss, steps, image_shape)
-    # A None batch axis: one trace serves every number of still-standing points.
-    signature = [
+    # A None batch axis: one trace serves every number of points still standing, in every
+    # segment of every run.
+    images, labels = (
         tf.TensorSpec((None,) + image_shape, tf.float32),
         tf.TensorSpec([None], tf.int32),
-        tf.TensorSpec([None], tf.int32),
-        tf.TensorSpec([], tf.float32),
-        tf.TensorSpec([2], tf.int64),
-    ]
-    fn = compiled.cached(
-        model, key, _build(loss, steps), jit_compile=jit_compile, input_signature=signature
+    )
+    scalar = tf.TensorSpec([], tf.float32)
+    state = projected.APGDState(
+        tf.TensorSpec([], tf.int32),
+        *(tf.TensorSpec(s, d) for s, d in _state_shapes(image_shape)),
+    )
+    iterate = compiled.cached(
+        model,
+        ("apgd", loss, steps, image_shape),
+        _build_iterate(loss, steps),
+        jit_compile=jit_compile,
+        input_signature=[images, labels, labels, scalar, state, tf.TensorSpec([], tf.int32)],
+    )
+    finish = compiled.cached(
+        model,
+        ("apgd_finish", loss, image_shape),
+        _build_finish(loss),
+        jit_compile=jit_compile,
+        input_signature=[images, labels, labels, scalar, state],
     )
     eps = tf.constant(epsilon, tf.float32)
 
     def step(j: int, run: int) -> Step:
         def attack(xs, ys, idx):
-            z, f, ok = fn(
-                tf.constant(xs),
-                tf.constant(ys, tf.int32),
-                tf.constant(targets[idx, j]),
-                eps,
-                tf.constant([int(seed), run], tf.int64),
+            seed_run = tf.constant([int(seed), run], tf.int64)
+            z, f, ok, passes = _run(
+                iterate, finish, xs, ys, targets[idx, j], eps, seed_run, steps, early_exit
             )
             return AttackResult(
-                z.numpy(),
-                ok.numpy(),
-                base_passes=steps,
-                score=f.numpy(),
+                z,
+                ok,
+                base_passes=passes,
+                score=f,
                 details=dict(target=np.where(loss == "dlr_targeted", targets[idx, j], -1)),
             )
 
@@ -175,6 +251,7 @@ def apgd_ce(
     restarts: int = 1,
     seed: int = 0,
     jit_compile: bool = DEFAULT_JIT_COMPILE,
+    early_exit: bool = True,
 ) -> AttackResult:
     """APGD-CE: Auto-PGD ascending the cross-entropy of the true label, L-inf.
 
@@ -189,15 +266,20 @@ def apgd_ce(
       restarts: runs from independent random starts; each attacks only the points still standing.
       seed: seeds the random starts (stateless: same seed and inputs, same output).
       jit_compile: compile each run with XLA (XLA then compiles once per batch size it meets).
+      early_exit: a point leaves a run at the first of APGD's checkpoints where it has reached a
+        misclassified iterate (its output: the highest-loss misclassified iterate so far).
+        ``False``: every run takes all its ``steps`` on each point it starts on (AutoAttack's
+        way; the same points succeed, at more cost).
 
     Returns:
       :class:`AttackResult`: ``x_adv`` ``[N, H, W, C]`` float32 inside ``N(x, epsilon)`` and
       [0, 255]: per example the first misclassified point found, else the highest-loss point
       (``x`` itself for points misclassified already, a success at no cost); ``score`` its loss;
       ``details["run"]`` the run that produced it (-1: none), ``details["target"]`` (-1:
-      untargeted). Cost: one forward pass over the ``N`` points, then per run ``steps``
-      forward+backward passes (``base_passes``, per point as spent) and one forward pass over
-      the points still standing: at most ``restarts * steps`` forward+backward passes per point.
+      untargeted). Cost: one forward pass over the ``N`` points, then per run and point the
+      forward+backward passes up to the checkpoint where it left, or ``steps`` (``base_passes``,
+      per point as spent), and one forward pass over the points that did not leave: at most
+      ``restarts * steps`` forward+backward passes per point.
     """
     return _apgd(
         model,
@@ -210,6 +292,7 @@ def apgd_ce(
         num_targets=1,
         seed=seed,
         jit_compile=jit_compile,
+        early_exit=early_exit,
     )
 
 
@@ -223,6 +306,7 @@ def apgd_dlr(
     restarts: int = 1,
     seed: int = 0,
     jit_compile: bool = DEFAULT_JIT_COMPILE,
+    early_exit: bool = True,
 ) -> AttackResult:
     """APGD-DLR: Auto-PGD ascending the untargeted :func:`dlr_loss` (``K >= 3``), L-inf.
 
@@ -239,6 +323,7 @@ def apgd_dlr(
         num_targets=1,
         seed=seed,
         jit_compile=jit_compile,
+        early_exit=early_exit,
     )
 
 
@@ -253,6 +338,7 @@ def apgd_t(
     restarts: int = 1,
     seed: int = 0,
     jit_compile: bool = DEFAULT_JIT_COMPILE,
+    early_exit: bool = True,
 ) -> AttackResult:
     """APGD-T: Auto-PGD ascending :func:`dlr_targeted_loss` (``K >= 4``), L-inf.
 
@@ -273,4 +359,5 @@ def apgd_t(
         num_targets=num_targets,
         seed=seed,
         jit_compile=jit_compile,
+        early_exit=early_exit,
     )

@@ -39,7 +39,8 @@ import numpy as np
 import tensorflow as tf
 
 from manifold_tf import compiled, projected
-from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE, prepare
+from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE, checkpoint_stops, prepare
+from manifold_tf.attacks.fab_projection import project_linf_hyperplane
 from manifold_tf.attacks.result import AttackResult
 from manifold_tf.attacks.runner import Step, run_standing
 from manifold_tf.validation import PIXEL_MAX, PIXEL_MIN, check_int
@@ -51,81 +52,18 @@ _MIN_STEP = 1e-8  # AutoAttack's floor on |delta| in alpha (both steps zero: alp
 # A model that is flat at a point (or reads its input through a cast) has a zero gradient there,
 # not a missing one: FAB then takes no step (d = 0) instead of failing.
 _ZERO = tf.UnconnectedGradients.ZERO
-# Newton's method of the projection: at most this many steps (it stops on the exact root, after
-# 1-9 in our measurements), and a step below this fraction of lam is float32 rounding: converged.
-_NEWTON_STEPS = 64
-_NEWTON_TOL = 1e-6
 
 
-def project_linf_hyperplane(t: tf.Tensor, w: tf.Tensor, r: tf.Tensor) -> tf.Tensor:
-    """The smallest L-inf step ``d`` with ``w . d = r`` and ``t + d`` in the box [0, 255].
-
-    The paper's box-constrained L-inf projection onto a hyperplane (AutoAttack's
-    ``projection_linf``): moving each coordinate by at most ``lam`` toward the face of the box
-    that ``sign(r * w_i)`` points at changes ``w . d`` by ``h(lam) = sum_i |w_i| min(lam, p_i)``,
-    ``p_i`` the room to that face, so the answer is ``d_i = sign(r w_i) min(lam*, p_i)`` with
-    ``lam*`` the root of ``h(lam) = |r|``. Away from the box ``lam* = |r| / ||w||_1``, i.e.
-    ``d = r sign(w) / ||w||_1``. When even the far corner of the box does not reach the
-    hyperplane (``h(max p) < |r|``), ``d`` is that corner.
-
-    ``h`` is increasing, concave and piecewise linear, so Newton's method from ``lam = 0`` stays
-    below the root and lands on it exactly once on the root's linear piece: the first step is the
-    box-free answer (exact when the box does not bind), each further one crosses the pieces where
-    coordinates hit the box. AutoAttack instead sorts the ``p_i`` and bisects over them; on CPU,
-    200 rows of 3,072 pixels, ``tf.argsort`` alone took 125-200 ms, this whole projection 6-40 ms
-    (1 Newton step when the box does not bind, up to 9 with ``|r|`` at 99.9% of the reach).
-
-    Args:
-      t: points ``[M, D]`` float32, pixels in [0, 255].
-      w: hyperplane normals ``[M, D]``.
-      r: ``[M]``, the required change of ``w . d``.
-
-    Returns:
-      ``d`` ``[M, D]``, zero where ``w`` is. Cost: one pass over ``[M, D]`` per Newton step (at
-      most ``_NEWTON_STEPS``; see above).
-    """
-    sigma = tf.sign(r)[:, None] * tf.sign(w)  # the direction each coordinate moves in
-    room = tf.where(sigma > 0, PIXEL_MAX - t, t - PIXEL_MIN)
-    full = sigma * room  # the far corner of the box in the direction of the hyperplane
-    a = tf.abs(w)
-    need = tf.abs(r)
-
-    def h_and_slope(lam):
-        capped = room > lam[:, None]
-        h = tf.reduce_sum(a * tf.where(capped, lam[:, None], room), axis=1)
-        return h, tf.reduce_sum(tf.where(capped, a, 0.0), axis=1)
-
-    def body(i, lam, moved):
-        h, slope = h_and_slope(lam)
-        # slope = 0: every coordinate is at its face (the root is beyond the corner): stop there.
-        step = tf.maximum(tf.math.divide_no_nan(need - h, slope), 0.0)
-        # A step below float32 resolution of lam is rounding, not progress.
-        moved = tf.reduce_any(step > _NEWTON_TOL * (1.0 + lam))
-        return i + 1, lam + step, moved
-
-    lam0 = tf.zeros_like(need)
-    _, lam, _ = tf.while_loop(
-        lambda i, lam, moved: (i < _NEWTON_STEPS) & moved,
-        body,
-        (tf.constant(0), lam0, tf.constant(True)),
-    )
-    reach = tf.reduce_sum(a * room, axis=1)
-    lam = tf.where(reach < need, tf.constant(np.inf), lam)[:, None]
-    return tf.clip_by_value(full, -lam, lam)
-
-
-def _build(steps: int, targeted: bool):
+def _build_iterate(steps: int, targeted: bool):
     def build(net):
-        def run(x, y, target, eps, seed, random_start, alpha_max, eta, beta):
+        def run(x, y, target, x1, best, best_norm, k, stop, alpha_max, eta, beta):
+            # Iterations k..stop-1 of a run from x1; images flat [n, D], best_norm [n].
             shape = tf.shape(x)
             n = shape[0]
             x0 = tf.reshape(x, [n, -1])
 
             def logits_at(z):
                 return net(tf.reshape(z, shape), training=False)
-
-            def misclassified(z):
-                return tf.not_equal(tf.argmax(logits_at(z), axis=-1, output_type=tf.int32), y)
 
             def linearise(z):
                 # (f [n], w [n, D]): the logit difference Z_l - Z_y at z and its gradient.
@@ -148,13 +86,6 @@ def _build(steps: int, targeted: bool):
                 label = tf.argmin(dist, axis=1, output_type=tf.int32)
                 return tf.gather(f_all, label, batch_dims=1), tf.gather(w_all, label, batch_dims=1)
 
-            def start():
-                u = tf.random.stateless_uniform(tf.shape(x0), seed=seed, minval=-1.0, maxval=1.0)
-                u = u / tf.maximum(tf.reduce_max(tf.abs(u), axis=1, keepdims=True), _TINY)
-                return tf.clip_by_value(x0 + 0.5 * eps * u, PIXEL_MIN, PIXEL_MAX)
-
-            x1 = tf.cond(random_start, start, lambda: x0)
-
             def body(k, x1, best, best_norm):
                 f, w = linearise(x1)
                 # Hyperplane {z : f + w . (z - x1) = 0}: from x1 the step needs w . d = -f, from
@@ -170,7 +101,7 @@ def _build(steps: int, targeted: bool):
                 alpha = tf.minimum(a1 / (a1 + a0), alpha_max)[:, None]
                 x1 = (1.0 - alpha) * (x1 + eta * d1) + alpha * (x0 + eta * d0)
                 x1 = tf.clip_by_value(x1, PIXEL_MIN, PIXEL_MAX)
-                adv = misclassified(x1)
+                adv = _misclassified(logits_at(x1), y)
                 norm = tf.reduce_max(tf.abs(x1 - x0), axis=1)
                 better = adv & (norm < best_norm)
                 best = tf.where(better[:, None], x1, best)
@@ -180,23 +111,93 @@ def _build(steps: int, targeted: bool):
                 x1 = tf.where(adv[:, None], x0 + beta * (x1 - x0), x1)
                 return k + 1, x1, best, best_norm
 
-            best_norm = tf.fill([n], tf.constant(np.inf, tf.float32))
-            _, _, best, best_norm = tf.while_loop(
-                lambda k, *_: k < steps, body, (tf.constant(0), x1, x0, best_norm)
+            return tf.while_loop(
+                lambda k, *_: k < tf.minimum(stop, steps),
+                body,
+                (k, x1, best, best_norm),
+                maximum_iterations=steps,
             )
-            # Inside the ball the best point is kept as is (projection is then the identity);
-            # outside, its projection onto N(x, eps); x when nothing adversarial was found.
-            found = best_norm < np.inf
-            x_adv = projected.project(tf.where(found[:, None], best, x0), x0, eps)
-            success = misclassified(x_adv)
-            # A projected point the model gets wrong is an adversarial point found too.
-            inside = tf.reduce_max(tf.abs(x_adv - x0), axis=1)
-            best_norm = tf.where(success, tf.minimum(best_norm, inside), best_norm)
-            return tf.reshape(x_adv, shape), success, best_norm
 
         return run
 
     return build
+
+
+def _misclassified(logits, y):
+    return tf.not_equal(tf.argmax(logits, axis=-1, output_type=tf.int32), y)
+
+
+def _build_finish():
+    def build(net):
+        def run(x, y, best, best_norm, eps):
+            # Inside the ball the best point is kept as is (projection is then the identity);
+            # outside, its projection onto N(x, eps); x when nothing adversarial was found.
+            n = tf.shape(x)[0]
+            x0 = tf.reshape(x, [n, -1])
+            found = best_norm < np.inf
+            x_adv = projected.project(tf.where(found[:, None], best, x0), x0, eps)
+            success = _misclassified(net(tf.reshape(x_adv, tf.shape(x)), training=False), y)
+            # A projected point the model gets wrong is an adversarial point found too.
+            inside = tf.reduce_max(tf.abs(x_adv - x0), axis=1)
+            best_norm = tf.where(success, tf.minimum(best_norm, inside), best_norm)
+            return tf.reshape(x_adv, tf.shape(x)), success, best_norm
+
+        return run
+
+    return build
+
+
+def _start(x: np.ndarray, eps: float, seed: tf.Tensor, random: bool) -> tf.Tensor:
+    """A run's first iterate ``[M, D]``: ``x``, or ``x + eps / 2 * u / |u|_inf`` in the box."""
+    x0 = tf.reshape(tf.constant(x), [len(x), -1])
+    if not random:
+        return x0
+    u = tf.random.stateless_uniform(tf.shape(x0), seed=seed, minval=-1.0, maxval=1.0)
+    u = u / tf.maximum(tf.reduce_max(tf.abs(u), axis=1, keepdims=True), _TINY)
+    return tf.clip_by_value(x0 + 0.5 * eps * u, PIXEL_MIN, PIXEL_MAX)
+
+
+def _run(iterate, finish, x, y, target, eps, seed, restart, stops, settings):
+    """One FAB run on ``M`` points: ``(x_adv, success, norm, iterations)``, each ``[M]`` rows.
+
+    The run pauses at ``stops`` (the last is ``steps``); at each pause before the last, the points
+    with an adversarial point within ``eps`` leave with their best so far, the others go on alone.
+    """
+    m = len(x)
+    xt, yt, tt = tf.constant(x), tf.constant(y, tf.int32), tf.constant(target, tf.int32)
+    x1 = _start(x, eps, seed, restart > 0)
+    best, best_norm = tf.reshape(xt, [m, -1]), tf.fill([m], tf.constant(np.inf, tf.float32))
+    best_out, norm_out = best.numpy(), best_norm.numpy()
+    iterations, rows, done, k = np.zeros(m, np.int64), np.arange(m), 0, tf.constant(0)
+    for stop in stops:
+        k, x1, best, best_norm = iterate(
+            xt, yt, tt, x1, best, best_norm, k, tf.constant(stop, tf.int32), *settings
+        )
+        iterations[rows] += stop - done
+        done = stop
+        if stop == stops[-1]:
+            break
+        left = best_norm.numpy() <= np.float32(eps)
+        if not left.any():
+            continue
+        best_out[rows[left]], norm_out[rows[left]] = best.numpy()[left], best_norm.numpy()[left]
+        keep = np.flatnonzero(~left)
+        rows = rows[keep]
+        if not rows.size:
+            break
+        xt, yt, tt, x1, best, best_norm = (
+            tf.gather(v, keep) for v in (xt, yt, tt, x1, best, best_norm)
+        )
+    if rows.size:
+        best_out[rows], norm_out[rows] = best.numpy(), best_norm.numpy()
+    z, ok, norm = finish(
+        tf.constant(x),
+        tf.constant(y, tf.int32),
+        tf.constant(best_out),
+        tf.constant(norm_out),
+        tf.constant(eps, tf.float32),
+    )
+    return z.numpy(), ok.numpy(), norm.numpy(), iterations
 
 
 def _check_unit(value, name: str, low: float, high: float, low_open: bool = False) -> float:
@@ -226,6 +227,7 @@ def fab(
     beta: float = 0.9,
     seed: int = 0,
     jit_compile: bool = DEFAULT_JIT_COMPILE,
+    early_exit: bool = False,
 ) -> AttackResult:
     """FAB, L-inf: the smallest adversarial perturbation found, and success within ``epsilon``.
 
@@ -245,6 +247,11 @@ def fab(
         backward step in (0, 1].
       seed: seeds the restarts' starts (stateless: same seed and inputs, same output).
       jit_compile: compile each run with XLA (XLA then compiles once per batch size it meets).
+      early_exit: stop searching a point once it has an adversarial point within ``epsilon``
+        (checked at APGD's checkpoints, 22%, 41%, ... of a run: ``common.checkpoint_stops``):
+        the same points succeed, at less cost, but ``norm`` is then the smallest norm found up to
+        that checkpoint, not over the whole run. Off by default (FAB is a minimal-norm attack);
+        an evaluation that needs only success turns it on.
 
     Returns:
       An :class:`~manifold_tf.attacks.result.AttackResult` of ``N`` rows: ``x_adv`` inside
@@ -257,7 +264,8 @@ def fab(
       not attacked), ``details["run"]``: that run's index (-1: not attacked).
 
     Cost: one forward pass over the ``N`` points, then per run and point still standing
-    ``steps`` gradient evaluations plus ``steps + 1`` forward passes. A FAB-T gradient is one
+    ``steps`` gradient evaluations (with ``early_exit``, those up to the checkpoint where the
+    point left) plus as many forward passes and one more. A FAB-T gradient is one
     forward+backward pass; an untargeted one is the Jacobian, one forward and ``K`` backward
     passes, counted as ``K``. ``base_passes`` counts these gradient passes: at most
     ``num_targets * restarts * steps`` (FAB-T) or ``restarts * steps * K`` (untargeted) per point.
@@ -294,45 +302,51 @@ def fab(
     targets = targets.astype(np.int32)
 
     image_shape = tuple(int(d) for d in x.shape[1:])
-    # A None batch axis: one trace serves every number of still-standing points.
-    signature = [
+    # A None batch axis: one trace serves every number of points still standing.
+    images, labels = (
         tf.TensorSpec((None,) + image_shape, tf.float32),
         tf.TensorSpec([None], tf.int32),
-        tf.TensorSpec([None], tf.int32),
-        tf.TensorSpec([], tf.float32),
-        tf.TensorSpec([2], tf.int64),
-        tf.TensorSpec([], tf.bool),
-        tf.TensorSpec([], tf.float32),
-        tf.TensorSpec([], tf.float32),
-        tf.TensorSpec([], tf.float32),
-    ]
-    fn = compiled.cached(
+    )
+    flat, rows = tf.TensorSpec([None, int(np.prod(image_shape))], tf.float32), tf.TensorSpec([None])
+    scalar, count = tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.int32)
+    iterate = compiled.cached(
         model,
         ("fab", steps, bool(targeted), image_shape),
-        _build(steps, bool(targeted)),
+        _build_iterate(steps, bool(targeted)),
         jit_compile=jit_compile,
-        input_signature=signature,
+        input_signature=[images, labels, labels, flat, flat, rows, count, count] + [scalar] * 3,
     )
-    passes = steps * (1 if targeted else num_classes)
-    settings = [tf.constant(v, tf.float32) for v in (epsilon, alpha_max, eta, beta)]
+    finish = compiled.cached(
+        model,
+        ("fab_finish", image_shape),
+        _build_finish(),
+        jit_compile=jit_compile,
+        input_signature=[images, labels, flat, rows, scalar],
+    )
+    per_step = 1 if targeted else num_classes
+    settings = [tf.constant(v, tf.float32) for v in (alpha_max, eta, beta)]
+    stops = checkpoint_stops(steps, early_exit)
 
     def make_step(j: int, restart: int, run: int) -> Step:
         def step(xs, ys, idx):
             tgt = targets[idx, j]
-            z, ok, norm = fn(
-                tf.constant(xs),
-                tf.constant(ys, tf.int32),
-                tf.constant(np.maximum(tgt, 0)),
-                settings[0],
-                tf.constant([int(seed), run], tf.int64),
-                tf.constant(restart > 0),
-                *settings[1:],
+            seed_run = tf.constant([int(seed), run], tf.int64)
+            z, ok, norm, iterations = _run(
+                iterate,
+                finish,
+                xs,
+                ys,
+                np.maximum(tgt, 0),
+                epsilon,
+                seed_run,
+                restart,
+                stops,
+                settings,
             )
-            norm = norm.numpy()
             return AttackResult(
-                z.numpy(),
-                ok.numpy(),
-                base_passes=passes,
+                z,
+                ok,
+                base_passes=iterations * per_step,
                 score=-norm,
                 details={"norm": norm, "target": tgt},
             )
@@ -370,6 +384,7 @@ def fab_t(
     beta: float = 0.9,
     seed: int = 0,
     jit_compile: bool = DEFAULT_JIT_COMPILE,
+    early_exit: bool = False,
 ) -> AttackResult:
     """FAB-T, AutoAttack's targeted FAB: :func:`fab` with ``targeted=True`` (see there)."""
     return fab(
@@ -386,4 +401,5 @@ def fab_t(
         beta=beta,
         seed=seed,
         jit_compile=jit_compile,
+        early_exit=early_exit,
     )

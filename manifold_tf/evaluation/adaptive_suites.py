@@ -188,6 +188,7 @@ def base_suite(
             targeted=True,
             num_targets=targets,
             seed=seed,
+            early_exit=True,  # only success counts here, not FAB's smallest norm
         ),
         "square": lambda xs, ys, idx: attacks.square(
             base, xs, ys, epsilon=epsilon, queries=config.base_square_queries, seed=seed
