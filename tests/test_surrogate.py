@@ -13,6 +13,8 @@ import pytest
 from helpers import assert_results_equal, linear_model, small_conv, uniform_images
 from manifold_tf import attacks
 from manifold_tf.attacks.surrogate import proxy_slots, rank_labels
+from manifold_tf.evaluation import adaptive_suites, estimate
+from manifold_tf.evaluation.config import AdaptiveConfig
 from manifold_tf.shells import (
     AntiAdversaryShell,
     CarliniWagnerShell,
@@ -271,3 +273,66 @@ def test_bad_proxies_are_refused(setup):
         attacks.bpda(mcn, x, y, epsilon=1.0, steps=1, proxy=other)
     with pytest.raises(ValueError, match="not both"):
         attacks.bpda(mcn, x, y, epsilon=1.0, steps=1, proxy=mcn.proxy(steps=1), warm_steps=1)
+
+
+def test_the_suite_steers_by_the_configured_proxy_and_counts_it(setup, monkeypatch):
+    base, x, mcn, _ = setup
+    y = mcn.embed(x)["label"].numpy()
+    cfg = AdaptiveConfig(
+        proxy_steps=1, proxy_labels=2, square_queries=4, steps=2, targets=1, restarts=0
+    )
+    seen = {}
+    suite_module = importlib.import_module("manifold_tf.evaluation.adaptive_suites")
+    for name in ("bpda_restarts", "bpda_targeted"):
+        real = getattr(attacks, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            seen[_name] = kw["proxy"]
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(suite_module.attacks, name, spy)
+    steps = adaptive_suites.shell_suite(mcn, base, cfg, x, epsilon=2.0, seed=0)
+    outs = {s.name: s.run(x, y, np.arange(len(x))) for s in steps if s.name != "lift"}
+    assert seen["bpda_restarts"] is seen["bpda_targeted"] is mcn.proxy(steps=1, labels=2)
+    # Square searches every label: its copy is the 1-step one; its queries are base passes.
+    sq, copy = outs["square"], mcn.proxy(steps=1)
+    np.testing.assert_array_equal(sq.shell_predictions, 0)
+    np.testing.assert_array_equal(
+        sq.base_passes, (sq.details["queries"] + 1) * copy.passes_per_prediction()
+    )
+    # The shell itself when nothing is configured: Square's queries are shell predictions.
+    (plain,) = adaptive_suites.shell_suite(
+        mcn,
+        base,
+        AdaptiveConfig(square_queries=4, shell_attacks=("square",)),
+        x,
+        epsilon=2.0,
+        seed=0,
+    )
+    out = plain.run(x, y, np.arange(len(x)))
+    np.testing.assert_array_equal(out.shell_predictions, out.details["queries"])
+    np.testing.assert_array_equal(out.base_passes, 0)
+
+
+def test_the_plan_counts_the_proxy_at_its_cost(setup):
+    _, _, mcn, _ = setup
+    cw = dict(max_iterations=10, initial_const=1e-2, largest_const=1.0, stop_within_epsilon=True)
+
+    def plan(**changes):
+        suite = AdaptiveConfig(steps=10, restarts=0, targets=2, square_queries=6, **changes)
+        return estimate.defence_passes(
+            table2_points=1,
+            num_points=1,
+            shell=mcn,
+            per_prediction=mcn.passes_per_prediction(),
+            cw=cw,
+            suite=suite,
+        )
+
+    full, cheap = plan(), plan(proxy_steps=1, proxy_labels=1)
+    pp, qq = mcn.passes_per_prediction(), mcn.proxy(steps=1, labels=1).passes_per_prediction()
+    assert full["adaptive: bpda on the shell"] == 2 * 11 * pp + 2 * 2 * 10
+    # Each run: the shell at its start, last and best iterate, the proxy in between.
+    assert cheap["adaptive: bpda on the shell"] == pytest.approx(2 * (3 * pp + 9 * qq) + 40)
+    assert cheap["adaptive: square on the shell"] == 7 * mcn.proxy(steps=1).passes_per_prediction()
+    assert sum(cheap.values()) < sum(full.values())
