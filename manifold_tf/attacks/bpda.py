@@ -36,9 +36,11 @@ Steps are signed: fixed (``schedule="sign"``, L-inf PGD) or Auto-PGD's (``"apgd"
 restart from the best point, momentum 0.75; Croce & Hein 2020), the progress measure being the
 shell's own margin (below). Every iterate is projected onto ``N(x, epsilon)`` and the box.
 
-Verification: the real shell is evaluated at every iterate, and per point the first iterate where
-its label is not ``y`` is kept and frozen; a reported success is a misclassification by the shell,
-never a property of the surrogate (also for targeted runs, as in AutoAttack's APGD-T). A shell with
+Verification: the real shell is evaluated at every iterate (through a proxy, a cheaper copy of
+the shell, at the first and last, and wherever the proxy claims a success), and per point the
+first iterate where the shell's label is not ``y`` is kept and frozen; a reported success is a
+misclassification by the shell, never a property of the surrogate (also for targeted runs, as in
+AutoAttack's APGD-T). A shell with
 randomness (``random_start``) is attacked with EOT when ``eot_samples > 0``: the gradient and the
 progress measure are averaged over copies of the shell with other seeds, and success is judged by
 the shell itself, whose draw the attack never used otherwise. BPDA success rates are lower bounds.
@@ -54,10 +56,11 @@ import numpy as np
 import tensorflow as tf
 
 from manifold_tf import compiled, projected
+from manifold_tf.attacks.proxied import check_best, check_proxy, confirmed
 from manifold_tf.attacks.result import AttackResult
-from manifold_tf.attacks.surrogate import surrogate_rows
+from manifold_tf.attacks.surrogate import proxy_slots, surrogate_rows
 from manifold_tf.projected import SCHEDULES, madry_step_size
-from manifold_tf.shells import FactorShell, Scores, log_odds
+from manifold_tf.shells import FactorShell, log_odds
 from manifold_tf.validation import (
     PIXEL_MAX,
     PIXEL_MIN,
@@ -85,7 +88,7 @@ def _grad_function(base, image_shape: tuple[int, ...], num_classes: int):
     """
     ints = tf.TensorSpec((None,), tf.int32)
     signature = [
-        tf.TensorSpec((None, num_classes) + tuple(image_shape), tf.float32),
+        tf.TensorSpec((None, None) + tuple(image_shape), tf.float32),
         ints,
         ints,
         ints,
@@ -223,6 +226,7 @@ def bpda(
     schedule: str = "sign",
     eot_samples: int = 0,
     warm_steps: int = 0,
+    proxy=None,
     progress=None,
 ) -> AttackResult:
     """One L-inf BPDA run on a factor shell (identity approximation of its search; see the module).
@@ -252,14 +256,24 @@ def bpda(
         Every success it claims is checked with the shell itself (and the last iterate is
         always the shell's), so reported successes stay the shell's; only the gradient and
         the progress measure come from the approximation.
+      proxy: a cheaper copy of the shell (``shell.proxy(steps=..., labels=...)``, issue 22's
+        surrogate) to steer by: the steps between the first and the last take their gradient,
+        progress measure and decisions from it (and EOT's copies are its copies); every success
+        it claims is checked on the shell before the point is frozen (the point goes on if the
+        shell disagrees), the first and last iterates are the shell's, and at the end each
+        point's best iterate by the proxy's margin is checked on the shell too. A proxy
+        searching some labels only searches ``y``, the target and the best wrong labels by the
+        shell's ranking at the start. ``None`` (or the shell itself): the shell at every step.
       progress: optional callable ``(done_steps, total_steps, points_standing)``.
 
     Returns:
       :class:`AttackResult`: ``x_adv`` float32 ``[N, H, W, 3]`` (the first iterate where the
       shell was wrong, else the last; in ``N(x, epsilon)`` and the box), ``success`` (the shell's
       label at ``x_adv`` is not ``y``), ``score`` (the shell's untargeted margin at ``x_adv``,
-      :func:`surrogate_rows`: ``> 0`` iff wrong, up to ties), ``shell_predictions`` and
-      ``base_passes`` (forward+backward base passes outside the shell), ``details``:
+      :func:`surrogate_rows`: ``> 0`` iff wrong, up to ties), ``shell_predictions`` (of the
+      shell itself only) and ``base_passes`` (forward+backward base passes outside them: the
+      gradients, and a proxy's predictions at the proxy's own ``passes_per_prediction``),
+      ``details``:
       ``shell_label``, ``steps_used`` (the step of the success, 0 = the start; ``steps`` if none)
       and ``target`` (-1: untargeted).
 
@@ -269,6 +283,9 @@ def bpda(
     Cost per point: at most ``steps + 1`` shell predictions (each about ``C * K`` forward+backward
     passes of the base, ``K`` the shell's steps) plus ``steps * eot`` for EOT copies, and
     ``2 * steps * max(1, eot)`` forward+backward base passes (two rows per step and sample).
+    Through a proxy: 2 shell predictions (plus one per success the proxy claims and one for the
+    best iterate), and ``(steps - 1 + steps * eot) * proxy.passes_per_prediction()`` more base
+    passes.
     """
     x, y, epsilon, target = prepare(shell, x, y, epsilon, target)
     steps = check_int(steps, "steps", 0)
@@ -283,7 +300,10 @@ def bpda(
         madry_step_size(epsilon, steps) if step_size is None else step_size, "step_size"
     )
     progress = check_progress(progress)
-    copies = eot_shells(shell, eot_samples, seed)
+    sur = check_proxy(shell, proxy)
+    if sur is not shell and warm_steps:
+        raise ValueError("give a proxy or warm_steps, not both (two approximations of the shell).")
+    copies = eot_shells(sur, eot_samples, seed)
     if x_init is not None:
         if random_start:
             raise ValueError("give either x_init or random_start=True, not both.")
@@ -304,19 +324,41 @@ def bpda(
     active = np.arange(len(x))
     warm = None if copies or not warm_steps else shell.warm_search(warm_steps)
     z_prev = None  # the search's points at the previous iterate (warm start), [active, C, ...]
+    slots = None  # [N, S]: the labels a proxy searching some labels only searches per point
+    if sur is not shell:  # its best iterate by its own margin, checked on the shell at the end
+        best = dict(x=start.copy(), margin=np.full(len(x), -np.inf), k=np.zeros(len(x), np.int32))
+
+    def search(net, xs, idx):
+        if slots is None:
+            return net.embed_function(tf.constant(xs))
+        return net.embed_labels(xs, slots[idx])
+
     for k in range(steps + 1):
         current = x_adv[active]
-        if warm is not None and z_prev is not None and k < steps:
-            out = warm(tf.constant(current), tf.constant(z_prev))
-            res["base_passes"][active] += shell.rows_per_image * warm_steps
-            sc = _confirmed(shell, current, y[active], shell.scores(out), res, active)
+        approx = 0 < k < steps and (sur is not shell or (warm is not None and z_prev is not None))
+        if approx:  # the approximation decides, each success it claims checked on the shell
+            if sur is not shell:
+                out = search(sur, current, active)
+                res["base_passes"][active] += sur.passes_per_prediction()
+            else:
+                out = warm(tf.constant(current), tf.constant(z_prev))
+                res["base_passes"][active] += shell.rows_per_image * warm_steps
+            sc = sur.scores(out)
+            pick, margin, claimed = confirmed(shell, current, y[active], sc, res, active)
+            if sur is not shell:
+                own = np.where(claimed, -np.inf, surrogate_rows(sc, y[active]).margin)
+                better = own > best["margin"][active]
+                best["x"][active[better]] = current[better]
+                best["margin"][active[better]], best["k"][active[better]] = own[better], k
         else:
             out = shell.embed_function(tf.constant(current))
             res["shell_evals"][active] += 1
             sc = shell.scores(out)
-        res["shell_label"][active] = sc.pick
-        res["margin"][active] = surrogate_rows(sc, y[active]).margin
-        done = sc.pick != y[active]
+            pick, margin = sc.pick, surrogate_rows(sc, y[active]).margin
+            if k == 0 and sur is not shell and sur.proxy_labels is not None:
+                slots = proxy_slots(sc, y, sur.proxy_labels, int(shell.num_classes), target)
+        res["shell_label"][active], res["margin"][active] = pick, margin
+        done = pick != y[active]
         res["success"][active[done]] = True
         res["steps_used"][active[done]] = k
         keep, active = ~done, active[~done]
@@ -329,10 +371,14 @@ def bpda(
         current = current[keep]
         tk = None if target is None else target[active]
         if copies:
-            samples = [(c, c.embed_function(tf.constant(current))) for c in copies]
-            res["shell_evals"][active] += len(copies)
+            samples = [(c, search(c, current, active)) for c in copies]
+            if sur is shell:
+                res["shell_evals"][active] += len(copies)
+            else:
+                res["base_passes"][active] += len(copies) * sur.passes_per_prediction()
         else:
-            samples = [(shell, {key: tf.boolean_mask(v, keep) for key, v in out.items()})]
+            net = sur if approx else shell
+            samples = [(net, {key: tf.boolean_mask(v, keep) for key, v in out.items()})]
         rows = [surrogate_rows(c.scores(o), y[active], tk) for c, o in samples]
 
         def cat(f, rows=rows):
@@ -355,26 +401,9 @@ def bpda(
             f = np.mean(np.clip([r.margin for r in rows], -1e9, 1e9), axis=0)  # no inf - inf
             nxt = apgd.step(k, active, current, g, f, lo, hi)
         x_adv[active] = nxt
+    if sur is not shell:
+        check_best(shell, y, res, best)
     return as_result(res)
-
-
-def _confirmed(
-    shell, x: np.ndarray, y: np.ndarray, approx: Scores, res: dict, active: np.ndarray
-) -> Scores:
-    """``approx`` (a warm-started search's scores) with every row it calls wrong replaced by the
-    shell's own answer there: a success is never a property of the approximation."""
-    claimed = np.flatnonzero(approx.pick != y)
-    if not claimed.size:
-        return approx
-    real = shell.scores(shell.embed_function(tf.constant(x[claimed])))
-    res["shell_evals"][active[claimed]] += 1
-    fields = []
-    for mine, theirs in zip(approx, real, strict=True):
-        if isinstance(mine, np.ndarray):
-            mine = mine.copy()
-            mine[claimed] = theirs
-        fields.append(mine)
-    return Scores(*fields)
 
 
 class _Apgd:

@@ -32,6 +32,7 @@ from manifold_tf.attacks.bpda import (
 )
 from manifold_tf.attacks.result import AttackResult
 from manifold_tf.attacks.runner import Step, run_standing
+from manifold_tf.attacks.surrogate import rank_labels
 from manifold_tf.projected import SCHEDULES, madry_step_size
 from manifold_tf.shells import log_odds
 from manifold_tf.validation import PIXEL_MAX, check_choice, check_int, validate_radius
@@ -68,12 +69,7 @@ def target_order(shell, x, y, out: dict | None = None) -> np.ndarray:
     x, y, _, _ = prepare(shell, x, y, 0.0)
     sc = shell.scores(shell.embed_function(tf.constant(x)) if out is None else out)
     m, c = len(y), int(shell.num_classes)
-    rows = np.arange(m)
-    best = np.full((m, c), -np.inf)
-    for s in range(sc.key.shape[1]):
-        best[rows, sc.label[:, s]] = np.maximum(best[rows, sc.label[:, s]], sc.key[:, s])
-    has = np.isfinite(best)
-    order = np.lexsort((sc.key[:, :c], -np.where(has, best, 0.0), ~has), axis=1)
+    order = rank_labels(sc, c)
     return order[order != y[:, None]].reshape(m, c - 1).astype(np.int32)
 
 
@@ -134,12 +130,14 @@ def bpda_restarts(
     step_size: float | None = None,
     eot_samples: int = 0,
     warm_steps: int = 0,
+    proxy=None,
     progress=None,
 ) -> AttackResult:
     """BPDA from several starts, in order: ``x`` (if ``from_x``), ``x_init`` (if given), then
     ``random_restarts`` seeded uniform points of ``N(x, epsilon)``; each run attacks only the points
     still standing. Other arguments as :func:`~manifold_tf.attacks.bpda.bpda` (``target`` makes
-    every run targeted). Cost per point: the sum over the runs it took part in (at most
+    every run targeted; ``proxy``: every run steers by that copy of the shell). Cost per point:
+    the sum over the runs it took part in (at most
     ``runs * (steps + 1)`` shell predictions, plus EOT's, and ``2 * runs * steps * max(1, eot)``
     base passes).
     """
@@ -152,6 +150,7 @@ def bpda_restarts(
         eot_samples=eot_samples,
         seed=seed,
         warm_steps=warm_steps,
+        proxy=proxy,
     )
     return _chain(
         shell, x, y, epsilon, steps, [(s, target) for s in starts], check_progress(progress), kwargs
@@ -174,6 +173,7 @@ def bpda_targeted(
     step_size: float | None = None,
     eot_samples: int = 0,
     warm_steps: int = 0,
+    proxy=None,
     progress=None,
 ) -> AttackResult:
     """Targeted BPDA for the ``num_targets`` best wrong labels (int, or ``"all"``) by the shell's
@@ -196,6 +196,7 @@ def bpda_targeted(
         eot_samples=eot_samples,
         seed=seed,
         warm_steps=warm_steps,
+        proxy=proxy,
     )
     res = _chain(shell, x, y, epsilon, steps, runs, check_progress(progress), kwargs)
     return res.with_cost(shell_predictions=1)  # the ranking at x

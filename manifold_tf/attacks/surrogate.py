@@ -76,3 +76,35 @@ def surrogate_rows(sc: Scores, y: np.ndarray, target: np.ndarray | None = None) 
 
 
 # ---- input checks and EOT copies ----------------------------------------------------------------
+
+
+def rank_labels(sc: Scores, num_classes: int) -> np.ndarray:
+    """Every label ``[M, C]`` of each point, best first by the shell's ranking in ``sc``.
+
+    A label ranks by the best key of the slots standing for it; labels no slot stands for come
+    last, those ordered by the key of the slot searched for them (CW ``paper_code``: least
+    confident in its top label first), then by label.
+    """
+    m, c = sc.key.shape[0], int(num_classes)
+    rows = np.arange(m)
+    best = np.full((m, c), -np.inf)
+    for s in range(sc.key.shape[1]):
+        best[rows, sc.label[:, s]] = np.maximum(best[rows, sc.label[:, s]], sc.key[:, s])
+    has = np.isfinite(best)
+    by_slot = sc.key[:, :c] if sc.key.shape[1] == c else np.zeros((m, c))
+    return np.lexsort((by_slot, -np.where(has, best, 0.0), ~has), axis=1).astype(np.int32)
+
+
+def proxy_slots(
+    sc: Scores, y: np.ndarray, wrong: int, num_classes: int, target: np.ndarray | None = None
+) -> np.ndarray:
+    """The labels a proxy searching some labels only (:meth:`FactorShell.proxy`) searches per
+    point, ``[M, wrong + 1]`` int32: ``y``, then the ``target`` (a targeted run), then the best
+    other wrong labels by the full shell's ranking ``sc`` (at the attack's start)."""
+    order = rank_labels(sc, num_classes)
+    m = len(y)
+    wrongs = order[order != y[:, None]].reshape(m, -1)
+    if target is not None:
+        rest = wrongs[wrongs != target[:, None]].reshape(m, -1)
+        wrongs = np.concatenate([target[:, None], rest], axis=1)
+    return np.concatenate([y[:, None], wrongs[:, :wrong]], axis=1).astype(np.int32)

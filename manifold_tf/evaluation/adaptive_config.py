@@ -98,6 +98,21 @@ class AdaptiveConfig:
         "CIFAR sample) but measured weaker on the synthetic default, so off by default (0: the "
         "shell at every step).",
     )
+    proxy_steps: int = setting(
+        0,
+        "BPDA, targeted BPDA (and their EOT) and Square on the shell steer by a cheaper copy of "
+        "it (FactorShell.proxy) with this many inner steps: MCN's, Hedge's and the "
+        "anti-adversary's steps, NCN's steps per round, the CW shell's iterations. Every "
+        "success, and each BPDA run's first, last and best iterate, is checked on the shell "
+        "itself. 0: the shell's own steps.",
+    )
+    proxy_labels: int = setting(
+        0,
+        "MCN/NCN: that copy searches, per point, y and this many wrong labels (the shell's "
+        "best at the attack's start; a targeted run's target among them). 0: every label "
+        "(with proxy_steps = 0 too, the attacks use the shell itself). Square searches every "
+        "label (it cannot tell its points apart).",
+    )
     restarts: int = setting(
         0, "BPDA random restarts (besides the starts at x and at the transfer x')."
     )
@@ -144,6 +159,8 @@ class AdaptiveConfig:
             "restarts",
             "targets",
             "warm_steps",
+            "proxy_steps",
+            "proxy_labels",
             "lift_steps",
             "square_queries",
             "eot_samples",

@@ -13,6 +13,8 @@ verified success wins):
   clipped into ``N(x, epsilon)``), ``bpda`` (identity BPDA, APGD schedule, from x, from the
   transfer x' and random starts), ``bpda_targeted`` (the shell's top wrong labels) and ``square``
   (score-based black box on the shell's probabilities; it tells whether gradients are masked).
+  BPDA, targeted BPDA and Square steer by the shell's cheaper copy (:func:`attack_proxy`,
+  ``config.proxy_steps`` / ``proxy_labels``); every success is verified on the shell itself.
 
 Units: pixels (0..255).
 """
@@ -81,6 +83,8 @@ def shell_suite(
     """The attacks on the shell, in ``config.shell_attacks`` order (``x_cw``: CW's ``x'`` on F)."""
     eot = config.eot_samples if shell.is_random else 0
     targets = "all" if config.targets == 0 else config.targets
+    proxy = attack_proxy(shell, config)
+    square_model = attack_proxy(shell, config, labels=False)
     steps = {
         "transfer_cw": lambda: given("transfer_cw", x_cw),
         "transfer_confident": lambda: Step(
@@ -122,6 +126,7 @@ def shell_suite(
                 seed=seed,
                 eot_samples=eot,
                 warm_steps=config.warm_steps,
+                proxy=proxy,
                 progress=Ticker(f"{desc}: bpda"),
             ),
         ),
@@ -139,24 +144,47 @@ def shell_suite(
                 seed=seed,
                 eot_samples=eot,
                 warm_steps=config.warm_steps,
+                proxy=proxy,
                 progress=Ticker(f"{desc}: bpda_targeted"),
             ),
         ),
         "square": lambda: Step(
             "square",
-            lambda xs, ys, idx: attacks.square(
+            lambda xs, ys, idx: _on_proxy(
                 shell,
-                xs,
-                ys,
-                epsilon=epsilon,
-                queries=config.square_queries,
-                seed=seed,
-                output="probabilities",
-                progress=_square_ticker(f"{desc}: square (queries)", config.square_queries),
+                square_model,
+                attacks.square(
+                    square_model,
+                    xs,
+                    ys,
+                    epsilon=epsilon,
+                    queries=config.square_queries,
+                    seed=seed,
+                    output="probabilities",
+                    progress=_square_ticker(f"{desc}: square (queries)", config.square_queries),
+                ),
             ),
         ),
     }
     return [steps[name]() for name in config.shell_attacks]
+
+
+def attack_proxy(shell, config: AdaptiveConfig, *, labels: bool = True):
+    """The copy of ``shell`` the suite's BPDA (``labels``) and Square steer by
+    (``config.proxy_steps`` / ``proxy_labels``; the shell itself when both are 0)."""
+    return shell.proxy(
+        steps=config.proxy_steps or None,
+        labels=(config.proxy_labels or None) if labels else None,
+    )
+
+
+def _on_proxy(shell, model, out: AttackResult) -> AttackResult:
+    """Square's result with a proxy's queries (and its final check) counted as the base passes
+    they cost: ``shell_predictions`` count the shell's own only (the suite's verification)."""
+    if model is shell:
+        return out
+    passes = (out.shell_predictions + 1) * model.passes_per_prediction()
+    return out.replace(shell_predictions=np.zeros(len(out), np.int64)).with_cost(base_passes=passes)
 
 
 def _square_ticker(desc: str, queries: int):

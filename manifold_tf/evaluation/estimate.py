@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from manifold_tf import reporting
+from manifold_tf.shells import FactorShell
 
 
 def passes_per_second(base, image_shape=(32, 32, 3), batch: int = 32, repeats: int = 3) -> float:
@@ -69,6 +70,23 @@ def defence_passes(
         "lift": k * suite.lift_steps,
         "transfer_confident": (c - 1) * suite.steps,
     }
+    # The copy the suite steers by (adaptive_suites.attack_proxy); a stand-in that is no
+    # FactorShell (a test's) has none.
+    proxy = square = shell
+    if isinstance(shell, FactorShell):
+        proxy = shell.proxy(steps=suite.proxy_steps or None, labels=suite.proxy_labels or None)
+        square = shell.proxy(steps=suite.proxy_steps or None)
+    if proxy is not shell:  # through the cheaper copy: the shell at each run's start, end, best
+        proxied = proxy.passes_per_prediction() / per_prediction
+        for name, runs, extra in (
+            ("bpda", starts, 0),
+            ("bpda_targeted", k * (1 + suite.restarts), 1),  # 1: the ranking at x
+        ):
+            shell_predictions[name] = runs * (3 + (suite.steps - 1) * proxied) + extra
+    if square is not shell:
+        shell_predictions["square"] = (
+            (suite.square_queries + 1) * square.passes_per_prediction() / per_prediction
+        )
     for name in suite.shell_attacks:
         phases[f"adaptive: {name} on the shell"] = num_points * (
             shell_predictions.get(name, 0) * per_prediction + base_only.get(name, 0)

@@ -101,6 +101,17 @@ class AntiAdversaryShell(FactorShell):
         """``K``: one forward+backward pass per step (one point per image)."""
         return self.steps
 
+    def proxy(self, *, steps: int | None = None, labels: int | None = None) -> AntiAdversaryShell:
+        """The anti-adversary with ``steps`` steps of the same size (the radius the shell
+        searches is kept); ``labels`` is ignored (one point per image)."""
+        del labels
+        steps = self.steps if steps is None else check_int(steps, "steps", 1)
+        if steps == self.steps:
+            return self
+        return self._cached_proxy(
+            (steps, None), lambda: self._replace(steps=steps, radius=self.search_radius)
+        )
+
     @property
     def search_radius(self) -> float:
         """Pixels: ``radius``, or ``steps * step_size`` (what ``K`` signed steps can reach)."""

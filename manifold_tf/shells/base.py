@@ -12,7 +12,9 @@ cost (:meth:`FactorShell.passes_per_prediction`), its decision rule in the form 
 (:attr:`FactorShell.search_radius`), whether it is random and a copy with another seed
 (:attr:`FactorShell.is_random`, :meth:`FactorShell.with_seed`), its batch layout
 (:attr:`FactorShell.rows_per_image`) and how to build it from the evaluation's settings
-(:meth:`FactorShell.from_settings`, through :func:`manifold_tf.shells.registry.build`).
+(:meth:`FactorShell.from_settings`, through :func:`manifold_tf.shells.registry.build`), and the
+cheaper copy of itself an attack may steer by (:meth:`FactorShell.proxy`, in
+:mod:`manifold_tf.shells.proxy`).
 
 Units: images are float32 NHWC pixels in 0..255; radii, step sizes and distances are pixels.
 """
@@ -23,6 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from manifold_tf.shells.proxy import ProxyMixin
 from manifold_tf.shells.scores import Scores, answer, log_odds
 from manifold_tf.validation import IMAGE_SHAPE, PIXEL_MAX, check_logits, validate_images
 
@@ -78,7 +81,7 @@ def jit_kwargs(settings) -> dict:
     return {} if jit is None else dict(jit_compile=bool(jit))
 
 
-class FactorShell(keras.Model):
+class FactorShell(ProxyMixin, keras.Model):
     """What every factor shell shares: the wrapped base, the batch layout, the compiled embedding,
     I/O, and what the evaluation asks of a shell.
 
@@ -303,11 +306,14 @@ class FactorShell(keras.Model):
         """The shell's decision rule as :class:`Scores`, from the dict of :meth:`embed` (``M``
         points).
 
-        Default (MCN, CW ``all_labels``): slot ``t`` stands for label ``t``, ranked by its log-odds
-        ``lo_t(z_t)``.
+        Default (MCN, CW ``all_labels``): slot ``t`` stands for label ``t`` (for a dict of
+        :meth:`embed_labels`, for ``slot_labels[:, t]``), ranked by its log-odds ``lo_t(z_t)``.
         """
         lo = np.asarray(out["log_odds"]).astype(np.float64)
-        label = np.broadcast_to(np.arange(lo.shape[1], dtype=np.int32), lo.shape)
+        if "slot_labels" in out:  # a search on some labels only (embed_labels)
+            label = np.asarray(out["slot_labels"]).astype(np.int32)
+        else:
+            label = np.broadcast_to(np.arange(lo.shape[1], dtype=np.int32), lo.shape)
         return Scores(label, lo, lo, None, None, None, answer(out).astype(np.int32))
 
     # -- shared pieces of the graph --------------------------------------------------------------
@@ -404,7 +410,9 @@ class FactorShell(keras.Model):
         config = {
             k: v for k, v in self.get_config().items() if k not in ("base", "name", "trainable")
         }
-        return type(self)(self.base, **{**config, **changes})
+        copy = type(self)(self.base, **{**config, **changes})
+        copy.proxy_labels = self.proxy_labels  # a proxy's copies (EOT seeds) stay proxies
+        return copy
 
     def export(
         self, filepath, format="tf_saved_model", verbose=None, input_signature=None, **kwargs

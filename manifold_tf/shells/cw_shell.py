@@ -115,6 +115,16 @@ class CarliniWagnerShell(FactorShell):
         constants (paper_code; all_labels runs one, so this is an upper bound), ``C`` rows."""
         return self.num_classes * 2 * self.max_iterations
 
+    def proxy(self, *, steps: int | None = None, labels: int | None = None) -> CarliniWagnerShell:
+        """The CW shell with ``steps`` Adam iterations per constant instead of
+        ``max_iterations``; ``labels`` is ignored (its candidates are scored by their top
+        label)."""
+        del labels
+        steps = self.max_iterations if steps is None else check_int(steps, "steps", 1)
+        if steps == self.max_iterations:
+            return self
+        return self._cached_proxy((steps, None), lambda: self._replace(max_iterations=steps))
+
     @property
     def search_radius(self) -> float:
         """Pixels: ``delta`` for ``all_labels`` (its tau and projection radius); ``tau = 255 / 32``

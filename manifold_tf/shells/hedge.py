@@ -127,6 +127,15 @@ class HedgeShell(FactorShell):
         """``steps``: one forward+backward pass per signed step (one point per image)."""
         return self.steps
 
+    def proxy(self, *, steps: int | None = None, labels: int | None = None) -> HedgeShell:
+        """Hedge with ``steps`` signed steps of the same size (Croce et al. 2022 attack Hedge
+        through 5 steps instead of 20); ``labels`` is ignored (one point per image)."""
+        del labels
+        steps = self.steps if steps is None else check_int(steps, "steps", 1)
+        if steps == self.steps:
+            return self
+        return self._cached_proxy((steps, None), lambda: self._replace(steps=steps))
+
     @property
     def search_radius(self) -> float:
         """``delta``, pixels."""

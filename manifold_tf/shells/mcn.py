@@ -127,8 +127,40 @@ class MCNShell(FactorShell):
         return dict(shell=self.kind, **self._shell_config(), jit_compile=self.jit_compile)
 
     def passes_per_prediction(self) -> int:
-        """``C * K``: ``K`` steps for each of the ``C`` labels."""
-        return self.num_classes * self.steps
+        """``C * K``: ``K`` steps for each of the ``C`` labels (a proxy searching ``y`` and ``m``
+        wrong labels, :meth:`proxy`: ``(m + 1) * K``)."""
+        labels = self.num_classes if self.proxy_labels is None else self.proxy_labels + 1
+        return labels * self.steps
+
+    def proxy(self, *, steps: int | None = None, labels: int | None = None) -> MCNShell:
+        """MCN with ``steps`` ascent steps (the step size scaled so that ``steps * step_size``
+        stays the shell's) on ``y`` and ``labels`` wrong labels per point (see the base class);
+        ``self`` when neither changes anything."""
+        steps = self.steps if steps is None else check_int(steps, "steps", 1)
+        if labels is not None and check_int(labels, "labels", 1) >= self.num_classes - 1:
+            labels = None  # every wrong label: the shell's own layout
+        if steps == self.steps and labels is None:
+            return self
+
+        def build():
+            scale = self.steps / steps if self.steps else 1.0
+            copy = self._replace(steps=steps, step_size=self.step_size * scale)
+            copy.proxy_labels = labels
+            return copy
+
+        return self._cached_proxy((steps, labels), build)
+
+    def embed_labels(self, x, labels) -> dict:
+        """The ascent of the given labels only (see the base class): ``labels`` ``[M, S]``."""
+        fn = self.__dict__.get("_labels_function")
+        if fn is None:
+            spec = tf.TensorSpec((None,) + self.image_shape, tf.float32)
+            fn = tf.function(
+                self._labels_graph,
+                input_signature=[spec, tf.TensorSpec((None, None), tf.int32)],
+            )
+            self.__dict__["_labels_function"] = fn
+        return fn(tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(labels, tf.int32))
 
     @property
     def search_radius(self) -> float:
@@ -175,9 +207,27 @@ class MCNShell(FactorShell):
             )
         return self._search(x, z0, self.steps)
 
-    def _search(self, x: tf.Tensor, z0: tf.Tensor | None, steps: int) -> dict:
-        """The ascent of every label of every image from ``z0`` (``None``: from ``x``)."""
-        xt, labels = self._tile(x)
+    def _labels_graph(self, x: tf.Tensor, labels: tf.Tensor) -> dict:
+        z0 = None
+        if self.random_start:
+            z0 = projected.random_start(
+                tf.repeat(x, tf.shape(labels)[1], axis=0),
+                self.delta,
+                tf.constant([self.seed, 0], tf.int64),
+            )
+        return self._search(x, z0, self.steps, labels)
+
+    def _search(
+        self, x: tf.Tensor, z0: tf.Tensor | None, steps: int, slots: tf.Tensor | None = None
+    ) -> dict:
+        """The ascent of every label of every image from ``z0`` (``None``: from ``x``); with
+        ``slots`` ``[N, S]``, of those labels only."""
+        if slots is None:
+            xt, labels = self._tile(x)
+            s = self.num_classes
+        else:
+            s = tf.shape(slots)[1]
+            xt, labels = tf.repeat(x, s, axis=0), tf.reshape(slots, [-1])
 
         def objective(z):
             return log_odds(self._logits(z), labels)
@@ -192,12 +242,16 @@ class MCNShell(FactorShell):
             optimizer=self.optimizer_name,
             unroll=self.jit_compile and steps <= MAX_UNROLLED_STEPS,
         )
-        z, score = self._per_label(z), self._per_label(score)
-        label = tf.argmax(score, axis=1, output_type=tf.int32)
-        return dict(
+        z = tf.reshape(z, tf.concat([tf.stack([-1, s]), tf.shape(z)[1:]], axis=0))
+        score = tf.reshape(score, [-1, s])
+        best = tf.argmax(score, axis=1, output_type=tf.int32)
+        out = dict(
             z=z,
-            label=label,
+            label=best if slots is None else tf.gather(slots, best, batch_dims=1),
             confidences=tf.sigmoid(score),
             log_odds=score,
-            probabilities=self._output(z, label),
+            probabilities=self._output(z, best),
         )
+        if slots is not None:
+            out["slot_labels"] = slots
+        return out

@@ -120,8 +120,38 @@ class NCNShell(FactorShell):
         return dict(shell=self.kind, **self._shell_config(), jit_compile=self.jit_compile)
 
     def passes_per_prediction(self) -> int:
-        """``C * steps * rounds``: every label, ``steps`` Adam steps per penalty round."""
-        return self.num_classes * self.steps * self.rounds
+        """``C * steps * rounds``: every label, ``steps`` Adam steps per penalty round (a proxy
+        searching ``y`` and ``m`` wrong labels, :meth:`proxy`: ``(m + 1) * steps * rounds``)."""
+        labels = self.num_classes if self.proxy_labels is None else self.proxy_labels + 1
+        return labels * self.steps * self.rounds
+
+    def proxy(self, *, steps: int | None = None, labels: int | None = None) -> NCNShell:
+        """NCN with ``steps`` Adam steps per penalty round (the same rounds and learning rate)
+        on ``y`` and ``labels`` wrong labels per point (see the base class); ``self`` when
+        neither changes anything."""
+        steps = self.steps if steps is None else check_int(steps, "steps", 1)
+        if labels is not None and check_int(labels, "labels", 1) >= self.num_classes - 1:
+            labels = None
+        if steps == self.steps and labels is None:
+            return self
+
+        def build():
+            copy = self._replace(steps=steps)
+            copy.proxy_labels = labels
+            return copy
+
+        return self._cached_proxy((steps, labels), build)
+
+    def embed_labels(self, x, labels) -> dict:
+        """The search for the given labels only (see the base class): ``labels`` ``[M, S]``."""
+        fn = self.__dict__.get("_labels_function")
+        if fn is None:
+            spec = tf.TensorSpec((None,) + self.image_shape, tf.float32)
+            fn = tf.function(
+                self._solve, input_signature=[spec, tf.TensorSpec((None, None), tf.int32)]
+            )
+            self.__dict__["_labels_function"] = fn
+        return fn(tf.convert_to_tensor(x, tf.float32), tf.convert_to_tensor(labels, tf.int32))
 
     @property
     def search_radius(self) -> float:
@@ -143,7 +173,20 @@ class NCNShell(FactorShell):
         return sc._replace(key=key, met=met, dist=dist, logit_p=self.logit_p)
 
     def _embed_graph(self, x: tf.Tensor) -> dict:
-        xt, labels = self._tile(x)
+        return self._solve(x)
+
+    def _solve(self, x: tf.Tensor, slots: tf.Tensor | None = None) -> dict:
+        """The search of every label of every image; with ``slots`` ``[N, S]``, of those only."""
+        if slots is None:
+            xt, labels = self._tile(x)
+            width = self.num_classes
+        else:
+            width = tf.shape(slots)[1]
+            xt, labels = tf.repeat(x, width, axis=0), tf.reshape(slots, [-1])
+
+        def per_slot(v):
+            return tf.reshape(v, tf.concat([tf.stack([-1, width]), tf.shape(v)[1:]], axis=0))
+
         rows = tf.shape(xt)[0]
         axes = list(range(1, len(xt.shape)))
         expand = [-1] + [1] * len(axes)
@@ -204,23 +247,26 @@ class NCNShell(FactorShell):
 
         found = tf.math.is_finite(bd)
         z_rows = tf.where(tf.reshape(found, expand), bz, cz)
-        distances = self._per_label(tf.reduce_max(tf.abs(z_rows - xt), axis=axes))
-        met = self._per_label(found)
-        z = self._per_label(z_rows)
+        distances = per_slot(tf.reduce_max(tf.abs(z_rows - xt), axis=axes))
+        met = per_slot(found)
+        z = per_slot(z_rows)
         any_met = tf.reduce_any(met, axis=1)
         nearest = tf.argmin(
             tf.where(met, distances, np.float32(np.inf)), axis=1, output_type=tf.int32
         )
-        surest = tf.argmax(self._per_label(cf), axis=1, output_type=tf.int32)
-        label = tf.where(any_met, nearest, surest)
-        odds = self._per_label(tf.where(found, bf, cf))
-        return dict(
+        surest = tf.argmax(per_slot(cf), axis=1, output_type=tf.int32)
+        best = tf.where(any_met, nearest, surest)
+        odds = per_slot(tf.where(found, bf, cf))
+        out = dict(
             z=z,
-            label=label,
+            label=best if slots is None else tf.gather(slots, best, batch_dims=1),
             distances=distances,
             met=met,
             confidences=tf.sigmoid(odds),
             log_odds=odds,
             unmet=~any_met,
-            probabilities=self._output(z, label),
+            probabilities=self._output(z, best),
         )
+        if slots is not None:
+            out["slot_labels"] = slots
+        return out
