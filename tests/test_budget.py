@@ -111,7 +111,7 @@ def test_the_deadline_cuts_a_batch_between_steps_and_resume_goes_on(
     assert note["cut"][0]["batch"] == 1 and note["cut"][0]["seconds"] >= 10_000
     report = adaptive_report.write_adaptive_report(out, setup[2], store)
     assert report["verdict"]["n"] == 4
-    assert report["verdict"]["difference"]["robust_accuracy"]["method"] == "newcombe"
+    assert report["verdict"]["difference"]["robust_accuracy"]["method"] == "tango"
     assert "ran out inside batch 2" in open(store.path("adaptive.md")).read()
     store.close()
 
