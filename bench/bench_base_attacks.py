@@ -25,6 +25,7 @@ is faster; BUILD.md keeps the table.
     python -m bench.bench_base_attacks                # about 25 minutes on 2 loaded cores
     python -m bench.bench_base_attacks --smoke        # 6 points, 10 steps, 2 targets: a minute
     python -m bench.bench_base_attacks --variants=    # early exit only
+    python -m bench.bench_base_attacks --xla_attacks=apgd_ce   # XLA: APGD-CE only
 
 Writes ``bench/results/bench_base_attacks.json`` (``--smoke``: ``..._smoke.json``; ``--output``).
 """
@@ -58,6 +59,11 @@ def _parse(argv=None) -> argparse.Namespace:
         default=",".join(VARIANTS),
         help=f"comma list from {VARIANTS} (float32 without XLA always runs); empty: none",
     )
+    parser.add_argument(
+        "--xla_attacks",
+        default="apgd_ce,apgd_t",
+        help="the attacks the XLA variants run (XLA compiles per batch size: APGD-T takes long)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed gradient repeats")
     parser.add_argument("--smoke", action="store_true", help="6 points, 10 steps, 2 targets")
     parser.add_argument("--output", default=None, help="JSON output file")
@@ -67,6 +73,7 @@ def _parse(argv=None) -> argparse.Namespace:
     name = "bench_base_attacks_smoke" if args.smoke else "bench_base_attacks"
     args.output = args.output or timing.default_output(name)
     args.variants = [v for v in args.variants.split(",") if v]
+    args.xla_attacks = [a for a in args.xla_attacks.split(",") if a]
     for v in args.variants:
         if v not in VARIANTS:
             parser.error(f"--variants: unknown variant {v!r}; choose from {VARIANTS}.")
@@ -137,9 +144,10 @@ def main(argv=None) -> dict:
     for variant, early_exit in plan:
         model, jit = models[variant]
         # Warm-up on two points (tracing; XLA compiles those batch sizes only).
-        for run in kinds.values():
+        todo = {k: r for k, r in kinds.items() if not jit or k in args.xla_attacks}
+        for run in todo.values():
             run(model, x[:2], y[:2], jit_compile=jit, early_exit=early_exit)
-        for kind, run in kinds.items():
+        for kind, run in todo.items():
             start = time.perf_counter()
             res = run(model, x, y, jit_compile=jit, early_exit=early_exit)
             seconds = time.perf_counter() - start
