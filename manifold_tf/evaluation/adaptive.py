@@ -67,7 +67,7 @@ def _cw_transfer(base, x, y, epsilon, cw_kwargs, known: dict, indices) -> attack
     todo = [k for k, i in enumerate(indices) if int(i) not in known]
     for k, i in enumerate(indices):
         if int(i) in known:
-            x_adv[k], success[k] = known[int(i)]
+            x_adv[k], success[k], iterations[k] = known[int(i)]
     if todo:
         cw = attacks.cw_linf(base, x[todo], y[todo], epsilon=epsilon, **cw_kwargs)
         x_adv[todo], success[todo] = cw.x_adv, cw.success
@@ -298,13 +298,16 @@ class AdaptiveRun:
 
 
 def _known_transfer(store, images) -> dict:
-    """Table 2's CW ``x'`` per point index (the probe x' of base-robust points is not CW's)."""
+    """Table 2's CW ``(x', success, iterations)`` per point index (the probe x' of base-robust
+    points is not CW's, its iterations are)."""
     known = {}
     for b in store.finished(DEFENCE_PROTOCOL):
         rec = store.load(DEFENCE_PROTOCOL, b)
         x_adv = store.load_array(DEFENCE_PROTOCOL, b, "xadv")
+        its = rec.get("attack_iterations") or [-1] * len(rec["indices"])
         for k, i in enumerate(rec["indices"]):
-            known[int(i)] = (x_adv[k], True) if rec["base_success"][k] else (images[int(i)], False)
+            ok = bool(rec["base_success"][k])
+            known[int(i)] = (x_adv[k] if ok else images[int(i)], ok, int(its[k]))
     return known
 
 
