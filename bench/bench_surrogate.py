@@ -37,6 +37,7 @@ import time
 import numpy as np
 
 from bench import timing
+from manifold_tf import reporting
 
 ATTACKS = ("bpda", "bpda_targeted", "square")
 PREAMBLE = ("transfer_cw", "transfer_confident", "lift")
@@ -60,10 +61,11 @@ def _parse(argv=None) -> argparse.Namespace:
 
 def _variant(name: str) -> dict:
     if name == "full":
-        return dict(proxy_steps=0, proxy_labels=0)
+        return dict(proxy_steps=0, proxy_labels=0, square_proxy_steps=0)
     steps, _, labels = name.partition("x")
     try:
-        return dict(proxy_steps=int(steps), proxy_labels=0 if labels == "all" else int(labels))
+        labels = 0 if labels == "all" else int(labels)
+        return dict(proxy_steps=int(steps), proxy_labels=labels, square_proxy_steps=0)
     except ValueError:
         raise SystemExit(
             f"variant {name!r}: write full or SxL (steps x labels, L may be all)"
@@ -137,7 +139,9 @@ def _standing(args, base, shell, x, y, config, epsilon, cw_kwargs):
         by = np.asarray(record["shell_broken_by"][: len(y)], object)
         np.testing.assert_array_equal(record["labels"][: len(y)], y)
         x_cw = np.load(os.path.join(folder, "batch_000_xcw.npy"))[: len(y)]
-        return np.isin(by, ("",) + ATTACKS), x_cw
+        standing = np.isin(by, ("",) + ATTACKS)
+        args.reused_broken_by = by[standing].tolist()  # what that run's suite did there
+        return standing, x_cw
     cw = attacks.cw_linf(base, x, y, epsilon=epsilon, **cw_kwargs)
     x_cw = cw.x_adv
     pre = dataclasses.replace(config, shell_attacks=PREAMBLE)
@@ -188,12 +192,18 @@ def main(argv=None) -> None:
     idx = np.flatnonzero(standing)
     xs, ys, xcs = x[idx], y[idx], x_cw[idx]
     print(f"{source}: {len(idx)} of {len(y)} points standing after {', '.join(PREAMBLE)}")
+    if args.reuse_run:
+        print(f"  {args.reuse_run}'s suite on them: {getattr(args, 'reused_broken_by', None)}")
     per = {}  # (variant, attack) -> dict
     for v, settings in variants.items():
         cfg = dataclasses.replace(config, **settings)
         for a in names:
             broken, passes, seconds = _run(shell, base, cfg, a, xs, ys, xcs, epsilon)
             per[(v, a)] = dict(broken=broken, passes=passes, seconds=seconds)
+            partial = {
+                f"{k[0]} {k[1]}": {f: np.asarray(d[f]).tolist() for f in d} for k, d in per.items()
+            }
+            reporting.write_json(args.json + ".partial", dict(standing=idx.tolist(), per=partial))
             print(
                 f"  {v:>6} {a:<14} {int(broken.sum())}/{len(idx)} broken, "
                 f"{passes.mean() if len(idx) else 0:,.0f} passes/point, {seconds:.0f} s"
@@ -254,6 +264,7 @@ def main(argv=None) -> None:
             num_points=int(len(y)),
             standing_indices=idx.tolist(),
             reused=args.reuse_run,
+            reused_broken_by=getattr(args, "reused_broken_by", None),
             variants=variants,
             reference=reference,
             note="lost/gained: points the reference variant broke and this one did not / "

@@ -71,6 +71,7 @@ def test_a_shell_that_declares_nothing_is_its_own_proxy(setup):
     assert (q.steps, q.rounds, q.passes_per_prediction()) == (1, 2, 2 * 1 * 2)
     with pytest.raises(ValueError, match="steps"):
         mcn.proxy(steps=0)
+    assert mcn.proxy(steps=40) is mcn  # never dearer than the shell: at most its own steps
 
 
 def test_one_point_shells_proxy_fewer_steps():
@@ -279,7 +280,13 @@ def test_the_suite_steers_by_the_configured_proxy_and_counts_it(setup, monkeypat
     base, x, mcn, _ = setup
     y = mcn.embed(x)["label"].numpy()
     cfg = AdaptiveConfig(
-        proxy_steps=1, proxy_labels=2, square_queries=4, steps=2, targets=1, restarts=0
+        proxy_steps=1,
+        proxy_labels=2,
+        square_proxy_steps=0,  # Square: proxy_steps
+        square_queries=4,
+        steps=2,
+        targets=1,
+        restarts=0,
     )
     seen = {}
     suite_module = importlib.import_module("manifold_tf.evaluation.adaptive_suites")
@@ -319,7 +326,8 @@ def test_the_plan_counts_the_proxy_at_its_cost(setup):
     cw = dict(max_iterations=10, initial_const=1e-2, largest_const=1.0, stop_within_epsilon=True)
 
     def plan(**changes):
-        suite = AdaptiveConfig(steps=10, restarts=0, targets=2, square_queries=6, **changes)
+        settings = {**dict(proxy_steps=0, proxy_labels=0, square_proxy_steps=0), **changes}
+        suite = AdaptiveConfig(steps=10, restarts=0, targets=2, square_queries=6, **settings)
         return estimate.defence_passes(
             table2_points=1,
             num_points=1,

@@ -113,6 +113,11 @@ class AdaptiveConfig:
         "(with proxy_steps = 0 too, the attacks use the shell itself). Square searches every "
         "label (it cannot tell its points apart).",
     )
+    square_proxy_steps: int = setting(
+        0,
+        "Square on the shell queries a copy of it with this many inner steps (every label); "
+        "its successes are verified on the shell itself. 0: proxy_steps.",
+    )
     restarts: int = setting(
         0, "BPDA random restarts (besides the starts at x and at the transfer x')."
     )
@@ -161,6 +166,7 @@ class AdaptiveConfig:
             "warm_steps",
             "proxy_steps",
             "proxy_labels",
+            "square_proxy_steps",
             "lift_steps",
             "square_queries",
             "eot_samples",
@@ -176,6 +182,14 @@ class AdaptiveConfig:
         for name in self.base_attacks:
             check_choice(name, "base_attacks", BASE_ATTACKS)
         validate_radius(self.large_epsilon, "large_epsilon")
+
+    def attack_proxy(self, shell, *, square: bool = False):
+        """The copy of ``shell`` BPDA and targeted BPDA (or, with ``square``, Square) steer by:
+        ``shell.proxy(steps=proxy_steps, labels=proxy_labels)`` (Square: every label, and
+        ``square_proxy_steps`` when set); the shell itself when nothing is set."""
+        if square:
+            return shell.proxy(steps=self.square_proxy_steps or self.proxy_steps or None)
+        return shell.proxy(steps=self.proxy_steps or None, labels=self.proxy_labels or None)
 
     @property
     def budget_seconds(self) -> float | None:

@@ -13,8 +13,8 @@ verified success wins):
   clipped into ``N(x, epsilon)``), ``bpda`` (identity BPDA, APGD schedule, from x, from the
   transfer x' and random starts), ``bpda_targeted`` (the shell's top wrong labels) and ``square``
   (score-based black box on the shell's probabilities; it tells whether gradients are masked).
-  BPDA, targeted BPDA and Square steer by the shell's cheaper copy (:func:`attack_proxy`,
-  ``config.proxy_steps`` / ``proxy_labels``); every success is verified on the shell itself.
+  BPDA, targeted BPDA and Square steer by the shell's cheaper copy
+  (:meth:`AdaptiveConfig.attack_proxy`); every success is verified on the shell itself.
 
 Units: pixels (0..255).
 """
@@ -83,8 +83,8 @@ def shell_suite(
     """The attacks on the shell, in ``config.shell_attacks`` order (``x_cw``: CW's ``x'`` on F)."""
     eot = config.eot_samples if shell.is_random else 0
     targets = "all" if config.targets == 0 else config.targets
-    proxy = attack_proxy(shell, config)
-    square_model = attack_proxy(shell, config, labels=False)
+    proxy = config.attack_proxy(shell)
+    square_model = config.attack_proxy(shell, square=True)
     steps = {
         "transfer_cw": lambda: given("transfer_cw", x_cw),
         "transfer_confident": lambda: Step(
@@ -167,15 +167,6 @@ def shell_suite(
         ),
     }
     return [steps[name]() for name in config.shell_attacks]
-
-
-def attack_proxy(shell, config: AdaptiveConfig, *, labels: bool = True):
-    """The copy of ``shell`` the suite's BPDA (``labels``) and Square steer by
-    (``config.proxy_steps`` / ``proxy_labels``; the shell itself when both are 0)."""
-    return shell.proxy(
-        steps=config.proxy_steps or None,
-        labels=(config.proxy_labels or None) if labels else None,
-    )
 
 
 def _on_proxy(shell, model, out: AttackResult) -> AttackResult:

@@ -70,12 +70,10 @@ def defence_passes(
         "lift": k * suite.lift_steps,
         "transfer_confident": (c - 1) * suite.steps,
     }
-    # The copy the suite steers by (adaptive_suites.attack_proxy); a stand-in that is no
-    # FactorShell (a test's) has none.
+    # The copies the suite steers by; a stand-in that is no FactorShell (a test's) has none.
     proxy = square = shell
     if isinstance(shell, FactorShell):
-        proxy = shell.proxy(steps=suite.proxy_steps or None, labels=suite.proxy_labels or None)
-        square = shell.proxy(steps=suite.proxy_steps or None)
+        proxy, square = suite.attack_proxy(shell), suite.attack_proxy(shell, square=True)
     if proxy is not shell:  # through the cheaper copy: the shell at each run's start, end, best
         proxied = proxy.passes_per_prediction() / per_prediction
         for name, runs, extra in (

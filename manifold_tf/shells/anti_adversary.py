@@ -105,7 +105,7 @@ class AntiAdversaryShell(FactorShell):
         """The anti-adversary with ``steps`` steps of the same size (the radius the shell
         searches is kept); ``labels`` is ignored (one point per image)."""
         del labels
-        steps = self.steps if steps is None else check_int(steps, "steps", 1)
+        steps = self.steps if steps is None else min(check_int(steps, "steps", 1), self.steps)
         if steps == self.steps:
             return self
         return self._cached_proxy(

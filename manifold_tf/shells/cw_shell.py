@@ -120,7 +120,11 @@ class CarliniWagnerShell(FactorShell):
         ``max_iterations``; ``labels`` is ignored (its candidates are scored by their top
         label)."""
         del labels
-        steps = self.max_iterations if steps is None else check_int(steps, "steps", 1)
+        steps = (
+            self.max_iterations
+            if steps is None
+            else min(check_int(steps, "steps", 1), self.max_iterations)
+        )
         if steps == self.max_iterations:
             return self
         return self._cached_proxy((steps, None), lambda: self._replace(max_iterations=steps))

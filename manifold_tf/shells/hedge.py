@@ -131,7 +131,7 @@ class HedgeShell(FactorShell):
         """Hedge with ``steps`` signed steps of the same size (Croce et al. 2022 attack Hedge
         through 5 steps instead of 20); ``labels`` is ignored (one point per image)."""
         del labels
-        steps = self.steps if steps is None else check_int(steps, "steps", 1)
+        steps = self.steps if steps is None else min(check_int(steps, "steps", 1), self.steps)
         if steps == self.steps:
             return self
         return self._cached_proxy((steps, None), lambda: self._replace(steps=steps))

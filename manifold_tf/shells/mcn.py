@@ -136,7 +136,7 @@ class MCNShell(FactorShell):
         """MCN with ``steps`` ascent steps (the step size scaled so that ``steps * step_size``
         stays the shell's) on ``y`` and ``labels`` wrong labels per point (see the base class);
         ``self`` when neither changes anything."""
-        steps = self.steps if steps is None else check_int(steps, "steps", 1)
+        steps = self.steps if steps is None else min(check_int(steps, "steps", 1), self.steps)
         if labels is not None and check_int(labels, "labels", 1) >= self.num_classes - 1:
             labels = None  # every wrong label: the shell's own layout
         if steps == self.steps and labels is None:

@@ -129,7 +129,7 @@ class NCNShell(FactorShell):
         """NCN with ``steps`` Adam steps per penalty round (the same rounds and learning rate)
         on ``y`` and ``labels`` wrong labels per point (see the base class); ``self`` when
         neither changes anything."""
-        steps = self.steps if steps is None else check_int(steps, "steps", 1)
+        steps = self.steps if steps is None else min(check_int(steps, "steps", 1), self.steps)
         if labels is not None and check_int(labels, "labels", 1) >= self.num_classes - 1:
             labels = None
         if steps == self.steps and labels is None:

@@ -27,9 +27,10 @@ class ProxyMixin:
         :meth:`passes_per_prediction` (per image, as an attack queries it).
 
         Args:
-          steps: the copy's inner search steps (``None``: the shell's own). What a step is belongs
-            to the shell (MCN's ascent steps, NCN's Adam steps per round, Hedge's and the
-            anti-adversary's signed steps, the CW shell's iterations per constant).
+          steps: the copy's inner search steps, at most the shell's own (``None`` or more: the
+            shell's own). What a step is belongs to the shell (MCN's ascent steps, NCN's Adam
+            steps per round, Hedge's and the anti-adversary's signed steps, the CW shell's
+            iterations per constant).
           labels: for a shell that searches every label (MCN, NCN): the copy searches, per point,
             ``y`` and this many wrong labels, which the attack picks (the full shell's best at its
             start, :meth:`embed_labels`); ``None``: every label. Ignored by other shells.
