@@ -17,6 +17,7 @@ import numpy as np
 from manifold_tf import reporting
 from manifold_tf.evaluation import sequential
 from manifold_tf.evaluation.adaptive import PROTOCOL, AdaptiveRun
+from manifold_tf.evaluation.adaptive_figures import plot_attack_curve, plot_differences
 from manifold_tf.evaluation.ledger import ledger_markdown, plot_ledger, summarize_ledger
 from manifold_tf.evaluation.stats import (
     DEFAULT_PAIRED_METHOD,
@@ -280,6 +281,10 @@ ATTACK_NOTES = {
 }
 
 
+def _shared(v: dict) -> bool:
+    return bool(v.get("ledger") and "base_suite_shared" in v["ledger"])
+
+
 def adaptive_markdown(report: dict) -> str:
     s, v = report["settings"], report["verdict"]
     rows = [
@@ -313,17 +318,29 @@ def adaptive_markdown(report: dict) -> str:
         f"the shell's own search: shell predictions x its passes per prediction). Time: "
         f"{v['seconds']:.0f} s.\n\nCost ledger (every attack of both suites; figure "
         f"`adaptive_ledger.png`):\n\n{ledger_markdown(v.get('ledger'))}\n"
-        f"Suite settings: `{json.dumps(s['suite'])}`\n"
+        + (f"{v['ledger']['base_suite_shared']['note']}\n\n" if _shared(v) else "")
+        + f"Suite settings: `{json.dumps(s['suite'])}`\n"
     )
 
 
 def write_adaptive_report(
-    run: AdaptiveRun, images, store, *, class_names=None, max_figure_cases: int = 12
+    run: AdaptiveRun,
+    images,
+    store,
+    *,
+    class_names=None,
+    max_figure_cases: int = 12,
+    shared_base: dict | None = None,
 ) -> dict:
     """``adaptive.json``/``.md``, ``summary.json``, ``adaptive_failures.png``,
-    ``adaptive_attacks.png``, ``adaptive_difference.png``, ``adaptive_ledger.png``."""
+    ``adaptive_attacks.png``, ``adaptive_difference.png``, ``adaptive_ledger.png``.
+
+    ``shared_base``: in a comparison of shells, how the base's suite was shared (its ``note``
+    says so in the ledger of ``summary.json`` and ``adaptive.md``)."""
     records, settings = run.records, run.settings
     verdict = summarize(records, settings, run.sanity, run.stopping)
+    if shared_base is not None and verdict["ledger"] is not None:
+        verdict["ledger"]["base_suite_shared"] = shared_base
     report = dict(
         settings=settings,
         verdict=verdict,
@@ -374,81 +391,3 @@ def write_adaptive_report(
     if verdict["ledger"] is not None:
         plot_ledger(verdict["ledger"], store.path("adaptive_ledger.png"))
     return report
-
-
-def plot_attack_curve(verdict: dict, path: str) -> None:
-    """Accuracy of the shell and of the base after each of their attacks, 95% intervals (a PNG)."""
-    import matplotlib  # deferred: matplotlib's start-up is paid only when a report is drawn
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # deferred: as above
-
-    fig, axes = plt.subplots(
-        1,
-        2,
-        figsize=(10, 3.4),
-        sharey=True,
-        gridspec_kw=dict(
-            width_ratios=[
-                len(verdict["shell"]["by_attack"]) + 1,
-                len(verdict["base"]["by_attack"]) + 1,
-            ]
-        ),
-    )
-    for ax, who, color in ((axes[0], "shell", "C0"), (axes[1], "base", "C1")):
-        items = [("clean", verdict[who]["clean"])] + list(verdict[who]["by_attack"].items())
-        xs = np.arange(len(items))
-        err = [
-            [p["rate"] - p["ci_low"] for _, p in items],
-            [p["ci_high"] - p["rate"] for _, p in items],
-        ]
-        ax.errorbar(xs, [p["rate"] for _, p in items], yerr=err, marker="o", color=color, capsize=3)
-        ax.set_xticks(xs, [n for n, _ in items], rotation=20, fontsize=8)
-        ax.set_title(f"{who}: accuracy after each attack", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.set_ylim(-0.02, 1.02)
-    axes[0].set_ylabel(f"accuracy (n = {verdict['n']}, 95% Clopper-Pearson)")
-    reporting.save_figure(fig, path)
-
-
-def plot_differences(verdict: dict, path: str) -> None:
-    """Shell minus base, robust and clean accuracy, with their paired 95% intervals (a PNG)."""
-    import matplotlib  # deferred: matplotlib's start-up is paid only when a report is drawn
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # deferred: as above
-
-    items = [
-        ("robust accuracy", verdict["difference"]["robust_accuracy"]),
-        ("clean accuracy", verdict["difference"]["clean_accuracy"]),
-    ]
-    fig, ax = plt.subplots(figsize=(6, 2.4))
-    for row, (_name, d) in enumerate(items):
-        est, low, high = (100 * d[k] for k in ("estimate", "ci_low", "ci_high"))
-        ax.errorbar(
-            [est],
-            [row],
-            xerr=[[est - low], [high - est]],
-            fmt="o",
-            capsize=4,
-            color="C0" if row == 0 else "C1",
-        )
-        ax.annotate(
-            f"{est:+.1f} ({low:+.1f} to {high:+.1f}); shell only {d['shell_only']}, "
-            f"base only {d['base_only']}",
-            (est, row),
-            textcoords="offset points",
-            xytext=(0, 8),
-            ha="center",
-            fontsize=8,
-        )
-    ax.axvline(0.0, color="grey", lw=0.8)
-    ax.set_yticks([0, 1], [name for name, _ in items])
-    ax.set_ylim(-0.7, 1.7)
-    ax.set_xlabel(
-        f"shell minus base, points (n = {verdict['n']}; "
-        f"{items[0][1].get('interval', 'paired 95% interval')})",
-        fontsize=7,
-    )
-    ax.grid(alpha=0.3, axis="x")
-    reporting.save_figure(fig, path)
