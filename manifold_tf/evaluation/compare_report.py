@@ -189,8 +189,14 @@ def plot_comparison(report: dict, path: str) -> None:
     plt = reporting.pyplot()
     kinds = report["kinds"]
     rows = np.arange(len(kinds))[::-1]
+    colors = {k: f"C{i % 10}" for i, k in enumerate(kinds)}
     fig, axes = plt.subplots(
-        1, 3, figsize=(13, 1.2 + 0.55 * len(kinds)), sharey=True, gridspec_kw=dict(wspace=0.08)
+        1,
+        3,
+        figsize=(13, 1.6 + 0.6 * len(kinds)),
+        sharey=True,
+        gridspec_kw=dict(wspace=0.08),
+        layout="constrained",
     )
     for ax, key, title in (
         (axes[0], "robust_accuracy", "robust accuracy, shell minus base"),
@@ -199,9 +205,11 @@ def plot_comparison(report: dict, path: str) -> None:
         for row, k in zip(rows, kinds, strict=True):
             d = report["defences"][k]["difference"][key]
             est, low, high = (100 * d[f] for f in ("estimate", "ci_low", "ci_high"))
-            ax.errorbar([est], [row], xerr=[[est - low], [high - est]], fmt="o", capsize=4)
+            ax.errorbar(
+                [est], [row], xerr=[[est - low], [high - est]], fmt="o", capsize=4, color=colors[k]
+            )
             ax.annotate(
-                f"{est:+.1f} ({low:+.1f} to {high:+.1f})",
+                f"{est:+.1f} ({low:+.1f} to {high:+.1f}); +{d['shell_only']} / -{d['base_only']}",
                 (est, row),
                 textcoords="offset points",
                 xytext=(0, 7),
@@ -210,25 +218,38 @@ def plot_comparison(report: dict, path: str) -> None:
             )
         ax.axvline(0.0, color="grey", lw=0.8)
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("points (paired 95% interval)", fontsize=8)
+        ax.set_xlabel(f"points (n = {report['n']}, paired 95% interval)", fontsize=8)
         ax.grid(alpha=0.3, axis="x")
     ax = axes[2]
-    per_prediction = [report["defences"][k]["cost"]["passes_per_prediction"] for k in kinds]
-    per_point = [report["defences"][k]["cost"]["shell_suite_passes_per_point"] or 0 for k in kinds]
-    ax.barh(rows + 0.18, [max(v, 1e-1) for v in per_prediction], 0.35, label="per prediction")
-    ax.barh(rows - 0.18, [max(v, 1e-1) for v in per_point], 0.35, label="per point (its suite)")
+    for row, k in zip(rows, kinds, strict=True):
+        c = report["defences"][k]["cost"]
+        for shift, value, hatch in (
+            (0.18, c["passes_per_prediction"], ""),
+            (-0.18, c["shell_suite_passes_per_point"] or 0, "//"),
+        ):
+            ax.barh(row + shift, max(value, 0.1), 0.34, color=colors[k], hatch=hatch, alpha=0.8)
+            ax.annotate(
+                f"{value:,.0f}",
+                (max(value, 0.1), row + shift),
+                textcoords="offset points",
+                xytext=(3, -3),
+                fontsize=7,
+            )
     base_point = report["base"]["cost"]["passes_per_point"]
     if base_point:
-        ax.axvline(base_point, color="C3", lw=1, ls="--", label="base suite per point (once)")
+        ax.axvline(base_point, color="black", lw=1, ls="--")
     ax.set_xscale("log")
-    ax.set_title("cost: base forward+backward passes", fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(
+        "cost (base passes): per prediction (plain), per point of its suite (hatched);\n"
+        "dashed: the base's suite per point, run once for all",
+        fontsize=8,
+    )
     ax.grid(alpha=0.3, axis="x")
     axes[0].set_yticks(rows, kinds)
     axes[0].set_ylim(-0.7, len(kinds) - 0.3)
     fig.suptitle(
         f"{len(kinds)} defences against the base on the same n = {report['n']} points "
-        f"(eps {report['epsilon_pixels']:g} px)",
+        f"(L-inf eps {report['epsilon_pixels']:g} px)",
         fontsize=10,
     )
     reporting.save_figure(fig, path)
