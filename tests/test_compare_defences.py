@@ -355,3 +355,72 @@ def test_a_bad_shell_list_on_the_command_line_is_a_clear_error(tmp_path):
     assert "unknown shell kind 'mnc' in --shell=mcn,hedge,mnc" in done.stderr
     assert "'anti_adversary', 'cw', 'hedge', 'mcn', 'ncn'" in done.stderr
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.fixture(scope="module")
+def nearest_centre(tmp_path_factory) -> str:
+    """A nearest-centre classifier of the synthetic data (32x32x3, 10 classes), saved."""
+    from helpers import nearest_centre_model
+    from manifold_tf.data import synthetic_manifold
+
+    centres, _ = synthetic_manifold(num_classes=10)
+    path = str(tmp_path_factory.mktemp("model") / "nearest_centre.keras")
+    nearest_centre_model(centres, temperature=3e4).save(path)
+    return path
+
+
+def test_evaluate_compares_the_listed_kinds_with_cw_computed_once(
+    nearest_centre, tmp_path, monkeypatch
+):
+    from manifold_tf import attacks, evaluation
+    from manifold_tf.evaluation import presets
+
+    attacked = []
+    real_cw = attacks.cw_linf
+
+    def cw_linf(model, x, *args, **kwargs):
+        attacked.append(len(x))
+        return real_cw(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(attacks, "cw_linf", cw_linf)
+    out = tmp_path / "run"
+    config = presets.from_preset(
+        "default",
+        dict(
+            mode="defence",
+            inputs=dict(checkpoint=nearest_centre, dataset="synthetic"),
+            run=dict(output_dir=str(out)),
+            threat=dict(epsilon=16.0),
+            defence=dict(
+                batch_points=2,
+                shell=dict(kind="test_dither,anti_adversary", anti_steps=1),
+                attack=dict(max_iterations=3),
+            ),
+            adaptive=dict(
+                num_points=4,
+                budget=None,
+                steps=2,
+                shell_attacks=("transfer_cw", "bpda"),
+                base_attacks=("apgd_ce",),
+                base_apgd_steps=2,
+                eot_samples=2,
+                sanity_points=0,
+            ),
+        ),
+    )
+    text = evaluation.evaluate(config)
+    assert "Defences compared on the same points (n = 4" in text
+    # CW ran once per point, in the verdict's base half: Table 2 of both defences reused it.
+    assert sum(attacked) == 4
+    report = json.load(open(out / "comparison.json"))
+    assert report["kinds"] == ["test_dither", "anti_adversary"]
+    assert set(report["table2"]) == {"test_dither", "anti_adversary"}
+    for kind in report["kinds"]:
+        for name in ("summary.json", "adaptive.md", "defence.md", "defence.json"):
+            assert (out / kind / name).exists(), (kind, name)
+        t2 = json.load(open(out / kind / "defence.json"))
+        assert t2["settings"]["shell"]["shell"] == kind
+        assert report["table2"][kind]["points"] == t2["average"]["points"]
+    a, b = (json.load(open(out / k / "defence.json"))["points"] for k in report["kinds"])
+    assert [p["base_success"] for p in a] == [p["base_success"] for p in b]  # the same x'
+    assert not (out / "summary.json").exists()  # no single-shell report at the top
