@@ -19,60 +19,24 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import NamedTuple
 
 import numpy as np
 from absl import logging
 
 from manifold_tf import attacks, reporting
-from manifold_tf.attacks import run_standing
-from manifold_tf.evaluation import adaptive_budget, adaptive_suites
+from manifold_tf.attacks import run_standing  # noqa: F401  (bench_surrogate reads it here)
+from manifold_tf.evaluation import adaptive_budget
 from manifold_tf.evaluation.adaptive_config import AdaptiveConfig
-from manifold_tf.evaluation.inputs import predict_logits
-from manifold_tf.evaluation.ledger import batch_ledger
+from manifold_tf.evaluation.suite_batch import (  # noqa: F401  (this module's API too)
+    TransferPoint,
+    adaptive_batch,
+    shell_labels,
+)
 from manifold_tf.evaluation.walk import continue_batches, walk_order
-from manifold_tf.shells import answer
 
 PROTOCOL = "adaptive"
 SANITY = "adaptive_sanity"
 DEFENCE_PROTOCOL = "defence"  # Table 2's records, whose CW x' the suite reuses
-
-
-def shell_labels(shell, x: np.ndarray, batch_size: int = 30) -> np.ndarray:
-    """The shell's labels on ``x`` (:func:`~manifold_tf.shells.answer`), batch by batch: a fresh
-    evaluation, what every success is checked on."""
-    if not len(x):
-        return np.zeros(0, np.int64)
-    return np.concatenate(
-        [
-            answer(shell.embed_function(np.asarray(x[i : i + batch_size], np.float32)))
-            for i in range(0, len(x), batch_size)
-        ]
-    )
-
-
-class TransferPoint(NamedTuple):
-    """CW's result on one point: ``x_adv`` ``[H, W, C]`` (``x`` where it failed), ``success`` and
-    ``iterations`` (forward+backward passes; -1 when taken from an older Table-2 record)."""
-
-    x_adv: np.ndarray
-    success: bool
-    iterations: int
-
-
-def _cw_transfer(base, x, y, epsilon, cw_kwargs, known: dict, indices) -> attacks.AttackResult:
-    """The paper's CW x' on the base: from Table 2's run where it has the point, else computed."""
-    x_adv, success = x.copy(), np.zeros(len(x), bool)
-    iterations = np.full(len(x), -1, np.int64)
-    todo = [k for k, i in enumerate(indices) if int(i) not in known]
-    for k, i in enumerate(indices):
-        if int(i) in known:
-            x_adv[k], success[k], iterations[k] = known[int(i)]
-    if todo:
-        cw = attacks.cw_linf(base, x[todo], y[todo], epsilon=epsilon, **cw_kwargs)
-        x_adv[todo], success[todo] = cw.x_adv, cw.success
-        iterations[todo] = cw.details["iterations"]
-    return attacks.AttackResult(x_adv, success, details=dict(iterations=iterations))
 
 
 def transfer_points(store) -> dict:
@@ -89,110 +53,6 @@ def transfer_points(store) -> dict:
                 x_cw[k], bool(rec["cw_success"][k]), int(rec["cw_iterations"][k])
             )
     return out
-
-
-def adaptive_batch(
-    base,
-    shell,
-    x,
-    y,
-    indices,
-    *,
-    config: AdaptiveConfig,
-    epsilon: float,
-    cw_kwargs: dict,
-    known_transfer: dict,
-    seed: int,
-    desc: str = "",
-    stop=None,
-    clock=time.perf_counter,
-) -> tuple[dict, np.ndarray, np.ndarray] | None:
-    """One batch of both suites: ``(record, x_worst [N, H, W, C], x_cw [N, H, W, C])`` (the
-    breaking x' per point, else x; CW's x' on the base), or None when ``stop()`` (asked between
-    attack steps) ended it before every step ran."""
-    t0 = clock()
-    n = len(y)
-    f_x = predict_logits(base, x).argmax(-1)
-    g_x = shell_labels(shell, x)
-    cw = _cw_transfer(base, x, y, epsilon, cw_kwargs, known_transfer, indices)
-    x_cw = cw.x_adv
-    checks = [2 * n]  # shell predictions outside the attacks: G at x, and the final check
-    shell_adv = g_x.copy()  # the shell's answer at each point's breaking x' (G(x) where none)
-
-    def base_wrong(x_adv, idx):
-        return predict_logits(base, x_adv).argmax(-1) != y[idx]
-
-    def shell_wrong(x_adv, idx):  # success is verified by a fresh shell prediction
-        checks.append(len(idx))
-        got = shell_labels(shell, x_adv)
-        shell_adv[idx[got != y[idx]]] = got[got != y[idx]]  # a broken point is attacked no more
-        return got != y[idx]
-
-    def log_step(name, attempted, broken, seconds):
-        if desc:
-            logging.info(f"{desc}: {name}: {broken}/{attempted} broken ({seconds:.0f} s)")
-
-    base_steps = adaptive_suites.base_suite(base, config, x_cw, epsilon=epsilon, seed=seed)
-    base_run = run_standing(
-        [adaptive_suites.in_ball(s, x, epsilon) for s in base_steps],
-        x,
-        y,
-        broken=f_x != y,
-        verify=base_wrong,
-        stop=stop,
-    )
-    if not base_run.complete:
-        return None
-    shell_steps = adaptive_suites.shell_suite(
-        shell, base, config, x_cw, epsilon=epsilon, seed=seed, desc=desc or "adaptive"
-    )
-    shell_run = run_standing(
-        [adaptive_suites.in_ball(s, x, epsilon) for s in shell_steps],
-        x,
-        y,
-        broken=g_x != y,
-        verify=shell_wrong,
-        on_step=log_step,
-        stop=stop,
-    )
-    if not shell_run.complete:
-        return None
-    broken = ~shell_run.standing & (shell_run.broken_by != "clean")
-    x_worst = np.where(broken[:, None, None, None], shell_run.result.x_adv, x)
-    shell_cost = shell_run.result.cost
-    shell_predictions = sum(checks) + shell_cost["shell_predictions"]
-    cost = dict(
-        base_passes=int(
-            base_run.result.cost["base_passes"]
-            + shell_cost["base_passes"]
-            + shell_predictions * shell.passes_per_prediction()
-        ),
-        shell_predictions=int(shell_predictions),
-    )
-    record = dict(
-        indices=[int(i) for i in indices],
-        labels=y.tolist(),
-        base_clean=f_x.tolist(),
-        shell_clean=g_x.tolist(),
-        base_broken_by=base_run.broken_by.tolist(),
-        base_attacks=[s.name for s in base_steps],
-        shell_broken_by=shell_run.broken_by.tolist(),
-        shell_adv=shell_adv.tolist(),
-        attempted=shell_run.attempted,
-        linf=np.abs(x_worst - x).reshape(n, -1).max(-1).tolist(),
-        cost=cost,
-        ledger=batch_ledger(
-            base_run,
-            shell_run,
-            per_prediction=shell.passes_per_prediction(),
-            shell_checks=np.full(n, checks[0] // max(n, 1)),
-            cw_iterations=cw.details["iterations"],
-        ),
-        seconds=dict(total=clock() - t0, **shell_run.seconds, base=base_run.seconds),
-        cw_success=cw.success.tolist(),
-        cw_iterations=cw.details["iterations"].tolist(),
-    )
-    return record, x_worst, x_cw
 
 
 def sanity_checks(
@@ -311,6 +171,39 @@ def _known_transfer(store, images) -> dict:
     return known
 
 
+def verdict_settings(
+    shell_settings: dict | None,
+    config: AdaptiveConfig,
+    *,
+    epsilon: float,
+    cw_kwargs: dict,
+    seed: int,
+    permutation: str,
+    num_points: int,
+    batch_points: int,
+    num_test_points: int,
+    metadata: dict | None,
+) -> dict:
+    """The settings a verdict is bound with (JSON form); ``shell_settings`` None: the base suite's
+    alone (a comparison's shared records)."""
+    shell = {} if shell_settings is None else dict(shell=shell_settings)
+    return reporting._to_jsonable(
+        dict(
+            protocol="adaptive (METHOD.md, Adaptive evaluation)",
+            epsilon=float(epsilon),
+            **shell,
+            suite=config,
+            base_attack_cw=cw_kwargs,
+            seed=int(seed),
+            permutation=permutation,
+            num_points=int(num_points),
+            batch_points=int(batch_points),
+            num_test_points=int(num_test_points),
+            **(metadata or {}),
+        )
+    )
+
+
 def run_adaptive(
     base,
     shell,
@@ -355,20 +248,17 @@ def run_adaptive(
             )
             config = dataclasses.replace(config, budget=None)
     sequential_run = config.until == "decided" or config.budget is not None
-    settings = reporting._to_jsonable(
-        dict(
-            protocol="adaptive (METHOD.md, Adaptive evaluation)",
-            epsilon=float(epsilon),
-            shell=shell.settings(),
-            suite=config,
-            base_attack_cw=cw_kwargs,
-            seed=int(seed),
-            permutation=permutation,
-            num_points=int(len(order)),
-            batch_points=int(batch_points),
-            num_test_points=int(len(images)),
-            **(metadata or {}),
-        )
+    settings = verdict_settings(
+        shell.settings(),
+        config,
+        epsilon=epsilon,
+        cw_kwargs=cw_kwargs,
+        seed=seed,
+        permutation=permutation,
+        num_points=len(order),
+        batch_points=batch_points,
+        num_test_points=len(images),
+        metadata=metadata,
     )
     # More points or time extend a run: its finished batches stay what they were.
     settings = store.bind(PROTOCOL, settings, free=("strategy",) + adaptive_budget.EXTENDS)

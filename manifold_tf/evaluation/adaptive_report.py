@@ -281,6 +281,10 @@ ATTACK_NOTES = {
 }
 
 
+def _shared(v: dict) -> bool:
+    return bool(v.get("ledger") and "base_suite_shared" in v["ledger"])
+
+
 def adaptive_markdown(report: dict) -> str:
     s, v = report["settings"], report["verdict"]
     rows = [
@@ -314,17 +318,29 @@ def adaptive_markdown(report: dict) -> str:
         f"the shell's own search: shell predictions x its passes per prediction). Time: "
         f"{v['seconds']:.0f} s.\n\nCost ledger (every attack of both suites; figure "
         f"`adaptive_ledger.png`):\n\n{ledger_markdown(v.get('ledger'))}\n"
-        f"Suite settings: `{json.dumps(s['suite'])}`\n"
+        + (f"{v['ledger']['base_suite_shared']['note']}\n\n" if _shared(v) else "")
+        + f"Suite settings: `{json.dumps(s['suite'])}`\n"
     )
 
 
 def write_adaptive_report(
-    run: AdaptiveRun, images, store, *, class_names=None, max_figure_cases: int = 12
+    run: AdaptiveRun,
+    images,
+    store,
+    *,
+    class_names=None,
+    max_figure_cases: int = 12,
+    shared_base: dict | None = None,
 ) -> dict:
     """``adaptive.json``/``.md``, ``summary.json``, ``adaptive_failures.png``,
-    ``adaptive_attacks.png``, ``adaptive_difference.png``, ``adaptive_ledger.png``."""
+    ``adaptive_attacks.png``, ``adaptive_difference.png``, ``adaptive_ledger.png``.
+
+    ``shared_base``: in a comparison of shells, how the base's suite was shared (its ``note``
+    says so in the ledger of ``summary.json`` and ``adaptive.md``)."""
     records, settings = run.records, run.settings
     verdict = summarize(records, settings, run.sanity, run.stopping)
+    if shared_base is not None and verdict["ledger"] is not None:
+        verdict["ledger"]["base_suite_shared"] = shared_base
     report = dict(
         settings=settings,
         verdict=verdict,

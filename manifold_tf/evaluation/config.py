@@ -17,7 +17,7 @@ Units: pixels (0..255) for every radius, budget and step size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from manifold_tf import projected, shells
 from manifold_tf.evaluation.adaptive_config import AdaptiveConfig
@@ -62,6 +62,34 @@ class RunConfig:
     seed: int = setting(0, "Seed for point selection and attacks.")
     resume: bool = setting(False, "Continue the run in --output_dir, skipping finished batches.")
     overwrite: bool = setting(False, "Replace the run in a non-empty --output_dir.")
+
+
+def shell_kinds(text: str) -> tuple[str, ...]:
+    """The registered shell kinds of ``text`` (``"mcn"`` or ``"mcn,ncn,hedge"``), in order.
+
+    Raises ValueError naming an unknown kind (listing the registered ones), an empty item or a
+    kind given twice. The registry is read now, so a kind registered before the flags are read
+    (a defence of one's own, :func:`manifold_tf.shells.register`) is accepted.
+    """
+    items = [k.strip() for k in str(text).split(",")]
+    known = sorted(shells.SHELLS)
+    if not all(items):
+        raise ValueError(
+            f"--shell={text!r} has an empty item: give one or more registered kinds, "
+            f"comma-separated (e.g. --shell=mcn,ncn); registered kinds: {known}."
+        )
+    unknown = [k for k in items if k not in shells.SHELLS]
+    if unknown:
+        raise ValueError(
+            f"unknown shell kind{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))} in --shell={text}; registered kinds: {known} (a "
+            f"defence of your own registers itself with @manifold_tf.shells.register(kind) "
+            f"before the flags are read)."
+        )
+    twice = sorted({k for k in items if items.count(k) > 1})
+    if twice:
+        raise ValueError(f"--shell={text} names {', '.join(map(repr, twice))} more than once.")
+    return tuple(items)
 
 
 P_AUTO = "auto"  # ThreatConfig.p: NCN's p chosen from held-out confidences (shells.calibrate)
@@ -250,8 +278,9 @@ class ShellConfig:
     kind: str = setting(
         "mcn",
         "Shell: mcn (Algorithm 1), ncn (Algorithm 2), cw (the paper's code), hedge (Wu et "
-        "al. 2021) or anti_adversary (Alfarra et al. 2022), or a registered kind.",
-        choices=tuple(shells.SHELLS),
+        "al. 2021) or anti_adversary (Alfarra et al. 2022), or a registered kind. Several, "
+        "comma-separated (mcn,ncn,hedge): each judged on the same points with one run of the "
+        "base's suite (comparison.json, .md, .png; each kind's reports in its own folder).",
         flag="shell",
     )
     optimizer: str = setting(
@@ -311,7 +340,7 @@ class ShellConfig:
     jit_compile: bool | None = setting(None, "Compile the shell with XLA (default: the shell's).")
 
     def __post_init__(self):
-        check_choice(self.kind, "shell", tuple(shells.SHELLS))
+        object.__setattr__(self, "kind", ",".join(shell_kinds(self.kind)))
         check_choice(self.optimizer, "shell_optimizer", projected.OPTIMIZERS)
         check_int(self.steps, "shell_steps", 0)
         check_int(self.batch_size, "shell_batch_size", 1)
@@ -321,10 +350,26 @@ class ShellConfig:
         if not 0.0 <= float(self.p_quantile) <= 1.0:
             raise ValueError(f"p_quantile must lie in [0, 1] (a quantile); got {self.p_quantile}.")
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The shell kinds, in the order given (one for a single-shell run)."""
+        return tuple(self.kind.split(","))
+
+    def for_kind(self, kind: str) -> ShellConfig:
+        """These settings for one of :attr:`kinds`."""
+        if kind not in self.kinds:
+            raise ValueError(f"shell kind {kind!r} is not one of {self.kinds}.")
+        return replace(self, kind=kind)
+
     def build(self, base, threat: ThreatConfig, *, seed: int = 0, p: float | None = None):
         """The shell around ``base`` at the threat model's delta and p (call inside the strategy
         scope the evaluation uses). ``p`` overrides ``threat.p``: it must be given when
         ``threat.p`` is ``"auto"`` (resolved by :func:`manifold_tf.shells.calibrate.resolve_p`)."""
+        if len(self.kinds) > 1:
+            raise ValueError(
+                f"--shell={self.kind} names {len(self.kinds)} shells: build each with "
+                f"for_kind(kind).build(...)."
+            )
         if p is None:
             if threat.p == P_AUTO:
                 raise ValueError(

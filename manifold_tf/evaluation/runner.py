@@ -14,6 +14,8 @@ from manifold_tf.distributed import SINGLE, Workers
 from manifold_tf.evaluation import (
     adaptive,
     adaptive_report,
+    compare,
+    compare_report,
     defence,
     defence_report,
     estimate,
@@ -180,6 +182,8 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
     """The adaptive verdict, then Table 2 (CW on the base, the shell on x and x') on the points
     the verdict evaluated; the verdict prints first."""
     cfg = config.defence
+    if len(cfg.shell.kinds) > 1:
+        return _comparison(config, workers)
     store = _store(config, "defence", workers)
     inputs = inputs_lib.resolve(config.inputs, run_dir=store.directory)
     if (
@@ -296,4 +300,127 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
         f"{verdict}\n{table2_text}\nThe verdict is the adaptive evaluation above; Table 2 is the "
         f"paper's transfer protocol.\nreports written to {store.directory} (summary.json, "
         f"adaptive.md, defence.md, PNG figures)"
+    )
+
+
+def _comparison_plan(config: EvaluationConfig, shells: dict, walk, n: int) -> dict:
+    """The plan's phases for a comparison: CW and the base's suite once, each shell's own."""
+    cfg, out = config.defence, {}
+    for kind, shell in shells.items():
+        phases = estimate.defence_passes(
+            table2_points=n if walk else cfg.batches * cfg.batch_points,
+            num_points=n,
+            shell=shell,
+            per_prediction=shell.passes_per_prediction(),
+            cw=cfg.attack.cw_kwargs(),
+            suite=config.adaptive,
+        )
+        for name, passes in phases.items():
+            own = "on the shell" in name or name.startswith(
+                ("Table 2: the shell", "adaptive: sanity")
+            )
+            out[f"{kind}: {name}" if own else name] = passes
+    return out
+
+
+def _comparison(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
+    """Several shells (``--shell=mcn,ncn,...``) on the same points: the verdict with the base's
+    suite once per batch (:mod:`~manifold_tf.evaluation.compare`), each defence's reports in its
+    folder, Table 2 per defence (CW's x' computed once), then the comparison report."""
+    if workers.distributed:
+        raise ValueError(
+            f"--shell={config.defence.shell.kind} compares defences in one process: drop "
+            f"TF_CONFIG (or evaluate one shell per run)."
+        )
+    cfg, suite = config.defence, config.adaptive
+    if cfg.strategy == "mirrored":
+        raise ValueError("--defence_strategy=mirrored evaluates one shell: give one --shell.")
+    store = _store(config, "defence")
+    inputs = inputs_lib.resolve(config.inputs, run_dir=store.directory)
+    if config.run.overwrite and inputs.train_quick_model and os.path.exists(inputs.checkpoint):
+        os.remove(inputs.checkpoint)
+    base = inputs_lib.load_model(inputs, width=config.inputs.width, seed=config.run.seed)
+    x, y = inputs.load_test()
+    num_points = min(suite.num_points, len(x))
+    p, p_auto = _shell_p(config, base, x, num_points)
+    kinds = compare.check_kinds(cfg.shell.kinds)
+    shells = {
+        k: cfg.shell.for_kind(k).build(base, config.threat, seed=config.run.seed, p=p)
+        for k in kinds
+    }
+    logging.info(
+        "comparing %s on %s (%s): %s", kinds, inputs.dataset, inputs.note, inputs.checkpoint
+    )
+    metadata = dict(
+        checkpoint=os.path.abspath(inputs.checkpoint),
+        dataset=inputs.dataset,
+        data_dir=inputs.data_dir and os.path.abspath(inputs.data_dir),
+        strategy=f"{cfg.strategy} (1 replicas)",
+    )
+    if p_auto is not None:
+        metadata["p_auto"] = p_auto
+    walk = num_points if cfg.points == "walked" else None
+    rate = estimate.passes_per_second(base, next(iter(shells.values())).image_shape)
+    budget = suite.budget_seconds if suite.attack != "none" else None
+    phases, note = estimate.under_budget(
+        lambda n: _comparison_plan(config, shells, walk, n),
+        budget_s=budget,
+        rate=rate,
+        num_points=num_points,
+        batch_points=cfg.batch_points,
+    )
+    logging.info("%s%s", estimate.describe(phases, rate), f"\n{note}" if note else "")
+    comparison = None
+    if suite.attack != "none":
+        comparison = compare.run_comparison(
+            base,
+            shells,
+            x,
+            y,
+            dataclasses.replace(suite, num_points=num_points),
+            store,
+            epsilon=config.threat.epsilon,
+            cw_kwargs=cfg.attack.cw_kwargs(),
+            seed=config.run.seed,
+            permutation=cfg.permutation,
+            batch_points=cfg.batch_points,
+            metadata=metadata,
+            seconds_per_point=estimate.verdict_seconds_per_point(
+                _comparison_plan(config, shells, walk, num_points), rate, num_points
+            ),
+        )
+        if walk is not None:
+            walk = sum(len(r["indices"]) for r in comparison.base_records)
+    table2 = {}
+    for i, k in enumerate(kinds):
+        sub = store.sub(k)
+        attack = cfg.attack
+        if i and not attack.from_run:  # the first defence's x' (CW's and the probe's), reused
+            attack = dataclasses.replace(attack, from_run=store.sub(kinds[0]).directory)
+        run = defence.run_table2(
+            base,
+            shells[k],
+            x,
+            y,
+            dataclasses.replace(cfg, shell=cfg.shell.for_kind(k), attack=attack),
+            sub,
+            epsilon=config.threat.epsilon,
+            seed=config.run.seed,
+            metadata=metadata,
+            walk=walk,
+            known_cw=adaptive.transfer_points(sub),
+        )
+        table2[k] = defence_report.write_defence_report(
+            run.records, run.settings, x, sub, class_names=inputs.class_names
+        )
+    if comparison is None:
+        text = "\n".join(defence_report.defence_markdown(table2[k]) for k in kinds)
+        return f"{text}\nreports written to {store.directory} (<kind>/defence.md)"
+    report = compare_report.write_comparison(
+        comparison, x, store, class_names=inputs.class_names, table2=table2
+    )
+    return (
+        f"{compare_report.comparison_markdown(report)}\nreports written to {store.directory} "
+        f"(comparison.json, comparison.md, comparison.png; per defence <kind>/summary.json, "
+        f"adaptive.md, defence.md)"
     )

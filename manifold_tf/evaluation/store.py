@@ -265,16 +265,27 @@ class RunStore:
             return directory
 
         self.directory = workers.chief_first(prepare, "store")
+        self._lock_directory = self.directory
 
     def _writing(self) -> None:
         """Takes the directory's lock before the first write (see ``lock``)."""
         if self._lock:
-            acquire_lock(self.directory)
+            acquire_lock(self._lock_directory)
 
     def close(self) -> None:
         """Releases the directory's lock now (it is also released when the process exits)."""
         if self._lock:
-            release_lock(self.directory)
+            release_lock(self._lock_directory)
+
+    def sub(self, name: str) -> RunStore:
+        """The store of the folder ``name`` inside this run (one defence of a comparison): laid
+        out like a run of its own, with this store's resume, workers and lock (the run's)."""
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+            raise ValueError(f"a run's sub-folder name must be a plain file name; got {name!r}.")
+        child = copy.copy(self)
+        child.directory = self.path(name)
+        os.makedirs(child.directory, exist_ok=True)
+        return child
 
     # -- settings --------------------------------------------------------------------------------
 

@@ -1,0 +1,318 @@
+"""Several defences judged on the same points: the base's suite once per batch, each shell's suite
+on the same points (``--shell=mcn,ncn,hedge``).
+
+One run store (``RunStore``) holds the comparison::
+
+    <run>/adaptive_base/settings.json, batch_000.json, batch_000_xcw.npy ...   the base's half
+    <run>/<kind>/adaptive/...   each defence's verdict records, as a single-shell run writes them
+    <run>/<kind>/summary.json, adaptive.md, defence.md ...        each defence's own reports
+    <run>/comparison.json, comparison.md, comparison.png          (compare_report)
+
+The base's half of batch ``b`` (:func:`~manifold_tf.evaluation.suite_batch.base_batch`: CW's x'
+and the base's suite) is computed once and saved before any shell's half; each shell's half
+(:func:`~manifold_tf.evaluation.suite_batch.shell_batch`) reads it, so that each defence's record
+is the one a single-shell run on these points writes. A batch is done when the base and every
+shell are done on it; only done batches are reported, so every defence has the same points.
+
+The stopping rule is the comparison's: ``--adaptive_budget`` counts the time of every part (the
+base's and each shell's); ``--adaptive_until=decided`` stops once every defence's paired robust
+difference is decided. Resuming keeps every saved part; a resumed comparison may name more
+defences (each new one runs its suite on the batches already done, reusing the base's half) or
+fewer (those left out keep their folders and leave the comparison); a shell's changed settings
+are refused as in a single-shell run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+from absl import logging
+
+from manifold_tf.evaluation import adaptive, adaptive_budget, suite_batch
+from manifold_tf.evaluation.adaptive import PROTOCOL, AdaptiveRun, verdict_settings
+from manifold_tf.evaluation.adaptive_config import AdaptiveConfig
+from manifold_tf.evaluation.walk import continue_batches, walk_order
+
+BASE = "adaptive_base"  # the base's half of every batch, shared by the compared defences
+RESERVED = (BASE, PROTOCOL, adaptive.SANITY, adaptive.DEFENCE_PROTOCOL, "comparison")
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """What :func:`run_comparison` returns: per kind its :class:`AdaptiveRun` (done batches
+    only, the same points for every kind), the base's halves of those batches, the base's bound
+    settings, each shell's passes per prediction, and why the comparison stopped."""
+
+    runs: dict
+    base_records: list
+    settings: dict
+    passes_per_prediction: dict
+    stopping: dict
+
+
+def check_kinds(kinds) -> list[str]:
+    """The kinds as folder names of a comparison (at least two, distinct, none reserved)."""
+    kinds = list(kinds)
+    if len(kinds) < 2 or len(set(kinds)) != len(kinds):
+        raise ValueError(f"a comparison needs two or more distinct shell kinds; got {kinds}.")
+    clash = [k for k in kinds if k in RESERVED]
+    if clash:
+        raise ValueError(f"shell kinds {clash} clash with the run's folders {RESERVED}.")
+    return kinds
+
+
+def _combined(base_rec: dict | None, shell_recs: list) -> dict | None:
+    """A batch as the budget sees it: its points and the seconds of every part saved so far
+    (None when not even the base's half is)."""
+    if base_rec is None:
+        return None
+    own = [r["seconds"]["total"] - base_rec["seconds"]["total"] for r in shell_recs if r]
+    return dict(
+        indices=base_rec["indices"], seconds=dict(total=base_rec["seconds"]["total"] + sum(own))
+    )
+
+
+def _decided(config: AdaptiveConfig, n_total: int):
+    """``check(per_kind_records) -> dict | None``: stop when every defence is decided."""
+    rule = adaptive_budget.stopping_rule(dataclasses.replace(config, budget=None), n_total)
+
+    def check(per_kind: dict) -> dict | None:
+        whys = {k: rule(recs) for k, recs in per_kind.items()}
+        if not all(whys.values()):
+            return None
+        return dict(
+            rule="decided",
+            reason="every defence's paired robust difference is decided: "
+            + "; ".join(f"{k}: {w['reason']}" for k, w in whys.items()),
+            n=next(iter(whys.values()))["n"],
+        )
+
+    return check
+
+
+def run_comparison(
+    base,
+    shells: dict,
+    images: np.ndarray,
+    labels: np.ndarray,
+    config: AdaptiveConfig,
+    store,
+    *,
+    epsilon: float,
+    cw_kwargs: dict,
+    seed: int = 0,
+    permutation: str = "numpy",
+    batch_points: int = 30,
+    metadata: dict | None = None,
+    clock=time.perf_counter,
+    seconds_per_point: float | None = None,
+) -> Comparison:
+    """Runs (or resumes) the verdict of every shell of ``shells`` (kind -> shell around ``base``)
+    on the first ``config.num_points`` points of the seeded order, batch by batch, the base's
+    suite once per batch (module docstring). Arguments as
+    :func:`~manifold_tf.evaluation.adaptive.run_adaptive`'s; one process only."""
+    kinds = check_kinds(shells)
+    if store.workers.distributed:
+        raise ValueError("a comparison of several shells runs in one process: drop TF_CONFIG.")
+    order = walk_order(len(images), seed=seed, kind=permutation)[: config.num_points]
+    common = dict(
+        epsilon=epsilon,
+        cw_kwargs=cw_kwargs,
+        seed=seed,
+        permutation=permutation,
+        num_points=len(order),
+        batch_points=batch_points,
+        num_test_points=len(images),
+        metadata=metadata,
+    )
+    free = ("strategy",) + adaptive_budget.EXTENDS
+    base_settings = store.bind(BASE, verdict_settings(None, config, **common), free=free)
+    subs = {k: store.sub(k) for k in kinds}
+    settings = {
+        k: subs[k].bind(
+            PROTOCOL, verdict_settings(shells[k].settings(), config, **common), free=free
+        )
+        for k in kinds
+    }
+    saved_base = {b: store.load(BASE, b) for b in store.finished(BASE)}
+    batches = continue_batches(
+        order, {b: r["indices"] for b, r in saved_base.items()}, batch_points
+    )
+    base_recs = [saved_base.get(b) for b in range(len(batches))]
+    recs = {k: [None] * len(batches) for k in kinds}
+    for k in kinds:
+        for b in subs[k].finished(PROTOCOL):
+            rec = subs[k].load(PROTOCOL, b)
+            if (
+                b >= len(batches)
+                or base_recs[b] is None
+                or rec["indices"] != base_recs[b]["indices"]
+            ):
+                raise ValueError(
+                    f"{subs[k].path(PROTOCOL)}: batch {b} has no matching batch of the base's "
+                    f"suite in {store.path(BASE)} (other points): resume with the settings it "
+                    f"ran with, or --overwrite."
+                )
+            recs[k][b] = rec
+        if base_recs[0] is not None and recs[k][0] is None:
+            logging.info(f"{k}: new in this comparison, its suite runs on the finished batches")
+
+    # Table 2's CW x' where it ran first (a resumed comparison on more points), as run_adaptive.
+    known = adaptive._known_transfer(subs[kinds[0]], images)
+
+    def done(b: int) -> bool:
+        return base_recs[b] is not None and all(recs[k][b] is not None for k in kinds)
+
+    def finished(upto: int) -> list[dict]:  # the done batches before ``upto`` (a prefix)
+        out = []
+        for b in range(upto):
+            if not done(b):
+                break
+            out.append(_combined(base_recs[b], [recs[k][b] for k in kinds]))
+        return out
+
+    sequential_run = config.until == "decided" or config.budget is not None
+    note = store.load_note(BASE, adaptive_budget.CUT_NOTE) or dict(cut=[])
+    budget_rule = adaptive_budget.stopping_rule(
+        dataclasses.replace(config, until="points"), len(images), note, seconds_per_point
+    )
+    decided = _decided(config, len(images))
+    paid = [
+        c
+        for b in range(len(batches))
+        if (c := _combined(base_recs[b], [recs[k][b] for k in kinds]))
+    ]
+    deadline = adaptive_budget.deadline(config, paid, note, clock)
+    stopping = dict(
+        rule="points", reason=f"all {len(order)} planned points were evaluated", n=int(len(order))
+    )
+    stopped_at = len(batches)
+    progress = store.progress(
+        [len(i) for i in batches],
+        [True if done(b) else None for b in range(len(batches))],
+        "comparison",
+    )
+
+    def cut(b: int, points: int, started: float) -> None:
+        nonlocal stopping, stopped_at
+        part = dict(batch=b, points=points, seconds=clock() - started)
+        stopping = adaptive_budget.cut_stop(config, finished(b), part, store, BASE, note)
+        stopped_at = b
+
+    for b in range(len(batches)):
+        idx = batches[b]
+        if sequential_run:
+            before = finished(b)  # every batch before b is done (a cut ends the loop)
+            why = decided({k: recs[k][:b] for k in kinds})
+            if why is None:
+                # A done batch was paid for: only the sequential rule may stop before it.
+                left = math.inf if done(b) or deadline is None else deadline.left()
+                why = budget_rule(before, left=left, want=len(idx))
+            if why is not None:
+                stopping, stopped_at = why, b
+                break
+            if all(r is None for r in base_recs[b:]):  # a smaller batch may fit the time left
+                left = math.inf if deadline is None else deadline.left()
+                fit = adaptive_budget.fits(before, left, len(idx), seconds_per_point)
+                idx = adaptive_budget.shrink(order, batches, base_recs, b, fit, batch_points)
+                for k in kinds:  # no shell half without its base half: none from b on
+                    recs[k] = recs[k][:b] + [None] * (len(batches) - b)
+        if done(b):
+            continue
+        x = images[idx].astype(np.float32)
+        y = labels[idx].astype(np.int64)
+        stop = None if deadline is None else deadline.passed
+        started = clock()
+        if base_recs[b] is None:
+            half = suite_batch.base_batch(
+                base,
+                x,
+                y,
+                idx,
+                config=config,
+                epsilon=epsilon,
+                cw_kwargs=cw_kwargs,
+                known_transfer=known,
+                seed=seed + b,
+                stop=stop,
+            )
+            if half is None:
+                cut(b, len(idx), started)
+                break
+            part, x_cw = half
+            part = dict(
+                batch=b,
+                indices=[int(i) for i in idx],
+                labels=y.tolist(),
+                **part,
+                seconds=dict(total=clock() - started),
+            )
+            store.save(BASE, b, part, arrays={"xcw": x_cw.astype(np.float32)})
+            base_recs[b] = part
+        else:
+            x_cw = store.load_array(BASE, b, "xcw")
+        for k in kinds:
+            if recs[k][b] is not None:
+                continue
+            started = clock()
+            out = suite_batch.shell_batch(
+                shells[k],
+                base,
+                x,
+                y,
+                idx,
+                base_recs[b],
+                x_cw,
+                config=config,
+                epsilon=epsilon,
+                seed=seed + b,
+                desc=f"{k}: batch {b + 1}/{len(batches)}",
+                stop=stop,
+            )
+            if out is None:
+                break
+            record, x_worst = out
+            record["seconds"]["total"] = base_recs[b]["seconds"]["total"] + clock() - started
+            record["batch"] = b
+            arrays = {"xadv": x_worst.astype(np.float32), "xcw": x_cw.astype(np.float32)}
+            subs[k].save(PROTOCOL, b, record, arrays=arrays)
+            recs[k][b] = record
+        if not done(b):
+            cut(b, len(idx), started)
+            break
+        progress.update(
+            len(idx),
+            extra=f"batch {b + 1}/{len(batches)}: robust base "
+            f"{base_recs[b]['base_broken_by'].count('')}/{len(idx)}, "
+            + ", ".join(f"{k} {recs[k][b]['shell_broken_by'].count('')}" for k in kinds),
+        )
+    else:
+        why = decided({k: recs[k] for k in kinds}) if sequential_run else None
+        if why is not None:  # decided at the last planned batch
+            stopping = why
+    n_done = len(finished(stopped_at))
+    runs = {}
+    for k in kinds:
+        records = recs[k][:n_done]
+        sanity = adaptive.sanity_checks(
+            shells[k],
+            images,
+            labels,
+            order,
+            config,
+            subs[k],
+            epsilon=epsilon,
+            seed=seed,
+            records=records,
+        )
+        runs[k] = AdaptiveRun(records, settings[k], sanity, stopping)
+    return Comparison(
+        runs=runs,
+        base_records=base_recs[:n_done],
+        settings=base_settings,
+        passes_per_prediction={k: int(shells[k].passes_per_prediction()) for k in kinds},
+        stopping=stopping,
+    )

@@ -1,0 +1,258 @@
+"""One batch of the verdict: the base's suite (:func:`base_batch`), then the shell's
+(:func:`shell_batch`) on the same points, and the record both make (:func:`adaptive_batch`).
+
+The two halves are separate so that a comparison of several shells
+(:mod:`~manifold_tf.evaluation.compare`) runs the base's suite once per batch, keeps its half as a
+record of its own, and gives each shell's suite the same half: each shell's record is then the one
+a single-shell run writes. A base half is JSON-ready (it is saved and read back on resume).
+"""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+from typing import NamedTuple
+
+import numpy as np
+from absl import logging
+
+from manifold_tf import attacks
+from manifold_tf.attacks import run_standing
+from manifold_tf.evaluation import adaptive_suites
+from manifold_tf.evaluation.adaptive_config import AdaptiveConfig
+from manifold_tf.evaluation.inputs import predict_logits
+from manifold_tf.evaluation.ledger import batch_ledger
+from manifold_tf.shells import answer
+
+
+def shell_labels(shell, x: np.ndarray, batch_size: int = 30) -> np.ndarray:
+    """The shell's labels on ``x`` (:func:`~manifold_tf.shells.answer`), batch by batch: a fresh
+    evaluation, what every success is checked on."""
+    if not len(x):
+        return np.zeros(0, np.int64)
+    return np.concatenate(
+        [
+            answer(shell.embed_function(np.asarray(x[i : i + batch_size], np.float32)))
+            for i in range(0, len(x), batch_size)
+        ]
+    )
+
+
+class TransferPoint(NamedTuple):
+    """CW's result on one point: ``x_adv`` ``[H, W, C]`` (``x`` where it failed), ``success`` and
+    ``iterations`` (forward+backward passes; -1 when taken from an older Table-2 record)."""
+
+    x_adv: np.ndarray
+    success: bool
+    iterations: int
+
+
+def cw_transfer(base, x, y, epsilon, cw_kwargs, known: dict, indices) -> attacks.AttackResult:
+    """The paper's CW x' on the base: from Table 2's run where it has the point, else computed."""
+    x_adv, success = x.copy(), np.zeros(len(x), bool)
+    iterations = np.full(len(x), -1, np.int64)
+    todo = [k for k, i in enumerate(indices) if int(i) not in known]
+    for k, i in enumerate(indices):
+        if int(i) in known:
+            x_adv[k], success[k], iterations[k] = known[int(i)]
+    if todo:
+        cw = attacks.cw_linf(base, x[todo], y[todo], epsilon=epsilon, **cw_kwargs)
+        x_adv[todo], success[todo] = cw.x_adv, cw.success
+        iterations[todo] = cw.details["iterations"]
+    return attacks.AttackResult(x_adv, success, details=dict(iterations=iterations))
+
+
+def base_batch(
+    base,
+    x,
+    y,
+    indices,
+    *,
+    config: AdaptiveConfig,
+    epsilon: float,
+    cw_kwargs: dict,
+    known_transfer: dict,
+    seed: int,
+    stop=None,
+) -> tuple[dict, np.ndarray] | None:
+    """The base's half of a batch: ``(part, x_cw [N, H, W, C])``, CW's x' on the base and the
+    base's suite from it, or None when ``stop()`` ended the suite before its last step.
+
+    ``part`` (JSON-ready): ``base_clean``, ``base_broken_by``, ``base_attacks``, ``base_passes``
+    (the suite's forward+backward passes), ``base_ledger`` (attack -> ``[N]`` passes),
+    ``base_seconds`` (per attack), ``cw_success``, ``cw_iterations``.
+    """
+    f_x = predict_logits(base, x).argmax(-1)
+    cw = cw_transfer(base, x, y, epsilon, cw_kwargs, known_transfer, indices)
+
+    def base_wrong(x_adv, idx):
+        return predict_logits(base, x_adv).argmax(-1) != y[idx]
+
+    steps = adaptive_suites.base_suite(base, config, cw.x_adv, epsilon=epsilon, seed=seed)
+    run = run_standing(
+        [adaptive_suites.in_ball(s, x, epsilon) for s in steps],
+        x,
+        y,
+        broken=f_x != y,
+        verify=base_wrong,
+        stop=stop,
+    )
+    if not run.complete:
+        return None
+    part = dict(
+        base_clean=f_x.tolist(),
+        base_broken_by=run.broken_by.tolist(),
+        base_attacks=[s.name for s in steps],
+        base_passes=int(run.result.cost["base_passes"]),
+        base_ledger={k: c["base_passes"].tolist() for k, c in run.step_cost.items()},
+        base_seconds=run.seconds,
+        cw_success=cw.success.tolist(),
+        cw_iterations=cw.details["iterations"].tolist(),
+    )
+    return part, cw.x_adv
+
+
+def shell_batch(
+    shell,
+    base,
+    x,
+    y,
+    indices,
+    part: dict,
+    x_cw: np.ndarray,
+    *,
+    config: AdaptiveConfig,
+    epsilon: float,
+    seed: int,
+    desc: str = "",
+    stop=None,
+) -> tuple[dict, np.ndarray] | None:
+    """The shell's half of a batch on top of the base's ``part`` (:func:`base_batch`):
+    ``(record, x_worst [N, H, W, C])`` (the breaking x' per point, else x), or None when
+    ``stop()`` ended the suite early. ``record["seconds"]["total"]`` is left to the caller (None),
+    who times the batch."""
+    n = len(y)
+    g_x = shell_labels(shell, x)
+    checks = [2 * n]  # shell predictions outside the attacks: G at x, and the final check
+    shell_adv = g_x.copy()  # the shell's answer at each point's breaking x' (G(x) where none)
+
+    def shell_wrong(x_adv, idx):  # success is verified by a fresh shell prediction
+        checks.append(len(idx))
+        got = shell_labels(shell, x_adv)
+        shell_adv[idx[got != y[idx]]] = got[got != y[idx]]  # a broken point is attacked no more
+        return got != y[idx]
+
+    def log_step(name, attempted, broken, seconds):
+        if desc:
+            logging.info(f"{desc}: {name}: {broken}/{attempted} broken ({seconds:.0f} s)")
+
+    shell_steps = adaptive_suites.shell_suite(
+        shell, base, config, x_cw, epsilon=epsilon, seed=seed, desc=desc or "adaptive"
+    )
+    shell_run = run_standing(
+        [adaptive_suites.in_ball(s, x, epsilon) for s in shell_steps],
+        x,
+        y,
+        broken=g_x != y,
+        verify=shell_wrong,
+        on_step=log_step,
+        stop=stop,
+    )
+    if not shell_run.complete:
+        return None
+    broken = ~shell_run.standing & (shell_run.broken_by != "clean")
+    x_worst = np.where(broken[:, None, None, None], shell_run.result.x_adv, x)
+    shell_cost = shell_run.result.cost
+    shell_predictions = sum(checks) + shell_cost["shell_predictions"]
+    cost = dict(
+        base_passes=int(
+            part["base_passes"]
+            + shell_cost["base_passes"]
+            + shell_predictions * shell.passes_per_prediction()
+        ),
+        shell_predictions=int(shell_predictions),
+    )
+    # The ledger reads the base suite's passes per attack from its step costs: the saved ones.
+    base_run = SimpleNamespace(
+        step_cost={k: dict(base_passes=np.asarray(v)) for k, v in part["base_ledger"].items()}
+    )
+    record = dict(
+        indices=[int(i) for i in indices],
+        labels=y.tolist(),
+        base_clean=part["base_clean"],
+        shell_clean=g_x.tolist(),
+        base_broken_by=part["base_broken_by"],
+        base_attacks=part["base_attacks"],
+        shell_broken_by=shell_run.broken_by.tolist(),
+        shell_adv=shell_adv.tolist(),
+        attempted=shell_run.attempted,
+        linf=np.abs(x_worst - x).reshape(n, -1).max(-1).tolist(),
+        cost=cost,
+        ledger=batch_ledger(
+            base_run,
+            shell_run,
+            per_prediction=shell.passes_per_prediction(),
+            shell_checks=np.full(n, checks[0] // max(n, 1)),
+            cw_iterations=np.asarray(part["cw_iterations"]),
+        ),
+        seconds=dict(total=None, **shell_run.seconds, base=part["base_seconds"]),
+        cw_success=part["cw_success"],
+        cw_iterations=part["cw_iterations"],
+    )
+    return record, x_worst
+
+
+def adaptive_batch(
+    base,
+    shell,
+    x,
+    y,
+    indices,
+    *,
+    config: AdaptiveConfig,
+    epsilon: float,
+    cw_kwargs: dict,
+    known_transfer: dict,
+    seed: int,
+    desc: str = "",
+    stop=None,
+    clock=time.perf_counter,
+) -> tuple[dict, np.ndarray, np.ndarray] | None:
+    """One batch of both suites: ``(record, x_worst [N, H, W, C], x_cw [N, H, W, C])`` (the
+    breaking x' per point, else x; CW's x' on the base), or None when ``stop()`` (asked between
+    attack steps) ended it before every step ran."""
+    t0 = clock()
+    half = base_batch(
+        base,
+        x,
+        y,
+        indices,
+        config=config,
+        epsilon=epsilon,
+        cw_kwargs=cw_kwargs,
+        known_transfer=known_transfer,
+        seed=seed,
+        stop=stop,
+    )
+    if half is None:
+        return None
+    part, x_cw = half
+    out = shell_batch(
+        shell,
+        base,
+        x,
+        y,
+        indices,
+        part,
+        x_cw,
+        config=config,
+        epsilon=epsilon,
+        seed=seed,
+        desc=desc,
+        stop=stop,
+    )
+    if out is None:
+        return None
+    record, x_worst = out
+    record["seconds"]["total"] = clock() - t0
+    return record, x_worst, x_cw
