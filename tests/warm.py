@@ -84,6 +84,7 @@ def _preload() -> None:
 
 def _serve() -> dict:
     """Forks a child per request line on stdin; returns only in a child, with its request."""
+    _die_with_parent()
     _preload()
     gc.freeze()  # the preloaded objects are never collected: a child's GC copies none of them
     os.write(1, b"ready\n")
@@ -110,8 +111,19 @@ def _serve() -> dict:
             os.write(1, f"{pid}\n".encode())
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when its parent dies, so no command outlives a killed session."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # elsewhere: the server still kills its children when its stdin closes
+
+
 def _become(request: dict) -> None:
     """Turns this forked child into ``python <argv...>`` (never returns normally)."""
+    _die_with_parent()
     write = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
     for fd, path, flags in (
         (0, os.devnull, os.O_RDONLY),
