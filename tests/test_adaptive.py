@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import keras
@@ -12,8 +11,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import warm
 from helpers import subprocess_env
-from manifold_tf.data import synthetic_manifold
 from manifold_tf.evaluation import adaptive, adaptive_report
 from manifold_tf.evaluation.config import AdaptiveConfig
 from manifold_tf.evaluation.stats import mcnemar_exact
@@ -32,29 +31,14 @@ SMALL = [
 
 
 @pytest.fixture(scope="module")
-def nearest_centre(tmp_path_factory) -> str:
-    centres, _ = synthetic_manifold(num_classes=10)
-    flat = centres.reshape(10, -1).astype(np.float64)
-    model = keras.Sequential(
-        [keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)]
-    )
-    model.layers[-1].set_weights(
-        [(2 * flat.T / 3e4).astype(np.float32), (-(flat**2).sum(1) / 3e4).astype(np.float32)]
-    )
-    path = str(tmp_path_factory.mktemp("model") / "nearest_centre.keras")
-    model.save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def headline(nearest_centre, tmp_path_factory):
+def headline(nearest_centre_checkpoint, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("runs") / "headline")
     cmd = [
         sys.executable,
         os.path.join(ROOT, "evaluate.py"),
         "--shell=mcn",
         "--delta=8",
-        f"--checkpoint={nearest_centre}",
+        f"--checkpoint={nearest_centre_checkpoint}",
         "--dataset=synthetic",
         f"--output_dir={out}",
         "--num_points=8",
@@ -64,9 +48,7 @@ def headline(nearest_centre, tmp_path_factory):
         "--shell_steps=3",
         *SMALL,
     ]
-    done = subprocess.run(
-        cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900, cwd=ROOT
-    )
+    done = warm.run(cmd, env=subprocess_env(), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done.stdout, cmd
 
@@ -113,9 +95,7 @@ def test_a_lost_batch_is_recomputed_on_resume_with_the_same_verdict(headline, tm
     cmd = [c if not c.startswith("--output_dir=") else f"--output_dir={copy}" for c in cmd] + [
         "--resume"
     ]
-    done = subprocess.run(
-        cmd, env=subprocess_env(), capture_output=True, text=True, timeout=900, cwd=ROOT
-    )
+    done = warm.run(cmd, env=subprocess_env(), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     a = json.load(open(os.path.join(out, "summary.json")))
     b = json.load(open(os.path.join(copy, "summary.json")))

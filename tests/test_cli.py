@@ -10,19 +10,18 @@ import sys
 
 import pytest
 
+import warm
 from helpers import subprocess_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _evaluate(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    """``python evaluate.py *args`` (forked warm: ``tests/warm.py``)."""
+    return warm.run(
         [sys.executable, os.path.join(ROOT, "evaluate.py"), *args],
         env=subprocess_env(),
-        capture_output=True,
-        text=True,
         timeout=300,
-        cwd=ROOT,
     )
 
 
@@ -85,12 +84,9 @@ def test_bad_tf_config_exits_non_zero_naming_the_problem(tmp_path, script, tf_co
         if script == "train.py"
         else ["--shell=mcn", "--dataset=synthetic", f"--output_dir={out}"]
     )
-    done = subprocess.run(
+    done = warm.run(
         [sys.executable, os.path.join(ROOT, script), *args],
-        cwd=ROOT,
         env=subprocess_env(TF_CONFIG=tf_config),
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert done.returncode != 0

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import time
 
@@ -15,8 +13,8 @@ import keras
 import numpy as np
 import pytest
 
+import warm
 from helpers import subprocess_env, without_timings
-from manifold_tf.data import synthetic_manifold
 from manifold_tf.evaluation import defence, walk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,22 +81,9 @@ def test_selection_walks_the_permutation_and_keeps_correct_points():
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory) -> str:
-    centres, _ = synthetic_manifold(num_classes=10)
-    flat = centres.reshape(10, -1).astype(np.float64)
-    temperature = 3e4
-    model = keras.Sequential(
-        [keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)]
-    )
-    model.layers[-1].set_weights(
-        [
-            (2 * flat.T / temperature).astype(np.float32),
-            (-(flat**2).sum(1) / temperature).astype(np.float32),
-        ]
-    )
-    path = str(tmp_path_factory.mktemp("model") / "nearest_centre.keras")
-    model.save(path)
-    return path
+def tiny_checkpoint(nearest_centre_checkpoint) -> str:
+    """The session's nearest-centre checkpoint (``conftest.py``)."""
+    return nearest_centre_checkpoint
 
 
 def _cli(checkpoint: str, output_dir: str, *extra: str) -> list[str]:
@@ -125,13 +110,10 @@ def _cli(checkpoint: str, output_dir: str, *extra: str) -> list[str]:
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_checkpoint, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("runs") / "uninterrupted")
-    done = subprocess.run(
+    done = warm.run(
         _cli(tiny_checkpoint, out),
         env=subprocess_env(),
-        capture_output=True,
-        text=True,
         timeout=600,
-        cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return out
@@ -155,13 +137,10 @@ def test_cli_writes_the_report_and_refuses_to_clobber(uninterrupted, tiny_checkp
     text = open(os.path.join(uninterrupted, "defence.md")).read()
     assert text.startswith("# Defence evaluation") and "Transfer only, not the verdict" in text
     assert "Average" in text and "shell retained accuracy" in text and "37.33%" in text
-    again = subprocess.run(
+    again = warm.run(
         _cli(tiny_checkpoint, uninterrupted),
         env=subprocess_env(),
-        capture_output=True,
-        text=True,
         timeout=600,
-        cwd=ROOT,
     )
     assert again.returncode != 0
     assert "--resume" in again.stderr and "--overwrite" in again.stderr
@@ -169,39 +148,27 @@ def test_cli_writes_the_report_and_refuses_to_clobber(uninterrupted, tiny_checkp
 
 def test_resume_after_kill_gives_the_uninterrupted_report(uninterrupted, tiny_checkpoint, tmp_path):
     out = str(tmp_path / "killed")
-    proc = subprocess.Popen(
-        _cli(tiny_checkpoint, out),
-        env=subprocess_env(),
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = warm.popen(_cli(tiny_checkpoint, out), env=subprocess_env())
     first = os.path.join(out, "defence", "batch_000.json")
     deadline = time.time() + 600
     while not os.path.exists(first) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
+    proc.kill()
     proc.wait()
     assert os.path.exists(first), "the run died before finishing its first batch"
     assert not os.path.exists(os.path.join(out, "defence.json")), "killed too late to test resume"
     # A resume with other settings is refused.
-    other = subprocess.run(
+    other = warm.run(
         _cli(tiny_checkpoint, out, "--resume", "--shell_steps=3"),
         env=subprocess_env(),
-        capture_output=True,
-        text=True,
         timeout=600,
-        cwd=ROOT,
     )
     assert other.returncode != 0 and "differ from the run" in other.stderr
     assert "shell: saved" in other.stderr  # names the setting that differs
-    done = subprocess.run(
+    done = warm.run(
         _cli(tiny_checkpoint, out, "--resume"),
         env=subprocess_env(),
-        capture_output=True,
-        text=True,
         timeout=600,
-        cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming" in done.stdout + done.stderr
@@ -225,13 +192,10 @@ def test_mirrored_strategy_on_two_logical_cpus_gives_the_same_results(
 ):
     out = str(tmp_path / "mirrored")
     cmd = _cli(tiny_checkpoint, out, "--defence_strategy=mirrored")
-    done = subprocess.run(
+    done = warm.run(
         [sys.executable, "-c", _MIRRORED, *cmd[1:]],
         env=subprocess_env(),
-        capture_output=True,
-        text=True,
         timeout=600,
-        cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     a = json.load(open(os.path.join(uninterrupted, "defence.json")))
@@ -246,7 +210,7 @@ def test_default_command_runs_on_a_fresh_checkout(tmp_path):
     # No --checkpoint/--data_dir: the embedded default (CIFAR-10 sample + narrow_adv.keras, or
     # synthetic data with a committed or quickly trained model), shrunk to one tiny batch.
     out = str(tmp_path / "default")
-    done = subprocess.run(
+    done = warm.run(
         [
             sys.executable,
             os.path.join(ROOT, "evaluate.py"),
@@ -261,10 +225,7 @@ def test_default_command_runs_on_a_fresh_checkout(tmp_path):
             "--adaptive_sanity_steps=2",
         ],
         env=subprocess_env(),
-        capture_output=True,
-        text=True,
         timeout=3600,
-        cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert os.path.exists(os.path.join(out, "defence.json"))
@@ -277,9 +238,7 @@ def test_a_second_shell_reuses_the_first_runs_adversarial_examples(
     out = str(tmp_path / "ncn")
     cmd = _cli(tiny_checkpoint, out, f"--base_attack_from_run={uninterrupted}")
     cmd[cmd.index("--shell=mcn")] = "--shell=ncn"
-    done = subprocess.run(
-        cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600, cwd=ROOT
-    )
+    done = warm.run(cmd, env=subprocess_env(), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "reusing x'" in done.stdout + done.stderr
     a = json.load(open(os.path.join(uninterrupted, "defence.json")))
@@ -324,7 +283,7 @@ def test_where_cw_fails_the_shell_is_probed_inside_the_ball(tiny_checkpoint):
 
 
 def test_defence_only_flags_without_a_shell_are_refused(tmp_path):
-    done = subprocess.run(
+    done = warm.run(
         [
             sys.executable,
             os.path.join(ROOT, "evaluate.py"),
@@ -333,10 +292,7 @@ def test_defence_only_flags_without_a_shell_are_refused(tmp_path):
             f"--output_dir={tmp_path / 'out'}",
         ],
         env=subprocess_env(),
-        capture_output=True,
-        text=True,
         timeout=300,
-        cwd=ROOT,
     )
     assert done.returncode != 0
     assert "belong to the defence evaluation" in done.stderr

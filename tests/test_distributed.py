@@ -10,18 +10,20 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 
 import pytest
 
+import warm
 from helpers import subprocess_env, without_timings
 from manifold_tf import distributed
 from manifold_tf.evaluation.store import RunStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# On the session's nearest-centre checkpoint (a linear model): the workers' protocol is the subject,
+# not the model, and each of the six processes would otherwise trace a ResNet for every attack.
 DEFENCE = [
     "--dataset=synthetic",
     "--shell=mcn",
@@ -60,22 +62,16 @@ def _tf_config(ports: list[int], index: int) -> str:
     )
 
 
-def _start_workers(cmd: list[str], count: int = 2, **env) -> list[subprocess.Popen]:
+def _start_workers(cmd: list[str], count: int = 2, **env) -> list[warm.Process]:
+    """``count`` worker processes of one cluster on localhost (forked warm: ``tests/warm.py``)."""
     ports = _free_ports(count)
     return [
-        subprocess.Popen(
-            cmd,
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=subprocess_env(TF_CONFIG=_tf_config(ports, i), **env),
-        )
+        warm.popen(cmd, env=subprocess_env(TF_CONFIG=_tf_config(ports, i), **env))
         for i in range(count)
     ]
 
 
-def _finish(procs: list[subprocess.Popen], timeout: float = 900) -> list[tuple[int, str, str]]:
+def _finish(procs: list[warm.Process], timeout: float = 900) -> list[tuple[int, str, str]]:
     outs = []
     for p in procs:
         out, err = p.communicate(timeout=timeout)
@@ -85,6 +81,12 @@ def _finish(procs: list[subprocess.Popen], timeout: float = 900) -> list[tuple[i
 
 def _evaluate(out: str, *args: str) -> list[str]:
     return [sys.executable, os.path.join(ROOT, "evaluate.py"), f"--output_dir={out}", *args]
+
+
+@pytest.fixture(scope="module")
+def defence(nearest_centre_checkpoint) -> list[str]:
+    """The defence evaluation's flags, on the nearest-centre checkpoint."""
+    return [*DEFENCE, f"--checkpoint={nearest_centre_checkpoint}"]
 
 
 def _reports(folder) -> dict:
@@ -155,24 +157,17 @@ def test_a_worker_with_other_settings_is_refused(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> dict:
+def one_process(tmp_path_factory, defence) -> dict:
     """The reports of the defence evaluation run by one process."""
     out = str(tmp_path_factory.mktemp("one"))
-    single = subprocess.run(
-        _evaluate(out, "--overwrite", *DEFENCE),
-        cwd=ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    single = warm.run(_evaluate(out, "--overwrite", *defence), env=subprocess_env(), timeout=900)
     assert single.returncode == 0, single.stderr[-3000:]
     return _reports(out)
 
 
-def test_two_workers_write_the_same_defence_reports_as_one_process(tmp_path, one_process):
+def test_two_workers_write_the_same_defence_reports_as_one_process(tmp_path, one_process, defence):
     shared = str(tmp_path / "two")
-    outs = _finish(_start_workers(_evaluate(shared, *DEFENCE)))
+    outs = _finish(_start_workers(_evaluate(shared, *defence)))
     for rc, _, err in outs:
         assert rc == 0, err[-3000:]
     assert "worker 1 of 2" in outs[1][1] and "chief" in outs[1][1]
@@ -182,9 +177,9 @@ def test_two_workers_write_the_same_defence_reports_as_one_process(tmp_path, one
     assert "[worker 0 of 2 (chief)]" in outs[0][2] and "[worker 1 of 2]" in outs[1][2]
 
 
-def test_a_lost_worker_loses_no_finished_batch(tmp_path, one_process):
+def test_a_lost_worker_loses_no_finished_batch(tmp_path, one_process, defence):
     shared = str(tmp_path / "run")
-    procs = _start_workers(_evaluate(shared, *DEFENCE, "--heartbeat_seconds=2"))
+    procs = _start_workers(_evaluate(shared, *defence, "--heartbeat_seconds=2"))
     first = os.path.join(shared, "defence", "batch_001.json")  # worker 1's first batch
     deadline = time.time() + 600
     while not os.path.exists(first) and time.time() < deadline and procs[1].poll() is None:
@@ -200,14 +195,7 @@ def test_a_lost_worker_loses_no_finished_batch(tmp_path, one_process):
     procs[1].wait()
     assert rc == 1 and "a worker was lost" in err, err[-3000:]
     # Resume in one process: only the missing batches run, the finished ones stay as written.
-    resumed = subprocess.run(
-        _evaluate(shared, *DEFENCE, "--resume"),
-        cwd=ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    resumed = warm.run(_evaluate(shared, *defence, "--resume"), env=subprocess_env(), timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for name, mtime in finished_before.items():
         assert os.path.getmtime(os.path.join(shared, "defence", name)) == mtime, name

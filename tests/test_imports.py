@@ -192,15 +192,31 @@ def test_no_module_is_too_long():
     assert not long, f"modules longer than {MAX_LINES} lines: {long}"
 
 
+@pytest.fixture(scope="module")
+def fresh_imports() -> dict[str, subprocess.CompletedProcess]:
+    """``import <package>`` for every package, each in its own fresh interpreter (never forked
+    warm: a warm one has imported everything already), two at a time on the two cores."""
+    done, running, waiting = {}, {}, list(PACKAGES)
+    while waiting or running:
+        while waiting and len(running) < 2:
+            package = waiting.pop(0)
+            running[package] = subprocess.Popen(
+                [sys.executable, "-c", f"import {package}"],
+                cwd=ROOT,
+                env=subprocess_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        package = next(iter(running))
+        proc = running.pop(package)
+        out, err = proc.communicate(timeout=600)
+        done[package] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return done
+
+
 @pytest.mark.parametrize("package", PACKAGES)
-def test_each_package_imports_in_a_fresh_interpreter(package):
+def test_each_package_imports_in_a_fresh_interpreter(package, fresh_imports):
     """A fresh process catches import-order problems that an already-warm test session hides."""
-    done = subprocess.run(
-        [sys.executable, "-c", f"import {package}"],
-        cwd=ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = fresh_imports[package]
     assert done.returncode == 0, done.stderr[-3000:]

@@ -9,29 +9,28 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 
+import warm
 from helpers import subprocess_env, without_timings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _kill_after(cmd: list[str], marker: str, done: str, seed: int) -> None:
-    """Starts ``cmd``, waits for ``marker`` to exist, sleeps a random moment, then SIGKILLs it."""
-    proc = subprocess.Popen(
-        cmd, env=subprocess_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    """Starts ``cmd``, waits for ``marker`` to exist, sleeps a random moment, then SIGKILLs it.
+
+    Commands run as real processes forked warm (``tests/warm.py``)."""
+    proc = warm.popen(cmd, env=subprocess_env())
     deadline = time.time() + 600
     while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     time.sleep(random.Random(seed).uniform(0.0, 0.5))
-    os.kill(proc.pid, signal.SIGKILL)
+    proc.kill()
     proc.wait()
     assert os.path.exists(marker), "the job died before writing its first unit of work"
     if os.path.exists(done):
@@ -39,10 +38,29 @@ def _kill_after(cmd: list[str], marker: str, done: str, seed: int) -> None:
 
 
 def _run(cmd: list[str]) -> None:
-    done = subprocess.run(
-        cmd, env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=900
-    )
+    done = warm.run(cmd, env=subprocess_env(), timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+_STARTED: list[warm.Process] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_process():
+    yield
+    while _STARTED:  # a skipped or failed test leaves its uninterrupted run behind
+        _STARTED.pop().kill()
+
+
+def _start(cmd: list[str]) -> warm.Process:
+    """The uninterrupted run, alongside the one to be killed (two cores: one each)."""
+    _STARTED.append(warm.popen(cmd, env=subprocess_env()))
+    return _STARTED[-1]
+
+
+def _finish(proc: warm.Process) -> None:
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
 
 
 def _evaluate(out: str, *args: str) -> list[str]:
@@ -64,7 +82,7 @@ def test_separation_killed_then_resumed_gives_the_same_report(tmp_path):
         "--separation_convergence_batches=1",
         "--separation_convergence_steps=4",
     ]
-    _run(_evaluate(str(tmp_path / "full"), *args))
+    full = _start(_evaluate(str(tmp_path / "full"), *args))
     killed = str(tmp_path / "killed")
     _kill_after(
         _evaluate(killed, *args),
@@ -73,15 +91,21 @@ def test_separation_killed_then_resumed_gives_the_same_report(tmp_path):
         seed=1,
     )
     _run(_evaluate(killed, *args, "--resume"))
+    _finish(full)
     a = json.load(open(tmp_path / "full" / "separation.json"))
     b = json.load(open(os.path.join(killed, "separation.json")))
     assert without_timings(a) == without_timings(b)
 
 
-def test_adaptive_run_killed_then_resumed_gives_the_same_verdict(tmp_path):
+def test_adaptive_run_killed_then_resumed_gives_the_same_verdict(
+    tmp_path, nearest_centre_checkpoint
+):
+    # A linear base (the session's nearest-centre checkpoint): the kill and the resume are the
+    # subject; three batches leave the kill time to land before the report.
     args = [
         "--shell=mcn",
-        "--num_points=8",
+        f"--checkpoint={nearest_centre_checkpoint}",
+        "--num_points=12",
         "--defence_batch_points=4",
         "--shell_steps=2",
         "--base_attack_max_iterations=3",
@@ -92,8 +116,9 @@ def test_adaptive_run_killed_then_resumed_gives_the_same_verdict(tmp_path):
         "--adaptive_lift_steps=2",
         "--adaptive_base_apgd_steps=3",
         "--adaptive_targets=1",
+        "--adaptive_budget=none",  # both runs do the same work, however loaded the machine
     ]
-    _run(_evaluate(str(tmp_path / "full"), *args))
+    full = _start(_evaluate(str(tmp_path / "full"), *args))
     killed = str(tmp_path / "killed")
     _kill_after(
         _evaluate(killed, *args),
@@ -102,6 +127,7 @@ def test_adaptive_run_killed_then_resumed_gives_the_same_verdict(tmp_path):
         seed=2,
     )
     _run(_evaluate(killed, *args, "--resume"))
+    _finish(full)
     a = json.load(open(tmp_path / "full" / "summary.json"))
     b = json.load(open(os.path.join(killed, "summary.json")))
     for key in (
@@ -128,13 +154,14 @@ def test_training_killed_then_resumed_gives_the_same_weights(tmp_path):
         "--lr_values=0.05,0.01",
     ]
     train = [sys.executable, os.path.join(ROOT, "train.py")]
-    _run(train + [f"--model_dir={tmp_path / 'full'}", *args])
+    full = _start(train + [f"--model_dir={tmp_path / 'full'}", *args])
     killed = str(tmp_path / "killed")
     ckpt = os.path.join(killed, "checkpoints", "checkpoint")
     _kill_after(
         train + [f"--model_dir={killed}", *args], ckpt, os.path.join(killed, "final.keras"), seed=3
     )
     _run(train + [f"--model_dir={killed}", *args, "--resume"])
+    _finish(full)
     import keras
 
     import manifold_tf  # noqa: F401  (registers the custom layers)

@@ -10,12 +10,12 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 
 import pytest
 
+import warm
 from helpers import ROOT, subprocess_env
 from manifold_tf.distributed import Workers
 from manifold_tf.evaluation import store as store_lib
@@ -31,16 +31,11 @@ time.sleep(float(sys.argv[2]))
 """
 
 
-def _holder(directory: str, seconds: float = 120.0) -> subprocess.Popen:
-    """A process holding a RunStore on ``directory`` (bound, so locked) for ``seconds``."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, directory, str(seconds)],
-        env=subprocess_env(),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout.readline().strip() == "holding"
+def _holder(directory: str, seconds: float = 120.0) -> warm.Process:
+    """A process holding a RunStore on ``directory`` (bound, so locked) for ``seconds`` (forked
+    warm: ``tests/warm.py``)."""
+    proc = warm.popen([sys.executable, "-c", HOLDER, directory, str(seconds)], env=subprocess_env())
+    proc.wait_for_output("holding\n", timeout=300)
     return proc
 
 
@@ -159,7 +154,7 @@ def test_a_second_evaluate_on_a_running_directory_is_refused(tmp_path):
     proc = _holder(run)
     try:
         start = time.time()
-        done = subprocess.run(
+        done = warm.run(
             [
                 sys.executable,
                 os.path.join(ROOT, "evaluate.py"),
@@ -169,9 +164,6 @@ def test_a_second_evaluate_on_a_running_directory_is_refused(tmp_path):
                 "--resume",
             ],
             env=subprocess_env(),
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
             timeout=300,
         )
         assert done.returncode == 1, done.stderr[-2000:]

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
 import sys
 
 import keras
 import numpy as np
 import pytest
 
+import warm
 from helpers import ROOT, subprocess_env
 from manifold_tf import data, safe_pickle
 from manifold_tf.checkpoints import load_model_weights, load_tf1_checkpoint
@@ -176,7 +176,7 @@ def test_malformed_batch_values_are_named(tmp_path, field, value, message):
 def test_crafted_batch_through_the_command_line(tmp_path):
     marker = str(tmp_path / "payload_ran")
     root = _folder(tmp_path, _payloads(marker)["os.system"])
-    done = subprocess.run(
+    done = warm.run(
         [
             sys.executable,
             os.path.join(ROOT, "evaluate.py"),
@@ -186,9 +186,6 @@ def test_crafted_batch_through_the_command_line(tmp_path):
             f"--output_dir={tmp_path / 'out'}",
         ],
         env=subprocess_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert done.returncode == 1, done.stderr[-2000:]

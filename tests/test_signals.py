@@ -16,13 +16,13 @@ import json
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 
+import warm
 from helpers import ROOT, subprocess_env
 from manifold_tf import interrupts, reporting
 from manifold_tf.evaluation.store import RunStore
@@ -30,25 +30,19 @@ from manifold_tf.evaluation.store import RunStore
 SEPARATION = [
     "--mode=separation",
     "--dataset=synthetic",
-    "--separation_batches=8",
+    "--separation_batches=4",
     "--separation_batch_points=2",
-    "--separation_steps=30",
+    "--separation_steps=10",
     "--separation_convergence_batches=0",
 ]
 
 
-def _start(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
-        cmd,
-        env=subprocess_env(),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+def _start(cmd: list[str]) -> warm.Process:
+    """``cmd`` as a real process (forked warm: ``tests/warm.py``), both streams captured."""
+    return warm.popen(cmd, env=subprocess_env())
 
 
-def _signal_after(proc: subprocess.Popen, marker: str, signum: int) -> tuple[int, str]:
+def _signal_after(proc: warm.Process, marker: str, signum: int) -> tuple[int, str]:
     """Waits for ``marker`` to exist, sends ``signum``; returns (exit code, stderr)."""
     deadline = time.time() + 600
     while not os.path.exists(marker) and proc.poll() is None and time.time() < deadline:
@@ -77,19 +71,16 @@ def test_sigterm_stops_evaluate_after_a_batch_and_resume_completes(tmp_path):
     assert code == 143, err[-3000:]
     assert "stopped by SIGTERM after saving" in err and "Traceback" not in err, err[-3000:]
     done = sorted(p.name for p in folder.glob("batch_*.json"))
-    assert 1 <= len(done) < 8 and not (out / "separation.json").exists()
+    assert 1 <= len(done) < 4 and not (out / "separation.json").exists()
     assert not list(out.rglob(".tmp-*"))  # no partial file
     assert not (out / ".lock").exists()  # released on the way out
-    resumed = subprocess.run(
+    resumed = warm.run(
         _resume_command(err),
         env=subprocess_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert len(list(folder.glob("batch_*.json"))) == 8 and (out / "separation.json").exists()
+    assert len(list(folder.glob("batch_*.json"))) == 4 and (out / "separation.json").exists()
 
 
 def test_sigint_stops_training_after_a_checkpoint_and_the_last_step_is_checkpointed(tmp_path):
@@ -111,12 +102,9 @@ def test_sigint_stops_training_after_a_checkpoint_and_the_last_step_is_checkpoin
     assert code == 130, err[-3000:]
     assert "stopped by SIGINT after checkpoint" in err, err[-3000:]
     assert not (out / "final.keras").exists()
-    resumed = subprocess.run(
+    resumed = warm.run(
         _resume_command(err),
         env=subprocess_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=600,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -213,7 +201,7 @@ def test_read_only_directory_is_named(tmp_path, monkeypatch):
 def test_unwritable_output_directory_exits_non_zero_naming_it(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    done = subprocess.run(
+    done = warm.run(
         [
             sys.executable,
             os.path.join(ROOT, "evaluate.py"),
@@ -221,9 +209,6 @@ def test_unwritable_output_directory_exits_non_zero_naming_it(tmp_path):
             f"--output_dir={blocker / 'run'}",
         ],
         env=subprocess_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert done.returncode == 1 and str(blocker / "run") in done.stderr, done.stderr[-2000:]
@@ -247,12 +232,9 @@ def test_unwritable_output_directory_exits_non_zero_naming_it(tmp_path):
     ],
 )
 def test_usage_errors_print_the_problem_not_the_help(script, args, message):
-    done = subprocess.run(
+    done = warm.run(
         [sys.executable, os.path.join(ROOT, script), *args],
         env=subprocess_env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
         timeout=300,
     )
     assert done.returncode == 2

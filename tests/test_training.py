@@ -2,7 +2,6 @@
 clobbering."""
 
 import os
-import subprocess
 import sys
 
 import keras
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import warm
 from helpers import assert_config_round_trip, assert_in_ball_and_box, small_conv
 from manifold_tf import data, training
 
@@ -132,9 +132,7 @@ import numpy as np
 assert all(np.all(np.isfinite(v.numpy())) for v in model.weights)
 print("replicas", tf.distribute.MirroredStrategy().num_replicas_in_sync)
 """
-    out = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
-    )
+    out = warm.run([sys.executable, "-c", script], timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "replicas 2" in out.stdout
     assert os.path.exists(tmp_path / "m" / training.FINAL_WEIGHTS)
