@@ -10,7 +10,8 @@ runs once per variant, each on all of them (not chained), with the suite's own s
 (:mod:`manifold_tf.evaluation.adaptive_suites`); every success is verified by a fresh prediction of
 the full shell, as the suite does. A variant ``SxL`` is ``proxy_steps=S, proxy_labels=L`` (``L``
 ``all``: every label); ``full`` is the shell itself. Square searches every label (``SxL`` runs
-Square through the ``S``-step copy).
+Square through the ``S``-step copy); ``default`` is the shell's declared choice
+(``FactorShell.default_proxy``, the suite's default).
 
 Passes per point are base forward+backward passes: the attack's own (gradients, a proxy's
 predictions at the proxy's cost) plus its shell predictions and the verification at the shell's
@@ -62,6 +63,8 @@ def _parse(argv=None) -> argparse.Namespace:
 def _variant(name: str) -> dict:
     if name == "full":
         return dict(proxy_steps=0, proxy_labels=0, square_proxy_steps=0)
+    if name == "default":  # the shell's declared choice (FactorShell.default_proxy)
+        return dict(proxy_steps=None, proxy_labels=None, square_proxy_steps=None)
     steps, _, labels = name.partition("x")
     try:
         labels = 0 if labels == "all" else int(labels)

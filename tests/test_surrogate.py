@@ -282,7 +282,7 @@ def test_the_suite_steers_by_the_configured_proxy_and_counts_it(setup, monkeypat
     cfg = AdaptiveConfig(
         proxy_steps=1,
         proxy_labels=2,
-        square_proxy_steps=0,  # Square: proxy_steps
+        square_proxy_steps=None,  # Square: proxy_steps
         square_queries=4,
         steps=2,
         targets=1,
@@ -307,11 +307,11 @@ def test_the_suite_steers_by_the_configured_proxy_and_counts_it(setup, monkeypat
     np.testing.assert_array_equal(
         sq.base_passes, (sq.details["queries"] + 1) * copy.passes_per_prediction()
     )
-    # The shell itself when nothing is configured: Square's queries are shell predictions.
+    # The shell itself when told so: Square's queries are shell predictions.
     (plain,) = adaptive_suites.shell_suite(
         mcn,
         base,
-        AdaptiveConfig(square_queries=4, shell_attacks=("square",)),
+        AdaptiveConfig(square_proxy_steps=0, square_queries=4, shell_attacks=("square",)),
         x,
         epsilon=2.0,
         seed=0,
@@ -337,10 +337,27 @@ def test_the_plan_counts_the_proxy_at_its_cost(setup):
             suite=suite,
         )
 
-    full, cheap = plan(), plan(proxy_steps=1, proxy_labels=1)
+    full, cheap = plan(), plan(proxy_steps=1, proxy_labels=1, square_proxy_steps=1)
     pp, qq = mcn.passes_per_prediction(), mcn.proxy(steps=1, labels=1).passes_per_prediction()
     assert full["adaptive: bpda on the shell"] == 2 * 11 * pp + 2 * 2 * 10
     # Each run: the shell at its start, last and best iterate, the proxy in between.
     assert cheap["adaptive: bpda on the shell"] == pytest.approx(2 * (3 * pp + 9 * qq) + 40)
     assert cheap["adaptive: square on the shell"] == 7 * mcn.proxy(steps=1).passes_per_prediction()
     assert sum(cheap.values()) < sum(full.values())
+
+
+def test_the_declared_defaults(setup):
+    base, _, mcn, ncn = setup
+    default = AdaptiveConfig()
+    assert default.attack_proxy(mcn) is mcn.default_proxy() is mcn.proxy(labels=3)
+    assert default.attack_proxy(mcn, square=True) is mcn.proxy(steps=2)  # half of 4 steps
+    for shell in (ncn, HedgeShell(base, 4.0, steps=6), Declares(base)):  # nothing measured
+        assert default.attack_proxy(shell) is shell
+        assert default.attack_proxy(shell, square=True) is shell
+    off = AdaptiveConfig(proxy_steps=0, proxy_labels=0, square_proxy_steps=0)
+    assert off.attack_proxy(mcn) is mcn and off.attack_proxy(mcn, square=True) is mcn
+    only_steps = AdaptiveConfig(proxy_steps=1)  # labels unset: every label
+    assert only_steps.attack_proxy(mcn) is mcn.proxy(steps=1)
+    assert only_steps.attack_proxy(mcn, square=True) is mcn.proxy(steps=1)
+    with pytest.raises(ValueError, match="proxy_labels"):
+        AdaptiveConfig(proxy_labels=-1)

@@ -98,25 +98,28 @@ class AdaptiveConfig:
         "CIFAR sample) but measured weaker on the synthetic default, so off by default (0: the "
         "shell at every step).",
     )
-    proxy_steps: int = setting(
-        0,
-        "BPDA, targeted BPDA (and their EOT) and Square on the shell steer by a cheaper copy of "
-        "it (FactorShell.proxy) with this many inner steps: MCN's, Hedge's and the "
-        "anti-adversary's steps, NCN's steps per round, the CW shell's iterations. Every "
-        "success, and each BPDA run's first, last and best iterate, is checked on the shell "
-        "itself. 0: the shell's own steps.",
+    proxy_steps: int | None = setting(
+        None,
+        "BPDA and targeted BPDA (and their EOT) on the shell steer by a cheaper copy of it "
+        "(FactorShell.proxy) with this many inner steps: MCN's, Hedge's and the "
+        "anti-adversary's steps, NCN's steps per round, the CW shell's iterations (at most the "
+        "shell's own; 0: the shell's own). Every success, and each run's first, last and best "
+        "iterate, is checked on the shell itself. Unset (with proxy_labels): the shell's "
+        "measured choice (FactorShell.default_proxy; MCN: its own steps on y and 3 wrong "
+        "labels, BUILD.md; the others: the shell itself).",
     )
-    proxy_labels: int = setting(
-        0,
+    proxy_labels: int | None = setting(
+        None,
         "MCN/NCN: that copy searches, per point, y and this many wrong labels (the shell's "
-        "best at the attack's start; a targeted run's target among them). 0: every label "
-        "(with proxy_steps = 0 too, the attacks use the shell itself). Square searches every "
-        "label (it cannot tell its points apart).",
+        "best at the attack's start; a targeted run's target among them). 0: every label. "
+        "Unset (with proxy_steps): the shell's measured choice.",
     )
-    square_proxy_steps: int = setting(
-        0,
-        "Square on the shell queries a copy of it with this many inner steps (every label); "
-        "its successes are verified on the shell itself. 0: proxy_steps.",
+    square_proxy_steps: int | None = setting(
+        None,
+        "Square on the shell queries a copy of it with this many inner steps (every label: "
+        "Square cannot tell its points apart); its successes are verified on the shell itself. "
+        "0: the shell's own. Unset: proxy_steps if set, else the shell's measured choice (MCN: "
+        "half its steps).",
     )
     restarts: int = setting(
         0, "BPDA random restarts (besides the starts at x and at the transfer x')."
@@ -164,9 +167,6 @@ class AdaptiveConfig:
             "restarts",
             "targets",
             "warm_steps",
-            "proxy_steps",
-            "proxy_labels",
-            "square_proxy_steps",
             "lift_steps",
             "square_queries",
             "eot_samples",
@@ -176,6 +176,9 @@ class AdaptiveConfig:
             "sanity_steps",
         ):
             check_int(getattr(self, name), name, 0)
+        for name in ("proxy_steps", "proxy_labels", "square_proxy_steps"):
+            if getattr(self, name) is not None:
+                check_int(getattr(self, name), name, 0)
         check_int(self.base_targets, "base_targets", 1)
         for name in self.shell_attacks:
             check_choice(name, "shell_attacks", SHELL_ATTACKS)
@@ -185,10 +188,17 @@ class AdaptiveConfig:
 
     def attack_proxy(self, shell, *, square: bool = False):
         """The copy of ``shell`` BPDA and targeted BPDA (or, with ``square``, Square) steer by:
-        ``shell.proxy(steps=proxy_steps, labels=proxy_labels)`` (Square: every label, and
-        ``square_proxy_steps`` when set); the shell itself when nothing is set."""
+        ``shell.proxy(steps=proxy_steps, labels=proxy_labels)`` (Square: every label,
+        ``square_proxy_steps`` or else ``proxy_steps``); ``shell.default_proxy(square=...)``
+        when those are unset; the shell itself when they are 0."""
         if square:
-            return shell.proxy(steps=self.square_proxy_steps or self.proxy_steps or None)
+            steps = self.square_proxy_steps
+            steps = self.proxy_steps if steps is None else steps
+            if steps is None:
+                return shell.default_proxy(square=True)
+            return shell.proxy(steps=steps or None)
+        if self.proxy_steps is None and self.proxy_labels is None:
+            return shell.default_proxy()
         return shell.proxy(steps=self.proxy_steps or None, labels=self.proxy_labels or None)
 
     @property

@@ -43,6 +43,14 @@ class ProxyMixin:
         del steps, labels
         return self
 
+    def default_proxy(self, *, square: bool = False) -> ProxyMixin:
+        """The copy the verdict's attacks steer by unless told otherwise: one measured to break
+        every point the attacks through the shell itself break (``bench/bench_surrogate.py``,
+        BUILD.md). ``square``: the copy Square queries (it searches every label). The default:
+        the shell itself (nothing measured)."""
+        del square
+        return self
+
     def _cached_proxy(self, key: tuple, build) -> ProxyMixin:
         """The proxy of ``key``, built once (``build() -> shell``) and kept on the shell."""
         cache = self.__dict__.setdefault("_proxies", {})
