@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 from absl import logging
 
-from manifold_tf import attacks, reporting
+from manifold_tf import attacks, reporting, seeds
 from manifold_tf.attacks import run_standing
 from manifold_tf.evaluation import adaptive_budget, adaptive_suites
 from manifold_tf.evaluation.adaptive_config import AdaptiveConfig
@@ -109,9 +109,11 @@ def adaptive_batch(
 ) -> tuple[dict, np.ndarray, np.ndarray] | None:
     """One batch of both suites: ``(record, x_worst [N, H, W, C], x_cw [N, H, W, C])`` (the
     breaking x' per point, else x; CW's x' on the base), or None when ``stop()`` (asked between
-    attack steps) ended it before every step ran."""
+    attack steps) ended it before every step ran. ``seed``, the run's, and each point's index seed
+    its attacks (:func:`~manifold_tf.seeds.point_seeds`): a point's entries ignore its batch."""
     t0 = clock()
     n = len(y)
+    seeded = seeds.point_seeds(seed, indices)
     f_x = predict_logits(base, x).argmax(-1)
     g_x = shell_labels(shell, x)
     cw = _cw_transfer(base, x, y, epsilon, cw_kwargs, known_transfer, indices)
@@ -132,7 +134,7 @@ def adaptive_batch(
         if desc:
             logging.info(f"{desc}: {name}: {broken}/{attempted} broken ({seconds:.0f} s)")
 
-    base_steps = adaptive_suites.base_suite(base, config, x_cw, epsilon=epsilon, seed=seed)
+    base_steps = adaptive_suites.base_suite(base, config, x_cw, epsilon=epsilon, seed=seeded)
     base_run = run_standing(
         [adaptive_suites.in_ball(s, x, epsilon) for s in base_steps],
         x,
@@ -144,7 +146,7 @@ def adaptive_batch(
     if not base_run.complete:
         return None
     shell_steps = adaptive_suites.shell_suite(
-        shell, base, config, x_cw, epsilon=epsilon, seed=seed, desc=desc or "adaptive"
+        shell, base, config, x_cw, epsilon=epsilon, seed=seeded, desc=desc or "adaptive"
     )
     shell_run = run_standing(
         [adaptive_suites.in_ball(s, x, epsilon) for s in shell_steps],
@@ -238,7 +240,8 @@ def sanity_checks(
         x, y = images[idx].astype(np.float32), labels[idx].astype(np.int64)
         g_x = shell_labels(shell, x)
         right = g_x == y
-        zero = attacks.bpda(shell, x[right], y[right], epsilon=0.0, steps=2, seed=seed)
+        point_seed = seeds.point_seeds(seed, idx[right])
+        zero = attacks.bpda(shell, x[right], y[right], epsilon=0.0, steps=2, seed=point_seed)
         again = shell_labels(shell, x)
         epsilons = sorted(
             {float(epsilon), float(min(2 * epsilon, 255)), float(config.large_epsilon)}
@@ -252,7 +255,7 @@ def sanity_checks(
                 epsilon=eps,
                 steps=config.sanity_steps,
                 schedule="apgd",
-                seed=seed,
+                seed=point_seed,
             )
             ok = shell_labels(shell, out.x_adv) != y[right]
             sweep.append(dict(epsilon=eps, broken=int(ok.sum()), attacked=int(right.sum())))
@@ -404,7 +407,7 @@ def run_adaptive(
             epsilon=epsilon,
             cw_kwargs=cw_kwargs,
             known_transfer=known,
-            seed=seed + b,
+            seed=seed,
             desc=f"adaptive batch {b + 1}/{len(batches)}",
             stop=None if deadline is None else deadline.passed,
             clock=clock,
