@@ -158,12 +158,8 @@ def check_progress(progress):
 
 def eot_shells(shell, eot_samples: int, seed) -> list:
     """``eot_samples`` copies of a random shell with seeds other than its own (cached); ``[]`` for a
-    deterministic shell (nothing to average) or ``eot_samples == 0``.
-
-    With an int ``seed`` the copies' seeds come from it and the shell's; with per-point seeds (an
-    array) from the shell's seed alone: the copies are shared by the batch, and each copy's draw
-    for a point is keyed by that point's input (the shells' rule), so it does not depend on the
-    batch either."""
+    deterministic shell (nothing to average) or ``eot_samples == 0``. Per-point seeds (an array):
+    from the shell's seed alone, so the batch does not matter (a copy keys a point's draw by it)."""
     eot_samples = check_int(eot_samples, "eot_samples", 0)
     if not eot_samples or not shell.is_random:
         return []
@@ -249,8 +245,7 @@ def bpda(
       x_init: optional start ``[N, H, W, 3]`` (e.g. a transfer ``x'``), projected into the ball.
       random_start: start uniformly in ``N(x, epsilon)`` (from ``seed``); not with ``x_init``.
       seed: seeds the random start and the choice of EOT seeds: an int, or an int array ``[N]``
-        of per-point seeds (a point's start then depends on its own seed only, not on the
-        batch: :func:`manifold_tf.seeds.row_keys`; see :func:`eot_shells`).
+        of per-point seeds (a point's start then ignores its batch: :func:`manifold_tf.seeds`).
       target: optional wrong labels ``[N]``: a targeted run (the surrogate raises the target
         against the best other label); success is still any wrong answer of the shell.
       schedule: ``"sign"`` (fixed steps) or ``"apgd"`` (Auto-PGD's schedule and momentum).
@@ -286,8 +281,7 @@ def bpda(
       and ``target`` (-1: untargeted).
 
     The label is the shell's on the batch of points still running; a random shell keys its draw
-    for a point by the point's input, so the batch layout does not change it (EOT copies are
-    cached per seed: one trace each).
+    by the point's input, whatever the batch (EOT copies are cached per seed: one trace each).
 
     Cost per point: at most ``steps + 1`` shell predictions (each about ``C * K`` forward+backward
     passes of the base, ``K`` the shell's steps) plus ``steps * eot`` for EOT copies, and
