@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from manifold_tf import seeds
 from manifold_tf.validation import PIXEL_MAX, PIXEL_MIN
 
 Objective = Callable[[tf.Tensor], tf.Tensor]
@@ -51,8 +52,17 @@ def project(z: tf.Tensor, x: tf.Tensor, radius) -> tf.Tensor:
 
 
 def random_start(x: tf.Tensor, radius, seed: tf.Tensor) -> tf.Tensor:
-    """A uniform random point of ``N(x, radius)``; ``seed`` is a stateless ``[2]`` int seed."""
+    """A uniform random point of ``N(x, radius)``; ``seed`` is a stateless ``[2]`` int seed for
+    the whole batch (a row's draw then depends on the batch: see :func:`random_start_rows`)."""
     noise = tf.random.stateless_uniform(tf.shape(x), seed=seed, minval=-1.0, maxval=1.0)
+    return project(x + noise * radius, x, radius)
+
+
+def random_start_rows(x: tf.Tensor, radius, keys) -> tf.Tensor:
+    """A uniform random point of ``N(x, radius)`` per row, row ``i`` drawn from ``keys[i]`` alone
+    (int64 ``[N]``, :func:`manifold_tf.seeds.row_keys`): the same point in any batch."""
+    x = tf.convert_to_tensor(x, tf.float32)
+    noise = 2.0 * seeds.tf_uniform_rows(keys, tf.shape(x)[1:]) - 1.0
     return project(x + noise * radius, x, radius)
 
 
@@ -79,9 +89,26 @@ def adam_step(
     """
     m = beta1 * m + (1.0 - beta1) * g
     v = beta2 * v + (1.0 - beta2) * tf.square(g)
-    t = tf.cast(t, g.dtype)
-    lr_t = learning_rate * tf.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
+    if getattr(t, "shape", None) is not None and t.shape.rank:
+        # Per-example counts: powers by squaring (correctly rounded products), since a vectorised
+        # pow rounds an element differently by where it falls in the tensor, and an example's
+        # step must not depend on its batch (tests/test_batch_invariance.py).
+        b1, b2 = _integer_power(beta1, t, g.dtype), _integer_power(beta2, t, g.dtype)
+    else:
+        t = tf.cast(t, g.dtype)
+        b1, b2 = beta1**t, beta2**t
+    lr_t = learning_rate * tf.sqrt(1.0 - b2) / (1.0 - b1)
     return lr_t * m / (tf.sqrt(v) + epsilon), m, v
+
+
+def _integer_power(base: float, t, dtype, bits: int = 24) -> tf.Tensor:
+    """``base ** t`` for integer-valued ``t`` ``< 2**bits`` by repeated squaring, elementwise."""
+    t = tf.cast(t, tf.int32)
+    out, power = tf.ones(tf.shape(t), dtype), tf.constant(base, dtype)
+    for k in range(bits):
+        out = tf.where(tf.bitwise.bitwise_and(t, 1 << k) > 0, out * power, out)
+        power = power * power
+    return out
 
 
 def projected_ascent(

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from manifold_tf import compiled, projected
+from manifold_tf import compiled, projected, seeds
 from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE, checkpoint_stops, margin, prepare
 from manifold_tf.attacks.result import AttackResult
 from manifold_tf.attacks.runner import Step, run_standing
@@ -124,8 +124,9 @@ def _state_shapes(image_shape: tuple) -> list:
     return [(s, b if k == 6 else f32) for k, s in enumerate(shapes)]
 
 
-def _run(iterate, finish, x, y, target, eps, seed, steps, early_exit):
-    """One APGD run on ``M`` points: ``(x_adv [M, ...], f [M], success [M], passes [M])``.
+def _run(iterate, finish, x, y, target, eps, keys, steps, early_exit):
+    """One APGD run on ``M`` points: ``(x_adv [M, ...], f [M], success [M], passes [M])``;
+    ``keys`` int64 ``[M]`` key each point's random start (:func:`manifold_tf.seeds.row_keys`).
 
     The run stops at each of APGD's checkpoints; with ``early_exit`` the points that have reached
     a misclassified iterate leave there with their best misclassified point, and the others go on
@@ -135,7 +136,7 @@ def _run(iterate, finish, x, y, target, eps, seed, steps, early_exit):
     z_out, f_out = np.array(x, np.float32), np.full(m, -np.inf, np.float32)
     ok_out, passes = np.zeros(m, bool), np.zeros(m, np.int64)
     xt, yt, tt = tf.constant(x), tf.constant(y, tf.int32), tf.constant(target, tf.int32)
-    state = projected.apgd_start(xt, projected.random_start(xt, eps, seed), eps)
+    state = projected.apgd_start(xt, projected.random_start_rows(xt, eps, keys), eps)
     rows, done = np.arange(m), 0
     for stop in checkpoint_stops(steps, early_exit):
         state = iterate(xt, yt, tt, eps, state, tf.constant(stop, tf.int32))
@@ -179,6 +180,7 @@ def _apgd(
                 f"num_targets must be <= num_classes - 1 = {num_classes - 1}; got {num_targets}."
             )
     n = int(x.shape[0])
+    point_seed = seeds.per_point(seed, n)
     if n == 0:
         return AttackResult.unattacked(x.numpy())
     # The clean forward pass: already-misclassified points are not attacked (they keep x), and
@@ -221,9 +223,9 @@ def _apgd(
 
     def step(j: int, run: int) -> Step:
         def attack(xs, ys, idx):
-            seed_run = tf.constant([int(seed), run], tf.int64)
+            keys = seeds.fold(point_seed[idx], "apgd", run)
             z, f, ok, passes = _run(
-                iterate, finish, xs, ys, targets[idx, j], eps, seed_run, steps, early_exit
+                iterate, finish, xs, ys, targets[idx, j], eps, keys, steps, early_exit
             )
             return AttackResult(
                 z,
@@ -264,7 +266,9 @@ def apgd_ce(
       epsilon: L-inf budget in pixels (8 means 8/255 of the range).
       steps: APGD iterations per run (AutoAttack: 100).
       restarts: runs from independent random starts; each attacks only the points still standing.
-      seed: seeds the random starts (stateless: same seed and inputs, same output).
+      seed: seeds the random starts: an int, or an int array ``[N]`` of per-point seeds (each
+        point's starts then depend on its own seed only, not on the batch:
+        :func:`manifold_tf.seeds.row_keys`). Stateless: same seed and inputs, same output.
       jit_compile: compile each run with XLA (XLA then compiles once per batch size it meets).
       early_exit: a point leaves a run at the first of APGD's checkpoints where it has reached a
         misclassified iterate (its output: the highest-loss misclassified iterate so far).

@@ -55,7 +55,7 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
-from manifold_tf import compiled, projected
+from manifold_tf import compiled, projected, seeds
 from manifold_tf.attacks.proxied import check_best, check_proxy, confirmed
 from manifold_tf.attacks.result import AttackResult
 from manifold_tf.attacks.surrogate import proxy_slots, surrogate_rows
@@ -156,13 +156,15 @@ def check_progress(progress):
     )
 
 
-def eot_shells(shell, eot_samples: int, seed: int) -> list:
+def eot_shells(shell, eot_samples: int, seed) -> list:
     """``eot_samples`` copies of a random shell with seeds other than its own (cached); ``[]`` for a
-    deterministic shell (nothing to average) or ``eot_samples == 0``."""
+    deterministic shell (nothing to average) or ``eot_samples == 0``. Per-point seeds (an array):
+    from the shell's seed alone, so the batch does not matter (a copy keys a point's draw by it)."""
     eot_samples = check_int(eot_samples, "eot_samples", 0)
     if not eot_samples or not shell.is_random:
         return []
-    rng = np.random.default_rng([int(seed) & 0x7FFFFFFF, int(shell.seed) & 0x7FFFFFFF, 17])
+    seed = int(seed) if np.ndim(seed) == 0 else 0
+    rng = np.random.default_rng([seed & 0x7FFFFFFF, int(shell.seed) & 0x7FFFFFFF, 17])
     draws = rng.integers(0, 2**31 - 1, 2 * eot_samples + 1)
     seeds = [s for s in dict.fromkeys(draws.tolist()) if s != shell.seed]
     copies = _COPIES.setdefault(shell, {})
@@ -242,7 +244,8 @@ def bpda(
         Not for ``"apgd"`` (which starts at ``2 * epsilon`` and halves it).
       x_init: optional start ``[N, H, W, 3]`` (e.g. a transfer ``x'``), projected into the ball.
       random_start: start uniformly in ``N(x, epsilon)`` (from ``seed``); not with ``x_init``.
-      seed: seeds the random start and the choice of EOT seeds.
+      seed: seeds the random start and the choice of EOT seeds: an int, or an int array ``[N]``
+        of per-point seeds (a point's start then ignores its batch: :func:`manifold_tf.seeds`).
       target: optional wrong labels ``[N]``: a targeted run (the surrogate raises the target
         against the best other label); success is still any wrong answer of the shell.
       schedule: ``"sign"`` (fixed steps) or ``"apgd"`` (Auto-PGD's schedule and momentum).
@@ -277,8 +280,8 @@ def bpda(
       ``shell_label``, ``steps_used`` (the step of the success, 0 = the start; ``steps`` if none)
       and ``target`` (-1: untargeted).
 
-    The label is the shell's on the batch of points still running; for a shell with a random
-    start another batch layout is another draw (EOT copies are cached per seed: one trace each).
+    The label is the shell's on the batch of points still running; a random shell keys its draw
+    by the point's input, whatever the batch (EOT copies are cached per seed: one trace each).
 
     Cost per point: at most ``steps + 1`` shell predictions (each about ``C * K`` forward+backward
     passes of the base, ``K`` the shell's steps) plus ``steps * eot`` for EOT copies, and
@@ -303,15 +306,15 @@ def bpda(
     sur = check_proxy(shell, proxy)
     if sur is not shell and warm_steps:
         raise ValueError("give a proxy or warm_steps, not both (two approximations of the shell).")
+    seeds.per_point(seed, len(x))  # a clear error for a seed array of the wrong shape
     copies = eot_shells(sur, eot_samples, seed)
     if x_init is not None:
         if random_start:
             raise ValueError("give either x_init or random_start=True, not both.")
         start = np.clip(check_x_init(shell, x, x_init), x - epsilon, x + epsilon)
     elif random_start:
-        start = projected.random_start(
-            tf.constant(x), epsilon, tf.constant([int(seed), 0], tf.int64)
-        ).numpy()
+        keys = seeds.row_keys(seed, len(x), "bpda", 0)
+        start = projected.random_start_rows(tf.constant(x), epsilon, keys).numpy()
     else:
         start = x
     res = empty_result(start, steps, target)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from manifold_tf import compiled, projected
+from manifold_tf import compiled, projected, seeds
 from manifold_tf.attacks.bpda import (
     bpda,
     check_progress,
@@ -78,11 +78,8 @@ def _starts(shell, x, epsilon, x_init, from_x, random_restarts, seed):
     if x_init is not None:
         starts.append(check_x_init(shell, x, x_init))
     for r in range(check_int(random_restarts, "random_restarts", 0)):
-        starts.append(
-            projected.random_start(
-                tf.constant(x), epsilon, tf.constant([int(seed), r + 1], tf.int64)
-            ).numpy()
-        )
+        keys = seeds.row_keys(seed, len(x), "bpda restart", r + 1)
+        starts.append(projected.random_start_rows(tf.constant(x), epsilon, keys).numpy())
     if not starts:
         raise ValueError("no start: set from_x=True, give x_init, or random_restarts >= 1.")
     return starts
@@ -103,7 +100,7 @@ def _chain(shell, x, y, epsilon, steps, runs, progress, kwargs) -> AttackResult:
                 x_init=start[idx],
                 target=None if target is None else target[idx],
                 progress=_sub_progress(progress, r * steps, total),
-                **kwargs,
+                **dict(kwargs, seed=seeds.take(kwargs["seed"], idx)),
             )
 
         return Step(f"run {r}", attack)
@@ -326,7 +323,7 @@ def lift(
                     target=t,
                     schedule="apgd",
                     eot_samples=eot_samples,
-                    seed=seed,
+                    seed=seeds.take(seed, idx),
                     progress=_sub_progress(progress, j * (steps + bpda_steps) + steps, total),
                 )
             else:  # zero BPDA steps: the verification of x' alone, with the target recorded

@@ -31,10 +31,6 @@ def checkpoint_stops(steps: int, early_exit: bool) -> list[int]:
     return [w for w in projected.apgd_checkpoints(steps) if 0 < w < steps] + [steps]
 
 
-def seed_tensor(seed: int) -> tf.Tensor:
-    return tf.constant([int(seed), 0], dtype=tf.int64)
-
-
 def prepare(model, x, y, budget: float, budget_name: str):
     """Validates inputs; returns ``(x float32 [N, ...], y int32 [N], num_classes, budget)``."""
     budget = validate_radius(budget, budget_name)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from manifold_tf import compiled, projected
+from manifold_tf import compiled, projected, seeds
 from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE, checkpoint_stops, prepare
 from manifold_tf.attacks.fab_projection import project_linf_hyperplane
 from manifold_tf.attacks.result import AttackResult
@@ -147,17 +147,18 @@ def _build_finish():
     return build
 
 
-def _start(x: np.ndarray, eps: float, seed: tf.Tensor, random: bool) -> tf.Tensor:
-    """A run's first iterate ``[M, D]``: ``x``, or ``x + eps / 2 * u / |u|_inf`` in the box."""
+def _start(x: np.ndarray, eps: float, keys: np.ndarray, random: bool) -> tf.Tensor:
+    """A run's first iterate ``[M, D]``: ``x``, or ``x + eps / 2 * u / |u|_inf`` in the box, ``u``
+    drawn per point from ``keys`` int64 ``[M]``."""
     x0 = tf.reshape(tf.constant(x), [len(x), -1])
     if not random:
         return x0
-    u = tf.random.stateless_uniform(tf.shape(x0), seed=seed, minval=-1.0, maxval=1.0)
+    u = 2.0 * seeds.tf_uniform_rows(keys, tf.shape(x0)[1:]) - 1.0
     u = u / tf.maximum(tf.reduce_max(tf.abs(u), axis=1, keepdims=True), _TINY)
     return tf.clip_by_value(x0 + 0.5 * eps * u, PIXEL_MIN, PIXEL_MAX)
 
 
-def _run(iterate, finish, x, y, target, eps, seed, restart, stops, settings):
+def _run(iterate, finish, x, y, target, eps, keys, restart, stops, settings):
     """One FAB run on ``M`` points: ``(x_adv, success, norm, iterations)``, each ``[M]`` rows.
 
     The run pauses at ``stops`` (the last is ``steps``); at each pause before the last, the points
@@ -165,7 +166,7 @@ def _run(iterate, finish, x, y, target, eps, seed, restart, stops, settings):
     """
     m = len(x)
     xt, yt, tt = tf.constant(x), tf.constant(y, tf.int32), tf.constant(target, tf.int32)
-    x1 = _start(x, eps, seed, restart > 0)
+    x1 = _start(x, eps, keys, restart > 0)
     best, best_norm = tf.reshape(xt, [m, -1]), tf.fill([m], tf.constant(np.inf, tf.float32))
     best_out, norm_out = best.numpy(), best_norm.numpy()
     iterations, rows, done, k = np.zeros(m, np.int64), np.arange(m), 0, tf.constant(0)
@@ -245,7 +246,8 @@ def fab(
         Success is still misclassification.
       alpha_max: cap of the bias toward ``x`` in [0, 1]. eta: overshoot in [1, 2]. beta:
         backward step in (0, 1].
-      seed: seeds the restarts' starts (stateless: same seed and inputs, same output).
+      seed: seeds the restarts' starts: an int, or an int array ``[N]`` of per-point seeds (a
+        point's starts then depend on its own seed only, not on the batch). Stateless.
       jit_compile: compile each run with XLA (XLA then compiles once per batch size it meets).
       early_exit: stop searching a point once it has an adversarial point within ``epsilon``
         (checked at APGD's checkpoints, 22%, 41%, ... of a run: ``common.checkpoint_stops``):
@@ -286,6 +288,7 @@ def fab(
             )
     x_np, y_np = x.numpy(), y.numpy()
     n = len(x_np)
+    point_seed = seeds.per_point(seed, n)
     if n == 0:
         return AttackResult.unattacked(
             x_np, norm=np.zeros(0, np.float32), target=np.zeros(0, np.int32)
@@ -330,7 +333,7 @@ def fab(
     def make_step(j: int, restart: int, run: int) -> Step:
         def step(xs, ys, idx):
             tgt = targets[idx, j]
-            seed_run = tf.constant([int(seed), run], tf.int64)
+            keys = seeds.fold(point_seed[idx], "fab", run)
             z, ok, norm, iterations = _run(
                 iterate,
                 finish,
@@ -338,7 +341,7 @@ def fab(
                 ys,
                 np.maximum(tgt, 0),
                 epsilon,
-                seed_run,
+                keys,
                 restart,
                 stops,
                 settings,

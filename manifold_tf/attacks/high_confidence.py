@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from manifold_tf import compiled, projected
-from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE, prepare, seed_tensor
+from manifold_tf import compiled, projected, seeds
+from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE, prepare
 from manifold_tf.attacks.result import AttackResult
 from manifold_tf.validation import check_choice, check_int, validate_radius
 
@@ -38,6 +38,8 @@ def high_confidence(
       steps, step_size: ascent steps and their size (pixels; the Adam learning rate for "adam").
       optimizer: ``"sign"`` (PGD steps) or ``"adam"``.
       random_start: start each ascent at a uniform random point of the ball (else at ``x``).
+      seed: seeds the random starts: an int, or an int array ``[N]`` of per-point seeds (a
+        point's starts then depend on its own seed only, not on the batch).
 
     Returns:
       :class:`AttackResult`: ``x_adv`` the best point; ``details["confidence"]`` its wrong-label
@@ -50,14 +52,19 @@ def high_confidence(
     steps = check_int(steps, "steps", 0)
     step_size = validate_radius(step_size, "step_size")
     x, y, num_classes, epsilon = prepare(model, x, y, epsilon, "epsilon")
+    point_seed = seeds.per_point(seed, int(x.shape[0]))
     if x.shape[0] == 0:
         return AttackResult.unattacked(
             x.numpy(), confidence=np.zeros(0, np.float32), label=np.zeros(0, np.int32)
         )
+    # Row i * (K - 1) + s - 1 of the search targets label (y_i + s) mod K (see run): its key.
+    shifts = np.arange(1, num_classes)
+    labels_rows = ((y.numpy()[:, None] + shifts[None, :]) % num_classes).reshape(-1)
+    keys = seeds.fold(np.repeat(point_seed, num_classes - 1), "high_confidence", labels_rows)
     key = ("high_confidence", steps, optimizer, bool(random_start))
 
     def build(net):
-        def run(x, labels, radius, step, seed):
+        def run(x, labels, radius, step, keys):
             k = num_classes - 1
             n = tf.shape(x)[0]
             # Row i * k + (s - 1) targets label (y_i + s) mod K, s = 1..K-1: every wrong label once.
@@ -69,7 +76,8 @@ def high_confidence(
                 logp = tf.nn.log_softmax(net(z, training=False))
                 return tf.gather(logp, targets, batch_dims=1)
 
-            z0 = projected.random_start(xt, radius, seed) if random_start else xt
+            # One key per (point, target label): the draw does not depend on the batch.
+            z0 = projected.random_start_rows(xt, radius, keys) if random_start else xt
             z, _ = projected.projected_ascent(
                 objective, xt, z0, radius=radius, steps=steps, step_size=step, optimizer=optimizer
             )
@@ -97,7 +105,7 @@ def high_confidence(
         y,
         tf.constant(epsilon, tf.float32),
         tf.constant(step_size, tf.float32),
-        seed_tensor(seed),
+        tf.constant(keys),
     )
     conf = conf.numpy()
     return AttackResult(

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from manifold_tf import compiled, projected
-from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE, goal, margin, prepare, seed_tensor
+from manifold_tf import compiled, projected, seeds
+from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE, goal, margin, prepare
 from manifold_tf.attacks.result import AttackResult
 from manifold_tf.validation import check_int, validate_radius
 
@@ -41,7 +41,9 @@ def pgd(
       random_start: start each run at a uniform point of ``N(x, epsilon)`` (else at ``x``).
       restarts: independent runs; per example the best is kept: a successful point (misclassified,
         or classified as the target) before an unsuccessful one, then the highest loss.
-      seed: seeds the random starts (deterministic for a given seed).
+      seed: seeds the random starts (deterministic for a given seed): an int, or an int array
+        ``[N]`` of per-point seeds (a point's starts then depend on its own seed only, not on the
+        batch: :func:`manifold_tf.seeds.row_keys`).
       jit_compile: compile the loop with XLA.
 
     Returns:
@@ -56,6 +58,7 @@ def pgd(
     restarts = check_int(restarts, "restarts", 1)
     step_size = validate_radius(step_size, "step_size")
     x, y, _, epsilon = prepare(model, x, y, epsilon, "epsilon")
+    point_seed = seeds.per_point(seed, int(x.shape[0]))
     if x.shape[0] == 0:
         return AttackResult.unattacked(x.numpy())
     key = ("pgd", steps, loss, bool(random_start), restarts, bool(targeted))
@@ -71,15 +74,14 @@ def pgd(
         def objective_fn(labels):
             return lambda z: loss_of(net(z, training=False), labels)
 
-        def run(x, labels, eps, step, seed):
+        def run(x, labels, eps, step, keys):
             objective = objective_fn(labels)
             expand = [-1] + [1] * (len(x.shape) - 1)
 
             def one_restart(r, best_z, best_f, best_ok):
                 z0 = x
                 if random_start:
-                    seed_r = tf.random.experimental.stateless_fold_in(seed, r)
-                    z0 = projected.random_start(x, eps, seed_r)
+                    z0 = projected.random_start_rows(x, eps, tf.gather(keys, r))
                 z, f = projected.projected_ascent(
                     objective, x, z0, radius=eps, steps=steps, step_size=step
                 )
@@ -108,6 +110,6 @@ def pgd(
         y,
         tf.constant(epsilon, tf.float32),
         tf.constant(step_size, tf.float32),
-        seed_tensor(seed),
+        tf.constant(np.stack([seeds.fold(point_seed, "pgd", r) for r in range(restarts)])),
     )
     return AttackResult(z.numpy(), ok.numpy(), base_passes=restarts * steps, score=f.numpy())

@@ -39,7 +39,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from manifold_tf import compiled
+from manifold_tf import compiled, seeds
 from manifold_tf.attacks.result import AttackResult
 from manifold_tf.shells.base import FactorShell
 from manifold_tf.validation import (
@@ -163,7 +163,10 @@ def square(
         ``queries - 2`` random-search iterations); the final verification call is not counted.
       p_init: initial fraction of pixels per window, in (0, 1]. 0.8 is AutoAttack's choice for
         small budgets; the reference script's default 0.05 was tuned for 10,000 ImageNet queries.
-      seed: seeds a ``numpy.random.Generator``: same seed, model and inputs give the same output.
+      seed: an int, or an int array ``[N]`` of per-point seeds: every draw for a point (its
+        stripes, windows and signs) is keyed by its seed, the iteration and the redraw
+        (:mod:`manifold_tf.seeds`), so with per-point seeds a point's search does not depend on
+        the other points of the batch. Same seed, model and inputs give the same output.
       output: ``"logits"`` or ``"probabilities"``, what ``model`` returns (checked on ``x``).
       batch_size: at most this many images per model call (``None``: all still standing at once).
       progress: optional ``progress(queries_spent, images_standing)``, called after every query
@@ -193,8 +196,8 @@ def square(
         return AttackResult.unattacked(
             x, queries=np.zeros(0, np.int32), margin=np.zeros(0, np.float32)
         )
+    point_seed = seeds.per_point(seed, n)
     score = _scorer(model, output, (h, w, c), batch_size)
-    rng = np.random.default_rng(int(seed))
     eps = np.float32(epsilon)
 
     # Query 1: the clean images (also tells the number of classes and checks the output kind).
@@ -218,7 +221,8 @@ def square(
     # Query 2: vertical stripes, accepted unconditionally as in the reference.
     idx = np.flatnonzero(loss >= 0)
     if epsilon > 0 and queries >= 2 and len(idx):
-        stripes = eps * (2 * rng.integers(0, 2, (len(idx), 1, w, c)) - 1).astype(np.float32)
+        bits = seeds.integers_rows(seeds.fold(point_seed[idx], "square stripes"), 2, (1, w, c))
+        stripes = eps * (2 * bits - 1).astype(np.float32)
         best[idx] = np.clip(x[idx] + stripes, PIXEL_MIN, PIXEL_MAX)
         loss[idx] = np.inf
         query(idx, best[idx])
@@ -230,16 +234,19 @@ def square(
             break
         m = len(idx)
         s = min(max(int(round(np.sqrt(p_schedule(p_init, it, queries - 1) * h * w))), 1), h, w)
-        top = rng.integers(0, h - s + 1, m)[:, None]
-        left = rng.integers(0, w - s + 1, m)[:, None]
+        corner = seeds.integers_rows(
+            seeds.fold(point_seed[idx], "square window", it), [h - s + 1, w - s + 1], (2,)
+        )
+        top, left = corner[:, :1], corner[:, 1:]
         window = ((rows_h >= top) & (rows_h < top + s))[:, :, None, None] & (
             (cols_w >= left) & (cols_w < left + s)
         )[:, None, :, None]  # [m, h, w, 1]
         xi, bi = x[idx], best[idx]
         cand = np.empty_like(bi)
         todo = np.arange(m)
-        for _ in range(_MAX_REDRAWS):
-            signs = (2 * rng.integers(0, 2, (len(todo), 1, 1, c)) - 1).astype(np.float32)
+        for redraw in range(_MAX_REDRAWS):
+            keys = seeds.fold(point_seed[idx[todo]], "square signs", it, redraw)
+            signs = (2 * seeds.integers_rows(keys, 2, (1, 1, c)) - 1).astype(np.float32)
             cand[todo] = np.clip(
                 np.where(window[todo], xi[todo] + eps * signs, bi[todo]), PIXEL_MIN, PIXEL_MAX
             )

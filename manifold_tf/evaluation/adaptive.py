@@ -23,7 +23,7 @@ import time
 import numpy as np
 from absl import logging
 
-from manifold_tf import attacks, reporting
+from manifold_tf import attacks, reporting, seeds
 from manifold_tf.attacks import run_standing  # noqa: F401  (bench_surrogate reads it here)
 from manifold_tf.evaluation import adaptive_budget
 from manifold_tf.evaluation.adaptive_config import AdaptiveConfig
@@ -98,7 +98,8 @@ def sanity_checks(
         x, y = images[idx].astype(np.float32), labels[idx].astype(np.int64)
         g_x = shell_labels(shell, x)
         right = g_x == y
-        zero = attacks.bpda(shell, x[right], y[right], epsilon=0.0, steps=2, seed=seed)
+        point_seed = seeds.point_seeds(seed, idx[right])
+        zero = attacks.bpda(shell, x[right], y[right], epsilon=0.0, steps=2, seed=point_seed)
         again = shell_labels(shell, x)
         epsilons = sorted(
             {float(epsilon), float(min(2 * epsilon, 255)), float(config.large_epsilon)}
@@ -112,7 +113,7 @@ def sanity_checks(
                 epsilon=eps,
                 steps=config.sanity_steps,
                 schedule="apgd",
-                seed=seed,
+                seed=point_seed,
             )
             ok = shell_labels(shell, out.x_adv) != y[right]
             sweep.append(dict(epsilon=eps, broken=int(ok.sum()), attacked=int(right.sum())))
@@ -297,7 +298,7 @@ def run_adaptive(
             epsilon=epsilon,
             cw_kwargs=cw_kwargs,
             known_transfer=known,
-            seed=seed + b,
+            seed=seed,
             desc=f"adaptive batch {b + 1}/{len(batches)}",
             stop=None if deadline is None else deadline.passed,
             clock=clock,

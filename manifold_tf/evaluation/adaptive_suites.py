@@ -26,7 +26,7 @@ import time
 import numpy as np
 from absl import logging
 
-from manifold_tf import attacks, reporting
+from manifold_tf import attacks, reporting, seeds
 from manifold_tf.attacks import AttackResult, Step
 from manifold_tf.evaluation.config import AdaptiveConfig
 from manifold_tf.projected import madry_step_size
@@ -77,10 +77,12 @@ def shell_suite(
     x_cw: np.ndarray,
     *,
     epsilon: float,
-    seed: int,
+    seed,
     desc: str = "adaptive",
 ) -> list[Step]:
-    """The attacks on the shell, in ``config.shell_attacks`` order (``x_cw``: CW's ``x'`` on F)."""
+    """The attacks on the shell, in ``config.shell_attacks`` order (``x_cw``: CW's ``x'`` on F;
+    ``seed``: the batch's per-point seeds int64 ``[N]``, :func:`manifold_tf.seeds.point_seeds`,
+    each step passing on those of the points it runs on)."""
     eot = config.eot_samples if shell.is_random else 0
     targets = "all" if config.targets == 0 else config.targets
     proxy = config.attack_proxy(shell)
@@ -96,7 +98,7 @@ def shell_suite(
                 epsilon=epsilon,
                 steps=config.steps,
                 step_size=madry_step_size(epsilon, config.steps),
-                seed=seed,
+                seed=seeds.take(seed, idx),
             ),
         ),
         "lift": lambda: Step(
@@ -108,7 +110,7 @@ def shell_suite(
                 epsilon=epsilon,
                 num_targets=targets,
                 steps=config.lift_steps,
-                seed=seed,
+                seed=seeds.take(seed, idx),
                 progress=Ticker(f"{desc}: lift"),
             ),
         ),
@@ -123,7 +125,7 @@ def shell_suite(
                 x_init=x_cw[idx],
                 from_x=True,
                 random_restarts=config.restarts,
-                seed=seed,
+                seed=seeds.take(seed, idx),
                 eot_samples=eot,
                 warm_steps=config.warm_steps,
                 proxy=proxy,
@@ -141,7 +143,7 @@ def shell_suite(
                 steps=config.steps,
                 x_init=x_cw[idx],
                 from_x=False,
-                seed=seed,
+                seed=seeds.take(seed, idx),
                 eot_samples=eot,
                 warm_steps=config.warm_steps,
                 proxy=proxy,
@@ -159,7 +161,7 @@ def shell_suite(
                     ys,
                     epsilon=epsilon,
                     queries=config.square_queries,
-                    seed=seed,
+                    seed=seeds.take(seed, idx),
                     output="probabilities",
                     progress=_square_ticker(f"{desc}: square (queries)", config.square_queries),
                 ),
@@ -184,19 +186,26 @@ def _square_ticker(desc: str, queries: int):
 
 
 def base_suite(
-    base, config: AdaptiveConfig, x_cw: np.ndarray, *, epsilon: float, seed: int
+    base, config: AdaptiveConfig, x_cw: np.ndarray, *, epsilon: float, seed
 ) -> list[Step]:
     """The attacks on the base alone: CW's ``x'``, then ``config.base_attacks`` in order (APGD-T
-    and FAB-T need at least 4 and 3 classes; a model with fewer skips them)."""
+    and FAB-T need at least 4 and 3 classes; a model with fewer skips them). ``seed`` as
+    :func:`shell_suite`'s."""
     num_classes = int(base.output_shape[-1])
     targets = min(config.base_targets, num_classes - 1)
     steps = config.base_apgd_steps
     runs = {
         "apgd_ce": lambda xs, ys, idx: attacks.apgd_ce(
-            base, xs, ys, epsilon=epsilon, steps=steps, seed=seed
+            base, xs, ys, epsilon=epsilon, steps=steps, seed=seeds.take(seed, idx)
         ),
         "apgd_t": lambda xs, ys, idx: attacks.apgd_t(
-            base, xs, ys, epsilon=epsilon, steps=steps, num_targets=targets, seed=seed
+            base,
+            xs,
+            ys,
+            epsilon=epsilon,
+            steps=steps,
+            num_targets=targets,
+            seed=seeds.take(seed, idx),
         ),
         "fab_t": lambda xs, ys, idx: attacks.fab(
             base,
@@ -206,11 +215,16 @@ def base_suite(
             steps=steps,
             targeted=True,
             num_targets=targets,
-            seed=seed,
+            seed=seeds.take(seed, idx),
             early_exit=True,  # only success counts here, not FAB's smallest norm
         ),
         "square": lambda xs, ys, idx: attacks.square(
-            base, xs, ys, epsilon=epsilon, queries=config.base_square_queries, seed=seed
+            base,
+            xs,
+            ys,
+            epsilon=epsilon,
+            queries=config.base_square_queries,
+            seed=seeds.take(seed, idx),
         ),
     }
     needs = {"apgd_t": 4, "fab_t": 3}

@@ -236,7 +236,7 @@ def run_comparison(
                 epsilon=epsilon,
                 cw_kwargs=cw_kwargs,
                 known_transfer=known,
-                seed=seed + b,
+                seed=seed,
                 stop=stop,
             )
             if half is None:
@@ -268,7 +268,7 @@ def run_comparison(
                 x_cw,
                 config=config,
                 epsilon=epsilon,
-                seed=seed + b,
+                seed=seed,
                 desc=f"{k}: batch {b + 1}/{len(batches)}",
                 stop=stop,
             )

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 from absl import logging
 
-from manifold_tf import attacks
+from manifold_tf import attacks, seeds
 from manifold_tf.attacks import run_standing
 from manifold_tf.evaluation import adaptive_suites
 from manifold_tf.evaluation.adaptive_config import AdaptiveConfig
@@ -88,7 +88,9 @@ def base_batch(
     def base_wrong(x_adv, idx):
         return predict_logits(base, x_adv).argmax(-1) != y[idx]
 
-    steps = adaptive_suites.base_suite(base, config, cw.x_adv, epsilon=epsilon, seed=seed)
+    # Each point's attacks are seeded by (run seed, its index): its outcome ignores its batch.
+    seeded = seeds.point_seeds(seed, indices)
+    steps = adaptive_suites.base_suite(base, config, cw.x_adv, epsilon=epsilon, seed=seeded)
     run = run_standing(
         [adaptive_suites.in_ball(s, x, epsilon) for s in steps],
         x,
@@ -147,7 +149,13 @@ def shell_batch(
             logging.info(f"{desc}: {name}: {broken}/{attempted} broken ({seconds:.0f} s)")
 
     shell_steps = adaptive_suites.shell_suite(
-        shell, base, config, x_cw, epsilon=epsilon, seed=seed, desc=desc or "adaptive"
+        shell,
+        base,
+        config,
+        x_cw,
+        epsilon=epsilon,
+        seed=seeds.point_seeds(seed, indices),
+        desc=desc or "adaptive",
     )
     shell_run = run_standing(
         [adaptive_suites.in_ball(s, x, epsilon) for s in shell_steps],

@@ -21,7 +21,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from manifold_tf import projected
+from manifold_tf import projected, seeds
 from manifold_tf.shells.base import (
     DEFAULT_JIT_COMPILE,
     FactorShell,
@@ -59,8 +59,9 @@ class HedgeShell(FactorShell):
         ``delta = 0`` (or ``steps = 0`` without a random start) returns ``F(x)``.
       steps: signed steps (authors: 20), each one forward+backward pass of the base.
       step_size: pixels per step (authors: 0.007 of the range = 1.785 pixels).
-      random_start: start at a uniform point of the ball (authors: yes); a stateless draw from
-        ``seed`` (so the answer is a function of ``x``, the seed and the batch layout).
+      random_start: start at a uniform point of the ball (authors: yes); a stateless draw keyed
+        by ``seed`` and the image's pixels (:func:`manifold_tf.seeds.tf_input_keys`), so the
+        answer is a function of ``x`` and the seed, whatever the batch.
       seed: int, the random start's seed.
       jit_compile: compile the search with XLA.
 
@@ -160,7 +161,8 @@ class HedgeShell(FactorShell):
     def _embed_graph(self, x: tf.Tensor) -> dict:
         z0 = x
         if self.random_start:
-            z0 = projected.random_start(x, self.delta, tf.constant([self.seed, 0], tf.int64))
+            keys = seeds.tf_input_keys(x, self.seed, "hedge start")
+            z0 = projected.random_start_rows(x, self.delta, keys)
 
         def objective(z):
             return hedge_objective(self._logits(z))

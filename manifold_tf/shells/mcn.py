@@ -7,7 +7,7 @@ import warnings
 import keras
 import tensorflow as tf
 
-from manifold_tf import projected
+from manifold_tf import projected, seeds
 from manifold_tf.shells.base import (
     DEFAULT_JIT_COMPILE,
     FactorShell,
@@ -49,8 +49,8 @@ class MCNShell(FactorShell):
       step_size: pixels; default ``2.5 * delta / steps`` (Madry et al.'s rule,
         :func:`manifold_tf.projected.madry_step_size`).
       random_start: start each ascent at a uniform point of the ball instead of at ``x``
-        (stateless RNG from ``seed``; the draw depends on the batch layout, so a point's output can
-        then depend on which other points share its batch).
+        (a stateless draw keyed by ``seed``, the image's pixels and the label:
+        :func:`manifold_tf.seeds.tf_input_keys`; a point's output does not depend on its batch).
       seed: int, the random start's seed.
       jit_compile: compile the embedding with XLA (once per batch size; see DEFAULT_JIT_COMPILE).
 
@@ -206,24 +206,24 @@ class MCNShell(FactorShell):
             )
         return cache[steps]
 
+    def _starts(self, x: tf.Tensor, slots: tf.Tensor) -> tf.Tensor:
+        """The random starts of the rows ``x`` repeated per slot (``slots`` ``[N, S]``, labels):
+        row ``i * S + j`` keyed by image ``i``'s pixels and the label ``slots[i, j]``, so a
+        label's start is the same whichever labels are searched beside it and in any batch."""
+        s = tf.shape(slots)[1]
+        keys = tf.repeat(seeds.tf_input_keys(x, self.seed, "mcn start"), s)
+        keys = seeds.tf_fold(keys, tf.reshape(slots, [-1]))
+        return projected.random_start_rows(tf.repeat(x, s, axis=0), self.delta, keys)
+
     def _embed_graph(self, x: tf.Tensor) -> dict:
         z0 = None
         if self.random_start:
-            z0 = projected.random_start(
-                tf.repeat(x, self.num_classes, axis=0),
-                self.delta,
-                tf.constant([self.seed, 0], tf.int64),
-            )
+            every = tf.tile(tf.range(self.num_classes)[None, :], [tf.shape(x)[0], 1])
+            z0 = self._starts(x, every)
         return self._search(x, z0, self.steps)
 
     def _labels_graph(self, x: tf.Tensor, labels: tf.Tensor) -> dict:
-        z0 = None
-        if self.random_start:
-            z0 = projected.random_start(
-                tf.repeat(x, tf.shape(labels)[1], axis=0),
-                self.delta,
-                tf.constant([self.seed, 0], tf.int64),
-            )
+        z0 = self._starts(x, labels) if self.random_start else None
         return self._search(x, z0, self.steps, labels)
 
     def _search(
