@@ -30,7 +30,13 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--output", default=timing.default_output("bench_paired_coverage"), help="JSON output"
     )
+    parser.add_argument(
+        "--smoke", action="store_true", help="n = 20 only, the default method and Newcombe's"
+    )
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.ns = "20"
+        args.methods = ",".join(dict.fromkeys([paired_intervals.DEFAULT_METHOD, "newcombe"]))
     args.ns = tuple(int(n) for n in args.ns.split(","))
     args.methods = [paired_intervals.check_method(m) for m in args.methods.split(",")]
     return args

@@ -55,7 +55,11 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--reuse_run", default=None, help="an evaluate.py output dir")
     parser.add_argument("--smoke", action="store_true", help="a tiny random model and 4 points")
     parser.add_argument(
-        "--json", default=timing.default_output("bench_surrogate"), help="JSON output file"
+        "--json",
+        "--output",
+        dest="json",
+        default=timing.default_output("bench_surrogate"),
+        help="JSON output file",
     )
     return parser.parse_args(argv)
 

@@ -87,6 +87,13 @@ EXPECTED = {
         {"variant", "forward_img_per_s", "grad_img_per_s"},
         _rows_seconds("forward_s", "grad_s", "forward_img_per_s", "grad_img_per_s"),
     ),
+    # not a speed: the default interval and Newcombe's at n = 20; coverage and width are positive.
+    "bench_paired_coverage": (
+        2,
+        0,
+        {"method", "cases", "worst", "mean", "mean_width_points"},
+        lambda out: [r[k] for r in out["rows"] for k in ("worst", "mean", "mean_width_points")],
+    ),
     # batch 2: f32 and bf16 (no XLA under --smoke).
     "bench_precision": (
         2,
