@@ -73,6 +73,8 @@ def _parse(argv=None) -> argparse.Namespace:
     name = "bench_base_attacks_smoke" if args.smoke else "bench_base_attacks"
     args.output = args.output or timing.default_output(name)
     args.variants = [v for v in args.variants.split(",") if v]
+    if args.smoke:  # XLA compiles once per batch size of the shrinking batch: minutes, not seconds
+        args.variants = [v for v in args.variants if "xla" not in v]
     args.xla_attacks = [a for a in args.xla_attacks.split(",") if a]
     for v in args.variants:
         if v not in VARIANTS:

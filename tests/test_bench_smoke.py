@@ -94,6 +94,20 @@ EXPECTED = {
         {"method", "cases", "worst", "mean", "mean_width_points"},
         lambda out: [r[k] for r in out["rows"] for k in ("worst", "mean", "mean_width_points")],
     ),
+    # APGD-CE and APGD-T: float32 without and with early exit, bf16 (no XLA under --smoke).
+    "bench_base_attacks": (
+        6,
+        0,
+        {"attack", "variant", "early_exit", "passes_per_point", "broken", "n"},
+        _rows_seconds("seconds", "passes_per_point", "passes_per_s"),
+    ),
+    # full shell and the 5x3 copy: BPDA, targeted BPDA, Square and the chained suite each.
+    "bench_surrogate": (
+        8,
+        0,
+        {"variant", "attack", "points", "broken", "passes_per_point", "seconds"},
+        _rows_seconds("seconds", "passes_per_point"),
+    ),
     # batch 2: f32 and bf16 (no XLA under --smoke).
     "bench_precision": (
         2,
