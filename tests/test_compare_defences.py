@@ -211,6 +211,11 @@ def test_the_comparison_report_holds_the_summaries_numbers_and_a_png(compared):
         assert saved["base"]["robust"]["rate"] == summary["base"]["robust_accuracy"]
         assert saved["base"]["clean"]["rate"] == summary["base"]["clean_accuracy"]
         assert d["mcnemar_p_value"] == summary["mcnemar_p_value"]
+    # Read back from the run directory: the same numbers (the run's saved sanity checks too).
+    read = compare_report.comparison_of(compare.read_comparison(str(path)))
+    assert read["kinds"] == list(KINDS) and read["cost"] == saved["cost"]
+    for k in KINDS:
+        assert read["defences"][k] == saved["defences"][k], k
     md = open(path / "comparison.md").read()
     assert "n = 12" in md and all(f"`{k}`" in md for k in KINDS) and "counted once" in md
     with open(path / "comparison.png", "rb") as f:
@@ -237,6 +242,12 @@ def test_a_stopped_comparison_resumes_where_it_stopped(setup, compared, tmp_path
     assert store.sub("mcn").finished(adaptive.PROTOCOL) == [0, 1]
     assert store.sub("test_dither").finished(adaptive.PROTOCOL) == [0]
     store.close()
+    # Read while stopped (as while running): the batch both defences finished, nothing written.
+    files = sorted(str(p) for p in (tmp_path / "run").rglob("*"))
+    partial = compare_report.comparison_of(compare.read_comparison(str(tmp_path / "run")))
+    assert partial["n"] == 4 and partial["kinds"] == list(KINDS)
+    assert partial["stopping"]["rule"] == "read"
+    assert sorted(str(p) for p in (tmp_path / "run").rglob("*")) == files
 
     monkeypatch.undo()
     base_calls = Counter(monkeypatch, adaptive_suites, "base_suite")
@@ -424,3 +435,15 @@ def test_evaluate_compares_the_listed_kinds_with_cw_computed_once(
     a, b = (json.load(open(out / k / "defence.json"))["points"] for k in report["kinds"])
     assert [p["base_success"] for p in a] == [p["base_success"] for p in b]  # the same x'
     assert not (out / "summary.json").exists()  # no single-shell report at the top
+
+
+def test_until_decided_waits_for_every_defence():
+    config = dataclasses.replace(SMALL, until="decided")
+    helps = [dict(indices=list(range(60)), shell_broken_by=[""] * 60, base_broken_by=["x"] * 60)]
+    unclear = [dict(indices=[0, 1, 2, 3], shell_broken_by=["", "x", "", "x"],
+                    base_broken_by=["x", "", "x", ""])]  # fmt: skip
+    rule = compare._decided(config, n_total=10_000)
+    assert adaptive_budget.stopping_rule(config, 10_000)(helps)["rule"] == "decided"
+    assert rule({"mcn": helps, "ncn": unclear}) is None
+    both = rule({"mcn": helps, "ncn": helps})
+    assert both["rule"] == "decided" and "mcn:" in both["reason"] and "ncn:" in both["reason"]

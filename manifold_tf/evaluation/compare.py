@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 from absl import logging
@@ -34,6 +36,7 @@ from absl import logging
 from manifold_tf.evaluation import adaptive, adaptive_budget, suite_batch
 from manifold_tf.evaluation.adaptive import PROTOCOL, AdaptiveRun, verdict_settings
 from manifold_tf.evaluation.adaptive_config import AdaptiveConfig
+from manifold_tf.evaluation.store import RunStore
 from manifold_tf.evaluation.walk import continue_batches, walk_order
 
 BASE = "adaptive_base"  # the base's half of every batch, shared by the compared defences
@@ -316,3 +319,57 @@ def run_comparison(
         passes_per_prediction={k: int(shells[k].passes_per_prediction()) for k in kinds},
         stopping=stopping,
     )
+
+
+def read_comparison(directory: str, kinds=None) -> Comparison:
+    """The comparison in run directory ``directory`` as far as it got, read only (a run still
+    going included): the batches the base and every defence have finished, a prefix of the
+    order. ``kinds``: the defences to read (default: every folder holding a verdict, in the order
+    they were bound). The sanity checks are those the run saved (they run once every batch is
+    done); before that only the black-box check, which the records hold, is reported. Raises
+    ValueError when ``directory`` holds no comparison."""
+    store = RunStore(directory, resume=True, lock=False)
+    settings = store.settings(BASE)
+    if settings is None:
+        raise ValueError(f"{directory!r} holds no comparison ({BASE}/settings.json is missing).")
+    if kinds is None:
+        found = [
+            d
+            for d in os.listdir(directory)
+            if os.path.isfile(store.path(d, PROTOCOL, "settings.json"))
+        ]
+        kinds = sorted(
+            found, key=lambda d: os.path.getmtime(store.path(d, PROTOCOL, "settings.json"))
+        )
+    kinds = check_kinds(kinds)
+    subs = {k: store.sub(k) for k in kinds}
+    base_records, recs = [], {k: [] for k in kinds}
+    for b in store.finished(BASE):
+        loaded = {k: subs[k].load(PROTOCOL, b) for k in kinds}
+        if b != len(base_records) or any(r is None for r in loaded.values()):
+            break
+        base_records.append(store.load(BASE, b))
+        for k in kinds:
+            recs[k].append(loaded[k])
+    n = sum(len(r["indices"]) for r in base_records)
+    if not n:
+        raise ValueError(f"{directory!r}: no batch is done by the base and {kinds} yet.")
+    stopping = dict(
+        rule="read",
+        reason=f"read from {directory} while or after it ran: the {n} points of the "
+        f"{len(base_records)} batch(es) every defence has finished, of {settings['num_points']} "
+        f"planned",
+        n=n,
+    )
+    runs = {}
+    for k in kinds:
+        own = subs[k].settings(PROTOCOL)
+        # Only what sanity_checks reads when it runs nothing: the suite's attacks, no new points.
+        suite = SimpleNamespace(shell_attacks=own["suite"]["shell_attacks"], sanity_points=0)
+        sanity = adaptive.sanity_checks(
+            None, None, None, None, suite, subs[k], epsilon=own["epsilon"], seed=0, records=recs[k]
+        )
+        runs[k] = AdaptiveRun(recs[k], own, sanity, stopping)
+    # A shell's checks cost 2 predictions per point (G at x, the final check): its declared cost.
+    per_prediction = {k: int(recs[k][0]["ledger"]["shell_checks"][0]) // 2 for k in kinds}
+    return Comparison(runs, base_records, settings, per_prediction, stopping)

@@ -46,6 +46,9 @@ def _defence(kind: str, verdict: dict, records: list[dict], base: dict, per_pred
         mcnemar_p_value=verdict["mcnemar"]["p_value"],
         sanity_checks_passed=verdict["sanity"]["passed"],
         sanity_failures=verdict["sanity"]["failures"],
+        sanity_checks_run=[
+            c for c, v in verdict["sanity"].items() if isinstance(v, dict) and "passed" in v
+        ],
         suite_warnings=verdict["flags"],
         cost=dict(
             passes_per_prediction=per_prediction,
@@ -123,6 +126,14 @@ def _pp(value: float | None, digits: int = 0) -> str:
     return "" if value is None else f"{value:,.{digits}f}"
 
 
+def _sanity(d: dict) -> str:
+    verdict = (
+        "passed" if d["sanity_checks_passed"] else "FAILED: " + ", ".join(d["sanity_failures"])
+    )
+    run = d.get("sanity_checks_run")
+    return verdict if run is None or len(run) > 1 else f"{verdict} ({', '.join(run)} only so far)"
+
+
 def comparison_markdown(report: dict) -> str:
     base, cost = report["base"], report["cost"]
     rows = []
@@ -138,9 +149,7 @@ def comparison_markdown(report: dict) -> str:
                 f"{d['mcnemar_p_value']:.3g}",
                 c["passes_per_prediction"],
                 _pp(c["shell_suite_passes_per_point"]),
-                "passed"
-                if d["sanity_checks_passed"]
-                else "FAILED: " + ", ".join(d["sanity_failures"]),
+                _sanity(d),
             ]
         )
     headers = [
@@ -301,3 +310,14 @@ def write_comparison(
     store.write_report("comparison", report, comparison_markdown(report))
     plot_comparison(report, store.path("comparison.png"))
     return report
+
+
+def comparison_of(comparison: Comparison) -> dict:
+    """The comparison report of ``comparison`` without writing anything (each defence's verdict
+    summarised in memory): for a run read with
+    :func:`~manifold_tf.evaluation.compare.read_comparison`."""
+    verdicts = {
+        k: adaptive_report.summarize(run.records, run.settings, run.sanity, run.stopping)
+        for k, run in comparison.runs.items()
+    }
+    return comparison_report(comparison, verdicts)
