@@ -48,7 +48,7 @@ SIZES = [
 # Text that means an error escaped from inside TensorFlow or a Keras layer instead of a check.
 INTERNALS = re.compile(
     r"in user code|Graph execution error|incompatible with the layer|Traceback|"
-    r"tensorflow/core|node \w+ defined at|float\(\) argument|invalid literal for int"
+    r"tensorflow/core|node \w+ defined at"
 )
 
 COUNTS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
