@@ -200,6 +200,11 @@ def _load(file, path: str, encoding: str) -> Any:
         raise
     except _CORRUPT as e:
         raise CorruptPickle(path, e) from None
+    except MemoryError:
+        # A length field of garbage asks for gigabytes before the bytes run out.
+        raise CorruptPickle(
+            path, MemoryError("asks for more memory than this machine has")
+        ) from None
 
 
 def load(path: str, *, encoding: str = "bytes") -> Any:
