@@ -150,7 +150,7 @@ class TrainConfig:
         for name in ("awp_gamma", "trades_beta", "overfit_drop"):
             value = check_real(getattr(self, name), name)
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0; got {value}.")
+                raise ValueError(f"{name} must be >= 0 and finite; got {value}.")
         if not 0.0 <= check_real(self.momentum, "momentum") < 1.0:
             raise ValueError(f"momentum must be in [0, 1); got {self.momentum}.")
         for value in self.lr_values:
