@@ -81,6 +81,17 @@ def _width_of_channels(channels: int) -> str | None:
     return None
 
 
+def _reader(prefix: str):
+    """TensorFlow's checkpoint reader for ``prefix``; a corrupt index is a ValueError naming it."""
+    try:
+        return tf.train.load_checkpoint(prefix)
+    except tf.errors.OpError as e:  # DataLossError and kin: "not an sstable (bad magic number)"
+        raise ValueError(
+            f"TF1 checkpoint {prefix!r} is unreadable ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}): truncated or corrupt? Re-download it."
+        ) from None
+
+
 def detect_width(path: str) -> str:
     """``"wide"`` or ``"narrow"`` from the shape of ``unit_1_0/sub1/conv1/DW`` in a TF1 checkpoint.
 
@@ -88,7 +99,7 @@ def detect_width(path: str) -> str:
       path: checkpoint prefix, ``.index`` file or directory (see :func:`resolve_checkpoint`).
     """
     prefix = resolve_checkpoint(path)
-    shapes = tf.train.load_checkpoint(prefix).get_variable_to_shape_map()
+    shapes = _reader(prefix).get_variable_to_shape_map()
     if WIDTH_PROBE not in shapes:
         raise ValueError(
             f"checkpoint {prefix!r} has no variable {WIDTH_PROBE!r}: not one of Madry's CIFAR-10 "
@@ -134,7 +145,7 @@ def load_tf1_checkpoint(model: keras.Model, path: str) -> dict:
         ``width`` to build).
     """
     prefix = resolve_checkpoint(path)
-    reader = tf.train.load_checkpoint(prefix)
+    reader = _reader(prefix)
     shapes = reader.get_variable_to_shape_map()
     dtypes = reader.get_variable_to_dtype_map()
     variables = tf1_variable_map(model)
@@ -259,6 +270,11 @@ def load_model_weights(path: str, width: str | None = None) -> keras.Model:
             raise ValueError(f"{path!r} holds a {got} model; width={width!r} was requested.")
         return model
     if path.endswith(".weights.h5"):
+        if not h5py.is_hdf5(path):  # checked before building a ResNet to try it on
+            raise ValueError(
+                f"{path!r} is not a valid .weights.h5 file (not HDF5: truncated or corrupt?). "
+                f"Re-save or re-download the weights."
+            )
         errors = []
         chosen = width or _h5_width(path)
         candidates = [chosen] if chosen else ["narrow", "wide"]  # narrow first: cheaper to build

@@ -143,7 +143,12 @@ def load_cifar10_arrays(split: str, data_dir: str | None = None) -> tuple[np.nda
     _check_split(split)
     if data_dir is None:
         return _load_tfds(split)
-    root = _find_batches_dir(data_dir)
+    if not isinstance(data_dir, (str, os.PathLike)):
+        raise ValueError(
+            f"data_dir must be a folder path (str) or None; got {data_dir!r} "
+            f"({type(data_dir).__name__})."
+        )
+    root = _find_batches_dir(os.fspath(data_dir))
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     parts = []
     for name in names:

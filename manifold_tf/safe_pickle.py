@@ -167,17 +167,58 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise RefusedGlobal(self.path, f"persistent id {pid!r}", "persistent ids are not allowed")
 
 
+class CorruptPickle(pickle.UnpicklingError, ValueError):
+    """A truncated or corrupt pickle; the message names the file (``path``) and what failed."""
+
+    def __init__(self, path: str, error: BaseException):
+        self.path = path
+        super().__init__(
+            f"{path}: corrupt or truncated pickle ({type(error).__name__}: {error})."[:500]
+        )
+
+
+# What the unpickler raises on malformed bytes (as pickle.load does): each becomes CorruptPickle.
+_CORRUPT = (
+    pickle.UnpicklingError,
+    EOFError,
+    ValueError,
+    TypeError,
+    AttributeError,
+    ImportError,
+    IndexError,
+    KeyError,
+    OverflowError,
+    RecursionError,
+    UnicodeDecodeError,
+)
+
+
+def _load(file, path: str, encoding: str) -> Any:
+    try:
+        return RestrictedUnpickler(file, path, encoding=encoding).load()
+    except RefusedGlobal:
+        raise
+    except _CORRUPT as e:
+        raise CorruptPickle(path, e) from None
+    except MemoryError:
+        # A length field of garbage asks for gigabytes before the bytes run out.
+        raise CorruptPickle(
+            path, MemoryError("asks for more memory than this machine has")
+        ) from None
+
+
 def load(path: str, *, encoding: str = "bytes") -> Any:
     """Reads one pickle from ``path`` with :class:`RestrictedUnpickler`.
 
     Raises:
       RefusedGlobal: the file names a global outside the allowed set (a ``ValueError``).
-      pickle.UnpicklingError, EOFError, ...: a corrupt or truncated file (as ``pickle.load``).
+      CorruptPickle: a corrupt or truncated file (a ``ValueError`` and ``pickle.UnpicklingError``
+        naming ``path``).
     """
     with open(path, "rb") as f:
-        return RestrictedUnpickler(f, path, encoding=encoding).load()
+        return _load(f, path, encoding)
 
 
 def loads(data: bytes, *, path: str = "<bytes>", encoding: str = "bytes") -> Any:
     """:func:`load` for bytes in memory (``path`` only names them in errors)."""
-    return RestrictedUnpickler(io.BytesIO(data), path, encoding=encoding).load()
+    return _load(io.BytesIO(data), path, encoding)

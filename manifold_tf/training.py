@@ -18,6 +18,7 @@ held-out PGD accuracy, and a drop of ``overfit_drop`` below that best stops the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import keras
@@ -32,7 +33,7 @@ from manifold_tf.early_stopping import HOLDOUT_LOG, HoldoutMonitor, split_holdou
 from manifold_tf.evaluation.store import RunStore
 from manifold_tf.settings import setting
 from manifold_tf.trainer import AdversarialTrainer, CyclicLearningRate
-from manifold_tf.validation import check_int
+from manifold_tf.validation import check_int, check_positive, check_real, validate_radius
 
 __all__ = ["AdversarialTrainer", "CyclicLearningRate", "TrainConfig", "build_trainer", "train"]
 
@@ -140,8 +141,20 @@ class TrainConfig:
         check_int(self.holdout_pgd_steps, "holdout_pgd_steps", minimum=1)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1); got {self.ema_decay}.")
-        if self.awp_gamma < 0:
-            raise ValueError(f"awp_gamma must be >= 0; got {self.awp_gamma}.")
+        # Every float setting is checked even when unused (holdout=0, attack=pgd ...): a NaN
+        # given on the command line is a mistake whether or not this run reads it.
+        for name in ("epsilon", "pgd_step_size", "holdout_pgd_step_size"):
+            validate_radius(getattr(self, name), name)
+        for name in ("fgsm_step_factor", "lr_max"):
+            check_positive(getattr(self, name), name)
+        for name in ("awp_gamma", "trades_beta", "overfit_drop"):
+            value = check_real(getattr(self, name), name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be >= 0 and finite; got {value}.")
+        if not 0.0 <= check_real(self.momentum, "momentum") < 1.0:
+            raise ValueError(f"momentum must be in [0, 1); got {self.momentum}.")
+        for value in self.lr_values:
+            check_positive(value, "lr_values")
         if self.width not in models.FILTERS:
             raise ValueError(f"width must be one of {sorted(models.FILTERS)}; got {self.width!r}.")
         if self.dataset not in data_lib.DATASETS:

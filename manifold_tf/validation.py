@@ -7,6 +7,7 @@ learns it at once instead of reading a meaningless robustness number.
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Sequence
 
@@ -91,9 +92,26 @@ def validate_labels(y, *, num_examples: int, num_classes: int, name: str = "y") 
     return tf.convert_to_tensor(y_np, dtype=tf.int32)
 
 
+def check_real(value, name: str) -> float:
+    """``value`` as a float if it is a real number (a 0-d array or tensor counts), else ValueError.
+
+    ``float()`` alone would take ``"8"`` and ``True`` as budgets and fail on ``None`` with a
+    TypeError that does not say which argument was wrong.
+    """
+    if isinstance(value, (tf.Tensor, tf.Variable)) and value.shape.rank == 0:
+        value = value.numpy()
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value[()]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(
+            f"{name} must be a real number; got {value!r} ({type(value).__name__})."[:300]
+        )
+    return float(value)
+
+
 def validate_radius(value: float, name: str) -> float:
     """Checks a perturbation budget in pixel units (>= 0, finite)."""
-    value = float(value)
+    value = check_real(value, name)
     if not np.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0 (pixel units, 0..255); got {value}.")
     if value > PIXEL_MAX:
@@ -120,7 +138,7 @@ def check_int(value, name: str, minimum: int = 0) -> int:
 
 def check_positive(value, name: str) -> float:
     """Checks a finite setting ``> 0`` (a learning rate, a constant, a factor)."""
-    value = float(value)
+    value = check_real(value, name)
     if not np.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0; got {value}.")
     return value

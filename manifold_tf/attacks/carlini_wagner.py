@@ -14,7 +14,7 @@ from manifold_tf import compiled, projected
 from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE, bcast, goal, prepare
 from manifold_tf.attacks.result import AttackResult
 from manifold_tf.cw_search import CW_CPU, CW_PAPER, cw_schedule
-from manifold_tf.validation import check_int, validate_radius
+from manifold_tf.validation import check_int, check_positive, check_real, validate_radius
 
 __all__ = ["CW_CPU", "CW_PAPER", "cw_linf", "cw_settings"]
 
@@ -125,19 +125,23 @@ def cw_settings(
     settings = dict(
         targeted=bool(targeted),
         max_iterations=check_int(max_iterations, "max_iterations", 1),
-        learning_rate=float(learning_rate),
-        initial_const=float(initial_const),
-        const_factor=float(const_factor),
-        largest_const=float(largest_const),
+        learning_rate=check_positive(learning_rate, "learning_rate"),
+        initial_const=check_real(initial_const, "initial_const"),
+        const_factor=check_real(const_factor, "const_factor"),
+        largest_const=check_real(largest_const, "largest_const"),
         initial_tau=validate_radius(initial_tau, "initial_tau"),
-        decrease_factor=float(decrease_factor),
+        decrease_factor=check_real(decrease_factor, "decrease_factor"),
         min_tau=validate_radius(min_tau, "min_tau"),
         stop_within_epsilon=bool(stop_within_epsilon),
-        max_total_iterations=None if max_total_iterations is None else int(max_total_iterations),
+        max_total_iterations=(
+            None
+            if max_total_iterations is None
+            else check_int(max_total_iterations, "max_total_iterations", 1)
+        ),
     )
     if not 0.0 < settings["decrease_factor"] < 1.0:
         raise ValueError(f"decrease_factor must be in (0, 1); got {decrease_factor}.")
-    if settings["const_factor"] <= 1.0:
+    if not settings["const_factor"] > 1.0:  # NaN too
         raise ValueError(f"const_factor must be > 1; got {const_factor}.")
     if not 0.0 < settings["initial_const"] < settings["largest_const"]:
         raise ValueError(

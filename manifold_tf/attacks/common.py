@@ -31,10 +31,30 @@ def checkpoint_stops(steps: int, early_exit: bool) -> list[int]:
     return [w for w in projected.apgd_checkpoints(steps) if 0 < w < steps] + [steps]
 
 
+def input_image_shape(model) -> tuple[int, ...] | None:
+    """The ``(H, W, C)`` a model declares for its input, or ``None`` when it declares none.
+
+    Checking it here names ``x`` in the error; the model itself would refuse a wrong shape from
+    inside the compiled attack, with a traceback through its layers.
+    """
+    try:
+        inputs = getattr(model, "inputs", None)
+    except (AttributeError, ValueError):  # a subclassed model not yet called has no inputs
+        return None
+    if not inputs:
+        return None
+    shape = tuple(inputs[0].shape[1:])
+    return shape if shape and all(d is not None for d in shape) else None
+
+
 def prepare(model, x, y, budget: float, budget_name: str):
     """Validates inputs; returns ``(x float32 [N, ...], y int32 [N], num_classes, budget)``."""
+    if not callable(model):
+        raise ValueError(
+            f"model must be a Keras model (images -> logits); got {type(model).__name__}."
+        )
     budget = validate_radius(budget, budget_name)
-    x = validate_images(x, image_shape=None)
+    x = validate_images(x, image_shape=input_image_shape(model))
     num_classes = _CHECKED.get(model)
     if num_classes is None and not x.shape[0]:
         # An empty batch: nothing to check the outputs on (a conv net refuses a batch of 0 rows).

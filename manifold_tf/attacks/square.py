@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow as tf
 
 from manifold_tf import compiled, seeds
+from manifold_tf.attacks.common import input_image_shape
 from manifold_tf.attacks.result import AttackResult
 from manifold_tf.shells.base import FactorShell
 from manifold_tf.validation import (
@@ -47,6 +48,7 @@ from manifold_tf.validation import (
     PIXEL_MIN,
     check_choice,
     check_int,
+    check_positive,
     validate_images,
     validate_labels,
     validate_radius,
@@ -181,15 +183,19 @@ def square(
       ``details["margin"]`` float32 (``L`` at ``x_adv`` from that final call; ``< 0`` implies
       success; ``score`` is ``-L``).
     """
+    if not callable(model):
+        raise ValueError(f"model must be callable (images -> scores); got {type(model).__name__}.")
     epsilon = validate_radius(epsilon, "epsilon")
     queries = check_int(queries, "queries", 1)
-    p_init = float(p_init)
+    p_init = check_positive(p_init, "p_init")
     if not 0.0 < p_init <= 1.0:
         raise ValueError(f"p_init must lie in (0, 1]; got {p_init}.")
     check_choice(output, "output", OUTPUTS)
     if batch_size is not None:
         batch_size = check_int(batch_size, "batch_size", 1)
-    x = validate_images(x, image_shape=None).numpy()
+    # A shell declares its image shape; a base model its input layer's (None: any callable).
+    shape = getattr(model, "image_shape", None) or input_image_shape(model)
+    x = validate_images(x, image_shape=shape).numpy()
     n, h, w, c = x.shape
     if n == 0:
         validate_labels(y, num_examples=0, num_classes=1)

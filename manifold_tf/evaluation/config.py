@@ -22,7 +22,13 @@ from dataclasses import dataclass, field, replace
 from manifold_tf import projected, shells
 from manifold_tf.evaluation.adaptive_config import AdaptiveConfig
 from manifold_tf.settings import setting
-from manifold_tf.validation import check_choice, check_int, check_positive, validate_radius
+from manifold_tf.validation import (
+    check_choice,
+    check_int,
+    check_positive,
+    check_real,
+    validate_radius,
+)
 
 
 def section(cls, prefix: str):
@@ -255,6 +261,12 @@ class BaseAttackConfig:
     def __post_init__(self):
         check_int(self.max_iterations, "max_iterations", 1)
         check_positive(self.learning_rate, "learning_rate")
+        check_positive(self.initial_const, "initial_const")
+        if not check_positive(self.largest_const, "largest_const") > self.initial_const:
+            raise ValueError(
+                f"need initial_const < largest_const; got {self.initial_const} and "
+                f"{self.largest_const}."
+            )
 
     def cw_kwargs(self) -> dict:
         """Keyword arguments of :func:`manifold_tf.attacks.cw_linf_details`."""
@@ -347,7 +359,18 @@ class ShellConfig:
         check_int(self.hedge_steps, "shell_hedge_steps", 0)
         check_int(self.anti_steps, "shell_anti_steps", 0)
         check_int(self.p_calibration_points, "p_calibration_points", 1)
-        if not 0.0 <= float(self.p_quantile) <= 1.0:
+        # Every kind's settings, not only the chosen kind's: a NaN given for another kind is still
+        # a mistake, and the chosen kind's would otherwise surface only once data and model load.
+        check_int(self.ncn_rounds, "shell_ncn_rounds", 1)
+        check_int(self.cw_max_iterations, "shell_cw_max_iterations", 1)
+        for name in ("step_size", "anti_radius"):
+            if getattr(self, name) is not None:
+                validate_radius(getattr(self, name), f"shell_{name}")
+        for name in ("ncn_delta_max", "hedge_step_size", "anti_step_size"):
+            validate_radius(getattr(self, name), f"shell_{name}")
+        for name in ("ncn_alpha", "ncn_alpha_factor", "ncn_learning_rate", "cw_const"):
+            check_positive(getattr(self, name), f"shell_{name}")
+        if not 0.0 <= check_real(self.p_quantile, "p_quantile") <= 1.0:
             raise ValueError(f"p_quantile must lie in [0, 1] (a quantile); got {self.p_quantile}.")
 
     @property

@@ -33,6 +33,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import norm
 
+from manifold_tf.validation import check_real
+
 PAIRED_METHODS = ("tango", "newcombe", "newcombe_cc", "bonett_price", "agresti_min")
 # The fixed-n paired interval of every report: Tango's score interval, chosen by its exact
 # coverage over the regime of the verdicts (few discordant points, mostly one way; n <= 300;
@@ -52,7 +54,7 @@ DESCRIPTIONS = {
 
 def z_value(confidence: float) -> float:
     """Two-sided normal quantile ``z_{1 - alpha/2}`` for ``confidence = 1 - alpha``."""
-    if not 0.0 < confidence < 1.0:
+    if not 0.0 < check_real(confidence, "confidence") < 1.0:
         raise ValueError(f"need 0 < confidence < 1; got {confidence}.")
     return float(norm.ppf(0.5 + confidence / 2.0))
 
@@ -162,6 +164,12 @@ def interval_arrays(method: str, a, b, c, d, confidence: float = 0.95):
     broadcast; non-negative counts with ``n = a + b + c + d >= 1``), in ``[-1, 1]``."""
     check_method(method)
     z = z_value(confidence)
+    counts = [np.asarray(v) for v in (a, b, c, d)]
+    for name, v in zip("abcd", counts, strict=True):
+        if v.dtype.kind not in "iuf" or not np.all(np.isfinite(v) & (v >= 0) & (v == np.round(v))):
+            raise ValueError(f"{name} must hold counts (integers >= 0); got {v!r}."[:300])
+    if np.any(sum(counts) < 1):
+        raise ValueError("need n = a + b + c + d >= 1 in every table.")
     if method in ("newcombe", "newcombe_cc"):
         low, high = _newcombe(a, b, c, d, z, cc=method == "newcombe_cc")
     else:

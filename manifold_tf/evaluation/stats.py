@@ -63,6 +63,7 @@ from manifold_tf.evaluation.paired_intervals import (
     tango_score_arrays,
     z_value,
 )
+from manifold_tf.validation import check_int, check_real
 
 # Callers name the methods through this module.
 PAIRED_METHODS = paired_intervals.PAIRED_METHODS
@@ -71,8 +72,14 @@ DESCRIPTIONS = paired_intervals.DESCRIPTIONS
 DEFAULT_PAIRED_METHOD = paired_intervals.DEFAULT_METHOD
 
 
+def _count(value, name: str) -> int:
+    """A count: an integer >= 0 (a whole float is accepted; int() would cut 2.7 to 2 unseen)."""
+    return check_int(value, name, minimum=0)
+
+
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Exact two-sided binomial (Clopper-Pearson) interval for ``k`` successes in ``n`` trials."""
+    k, n, level = _count(k, "k"), _count(n, "n"), check_real(level, "level")
     if n < 1 or not 0 <= k <= n or not 0.0 < level < 1.0:
         raise ValueError(
             f"need n >= 1, 0 <= k <= n and 0 < level < 1; got k={k}, n={n}, level={level}."
@@ -83,8 +90,10 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
 
 def proportion(k: int, n: int, level: float = 0.95) -> dict:
     """``{"k", "n", "rate", "ci_low", "ci_high", "level"}``: a count with its exact interval."""
-    k, n = int(k), int(n)
+    k, n = _count(k, "k"), _count(n, "n")
     if n == 0:
+        if k:
+            raise ValueError(f"need 0 <= k <= n; got k={k}, n=0.")
         return dict(k=0, n=0, rate=float("nan"), ci_low=0.0, ci_high=1.0, level=level)
     lo, hi = clopper_pearson(k, n, level)
     return dict(k=k, n=n, rate=k / n, ci_low=lo, ci_high=hi, level=level)
@@ -105,6 +114,7 @@ def chebyshev_epsilon(t: int, alpha: float = 0.9) -> float:
 
     Then ``|mu_hat - mu| < e`` with probability ``>= alpha``.
     """
+    t, alpha = _count(t, "t"), check_real(alpha, "alpha")
     if t < 1 or not 0.0 < alpha < 1.0:
         raise ValueError(f"need t >= 1 and 0 < alpha < 1; got t={t}, alpha={alpha}.")
     return float(np.sqrt(1.0 / (4.0 * (1.0 - alpha) * t)))
@@ -117,7 +127,8 @@ def mcnemar_exact(a_only: int, b_only: int) -> float:
     null (A and B equally accurate on these points) the split of the ``a_only + b_only`` discordant
     points is Binomial(., 1/2).
     """
-    n = int(a_only) + int(b_only)
+    a_only, b_only = _count(a_only, "a_only"), _count(b_only, "b_only")
+    n = a_only + b_only
     if n == 0:
         return 1.0
     return float(binomtest(int(a_only), n, 0.5).pvalue)
@@ -129,6 +140,7 @@ def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     ``(2k + z^2 -+ z sqrt(z^2 + 4k(1 - k/n))) / (2(n + z^2))`` (Newcombe 1998a, Stat. Med.
     17:857, method 3): the building block of Newcombe's paired method 10.
     """
+    k, n = _count(k, "k"), _count(n, "n")
     if n < 1 or not 0 <= k <= n:
         raise ValueError(f"need n >= 1 and 0 <= k <= n; got k={k}, n={n}.")
     z = z_value(confidence)
@@ -144,7 +156,8 @@ def paired_counts(shell_robust, base_robust) -> tuple[int, int, int, int]:
     base = np.asarray(base_robust)
     if shell.shape != base.shape or shell.ndim != 1:
         raise ValueError(
-            f"need two 1-D arrays of the same length; got {shell.shape} and {base.shape}."
+            f"shell_robust and base_robust must be two 1-D arrays of the same length; got "
+            f"{shell.shape} and {base.shape}."
         )
     for name, arr in (("shell_robust", shell), ("base_robust", base)):
         # 0/1 integers are accepted too; anything else is a caller's mistake, not a robust flag.
@@ -178,7 +191,7 @@ def paired_difference_counts(
     ``{"estimate", "ci_low", "ci_high", "shell_only", "base_only", "n", "method", "confidence"}``
     with ``estimate = (b - c) / n``; the interval is fixed-n (module docstring).
     """
-    a, b, c, d = (int(v) for v in (a, b, c, d))
+    a, b, c, d = (_count(v, name) for v, name in ((a, "a"), (b, "b"), (c, "c"), (d, "d")))
     if min(a, b, c, d) < 0 or a + b + c + d < 1:
         raise ValueError(f"need non-negative counts with n >= 1; got a={a}, b={b}, c={c}, d={d}.")
     check_method(method)

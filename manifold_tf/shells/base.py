@@ -152,6 +152,13 @@ class FactorShell(ProxyMixin, keras.Model):
         x = validate_images(x, image_shape=self.image_shape)
         return self.embed_function(x)
 
+    def __call__(self, x, *args, **kwargs):
+        # Keras converts a numpy input to a tensor before call() runs, and an array it cannot
+        # convert (strings, objects) would fail there without naming x: check such input first.
+        if isinstance(x, (np.ndarray, list, tuple)):
+            x = validate_images(x, image_shape=self.image_shape)
+        return super().__call__(x, *args, **kwargs)
+
     def call(self, x, training=None):
         """``x [N, H, W, C]`` pixels -> probabilities ``[N, num_classes]`` (``training`` unused)."""
         del training  # the base always runs in inference mode inside a shell

@@ -9,7 +9,13 @@ import tensorflow as tf
 from manifold_tf.projected import adam_step
 from manifold_tf.shells.base import DEFAULT_JIT_COMPILE, FactorShell, Scores, jit_kwargs, log_odds
 from manifold_tf.shells.registry import register
-from manifold_tf.validation import PIXEL_MAX, check_int, check_positive, validate_radius
+from manifold_tf.validation import (
+    PIXEL_MAX,
+    check_int,
+    check_positive,
+    check_real,
+    validate_radius,
+)
 
 # The rank key of a label meeting p is MET_KEY - distance: above every log-odds (those are clipped
 # to +-MET_KEY / 2), and nearer ranks higher.
@@ -69,7 +75,7 @@ class NCNShell(FactorShell):
         jit_compile: bool = DEFAULT_JIT_COMPILE,
         **kwargs,
     ):
-        p = float(p)
+        p = check_real(p, "p")
         if not 0.0 < p < 1.0:
             raise ValueError(f"p must lie in (0, 1) (a confidence); got {p}.")
         self.p = p
