@@ -26,7 +26,7 @@ from absl import logging
 
 from manifold_tf import attacks, reporting, seeds
 from manifold_tf.attacks import run_standing
-from manifold_tf.evaluation import adaptive_budget, adaptive_suites
+from manifold_tf.evaluation import adaptive_budget, adaptive_suites, random_draws
 from manifold_tf.evaluation.adaptive_config import AdaptiveConfig
 from manifold_tf.evaluation.inputs import predict_logits
 from manifold_tf.evaluation.ledger import batch_ledger
@@ -159,10 +159,9 @@ def adaptive_batch(
     )
     if not shell_run.complete:
         return None
-    broken = ~shell_run.standing & (shell_run.broken_by != "clean")
-    x_worst = np.where(broken[:, None, None, None], shell_run.result.x_adv, x)
+    x_worst, fresh, draws = random_draws.worst(shell, config, x, y, g_x, shell_run, shell_labels)
     shell_cost = shell_run.result.cost
-    shell_predictions = sum(checks) + shell_cost["shell_predictions"]
+    shell_predictions = sum(checks) + int(fresh.sum()) + shell_cost["shell_predictions"]
     cost = dict(
         base_passes=int(
             base_run.result.cost["base_passes"]
@@ -187,12 +186,13 @@ def adaptive_batch(
             base_run,
             shell_run,
             per_prediction=shell.passes_per_prediction(),
-            shell_checks=np.full(n, checks[0] // max(n, 1)),
+            shell_checks=np.full(n, checks[0] // max(n, 1)) + fresh,
             cw_iterations=cw.details["iterations"],
         ),
         seconds=dict(total=clock() - t0, **shell_run.seconds, base=base_run.seconds),
         cw_success=cw.success.tolist(),
         cw_iterations=cw.details["iterations"].tolist(),
+        **draws,
     )
     return record, x_worst, x_cw
 
@@ -363,6 +363,7 @@ def run_adaptive(
             suite=config,
             base_attack_cw=cw_kwargs,
             seed=int(seed),
+            seeding="per point: the run's seed and the point's index (random shells: the input)",
             permutation=permutation,
             num_points=int(len(order)),
             batch_points=int(batch_points),

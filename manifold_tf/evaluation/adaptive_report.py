@@ -15,7 +15,7 @@ from importlib import metadata as importlib_metadata
 import numpy as np
 
 from manifold_tf import reporting
-from manifold_tf.evaluation import sequential
+from manifold_tf.evaluation import random_draws, sequential
 from manifold_tf.evaluation.adaptive import PROTOCOL, AdaptiveRun
 from manifold_tf.evaluation.ledger import ledger_markdown, plot_ledger, summarize_ledger
 from manifold_tf.evaluation.stats import (
@@ -122,6 +122,11 @@ def summarize(
     )
     shell_clean = np.array([b != "clean" for b in shell_by])
     base_clean = np.array([b != "clean" for b in base_by])
+    by_attack = _cumulative(records, "shell_broken_by", shell_names)
+    draws = random_draws.summarize(records)  # a random shell: worst of its k runs
+    if draws is not None:
+        shell_clean, shell_robust = random_draws.outcomes(records)
+        by_attack[f"worst of {draws['k']} runs"] = proportion(int(shell_robust.sum()), n)
     return dict(
         n=n,
         difference=dict(
@@ -135,10 +140,11 @@ def summarize(
             by_attack=_cumulative(records, "base_broken_by", base_names),
         ),
         shell=dict(
-            clean=proportion(sum(b != "clean" for b in shell_by), n),
+            clean=proportion(int(shell_clean.sum()), n),
             robust=proportion(int(shell_robust.sum()), n),
-            by_attack=_cumulative(records, "shell_broken_by", shell_names),
+            by_attack=by_attack,
             broken_by={name: shell_by.count(name) for name in shell_names},
+            **({} if draws is None else dict(random_draws=draws)),
         ),
         mcnemar=dict(
             shell_only=int(np.sum(shell_robust & ~base_robust)),
@@ -199,7 +205,7 @@ def summary_json(report: dict) -> dict:
                 "search); Square uses only the shell's output probabilities."
             ),
         ),
-        shell=block(v["shell"], dict(settings=s["shell"])),
+        shell=block(v["shell"], dict(settings=s["shell"], **random_draws.for_summary(v["shell"]))),
         base=block(v["base"], dict(checkpoint=s.get("checkpoint"))),
         difference={
             k: {
@@ -298,6 +304,7 @@ def adaptive_markdown(report: dict) -> str:
     return (
         f"# Adaptive evaluation of the {s['shell']['shell'].upper()} shell: the verdict\n\n"
         + verdict_lines(v)
+        + random_draws.markdown(v["shell"].get("random_draws"))
         + f"\nThreat model: L-inf, epsilon {s['epsilon']:g} px ({s['epsilon'] / 255:.4f}); "
         f"n = {v['n']} points, the first of the seeded order (all points, right or wrong at x).\n\n"
         f"Shell robust accuracy after each attack (AutoAttack style: each attack runs on the "
@@ -324,6 +331,7 @@ def write_adaptive_report(
     ``adaptive_attacks.png``, ``adaptive_difference.png``, ``adaptive_ledger.png``."""
     records, settings = run.records, run.settings
     verdict = summarize(records, settings, run.sanity, run.stopping)
+    fractions = verdict["shell"].get("random_draws", {}).get("points", {})
     report = dict(
         settings=settings,
         verdict=verdict,
@@ -334,6 +342,7 @@ def write_adaptive_report(
                 base_broken_by=r["base_broken_by"][k],
                 shell_broken_by=r["shell_broken_by"][k],
                 linf=r["linf"][k],
+                **({"shell_runs_right": fractions[i]} if i in fractions else {}),
             )
             for r in records
             for k, i in enumerate(r["indices"])
