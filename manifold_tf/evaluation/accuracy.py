@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from manifold_tf import attacks, reporting
+from manifold_tf import attacks, reporting, seeds
 from manifold_tf.evaluation.config import AccuracyConfig
 from manifold_tf.evaluation.inputs import predict_logits
 from manifold_tf.evaluation.stats import format_proportion, proportion
@@ -72,7 +72,8 @@ def accuracy_report(
             idx = np.nonzero(clean_correct[i : i + bs])[0] + i
             if not len(idx):
                 continue
-            x_adv = attack(model, x[idx], y[idx], seed + i).x_adv
+            # Per-point seeds (seed, index): a point's starts do not depend on its batch.
+            x_adv = attack(model, x[idx], y[idx], seeds.point_seeds(seed, idx)).x_adv
             ok[idx] = predict_logits(model, x_adv).argmax(-1) == y[idx]
             progress.update(
                 len(idx), extra=f"robust so far {int(ok[: i + bs].sum())}/{min(i + bs, len(x))}"

@@ -196,6 +196,7 @@ def verdict_settings(
             suite=config,
             base_attack_cw=cw_kwargs,
             seed=int(seed),
+            seeding="per point: the run's seed and the point's index (random shells: the input)",
             permutation=permutation,
             num_points=int(num_points),
             batch_points=int(batch_points),

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from manifold_tf import reporting
-from manifold_tf.evaluation import sequential
+from manifold_tf.evaluation import random_draws, sequential
 from manifold_tf.evaluation.adaptive_config import AdaptiveConfig, parse_budget
 
 CUT_NOTE = "budget"  # <protocol>/budget.json: seconds of the batches the deadline cut
@@ -80,6 +80,8 @@ def stopping_rule(
     def check(records: list[dict], left: float | None = None, want: int = 1) -> dict | None:
         if config.until == "decided" and records:
             shell = sum(([b == "" for b in r["shell_broken_by"]] for r in records), [])
+            if random_draws.outcomes(records) is not None:  # a random shell: worst of its runs
+                shell = random_draws.outcomes(records)[1]
             base = sum(([b == "" for b in r["base_broken_by"]] for r in records), [])
             d = np.asarray(shell, float) - np.asarray(base, float)
             decision = sequential.decide(d, n_total=n_total, margin=config.margin / 100.0)

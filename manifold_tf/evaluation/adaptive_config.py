@@ -132,6 +132,13 @@ class AdaptiveConfig:
     eot_samples: int = setting(
         4, "EOT samples per step for a shell with randomness (random_start)."
     )
+    random_draws: int = setting(
+        5,
+        "A random shell's clean and robust outcomes come from this many fresh predictions per "
+        "point (run 0 the attacked shell, the others fresh seeds): a point counts only if every "
+        "one is right (worst of k); the report adds the mean over the runs. A deterministic "
+        "shell predicts once whatever this says.",
+    )
     base_attacks: tuple[str, ...] = setting(
         ("apgd_ce", "apgd_t"),
         "Attacks on the base alone, in order, from: "
@@ -180,6 +187,7 @@ class AdaptiveConfig:
             if getattr(self, name) is not None:
                 check_int(getattr(self, name), name, 0)
         check_int(self.base_targets, "base_targets", 1)
+        check_int(self.random_draws, "random_draws", 1)
         for name in self.shell_attacks:
             check_choice(name, "shell_attacks", SHELL_ATTACKS)
         for name in self.base_attacks:

@@ -15,7 +15,7 @@ from importlib import metadata as importlib_metadata
 import numpy as np
 
 from manifold_tf import reporting
-from manifold_tf.evaluation import sequential
+from manifold_tf.evaluation import random_draws, sequential
 from manifold_tf.evaluation.adaptive import PROTOCOL, AdaptiveRun
 from manifold_tf.evaluation.adaptive_figures import plot_attack_curve, plot_differences
 from manifold_tf.evaluation.ledger import ledger_markdown, plot_ledger, summarize_ledger
@@ -123,6 +123,11 @@ def summarize(
     )
     shell_clean = np.array([b != "clean" for b in shell_by])
     base_clean = np.array([b != "clean" for b in base_by])
+    by_attack = _cumulative(records, "shell_broken_by", shell_names)
+    draws = random_draws.summarize(records)  # a random shell: worst of its k runs
+    if draws is not None:
+        shell_clean, shell_robust = random_draws.outcomes(records)
+        by_attack[f"worst of {draws['k']} runs"] = proportion(int(shell_robust.sum()), n)
     return dict(
         n=n,
         difference=dict(
@@ -136,10 +141,11 @@ def summarize(
             by_attack=_cumulative(records, "base_broken_by", base_names),
         ),
         shell=dict(
-            clean=proportion(sum(b != "clean" for b in shell_by), n),
+            clean=proportion(int(shell_clean.sum()), n),
             robust=proportion(int(shell_robust.sum()), n),
-            by_attack=_cumulative(records, "shell_broken_by", shell_names),
+            by_attack=by_attack,
             broken_by={name: shell_by.count(name) for name in shell_names},
+            **({} if draws is None else dict(random_draws=draws)),
         ),
         mcnemar=dict(
             shell_only=int(np.sum(shell_robust & ~base_robust)),
@@ -200,7 +206,7 @@ def summary_json(report: dict) -> dict:
                 "search); Square uses only the shell's output probabilities."
             ),
         ),
-        shell=block(v["shell"], dict(settings=s["shell"])),
+        shell=block(v["shell"], dict(settings=s["shell"], **random_draws.for_summary(v["shell"]))),
         base=block(v["base"], dict(checkpoint=s.get("checkpoint"))),
         difference={
             k: {
@@ -303,6 +309,7 @@ def adaptive_markdown(report: dict) -> str:
     return (
         f"# Adaptive evaluation of the {s['shell']['shell'].upper()} shell: the verdict\n\n"
         + verdict_lines(v)
+        + random_draws.markdown(v["shell"].get("random_draws"))
         + f"\nThreat model: L-inf, epsilon {s['epsilon']:g} px ({s['epsilon'] / 255:.4f}); "
         f"n = {v['n']} points, the first of the seeded order (all points, right or wrong at x).\n\n"
         f"Shell robust accuracy after each attack (AutoAttack style: each attack runs on the "
@@ -341,6 +348,7 @@ def write_adaptive_report(
     verdict = summarize(records, settings, run.sanity, run.stopping)
     if shared_base is not None and verdict["ledger"] is not None:
         verdict["ledger"]["base_suite_shared"] = shared_base
+    fractions = verdict["shell"].get("random_draws", {}).get("points", {})
     report = dict(
         settings=settings,
         verdict=verdict,
@@ -351,6 +359,7 @@ def write_adaptive_report(
                 base_broken_by=r["base_broken_by"][k],
                 shell_broken_by=r["shell_broken_by"][k],
                 linf=r["linf"][k],
+                **({"shell_runs_right": fractions[i]} if i in fractions else {}),
             )
             for r in records
             for k, i in enumerate(r["indices"])

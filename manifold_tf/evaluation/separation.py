@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from manifold_tf import attacks, reporting
+from manifold_tf import attacks, reporting, seeds
 from manifold_tf.evaluation.stats import chebyshev_epsilon, clopper_pearson
 from manifold_tf.projected import madry_step_size
 from manifold_tf.validation import validate_radius
@@ -177,7 +177,8 @@ def run_separation(
         start = time.perf_counter()
         idx = indices[b]
         x, y = images[idx].astype(np.float32), labels[idx].astype(np.int32)
-        out = attacks.high_confidence(model, x, y, epsilon=delta, seed=seed + b, **attack)
+        seeded = seeds.point_seeds(seed, idx)  # a point's draws do not depend on its batch
+        out = attacks.high_confidence(model, x, y, epsilon=delta, seed=seeded, **attack)
         conf, wrong = out.details["confidence"], out.details["label"]
         pred = np.argmax(model(x, training=False).numpy(), axis=-1)
         result = dict(

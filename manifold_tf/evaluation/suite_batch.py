@@ -18,7 +18,7 @@ from absl import logging
 
 from manifold_tf import attacks, seeds
 from manifold_tf.attacks import run_standing
-from manifold_tf.evaluation import adaptive_suites
+from manifold_tf.evaluation import adaptive_suites, random_draws
 from manifold_tf.evaluation.adaptive_config import AdaptiveConfig
 from manifold_tf.evaluation.inputs import predict_logits
 from manifold_tf.evaluation.ledger import batch_ledger
@@ -168,10 +168,9 @@ def shell_batch(
     )
     if not shell_run.complete:
         return None
-    broken = ~shell_run.standing & (shell_run.broken_by != "clean")
-    x_worst = np.where(broken[:, None, None, None], shell_run.result.x_adv, x)
+    x_worst, fresh, draws = random_draws.worst(shell, config, x, y, g_x, shell_run, shell_labels)
     shell_cost = shell_run.result.cost
-    shell_predictions = sum(checks) + shell_cost["shell_predictions"]
+    shell_predictions = sum(checks) + int(fresh.sum()) + shell_cost["shell_predictions"]
     cost = dict(
         base_passes=int(
             part["base_passes"]
@@ -200,12 +199,13 @@ def shell_batch(
             base_run,
             shell_run,
             per_prediction=shell.passes_per_prediction(),
-            shell_checks=np.full(n, checks[0] // max(n, 1)),
+            shell_checks=np.full(n, checks[0] // max(n, 1)) + fresh,
             cw_iterations=np.asarray(part["cw_iterations"]),
         ),
         seconds=dict(total=None, **shell_run.seconds, base=part["base_seconds"]),
         cw_success=part["cw_success"],
         cw_iterations=part["cw_iterations"],
+        **draws,
     )
     return record, x_worst
 
