@@ -370,6 +370,10 @@ def read_comparison(directory: str, kinds=None) -> Comparison:
             None, None, None, None, suite, subs[k], epsilon=own["epsilon"], seed=0, records=recs[k]
         )
         runs[k] = AdaptiveRun(recs[k], own, sanity, stopping)
-    # A shell's checks cost 2 predictions per point (G at x, the final check): its declared cost.
-    per_prediction = {k: int(recs[k][0]["ledger"]["shell_checks"][0]) // 2 for k in kinds}
+    # The shell's declared cost, as its ledger saved it (a random shell's checks add its draws, so
+    # they cannot be divided back into it); older records: 2 checks per point (G at x, the final).
+    first = {k: recs[k][0]["ledger"] for k in kinds}
+    per_prediction = {
+        k: int(first[k].get("per_prediction", first[k]["shell_checks"][0] // 2)) for k in kinds
+    }
     return Comparison(runs, base_records, settings, per_prediction, stopping)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from manifold_tf import projected, shells
 from manifold_tf.evaluation.adaptive_config import AdaptiveConfig
 from manifold_tf.settings import setting
+from manifold_tf.shells.registry import parse_kinds as shell_kinds
 from manifold_tf.validation import (
     check_choice,
     check_int,
@@ -68,34 +69,6 @@ class RunConfig:
     seed: int = setting(0, "Seed for point selection and attacks.")
     resume: bool = setting(False, "Continue the run in --output_dir, skipping finished batches.")
     overwrite: bool = setting(False, "Replace the run in a non-empty --output_dir.")
-
-
-def shell_kinds(text: str) -> tuple[str, ...]:
-    """The registered shell kinds of ``text`` (``"mcn"`` or ``"mcn,ncn,hedge"``), in order.
-
-    Raises ValueError naming an unknown kind (listing the registered ones), an empty item or a
-    kind given twice. The registry is read now, so a kind registered before the flags are read
-    (a defence of one's own, :func:`manifold_tf.shells.register`) is accepted.
-    """
-    items = [k.strip() for k in str(text).split(",")]
-    known = sorted(shells.SHELLS)
-    if not all(items):
-        raise ValueError(
-            f"--shell={text!r} has an empty item: give one or more registered kinds, "
-            f"comma-separated (e.g. --shell=mcn,ncn); registered kinds: {known}."
-        )
-    unknown = [k for k in items if k not in shells.SHELLS]
-    if unknown:
-        raise ValueError(
-            f"unknown shell kind{'s' if len(unknown) > 1 else ''} "
-            f"{', '.join(map(repr, unknown))} in --shell={text}; registered kinds: {known} (a "
-            f"defence of your own registers itself with @manifold_tf.shells.register(kind) "
-            f"before the flags are read)."
-        )
-    twice = sorted({k for k in items if items.count(k) > 1})
-    if twice:
-        raise ValueError(f"--shell={text} names {', '.join(map(repr, twice))} more than once.")
-    return tuple(items)
 
 
 P_AUTO = "auto"  # ThreatConfig.p: NCN's p chosen from held-out confidences (shells.calibrate)

@@ -36,7 +36,8 @@ def attempted_masks(broken_by, names) -> dict:
 
 def batch_ledger(base_run, shell_run, *, per_prediction: int, shell_checks, cw_iterations) -> dict:
     """One batch's ledger (JSON-ready): ``{"base": {attack: [N] passes}, "shell": {...},
-    "shell_checks": [N] passes, "cw": [N] CW iterations (-1: taken from a Table-2 record)}``.
+    "shell_checks": [N] passes, "cw": [N] CW iterations (-1: taken from a Table-2 record),
+    "per_prediction": passes of one shell prediction}``.
 
     ``base_run``/``shell_run``: the :class:`~manifold_tf.attacks.Suite` of each suite;
     ``shell_checks``: ``[N]`` shell predictions outside the attacks. Each shell attack is charged
@@ -51,7 +52,13 @@ def batch_ledger(base_run, shell_run, *, per_prediction: int, shell_checks, cw_i
         for k, c in shell_run.step_cost.items()
     }
     checks = (np.asarray(shell_checks, np.int64) * int(per_prediction)).tolist()
-    return dict(base=base, shell=shell, shell_checks=checks, cw=np.asarray(cw_iterations).tolist())
+    return dict(
+        base=base,
+        shell=shell,
+        shell_checks=checks,
+        cw=np.asarray(cw_iterations).tolist(),
+        per_prediction=int(per_prediction),
+    )
 
 
 def _rows(records: list[dict], suite: str, total: float) -> list[dict]:

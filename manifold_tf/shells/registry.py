@@ -70,3 +70,31 @@ def build(
             f"registers itself with @manifold_tf.shells.register(kind))."
         )
     return cls.from_settings(base, settings, delta=delta, p=p, seed=seed)
+
+
+def parse_kinds(text: str) -> tuple[str, ...]:
+    """The registered shell kinds of ``text`` (``"mcn"`` or ``"mcn,ncn,hedge"``), in order.
+
+    Raises ValueError naming an unknown kind (listing the registered ones), an empty item or a
+    kind given twice. The registry is read now, so a kind registered before the flags are read
+    (a defence of one's own, :func:`manifold_tf.shells.register`) is accepted.
+    """
+    items = [k.strip() for k in str(text).split(",")]
+    known = sorted(SHELLS)
+    if not all(items):
+        raise ValueError(
+            f"--shell={text!r} has an empty item: give one or more registered kinds, "
+            f"comma-separated (e.g. --shell=mcn,ncn); registered kinds: {known}."
+        )
+    unknown = [k for k in items if k not in SHELLS]
+    if unknown:
+        raise ValueError(
+            f"unknown shell kind{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))} in --shell={text}; registered kinds: {known} (a "
+            f"defence of your own registers itself with @manifold_tf.shells.register(kind) "
+            f"before the flags are read)."
+        )
+    twice = sorted({k for k in items if items.count(k) > 1})
+    if twice:
+        raise ValueError(f"--shell={text} names {', '.join(map(repr, twice))} more than once.")
+    return tuple(items)
