@@ -176,6 +176,24 @@ def assert_in_ball_and_box(x_adv, x, eps: float, tol: float = PIXEL_TOL, dtype=n
     assert x_adv.min() >= 0.0 and x_adv.max() <= 255.0, (x_adv.min(), x_adv.max())
 
 
+# A point's floats computed in batches of different sizes agree to this (relative, absolute) in
+# pixel or probability units, not bit for bit: oneDNN's convolutions block the batch dimension by
+# its size on some CPUs (seen on AMD EPYC), so sums round differently in the last bits. A different
+# random draw moves a point by whole steps (pixels), far outside these tolerances.
+BATCH_RTOL, BATCH_ATOL = 1e-5, 1e-3
+
+
+def assert_same_across_batches(a, b, err_msg: str = "") -> None:
+    """``a`` and ``b`` (one point's outputs from two batchings) are the same: integer and boolean
+    arrays exactly, floats within :data:`BATCH_RTOL` / :data:`BATCH_ATOL`."""
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.shape == b.shape and a.dtype == b.dtype, (a.shape, b.shape, a.dtype, b.dtype)
+    if np.issubdtype(a.dtype, np.floating):
+        np.testing.assert_allclose(a, b, rtol=BATCH_RTOL, atol=BATCH_ATOL, err_msg=err_msg)
+    else:
+        np.testing.assert_array_equal(a, b, err_msg=err_msg)
+
+
 def as_json(config):
     """``config`` through JSON: tuples become lists, as after saving, so configs compare equal."""
     return json.loads(json.dumps(config))

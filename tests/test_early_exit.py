@@ -15,7 +15,12 @@ import pytest
 import tensorflow as tf
 
 import helpers
-from helpers import assert_in_ball_and_box, linear_model, uniform_images
+from helpers import (
+    assert_in_ball_and_box,
+    assert_same_across_batches,
+    linear_model,
+    uniform_images,
+)
 from manifold_tf import attacks, compiled, projected
 from manifold_tf.attacks.common import checkpoint_stops, predicted_wrong
 
@@ -118,9 +123,10 @@ def test_apgd_breaks_the_same_points_and_the_others_end_as_without_early_exit(co
     np.testing.assert_array_equal(on.details["target"], off.details["target"])
     assert (on.base_passes <= off.base_passes).all()
     assert (on.base_passes[ok] < off.base_passes[ok]).any()
-    # Never broken: the same iterates, the same points, every step paid.
+    # Never broken: the same iterates (up to the batch's float rounding: the points broken leave
+    # the batch), the same points, every step paid.
     for field in ("x_adv", "score", "base_passes"):
-        np.testing.assert_array_equal(getattr(on, field)[~ok], getattr(off, field)[~ok])
+        assert_same_across_batches(getattr(on, field)[~ok], getattr(off, field)[~ok], field)
 
 
 def test_apgd_t_tries_targets_in_the_models_order_and_stops_at_the_first_success(conv):
