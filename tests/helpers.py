@@ -96,6 +96,22 @@ def small_conv(
     return keras.Model(inp, keras.layers.Dense(classes)(h))
 
 
+def resnet_stand_in(width: str = "narrow", num_classes: int = 10, name: str | None = None):
+    """A small stand-in for :func:`manifold_tf.models.madry_resnet` (same signature): images
+    ``[N, 32, 32, 3]`` (pixels) -> logits ``[N, num_classes]`` through a strided convolution,
+    batch normalisation (moving statistics, as the ResNet has), ReLU, average pooling and a dense
+    layer. Tests of the trainer's bookkeeping (resume, weight averaging, strategies, early
+    stopping) patch it in: their properties are the trainer's, and tracing the ResNet's 31
+    convolutions dominates their time. Weights come from the global seed (not reset here)."""
+    inp = keras.Input((32, 32, 3))
+    h = keras.layers.Rescaling(1.0 / 255.0)(inp)
+    h = keras.layers.Conv2D(4, 3, strides=2)(h)
+    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.ReLU()(h)
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inp, keras.layers.Dense(num_classes)(h), name=name)
+
+
 class LabelInPixel(keras.Model):
     """Predicts the label stored in pixel ``(0, 0, 0)``: logits
     ``10 * one_hot(x[:, 0, 0, 0], 3)``."""

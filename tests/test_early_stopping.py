@@ -34,6 +34,15 @@ def _config(**overrides):
     return training.TrainConfig(**base)
 
 
+@pytest.fixture
+def stand_in(monkeypatch):
+    """The trainer around :func:`helpers.resnet_stand_in` instead of the narrow ResNet (the
+    ResNet itself trains in test_kill_resume's and test_signals' command-line runs)."""
+    from helpers import resnet_stand_in
+
+    monkeypatch.setattr(training.models, "madry_resnet", resnet_stand_in)
+
+
 @pytest.fixture(scope="module")
 def arrays():
     return data.synthetic_arrays("train", num_examples=64)
@@ -56,7 +65,9 @@ def test_fgsm_config_is_one_step_of_1_25_epsilon():
     assert _config(attack="pgd", pgd_steps=7, pgd_step_size=2.0).attack_step_size == 2.0
 
 
-def test_best_checkpoint_is_kept_and_a_collapse_stops_the_run(tmp_path, arrays, monkeypatch):
+def test_best_checkpoint_is_kept_and_a_collapse_stops_the_run(
+    tmp_path, arrays, monkeypatch, stand_in
+):
     # Held-out PGD accuracy 0.5, then 0.6, then a collapse to 0.1: best is step 4, the run stops at
     # 6 (it would have gone on to step 8).
     values = iter([(0.5, 0.5), (0.7, 0.6), (0.9, 0.1), (0.9, 0.1)])
@@ -74,7 +85,7 @@ def test_best_checkpoint_is_kept_and_a_collapse_stops_the_run(tmp_path, arrays, 
     assert again["stopped"] == history["stopped"] and len(again["entries"]) == 3
 
 
-def test_real_holdout_measurement_writes_history(tmp_path, arrays):
+def test_real_holdout_measurement_writes_history(tmp_path, arrays, stand_in):
     run = str(tmp_path / "run")
     training.train(_config(steps=2), run, train_arrays=arrays)
     history = json.load(open(os.path.join(run, early_stopping.HOLDOUT_LOG)))
@@ -82,7 +93,9 @@ def test_real_holdout_measurement_writes_history(tmp_path, arrays):
     assert entry["n"] == 16 and 0 <= entry["pgd_accuracy"] <= entry["clean_accuracy"] <= 1
 
 
-def test_trades_trains_on_the_kl_objective_and_its_examples_stay_in_the_ball(tmp_path, arrays):
+def test_trades_trains_on_the_kl_objective_and_its_examples_stay_in_the_ball(
+    tmp_path, arrays, stand_in
+):
     import tensorflow as tf
 
     from helpers import assert_in_ball_and_box

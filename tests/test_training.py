@@ -36,6 +36,15 @@ def _config(**overrides):
     return training.TrainConfig(**base)
 
 
+@pytest.fixture
+def stand_in(monkeypatch):
+    """The trainer around :func:`helpers.resnet_stand_in` instead of the narrow ResNet (the
+    ResNet itself trains in test_kill_resume's and test_signals' command-line runs)."""
+    from helpers import resnet_stand_in
+
+    monkeypatch.setattr(training.models, "madry_resnet", resnet_stand_in)
+
+
 @pytest.fixture(scope="module")
 def arrays():
     return data.synthetic_arrays("train", num_examples=48)
@@ -45,7 +54,7 @@ def _weights(model):
     return [v.numpy() for v in model.weights]
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path, arrays):
+def test_resumed_run_equals_uninterrupted_run(tmp_path, arrays, stand_in):
     keras.utils.set_random_seed(0)
     full = training.train(_config(), str(tmp_path / "full"), train_arrays=arrays)
     keras.utils.set_random_seed(0)
@@ -59,7 +68,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, arrays):
     np.testing.assert_allclose(loaded(x).numpy(), full(x).numpy(), rtol=1e-6)
 
 
-def test_refuses_a_non_empty_model_dir_and_mismatched_resume(tmp_path, arrays):
+def test_refuses_a_non_empty_model_dir_and_mismatched_resume(tmp_path, arrays, stand_in):
     run = tmp_path / "run"
     run.mkdir()
     (run / "notes.txt").write_text("mine")
@@ -116,13 +125,22 @@ def test_bad_config_is_rejected(bad, message):
         _config(**bad).validate()
 
 
-def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
+@pytest.mark.parametrize(
+    "model",
+    ["stand_in", pytest.param("resnet", marks=pytest.mark.slow)],
+)
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path, model):
+    # The strategy's bookkeeping on the small stand-in by default; the narrow ResNet under slow.
+    patch = "training.models.madry_resnet = resnet_stand_in" if model == "stand_in" else ""
     script = f"""
 import sys, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 sys.path.insert(0, {ROOT!r})
+sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+from helpers import resnet_stand_in
 from manifold_tf import data, training
+{patch}
 arrays = data.synthetic_arrays("train", num_examples=32)
 config = training.TrainConfig(width="narrow", dataset="synthetic", adversarial=True, pgd_steps=1,
     batch_size=8, steps=2, lr_boundaries=(), lr_values=(0.05,), checkpoint_every=2, log_every=1,
@@ -138,7 +156,7 @@ print("replicas", tf.distribute.MirroredStrategy().num_replicas_in_sync)
     assert os.path.exists(tmp_path / "m" / training.FINAL_WEIGHTS)
 
 
-def test_weight_average_follows_its_recursion_and_survives_resume(tmp_path, arrays):
+def test_weight_average_follows_its_recursion_and_survives_resume(tmp_path, arrays, stand_in):
     """The average is ``d_t * a + (1 - d_t) * w_t`` after each step, BN statistics included."""
     keras.utils.set_random_seed(0)
     config = _config(steps=3, checkpoint_every=1, ema_decay=0.5)
