@@ -23,7 +23,7 @@ A variant may become a default only if no point's outcome changes (``lost = gain
 is faster; BUILD.md keeps the table.
 
     python -m bench.bench_base_attacks                # about 25 minutes on 2 loaded cores
-    python -m bench.bench_base_attacks --smoke        # 6 points, 10 steps, 2 targets: a minute
+    python -m bench.bench_base_attacks --smoke        # 2 points, 3 steps, 1 target: seconds
     python -m bench.bench_base_attacks --variants=    # early exit only
     python -m bench.bench_base_attacks --xla_attacks=apgd_ce   # XLA: APGD-CE only
 
@@ -65,11 +65,11 @@ def _parse(argv=None) -> argparse.Namespace:
         help="the attacks the XLA variants run (XLA compiles per batch size: APGD-T takes long)",
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed gradient repeats")
-    parser.add_argument("--smoke", action="store_true", help="6 points, 10 steps, 2 targets")
+    parser.add_argument("--smoke", action="store_true", help="2 points, 3 steps, 1 target")
     parser.add_argument("--output", default=None, help="JSON output file")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.num_points, args.steps, args.num_targets, args.repeats = 6, 10, 2, 2
+        args.num_points, args.steps, args.num_targets, args.repeats = 2, 3, 1, 1
     name = "bench_base_attacks_smoke" if args.smoke else "bench_base_attacks"
     args.output = args.output or timing.default_output(name)
     args.variants = [v for v in args.variants.split(",") if v]
