@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import keras
 import numpy as np
@@ -110,6 +111,20 @@ def resnet_stand_in(width: str = "narrow", num_classes: int = 10, name: str | No
     h = keras.layers.ReLU()(h)
     h = keras.layers.GlobalAveragePooling2D()(h)
     return keras.Model(inp, keras.layers.Dense(num_classes)(h), name=name)
+
+
+def stand_in_train_command(args: list[str]) -> list[str]:
+    """``python train.py *args`` with :func:`resnet_stand_in` patched in for the ResNet: the same
+    command line (``manifold_tf.cli.train.run``) as a ``[sys.executable, "-c", code, *args]``
+    command, for the tests whose property is the training loop's (resume, kill, workers)."""
+    code = (
+        f"import sys; sys.path.insert(0, {ROOT!r}); "
+        f"sys.path.insert(0, {os.path.join(ROOT, 'tests')!r}); "
+        "from helpers import resnet_stand_in; from manifold_tf import models; "
+        "models.madry_resnet = resnet_stand_in; "
+        "from manifold_tf.cli import train; train.run()"
+    )
+    return [sys.executable, "-c", code, *args]
 
 
 class LabelInPixel(keras.Model):

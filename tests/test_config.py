@@ -54,8 +54,8 @@ def test_every_setting_of_a_preset_reaches_the_built_config(name):
 
 def test_full_is_autoattack_standard_on_the_base_and_the_strong_suite_on_the_shell():
     a = _config("--preset=full", "--shell=mcn").adaptive
-    assert (a.num_points, a.steps, a.restarts, a.targets, a.lift_steps) == (150, 100, 2, 0, 100)
-    assert (a.square_queries, a.eot_samples, a.sanity_points, a.sanity_steps) == (5000, 8, 30, 50)
+    assert (a.num_points, a.steps, a.restarts, a.targets, a.lift_steps) == (150, 100, 2, 4, 100)
+    assert (a.square_queries, a.eot_samples, a.sanity_points, a.sanity_steps) == (2000, 8, 20, 20)
     assert a.base_attacks == ("apgd_ce", "apgd_t", "fab_t", "square")
     assert (a.base_apgd_steps, a.base_targets, a.base_square_queries) == (100, 9, 5000)
     default = cfg.AdaptiveConfig()
@@ -284,6 +284,32 @@ def test_full_plans_at_least_ten_times_the_defaults_passes_on_the_same_points():
         )
         planned[name] = sum(phases.values())
     assert planned["full"] >= 10 * planned["default"], planned
+
+
+def test_the_full_preset_plans_at_most_220000_passes_per_point_for_mcn():
+    """Issue 22's bound on the strongest suite's plan (an upper bound: every point standing to
+    the last attack), on 4 points as the CIFAR default's first 4, MCN_8 with its own cheaper
+    copies; and it is still the stronger suite, by a wide margin."""
+    from helpers import small_conv
+    from manifold_tf.evaluation import estimate
+    from manifold_tf.shells import MCNShell
+
+    shell = MCNShell(small_conv(classes=10, shape=(32, 32, 3)), 8.0)
+    per_point = {}
+    for name in ("default", "full"):
+        config = presets.from_preset(name)
+        phases = estimate.defence_passes(
+            table2_points=4,
+            num_points=4,
+            shell=shell,
+            per_prediction=shell.passes_per_prediction(),
+            cw=config.defence.attack.cw_kwargs(),
+            suite=config.adaptive,
+        )
+        per_point[name] = sum(phases.values()) / 4
+    assert shell.passes_per_prediction() == 100
+    assert 150_000 < per_point["full"] <= 220_000, per_point
+    assert per_point["full"] >= 10 * per_point["default"], per_point
 
 
 def test_make_and_changes_of_round_trip():

@@ -202,12 +202,19 @@ def test_a_lost_worker_loses_no_finished_batch(tmp_path, one_process, defence):
     assert _reports(shared) == one_process
 
 
-def test_two_workers_train_one_model(tmp_path):
+@pytest.mark.parametrize("model", ["stand_in", pytest.param("resnet", marks=pytest.mark.slow)])
+def test_two_workers_train_one_model(tmp_path, model):
+    # The all-reduce and the chief's files around a small stand-in of the ResNet by default
+    # (helpers.resnet_stand_in: batch normalisation included), the narrow ResNet under slow.
     run = str(tmp_path / "m")
+    patch = "models.madry_resnet = resnet_stand_in" if model == "stand_in" else ""
     script = f"""
 import sys, hashlib
 sys.path.insert(0, {ROOT!r})
-from manifold_tf import distributed
+sys.path.insert(0, {os.path.join(ROOT, "tests")!r})
+from helpers import resnet_stand_in
+from manifold_tf import distributed, models
+{patch}
 workers = distributed.from_env()
 import numpy as np
 from manifold_tf import data, training

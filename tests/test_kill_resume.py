@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import warm
-from helpers import subprocess_env, without_timings
+from helpers import stand_in_train_command, subprocess_env, without_timings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,7 +141,10 @@ def test_adaptive_run_killed_then_resumed_gives_the_same_verdict(
         assert a[key] == b[key], key
 
 
-def test_training_killed_then_resumed_gives_the_same_weights(tmp_path):
+@pytest.mark.parametrize("model", ["stand_in", pytest.param("resnet", marks=pytest.mark.slow)])
+def test_training_killed_then_resumed_gives_the_same_weights(tmp_path, model):
+    # The training loop's checkpoints are what is killed: by default around a small stand-in of
+    # the ResNet (helpers.resnet_stand_in), the narrow ResNet itself under slow.
     args = [
         "--dataset=synthetic",
         "--steps=6",
@@ -153,7 +156,11 @@ def test_training_killed_then_resumed_gives_the_same_weights(tmp_path):
         "--lr_boundaries=4",
         "--lr_values=0.05,0.01",
     ]
-    train = [sys.executable, os.path.join(ROOT, "train.py")]
+    train = (
+        stand_in_train_command([])
+        if model == "stand_in"
+        else [sys.executable, os.path.join(ROOT, "train.py")]
+    )
     full = _start(train + [f"--model_dir={tmp_path / 'full'}", *args])
     killed = str(tmp_path / "killed")
     ckpt = os.path.join(killed, "checkpoints", "checkpoint")
