@@ -56,9 +56,26 @@ def _attacks_checks(out):
         assert 0 < cw["useful_passes"] <= cw["batched_passes"]
 
 
+def _accelerator_checks(out):
+    """Both suites ran on the CPU without XLA, and the full suite spent more per point."""
+    assert out["device"] == dict(device="CPU", shell_jit_compile=False, precision="float32")
+    default, full = out["rows"]
+    assert (default["suite"], full["suite"]) == ("default", "full")
+    assert default["n"] == full["n"] == 2
+    assert full["passes_per_point"] > default["passes_per_point"] > 0
+
+
 # name -> (rows without ART, more rows with ART, keys of every row, the timings to check[, more
 # checks]).
 EXPECTED = {
+    # the default and the full suite, one row each.
+    "bench_accelerator": (
+        2,
+        0,
+        {"suite", "n", "passes_per_s", "passes_per_point", "points_per_minute"},
+        _rows_seconds("seconds", "passes_per_s", "points_per_minute"),
+        lambda out: _accelerator_checks(out),
+    ),
     # limit, ours APGD-CE / APGD-T / APGD-DLR, worst case; ART: its CE and DLR runs.
     "bench_apgd": (
         5,
