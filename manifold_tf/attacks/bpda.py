@@ -56,6 +56,7 @@ import numpy as np
 import tensorflow as tf
 
 from manifold_tf import compiled, projected, seeds
+from manifold_tf.attacks.known import KnownOutputs, embed
 from manifold_tf.attacks.proxied import check_best, check_proxy, confirmed
 from manifold_tf.attacks.result import AttackResult
 from manifold_tf.attacks.surrogate import proxy_slots, surrogate_rows
@@ -229,6 +230,7 @@ def bpda(
     eot_samples: int = 0,
     warm_steps: int = 0,
     proxy=None,
+    known: KnownOutputs | None = None,
     progress=None,
 ) -> AttackResult:
     """One L-inf BPDA run on a factor shell (identity approximation of its search; see the module).
@@ -267,6 +269,9 @@ def bpda(
         point's best iterate by the proxy's margin is checked on the shell too. A proxy
         searching some labels only searches ``y``, the target and the best wrong labels by the
         shell's ranking at the start. ``None`` (or the shell itself): the shell at every step.
+      known: the shell's outputs at images already evaluated
+        (:class:`~manifold_tf.attacks.known.KnownOutputs`): the first iterate is read from it
+        when it holds every start (no shell prediction paid), else predicted.
       progress: optional callable ``(done_steps, total_steps, points_standing)``.
 
     Returns:
@@ -354,8 +359,8 @@ def bpda(
                 best["x"][active[better]] = current[better]
                 best["margin"][active[better]], best["k"][active[better]] = own[better], k
         else:
-            out = shell.embed_function(tf.constant(current))
-            res["shell_evals"][active] += 1
+            out, paid = embed(shell, current, known if k == 0 else None)
+            res["shell_evals"][active] += int(paid)
             sc = shell.scores(out)
             pick, margin = sc.pick, surrogate_rows(sc, y[active]).margin
             if k == 0 and sur is not shell and sur.proxy_labels is not None:

@@ -30,6 +30,7 @@ from manifold_tf.attacks.bpda import (
     prepare,
     surrogate_rows,
 )
+from manifold_tf.attacks.known import KnownOutputs, embed
 from manifold_tf.attacks.result import AttackResult
 from manifold_tf.attacks.runner import Step, run_standing
 from manifold_tf.attacks.surrogate import rank_labels
@@ -58,16 +59,18 @@ def _num_targets(num_targets, num_classes: int) -> int:
     return k
 
 
-def target_order(shell, x, y, out: dict | None = None) -> np.ndarray:
+def target_order(
+    shell, x, y, out: dict | None = None, known: KnownOutputs | None = None
+) -> np.ndarray:
     """The wrong labels ``[N, C - 1]`` of each point, best first by the shell's ranking at ``x``.
 
     MCN: by ``lo_t(z_t)``; NCN: labels meeting ``p`` first, nearest first, then by log-odds; CW
     ``paper_code``: by the best candidate whose top label is ``t``, then (labels no candidate has as
     its top label) the candidate searched for ``t``, least confident in its top label first.
-    ``out`` is ``shell.embed(x)`` if already computed.
+    ``out`` is ``shell.embed(x)`` if already computed (or ``known`` holds it).
     """
     x, y, _, _ = prepare(shell, x, y, 0.0)
-    sc = shell.scores(shell.embed_function(tf.constant(x)) if out is None else out)
+    sc = shell.scores(embed(shell, x, known)[0] if out is None else out)
     m, c = len(y), int(shell.num_classes)
     order = rank_labels(sc, c)
     return order[order != y[:, None]].reshape(m, c - 1).astype(np.int32)
@@ -128,6 +131,7 @@ def bpda_restarts(
     eot_samples: int = 0,
     warm_steps: int = 0,
     proxy=None,
+    known: KnownOutputs | None = None,
     progress=None,
 ) -> AttackResult:
     """BPDA from several starts, in order: ``x`` (if ``from_x``), ``x_init`` (if given), then
@@ -148,6 +152,7 @@ def bpda_restarts(
         seed=seed,
         warm_steps=warm_steps,
         proxy=proxy,
+        known=known,
     )
     return _chain(
         shell, x, y, epsilon, steps, [(s, target) for s in starts], check_progress(progress), kwargs
@@ -171,6 +176,7 @@ def bpda_targeted(
     eot_samples: int = 0,
     warm_steps: int = 0,
     proxy=None,
+    known: KnownOutputs | None = None,
     progress=None,
 ) -> AttackResult:
     """Targeted BPDA for the ``num_targets`` best wrong labels (int, or ``"all"``) by the shell's
@@ -185,7 +191,8 @@ def bpda_targeted(
     starts = _starts(shell, x, epsilon, x_init, from_x, random_restarts, seed)
     if len(x) == 0:
         return bpda(shell, x, y, epsilon=epsilon, steps=steps)
-    order = target_order(shell, x, y)
+    at_x, paid = embed(shell, x, known)
+    order = target_order(shell, x, y, at_x)
     runs = [(s, order[:, j]) for j in range(k) for s in starts]
     kwargs = dict(
         schedule=schedule,
@@ -194,9 +201,10 @@ def bpda_targeted(
         seed=seed,
         warm_steps=warm_steps,
         proxy=proxy,
+        known=known,
     )
     res = _chain(shell, x, y, epsilon, steps, runs, check_progress(progress), kwargs)
-    return res.with_cost(shell_predictions=1)  # the ranking at x
+    return res.with_cost(shell_predictions=int(paid))  # the ranking at x
 
 
 # ---- lift ---------------------------------------------------------------------------------------
@@ -248,6 +256,7 @@ def lift(
     bpda_steps: int = 0,
     eot_samples: int = 0,
     seed: int = 0,
+    known: KnownOutputs | None = None,
     progress=None,
 ) -> AttackResult:
     """ "Think as the attacker of MCN": lift a confident point of the base into the shell's reach.
@@ -277,6 +286,9 @@ def lift(
       steps, schedule: the base ascent's (``"apgd"``: 2 (epsilon + delta) halved on APGD's
         schedule; ``"sign"``: ``2.5 (epsilon + delta) / steps`` per step).
       bpda_steps, eot_samples, seed: of the follow-up BPDA (APGD schedule).
+      known: the shell's outputs at images already evaluated
+        (:class:`~manifold_tf.attacks.known.KnownOutputs`): the ranking at ``x`` is read from
+        it when it holds every point (no shell prediction paid).
       Others as :func:`~manifold_tf.attacks.bpda.bpda`.
 
     Returns:
@@ -297,7 +309,7 @@ def lift(
     k = _num_targets(num_targets, int(shell.num_classes))
     if len(x) == 0:
         return bpda(shell, x, y, epsilon=epsilon, steps=bpda_steps)
-    out = shell.embed_function(tf.constant(x))
+    out, paid = embed(shell, x, known)
     at_x = shell.scores(out)
     wrong_at_x = at_x.pick != y
     order = target_order(shell, x, y, out)
@@ -346,4 +358,4 @@ def lift(
         wrong_at_x, 0, details.get("steps_used", np.zeros(n, np.int32))
     )
     score = np.where(wrong_at_x, surrogate_rows(at_x, y).margin, suite.result.score)
-    return suite.result.replace(score=score, details=details).with_cost(shell_predictions=1)
+    return suite.result.replace(score=score, details=details).with_cost(shell_predictions=int(paid))

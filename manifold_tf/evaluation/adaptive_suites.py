@@ -79,10 +79,12 @@ def shell_suite(
     epsilon: float,
     seed,
     desc: str = "adaptive",
+    known=None,
 ) -> list[Step]:
     """The attacks on the shell, in ``config.shell_attacks`` order (``x_cw``: CW's ``x'`` on F;
     ``seed``: the batch's per-point seeds int64 ``[N]``, :func:`manifold_tf.seeds.point_seeds`,
-    each step passing on those of the points it runs on)."""
+    each step passing on those of the points it runs on; ``known``: the shell's outputs at the
+    images it was asked about, :class:`~manifold_tf.attacks.known.KnownOutputs`)."""
     eot = config.eot_samples if shell.is_random else 0
     targets = "all" if config.targets == 0 else config.targets
     proxy = config.attack_proxy(shell)
@@ -111,6 +113,7 @@ def shell_suite(
                 num_targets=targets,
                 steps=config.lift_steps,
                 seed=seeds.take(seed, idx),
+                known=known,
                 progress=Ticker(f"{desc}: lift"),
             ),
         ),
@@ -129,6 +132,7 @@ def shell_suite(
                 eot_samples=eot,
                 warm_steps=config.warm_steps,
                 proxy=proxy,
+                known=known,
                 progress=Ticker(f"{desc}: bpda"),
             ),
         ),
@@ -147,6 +151,7 @@ def shell_suite(
                 eot_samples=eot,
                 warm_steps=config.warm_steps,
                 proxy=proxy,
+                known=known,
                 progress=Ticker(f"{desc}: bpda_targeted"),
             ),
         ),

@@ -56,10 +56,13 @@ def defence_passes(
     c = int(shell.num_classes)
     k = c - 1 if suite.targets == 0 else min(suite.targets, c - 1)
     starts = 2 + suite.restarts
+    # A deterministic shell's outputs at x and at CW's x' are known when BPDA, targeted BPDA and
+    # lift start there (attacks.known): their first prediction at those starts is not paid.
+    known = 0 if getattr(shell, "is_random", False) else 1
     shell_predictions = {
-        "bpda": starts * (suite.steps + 1),
-        "bpda_targeted": k * (1 + suite.restarts) * (suite.steps + 1) + 1,
-        "lift": 1 + k,
+        "bpda": starts * (suite.steps + 1) - 2 * known,
+        "bpda_targeted": k * (1 + suite.restarts) * (suite.steps + 1) + 1 - (k + 1) * known,
+        "lift": 1 + k - known,
         "square": suite.square_queries,
         "transfer_cw": 1,
         "transfer_confident": 1,
@@ -77,8 +80,8 @@ def defence_passes(
     if proxy is not shell:  # through the cheaper copy: the shell at each run's start, end, best
         proxied = proxy.passes_per_prediction() / per_prediction
         for name, runs, extra in (
-            ("bpda", starts, 0),
-            ("bpda_targeted", k * (1 + suite.restarts), 1),  # 1: the ranking at x
+            ("bpda", starts, -2 * known),
+            ("bpda_targeted", k * (1 + suite.restarts), 1 - (k + 1) * known),  # 1: ranking at x
         ):
             shell_predictions[name] = runs * (3 + (suite.steps - 1) * proxied) + extra
     if square is not shell:

@@ -18,6 +18,7 @@ from absl import logging
 
 from manifold_tf import attacks, seeds
 from manifold_tf.attacks import run_standing
+from manifold_tf.attacks.known import KnownOutputs
 from manifold_tf.evaluation import adaptive_suites, random_draws
 from manifold_tf.evaluation.adaptive_config import AdaptiveConfig
 from manifold_tf.evaluation.inputs import predict_logits
@@ -25,17 +26,22 @@ from manifold_tf.evaluation.ledger import batch_ledger
 from manifold_tf.shells import answer
 
 
-def shell_labels(shell, x: np.ndarray, batch_size: int = 30) -> np.ndarray:
+def shell_labels(
+    shell, x: np.ndarray, batch_size: int = 30, record: KnownOutputs | None = None
+) -> np.ndarray:
     """The shell's labels on ``x`` (:func:`~manifold_tf.shells.answer`), batch by batch: a fresh
-    evaluation, what every success is checked on."""
+    evaluation, what every success is checked on (never read from ``record``; the outputs are
+    added to it, so that an attack starting from ``x`` need not predict it again)."""
     if not len(x):
         return np.zeros(0, np.int64)
-    return np.concatenate(
-        [
-            answer(shell.embed_function(np.asarray(x[i : i + batch_size], np.float32)))
-            for i in range(0, len(x), batch_size)
-        ]
-    )
+    labels = []
+    for i in range(0, len(x), batch_size):
+        rows = np.asarray(x[i : i + batch_size], np.float32)
+        out = shell.embed_function(rows)
+        if record is not None:
+            record.add(rows, out)
+        labels.append(answer(out))
+    return np.concatenate(labels)
 
 
 class TransferPoint(NamedTuple):
@@ -134,13 +140,16 @@ def shell_batch(
     ``stop()`` ended the suite early. ``record["seconds"]["total"]`` is left to the caller (None),
     who times the batch."""
     n = len(y)
-    g_x = shell_labels(shell, x)
+    # The shell's outputs at x and at every x' it verifies: BPDA, targeted BPDA and lift start
+    # from those images (x, CW's x') and read their first prediction from here.
+    known = KnownOutputs(shell)
+    g_x = shell_labels(shell, x, record=known)
     checks = [2 * n]  # shell predictions outside the attacks: G at x, and the final check
     shell_adv = g_x.copy()  # the shell's answer at each point's breaking x' (G(x) where none)
 
     def shell_wrong(x_adv, idx):  # success is verified by a fresh shell prediction
         checks.append(len(idx))
-        got = shell_labels(shell, x_adv)
+        got = shell_labels(shell, x_adv, record=known)
         shell_adv[idx[got != y[idx]]] = got[got != y[idx]]  # a broken point is attacked no more
         return got != y[idx]
 
@@ -156,6 +165,7 @@ def shell_batch(
         epsilon=epsilon,
         seed=seeds.point_seeds(seed, indices),
         desc=desc or "adaptive",
+        known=known,
     )
     shell_run = run_standing(
         [adaptive_suites.in_ball(s, x, epsilon) for s in shell_steps],
