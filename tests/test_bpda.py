@@ -302,3 +302,31 @@ def test_bad_inputs_raise_naming_the_problem(conv):
         bpda(shell, x, y, epsilon=1.0, x_init=x, random_start=True)
     with pytest.raises(ValueError, match=r"x_init must have shape \(6, 8, 8, 3\)"):
         bpda(shell, x, y, epsilon=1.0, x_init=x[:2])
+
+
+def test_bpda_applies_the_shells_declared_stand_in_for_its_search():
+    """``FactorShell.bpda_vjp`` is called on every step's gradient: a stand-in ``255 - x`` (whose
+    vector-Jacobian product is ``-g``) walks the other way, and the identity changes nothing."""
+    from helpers import small_conv, uniform_images
+    from manifold_tf.shells import MCNShell
+
+    class Mirrored(MCNShell):
+        calls = 0
+
+        def bpda_approximation(self, x):
+            type(self).calls += 1
+            return 255.0 - x
+
+    base = small_conv(seed=4, classes=3, shape=(6, 6, 3))
+    x = uniform_images(5, (6, 6, 3), seed=1)
+    y = base(x).numpy().argmax(1)
+    kw = dict(epsilon=6.0, steps=1, step_size=2.0)  # one step: the same gradient, mirrored
+    plain = attacks.bpda(MCNShell(base, 4.0, steps=2), x, y, **kw)
+    mirrored = attacks.bpda(Mirrored(base, 4.0, steps=2), x, y, **kw)
+    assert Mirrored.calls >= 1
+    moved = ~plain.success & ~mirrored.success
+    assert moved.any()
+    a, b = mirrored.x_adv[moved] - x[moved], plain.x_adv[moved] - x[moved]
+    both = (a != 0) & (b != 0)  # not held by the pixel box
+    assert both.mean() > 0.9
+    np.testing.assert_array_equal(np.sign(a[both]), -np.sign(b[both]))

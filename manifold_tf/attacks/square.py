@@ -78,7 +78,7 @@ def p_schedule(p_init: float, iteration: int, n_iters: int) -> float:
 
 def _scorer(model, output: str, image_shape: tuple, batch_size: int | None) -> Callable:
     """``x`` numpy ``[M, H, W, C]`` -> scores float64 ``[M, K]``, in chunks of ``batch_size``."""
-    if isinstance(model, keras.Model) and not hasattr(model, "embed_function"):
+    if isinstance(model, keras.Model) and not isinstance(model, FactorShell):
         # A base model: one compiled forward pass, traced once for every batch size. (A shell
         # compiles its own search and is called as it is.)
         spec = tf.TensorSpec((None,) + tuple(image_shape), tf.float32)

@@ -8,8 +8,9 @@ and the shell's delta and p, shared by every protocol), and one per protocol
 are generated from these fields (:mod:`manifold_tf.cli.flags`), so a setting is declared once, with
 its help text, here.
 
-A preset (:data:`PRESETS`) is a named set of changes to the defaults, as a nested dict of the
-:class:`EvaluationConfig` tree; :func:`make` builds a config from such changes (with any overrides
+A preset (:data:`manifold_tf.evaluation.presets.PRESETS`) is a named set of changes to the
+defaults, as a nested dict of the :class:`EvaluationConfig` tree;
+:func:`manifold_tf.evaluation.presets.make` builds a config from such changes (with any overrides
 on top), so presets and flags apply to every setting the same way.
 
 Units: pixels (0..255) for every radius, budget and step size.
@@ -242,7 +243,7 @@ class BaseAttackConfig:
             )
 
     def cw_kwargs(self) -> dict:
-        """Keyword arguments of :func:`manifold_tf.attacks.cw_linf_details`."""
+        """Keyword arguments of :func:`manifold_tf.attacks.cw_linf`."""
         return dict(
             max_iterations=int(self.max_iterations),
             stop_within_epsilon=bool(self.stop_within_epsilon),

@@ -287,9 +287,8 @@ class FactorShell(ProxyMixin, keras.Model):
         ``down`` the true one, and BPDA ascends ``lo_up(z*) - lo_y(z*)`` through ``F``'s
         gradient at ``z*``, exactly BPDA-identity on ``G(x) = F(z*(x))``.
 
-        A non-identity override is applied by :meth:`bpda_vjp`. ``bpda.py`` applies the identity
-        and calls neither yet: to honour an override it needs one line after its surrogate
-        gradient ``g`` (taken at the ``out["z"]`` rows), ``g = shell.bpda_vjp(x', g)``.
+        A non-identity override is applied by :meth:`bpda_vjp`, which ``bpda.py`` calls on its
+        surrogate gradient ``g`` (taken at the ``out["z"]`` rows): ``g = shell.bpda_vjp(x', g)``.
         """
         return x
 
