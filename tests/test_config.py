@@ -75,6 +75,7 @@ def test_full_is_autoattack_standard_on_the_base_and_the_strong_suite_on_the_she
         "sanity_points",
         "sanity_steps",
         "base_attacks",
+        "base_targets",
     }
 
 
@@ -252,14 +253,14 @@ def test_the_new_adaptive_settings_come_from_flags():
         "--adaptive_until=decided",
         "--adaptive_margin=2.5",
         "--adaptive_budget=10m",
-        "--adaptive_base_targets=3",
+        "--adaptive_base_targets=5",
     ).adaptive
     assert (a.until, a.margin, a.budget, a.budget_seconds, a.base_targets) == (
         "decided",
         2.5,
         "10m",
         600.0,
-        3,
+        5,
     )
     assert cfg.AdaptiveConfig().budget_seconds == 360.0  # the headline's default: 6 minutes
     assert cfg.AdaptiveConfig(budget="none").budget_seconds is None
