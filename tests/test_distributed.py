@@ -177,6 +177,7 @@ def test_two_workers_write_the_same_defence_reports_as_one_process(tmp_path, one
     assert "[worker 0 of 2 (chief)]" in outs[0][2] and "[worker 1 of 2]" in outs[1][2]
 
 
+@pytest.mark.slow  # default run: the two-worker equality here; test_kill_resume's SIGKILL
 def test_a_lost_worker_loses_no_finished_batch(tmp_path, one_process, defence):
     shared = str(tmp_path / "run")
     procs = _start_workers(_evaluate(shared, *defence, "--heartbeat_seconds=2"))

@@ -73,6 +73,7 @@ def _evaluate(out: str, *args: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # default run: test_separation's in-process resume, and the adaptive kill below
 def test_separation_killed_then_resumed_gives_the_same_report(tmp_path):
     args = [
         "--mode=separation",

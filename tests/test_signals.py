@@ -83,6 +83,7 @@ def test_sigterm_stops_evaluate_after_a_batch_and_resume_completes(tmp_path):
     assert len(list(folder.glob("batch_*.json"))) == 4 and (out / "separation.json").exists()
 
 
+@pytest.mark.slow  # default run: SIGTERM on evaluate.py here, test_kill_resume's killed training
 def test_sigint_stops_training_after_a_checkpoint_and_the_last_step_is_checkpointed(tmp_path):
     # steps=5 is not a multiple of checkpoint_every=2: checkpoints at 2, 4 and the last step, 5.
     out = tmp_path / "model"

@@ -56,6 +56,7 @@ import numpy as np
 import tensorflow as tf
 
 from manifold_tf import compiled, projected, seeds
+from manifold_tf.attacks.common import check_progress
 from manifold_tf.attacks.known import KnownOutputs, embed
 from manifold_tf.attacks.proxied import check_best, check_proxy, confirmed
 from manifold_tf.attacks.result import AttackResult
@@ -72,7 +73,7 @@ from manifold_tf.validation import (
     validate_radius,
 )
 
-__all__ = ["SCHEDULES", "bpda"]
+__all__ = ["SCHEDULES", "bpda", "check_progress"]
 
 APGD_RHO, APGD_MOMENTUM = 0.75, 0.75  # Croce & Hein 2020
 # shell -> {seed: copy of the shell with that seed} (EOT samples; one trace per copy).
@@ -146,15 +147,6 @@ def prepare(shell, x, y, epsilon, target=None):
                 f"at indices {np.flatnonzero(target == y).tolist()}."
             )
     return x, y, epsilon, target
-
-
-def check_progress(progress):
-    if progress is None or callable(progress):
-        return progress
-    raise ValueError(
-        f"progress must be a callable (done_steps, total_steps, points_standing) or "
-        f"None; got {type(progress).__name__}."
-    )
 
 
 def eot_shells(shell, eot_samples: int, seed) -> list:

@@ -94,3 +94,12 @@ def predicted_wrong(model, x_adv, y) -> np.ndarray:
 def bcast(mask: tf.Tensor, x: tf.Tensor) -> tf.Tensor:
     """A per-example ``[N]`` mask reshaped to broadcast against ``x`` ``[N, ...]``."""
     return tf.reshape(mask, [-1] + [1] * (len(x.shape) - 1))
+
+
+def check_progress(progress):
+    if progress is None or callable(progress):
+        return progress
+    raise ValueError(
+        f"progress must be a callable (done_steps, total_steps, points_standing) or "
+        f"None; got {type(progress).__name__}."
+    )
