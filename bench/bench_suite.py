@@ -29,7 +29,9 @@ Writes ``bench/results/bench_suite.json`` (``--json`` or ``--output`` to change)
 
 ``--smoke`` runs the same two evaluations at tiny sizes (``SMOKE_ARGS``: 2 synthetic points, 2
 steps per attack, the synthetic set's nearest-centre model saved to the work dir, by default
-``<output>_work``); both checkouts default to this one.
+``<output>_work``); both checkouts default to this one, and the after side reads the before
+side's run (``--reuse_after``) unless told otherwise: the smoke run checks the subprocess, the
+parsing and the comparison, not a speed-up, and one tiny evaluation is enough for that.
 """
 
 from __future__ import annotations
@@ -288,6 +290,8 @@ def main(argv=None) -> dict:
         before=os.path.abspath(args.checkout_before), after=os.path.abspath(args.checkout_after)
     )
     reuse = dict(before=args.reuse_before, after=args.reuse_after)
+    if args.smoke and not (reuse["before"] or reuse["after"]):
+        reuse["after"] = os.path.join(work, "before_0")  # written by the first round's before
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     load = {"start": _load()}
     for rnd in range(args.rounds):
