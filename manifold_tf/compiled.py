@@ -38,13 +38,24 @@ def cached(
         def net(z, training=False):
             return ref()(z, training=training)
 
-        per_model[key] = tf.function(
+        per_model[key] = graph_function(
             build(net),
             jit_compile=bool(jit_compile),
             input_signature=input_signature,
             reduce_retracing=reduce_retracing,
         )
     return per_model[key]
+
+
+def graph_function(fn, **kwargs):
+    """``tf.function(fn, autograph=False, **kwargs)``, how the package compiles.
+
+    The package writes its loops and branches as ``tf.while_loop`` / ``tf.cond``, so AutoGraph's
+    rewriting of Python source buys nothing here and costs seconds per process (it parses and
+    transforms every function a trace reaches: about 12 s of a tiny ``evaluate.py`` run's 28 s).
+    A Python ``if`` on a tensor then fails at trace time instead of being rewritten.
+    """
+    return tf.function(fn, autograph=False, **kwargs)
 
 
 def tracing_counts(model, kind: str | None = None) -> dict:

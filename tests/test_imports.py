@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -192,31 +193,60 @@ def test_no_module_is_too_long():
     assert not long, f"modules longer than {MAX_LINES} lines: {long}"
 
 
+# Each package imported first, as in a fresh interpreter: TensorFlow and the other third-party
+# modules stay loaded between packages (their import is not the subject and costs ~8 s each), every
+# ``manifold_tf`` module is dropped from ``sys.modules`` first, so the package's own import order
+# runs from scratch each time. Prints one JSON object: package -> None or the traceback.
+_IMPORT_EACH = """
+import importlib, json, sys, traceback
+out = {}
+for package in sys.argv[1:]:
+    for name in [m for m in sys.modules if m == "manifold_tf" or m.startswith("manifold_tf.")]:
+        del sys.modules[name]
+    try:
+        importlib.import_module(package)
+        out[package] = None
+    except BaseException:
+        out[package] = traceback.format_exc()
+print(json.dumps(out))
+"""
+
+
 @pytest.fixture(scope="module")
-def fresh_imports() -> dict[str, subprocess.CompletedProcess]:
-    """``import <package>`` for every package, each in its own fresh interpreter (never forked
-    warm: a warm one has imported everything already), two at a time on the two cores."""
-    done, running, waiting = {}, {}, list(PACKAGES)
-    while waiting or running:
-        while waiting and len(running) < 2:
-            package = waiting.pop(0)
-            running[package] = subprocess.Popen(
-                [sys.executable, "-c", f"import {package}"],
-                cwd=ROOT,
-                env=subprocess_env(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-        package = next(iter(running))
-        proc = running.pop(package)
-        out, err = proc.communicate(timeout=600)
-        done[package] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-    return done
+def fresh_imports() -> dict[str, str | None]:
+    """``import <package>`` for every package, each first in a fresh interpreter (never forked
+    warm: a warm one has imported everything already): ``{package: None or the traceback}``."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORT_EACH, *PACKAGES],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_import_check_sees_a_broken_package(tmp_path):
+    """The check is not blind: a package whose import fails is reported with its traceback."""
+    (tmp_path / "broken_pkg").mkdir()
+    (tmp_path / "broken_pkg" / "__init__.py").write_text(
+        "import manifold_tf\nraise ImportError('x')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORT_EACH, "broken_pkg", "json"],
+        cwd=ROOT,
+        env=dict(subprocess_env(), PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}"),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "ImportError: x" in out["broken_pkg"] and out["json"] is None
 
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_each_package_imports_in_a_fresh_interpreter(package, fresh_imports):
     """A fresh process catches import-order problems that an already-warm test session hides."""
-    done = fresh_imports[package]
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert fresh_imports[package] is None, fresh_imports[package][-3000:]

@@ -371,7 +371,7 @@ def read_comparison(directory: str, kinds=None) -> Comparison:
         )
         runs[k] = AdaptiveRun(recs[k], own, sanity, stopping)
     # The shell's declared cost, as its ledger saved it (a random shell's checks add its draws, so
-    # they cannot be divided back into it); older records: 2 checks per point (G at x, the final).
+    # they cannot be divided back into it); older records lack it and counted 2 checks per point.
     first = {k: recs[k][0]["ledger"] for k in kinds}
     per_prediction = {
         k: int(first[k].get("per_prediction", first[k]["shell_checks"][0] // 2)) for k in kinds

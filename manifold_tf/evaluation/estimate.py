@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from manifold_tf import reporting
+from manifold_tf.compiled import graph_function
 from manifold_tf.shells import FactorShell
 
 
@@ -22,7 +23,7 @@ def passes_per_second(base, image_shape=(32, 32, 3), batch: int = 32, repeats: i
     """Forward+backward passes (images) per second of ``base`` on this machine."""
     x = tf.random.stateless_uniform((batch,) + tuple(image_shape), seed=[1, 2], maxval=255.0)
 
-    @tf.function
+    @graph_function
     def step(z):
         with tf.GradientTape() as tape:
             tape.watch(z)

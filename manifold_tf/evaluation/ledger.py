@@ -19,7 +19,7 @@ import numpy as np
 from manifold_tf import reporting
 
 SUITES = ("base", "shell")
-CHECKS = "shell_checks"  # the shell at x and the final check: 2 predictions per point
+CHECKS = "shell_checks"  # the shell at x (and a random shell's extra draws)
 
 
 def attempted_masks(broken_by, names) -> dict:
@@ -137,7 +137,7 @@ def ledger_markdown(ledger: dict | None) -> str:
             )
     c, cw = ledger["shell_checks"], ledger["cw"]
     share = "" if c["share"] is None else f"{100 * c['share']:.1f}%"
-    rows.append(["shell: G at x, final check", ledger["n"], "", fmt(c["passes"]), "", share])
+    rows.append(["shell: G at x (and draws)", ledger["n"], "", fmt(c["passes"]), "", share])
     rows.append(["total", ledger["n"], "", fmt(ledger["total_passes"]), "", "100.0%"])
     rows.append(
         ["CW x' on the base (beside the total)", cw["points"], "", fmt(cw["passes"]), "", ""]

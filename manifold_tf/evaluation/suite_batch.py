@@ -144,7 +144,7 @@ def shell_batch(
     # from those images (x, CW's x') and read their first prediction from here.
     known = KnownOutputs(shell)
     g_x = shell_labels(shell, x, record=known)
-    checks = [2 * n]  # shell predictions outside the attacks: G at x, and the final check
+    checks = [n]  # shell predictions outside the attacks: G at x
     shell_adv = g_x.copy()  # the shell's answer at each point's breaking x' (G(x) where none)
 
     def shell_wrong(x_adv, idx):  # success is verified by a fresh shell prediction

@@ -25,6 +25,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from manifold_tf.compiled import graph_function
 from manifold_tf.shells.proxy import ProxyMixin
 from manifold_tf.shells.scores import Scores, answer, log_odds
 from manifold_tf.validation import IMAGE_SHAPE, PIXEL_MAX, check_logits, validate_images
@@ -121,7 +122,7 @@ class FactorShell(ProxyMixin, keras.Model):
         """
         if self._embed_function is None:
             spec = tf.TensorSpec((None,) + self.image_shape, tf.float32, name="x")
-            inner = tf.function(
+            inner = graph_function(
                 self._embed_graph, input_signature=[spec], jit_compile=self.jit_compile
             )
             if not self.jit_compile:
@@ -135,7 +136,7 @@ class FactorShell(ProxyMixin, keras.Model):
                     padded = tf.pad(x, [[0, size - n]] + [[0, 0]] * (len(self.image_shape)))
                     return {k: v[:n] for k, v in inner(padded).items()}
 
-                self._embed_function = tf.function(bucketed, input_signature=[spec])
+                self._embed_function = graph_function(bucketed, input_signature=[spec])
         return self._embed_function
 
     def embed(self, x) -> dict:

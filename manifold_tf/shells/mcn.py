@@ -8,6 +8,7 @@ import keras
 import tensorflow as tf
 
 from manifold_tf import projected, seeds
+from manifold_tf.compiled import graph_function
 from manifold_tf.shells.base import (
     DEFAULT_JIT_COMPILE,
     FactorShell,
@@ -164,7 +165,7 @@ class MCNShell(FactorShell):
         fn = self.__dict__.get("_labels_function")
         if fn is None:
             spec = tf.TensorSpec((None,) + self.image_shape, tf.float32)
-            fn = tf.function(
+            fn = graph_function(
                 self._labels_graph,
                 input_signature=[spec, tf.TensorSpec((None, None), tf.int32)],
             )
@@ -198,7 +199,7 @@ class MCNShell(FactorShell):
         if steps not in cache:
             spec = tf.TensorSpec((None,) + self.image_shape, tf.float32)
             prev = tf.TensorSpec((None, self.num_classes) + self.image_shape, tf.float32)
-            cache[steps] = tf.function(
+            cache[steps] = graph_function(
                 lambda x, z_prev: self._search(
                     x, tf.reshape(z_prev, (-1,) + self.image_shape), steps
                 ),

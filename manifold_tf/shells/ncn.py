@@ -6,6 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from manifold_tf.compiled import graph_function
 from manifold_tf.projected import adam_step
 from manifold_tf.shells.base import DEFAULT_JIT_COMPILE, FactorShell, Scores, jit_kwargs, log_odds
 from manifold_tf.shells.registry import register
@@ -153,7 +154,7 @@ class NCNShell(FactorShell):
         fn = self.__dict__.get("_labels_function")
         if fn is None:
             spec = tf.TensorSpec((None,) + self.image_shape, tf.float32)
-            fn = tf.function(
+            fn = graph_function(
                 self._solve, input_signature=[spec, tf.TensorSpec((None, None), tf.int32)]
             )
             self.__dict__["_labels_function"] = fn
