@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from helpers import assert_results_equal, small_conv, uniform_images
+from helpers import small_conv, uniform_images
 from manifold_tf import attacks
 from manifold_tf.attacks.known import KnownOutputs, embed
-from manifold_tf.shells import MCNShell
+from manifold_tf.evaluation.suite_batch import verified_labels
+from manifold_tf.shells import MCNShell, answer
 
 SHAPE = (8, 8, 3)
 
@@ -76,4 +77,36 @@ def test_an_attack_reading_its_start_ends_as_one_that_predicts_it(setup, attack)
     assert (read.shell_predictions <= paid.shell_predictions).all()
     assert read.shell_predictions.sum() < paid.shell_predictions.sum()
     assert known.served > 0
-    assert_results_equal(run(known), read)  # reading twice changes nothing
+    # The memory now holds every image the first run asked the shell about: a second run is the
+    # same run, and pays no shell prediction at all.
+    again = run(known)
+    for name in ("x_adv", "success", "base_passes", "score"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(read, name), err_msg=name)
+    assert again.shell_predictions.sum() == 0
+
+
+def test_labels_are_the_shells_answer_where_known_and_minus_one_elsewhere(setup):
+    _, x, _, shell = setup
+    known = KnownOutputs(shell)
+    out = shell.embed_function(tf.constant(x[:3]))
+    known.add(x[:3], out)
+    got = known.labels(x[1:5])
+    np.testing.assert_array_equal(got[:2], answer(out)[1:3])
+    assert (got[2:] == -1).all()
+
+
+def test_the_verdict_counts_a_success_only_from_a_fresh_prediction(setup):
+    """verified_labels: a row known right is served, a row unknown or known wrong is predicted."""
+    _, x, _, shell = setup
+    truth = answer(shell.embed_function(tf.constant(x[:3])))
+    y = truth.copy()  # the shell is right on all three rows
+    known = KnownOutputs(shell)
+    known.add(x[:1], shell.embed_function(tf.constant(x[:1])))  # row 0: known right
+    # Row 1 known *wrong* (another image's output filed under its bytes): predicted again.
+    wrong = np.flatnonzero(truth != truth[1])
+    if not wrong.size:
+        pytest.skip("the shell answers one label on these rows")
+    known.add(x[1:2], shell.embed_function(tf.constant(x[wrong[:1]])))
+    got, fresh = verified_labels(shell, x[:3], y, known)
+    np.testing.assert_array_equal(fresh, [False, True, True])
+    np.testing.assert_array_equal(got, truth)  # the fresh prediction decides row 1: right

@@ -262,8 +262,10 @@ def bpda(
         searching some labels only searches ``y``, the target and the best wrong labels by the
         shell's ranking at the start. ``None`` (or the shell itself): the shell at every step.
       known: the shell's outputs at images already evaluated
-        (:class:`~manifold_tf.attacks.known.KnownOutputs`): the first iterate is read from it
-        when it holds every start (no shell prediction paid), else predicted.
+        (:class:`~manifold_tf.attacks.known.KnownOutputs`): an iterate is read from it when it
+        holds every row (no shell prediction paid: the first, at x or at a transfer x'), else
+        predicted; every shell prediction the attack makes is recorded in it (the suite's
+        verification of a failed point reads it).
       progress: optional callable ``(done_steps, total_steps, points_standing)``.
 
     Returns:
@@ -344,14 +346,14 @@ def bpda(
                 out = warm(tf.constant(current), tf.constant(z_prev))
                 res["base_passes"][active] += shell.rows_per_image * warm_steps
             sc = sur.scores(out)
-            pick, margin, claimed = confirmed(shell, current, y[active], sc, res, active)
+            pick, margin, claimed = confirmed(shell, current, y[active], sc, res, active, known)
             if sur is not shell:
                 own = np.where(claimed, -np.inf, surrogate_rows(sc, y[active]).margin)
                 better = own > best["margin"][active]
                 best["x"][active[better]] = current[better]
                 best["margin"][active[better]], best["k"][active[better]] = own[better], k
         else:
-            out, paid = embed(shell, current, known if k == 0 else None)
+            out, paid = embed(shell, current, known)
             res["shell_evals"][active] += int(paid)
             sc = shell.scores(out)
             pick, margin = sc.pick, surrogate_rows(sc, y[active]).margin
@@ -404,7 +406,7 @@ def bpda(
             nxt = apgd.step(k, active, current, g, f, lo, hi)
         x_adv[active] = nxt
     if sur is not shell:
-        check_best(shell, y, res, best)
+        check_best(shell, y, res, best, known)
     return as_result(res)
 
 

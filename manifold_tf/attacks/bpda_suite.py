@@ -336,10 +336,13 @@ def lift(
                     schedule="apgd",
                     eot_samples=eot_samples,
                     seed=seeds.take(seed, idx),
+                    known=known,
                     progress=_sub_progress(progress, j * (steps + bpda_steps) + steps, total),
                 )
             else:  # zero BPDA steps: the verification of x' alone, with the target recorded
-                got = bpda(shell, xs, ys, epsilon=epsilon, steps=0, x_init=start, target=t)
+                got = bpda(
+                    shell, xs, ys, epsilon=epsilon, steps=0, x_init=start, target=t, known=known
+                )
             return got.with_cost(base_passes=steps)
 
         return Step(f"target {j + 1}", attack)

@@ -19,6 +19,8 @@ import hashlib
 import numpy as np
 import tensorflow as tf
 
+from manifold_tf.shells import answer
+
 
 def _key(row: np.ndarray) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(row, np.float32).tobytes(), digest_size=16).digest()
@@ -55,6 +57,20 @@ class KnownOutputs:
             return None
         self.served += len(rows)
         return {k: tf.constant(np.stack([r[k] for r in rows])) for k in rows[0]}
+
+    def labels(self, x) -> np.ndarray:
+        """The shell's answer ``[M]`` int64 (:func:`~manifold_tf.shells.answer`) at each row of
+        ``x`` it holds, ``-1`` at the others (and everywhere for a random shell)."""
+        x = np.asarray(x, np.float32)
+        got = np.full(len(x), -1, np.int64)
+        if not self.enabled or not self._rows:
+            return got
+        rows = [self._rows.get(_key(r)) for r in x]
+        have = np.flatnonzero([r is not None for r in rows])
+        if have.size:
+            out = {k: np.stack([rows[i][k] for i in have]) for k in rows[have[0]]}
+            got[have] = answer(out)
+        return got
 
     def __len__(self) -> int:
         return len(self._rows)

@@ -6,8 +6,8 @@ by the proxy's margin. Used by :func:`manifold_tf.attacks.bpda.bpda`; numpy stat
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
 
+from manifold_tf.attacks.known import KnownOutputs, embed
 from manifold_tf.attacks.surrogate import surrogate_rows
 from manifold_tf.shells import FactorShell, Scores
 
@@ -31,31 +31,45 @@ def check_proxy(shell, proxy):
     return proxy
 
 
-def confirmed(shell, x: np.ndarray, y: np.ndarray, approx: Scores, res: dict, active):
+def confirmed(
+    shell,
+    x: np.ndarray,
+    y: np.ndarray,
+    approx: Scores,
+    res: dict,
+    active,
+    known: KnownOutputs | None = None,
+):
     """``(pick, margin, claimed)`` ``[M]``: the approximation's label and margin, except where it
-    claims a success (``claimed``): there the shell's own, from a fresh prediction. A success is
-    never a property of the approximation; a point the shell still gets right goes on."""
+    claims a success (``claimed``): there the shell's own (a prediction, recorded in ``known``).
+    A success is never a property of the approximation; a point the shell still gets right goes
+    on."""
     pick, margin = approx.pick.copy(), surrogate_rows(approx, y).margin.copy()
     claimed = pick != y
     if claimed.any():
         idx = np.flatnonzero(claimed)
-        real = shell.scores(shell.embed_function(tf.constant(x[idx])))
-        res["shell_evals"][active[idx]] += 1
+        out, paid = embed(shell, x[idx], known)
+        real = shell.scores(out)
+        res["shell_evals"][active[idx]] += int(paid)
         pick[idx], margin[idx] = real.pick, surrogate_rows(real, y[idx]).margin
     return pick, margin, claimed
 
 
-def check_best(shell, y: np.ndarray, res: dict, best: dict) -> None:
+def check_best(
+    shell, y: np.ndarray, res: dict, best: dict, known: KnownOutputs | None = None
+) -> None:
     """Checks on the shell each point's best iterate by the proxy's margin, where the attack
-    failed and that iterate is not its last (the last is always the shell's already)."""
+    failed and that iterate is not its last (the last is always the shell's already); the
+    shell's outputs there are recorded in ``known``."""
     idx = np.flatnonzero(~res["success"] & np.isfinite(best["margin"]))
     if not idx.size:
         return
     idx = idx[(best["x"][idx] != res["x_adv"][idx]).reshape(len(idx), -1).any(1)]
     if not idx.size:
         return
-    sc = shell.scores(shell.embed_function(tf.constant(best["x"][idx])))
-    res["shell_evals"][idx] += 1
+    out, paid = embed(shell, best["x"][idx], known)
+    sc = shell.scores(out)
+    res["shell_evals"][idx] += int(paid)
     won = idx[sc.pick != y[idx]]
     res["x_adv"][won], res["success"][won] = best["x"][won], True
     res["shell_label"][won] = sc.pick[sc.pick != y[idx]]

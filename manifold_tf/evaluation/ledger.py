@@ -34,16 +34,19 @@ def attempted_masks(broken_by, names) -> dict:
     return out
 
 
-def batch_ledger(base_run, shell_run, *, per_prediction: int, shell_checks, cw_iterations) -> dict:
+def batch_ledger(
+    base_run, shell_run, *, per_prediction: int, shell_checks, cw_iterations, verified=None
+) -> dict:
     """One batch's ledger (JSON-ready): ``{"base": {attack: [N] passes}, "shell": {...},
     "shell_checks": [N] passes, "cw": [N] CW iterations (-1: taken from a Table-2 record),
     "per_prediction": passes of one shell prediction}``.
 
     ``base_run``/``shell_run``: the :class:`~manifold_tf.attacks.Suite` of each suite;
-    ``shell_checks``: ``[N]`` shell predictions outside the attacks. Each shell attack is charged
-    one verifying prediction per point it ran on (what the caller's ``verify`` asked for).
+    ``shell_checks``: ``[N]`` shell predictions outside the attacks. ``verified``: per shell
+    attack, ``[N]`` the fresh predictions that verified its ``x'`` (the caller's ``verify``); by
+    default one per point it ran on.
     """
-    shell_tried = attempted_masks(shell_run.broken_by, list(shell_run.step_cost))
+    shell_tried = verified or attempted_masks(shell_run.broken_by, list(shell_run.step_cost))
     base = {k: c["base_passes"].tolist() for k, c in base_run.step_cost.items()}
     shell = {
         k: (

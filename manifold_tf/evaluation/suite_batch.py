@@ -22,7 +22,7 @@ from manifold_tf.attacks.known import KnownOutputs
 from manifold_tf.evaluation import adaptive_suites, random_draws
 from manifold_tf.evaluation.adaptive_config import AdaptiveConfig
 from manifold_tf.evaluation.inputs import predict_logits
-from manifold_tf.evaluation.ledger import batch_ledger
+from manifold_tf.evaluation.ledger import attempted_masks, batch_ledger
 from manifold_tf.shells import answer
 
 
@@ -42,6 +42,24 @@ def shell_labels(
             record.add(rows, out)
         labels.append(answer(out))
     return np.concatenate(labels)
+
+
+def verified_labels(
+    shell, x_adv: np.ndarray, y: np.ndarray, known: KnownOutputs
+) -> tuple[np.ndarray, np.ndarray]:
+    """The shell's labels at an attack's ``x_adv`` ``[M]`` for the verdict, and ``[M]`` bool: the
+    rows predicted afresh (and recorded in ``known``).
+
+    A success counts only from a fresh prediction: every row ``known`` does not hold, or holds
+    with a wrong label, is predicted again. A row the attack itself evaluated on the shell and
+    found right (``known``, a deterministic shell, the same bytes) is a failure already known and
+    is not paid for twice.
+    """
+    got = known.labels(x_adv)
+    fresh = got != y  # unknown (-1) or known wrong
+    if fresh.any():
+        got[fresh] = shell_labels(shell, x_adv[fresh], record=known)
+    return got, fresh
 
 
 class TransferPoint(NamedTuple):
@@ -146,10 +164,12 @@ def shell_batch(
     g_x = shell_labels(shell, x, record=known)
     checks = [n]  # shell predictions outside the attacks: G at x
     shell_adv = g_x.copy()  # the shell's answer at each point's breaking x' (G(x) where none)
+    verified = []  # per attack that ran, in order: [M] bool, its x' predicted afresh
 
-    def shell_wrong(x_adv, idx):  # success is verified by a fresh shell prediction
-        checks.append(len(idx))
-        got = shell_labels(shell, x_adv, record=known)
+    def shell_wrong(x_adv, idx):
+        got, fresh = verified_labels(shell, x_adv, y[idx], known)
+        checks.append(int(fresh.sum()))
+        verified.append(fresh)
         shell_adv[idx[got != y[idx]]] = got[got != y[idx]]  # a broken point is attacked no more
         return got != y[idx]
 
@@ -210,6 +230,7 @@ def shell_batch(
             shell_run,
             per_prediction=shell.passes_per_prediction(),
             shell_checks=np.full(n, checks[0] // max(n, 1)) + fresh,
+            verified=_verified_per_attack(shell_run, verified),
             cw_iterations=np.asarray(part["cw_iterations"]),
         ),
         seconds=dict(total=None, **shell_run.seconds, base=part["base_seconds"]),
@@ -218,6 +239,18 @@ def shell_batch(
         **draws,
     )
     return record, x_worst
+
+
+def _verified_per_attack(shell_run, verified: list) -> dict:
+    """``{attack: [N] int}``: the fresh predictions that verified each attack's ``x'`` per point
+    (``run_standing`` verifies, in order, each attack that had points to attack)."""
+    n = len(shell_run.broken_by)
+    ran = [k for k in shell_run.step_cost if shell_run.attempted.get(k, 0) > 0]
+    tried = attempted_masks(shell_run.broken_by, list(shell_run.step_cost))
+    out = {k: np.zeros(n, np.int64) for k in shell_run.step_cost}
+    for name, fresh in zip(ran, verified, strict=True):
+        out[name][np.flatnonzero(tried[name])] = fresh
+    return out
 
 
 def adaptive_batch(
