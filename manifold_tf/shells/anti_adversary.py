@@ -85,9 +85,6 @@ class AntiAdversaryShell(FactorShell):
     def _shell_config(self) -> dict:
         return dict(steps=self.steps, step_size=self.step_size, radius=self.radius)
 
-    def get_config(self) -> dict:
-        return {**super().get_config(), **self._shell_config()}
-
     def settings(self) -> dict:
         """The settings of the shell (for reports), with the radius actually searched."""
         return dict(

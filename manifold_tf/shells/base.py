@@ -391,14 +391,20 @@ class FactorShell(ProxyMixin, keras.Model):
         )
 
     def get_config(self) -> dict:
-        """The keys every shell has (``name``, ``trainable``, ``base``, ``jit_compile``); each
-        subclass merges its own (``_shell_config``) into this dict."""
+        """The keys every shell has (``name``, ``trainable``, ``base``, ``jit_compile``) and the
+        subclass's own constructor keywords (:meth:`_shell_config`): a subclass declares only
+        those; one that overrides this method merges ``super().get_config()`` (Keras' rule)."""
         return {
             "name": self.name,
             "trainable": self.trainable,
             "base": keras.saving.serialize_keras_object(self.base),
             "jit_compile": self.jit_compile,
+            **self._shell_config(),
         }
+
+    def settings(self) -> dict:
+        """The shell's settings for reports: its kind, its own keywords, ``jit_compile``."""
+        return dict(shell=self.kind, **self._shell_config(), jit_compile=self.jit_compile)
 
     @classmethod
     def from_config(cls, config):

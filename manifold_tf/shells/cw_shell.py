@@ -107,9 +107,6 @@ class CarliniWagnerShell(FactorShell):
             learning_rate=self.learning_rate,
         )
 
-    def get_config(self) -> dict:
-        return {**super().get_config(), **self._shell_config()}
-
     def passes_per_prediction(self) -> int:
         """``C * 2 * max_iterations``: up to ``max_iterations`` Adam steps per constant, two
         constants (paper_code; all_labels runs one, so this is an upper bound), ``C`` rows."""

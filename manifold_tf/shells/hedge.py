@@ -117,13 +117,6 @@ class HedgeShell(FactorShell):
             seed=self.seed,
         )
 
-    def get_config(self) -> dict:
-        return {**super().get_config(), **self._shell_config()}
-
-    def settings(self) -> dict:
-        """The settings of the shell (for reports)."""
-        return dict(shell=self.kind, **self._shell_config(), jit_compile=self.jit_compile)
-
     def passes_per_prediction(self) -> int:
         """``steps``: one forward+backward pass per signed step (one point per image)."""
         return self.steps

@@ -120,13 +120,6 @@ class MCNShell(FactorShell):
             seed=self.seed,
         )
 
-    def get_config(self) -> dict:
-        return {**super().get_config(), **self._shell_config()}
-
-    def settings(self) -> dict:
-        """The settings of the shell (for reports)."""
-        return dict(shell=self.kind, **self._shell_config(), jit_compile=self.jit_compile)
-
     def passes_per_prediction(self) -> int:
         """``C * K``: ``K`` steps for each of the ``C`` labels (a proxy searching ``y`` and ``m``
         wrong labels, :meth:`proxy`: ``(m + 1) * K``)."""

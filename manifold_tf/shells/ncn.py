@@ -119,13 +119,6 @@ class NCNShell(FactorShell):
             learning_rate=self.learning_rate,
         )
 
-    def get_config(self) -> dict:
-        return {**super().get_config(), **self._shell_config()}
-
-    def settings(self) -> dict:
-        """The settings of the shell (for reports)."""
-        return dict(shell=self.kind, **self._shell_config(), jit_compile=self.jit_compile)
-
     def passes_per_prediction(self) -> int:
         """``C * steps * rounds``: every label, ``steps`` Adam steps per penalty round (a proxy
         searching ``y`` and ``m`` wrong labels, :meth:`proxy`: ``(m + 1) * steps * rounds``)."""
