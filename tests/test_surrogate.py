@@ -350,15 +350,20 @@ def test_the_plan_counts_the_proxy_at_its_cost(setup):
 def test_the_declared_defaults(setup):
     base, _, mcn, ncn = setup
     default = AdaptiveConfig()
-    assert default.attack_proxy(mcn) is mcn.default_proxy() is mcn.proxy(labels=3)
-    assert default.attack_proxy(mcn, square=True) is mcn.proxy(steps=2)  # half of 4 steps
+    # MCN with 4 steps: BPDA through 2 steps on y + 1 label, targeted BPDA through its own 4 steps
+    # on y + the target + 2 labels, Square through 2 steps on every label.
+    assert default.attack_proxy(mcn) is mcn.default_proxy() is mcn.proxy(steps=2, labels=1)
+    assert default.attack_proxy(mcn, attack="bpda_targeted") is mcn.proxy(labels=3)
+    assert default.attack_proxy(mcn, attack="square") is mcn.proxy(steps=2)
+    with pytest.raises(ValueError, match="attack"):
+        default.attack_proxy(mcn, attack="apgd")
     for shell in (ncn, HedgeShell(base, 4.0, steps=6), Declares(base)):  # nothing measured
         assert default.attack_proxy(shell) is shell
-        assert default.attack_proxy(shell, square=True) is shell
+        assert default.attack_proxy(shell, attack="square") is shell
     off = AdaptiveConfig(proxy_steps=0, proxy_labels=0, square_proxy_steps=0)
-    assert off.attack_proxy(mcn) is mcn and off.attack_proxy(mcn, square=True) is mcn
+    assert off.attack_proxy(mcn) is mcn and off.attack_proxy(mcn, attack="square") is mcn
     only_steps = AdaptiveConfig(proxy_steps=1)  # labels unset: every label
     assert only_steps.attack_proxy(mcn) is mcn.proxy(steps=1)
-    assert only_steps.attack_proxy(mcn, square=True) is mcn.proxy(steps=1)
+    assert only_steps.attack_proxy(mcn, attack="square") is mcn.proxy(steps=1)
     with pytest.raises(ValueError, match="proxy_labels"):
         AdaptiveConfig(proxy_labels=-1)

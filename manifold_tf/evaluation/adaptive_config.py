@@ -18,6 +18,7 @@ SHELL_ATTACKS = ("transfer_cw", "transfer_confident", "lift", "bpda", "bpda_targ
 # The attacks on the base alone, AutoAttack's standard version in this order.
 BASE_ATTACKS = ("apgd_ce", "apgd_t", "fab_t", "square")
 UNTIL = ("points", "decided")
+PROXIED_ATTACKS = ("bpda", "bpda_targeted", "square")  # the attacks that steer by a cheaper copy
 NO_BUDGET = ("", "none", "off")
 
 _BUDGET_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
@@ -105,8 +106,9 @@ class AdaptiveConfig:
         "anti-adversary's steps, NCN's steps per round, the CW shell's iterations (at most the "
         "shell's own; 0: the shell's own). Every success, and each run's first, last and best "
         "iterate, is checked on the shell itself. Unset (with proxy_labels): the shell's "
-        "measured choice (FactorShell.default_proxy; MCN: its own steps on y and 3 wrong "
-        "labels, BUILD.md; the others: the shell itself).",
+        "measured choice per attack (FactorShell.default_proxy; MCN: BPDA half its steps on y "
+        "and 1 wrong label, targeted BPDA its own steps on y, the target and 2 other labels, "
+        "BUILD.md; the others: the shell itself).",
     )
     proxy_labels: int | None = setting(
         None,
@@ -198,19 +200,20 @@ class AdaptiveConfig:
             check_choice(name, "base_attacks", BASE_ATTACKS)
         validate_radius(self.large_epsilon, "large_epsilon")
 
-    def attack_proxy(self, shell, *, square: bool = False):
-        """The copy of ``shell`` BPDA and targeted BPDA (or, with ``square``, Square) steer by:
-        ``shell.proxy(steps=proxy_steps, labels=proxy_labels)`` (Square: every label,
-        ``square_proxy_steps`` or else ``proxy_steps``); ``shell.default_proxy(square=...)``
+    def attack_proxy(self, shell, *, attack: str = "bpda"):
+        """The copy of ``shell`` that ``attack`` (``"bpda"``, ``"bpda_targeted"``, ``"square"``)
+        steers by: ``shell.proxy(steps=proxy_steps, labels=proxy_labels)`` (Square: every label,
+        ``square_proxy_steps`` or else ``proxy_steps``); ``shell.default_proxy(attack=...)``
         when those are unset; the shell itself when they are 0."""
-        if square:
+        check_choice(attack, "attack", PROXIED_ATTACKS)
+        if attack == "square":
             steps = self.square_proxy_steps
             steps = self.proxy_steps if steps is None else steps
             if steps is None:
-                return shell.default_proxy(square=True)
+                return shell.default_proxy(attack="square")
             return shell.proxy(steps=steps or None)
         if self.proxy_steps is None and self.proxy_labels is None:
-            return shell.default_proxy()
+            return shell.default_proxy(attack=attack)
         return shell.proxy(steps=self.proxy_steps or None, labels=self.proxy_labels or None)
 
     @property

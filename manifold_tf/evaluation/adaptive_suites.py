@@ -88,7 +88,8 @@ def shell_suite(
     eot = config.eot_samples if shell.is_random else 0
     targets = "all" if config.targets == 0 else config.targets
     proxy = config.attack_proxy(shell)
-    square_model = config.attack_proxy(shell, square=True)
+    targeted_proxy = config.attack_proxy(shell, attack="bpda_targeted")
+    square_model = config.attack_proxy(shell, attack="square")
     steps = {
         "transfer_cw": lambda: given("transfer_cw", x_cw),
         "transfer_confident": lambda: Step(
@@ -150,7 +151,7 @@ def shell_suite(
                 seed=seeds.take(seed, idx),
                 eot_samples=eot,
                 warm_steps=config.warm_steps,
-                proxy=proxy,
+                proxy=targeted_proxy,
                 known=known,
                 progress=Ticker(f"{desc}: bpda_targeted"),
             ),

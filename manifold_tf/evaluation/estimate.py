@@ -75,16 +75,17 @@ def defence_passes(
         "transfer_confident": (c - 1) * suite.steps,
     }
     # The copies the suite steers by; a stand-in that is no FactorShell (a test's) has none.
-    proxy = square = shell
+    copies = dict(bpda=shell, bpda_targeted=shell, square=shell)
     if isinstance(shell, FactorShell):
-        proxy, square = suite.attack_proxy(shell), suite.attack_proxy(shell, square=True)
-    if proxy is not shell:  # through the cheaper copy: the shell at each run's start, end, best
-        proxied = proxy.passes_per_prediction() / per_prediction
-        for name, runs, extra in (
-            ("bpda", starts, -2 * known),
-            ("bpda_targeted", k * (1 + suite.restarts), 1 - (k + 1) * known),  # 1: ranking at x
-        ):
+        copies = {name: suite.attack_proxy(shell, attack=name) for name in copies}
+    for name, runs, extra in (
+        ("bpda", starts, -2 * known),
+        ("bpda_targeted", k * (1 + suite.restarts), 1 - (k + 1) * known),  # 1: ranking at x
+    ):
+        if copies[name] is not shell:  # the shell at each run's start, end and best iterate
+            proxied = copies[name].passes_per_prediction() / per_prediction
             shell_predictions[name] = runs * (3 + (suite.steps - 1) * proxied) + extra
+    square = copies["square"]
     if square is not shell:
         shell_predictions["square"] = (
             (suite.square_queries + 1) * square.passes_per_prediction() / per_prediction

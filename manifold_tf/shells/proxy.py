@@ -43,12 +43,12 @@ class ProxyMixin:
         del steps, labels
         return self
 
-    def default_proxy(self, *, square: bool = False) -> ProxyMixin:
-        """The copy the verdict's attacks steer by unless told otherwise: one measured to break
-        every point the attacks through the shell itself break (``bench/bench_surrogate.py``,
-        BUILD.md). ``square``: the copy Square queries (it searches every label). The default:
-        the shell itself (nothing measured)."""
-        del square
+    def default_proxy(self, *, attack: str = "bpda") -> ProxyMixin:
+        """The copy the verdict's ``attack`` (``"bpda"``, ``"bpda_targeted"`` or ``"square"``,
+        which searches every label) steers by unless told otherwise: one measured to break every
+        point that attack through the shell itself breaks (``bench/bench_surrogate.py``,
+        BUILD.md). The default: the shell itself (nothing measured)."""
+        del attack
         return self
 
     def _cached_proxy(self, key: tuple, build) -> ProxyMixin:
