@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from manifold_tf.attacks import AttackResult, Step, Suite, run_standing
+from manifold_tf.attacks.runner import targets_by_restarts, top_wrong_labels
 
 N = 6
 SHAPE = (2, 2, 1)
@@ -294,3 +295,11 @@ def test_no_steps_returns_x_standing():
     np.testing.assert_array_equal(suite.result.x_adv, images())
     assert suite.standing.all() and not suite.result.success.any()
     np.testing.assert_array_equal(suite.result.details["run"], -1)
+
+
+def test_top_wrong_labels_and_the_order_of_targeted_runs():
+    logits = np.array([[0.0, 3.0, 1.0, 2.0], [5.0, 5.0, 0.0, 1.0]])
+    # Point 0 (label 1): 3, 2, 0 by score; point 1 (label 0): the tie 5 = 5 gives label 1 first.
+    np.testing.assert_array_equal(top_wrong_labels(logits, np.array([1, 0]), 2), [[3, 2], [1, 3]])
+    made = targets_by_restarts(lambda j, r, run: Step(f"{j}{r}{run}", None), 2, 3)
+    assert [s.name for s in made] == ["000", "011", "022", "103", "114", "125"]

@@ -25,7 +25,7 @@ import tensorflow as tf
 from manifold_tf import compiled, projected, seeds
 from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE, checkpoint_stops, margin, prepare
 from manifold_tf.attacks.result import AttackResult
-from manifold_tf.attacks.runner import Step, run_standing
+from manifold_tf.attacks.runner import Step, run_standing, targets_by_restarts, top_wrong_labels
 from manifold_tf.validation import check_int
 
 _DLR_EPS = 1e-12  # AutoAttack's guard against a zero denominator
@@ -189,9 +189,7 @@ def _apgd(
     y_np = y.numpy()
     targets = np.zeros((n, 1), np.int32)
     if loss == "dlr_targeted":
-        order = np.argsort(-clean, axis=1, kind="stable")
-        targets = order[order != y_np[:, None]].reshape(n, num_classes - 1)[:, :num_targets]
-        targets = targets.astype(np.int32)
+        targets = top_wrong_labels(clean, y_np, num_targets)
 
     image_shape = tuple(int(d) for d in x.shape[1:])
     # A None batch axis: one trace serves every number of points still standing, in every
@@ -221,7 +219,7 @@ def _apgd(
     )
     eps = tf.constant(epsilon, tf.float32)
 
-    def step(j: int, run: int) -> Step:
+    def step(j: int, r: int, run: int) -> Step:
         def attack(xs, ys, idx):
             keys = seeds.fold(point_seed[idx], "apgd", run)
             z, f, ok, passes = _run(
@@ -235,11 +233,11 @@ def _apgd(
                 details=dict(target=np.where(loss == "dlr_targeted", targets[idx, j], -1)),
             )
 
-        return Step(f"target {j + 1}, restart {run % restarts + 1}", attack)
+        return Step(f"target {j + 1}, restart {r + 1}", attack)
 
     # Across APGD-T's targets the runner compares different targets' losses among failures: all
     # scale-free DLR values.
-    chain = [step(j, j * restarts + r) for j in range(targets.shape[1]) for r in range(restarts)]
+    chain = targets_by_restarts(step, targets.shape[1], restarts)
     return run_standing(chain, x.numpy(), y_np, broken=np.argmax(clean, axis=1) != y_np).result
 
 

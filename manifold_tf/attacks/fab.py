@@ -42,7 +42,7 @@ from manifold_tf import compiled, projected, seeds
 from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE, checkpoint_stops, prepare
 from manifold_tf.attacks.fab_projection import project_linf_hyperplane
 from manifold_tf.attacks.result import AttackResult
-from manifold_tf.attacks.runner import Step, run_standing
+from manifold_tf.attacks.runner import Step, run_standing, targets_by_restarts, top_wrong_labels
 from manifold_tf.validation import PIXEL_MAX, PIXEL_MIN, check_int
 
 __all__ = ["fab", "fab_t", "project_linf_hyperplane"]
@@ -298,8 +298,7 @@ def fab(
     clean = model(x, training=False).numpy()
     wrong = np.argmax(clean, axis=1) != y_np
     if targeted:
-        order = np.argsort(-clean, axis=1, kind="stable")
-        targets = order[order != y_np[:, None]].reshape(n, num_classes - 1)[:, :num_targets]
+        targets = top_wrong_labels(clean, y_np, num_targets)
     else:
         targets = np.full((n, 1), -1)
     targets = targets.astype(np.int32)
@@ -357,9 +356,7 @@ def fab(
         name = f"fab-t{j}-r{restart}" if targeted else f"fab-r{restart}"
         return Step(name, step)
 
-    steps_list = [
-        make_step(j, r, j * restarts + r) for j in range(targets.shape[1]) for r in range(restarts)
-    ]
+    steps_list = targets_by_restarts(make_step, targets.shape[1], restarts)
     if epsilon == 0.0:
         steps_list = []  # only x is in the ball: nothing to search
     result = run_standing(steps_list, x_np, y_np, broken=wrong).result

@@ -21,7 +21,7 @@ import numpy as np
 
 from manifold_tf.attacks.result import AttackResult
 
-__all__ = ["Step", "Suite", "run_standing"]
+__all__ = ["Step", "Suite", "run_standing", "targets_by_restarts", "top_wrong_labels"]
 
 # The value a detail holds for points no step ran on: -1 for labels and counts, NaN for values.
 _EMPTY = {"i": -1, "u": 0, "f": np.nan, "b": False}
@@ -157,3 +157,20 @@ def run_standing(
     details["run"] = run
     result = AttackResult(x_adv, success, base_passes, shell_predictions, score, details)
     return Suite(result, broken_by, attempted, seconds, step_cost, complete)
+
+
+def top_wrong_labels(logits: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
+    """``[N, k]`` int32: each point's ``k`` highest-scored wrong labels by ``logits`` ``[N, C]``,
+    highest first (ties: the lower label first); AutoAttack's targets."""
+    n, c = logits.shape
+    order = np.argsort(-logits, axis=1, kind="stable")
+    return order[order != np.asarray(y)[:, None]].reshape(n, c - 1)[:, :k].astype(np.int32)
+
+
+def targets_by_restarts(
+    make: Callable[[int, int, int], Step], num_targets: int, restarts: int
+) -> list[Step]:
+    """AutoAttack's order of a targeted attack's runs: every restart of the first target, then of
+    the next: ``make(j, r, run)`` for target ``j``, restart ``r``, ``run = j * restarts + r`` (a
+    run's index, which seeds its random start)."""
+    return [make(j, r, j * restarts + r) for j in range(num_targets) for r in range(restarts)]
