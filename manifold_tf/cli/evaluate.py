@@ -92,7 +92,7 @@ def config_from_flags(flag_values=FLAGS) -> cfg.EvaluationConfig:
     if mode != "defence" and stray:
         raise ValueError(
             f"{', '.join(sorted(stray))} belong to the defence evaluation: give "
-            f"--shell=mcn|ncn|cw (or --mode=defence)."
+            f"--shell=KIND (a registered shell kind, e.g. mcn) or --mode=defence."
         )
     return presets.from_preset(flag_values.preset, presets.merge(changes, dict(mode=mode)))
 

@@ -437,5 +437,5 @@ class EvaluationConfig:
         if self.mode != "defence" and self.defence.attack.from_run:
             raise ValueError(
                 "--base_attack_from_run belongs to the defence evaluation: give "
-                "--shell=mcn|ncn|cw (or --mode=defence)."
+                "--shell=KIND (a registered shell kind, e.g. mcn) or --mode=defence."
             )
