@@ -66,17 +66,20 @@ def _atomic_write_bytes(path: str, data: bytes) -> None:
                 os.remove(tmp)
 
 
-def _to_jsonable(obj: Any) -> Any:
+def to_jsonable(obj: Any) -> Any:
+    """``obj`` as ``json.dump`` can write it: dataclasses as dicts, keys as strings, tuples as
+    lists, tensors and numpy values as Python ones, non-finite floats as strings (the run store
+    compares settings in this form)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return _to_jsonable(dataclasses.asdict(obj))
+        return to_jsonable(dataclasses.asdict(obj))
     if isinstance(obj, dict):
-        return {str(k): _to_jsonable(v) for k, v in obj.items()}
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_to_jsonable(v) for v in obj]
+        return [to_jsonable(v) for v in obj]
     if hasattr(obj, "numpy"):  # tf.Tensor
         obj = obj.numpy()
     if isinstance(obj, np.ndarray):
-        return _to_jsonable(obj.tolist())
+        return to_jsonable(obj.tolist())
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):
@@ -91,7 +94,7 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, obj: Any) -> None:
     """Writes ``obj`` as indented JSON, atomically; numpy/TF values are converted."""
-    write_text(path, json.dumps(_to_jsonable(obj), indent=2, sort_keys=False) + "\n")
+    write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
 def write_array(path: str, array: np.ndarray) -> None:

@@ -42,14 +42,14 @@ def fake_summary(shell, base_by, shell_by, *, epsilon=8.0, seed=0, suite=SUITE) 
             seconds=dict(total=2.0),
         )
     ]
-    settings = reporting._to_jsonable(
+    settings = reporting.to_jsonable(
         dict(epsilon=epsilon, shell=shell.settings(), suite=suite, seed=seed, dataset="synthetic")
     )
     sanity = dict(passed=True, failures=[])
     verdict = adaptive_report.summarize(records, settings, sanity)
     return json.loads(
         json.dumps(
-            reporting._to_jsonable(
+            reporting.to_jsonable(
                 adaptive_report.summary_json(dict(settings=settings, verdict=verdict))
             )
         )
@@ -205,7 +205,7 @@ def test_a_rewrite_replaces_the_earlier_summaries_and_leaves_no_temporary_folder
 
 def test_the_suite_preset_is_named_by_its_attack_settings_not_its_stopping_rule():
     def suite(config):
-        return reporting._to_jsonable(config)
+        return reporting.to_jsonable(config)
 
     assert tensorboard_report.suite_preset(suite(AdaptiveConfig())) == "default"
     full = presets.from_preset("full").adaptive

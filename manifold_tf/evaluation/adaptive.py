@@ -188,7 +188,7 @@ def verdict_settings(
     """The settings a verdict is bound with (JSON form); ``shell_settings`` None: the base suite's
     alone (a comparison's shared records)."""
     shell = {} if shell_settings is None else dict(shell=shell_settings)
-    return reporting._to_jsonable(
+    return reporting.to_jsonable(
         dict(
             protocol="adaptive (METHOD.md, Adaptive evaluation)",
             epsilon=float(epsilon),

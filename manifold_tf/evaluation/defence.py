@@ -296,7 +296,7 @@ def run_table2(
     validate_images(images)
     points = np.concatenate(table2_points(base, images, labels, config, seed=seed, walk=walk))
     num_batches = -(-len(points) // batch_points)
-    settings = reporting._to_jsonable(
+    settings = reporting.to_jsonable(
         dict(
             protocol="Table 2 (METHOD.md, Defence evaluation)",
             shell=shell.settings(),

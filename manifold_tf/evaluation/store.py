@@ -183,8 +183,8 @@ def compare_settings(saved: dict, now: dict, *, free: Iterable[str] = (), where:
 
     Both sides are compared in their JSON form (tuples and lists, numpy scalars and floats alike).
     """
-    saved = json.loads(json.dumps(reporting._to_jsonable(saved)))
-    now = json.loads(json.dumps(reporting._to_jsonable(now)))
+    saved = json.loads(json.dumps(reporting.to_jsonable(saved)))
+    now = json.loads(json.dumps(reporting.to_jsonable(now)))
     free = set(free)
     for key in [k for k in free if "." in k]:  # "suite.budget": a key of a nested section
         section, name = key.split(".", 1)
@@ -322,7 +322,7 @@ class RunStore:
                 where=f"{folder!r}, as the chief bound them ({self.workers.describe()})",
             )
             interrupts.check(f"before {protocol} began")
-            return json.loads(json.dumps(reporting._to_jsonable(settings)))
+            return json.loads(json.dumps(reporting.to_jsonable(settings)))
         self._writing()
         if os.path.exists(path) and self.resume:
             compare_settings(read_json_checked(path), settings, free=free, where=repr(folder))
@@ -333,7 +333,7 @@ class RunStore:
         self.workers.barrier(f"bind {protocol}")
         # A safe point: whatever ran before this protocol is saved, none of it has begun.
         interrupts.check(f"before {protocol} began")
-        return json.loads(json.dumps(reporting._to_jsonable(settings)))
+        return json.loads(json.dumps(reporting.to_jsonable(settings)))
 
     def settings(self, protocol: str) -> dict | None:
         path = self.path(protocol, "settings.json")

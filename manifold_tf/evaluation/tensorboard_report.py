@@ -66,7 +66,7 @@ def suite_preset(suite: dict) -> str:
     stopping ones (:data:`_STOPPING`); ``"custom"`` when none is."""
     mine = {k: v for k, v in suite.items() if k not in _STOPPING}
     for name in presets.PRESETS:
-        theirs = reporting._to_jsonable(presets.from_preset(name).adaptive)
+        theirs = reporting.to_jsonable(presets.from_preset(name).adaptive)
         if mine == {k: v for k, v in theirs.items() if k not in _STOPPING}:
             return name
     return "custom"
