@@ -57,11 +57,14 @@ def _images(n: int, kind: str, rng: np.random.Generator):
     x = rng.uniform(0.0, 255.0, (max(n, 0), *SHAPE)).astype(np.float32)
     if kind == "valid":
         return x
+    # No points: nothing to poison (an empty batch is valid input, and that case is generated too).
     if kind == "nan":
-        x.flat[0] = np.nan
+        if x.size:
+            x.flat[0] = np.nan
         return x
     if kind == "inf":
-        x.flat[-1] = np.inf
+        if x.size:
+            x.flat[-1] = np.inf
         return x
     if kind == "above":
         return x + 300.0
