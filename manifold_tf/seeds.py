@@ -100,6 +100,8 @@ def per_point(seed, n: int) -> np.ndarray:
     if np.ndim(seed) == 0:
         if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
             raise ValueError(f"seed must be an int or an int array [N]; got {seed!r}.")
+        if int(seed) < 0:  # refused here, not only where a random draw first needs it
+            raise ValueError(f"seed must be a non-negative int; got {seed!r}.")
         return point_seeds(int(seed), np.arange(n))
     arr = np.asarray(seed)
     if arr.dtype.kind not in "iu" or arr.shape != (n,):

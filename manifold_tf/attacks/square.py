@@ -197,12 +197,12 @@ def square(
     shape = getattr(model, "image_shape", None) or input_image_shape(model)
     x = validate_images(x, image_shape=shape).numpy()
     n, h, w, c = x.shape
+    point_seed = seeds.per_point(seed, n)  # a bad seed is refused on an empty batch too
     if n == 0:
         validate_labels(y, num_examples=0, num_classes=1)
         return AttackResult.unattacked(
             x, queries=np.zeros(0, np.int32), margin=np.zeros(0, np.float32)
         )
-    point_seed = seeds.per_point(seed, n)
     score = _scorer(model, output, (h, w, c), batch_size)
     eps = np.float32(epsilon)
 
