@@ -51,8 +51,7 @@ class KnownOutputs:
     def lookup(self, x) -> dict | None:
         if not self.enabled or not self._rows:
             return None
-        x = np.asarray(x, np.float32)
-        rows = [self._rows.get(_key(r)) for r in x]
+        rows = self._held(x)
         if not rows or any(r is None for r in rows):
             return None
         self.served += len(rows)
@@ -61,16 +60,19 @@ class KnownOutputs:
     def labels(self, x) -> np.ndarray:
         """The shell's answer ``[M]`` int64 (:func:`~manifold_tf.shells.answer`) at each row of
         ``x`` it holds, ``-1`` at the others (and everywhere for a random shell)."""
-        x = np.asarray(x, np.float32)
         got = np.full(len(x), -1, np.int64)
         if not self.enabled or not self._rows:
             return got
-        rows = [self._rows.get(_key(r)) for r in x]
+        rows = self._held(x)
         have = np.flatnonzero([r is not None for r in rows])
         if have.size:
             out = {k: np.stack([rows[i][k] for i in have]) for k in rows[have[0]]}
             got[have] = answer(out)
         return got
+
+    def _held(self, x) -> list:
+        """The stored output of each row of ``x`` (None where none is held)."""
+        return [self._rows.get(_key(r)) for r in np.asarray(x, np.float32)]
 
     def __len__(self) -> int:
         return len(self._rows)
