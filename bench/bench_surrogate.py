@@ -9,8 +9,8 @@ transfers and ``lift`` leave standing (run here, or read from an earlier run's
 runs once per variant, each on all of them (not chained), with the suite's own settings
 (:mod:`manifold_tf.evaluation.adaptive_suites`); every success is verified by a fresh prediction of
 the full shell, as the suite does. A variant ``SxL`` is ``proxy_steps=S, proxy_labels=L`` (``L``
-``all``: every label); ``full`` is the shell itself. Square searches every label (``SxL`` runs
-Square through the ``S``-step copy); ``default`` is the shell's declared choice
+``all``: every label; Square's labels are the shell's best at ``x``); ``full`` is the shell
+itself; ``default`` is the shell's declared choice
 (``FactorShell.default_proxy``, the suite's default).
 
 Passes per point are base forward+backward passes: the attack's own (gradients, a proxy's
@@ -21,6 +21,7 @@ of the batch; Square's random draws are not, so its share of a chained run diffe
 
     python -m bench.bench_surrogate --data=synthetic --num_points=30
     python -m bench.bench_surrogate --num_points=30 --reuse_run=RUN_DIR --variants=full,5x3
+    python -m bench.bench_surrogate --data=synthetic --attacks=square --attack_epsilon=16
     python -m bench.bench_surrogate --smoke          # a tiny random model, seconds
 
 Writes ``bench/results/bench_surrogate.json`` (``--json`` to change).
@@ -53,6 +54,13 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--variants", default="full,5x3", help="full and SxL, comma-separated")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--reuse_run", default=None, help="an evaluate.py output dir")
+    parser.add_argument(
+        "--attack_epsilon",
+        type=float,
+        default=None,
+        help="the measured attacks' L-inf budget, pixels (default: the threat's; a larger one "
+        "gives an attack that breaks nothing at the threat's budget points to compare on)",
+    )
     parser.add_argument("--smoke", action="store_true", help="a tiny random model and 4 points")
     parser.add_argument(
         "--json",
@@ -72,7 +80,7 @@ def _variant(name: str) -> dict:
     steps, _, labels = name.partition("x")
     try:
         labels = 0 if labels == "all" else int(labels)
-        return dict(proxy_steps=int(steps), proxy_labels=labels, square_proxy_steps=0)
+        return dict(proxy_steps=int(steps), proxy_labels=labels, square_proxy_steps=None)
     except ValueError:
         raise SystemExit(
             f"variant {name!r}: write full or SxL (steps x labels, L may be all)"
@@ -205,7 +213,8 @@ def main(argv=None) -> None:
     for v, settings in variants.items():
         cfg = dataclasses.replace(config, **settings)
         for a in names:
-            broken, passes, seconds = _run(shell, base, cfg, a, xs, ys, xcs, epsilon)
+            eps = epsilon if args.attack_epsilon is None else args.attack_epsilon
+            broken, passes, seconds = _run(shell, base, cfg, a, xs, ys, xcs, eps)
             per[(v, a)] = dict(broken=broken, passes=passes, seconds=seconds)
             partial = {
                 f"{k[0]} {k[1]}": {f: np.asarray(d[f]).tolist() for f in d} for k, d in per.items()

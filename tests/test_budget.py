@@ -222,7 +222,9 @@ def test_the_planned_duration_counts_the_points_the_budget_fits():
 
     full = phases_for(100)
     skip = ("Table 2: the shell", "adaptive: sanity")
-    per_point = sum(p for k, p in full.items() if not k.startswith(skip)) / 100
+    per_point = (
+        estimate.EXPECTED_SHARE * sum(p for k, p in full.items() if not k.startswith(skip)) / 100
+    )  # the expected cost sizes the batches the plan counts
     rate = 1000.0
     batch_s = 30 * per_point / rate
     phases, note = estimate.under_budget(
@@ -240,7 +242,11 @@ def test_the_planned_duration_counts_the_points_the_budget_fits():
     tight, note = estimate.under_budget(
         phases_for, budget_s=0.5 * batch_s, rate=rate, num_points=100, batch_points=30
     )
-    assert tight == phases_for(30) and "Not even one batch fits" in note
+    assert tight == phases_for(15) and "cut to those 15 points" in note  # as fits() cuts it
+    none_fit, note = estimate.under_budget(
+        phases_for, budget_s=0.5 * batch_s / 30, rate=rate, num_points=100, batch_points=30
+    )
+    assert none_fit == phases_for(30) and "Not even one point fits" in note
 
 
 def test_a_batch_is_sized_to_the_time_left_at_the_measured_rate():

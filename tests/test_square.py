@@ -191,6 +191,38 @@ def test_square_breaks_an_mcn_shell_exactly_where_the_linear_base_allows():
     np.testing.assert_array_equal(out.base_passes, 0)
 
 
+def test_square_through_per_point_label_slots_is_square_through_the_shell_when_slots_cover_all(
+    conv,
+):
+    # A proxy searching some labels (issue 22) is queried on each point's own slots. With every
+    # label in the slots (in another order per point) its answers are the shell's, so the attack
+    # must be the same draw for draw: slots follow the points through every query subset.
+    base, x, _ = conv
+    shell = MCNShell(base, 2.0, steps=2)
+    y = predict(shell, x)
+    slots = np.stack([np.roll(np.arange(3), k) for k in range(len(x))]).astype(np.int32)
+    seed = np.arange(len(x)) + 5
+    plain = square(shell, x, y, epsilon=64.0, queries=12, output="probabilities", seed=seed)
+    slotted = square(
+        shell, x, y, epsilon=64.0, queries=12, output="probabilities", seed=seed, slots=slots
+    )
+    assert plain.success.any() and not plain.success.all()  # the queries decide something
+    np.testing.assert_array_equal(slotted.x_adv, plain.x_adv)
+    np.testing.assert_array_equal(slotted.success, plain.success)
+    np.testing.assert_array_equal(slotted.details["queries"], plain.details["queries"])
+    # Restricted to y and one wrong label, a point can be fooled only by that label's search.
+    two = np.stack([y, (y + 1) % 3], axis=1).astype(np.int32)
+    out = square(
+        shell, x, y, epsilon=64.0, queries=12, output="probabilities", seed=seed, slots=two
+    )
+    fooled = out.success
+    np.testing.assert_array_equal(predict(shell, out.x_adv)[fooled] != y[fooled], True)
+    with pytest.raises(ValueError, match=r"slots must be int labels \[N=8"):
+        square(shell, x, y, epsilon=1.0, output="probabilities", slots=two[:3])
+    with pytest.raises(ValueError, match="embed_labels"):
+        square(base, x, y, epsilon=1.0, slots=two)
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input
 

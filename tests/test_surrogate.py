@@ -301,9 +301,10 @@ def test_the_suite_steers_by_the_configured_proxy_and_counts_it(setup, monkeypat
     steps = adaptive_suites.shell_suite(mcn, base, cfg, x, epsilon=2.0, seed=0)
     outs = {s.name: s.run(x, y, np.arange(len(x))) for s in steps if s.name != "lift"}
     assert seen["bpda_restarts"] is seen["bpda_targeted"] is mcn.proxy(steps=1, labels=2)
-    # Square searches every label: its copy is the 1-step one; its queries are base passes.
-    sq, copy = outs["square"], mcn.proxy(steps=1)
-    np.testing.assert_array_equal(sq.shell_predictions, 0)
+    # Square queries the same copy, on y and the shell's 2 best wrong labels at x; its queries
+    # are base passes at the copy's cost, and the shell at x (not known here) one prediction.
+    sq, copy = outs["square"], mcn.proxy(steps=1, labels=2)
+    np.testing.assert_array_equal(sq.shell_predictions, 1)
     np.testing.assert_array_equal(
         sq.base_passes, (sq.details["queries"] + 1) * copy.passes_per_prediction()
     )
@@ -343,7 +344,8 @@ def test_the_plan_counts_the_proxy_at_its_cost(setup):
     assert full["adaptive: bpda on the shell"] == 2 * 10 * pp + 2 * 2 * 10
     # Each run: the shell at its last and best iterate, the proxy in between.
     assert cheap["adaptive: bpda on the shell"] == pytest.approx(2 * (2 * pp + 9 * qq) + 40)
-    assert cheap["adaptive: square on the shell"] == 7 * mcn.proxy(steps=1).passes_per_prediction()
+    square_copy = mcn.proxy(steps=1, labels=1)
+    assert cheap["adaptive: square on the shell"] == 7 * square_copy.passes_per_prediction()
     assert sum(cheap.values()) < sum(full.values())
 
 

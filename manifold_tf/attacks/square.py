@@ -76,8 +76,27 @@ def p_schedule(p_init: float, iteration: int, n_iters: int) -> float:
     return float(p_init) / 2 ** sum(it > k for k in _P_STEPS)
 
 
-def _scorer(model, output: str, image_shape: tuple, batch_size: int | None) -> Callable:
-    """``x`` numpy ``[M, H, W, C]`` -> scores float64 ``[M, K]``, in chunks of ``batch_size``."""
+def _scorer(
+    model, output: str, image_shape: tuple, batch_size: int | None, slots: np.ndarray | None
+) -> Callable:
+    """``(x, idx)`` -> scores float64 ``[M, K]`` of images ``x`` numpy ``[M, H, W, C]`` of the
+    points ``idx`` ``[M]``, in chunks of ``batch_size``."""
+    if slots is not None:  # a proxy searching these labels of each point only
+        chunk = batch_size or max(len(slots), 1)
+
+        def by_slots(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+            parts = [
+                np.asarray(
+                    model.embed_labels(x[i : i + chunk], slots[idx[i : i + chunk]])[
+                        "probabilities"
+                    ],
+                    np.float64,
+                )
+                for i in range(0, len(x), chunk)
+            ]
+            return np.concatenate(parts) if parts else np.zeros((0, 0))
+
+        return by_slots
     if isinstance(model, keras.Model) and not isinstance(model, FactorShell):
         # A base model: one compiled forward pass, traced once for every batch size. (A shell
         # compiles its own search and is called as it is.)
@@ -93,7 +112,8 @@ def _scorer(model, output: str, image_shape: tuple, batch_size: int | None) -> C
     else:
         fn = model
 
-    def score(x: np.ndarray) -> np.ndarray:
+    def score(x: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray:
+        del idx  # every point's scores come from the same model
         step = batch_size or max(len(x), 1)
         parts = [
             np.asarray(fn(tf.convert_to_tensor(x[i : i + step])), np.float64)
@@ -149,6 +169,7 @@ def square(
     seed: int = 0,
     output: str = "logits",
     batch_size: int | None = None,
+    slots: np.ndarray | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> AttackResult:
     """Untargeted L-inf Square attack on any score function (see the module docstring).
@@ -171,6 +192,10 @@ def square(
         the other points of the batch. Same seed, model and inputs give the same output.
       output: ``"logits"`` or ``"probabilities"``, what ``model`` returns (checked on ``x``).
       batch_size: at most this many images per model call (``None``: all still standing at once).
+      slots: for a proxy copy of a shell that searches some labels only
+        (:meth:`~manifold_tf.shells.FactorShell.proxy` with ``labels``): the labels it searches
+        per point, int ``[N, S]`` (:func:`~manifold_tf.attacks.surrogate.proxy_slots`); each
+        query calls its ``embed_labels`` on those.
       progress: optional ``progress(queries_spent, images_standing)``, called after every query
         round; nothing is printed.
 
@@ -198,16 +223,26 @@ def square(
     x = validate_images(x, image_shape=shape).numpy()
     n, h, w, c = x.shape
     point_seed = seeds.per_point(seed, n)  # a bad seed is refused on an empty batch too
+    if slots is not None:
+        slots = np.asarray(slots)
+        if not hasattr(model, "embed_labels") or slots.ndim != 2 or len(slots) != n:
+            raise ValueError(
+                f"slots must be int labels [N={n}, S] for a model with embed_labels (a shell's "
+                f"proxy searching some labels); got shape {slots.shape} for "
+                f"{type(model).__name__}."
+            )
+        slots = slots.astype(np.int32)
     if n == 0:
         validate_labels(y, num_examples=0, num_classes=1)
         return AttackResult.unattacked(
             x, queries=np.zeros(0, np.int32), margin=np.zeros(0, np.float32)
         )
-    score = _scorer(model, output, (h, w, c), batch_size)
+    score = _scorer(model, output, (h, w, c), batch_size, slots)
+    every = np.arange(n)
     eps = np.float32(epsilon)
 
     # Query 1: the clean images (also tells the number of classes and checks the output kind).
-    scores = score(x)
+    scores = score(x, every)
     _check_scores(scores, n, output)
     y = validate_labels(y, num_examples=n, num_classes=scores.shape[1]).numpy()
     best = x.copy()
@@ -216,7 +251,7 @@ def square(
 
     def query(idx: np.ndarray, cand: np.ndarray) -> None:
         """Evaluates ``cand`` for images ``idx``; keeps each candidate that lowers the loss."""
-        new = _margin(score(cand), y[idx], output)
+        new = _margin(score(cand, idx), y[idx], output)
         better = new < loss[idx]
         best[idx[better]] = cand[better]
         loss[idx[better]] = new[better]
@@ -262,7 +297,7 @@ def square(
         query(idx, cand)
 
     # Verification: the model's own answer at x_adv, on every image.
-    final = score(best)
+    final = score(best, every)
     margin = _margin(final, y, output).astype(np.float32)
     return AttackResult(
         best,

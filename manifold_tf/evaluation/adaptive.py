@@ -105,6 +105,9 @@ def sanity_checks(
             {float(epsilon), float(min(2 * epsilon, 255)), float(config.large_epsilon)}
         )
         sweep = []
+        # The sweep checks the BPDA the suite runs: through its proxy, every success confirmed
+        # by the shell (and checked again below), at the proxy's cost.
+        proxy = config.attack_proxy(shell)
         for eps in epsilons:
             out = attacks.bpda(
                 shell,
@@ -114,6 +117,7 @@ def sanity_checks(
                 steps=config.sanity_steps,
                 schedule="apgd",
                 seed=point_seed,
+                proxy=None if proxy is shell else proxy,
             )
             ok = shell_labels(shell, out.x_adv) != y[right]
             sweep.append(dict(epsilon=eps, broken=int(ok.sum()), attacked=int(right.sum())))

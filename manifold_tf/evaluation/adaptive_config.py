@@ -118,10 +118,11 @@ class AdaptiveConfig:
     )
     square_proxy_steps: int | None = setting(
         None,
-        "Square on the shell queries a copy of it with this many inner steps (every label: "
-        "Square cannot tell its points apart); its successes are verified on the shell itself. "
-        "0: the shell's own. Unset: proxy_steps if set, else the shell's measured choice (MCN: "
-        "half its steps).",
+        "Square on the shell queries a copy of it with this many inner steps (and "
+        "proxy_labels wrong labels per point, the shell's best at x; unset: every label); its "
+        "successes are verified on the shell itself. 0: the shell's own steps. Unset: "
+        "proxy_steps if set, else the shell's measured choice (MCN: half its steps, y and 3 "
+        "wrong labels).",
     )
     restarts: int = setting(
         0, "BPDA random restarts (besides the starts at x and at the transfer x')."
@@ -202,16 +203,16 @@ class AdaptiveConfig:
 
     def attack_proxy(self, shell, *, attack: str = "bpda"):
         """The copy of ``shell`` that ``attack`` (``"bpda"``, ``"bpda_targeted"``, ``"square"``)
-        steers by: ``shell.proxy(steps=proxy_steps, labels=proxy_labels)`` (Square: every label,
+        steers by: ``shell.proxy(steps=proxy_steps, labels=proxy_labels)`` (Square's steps:
         ``square_proxy_steps`` or else ``proxy_steps``); ``shell.default_proxy(attack=...)``
         when those are unset; the shell itself when they are 0."""
         check_choice(attack, "attack", PROXIED_ATTACKS)
         if attack == "square":
             steps = self.square_proxy_steps
             steps = self.proxy_steps if steps is None else steps
-            if steps is None:
+            if steps is None and self.proxy_labels is None:
                 return shell.default_proxy(attack="square")
-            return shell.proxy(steps=steps or None)
+            return shell.proxy(steps=steps or None, labels=self.proxy_labels or None)
         if self.proxy_steps is None and self.proxy_labels is None:
             return shell.default_proxy(attack=attack)
         return shell.proxy(steps=self.proxy_steps or None, labels=self.proxy_labels or None)

@@ -28,6 +28,8 @@ from absl import logging
 
 from manifold_tf import attacks, reporting, seeds
 from manifold_tf.attacks import AttackResult, Step
+from manifold_tf.attacks.known import embed
+from manifold_tf.attacks.surrogate import proxy_slots
 from manifold_tf.evaluation.config import AdaptiveConfig
 from manifold_tf.projected import madry_step_size
 
@@ -158,23 +160,48 @@ def shell_suite(
         ),
         "square": lambda: Step(
             "square",
-            lambda xs, ys, idx: _on_proxy(
+            lambda xs, ys, idx: _square(
                 shell,
                 square_model,
-                attacks.square(
-                    square_model,
-                    xs,
-                    ys,
-                    epsilon=epsilon,
-                    queries=config.square_queries,
-                    seed=seeds.take(seed, idx),
-                    output="probabilities",
-                    progress=_square_ticker(f"{desc}: square (queries)", config.square_queries),
-                ),
+                xs,
+                ys,
+                epsilon=epsilon,
+                queries=config.square_queries,
+                seed=seeds.take(seed, idx),
+                known=known,
+                desc=desc,
             ),
         ),
     }
     return [steps[name]() for name in config.shell_attacks]
+
+
+def _square(shell, model, xs, ys, *, epsilon, queries, seed, known, desc) -> AttackResult:
+    """Square on the shell's probabilities through ``model`` (the shell or its proxy); a proxy
+    searching some labels searches ``y`` and the wrong labels the shell ranks best at ``xs`` (its
+    output there is known from the suite's check at ``x``, or paid as one shell prediction)."""
+    slots, paid = None, 0
+    if model is not shell and model.proxy_labels is not None and len(xs):
+        out, paid = embed(shell, xs, known)
+        slots = proxy_slots(shell.scores(out), ys, model.proxy_labels, int(shell.num_classes))
+    result = _on_proxy(
+        shell,
+        model,
+        attacks.square(
+            model,
+            xs,
+            ys,
+            epsilon=epsilon,
+            queries=queries,
+            seed=seed,
+            output="probabilities",
+            slots=slots,
+            progress=_square_ticker(f"{desc}: square (queries)", queries),
+        ),
+    )
+    if paid:
+        result = result.with_cost(shell_predictions=np.ones(len(xs), np.int64))
+    return result
 
 
 def _on_proxy(shell, model, out: AttackResult) -> AttackResult:

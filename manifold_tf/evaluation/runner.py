@@ -270,7 +270,7 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
             batch_points=cfg.batch_points,
             metadata=metadata,
             seconds_per_point=estimate.verdict_seconds_per_point(
-                phases_for(num_points), rate, num_points
+                phases_for(num_points), rate, num_points, expected=True
             ),
         )
         if run is not None:  # the chief writes the reports
@@ -386,7 +386,7 @@ def _comparison(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
             batch_points=cfg.batch_points,
             metadata=metadata,
             seconds_per_point=estimate.verdict_seconds_per_point(
-                _comparison_plan(config, shells, walk, num_points), rate, num_points
+                _comparison_plan(config, shells, walk, num_points), rate, num_points, expected=True
             ),
         )
         if walk is not None:
