@@ -55,6 +55,12 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--reuse_run", default=None, help="an evaluate.py output dir")
     parser.add_argument(
+        "--save_run",
+        default=None,
+        help="write the points standing after the preamble and CW's x' here, in the layout "
+        "--reuse_run reads (a later run skips CW, the transfers and lift)",
+    )
+    parser.add_argument(
         "--attack_epsilon",
         type=float,
         default=None,
@@ -169,6 +175,13 @@ def _standing(args, base, shell, x, y, config, epsilon, cw_kwargs):
         broken=g_x != y,
         verify=lambda xa, idx: adaptive.shell_labels(shell, xa) != y[idx],
     )
+    if args.save_run:
+        folder = os.path.join(args.save_run, "adaptive")
+        os.makedirs(folder, exist_ok=True)
+        by = np.where(run.standing, "", "preamble").tolist()
+        record = dict(indices=list(range(len(y))), labels=y.tolist(), shell_broken_by=by)
+        reporting.write_json(os.path.join(folder, "batch_000.json"), record)
+        np.save(os.path.join(folder, "batch_000_xcw.npy"), x_cw)
     return run.standing, x_cw
 
 

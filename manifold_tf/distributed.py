@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
 import tensorflow as tf
 
 TF_CONFIG = "TF_CONFIG"
@@ -73,6 +74,25 @@ class Workers:
         expected = self.strategy.num_replicas_in_sync
         if int(round(float(total))) != expected:  # a mismatched collective: workers out of step
             raise RuntimeError(f"barrier {name!r}: {float(total)} of {expected} replicas answered.")
+
+    def all_sum(self, values, name: str = "") -> list[float]:
+        """Each entry of ``values`` (floats, the same length on every worker) summed over the
+        workers: a collective, so also a barrier. For one process, ``values`` as floats.
+
+        Raises ``tf.errors.UnavailableError`` when a worker has died (no heartbeat).
+        """
+        values = [float(v) for v in values]
+        if not self.distributed:
+            return values
+        total = self.strategy.reduce(
+            tf.distribute.ReduceOp.SUM,
+            self.strategy.run(lambda: tf.constant(values, tf.float64)),
+            axis=None,
+        )
+        out = [float(v) for v in np.asarray(total).reshape(-1)]
+        if len(out) != len(values):
+            raise RuntimeError(f"all_sum {name!r}: {len(out)} values for {len(values)}.")
+        return out
 
     def chief_first(self, fn, name: str = ""):
         """Runs ``fn()`` on the chief, then on the others (e.g. make a folder, then use it)."""

@@ -38,7 +38,7 @@ DEFENCE = [
     "--adaptive_lift_steps=2",
     "--adaptive_base_apgd_steps=3",
     "--adaptive_targets=1",
-    # Several workers evaluate every planned point (a time budget applies to one process).
+    # Every planned point (test_two_workers_stop_where_one_process_stops: the stopping rules).
     "--adaptive_budget=none",
 ]
 
@@ -175,6 +175,39 @@ def test_two_workers_write_the_same_defence_reports_as_one_process(tmp_path, one
     assert _reports(shared) == one_process
     # Both workers did work: batch files carry no worker tag, but each worker's log names its share.
     assert "[worker 0 of 2 (chief)]" in outs[0][2] and "[worker 1 of 2]" in outs[1][2]
+
+
+def _without(flags: list[str], prefix: str) -> list[str]:
+    return [f for f in flags if not f.startswith(prefix)]
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        ["--adaptive_until=decided", "--adaptive_margin=100"],
+        pytest.param(["--adaptive_budget=1h"], marks=pytest.mark.slow),
+    ],
+    ids=["decided", "budget"],
+)
+def test_two_workers_stop_where_one_process_stops(tmp_path, defence, rule):
+    # The chief asks the rule before each round of batches (one per worker) and every worker
+    # stops, as one process would, after the batch that decided it: the records that count, the
+    # verdict and Table 2 (on the points the verdict reached) are those of one process.
+    flags = [*_without(defence, "--adaptive_budget"), *rule]
+    one = str(tmp_path / "one")
+    single = warm.run(_evaluate(one, *flags), env=subprocess_env(), timeout=900)
+    assert single.returncode == 0, single.stderr[-3000:]
+    shared = str(tmp_path / "two")
+    outs = _finish(_start_workers(_evaluate(shared, *flags)))
+    for rc, _, err in outs:
+        assert rc == 0, err[-3000:]
+    expected, got = _reports(one), _reports(shared)
+    assert got == expected
+    stopping = expected["adaptive.json"]["verdict"]["stopping"]
+    if rule[0].endswith("decided"):
+        assert stopping["rule"] == "decided" and stopping["n"] < 8, stopping
+    # Both workers evaluated batches of the verdict.
+    assert "[worker 1 of 2]" in outs[1][2] and "adaptive" in outs[1][2]
 
 
 @pytest.mark.slow  # default run: the two-worker equality here; test_kill_resume's SIGKILL

@@ -225,11 +225,11 @@ def square(
     point_seed = seeds.per_point(seed, n)  # a bad seed is refused on an empty batch too
     if slots is not None:
         slots = np.asarray(slots)
-        if not hasattr(model, "embed_labels") or slots.ndim != 2 or len(slots) != n:
+        if not isinstance(model, FactorShell) or slots.ndim != 2 or len(slots) != n:
             raise ValueError(
-                f"slots must be int labels [N={n}, S] for a model with embed_labels (a shell's "
-                f"proxy searching some labels); got shape {slots.shape} for "
-                f"{type(model).__name__}."
+                f"slots must be int labels [N={n}, S] for a shell that searches labels one by "
+                f"one (FactorShell.embed_labels: a proxy searching some labels); got shape "
+                f"{slots.shape} for {type(model).__name__}."
             )
         slots = slots.astype(np.int32)
     if n == 0:

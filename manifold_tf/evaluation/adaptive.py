@@ -17,11 +17,9 @@ and with a ``budget`` when its time is spent. The sanity checks of Carlini et al
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 
 import numpy as np
-from absl import logging
 
 from manifold_tf import attacks, reporting, seeds
 from manifold_tf.attacks import run_standing  # noqa: F401  (bench_surrogate reads it here)
@@ -236,23 +234,10 @@ def run_adaptive(
 
     Reuses the CW ``x'`` of a Table-2 run in the same store for the points it has. Under several
     workers each computes its own batches and only the chief returns the :class:`AdaptiveRun`
-    (the others return None); the sequential rule needs the batches in order, so it runs on one.
+    (the others return None); a stopping rule then runs in rounds
+    (:meth:`~manifold_tf.evaluation.adaptive_budget.Schedule.in_rounds`).
     """
     order = walk_order(len(images), seed=seed, kind=permutation)[: config.num_points]
-    if store.workers.distributed:
-        if config.until == "decided":
-            raise ValueError(
-                "--adaptive_until=decided evaluates batches in order in one process; run it "
-                "without TF_CONFIG."
-            )
-        if config.budget is not None:
-            # Workers split the batches and cannot agree on where time ran out: several machines
-            # are for evaluating all num_points.
-            logging.info(
-                f"the time budget {config.budget} applies to one process: the workers "
-                f"evaluate all {len(order)} points"
-            )
-            config = dataclasses.replace(config, budget=None)
     sequential_run = config.until == "decided" or config.budget is not None
     settings = verdict_settings(
         shell.settings(),
@@ -274,25 +259,10 @@ def run_adaptive(
     records = [saved.get(b) for b in range(len(batches))]
     progress = store.progress([len(b) for b in batches], records, "adaptive")
     note = store.load_note(PROTOCOL, adaptive_budget.CUT_NOTE) or dict(cut=[])
-    stop_rule = adaptive_budget.stopping_rule(config, len(images), note, seconds_per_point)
     deadline = adaptive_budget.deadline(config, list(saved.values()), note, clock)
-    stopping = dict(
-        rule="points", reason=f"all {len(order)} planned points were evaluated", n=int(len(order))
-    )
-    for b, idx in enumerate(batches):
-        if sequential_run:
-            # A finished batch was paid for: only the sequential rule may stop before it.
-            left = math.inf if records[b] is not None or deadline is None else deadline.left()
-            why = stop_rule(records[:b], left=left, want=len(idx))
-            if why is not None:
-                stopping, records = why, records[:b]
-                break
-            if all(r is None for r in records[b:]):  # a smaller batch may fit the time left
-                fit = adaptive_budget.fits(records[:b], left, len(idx), seconds_per_point)
-                idx = adaptive_budget.shrink(order, batches, records, b, fit, batch_points)
-        if records[b] is not None or not store.mine(b):
-            continue
-        started = clock()
+
+    def run_batch(b: int, idx: np.ndarray) -> dict | None:
+        """Batch ``b`` evaluated and saved (None: the deadline cut it)."""
         out = adaptive_batch(
             base,
             shell,
@@ -308,11 +278,8 @@ def run_adaptive(
             stop=None if deadline is None else deadline.passed,
             clock=clock,
         )
-        if out is None:  # the deadline cut it: dropped whole, its time counted
-            cut = dict(batch=b, points=len(idx), seconds=clock() - started)
-            stopping = adaptive_budget.cut_stop(config, records[:b], cut, store, PROTOCOL, note)
-            records = records[:b]
-            break
+        if out is None:
+            return None
         record, x_worst, x_cw = out
         record["batch"] = b
         store.save(
@@ -321,7 +288,6 @@ def run_adaptive(
             record,
             arrays={"xadv": x_worst.astype(np.float32), "xcw": x_cw.astype(np.float32)},
         )
-        records[b] = record
         progress.update(
             len(idx),
             extra=(
@@ -329,12 +295,25 @@ def run_adaptive(
                 f"{len(idx)}, base robust {record['base_broken_by'].count('')}/{len(idx)}"
             ),
         )
-    else:
-        why = stop_rule(records, left=math.inf) if sequential_run else None
-        if why is not None and why["rule"] == "decided":  # decided at the last planned batch
-            stopping = why
+        return record
+
+    schedule = adaptive_budget.Schedule(
+        config=config,
+        store=store,
+        protocol=PROTOCOL,
+        order=order,
+        n_total=len(images),
+        batch_points=batch_points,
+        seconds_per_point=seconds_per_point,
+        note=note,
+        clock=clock,
+    )
     if not sequential_run:
-        records = store.gather(PROTOCOL, len(batches))
+        records, stopping = schedule.every_batch(batches, records, run_batch)
+    elif store.workers.distributed:
+        records, stopping = schedule.in_rounds(batches, records, run_batch, deadline)
+    else:
+        records, stopping = schedule.in_order(batches, records, run_batch, deadline)
     if not store.workers.is_chief:
         return None  # the chief runs the sanity checks and writes the reports
     store = store.alone()

@@ -1,5 +1,9 @@
 """When the verdict stops: all planned points, the answer decided, or the time budget spent.
 
+Batches run by :class:`Schedule`: in order in one process, or in rounds of one batch per worker
+under several (the chief decides before each round; a rule met inside a round keeps the batches
+before it, as one process would have stopped there).
+
 The time budget holds within one attack step: :class:`Deadline` is asked between the attack steps
 of a batch (:func:`~manifold_tf.attacks.run_standing`'s ``stop``), and a batch it cuts is dropped
 whole (its points standing then were not attacked by every step: none of them may count as robust,
@@ -14,8 +18,10 @@ session of a resumed run (the batches' seconds and the time of batches it cut), 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -146,3 +152,116 @@ def cut_stop(config: AdaptiveConfig, records: list[dict], cut: dict, store, prot
         n=n,
         cut=cut,
     )
+
+
+@dataclasses.dataclass
+class Schedule:
+    """How a verdict's batches run until its stopping rule holds. ``run_batch(b, idx)`` evaluates
+    and saves batch ``b`` (points ``idx`` of ``order``) and returns its record, or None when the
+    deadline cut it; each method returns ``(records, stopping)``, ``records`` the batches that
+    count (the first of the order) and ``stopping`` why the run ended."""
+
+    config: AdaptiveConfig
+    store: object  # RunStore
+    protocol: str
+    order: np.ndarray
+    n_total: int
+    batch_points: int
+    seconds_per_point: float | None
+    note: dict
+    clock: Callable[[], float] = time.perf_counter
+
+    def __post_init__(self):
+        self.rule = stopping_rule(self.config, self.n_total, self.note, self.seconds_per_point)
+        self.done = dict(
+            rule="points",
+            reason=f"all {len(self.order)} planned points were evaluated",
+            n=int(len(self.order)),
+        )
+
+    def every_batch(self, batches: list, records: list, run_batch) -> tuple[list, dict]:
+        """No stopping rule: this process's batches, then every worker's (a barrier)."""
+        for b, idx in enumerate(batches):
+            if records[b] is None and self.store.mine(b):
+                records[b] = run_batch(b, idx)
+        return self.store.gather(self.protocol, len(batches)), self.done
+
+    def in_order(self, batches: list, records: list, run_batch, deadline) -> tuple[list, dict]:
+        """One process: batch after batch, the rule asked before each, each new batch sized to the
+        time left."""
+        for b in range(len(batches)):
+            idx = batches[b]
+            # A finished batch was paid for: only the sequential rule may stop before it.
+            left = math.inf if records[b] is not None or deadline is None else deadline.left()
+            why = self.rule(records[:b], left=left, want=len(idx))
+            if why is not None:
+                return records[:b], why
+            if records[b] is not None:
+                continue
+            if all(r is None for r in records[b:]):  # a smaller batch may fit the time left
+                fit = fits(records[:b], left, len(idx), self.seconds_per_point)
+                idx = shrink(self.order, batches, records, b, fit, self.batch_points)
+            started = self.clock()
+            record = run_batch(b, idx)
+            if record is None:  # the deadline cut it: dropped whole, its time counted
+                cut = dict(batch=b, points=len(idx), seconds=self.clock() - started)
+                return records[:b], self._cut(records[:b], cut)
+            records[b] = record
+        return records, self._decided_at_end(records)
+
+    def in_rounds(self, batches: list, records: list, run_batch, deadline) -> tuple[list, dict]:
+        """Several workers: rounds of one batch per worker (whole batches: no resizing). Before a
+        round the chief asks the rule (time left, the answer decided) and every worker follows;
+        after it every worker reads the round's records and stops, as one process would have, at
+        the first batch the deadline cut or after which the answer was decided."""
+        workers = self.store.workers
+        for start in range(0, len(batches), workers.count):
+            round_ = range(start, min(start + workers.count, len(batches)))
+            why, failed = None, None
+            if workers.is_chief:
+                left = math.inf if deadline is None else deadline.left()
+                try:
+                    why = self.rule(records[:start], left=left, want=len(batches[start]))
+                except ValueError as e:  # no batch fits: every worker must hear it
+                    failed = e
+            flag = 2.0 if failed is not None else 1.0 if why is not None else 0.0
+            (said,) = workers.all_sum([flag if workers.is_chief else 0.0], "round start")
+            if said == 2.0:
+                raise failed or ValueError(
+                    "the chief stopped the verdict before its first batch (see its log)."
+                )
+            if said == 1.0:
+                return records[:start], why or dict(rule="chief", n=start)
+            cuts = [0.0] * len(round_)
+            for b in round_:
+                if records[b] is None and self.store.mine(b):
+                    started = self.clock()
+                    records[b] = run_batch(b, batches[b])
+                    if records[b] is None:
+                        cuts[b - start] = max(self.clock() - started, 1e-9)
+            cuts = workers.all_sum(cuts, "round end")
+            for b in round_:
+                if records[b] is None and not cuts[b - start]:
+                    records[b] = self.store.load(self.protocol, b)
+            for b in round_:
+                if cuts[b - start]:
+                    cut = dict(batch=b, points=len(batches[b]), seconds=cuts[b - start])
+                    return records[:b], self._cut(records[:b], cut)
+                why = self.rule(records[: b + 1], left=math.inf) if b + 1 < len(batches) else None
+                if why is not None:
+                    return records[: b + 1], why
+        return records, self._decided_at_end(records)
+
+    def _decided_at_end(self, records: list) -> dict:
+        why = self.rule(records, left=math.inf)
+        return why if why is not None and why["rule"] == "decided" else self.done
+
+    def _cut(self, records: list, cut: dict) -> dict:
+        if not self.store.workers.is_chief:  # the chief keeps the note and reports
+            if not records:
+                raise ValueError(
+                    f"the time budget {self.config.budget} ran out inside the first round: no "
+                    f"point was evaluated (see the chief's log)."
+                )
+            return dict(rule="budget", n=sum(len(r["indices"]) for r in records), cut=cut)
+        return cut_stop(self.config, records, cut, self.store, self.protocol, self.note)

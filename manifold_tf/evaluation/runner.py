@@ -247,10 +247,12 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
     )
     logging.info("%s%s", estimate.describe(phases, rate), f"\n{note}" if note else "")
     known_cw = {}
-    if workers.distributed:
-        # Several workers split Table 2's batches, then the verdict's (no budget or sequential
-        # rule there): Table 2 first, so that no worker waits at a barrier while the chief alone
-        # runs the sanity checks and writes the verdict.
+    sequential = suite.attack != "none" and (suite.until == "decided" or suite.budget is not None)
+    table2_first = workers.distributed and not sequential
+    if table2_first:
+        # Several workers split Table 2's batches, then the verdict's: Table 2 first, so that no
+        # worker waits at a barrier while the chief alone runs the sanity checks and writes the
+        # verdict. (With a stopping rule Table 2 follows the verdict, on the points it reached.)
         table2 = _table2(base, shell, x, y, config, store, metadata, walk, known_cw)
     result = None
     if suite.attack != "none":
@@ -277,10 +279,11 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
             result = adaptive_report.write_adaptive_report(
                 run, x, store.alone(), class_names=inputs.class_names
             )
-            if walk is not None and not workers.distributed:
-                walk = sum(len(r["indices"]) for r in run.records)
+        if walk is not None and not table2_first:  # the chief tells every worker how far
+            reached = sum(len(r["indices"]) for r in run.records) if run is not None else 0
+            walk = int(workers.all_sum([reached], "points reached")[0])
         known_cw = adaptive.transfer_points(store)
-    if not workers.distributed:
+    if not table2_first:
         table2 = _table2(base, shell, x, y, config, store, metadata, walk, known_cw)
     report = None
     if table2 is not None:  # the chief writes the reports
