@@ -369,3 +369,23 @@ def test_the_declared_defaults(setup):
     assert only_steps.attack_proxy(mcn, attack="square") is mcn.proxy(steps=1)
     with pytest.raises(ValueError, match="proxy_labels"):
         AdaptiveConfig(proxy_labels=-1)
+
+
+def test_the_copies_a_verdict_steers_by_are_recorded_with_its_settings(setup):
+    # A default copy that changes between sessions must not be resumed into silently: the
+    # resolved copies are part of the settings a run store binds (and compares on --resume).
+    base, x, mcn, ncn = setup
+    from manifold_tf.evaluation import adaptive
+
+    default = AdaptiveConfig()
+    got = default.proxies(mcn)
+    assert set(got) == {"bpda", "bpda_targeted", "square"}
+    assert got["bpda"] == dict(
+        passes_per_prediction=mcn.proxy(steps=2, labels=1).passes_per_prediction(), labels=1
+    )
+    assert got["bpda_targeted"]["labels"] == 3
+    assert AdaptiveConfig(proxy_steps=0, proxy_labels=0, square_proxy_steps=0).proxies(mcn) == {}
+    assert default.proxies(ncn) == {}  # nothing declared: the shell itself, nothing recorded
+    settings = adaptive.shell_settings(mcn, default)
+    assert settings["proxies"] == got and settings["shell"] == "mcn"
+    assert "proxies" not in adaptive.shell_settings(ncn, default)

@@ -174,6 +174,12 @@ def _known_transfer(store, images) -> dict:
     return known
 
 
+def shell_settings(shell, config: AdaptiveConfig) -> dict:
+    """The shell's settings and the copies of it the suite steers by (``proxies``)."""
+    proxies = config.proxies(shell)
+    return {**shell.settings(), **({"proxies": proxies} if proxies else {})}
+
+
 def verdict_settings(
     shell_settings: dict | None,
     config: AdaptiveConfig,
@@ -240,7 +246,7 @@ def run_adaptive(
     order = walk_order(len(images), seed=seed, kind=permutation)[: config.num_points]
     sequential_run = config.until == "decided" or config.budget is not None
     settings = verdict_settings(
-        shell.settings(),
+        shell_settings(shell, config),
         config,
         epsilon=epsilon,
         cw_kwargs=cw_kwargs,

@@ -217,6 +217,21 @@ class AdaptiveConfig:
             return shell.default_proxy(attack=attack)
         return shell.proxy(steps=self.proxy_steps or None, labels=self.proxy_labels or None)
 
+    def proxies(self, shell) -> dict:
+        """What each proxied attack steers by, resolved for ``shell`` (JSON form, recorded with a
+        verdict's settings so that a changed default cannot be resumed into): per attack, the
+        copy's base passes per prediction and its wrong labels per point (None: every label);
+        ``{}`` for a shell that is its own copy throughout."""
+        out = {}
+        for attack in PROXIED_ATTACKS:
+            copy = self.attack_proxy(shell, attack=attack)
+            if copy is not shell:
+                out[attack] = dict(
+                    passes_per_prediction=int(copy.passes_per_prediction()),
+                    labels=copy.proxy_labels,
+                )
+        return out
+
     @property
     def budget_seconds(self) -> float | None:
         """The wall-time budget in seconds (``None``: no budget)."""

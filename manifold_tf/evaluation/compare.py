@@ -136,7 +136,9 @@ def run_comparison(
     subs = {k: store.sub(k) for k in kinds}
     settings = {
         k: subs[k].bind(
-            PROTOCOL, verdict_settings(shells[k].settings(), config, **common), free=free
+            PROTOCOL,
+            verdict_settings(adaptive.shell_settings(shells[k], config), config, **common),
+            free=free,
         )
         for k in kinds
     }
