@@ -23,12 +23,14 @@ import numpy as np
 
 from manifold_tf import attacks, reporting, seeds
 from manifold_tf.attacks import run_standing  # noqa: F401  (bench_surrogate reads it here)
+from manifold_tf.attacks.known import KnownOutputs
 from manifold_tf.evaluation import adaptive_budget
 from manifold_tf.evaluation.adaptive_config import AdaptiveConfig
 from manifold_tf.evaluation.suite_batch import (  # noqa: F401  (this module's API too)
     TransferPoint,
     adaptive_batch,
     shell_labels,
+    verified_labels,
 )
 from manifold_tf.evaluation.walk import continue_batches, walk_order
 
@@ -94,7 +96,8 @@ def sanity_checks(
         )
         idx = order[: config.sanity_points]
         x, y = images[idx].astype(np.float32), labels[idx].astype(np.int64)
-        g_x = shell_labels(shell, x)
+        known = KnownOutputs(shell)  # the sweep's starts at x and its last iterates
+        g_x = shell_labels(shell, x, record=known)
         right = g_x == y
         point_seed = seeds.point_seeds(seed, idx[right])
         zero = attacks.bpda(shell, x[right], y[right], epsilon=0.0, steps=2, seed=point_seed)
@@ -116,8 +119,9 @@ def sanity_checks(
                 schedule="apgd",
                 seed=point_seed,
                 proxy=None if proxy is shell else proxy,
+                known=known,
             )
-            ok = shell_labels(shell, out.x_adv) != y[right]
+            ok = verified_labels(shell, out.x_adv, y[right], known)[0] != y[right]
             sweep.append(dict(epsilon=eps, broken=int(ok.sum()), attacked=int(right.sum())))
         moved = float(np.abs(zero.x_adv - x[right]).max(initial=0.0))
         saved = dict(

@@ -109,13 +109,15 @@ def defence_passes(
         num_points - table2_points, 0
     ) * cw_passes(cw)
     # Per point: the zero-epsilon run (3 predictions), G at x before and after it, and the
-    # epsilon sweep's three BPDA runs, which steer by BPDA's proxy (the shell at each run's start,
-    # end and best iterate), each checked at its x'.
-    sweep = suite.sanity_steps + 1
+    # epsilon sweep's three BPDA runs, which steer by BPDA's proxy (the shell at each run's last
+    # and best iterate; its start, G at x, is known), a standing point's check read from them.
+    sweep = suite.sanity_steps + 1 - known
     if copies["bpda"] is not shell:
         proxied = copies["bpda"].passes_per_prediction() / per_prediction
-        sweep = 3 + (suite.sanity_steps - 1) * proxied
-    phases["adaptive: sanity checks"] = suite.sanity_points * (3 * (sweep + 1) + 5) * per_prediction
+        sweep = 3 - known + (suite.sanity_steps - 1) * proxied
+    phases["adaptive: sanity checks"] = (
+        suite.sanity_points * (3 * (sweep + 1 - known) + 5) * per_prediction
+    )
     return phases
 
 
