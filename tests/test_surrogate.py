@@ -353,9 +353,9 @@ def test_the_declared_defaults(setup):
     base, _, mcn, ncn = setup
     default = AdaptiveConfig()
     # MCN with 4 steps: BPDA through 2 steps on y + 1 label, targeted BPDA through its own 4 steps
-    # on y + the target + 2 labels, Square through 2 steps on y + 3 labels.
+    # on y + the target, Square through 2 steps on y + 3 labels.
     assert default.attack_proxy(mcn) is mcn.default_proxy() is mcn.proxy(steps=2, labels=1)
-    assert default.attack_proxy(mcn, attack="bpda_targeted") is mcn.proxy(labels=3)
+    assert default.attack_proxy(mcn, attack="bpda_targeted") is mcn.proxy(labels=1)
     assert default.attack_proxy(mcn, attack="square") is mcn.proxy(steps=2, labels=3)
     with pytest.raises(ValueError, match="attack"):
         default.attack_proxy(mcn, attack="apgd")
@@ -383,7 +383,7 @@ def test_the_copies_a_verdict_steers_by_are_recorded_with_its_settings(setup):
     assert got["bpda"] == dict(
         passes_per_prediction=mcn.proxy(steps=2, labels=1).passes_per_prediction(), labels=1
     )
-    assert got["bpda_targeted"]["labels"] == 3
+    assert got["bpda_targeted"]["labels"] == 1
     assert AdaptiveConfig(proxy_steps=0, proxy_labels=0, square_proxy_steps=0).proxies(mcn) == {}
     assert default.proxies(ncn) == {}  # nothing declared: the shell itself, nothing recorded
     settings = adaptive.shell_settings(mcn, default)

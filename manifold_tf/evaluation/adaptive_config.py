@@ -107,7 +107,7 @@ class AdaptiveConfig:
         "shell's own; 0: the shell's own). Every success, and each run's first, last and best "
         "iterate, is checked on the shell itself. Unset (with proxy_labels): the shell's "
         "measured choice per attack (FactorShell.default_proxy; MCN: BPDA half its steps on y "
-        "and 1 wrong label, targeted BPDA its own steps on y, the target and 2 other labels, "
+        "and 1 wrong label, targeted BPDA its own steps on y and the target, "
         "BUILD.md; the others: the shell itself).",
     )
     proxy_labels: int | None = setting(

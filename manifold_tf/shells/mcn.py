@@ -146,18 +146,18 @@ class MCNShell(FactorShell):
 
     def default_proxy(self, *, attack: str = "bpda") -> MCNShell:
         """BPDA: half the steps on ``y`` and the best wrong label; targeted BPDA: the shell's own
-        steps on ``y``, the target and the 2 best other labels; Square: half the steps on ``y``
-        and the 3 best wrong labels at ``x``. Measured on MCN_8 (10 steps), the points of the
-        synthetic default's and the CIFAR sample's first 30 that the transfers and lift leave
-        standing: each attack broke the same points as through the shell itself (BUILD.md).
-        Targeted BPDA needs its steps and the labels that compete with its target: through 5
-        steps it broke 2 of the shell's 6 on the synthetic default (on y and the target alone,
-        or with 2 more labels). Square's 30 queries broke none of those points through the shell
-        itself, even at 4x the budget on the CIFAR sample."""
+        steps on ``y`` and the target; Square: half the steps on ``y`` and the 3 best wrong
+        labels at ``x``. Measured on MCN_8 (10 steps), the points of the synthetic default's and
+        the CIFAR sample's first 30 that the transfers and lift leave standing: each attack broke
+        the same points as through the shell itself (BUILD.md). Targeted BPDA needs its steps:
+        through 5 it broke 2 of the shell's 6 on the synthetic default (on y and the target
+        alone, or with 2 more labels), through 10 on y and the target the same 6. Square's 30
+        queries broke none of those points through the shell itself, even at 4x the budget on
+        the CIFAR sample."""
         if attack == "square":
             return self.proxy(steps=max(1, self.steps // 2), labels=3)
         if attack == "bpda_targeted":
-            return self.proxy(labels=3)
+            return self.proxy(labels=1)
         return self.proxy(steps=max(1, self.steps // 2), labels=1)
 
     def embed_labels(self, x, labels) -> dict:
