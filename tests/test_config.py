@@ -308,8 +308,11 @@ def test_the_full_preset_plans_at_most_220000_passes_per_point_for_mcn():
             suite=config.adaptive,
         )
         per_point[name] = sum(phases.values()) / 4
+        if name == "full":  # every attack of the strongest suite is planned, none for free
+            attacks_planned = {k: v for k, v in phases.items() if k.startswith("adaptive: ")}
+            assert all(v > 0 for k, v in attacks_planned.items() if "not in Table 2" not in k)
     assert shell.passes_per_prediction() == 100
-    assert 150_000 < per_point["full"] <= 220_000, per_point
+    assert per_point["full"] <= 220_000, per_point
     assert per_point["full"] >= 10 * per_point["default"], per_point
 
 
