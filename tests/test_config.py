@@ -262,7 +262,7 @@ def test_the_new_adaptive_settings_come_from_flags():
         600.0,
         5,
     )
-    assert cfg.AdaptiveConfig().budget_seconds == 480.0  # the headline's default: 8 minutes
+    assert cfg.AdaptiveConfig().budget_seconds == 540.0  # the headline's default: 9 minutes
     assert cfg.AdaptiveConfig(budget="none").budget_seconds is None
 
 

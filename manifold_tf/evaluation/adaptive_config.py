@@ -81,7 +81,7 @@ class AdaptiveConfig:
         flag="paired_interval",
     )
     budget: str | None = setting(
-        "8m",
+        "9m",
         "Wall-time budget of the adaptive evaluation, e.g. 90s, 10m, 1h, or none. Holds within "
         "one attack step: a batch it cuts is dropped whole, so the points evaluated are the "
         "first n of the order, whole batches (a fixed design: fixed-n interval). --resume with "
