@@ -95,44 +95,7 @@ def sanity_checks(
             ),
         )
         idx = order[: config.sanity_points]
-        x, y = images[idx].astype(np.float32), labels[idx].astype(np.int64)
-        known = KnownOutputs(shell)  # the sweep's starts at x and its last iterates
-        g_x = shell_labels(shell, x, record=known)
-        right = g_x == y
-        point_seed = seeds.point_seeds(seed, idx[right])
-        zero = attacks.bpda(shell, x[right], y[right], epsilon=0.0, steps=2, seed=point_seed)
-        again = shell_labels(shell, x)
-        epsilons = sorted(
-            {float(epsilon), float(min(2 * epsilon, 255)), float(config.large_epsilon)}
-        )
-        sweep = []
-        # The sweep checks the BPDA the suite runs: through its proxy, every success confirmed
-        # by the shell (and checked again below), at the proxy's cost.
-        proxy = config.attack_proxy(shell)
-        for eps in epsilons:
-            out = attacks.bpda(
-                shell,
-                x[right],
-                y[right],
-                epsilon=eps,
-                steps=config.sanity_steps,
-                schedule="apgd",
-                seed=point_seed,
-                proxy=None if proxy is shell else proxy,
-                known=known,
-            )
-            ok = verified_labels(shell, out.x_adv, y[right], known)[0] != y[right]
-            sweep.append(dict(epsilon=eps, broken=int(ok.sum()), attacked=int(right.sum())))
-        moved = float(np.abs(zero.x_adv - x[right]).max(initial=0.0))
-        saved = dict(
-            zero_epsilon=dict(
-                successes=int(np.sum(zero.success)),
-                moved=moved,
-                consistent=bool(np.array_equal(g_x, again)),
-                points=int(right.sum()),
-            ),
-            epsilon_sweep=sweep,
-        )
+        saved = _zero_and_sweep(shell, images[idx], labels[idx], idx, config, epsilon, seed)
         store.save(SANITY, 0, saved)
     if saved is None:
         return dict(
@@ -151,6 +114,45 @@ def sanity_checks(
     )
     failures = [k for k, v in checks.items() if not v["passed"]]
     return dict(checks, passed=not failures, failures=failures)
+
+
+def _zero_and_sweep(shell, x, y, idx, config: AdaptiveConfig, epsilon: float, seed: int) -> dict:
+    """The zero-epsilon check and the epsilon sweep on images ``x`` (points ``idx``), as saved."""
+    x, y = x.astype(np.float32), y.astype(np.int64)
+    known = KnownOutputs(shell)  # the sweep's starts at x and its last iterates
+    g_x = shell_labels(shell, x, record=known)
+    right = g_x == y
+    point_seed = seeds.point_seeds(seed, idx[right])
+    zero = attacks.bpda(shell, x[right], y[right], epsilon=0.0, steps=2, seed=point_seed)
+    again = shell_labels(shell, x)
+    epsilons = sorted({float(epsilon), float(min(2 * epsilon, 255)), float(config.large_epsilon)})
+    sweep = []
+    # The sweep checks the BPDA the suite runs: through its proxy, every success confirmed by the
+    # shell (and checked again below), at the proxy's cost.
+    proxy = config.attack_proxy(shell)
+    for eps in epsilons:
+        out = attacks.bpda(
+            shell,
+            x[right],
+            y[right],
+            epsilon=eps,
+            steps=config.sanity_steps,
+            schedule="apgd",
+            seed=point_seed,
+            proxy=None if proxy is shell else proxy,
+            known=known,
+        )
+        ok = verified_labels(shell, out.x_adv, y[right], known)[0] != y[right]
+        sweep.append(dict(epsilon=eps, broken=int(ok.sum()), attacked=int(right.sum())))
+    return dict(
+        zero_epsilon=dict(
+            successes=int(np.sum(zero.success)),
+            moved=float(np.abs(zero.x_adv - x[right]).max(initial=0.0)),
+            consistent=bool(np.array_equal(g_x, again)),
+            points=int(right.sum()),
+        ),
+        epsilon_sweep=sweep,
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -218,8 +218,9 @@ class Schedule:
         for start in range(0, len(batches), workers.count):
             round_ = range(start, min(start + workers.count, len(batches)))
             why, failed = None, None
-            if workers.is_chief:
-                left = math.inf if deadline is None else deadline.left()
+            if workers.is_chief:  # a finished batch was paid for, as in_order
+                finished = records[start] is not None or deadline is None
+                left = math.inf if finished else deadline.left()
                 try:
                     why = self.rule(records[:start], left=left, want=len(batches[start]))
                 except ValueError as e:  # no batch fits: every worker must hear it
