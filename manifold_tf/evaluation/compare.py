@@ -96,6 +96,35 @@ def _decided(config: AdaptiveConfig, n_total: int):
     return check
 
 
+def _saved_batches(store, subs: dict, order, batch_points: int) -> tuple[list, list, dict]:
+    """``(batches, base_records, {kind: records})`` of a comparison so far: the batches laid out
+    after those the base's half finished, each kind's finished records beside them (a kind new in
+    the comparison has none yet: its suite runs on the finished batches)."""
+    saved_base = {b: store.load(BASE, b) for b in store.finished(BASE)}
+    batches = continue_batches(
+        order, {b: r["indices"] for b, r in saved_base.items()}, batch_points
+    )
+    base_recs = [saved_base.get(b) for b in range(len(batches))]
+    recs = {k: [None] * len(batches) for k in subs}
+    for k, sub in subs.items():
+        for b in sub.finished(PROTOCOL):
+            rec = sub.load(PROTOCOL, b)
+            if (
+                b >= len(batches)
+                or base_recs[b] is None
+                or rec["indices"] != base_recs[b]["indices"]
+            ):
+                raise ValueError(
+                    f"{sub.path(PROTOCOL)}: batch {b} has no matching batch of the base's "
+                    f"suite in {store.path(BASE)} (other points): resume with the settings it "
+                    f"ran with, or --overwrite."
+                )
+            recs[k][b] = rec
+        if base_recs[0] is not None and recs[k][0] is None:
+            logging.info(f"{k}: new in this comparison, its suite runs on the finished batches")
+    return batches, base_recs, recs
+
+
 def run_comparison(
     base,
     shells: dict,
@@ -142,28 +171,7 @@ def run_comparison(
         )
         for k in kinds
     }
-    saved_base = {b: store.load(BASE, b) for b in store.finished(BASE)}
-    batches = continue_batches(
-        order, {b: r["indices"] for b, r in saved_base.items()}, batch_points
-    )
-    base_recs = [saved_base.get(b) for b in range(len(batches))]
-    recs = {k: [None] * len(batches) for k in kinds}
-    for k in kinds:
-        for b in subs[k].finished(PROTOCOL):
-            rec = subs[k].load(PROTOCOL, b)
-            if (
-                b >= len(batches)
-                or base_recs[b] is None
-                or rec["indices"] != base_recs[b]["indices"]
-            ):
-                raise ValueError(
-                    f"{subs[k].path(PROTOCOL)}: batch {b} has no matching batch of the base's "
-                    f"suite in {store.path(BASE)} (other points): resume with the settings it "
-                    f"ran with, or --overwrite."
-                )
-            recs[k][b] = rec
-        if base_recs[0] is not None and recs[k][0] is None:
-            logging.info(f"{k}: new in this comparison, its suite runs on the finished batches")
+    batches, base_recs, recs = _saved_batches(store, subs, order, batch_points)
 
     # Table 2's CW x' where it ran first (a resumed comparison on more points), as run_adaptive.
     known = adaptive._known_transfer(subs[kinds[0]], images)
@@ -299,21 +307,25 @@ def run_comparison(
         if why is not None:  # decided at the last planned batch
             stopping = why
     n_done = len(finished(stopped_at))
-    runs = {}
-    for k in kinds:
-        records = recs[k][:n_done]
-        sanity = adaptive.sanity_checks(
-            shells[k],
-            images,
-            labels,
-            order,
-            config,
-            subs[k],
-            epsilon=epsilon,
-            seed=seed,
-            records=records,
+    runs = {
+        k: AdaptiveRun(
+            recs[k][:n_done],
+            settings[k],
+            adaptive.sanity_checks(
+                shells[k],
+                images,
+                labels,
+                order,
+                config,
+                subs[k],
+                epsilon=epsilon,
+                seed=seed,
+                records=recs[k][:n_done],
+            ),
+            stopping,
         )
-        runs[k] = AdaptiveRun(records, settings[k], sanity, stopping)
+        for k in kinds
+    }
     return Comparison(
         runs=runs,
         base_records=base_recs[:n_done],
