@@ -20,7 +20,9 @@ success ``tau = min(tau, L-inf distance) * 0.9``, ``w`` restarts from the succes
 
 Here every image keeps its own ``(tau, c, Adam state)`` and the whole schedule is one
 ``tf.while_loop`` with one forward+backward pass of the batch per iteration; an image that has
-finished stops changing (its row is still computed: batches are static for XLA). The result per
+finished stops changing (its row is still computed under XLA, whose batches are static; otherwise
+only the running rows go through the model: a robust point's failing last rounds are most of the
+schedule, and the points CW breaks early would pay for them too). The result per
 image is the original's, up to float rounding: the checks happen in the same order.
 """
 
@@ -113,9 +115,11 @@ def _loop(
     schedule=None,
     epsilon=None,
     max_total_iterations=None,
+    compact=False,
 ):
     """The shared loop. ``schedule=None``: fixed (tau, c), one round. Else a dict of the
-    schedule."""
+    schedule. ``compact``: the model sees only the rows still running (a dynamic batch: not
+    under XLA); the others' logits are never read."""
     n = tf.shape(x)[0]
     bshape = [-1] + [1] * (len(x.shape) - 1)
     axes = list(range(1, len(x.shape)))
@@ -149,7 +153,12 @@ def _loop(
         with tf.GradientTape() as tape:
             tape.watch(w)
             xn = from_tanh_space(w)
-            logits = model(xn, training=False)
+            if compact:  # a finished row costs nothing: the schedule's last rounds are long
+                rows = tf.cast(tf.where(active), tf.int32)
+                part = model(tf.gather_nd(xn, rows), training=False)
+                logits = tf.scatter_nd(rows, part, tf.stack([n, tf.shape(part)[-1]]))
+            else:
+                logits = model(xn, training=False)
             onehot = tf.one_hot(labels, tf.shape(logits)[-1], dtype=logits.dtype)
             real = tf.reduce_sum(onehot * logits, axis=-1)
             other = tf.reduce_max(logits - onehot * 1e4 - onehot * logits, axis=-1)
@@ -330,8 +339,10 @@ def cw_schedule(
     min_tau: float,
     stop_within_epsilon: bool = False,
     max_total_iterations: int | None = None,
+    compact: bool = False,
 ) -> dict:
-    """The whole tau/const schedule for a batch (traceable). Units: pixels.
+    """The whole tau/const schedule for a batch (traceable). Units: pixels. ``compact``: only
+    the rows still running go through the model (not under XLA, which needs static shapes).
 
     Returns a dict of tensors: ``x_last``/``has_last``/``distance`` (the last success of the
     schedule, Carlini & Wagner's answer, and its L-inf distance, ``inf`` if none),
@@ -358,6 +369,7 @@ def cw_schedule(
         schedule=schedule,
         epsilon=epsilon,
         max_total_iterations=max_total_iterations,
+        compact=compact,
     )
     return dict(
         total_steps=out.step,

@@ -130,6 +130,32 @@ def test_cw_linf_close_to_minimal_distance():
     assert settings["max_iterations"] == 150 and settings["learning_rate"] == 5e-3
 
 
+def test_cw_schedule_on_the_running_rows_only_is_the_same_search():
+    # Compaction (the model sees only the rows still running) must not change any row's search:
+    # rows are independent, so every output of the schedule is the same with and without it,
+    # on points that finish at very different iterations (some never).
+    from manifold_tf.cw_search import CW_CPU, cw_schedule
+
+    model = helpers.small_conv(seed=4, classes=3, shape=(8, 8, 3))
+    x = helpers.uniform_images(6, (8, 8, 3), seed=5)
+    y = tf.constant(np.argmax(model(x).numpy(), axis=1), tf.int32)
+    settings = dict(CW_CPU, max_iterations=6, largest_const=2.0, stop_within_epsilon=True)
+    outs = {
+        compact: tf.function(
+            lambda xs, ys, c=compact: cw_schedule(
+                model, xs, ys, epsilon=6.0, targeted=False, compact=c, **settings
+            )
+        )(tf.constant(x), y)
+        for compact in (False, True)
+    }
+    its = outs[False]["iterations"].numpy()
+    assert len(set(its.tolist())) > 1  # the rows finish at different iterations
+    for key, value in outs[False].items():
+        np.testing.assert_allclose(outs[True][key].numpy(), value.numpy(), rtol=1e-5, atol=1e-3)
+    np.testing.assert_array_equal(outs[True]["iterations"].numpy(), its)
+    np.testing.assert_array_equal(outs[True]["within"].numpy(), outs[False]["within"].numpy())
+
+
 def test_cw_inner_targeted_fixed_tau(binary):
     model, _, x, y = binary
     target = tf.constant(1 - y, tf.int32)

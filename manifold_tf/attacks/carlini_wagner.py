@@ -85,7 +85,7 @@ def cw_linf(
 
     def build(net):
         def run(x, labels, eps):
-            out = cw_schedule(net, x, labels, epsilon=eps, **settings)
+            out = cw_schedule(net, x, labels, epsilon=eps, compact=not jit_compile, **settings)
             x_adv = projected.project(tf.where(bcast(out["within"], x), out["x_within"], x), x, eps)
             ok = out["within"] & goal(net(x_adv, training=False), labels, settings["targeted"])
             x_adv = tf.where(bcast(ok, x), x_adv, x)
