@@ -22,6 +22,7 @@ of the batch; Square's random draws are not, so its share of a chained run diffe
     python -m bench.bench_surrogate --data=synthetic --num_points=30
     python -m bench.bench_surrogate --num_points=30 --reuse_run=RUN_DIR --variants=full,5x3
     python -m bench.bench_surrogate --data=synthetic --attacks=square --attack_epsilon=16
+    python -m bench.bench_surrogate --shell=hedge --reuse_cw=RUN_DIR --variants=full,5x1
     python -m bench.bench_surrogate --smoke          # a tiny random model, seconds
 
 Writes ``bench/results/bench_surrogate.json`` (``--json`` to change).
@@ -54,6 +55,12 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--variants", default="full,5x3", help="full and SxL, comma-separated")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--reuse_run", default=None, help="an evaluate.py output dir")
+    parser.add_argument(
+        "--reuse_cw",
+        default=None,
+        help="an evaluate.py output dir whose CW x' (adaptive/batch_000_xcw.npy) is reused; the "
+        "transfers and lift run on this shell (for a shell other than that run's)",
+    )
     parser.add_argument(
         "--save_run",
         default=None,
@@ -163,8 +170,13 @@ def _standing(args, base, shell, x, y, config, epsilon, cw_kwargs):
         standing = np.isin(by, ("",) + ATTACKS)
         args.reused_broken_by = by[standing].tolist()  # what that run's suite did there
         return standing, x_cw
-    cw = attacks.cw_linf(base, x, y, epsilon=epsilon, **cw_kwargs)
-    x_cw = cw.x_adv
+    if args.reuse_cw:
+        folder = os.path.join(args.reuse_cw, "adaptive")
+        with open(os.path.join(folder, "batch_000.json")) as f:
+            np.testing.assert_array_equal(json.load(f)["labels"][: len(y)], y)
+        x_cw = np.load(os.path.join(folder, "batch_000_xcw.npy"))[: len(y)]
+    else:
+        x_cw = attacks.cw_linf(base, x, y, epsilon=epsilon, **cw_kwargs).x_adv
     pre = dataclasses.replace(config, shell_attacks=PREAMBLE)
     steps = adaptive_suites.shell_suite(shell, base, pre, x_cw, epsilon=epsilon, seed=0)
     g_x = adaptive.shell_labels(shell, x)

@@ -157,6 +157,7 @@ def _loop(
                 rows = tf.cast(tf.where(active), tf.int32)
                 part = model(tf.gather_nd(xn, rows), training=False)
                 logits = tf.scatter_nd(rows, part, tf.stack([n, tf.shape(part)[-1]]))
+                logits = tf.ensure_shape(logits, [x.shape[0], part.shape[-1]])
             else:
                 logits = model(xn, training=False)
             onehot = tf.one_hot(labels, tf.shape(logits)[-1], dtype=logits.dtype)
@@ -177,6 +178,7 @@ def _loop(
             loss = const * loss1 + loss2
             total = tf.reduce_sum(tf.where(active, loss, 0.0))
         g = tape.gradient(total, w, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        g = tf.ensure_shape(tf.convert_to_tensor(g), w.shape)  # static batches stay static
         stepping = active & ~succ & ~failed
         it = tf.where(exhausted, 0, it)
         # Adam exactly as tf.compat.v1.train.AdamOptimizer, per example (its own step count t).

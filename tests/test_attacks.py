@@ -154,6 +154,11 @@ def test_cw_schedule_on_the_running_rows_only_is_the_same_search():
         np.testing.assert_allclose(outs[True][key].numpy(), value.numpy(), rtol=1e-5, atol=1e-3)
     np.testing.assert_array_equal(outs[True]["iterations"].numpy(), its)
     np.testing.assert_array_equal(outs[True]["within"].numpy(), outs[False]["within"].numpy())
+    # Through the attack (compiled with static shapes), one point and several: the loop's
+    # variables keep their shapes although the model sees a dynamic batch.
+    for n in (1, 3):
+        out = attacks.cw_linf(model, x[:n], y.numpy()[:n], epsilon=6.0, **settings)
+        np.testing.assert_array_equal(out.details["iterations"], its[:n])
 
 
 def test_cw_inner_targeted_fixed_tau(binary):
