@@ -359,9 +359,13 @@ def test_the_declared_defaults(setup):
     assert default.attack_proxy(mcn, attack="square") is mcn.proxy(steps=2, labels=3)
     with pytest.raises(ValueError, match="attack"):
         default.attack_proxy(mcn, attack="apgd")
-    for shell in (ncn, HedgeShell(base, 4.0, steps=6), Declares(base)):  # nothing measured
+    for shell in (ncn, Declares(base)):  # nothing measured
         assert default.attack_proxy(shell) is shell
         assert default.attack_proxy(shell, attack="square") is shell
+    hedge = HedgeShell(base, 4.0, steps=6)  # BPDA's copies: 5 steps (Croce et al.), Square: itself
+    assert default.attack_proxy(hedge) is hedge.proxy(steps=5)
+    assert default.attack_proxy(hedge, attack="bpda_targeted") is hedge.proxy(steps=5)
+    assert default.attack_proxy(hedge, attack="square") is hedge
     off = AdaptiveConfig(proxy_steps=0, proxy_labels=0, square_proxy_steps=0)
     assert off.attack_proxy(mcn) is mcn and off.attack_proxy(mcn, attack="square") is mcn
     only_steps = AdaptiveConfig(proxy_steps=1)  # labels unset: every label

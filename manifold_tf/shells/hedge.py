@@ -130,6 +130,15 @@ class HedgeShell(FactorShell):
             return self
         return self._cached_proxy((steps, None), lambda: self._replace(steps=steps))
 
+    def default_proxy(self, *, attack: str = "bpda") -> HedgeShell:
+        """BPDA and targeted BPDA: 5 of the shell's steps (at most its own), Croce et al.'s
+        choice; Square: the shell itself (not measured). Measured on Hedge (20 steps, EOT 4), the
+        CIFAR sample's first 30 points, the 13 the transfers and lift leave standing: through the
+        5-step copy each attack broke the same points as through the shell itself (BUILD.md)."""
+        if attack == "square":
+            return self
+        return self.proxy(steps=min(5, self.steps))
+
     @property
     def search_radius(self) -> float:
         """``delta``, pixels."""
