@@ -353,10 +353,10 @@ def test_the_declared_defaults(setup):
     base, _, mcn, ncn = setup
     default = AdaptiveConfig()
     # MCN with 4 steps: BPDA through 2 steps on y + 1 label, targeted BPDA through its own 4 steps
-    # on y + the target, Square through 2 steps on y + 3 labels.
+    # on y + the target, Square through 2 steps on y + 1 label.
     assert default.attack_proxy(mcn) is mcn.default_proxy() is mcn.proxy(steps=2, labels=1)
     assert default.attack_proxy(mcn, attack="bpda_targeted") is mcn.proxy(labels=1)
-    assert default.attack_proxy(mcn, attack="square") is mcn.proxy(steps=2, labels=3)
+    assert default.attack_proxy(mcn, attack="square") is mcn.proxy(steps=2, labels=1)
     with pytest.raises(ValueError, match="attack"):
         default.attack_proxy(mcn, attack="apgd")
     for shell in (ncn, Declares(base)):  # nothing measured

@@ -121,8 +121,8 @@ class AdaptiveConfig:
         "Square on the shell queries a copy of it with this many inner steps (and "
         "proxy_labels wrong labels per point, the shell's best at x; unset: every label); its "
         "successes are verified on the shell itself. 0: the shell's own steps. Unset: "
-        "proxy_steps if set, else the shell's measured choice (MCN: half its steps, y and 3 "
-        "wrong labels).",
+        "proxy_steps if set, else the shell's measured choice (MCN: half its steps, y and the "
+        "best wrong label at x).",
     )
     restarts: int = setting(
         0, "BPDA random restarts (besides the starts at x and at the transfer x')."

@@ -146,16 +146,16 @@ class MCNShell(FactorShell):
 
     def default_proxy(self, *, attack: str = "bpda") -> MCNShell:
         """BPDA: half the steps on ``y`` and the best wrong label; targeted BPDA: the shell's own
-        steps on ``y`` and the target; Square: half the steps on ``y`` and the 3 best wrong
-        labels at ``x``. Measured on MCN_8 (10 steps), the points of the synthetic default's and
+        steps on ``y`` and the target; Square: half the steps on ``y`` and the best wrong label
+        at ``x``. Measured on MCN_8 (10 steps), the points of the synthetic default's and
         the CIFAR sample's first 30 that the transfers and lift leave standing: each attack broke
         the same points as through the shell itself (BUILD.md). Targeted BPDA needs its steps:
         through 5 it broke 2 of the shell's 6 on the synthetic default (on y and the target
         alone, or with 2 more labels), through 10 on y and the target the same 6. Square's 30
         queries break none of those points at 8 px; at 32 px on the synthetic default's, its copy
-        broke the same 9 as through the shell itself."""
+        on ``y`` and 1, 2 or 3 labels broke the same 9 as through the shell itself."""
         if attack == "square":
-            return self.proxy(steps=max(1, self.steps // 2), labels=3)
+            return self.proxy(steps=max(1, self.steps // 2), labels=1)
         if attack == "bpda_targeted":
             return self.proxy(labels=1)
         return self.proxy(steps=max(1, self.steps // 2), labels=1)
