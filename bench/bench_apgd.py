@@ -190,12 +190,13 @@ def main(argv=None) -> dict:
         )
         return robust
 
-    kw = dict(
-        epsilon=eps, steps=steps, restarts=restarts, seed=args.seed, jit_compile=args.jit_compile
+    settings = attacks.APGDSettings(
+        steps=steps, restarts=restarts, num_targets=args.num_targets, jit_compile=args.jit_compile
     )
+    kw = dict(epsilon=eps, settings=settings, seed=args.seed)
     ours = {
         "APGD-CE": lambda a, b: attacks.apgd_ce(model, a, b, **kw),
-        "APGD-T": lambda a, b: attacks.apgd_t(model, a, b, num_targets=args.num_targets, **kw),
+        "APGD-T": lambda a, b: attacks.apgd_t(model, a, b, **kw),
     }
     if args.dlr:
         ours["APGD-DLR"] = lambda a, b: attacks.apgd_dlr(model, a, b, **kw)

@@ -5,7 +5,7 @@ One run, one model, one set of points:
    compiled, same batch): the ceiling for any gradient attack;
 2. ``attacks.pgd`` and ``attacks.cw_linf``: passes per second (images x gradient steps /
    seconds) and success rate (CW: its batched loop's passes, and the ones each point used, from
-   the ``AttackResult``'s ``details["iterations"]``; its knobs from ``attacks.cw_settings``);
+   the ``AttackResult``'s ``details["iterations"]``; its knobs, ``attacks.CWSettings``);
 3. ART 1.20 (``bench/requirements-bench.txt``): ``ProjectedGradientDescent`` and
    ``CarliniLInfMethod`` through ``TensorFlowV2Classifier`` at the same settings.
 
@@ -32,6 +32,7 @@ set's nearest-centre model, one repeat) skips it with a note.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -164,13 +165,15 @@ def main(argv=None) -> dict:
     result["raw"] = dict(passes_per_second=raw_rate, seconds_for_k_steps=t_raw)
     rows.append(row("raw fwd+bwd (ceiling)", n, raw_rate, 1.0, None, t_raw))
 
-    pgd_kw = dict(
-        epsilon=eps, steps=k, step_size=args.pgd_step_size, random_start=True, seed=args.seed
-    )
+    pgd_kw = dict(epsilon=eps, steps=k, step_size=args.pgd_step_size, seed=args.seed)
+    pgd_settings = attacks.PGDSettings(random_start=True)
     for jit in [False] if args.no_jit_compare else [False, True]:
-        attacks.pgd(model, x, y, jit_compile=jit, **pgd_kw)  # compile
+        attacks.pgd(model, x, y, settings=pgd_settings, jit_compile=jit, **pgd_kw)  # compile
         t, x_adv = best_time(
-            lambda jit=jit: attacks.pgd(model, x, y, jit_compile=jit, **pgd_kw).x_adv, reps
+            lambda jit=jit: (
+                attacks.pgd(model, x, y, settings=pgd_settings, jit_compile=jit, **pgd_kw).x_adv
+            ),
+            reps,
         )
         rate = n * k / t
         ok = misclassified(model, x_adv, y)
@@ -180,19 +183,29 @@ def main(argv=None) -> dict:
             ratio_to_raw=rate / raw_rate,
             seconds=t,
             success_rate=float(ok.mean()),
-            settings=dict(pgd_kw, jit_compile=jit),
+            settings=dict(
+                epsilon=eps,
+                steps=k,
+                step_size=args.pgd_step_size,
+                random_start=True,
+                seed=args.seed,
+                jit_compile=jit,
+            ),
         )
         rows.append(
             row(f"ours PGD-{k}{' XLA' if jit else ''}", n, rate, rate / raw_rate, ok.mean(), t)
         )
 
-    knobs = dict(max_iterations=args.cw_max_iterations, learning_rate=args.cw_learning_rate)
-    cw_kw = dict(knobs, epsilon=eps)
+    cw = attacks.CWSettings(
+        max_iterations=args.cw_max_iterations, learning_rate=args.cw_learning_rate
+    )
     m = min(args.art_cw_images, n)
     for name, sl in (("cw_linf_all", slice(None)), ("cw_linf_subset", slice(0, m))):
         # An untimed call first: cw_linf traces once per settings and batch size.
         timed = timing.time_call(
-            lambda sl=sl: attacks.cw_linf(model, x[sl], y[sl], **cw_kw), repeats=1, warmup=1
+            lambda sl=sl: attacks.cw_linf(model, x[sl], y[sl], epsilon=eps, settings=cw),
+            repeats=1,
+            warmup=1,
         )
         t, out = timed["min_s"], timed["result"]
         iterations = out.details["iterations"]
@@ -209,7 +222,7 @@ def main(argv=None) -> dict:
             success_rate=float(ok.mean()),
             points=len(x[sl]),
             median_distance=float(np.median(out.details["distance"])),
-            settings=attacks.cw_settings(**knobs),
+            settings=dataclasses.asdict(cw),
         )
         rows.append(
             row(
@@ -223,7 +236,7 @@ def main(argv=None) -> dict:
         )
 
     if use_art:
-        rows += run_art(model, x, y, eps, k, m, cw_kw, result, args)
+        rows += run_art(model, x, y, eps, k, m, cw, result, args)
 
     if "art_cw_linf" in result:
         result["cw_speedup_vs_art"] = (
@@ -251,7 +264,7 @@ def row(attack, points, rate, ratio, success, seconds):
     }
 
 
-def run_art(model, x, y, eps, k, m, cw_kw, result, args):
+def run_art(model, x, y, eps, k, m, cw_settings: attacks.CWSettings, result, args):
     # deferred: ART is optional (bench/requirements-bench.txt).
     import keras
     from art.attacks.evasion import CarliniLInfMethod, ProjectedGradientDescent
@@ -314,8 +327,8 @@ def run_art(model, x, y, eps, k, m, cw_kw, result, args):
     )
     cw = CarliniLInfMethod(
         clf01,
-        learning_rate=cw_kw["learning_rate"],
-        max_iter=cw_kw["max_iterations"],
+        learning_rate=cw_settings.learning_rate,
+        max_iter=cw_settings.max_iterations,
         initial_const=1e-5,
         largest_const=20.0,
         const_factor=2.0,
@@ -331,8 +344,8 @@ def run_art(model, x, y, eps, k, m, cw_kw, result, args):
         points=m,
         median_distance=float(np.median(linf(x_adv, x[:m]))),
         settings=dict(
-            learning_rate=cw_kw["learning_rate"],
-            max_iter=cw_kw["max_iterations"],
+            learning_rate=cw_settings.learning_rate,
+            max_iter=cw_settings.max_iterations,
             initial_const=1e-5,
             largest_const=20.0,
             const_factor=2.0,

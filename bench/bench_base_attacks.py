@@ -134,11 +134,22 @@ def main(argv=None) -> dict:
     bf16 = _float32_logits(bf16)
     models = {"f32": (f32, False), "f32_xla": (f32, True), "bf16": (bf16, False)}
     models["bf16_xla"] = (bf16, True)
-    common = dict(epsilon=args.epsilon, steps=args.steps, seed=args.seed)
+
+    def settings(jit_compile: bool, early_exit: bool):
+        return attacks.APGDSettings(
+            steps=args.steps,
+            num_targets=args.num_targets,
+            early_exit=early_exit,
+            jit_compile=jit_compile,
+        )
+
+    common = dict(epsilon=args.epsilon, seed=args.seed)
     kinds = {
-        "apgd_ce": lambda m, xs, ys, **kw: attacks.apgd_ce(m, xs, ys, **common, **kw),
+        "apgd_ce": lambda m, xs, ys, **kw: attacks.apgd_ce(
+            m, xs, ys, settings=settings(**kw), **common
+        ),
         "apgd_t": lambda m, xs, ys, **kw: attacks.apgd_t(
-            m, xs, ys, num_targets=args.num_targets, **common, **kw
+            m, xs, ys, settings=settings(**kw), **common
         ),
     }
     plan = [("f32", False), ("f32", True)] + [(v, True) for v in args.variants]

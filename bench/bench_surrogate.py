@@ -124,7 +124,9 @@ def _setup(args):
         config = dataclasses.replace(
             config, steps=3, lift_steps=3, square_queries=4, targets=1, num_points=len(x)
         )
-        cw = dict(max_iterations=5, initial_const=0.01, largest_const=1.0)
+        from manifold_tf.attacks import CWSettings  # deferred: as above
+
+        cw = CWSettings(max_iterations=5, initial_const=0.01, largest_const=1.0)
         return base, shell, x, y, config, 2.0, cw, "smoke"
     if args.data == "synthetic":
         os.environ[data.DATA_DIR_ENV] = ""
@@ -148,7 +150,7 @@ def _setup(args):
         labels[idx].astype(np.int64),
         config.adaptive,
         config.threat.epsilon,
-        config.defence.attack.cw_kwargs(),
+        config.defence.attack.cw_settings,
         f"{inputs.dataset}: {inputs.note}",
     )
 
@@ -176,7 +178,7 @@ def _standing(args, base, shell, x, y, config, epsilon, cw_kwargs):
             np.testing.assert_array_equal(json.load(f)["labels"][: len(y)], y)
         x_cw = np.load(os.path.join(folder, "batch_000_xcw.npy"))[: len(y)]
     else:
-        x_cw = attacks.cw_linf(base, x, y, epsilon=epsilon, **cw_kwargs).x_adv
+        x_cw = attacks.cw_linf(base, x, y, epsilon=epsilon, settings=cw_kwargs).x_adv
     pre = dataclasses.replace(config, shell_attacks=PREAMBLE)
     steps = adaptive_suites.shell_suite(shell, base, pre, x_cw, epsilon=epsilon, seed=0)
     g_x = adaptive.shell_labels(shell, x)

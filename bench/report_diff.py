@@ -53,7 +53,7 @@ def diff(a, b, where: str = "", *, tol: float = 0.0) -> list[str]:
         if len(a) != len(b):
             return [f"{where}: {len(a)} items != {len(b)}"]
         out = []
-        for i, (u, v) in enumerate(zip(a, b)):
+        for i, (u, v) in enumerate(zip(a, b, strict=True)):
             out += diff(u, v, f"{where}[{i}]", tol=tol)
         return out
     if isinstance(a, float) and isinstance(b, float):

@@ -14,6 +14,7 @@ Units: pixels (0..255); ``radius`` and ``step_size`` are in pixel units.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -69,6 +70,25 @@ def random_start_rows(x: tf.Tensor, radius, keys) -> tf.Tensor:
 ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON = 0.9, 0.999, 1e-8  # tf.compat.v1.train.AdamOptimizer's
 
 
+@dataclasses.dataclass(frozen=True)
+class AdamConstants:
+    """Adam's constants for :func:`projected_ascent` (default: ``tf.compat.v1``'s optimiser)."""
+
+    beta1: float = ADAM_BETA1
+    beta2: float = ADAM_BETA2
+    epsilon: float = ADAM_EPSILON
+
+    def __post_init__(self) -> None:
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must lie in [0, 1); got {getattr(self, name)!r}.")
+        if not 0.0 < self.epsilon < float("inf"):
+            raise ValueError(f"epsilon must be a finite number > 0; got {self.epsilon!r}.")
+
+
+ADAM = AdamConstants()
+
+
 def adam_step(
     g,
     m,
@@ -120,9 +140,7 @@ def projected_ascent(
     steps: int,
     step_size,
     optimizer: str = "sign",
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    adam_epsilon: float = 1e-8,
+    adam: AdamConstants = ADAM,
     return_best: bool = True,
     unroll: bool = False,
 ) -> tuple[tf.Tensor, tf.Tensor]:
@@ -138,7 +156,7 @@ def projected_ascent(
       steps: number of gradient steps ``K`` (each one forward+backward pass).
       step_size: pixels per step. ``"sign"``: ``z += step_size * sign(grad)`` (PGD).
         ``"adam"``: Adam on ``z`` with learning rate ``step_size`` (bias-corrected moments).
-      optimizer: ``"sign"`` or ``"adam"``.
+      optimizer: ``"sign"`` or ``"adam"``; ``adam``: its constants (:class:`AdamConstants`).
       return_best: keep the best iterate (default). ``False`` returns the last iterate and skips
         the final forward pass (``f_best`` is then the objective at the previous iterate); this is
         Madry et al.'s PGD as used in adversarial training.
@@ -177,7 +195,7 @@ def projected_ascent(
             z_new = z + step_size * tf.sign(g)
         else:
             delta, m, v = adam_step(
-                g, m, v, i + 1, step_size, beta1=beta1, beta2=beta2, epsilon=adam_epsilon
+                g, m, v, i + 1, step_size, beta1=adam.beta1, beta2=adam.beta2, epsilon=adam.epsilon
             )
             z_new = z + delta
         return i + 1, project(z_new, x, radius), m, v, z_best, f_best
@@ -339,9 +357,9 @@ def apgd_iterate(
     since_last = tf.constant(since_last, x.dtype)
     keep = _keep
 
-    def body(
-        i, z, z_prev, f_prev, eta, count, f_last, reduced_last, z_best, f_best, g_best, z_ok, f_ok
-    ):
+    def body(*carry):  # the fields of an APGDState
+        i, z, z_prev, f_prev, eta, count, f_last, reduced_last = carry[:8]
+        z_best, f_best, g_best, z_ok, f_ok = carry[8:]
         f, ok, g, _ = _evaluate(objective, z)
         count += tf.cast(f > f_prev, count.dtype)
         z_best, f_best, z_ok, f_ok, better = _keep_best(z, f, ok, z_best, f_best, z_ok, f_ok)
@@ -360,21 +378,8 @@ def apgd_iterate(
         a = tf.where(i > 0, tf.constant(alpha, x.dtype), tf.constant(1.0, x.dtype))
         z_step = project(z + eta * tf.sign(g), x, radius)
         z_new = project(z + a * (z_step - z) + (1.0 - a) * (z - z_prev), x, radius)
-        return (
-            i + 1,
-            z_new,
-            z,
-            f,
-            eta,
-            count,
-            f_last,
-            reduced_last,
-            z_best,
-            f_best,
-            g_best,
-            z_ok,
-            f_ok,
-        )
+        out = (i + 1, z_new, z, f, eta, count, f_last, reduced_last)
+        return out + (z_best, f_best, g_best, z_ok, f_ok)
 
     out = tf.while_loop(
         lambda i, *_: i < tf.minimum(stop, steps), body, tuple(state), maximum_iterations=steps

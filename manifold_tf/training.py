@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from manifold_tf import checkpoints, interrupts, models, reporting
+from manifold_tf import checkpoints, models, reporting, training_callbacks
 from manifold_tf import data as data_lib
 from manifold_tf.distributed import SINGLE, Workers, remove_scratch, scratch_dir
 from manifold_tf.early_stopping import HOLDOUT_LOG, HoldoutMonitor, split_holdout
@@ -172,66 +172,6 @@ class TrainConfig:
             raise ValueError(f"strategy must be one of {STRATEGIES}; got {self.strategy!r}.")
 
 
-class _ProgressLogger(keras.callbacks.Callback):
-    """Prints step counts, examples/s, ETA and the running loss/accuracy every ``every`` steps."""
-
-    def __init__(self, start_step: int, total_steps: int, batch_size: int, every: int):
-        super().__init__()
-        self.progress = reporting.Progress(total_steps, "train", unit="steps", initial=start_step)
-        self.batch_size = batch_size
-        self.every = every
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.progress.done += 1
-        if self.progress.done % self.every == 0 or self.progress.done == self.progress.total:
-            logs = logs or {}
-            ex_s = self.progress.rate * self.batch_size
-            metrics = ", ".join(f"{k} {float(v):.4f}" for k, v in logs.items())
-            logging.info(f"{self.progress.line()}, {ex_s:.1f} examples/s, {metrics}")
-
-
-class _SyncStatistics(keras.callbacks.Callback):
-    """Averages the BN moving statistics over the replicas at the end of each checkpoint interval.
-
-    Keras updates them per replica from the replica's own batch, so under a multi-replica strategy
-    each worker would otherwise hold (measure on held-out data, and save) slightly different
-    statistics; their mean approximates statistics over the global batch. Runs before the held-out
-    check, so every worker measures the same model and takes the same early-stopping decision.
-    """
-
-    def __init__(self, strategy: tf.distribute.Strategy, variables: list):
-        super().__init__()
-        self.strategy = strategy
-        self.variables = variables
-
-    def on_epoch_end(self, epoch, logs=None):
-        for v in self.variables:
-            local = self.strategy.run(lambda v=v: tf.identity(v))
-            v.assign(self.strategy.reduce(tf.distribute.ReduceOp.MEAN, local, axis=None))
-
-
-class _Checkpointer(keras.callbacks.Callback):
-    """Saves a checkpoint at the end of every interval and at the last step (``total``), which
-    ends the run: ``steps`` need not be a multiple of ``checkpoint_every``. Each saved checkpoint is
-    a safe point (:func:`manifold_tf.interrupts.check`) where a SIGINT/SIGTERM stops the run."""
-
-    def __init__(self, manager: tf.train.CheckpointManager, optimizer, total: int | None = None):
-        super().__init__()
-        self.manager = manager
-        self.optimizer = optimizer
-        self.total = total
-
-    def on_train_batch_end(self, batch, logs=None):
-        if self.total is not None and int(self.optimizer.iterations.numpy()) >= self.total:
-            self.model.stop_training = True  # Keras still ends the epoch: on_epoch_end saves
-
-    def on_epoch_end(self, epoch, logs=None):
-        step = int(self.optimizer.iterations.numpy())
-        path = self.manager.save(checkpoint_number=step)
-        logging.info(f"checkpoint: {path}")
-        interrupts.check(f"after checkpoint {path}")
-
-
 def _strategy(name: str, workers: Workers) -> tf.distribute.Strategy:
     if name == "multi_worker":
         if not workers.distributed:
@@ -342,26 +282,77 @@ def _run(
     train_arrays,
 ) -> keras.Model:
     """The training run of :func:`train`, writing into ``own_dir`` (``model_dir`` on the chief)."""
-    if train_arrays is None:
-        folder = config.data_dir or (
-            data_lib.default_data_dir() if config.dataset == "cifar10" else None
-        )
-        train_arrays = data_lib.load_arrays(config.dataset, "train", folder)
-    images, labels = train_arrays
-    callbacks = []
-    history_path = os.path.join(model_dir, HOLDOUT_LOG)
-    history = {"entries": [], "best": None}
-    if config.holdout:
-        images, labels, held_x, held_y = split_holdout(images, labels, config.holdout, config.seed)
-        if resume and os.path.exists(history_path):
-            history = reporting.read_json(history_path)
-
+    images, labels, held, history = _training_data(config, model_dir, resume, train_arrays)
     with strategy.scope():
         trainer = build_trainer(config)
         if config.init_from:
             source = checkpoints.load_model_weights(config.init_from, width=config.width)
             trainer.base.set_weights(source.get_weights())
             trainer.reset_average()
+    manager, start = _restore(
+        config, trainer, model_dir, own_dir, workers, history, resume=resume, overwrite=overwrite
+    )
+    callbacks = []
+    if strategy.num_replicas_in_sync > 1:
+        callbacks.append(
+            training_callbacks.SyncStatistics(strategy, trainer.base.non_trainable_variables)
+        )
+    if config.holdout:
+        callbacks.append(HoldoutMonitor(config, own_dir, *held, history))
+    if start >= config.steps:
+        logging.info(f"already trained for {start} >= {config.steps} steps")
+    elif history.get("stopped"):
+        logging.info(
+            f"not resuming: the run stopped at step {history['stopped']['step']}: "
+            f"{history['stopped']['reason']}"
+        )
+    else:
+        _fit(config, trainer, manager, (images, labels), start, callbacks, own_dir)
+    final = os.path.join(own_dir, FINAL_WEIGHTS)
+    tmp = os.path.join(own_dir, ".tmp-" + FINAL_WEIGHTS)
+    model = trainer.averaged_base()
+    model.save(tmp)
+    os.replace(tmp, final)
+    if workers.is_chief:
+        logging.info(f"final weights: {final}")
+    return model
+
+
+def _training_data(config: TrainConfig, model_dir: str, resume: bool, train_arrays):
+    """``(images, labels, held, history)``: the training arrays (``train_arrays`` or loaded),
+    without the held-out part ``held`` (``(x, y)``, or None without ``config.holdout``), and the
+    held-out log ``history`` (the saved one on resume)."""
+    if train_arrays is None:
+        folder = config.data_dir or (
+            data_lib.default_data_dir() if config.dataset == "cifar10" else None
+        )
+        train_arrays = data_lib.load_arrays(config.dataset, "train", folder)
+    images, labels = train_arrays
+    history_path = os.path.join(model_dir, HOLDOUT_LOG)
+    history = {"entries": [], "best": None}
+    held = None
+    if config.holdout:
+        images, labels, held_x, held_y = split_holdout(images, labels, config.holdout, config.seed)
+        held = (held_x, held_y)
+        if resume and os.path.exists(history_path):
+            history = reporting.read_json(history_path)
+    return images, labels, held, history
+
+
+def _restore(
+    config: TrainConfig,
+    trainer: AdversarialTrainer,
+    model_dir: str,
+    own_dir: str,
+    workers: Workers,
+    history: dict,
+    *,
+    resume: bool,
+    overwrite: bool,
+) -> tuple[tf.train.CheckpointManager, int]:
+    """``(manager, start)``: the checkpoint manager writing into ``own_dir`` and the step the run
+    starts at (the chief's latest checkpoint's on resume, restored into ``trainer``; ``history``
+    is cut back to it). ``overwrite`` clears the old checkpoints."""
     # Keras does not expose the trainer's own weights (the averages) to tf.train.Checkpoint: name
     # them.
     ckpt = tf.train.Checkpoint(
@@ -388,44 +379,41 @@ def _run(
             f"checkpoint step {start} is not a multiple of "
             f"checkpoint_every={config.checkpoint_every}."
         )
-    if strategy.num_replicas_in_sync > 1:
-        callbacks.append(_SyncStatistics(strategy, trainer.base.non_trainable_variables))
-    if config.holdout:
-        callbacks.append(HoldoutMonitor(config, own_dir, held_x, held_y, history))
-    if start >= config.steps:
-        logging.info(f"already trained for {start} >= {config.steps} steps")
-    elif history.get("stopped"):
-        logging.info(
-            f"not resuming: the run stopped at step {history['stopped']['step']}: "
-            f"{history['stopped']['reason']}"
-        )
-    else:
-        ds = data_lib.make_dataset(
-            images, labels, batch_size=config.batch_size, training=True, seed=config.seed
-        ).skip(start)
-        # One Keras "epoch" per checkpoint interval, so resuming is initial_epoch arithmetic.
-        epochs = -(-config.steps // config.checkpoint_every)
-        trainer.fit(
-            ds,
-            epochs=epochs,
-            initial_epoch=start // config.checkpoint_every,
-            steps_per_epoch=config.checkpoint_every,
-            verbose=0,
-            shuffle=False,
-            callbacks=callbacks
-            + [
-                _ProgressLogger(start, config.steps, config.batch_size, config.log_every),
-                _Checkpointer(manager, trainer.optimizer, config.steps),
-                keras.callbacks.TensorBoard(
-                    os.path.join(own_dir, "logs"), update_freq=config.log_every
-                ),
-            ],
-        )
-    final = os.path.join(own_dir, FINAL_WEIGHTS)
-    tmp = os.path.join(own_dir, ".tmp-" + FINAL_WEIGHTS)
-    model = trainer.averaged_base()
-    model.save(tmp)
-    os.replace(tmp, final)
-    if workers.is_chief:
-        logging.info(f"final weights: {final}")
-    return model
+    return manager, start
+
+
+def _fit(
+    config: TrainConfig,
+    trainer: AdversarialTrainer,
+    manager: tf.train.CheckpointManager,
+    train_arrays: tuple[np.ndarray, np.ndarray],
+    start: int,
+    callbacks: list,
+    own_dir: str,
+) -> None:
+    """Trains from step ``start`` to ``config.steps`` on ``train_arrays`` (images ``[N, 32, 32,
+    3]`` pixels, labels ``[N]``), checkpointing and logging into ``own_dir``."""
+    images, labels = train_arrays
+    ds = data_lib.make_dataset(
+        images, labels, batch_size=config.batch_size, training=True, seed=config.seed
+    ).skip(start)
+    # One Keras "epoch" per checkpoint interval, so resuming is initial_epoch arithmetic.
+    epochs = -(-config.steps // config.checkpoint_every)
+    trainer.fit(
+        ds,
+        epochs=epochs,
+        initial_epoch=start // config.checkpoint_every,
+        steps_per_epoch=config.checkpoint_every,
+        verbose=0,
+        shuffle=False,
+        callbacks=callbacks
+        + [
+            training_callbacks.ProgressLogger(
+                start, config.steps, config.batch_size, config.log_every
+            ),
+            training_callbacks.Checkpointer(manager, trainer.optimizer, config.steps),
+            keras.callbacks.TensorBoard(
+                os.path.join(own_dir, "logs"), update_freq=config.log_every
+            ),
+        ],
+    )

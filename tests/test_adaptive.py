@@ -13,8 +13,10 @@ import tensorflow as tf
 
 import warm
 from helpers import subprocess_env
+from manifold_tf.attacks import CWSettings
 from manifold_tf.evaluation import adaptive, adaptive_report
 from manifold_tf.evaluation.config import AdaptiveConfig
+from manifold_tf.evaluation.context import RunContext
 from manifold_tf.evaluation.stats import mcnemar_exact
 from manifold_tf.evaluation.store import RunStore
 from manifold_tf.shells import MCNShell
@@ -166,11 +168,13 @@ def test_sanity_checks_flag_a_model_that_masks_gradients(tmp_path):
         x,
         y,
         cfg,
-        store,
-        epsilon=40.0,
-        cw_kwargs=dict(max_iterations=2),
-        seed=0,
-        batch_points=12,
+        RunContext(
+            store=store,
+            epsilon=40.0,
+            cw_settings=CWSettings(max_iterations=2),
+            seed=0,
+            batch_points=12,
+        ),
     )
     report = adaptive_report.write_adaptive_report(run, x, store)
     sanity = report["verdict"]["sanity"]
@@ -186,7 +190,9 @@ def test_the_duration_estimate_counts_every_phase_and_grows_with_the_budget():
     class Shell:
         num_classes = 10
 
-    cw = dict(max_iterations=100, initial_const=1e-5, largest_const=20.0, stop_within_epsilon=True)
+    cw = CWSettings(
+        max_iterations=100, initial_const=1e-5, largest_const=20.0, stop_within_epsilon=True
+    )
     small = estimate.defence_passes(
         table2_points=10,
         num_points=30,

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from helpers import small_conv
+from manifold_tf.attacks import CWSettings
 from manifold_tf.evaluation import adaptive, adaptive_report
 from manifold_tf.evaluation.config import AdaptiveConfig
+from manifold_tf.evaluation.context import RunContext
 from manifold_tf.evaluation.store import RunStore
 from manifold_tf.shells import MCNShell
 
@@ -24,7 +26,7 @@ SMALL = AdaptiveConfig(
     targets=1,
     shell_attacks=("transfer_cw", "bpda"),
 )
-CW = dict(max_iterations=2)
+CW = CWSettings(max_iterations=2)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,12 @@ def run(setup, path, config, *, resume=False):
     base, shell, x, y = setup
     store = RunStore(str(path), resume=resume)
     return adaptive.run_adaptive(
-        base, shell, x, y, config, store, epsilon=6.0, cw_kwargs=CW, seed=0, batch_points=4
+        base,
+        shell,
+        x,
+        y,
+        config,
+        RunContext(store=store, epsilon=6.0, cw_settings=CW, seed=0, batch_points=4),
     ), store
 
 

@@ -149,7 +149,7 @@ def test_bpda_breaks_the_anti_adversary_on_a_linear_base():
     y = shell.predict(x, verbose=0).argmax(1)
     rows = bpda.surrogate_rows(shell.scores(shell.embed(x)), y.astype(np.int64))
     assert (rows.down_label == y).all() and (rows.up_label == 1 - y).all()
-    res = bpda.bpda(shell, x, y, epsilon=80.0, steps=10)
+    res = bpda.bpda(shell, x, y, epsilon=80.0, settings=bpda.BPDASettings(steps=10))
     assert res.success.all()
     assert_in_ball_and_box(res.x_adv, x, 80.0)
     assert (shell.predict(res.x_adv, verbose=0).argmax(1) != y).all()

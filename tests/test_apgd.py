@@ -3,6 +3,7 @@ losses, invariants, compilation and bad inputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -12,7 +13,9 @@ import tensorflow as tf
 import helpers
 from helpers import assert_in_ball_and_box, linear_model, uniform_images
 from manifold_tf import attacks, compiled
-from manifold_tf.attacks.apgd import cross_entropy
+from manifold_tf.attacks import AttackResult
+from manifold_tf.attacks.apgd import APGDSettings, cross_entropy
+from manifold_tf.attacks.runner import run_targets
 from manifold_tf.projected import apgd_ascent, apgd_checkpoints, random_start
 
 SHAPE = (8, 8, 3)
@@ -121,7 +124,7 @@ def test_apgd_ce_breaks_exactly_the_points_within_reach_on_a_linear_model():
     y = np.where(signs > 0, 0, 1).astype(np.int32)
     np.testing.assert_array_equal(np.argmax(model(x).numpy(), axis=1), y)
 
-    res = attacks.apgd_ce(model, x, y, epsilon=eps, steps=10, seed=0)
+    res = attacks.apgd_ce(model, x, y, epsilon=eps, settings=APGDSettings(steps=10), seed=0)
     x_adv = res.x_adv
     np.testing.assert_array_equal(successes(model, x_adv, y), ratios < 1.0)
     np.testing.assert_array_equal(res.success, ratios < 1.0)
@@ -185,8 +188,10 @@ def test_apgd_t_is_at_least_as_strong_as_pgd_and_apgd_ce(conv):
     pgd = successes(
         model, attacks.pgd(model, x, y, epsilon=eps, steps=20, step_size=eps / 4).x_adv, y
     )
-    ce = successes(model, attacks.apgd_ce(model, x, y, epsilon=eps, steps=20).x_adv, y)
-    res = attacks.apgd_t(model, x, y, epsilon=eps, steps=20)
+    ce = successes(
+        model, attacks.apgd_ce(model, x, y, epsilon=eps, settings=APGDSettings(steps=20)).x_adv, y
+    )
+    res = attacks.apgd_t(model, x, y, epsilon=eps, settings=APGDSettings(steps=20))
     t = successes(model, res.x_adv, y)
     np.testing.assert_array_equal(res.success, t)
     assert 0.2 < pgd.mean() < 0.8, pgd.mean()
@@ -197,17 +202,23 @@ def test_outputs_inside_ball_and_box_and_zero_budget_returns_x(conv):
     model, x, y = conv
     x, y = x[:6], y[:6]
     for attack in (attacks.apgd_ce, attacks.apgd_dlr, attacks.apgd_t):
-        assert_in_ball_and_box(attack(model, x, y, epsilon=6.0, steps=4, restarts=2).x_adv, x, 6.0)
-        np.testing.assert_array_equal(attack(model, x, y, epsilon=0.0, steps=3).x_adv, x)
+        assert_in_ball_and_box(
+            attack(model, x, y, epsilon=6.0, settings=APGDSettings(steps=4, restarts=2)).x_adv,
+            x,
+            6.0,
+        )
+        np.testing.assert_array_equal(
+            attack(model, x, y, epsilon=0.0, settings=APGDSettings(steps=3)).x_adv, x
+        )
 
 
 def test_restarts_and_targets_only_attack_points_still_standing(conv):
     model, x, y = conv
     x, y = x[:16], y.copy()[:16]
     y[:3] = (y[:3] + 1) % 10  # three points misclassified from the start: returned unchanged
-    kw = dict(epsilon=1.5, steps=6, seed=4)
-    res_one = attacks.apgd_ce(model, x, y, restarts=1, **kw)
-    res_many = attacks.apgd_ce(model, x, y, restarts=3, **kw)
+    kw = dict(epsilon=1.5, seed=4)
+    res_one = attacks.apgd_ce(model, x, y, settings=APGDSettings(steps=6, restarts=1), **kw)
+    res_many = attacks.apgd_ce(model, x, y, settings=APGDSettings(steps=6, restarts=3), **kw)
     one, many = res_one.x_adv, res_many.x_adv
     np.testing.assert_array_equal(one[:3], x[:3])
     np.testing.assert_array_equal(many[:3], x[:3])
@@ -229,8 +240,8 @@ def test_restarts_and_targets_only_attack_points_still_standing(conv):
     assert (res_one.base_passes[broken] <= 6).all()
     assert (res_many.base_passes[3:] <= 3 * 6).all()
     np.testing.assert_array_equal(res_many.base_passes[3:][~res_many.success[3:]], 3 * 6)
-    res_few = attacks.apgd_t(model, x, y, num_targets=1, **kw)
-    res_more = attacks.apgd_t(model, x, y, num_targets=4, **kw)
+    res_few = attacks.apgd_t(model, x, y, settings=APGDSettings(steps=6, num_targets=1), **kw)
+    res_more = attacks.apgd_t(model, x, y, settings=APGDSettings(steps=6, num_targets=4), **kw)
     few, more = successes(model, res_few.x_adv, y), successes(model, res_more.x_adv, y)
     assert np.all(more[few])
     # The target of the run each point keeps: a wrong label (see below for points not attacked).
@@ -243,7 +254,7 @@ def test_points_misclassified_at_x_report_no_run_and_no_target(conv, attack):
     model, x, y = conv
     x, y = x[:4], y.copy()[:4]
     y[:2] = (y[:2] + 1) % 10  # misclassified from the start: not attacked
-    res = getattr(attacks, attack)(model, x, y, epsilon=1.0, steps=1)
+    res = getattr(attacks, attack)(model, x, y, epsilon=1.0, settings=APGDSettings(steps=1))
     np.testing.assert_array_equal(res.details["run"][:2], -1)
     np.testing.assert_array_equal(res.details["target"][:2], -1)
 
@@ -251,10 +262,10 @@ def test_points_misclassified_at_x_report_no_run_and_no_target(conv, attack):
 def test_deterministic_under_seed(conv):
     model, x, y = conv
     x, y = x[:8], y[:8]
-    kw = dict(epsilon=1.0, steps=3)
-    a = attacks.apgd_t(model, x, y, seed=7, num_targets=2, **kw).x_adv
-    b = attacks.apgd_t(model, x, y, seed=7, num_targets=2, **kw).x_adv
-    c = attacks.apgd_t(model, x, y, seed=8, num_targets=2, **kw).x_adv
+    kw = dict(epsilon=1.0, settings=APGDSettings(steps=3, num_targets=2))
+    a = attacks.apgd_t(model, x, y, seed=7, **kw).x_adv
+    b = attacks.apgd_t(model, x, y, seed=7, **kw).x_adv
+    c = attacks.apgd_t(model, x, y, seed=8, **kw).x_adv
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
 
@@ -265,8 +276,12 @@ def test_compiled_once_per_setting_for_every_batch_size():
     for n, eps in ((5, 2.0), (5, 3.0), (3, 4.0)):  # the standing batch also shrinks per restart
         x = rng.uniform(0, 255, size=(n,) + SHAPE).astype(np.float32)
         y = np.argmax(model(x).numpy(), axis=1).astype(np.int32)
-        attacks.apgd_ce(model, x, y, epsilon=eps, steps=3, restarts=2, seed=n)
-        attacks.apgd_t(model, x, y, epsilon=eps, steps=3, num_targets=3, seed=n)
+        attacks.apgd_ce(
+            model, x, y, epsilon=eps, settings=APGDSettings(steps=3, restarts=2), seed=n
+        )
+        attacks.apgd_t(
+            model, x, y, epsilon=eps, settings=APGDSettings(steps=3, num_targets=3), seed=n
+        )
     counts = compiled.tracing_counts(model, "apgd")
     assert len(counts) == 2 and all(c == 1 for c in counts.values()), counts
 
@@ -286,9 +301,68 @@ def test_bad_inputs_raise(conv):
     with pytest.raises(ValueError, match=r"shape \[5\]"):
         attacks.apgd_ce(model, x, y[:3], epsilon=1.0)
     with pytest.raises(ValueError, match="restarts"):
-        attacks.apgd_ce(model, x, y, epsilon=1.0, restarts=0)
+        attacks.apgd_ce(model, x, y, epsilon=1.0, settings=APGDSettings(restarts=0))
     with pytest.raises(ValueError, match="num_targets"):
-        attacks.apgd_t(model, x, y, epsilon=1.0, num_targets=10)
+        attacks.apgd_t(model, x, y, epsilon=1.0, settings=APGDSettings(num_targets=10))
     three = small_conv(classes=3)
     with pytest.raises(ValueError, match="at least 4 classes"):
         attacks.apgd_t(three, x, np.zeros(5, np.int32), epsilon=1.0)
+
+
+# ---- the settings object and the targets x restarts runner ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, bad",
+    [("steps", -1), ("steps", 2.5), ("restarts", 0), ("num_targets", 0), ("num_targets", True)],
+)
+def test_settings_refuse_bad_values_naming_the_field(field, bad):
+    with pytest.raises(ValueError, match=field):
+        APGDSettings(**{field: bad})
+
+
+def test_settings_are_normalised_frozen_and_hashable():
+    s = APGDSettings(steps=np.int64(5), restarts=2.0, early_exit=np.bool_(False))
+    assert (s.steps, s.restarts, s.early_exit) == (5, 2, False)
+    assert type(s.steps) is int and type(s.early_exit) is bool
+    assert s == APGDSettings(steps=5, restarts=2, early_exit=False)
+    assert hash(s) == hash(APGDSettings(steps=5, restarts=2, early_exit=False))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.steps = 3
+
+
+def test_run_targets_runs_every_restart_of_a_target_on_the_points_still_standing():
+    # Point 0 (label 1): wrong labels by score 2, 3, 0; point 1 (label 0): 3, 2, 1; point 2 is
+    # misclassified at x (label 0, argmax 1): broken before the first run, never attacked.
+    clean = np.array([[0.0, 3.0, 2.0, 1.0], [5.0, 0.0, 1.0, 2.0], [1.0, 9.0, 0.0, 0.0]])
+    x, y = np.zeros((3, 1, 1, 1), np.float32), np.array([1, 0, 0])
+    calls = []
+
+    def attack(xs, ys, idx, target, run):
+        calls.append((run.rank, run.restart, run.index, idx.tolist(), target.tolist()))
+        ok = (idx == 1) & (run.index == 1)  # the second run breaks point 1
+        return AttackResult(xs, ok, base_passes=1, details=dict(target=target))
+
+    def name(run):
+        return f"t{run.rank}r{run.restart}"
+
+    suite = run_targets(attack, x, y, clean, num_targets=2, restarts=2, name=name)
+    assert calls == [
+        (0, 0, 0, [0, 1], [2, 3]),
+        (0, 1, 1, [0, 1], [2, 3]),
+        (1, 0, 2, [0], [3]),
+        (1, 1, 3, [0], [3]),
+    ]
+    assert list(suite.attempted) == ["t0r0", "t0r1", "t1r0", "t1r1"]
+    assert suite.broken_by.tolist() == ["", "t0r1", "clean"]
+    np.testing.assert_array_equal(suite.result.base_passes, [4, 2, 0])
+    np.testing.assert_array_equal(suite.result.details["target"], [2, 3, -1])
+    # Untargeted: one set of runs, target -1; restarts=0: no run at all.
+    calls.clear()
+    run_targets(attack, x, y, clean, num_targets=None, restarts=2, name=name)
+    assert [c[4] for c in calls] == [[-1, -1], [-1, -1]]
+    calls.clear()
+    none = run_targets(attack, x, y, clean, num_targets=None, restarts=0, name=name).result
+    assert calls == []
+    np.testing.assert_array_equal(none.details["run"], [-1, -1, -1])
+    np.testing.assert_array_equal(none.success, [False, False, True])

@@ -75,7 +75,14 @@ ROWS = [
     _row(
         "pgd",
         lambda m, x, y, eps, seed: attacks.pgd(
-            m, x, y, epsilon=eps, steps=2, step_size=2.0, restarts=2, seed=seed
+            m,
+            x,
+            y,
+            epsilon=eps,
+            steps=2,
+            step_size=2.0,
+            settings=attacks.PGDSettings(restarts=2),
+            seed=seed,
         ),
     ),
     # (Targeted pgd and cw_linf are left out: their y are the targets, and their success is
@@ -83,17 +90,19 @@ ROWS = [
     _row(
         "apgd_ce",
         lambda m, x, y, eps, seed: attacks.apgd_ce(
-            m, x, y, epsilon=eps, steps=2, restarts=2, seed=seed
+            m, x, y, epsilon=eps, settings=attacks.APGDSettings(steps=2, restarts=2), seed=seed
         ),
     ),
     _row(
         "apgd_dlr",
-        lambda m, x, y, eps, seed: attacks.apgd_dlr(m, x, y, epsilon=eps, steps=2, seed=seed),
+        lambda m, x, y, eps, seed: attacks.apgd_dlr(
+            m, x, y, epsilon=eps, settings=attacks.APGDSettings(steps=2), seed=seed
+        ),
     ),
     _row(
         "apgd_t",
         lambda m, x, y, eps, seed: attacks.apgd_t(
-            m, x, y, epsilon=eps, steps=2, num_targets=2, seed=seed
+            m, x, y, epsilon=eps, settings=attacks.APGDSettings(steps=2, num_targets=2), seed=seed
         ),
     ),
     _row(
@@ -105,63 +114,106 @@ ROWS = [
     _row(
         "cw_linf",
         lambda m, x, y, eps, seed: attacks.cw_linf(
-            m, x, y, epsilon=eps, max_iterations=3, largest_const=1e-3, max_total_iterations=40
+            m,
+            x,
+            y,
+            epsilon=eps,
+            settings=attacks.CWSettings(
+                max_iterations=3, largest_const=1e-3, max_total_iterations=40
+            ),
         ),
     ),
     _row(
         "square",
-        lambda m, x, y, eps, seed: attacks.square(m, x, y, epsilon=eps, queries=5, seed=seed),
+        lambda m, x, y, eps, seed: attacks.square(
+            m, x, y, epsilon=eps, settings=attacks.SquareSettings(queries=5), seed=seed
+        ),
     ),
     _row(
         "fab",
-        lambda m, x, y, eps, seed: FAB(m, x, y, epsilon=eps, steps=2, restarts=2, seed=seed),
+        lambda m, x, y, eps, seed: FAB(
+            m, x, y, epsilon=eps, settings=attacks.FABSettings(steps=2, restarts=2), seed=seed
+        ),
         missing=FAB is None and NO_FAB,
     ),
     _row(
         "fab_t",
-        lambda m, x, y, eps, seed: FAB_T(m, x, y, epsilon=eps, steps=2, num_targets=2, seed=seed),
+        lambda m, x, y, eps, seed: FAB_T(
+            m, x, y, epsilon=eps, settings=attacks.FABSettings(steps=2, num_targets=2), seed=seed
+        ),
         missing=FAB_T is None and NO_FAB,
     ),
     # On a shell.
     _row(
         "bpda",
         lambda s, x, y, eps, seed: attacks.bpda(
-            s, x, y, epsilon=eps, steps=2, random_start=True, seed=seed
+            s,
+            x,
+            y,
+            epsilon=eps,
+            settings=attacks.BPDASettings(steps=2, random_start=True),
+            seed=seed,
         ),
         on_shell=True,
     ),
     _row(
         "bpda_targeted_run",
         lambda s, x, y, eps, seed: attacks.bpda(
-            s, x, y, epsilon=eps, steps=2, target=(y + 1) % CLASSES, schedule="apgd", seed=seed
+            s,
+            x,
+            y,
+            epsilon=eps,
+            settings=attacks.BPDASettings(steps=2, schedule="apgd"),
+            target=(y + 1) % CLASSES,
+            seed=seed,
         ),
         on_shell=True,
     ),
     _row(
         "bpda_restarts",
         lambda s, x, y, eps, seed: attacks.bpda_restarts(
-            s, x, y, epsilon=eps, steps=1, random_restarts=1, seed=seed
+            s,
+            x,
+            y,
+            epsilon=eps,
+            settings=attacks.BPDASettings(schedule="apgd", steps=1, random_restarts=1),
+            seed=seed,
         ),
         on_shell=True,
     ),
     _row(
         "bpda_targeted",
         lambda s, x, y, eps, seed: attacks.bpda_targeted(
-            s, x, y, epsilon=eps, steps=1, num_targets=2, seed=seed
+            s,
+            x,
+            y,
+            epsilon=eps,
+            settings=attacks.BPDASettings(schedule="apgd", steps=1, num_targets=2),
+            seed=seed,
         ),
         on_shell=True,
     ),
     _row(
         "lift",
         lambda s, x, y, eps, seed: attacks.lift(
-            s, x, y, epsilon=eps, steps=2, num_targets=2, bpda_steps=1, seed=seed
+            s,
+            x,
+            y,
+            epsilon=eps,
+            settings=attacks.LiftSettings(steps=2, num_targets=2, bpda_steps=1),
+            seed=seed,
         ),
         on_shell=True,
     ),
     _row(
         "square_on_shell",
         lambda s, x, y, eps, seed: attacks.square(
-            s, x, y, epsilon=eps, queries=4, seed=seed, output="probabilities"
+            s,
+            x,
+            y,
+            epsilon=eps,
+            settings=attacks.SquareSettings(queries=4, output="probabilities"),
+            seed=seed,
         ),
         on_shell=True,
     ),

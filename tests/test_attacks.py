@@ -87,9 +87,7 @@ def test_targeted_pgd_reaches_linear_optimum(binary, loss):
         epsilon=delta,
         steps=12,
         step_size=1.5,
-        loss=loss,
-        targeted=True,
-        random_start=True,
+        settings=attacks.PGDSettings(loss=loss, targeted=True, random_start=True),
         seed=3,
     )
     x_adv = res.x_adv
@@ -112,7 +110,8 @@ def test_cw_linf_close_to_minimal_distance():
     w_diff = w[:, 0] - w[:, 1]
     r_star = np.abs(logits[:, 0] - logits[:, 1]) / np.abs(w_diff).sum()
     assert r_star.max() < 40.0  # the optimum stays inside the box
-    out = attacks.cw_linf(model, x, y, epsilon=255.0, max_iterations=150)
+    settings = attacks.CWSettings(max_iterations=150)
+    out = attacks.cw_linf(model, x, y, epsilon=255.0, settings=settings)
     dist = out.details["distance"]
     assert out.success.all()
     np.testing.assert_array_equal(out.score, -dist)
@@ -123,11 +122,10 @@ def test_cw_linf_close_to_minimal_distance():
     assert np.all(dist <= r_star / 0.88), (dist, r_star)  # measured: 1.06-1.08 x optimal
     assert np.all(np.argmax(model(out.x_adv).numpy(), axis=1) != y)
     # With a budget below the optimum nothing can succeed and x comes back unchanged.
-    low = attacks.cw_linf(model, x, y, epsilon=0.9 * float(r_star.min()), max_iterations=150)
+    low = attacks.cw_linf(model, x, y, epsilon=0.9 * float(r_star.min()), settings=settings)
     assert not low.success.any()
     np.testing.assert_array_equal(low.x_adv, x)
-    settings = attacks.cw_settings(max_iterations=150)
-    assert settings["max_iterations"] == 150 and settings["learning_rate"] == 5e-3
+    assert settings.max_iterations == 150 and settings.learning_rate == 5e-3
 
 
 def test_cw_schedule_on_the_running_rows_only_is_the_same_search():
@@ -139,11 +137,11 @@ def test_cw_schedule_on_the_running_rows_only_is_the_same_search():
     model = helpers.small_conv(seed=4, classes=3, shape=(8, 8, 3))
     x = helpers.uniform_images(6, (8, 8, 3), seed=5)
     y = tf.constant(np.argmax(model(x).numpy(), axis=1), tf.int32)
-    settings = dict(CW_CPU, max_iterations=6, largest_const=2.0, stop_within_epsilon=True)
+    settings = CW_CPU.replace(max_iterations=6, largest_const=2.0, stop_within_epsilon=True)
     outs = {
         compact: tf.function(
             lambda xs, ys, c=compact: cw_schedule(
-                model, xs, ys, epsilon=6.0, targeted=False, compact=c, **settings
+                model, xs, ys, epsilon=6.0, settings=settings, compact=c
             )
         )(tf.constant(x), y)
         for compact in (False, True)
@@ -157,7 +155,7 @@ def test_cw_schedule_on_the_running_rows_only_is_the_same_search():
     # Through the attack (compiled with static shapes), one point and several: the loop's
     # variables keep their shapes although the model sees a dynamic batch.
     for n in (1, 3):
-        out = attacks.cw_linf(model, x[:n], y.numpy()[:n], epsilon=6.0, **settings)
+        out = attacks.cw_linf(model, x[:n], y.numpy()[:n], epsilon=6.0, settings=settings)
         np.testing.assert_array_equal(out.details["iterations"], its[:n])
 
 
@@ -195,8 +193,8 @@ def test_outputs_inside_ball_and_box(conv):
     model, x, y = conv
     eps = 8.0
     pgd = functools.partial(attacks.pgd, model, x, y, epsilon=eps, steps=5, step_size=3.0)
-    assert_in_ball(pgd(restarts=2).x_adv, x, eps)
-    assert_in_ball(pgd(loss="cw").x_adv, x, eps)
+    assert_in_ball(pgd(settings=attacks.PGDSettings(restarts=2)).x_adv, x, eps)
+    assert_in_ball(pgd(settings=attacks.PGDSettings(loss="cw")).x_adv, x, eps)
     for opt in ("sign", "adam"):
         res = attacks.high_confidence(
             model, x, y, epsilon=eps, steps=4, step_size=2.0, optimizer=opt, random_start=True
@@ -204,7 +202,8 @@ def test_outputs_inside_ball_and_box(conv):
         conf, label = res.details["confidence"], res.details["label"]
         assert_in_ball(res.x_adv, x, eps)
         assert np.all((conf >= 0) & (conf <= 1)) and np.all(label != y)
-    out = attacks.cw_linf(model, x, y, epsilon=eps, max_iterations=5, largest_const=1e-3)
+    cw = attacks.CWSettings(max_iterations=5, largest_const=1e-3)
+    out = attacks.cw_linf(model, x, y, epsilon=eps, settings=cw)
     assert_in_ball(out.x_adv, x, eps)
 
 
@@ -230,7 +229,7 @@ def test_high_confidence_label_matches_confidence(conv):
 
 def test_deterministic_under_seed(conv):
     model, x, y = conv
-    kw = dict(epsilon=8.0, steps=2, step_size=1.0, random_start=True)
+    kw = dict(epsilon=8.0, steps=2, step_size=1.0, settings=attacks.PGDSettings(random_start=True))
     a = attacks.pgd(model, x, y, seed=7, **kw).x_adv
     b = attacks.pgd(model, x, y, seed=7, **kw).x_adv
     c = attacks.pgd(model, x, y, seed=8, **kw).x_adv
@@ -241,8 +240,8 @@ def test_deterministic_under_seed(conv):
 def test_restarts_keep_successes(conv):
     model, x, y = conv
     kw = dict(epsilon=12.0, steps=3, step_size=4.0, seed=1)
-    one = attacks.pgd(model, x, y, restarts=1, **kw)
-    many = attacks.pgd(model, x, y, restarts=4, **kw)
+    one = attacks.pgd(model, x, y, settings=attacks.PGDSettings(restarts=1), **kw)
+    many = attacks.pgd(model, x, y, settings=attacks.PGDSettings(restarts=4), **kw)
     ok_one = np.argmax(model(one.x_adv).numpy(), 1) != y
     ok_many = np.argmax(model(many.x_adv).numpy(), 1) != y
     np.testing.assert_array_equal(one.success, ok_one)
@@ -259,7 +258,8 @@ def test_no_retracing_on_repeated_calls():
         y = rng.integers(0, 4, size=3).astype(np.int32)
         attacks.pgd(model, x, y, epsilon=4.0 + i, steps=2, step_size=1.0 + i, seed=i)
         attacks.high_confidence(model, x, y, epsilon=4.0 + i, steps=2, step_size=1.0, seed=i)
-        attacks.cw_linf(model, x, y, epsilon=4.0 + i, max_iterations=2, largest_const=1e-4)
+        cw = attacks.CWSettings(max_iterations=2, largest_const=1e-4)  # equal settings, one trace
+        attacks.cw_linf(model, x, y, epsilon=4.0 + i, settings=cw)
     counts = attacks.tracing_counts(model)
     assert len(counts) == 3 and all(c == 1 for c in counts.values()), counts
 
@@ -282,9 +282,60 @@ def test_bad_inputs_raise(conv):
     with pytest.raises(ValueError, match="pixel values"):
         attacks.pgd(model, x / 255.0 - 0.5, y, epsilon=1.0, steps=1, step_size=1.0)
     with pytest.raises(ValueError, match="loss"):
-        attacks.pgd(model, x, y, epsilon=1.0, steps=1, step_size=1.0, loss="l2")
+        attacks.PGDSettings(loss="l2")
     with pytest.raises(ValueError, match="const"):
-        attacks.cw_linf(model, x, y, epsilon=1.0, initial_const=30.0)
+        attacks.CWSettings(initial_const=30.0)
+
+
+def test_cw_settings_validate_and_key_the_compiled_search():
+    s = attacks.CWSettings(max_iterations=np.int64(7), learning_rate=1, targeted=1)
+    assert (s.max_iterations, s.learning_rate, s.targeted) == (7, 1.0, True)
+    assert type(s.max_iterations) is int and type(s.learning_rate) is float
+    assert s == attacks.CWSettings(max_iterations=7, learning_rate=1.0, targeted=True)
+    assert hash(s) == hash(attacks.CWSettings(max_iterations=7, learning_rate=1.0, targeted=True))
+    assert attacks.CW_PAPER == attacks.CWSettings() and attacks.CW_PAPER.max_iterations == 1000
+    assert attacks.CW_CPU == attacks.CW_PAPER.replace(max_iterations=100)
+    # What reports record: the five knobs an evaluation sets, in this order and these types.
+    assert list(attacks.CW_CPU.recorded().items()) == [
+        ("max_iterations", 100),
+        ("stop_within_epsilon", False),
+        ("learning_rate", 5e-3),
+        ("initial_const", 1e-5),
+        ("largest_const", 20.0),
+    ]
+    for field, bad in (
+        ("max_iterations", 0),
+        ("learning_rate", 0.0),
+        ("initial_const", "1"),
+        ("const_factor", 1.0),
+        ("largest_const", 1e-6),
+        ("initial_tau", 300.0),
+        ("decrease_factor", 1.0),
+        ("min_tau", -1.0),
+        ("max_total_iterations", 0),
+    ):
+        with pytest.raises(ValueError, match=field):
+            attacks.CWSettings(**{field: bad})
+    with pytest.raises(ValueError, match="max_iterations"):
+        attacks.CW_CPU.replace(max_iterations=2.5)
+
+
+def test_pgd_settings_validate():
+    s = attacks.PGDSettings(loss="cw", random_start=0, restarts=np.int64(3), targeted=1)
+    assert (s.loss, s.random_start, s.restarts, s.targeted) == ("cw", False, 3, True)
+    assert s == attacks.PGDSettings(loss="cw", random_start=False, restarts=3, targeted=True)
+    with pytest.raises(ValueError, match="restarts"):
+        attacks.PGDSettings(restarts=0)
+    with pytest.raises(ValueError, match="loss"):
+        attacks.PGDSettings(loss="hinge")
+
+
+def test_settings_must_be_the_dataclass(conv):
+    model, x, y = conv
+    with pytest.raises(TypeError, match="CWSettings"):
+        attacks.cw_linf(model, x, y, epsilon=1.0, settings=dict(max_iterations=2))
+    with pytest.raises(TypeError, match="PGDSettings"):
+        attacks.pgd(model, x, y, epsilon=1.0, steps=1, step_size=1.0, settings=dict(restarts=2))
 
 
 def test_probability_model_is_rejected(conv):

@@ -63,7 +63,9 @@ SHELL = "mcn"
 _COMMON = dict(x=(bic.bad_images(), None), y=(bic.bad_labels(), None), epsilon=(RADIUS, 4.0))
 ATTACKS = {
     "pgd": (
-        lambda m, x, y, **kw: attacks.pgd(m, x, y, **kw),
+        lambda m, x, y, restarts, loss, **kw: attacks.pgd(
+            m, x, y, settings=attacks.PGDSettings(restarts=restarts, loss=loss), **kw
+        ),
         BASE,
         dict(
             _COMMON,
@@ -75,27 +77,37 @@ ATTACKS = {
         ),
     ),
     "apgd_ce": (
-        lambda m, x, y, **kw: attacks.apgd_ce(m, x, y, **kw),
+        lambda m, x, y, steps, restarts, **kw: attacks.apgd_ce(
+            m, x, y, settings=attacks.APGDSettings(steps=steps, restarts=restarts), **kw
+        ),
         BASE,
         dict(_COMMON, steps=(STEPS0, 1), restarts=(STEPS1, 1), model=(bad_model(), None)),
     ),
     "apgd_dlr": (
-        lambda m, x, y, **kw: attacks.apgd_dlr(m, x, y, **kw),
+        lambda m, x, y, steps, restarts, **kw: attacks.apgd_dlr(
+            m, x, y, settings=attacks.APGDSettings(steps=steps, restarts=restarts), **kw
+        ),
         BASE,
         dict(_COMMON, steps=(STEPS0, 1), restarts=(STEPS1, 1), model=(bad_model(), None)),
     ),
     "apgd_t": (
-        lambda m, x, y, **kw: attacks.apgd_t(m, x, y, **kw),
+        lambda m, x, y, steps, num_targets, **kw: attacks.apgd_t(
+            m, x, y, settings=attacks.APGDSettings(steps=steps, num_targets=num_targets), **kw
+        ),
         BASE,
         dict(_COMMON, steps=(STEPS0, 1), num_targets=(STEPS1, 1), model=(bad_model(), None)),
     ),
     "fab": (
-        lambda m, x, y, **kw: attacks.fab(m, x, y, **kw),
+        lambda m, x, y, steps, restarts, **kw: attacks.fab(
+            m, x, y, settings=attacks.FABSettings(steps=steps, restarts=restarts), **kw
+        ),
         BASE,
         dict(_COMMON, steps=(STEPS0, 1), restarts=(STEPS1, 1), model=(bad_model(), None)),
     ),
     "fab_t": (
-        lambda m, x, y, **kw: attacks.fab_t(m, x, y, **kw),
+        lambda m, x, y, steps, num_targets, **kw: attacks.fab_t(
+            m, x, y, settings=attacks.FABSettings(steps=steps, num_targets=num_targets), **kw
+        ),
         BASE,
         dict(_COMMON, steps=(STEPS0, 1), num_targets=(STEPS1, 1), model=(bad_model(), None)),
     ),
@@ -105,12 +117,20 @@ ATTACKS = {
         dict(_COMMON, steps=(STEPS0, 1), step_size=(RADIUS, 1.0), model=(bad_model(), None)),
     ),
     "cw_linf": (
-        lambda m, x, y, **kw: attacks.cw_linf(m, x, y, max_total_iterations=4, **kw),
+        lambda m, x, y, max_iterations, **kw: attacks.cw_linf(
+            m,
+            x,
+            y,
+            settings=attacks.CWSettings(max_iterations=max_iterations, max_total_iterations=4),
+            **kw,
+        ),
         BASE,
         dict(_COMMON, max_iterations=(STEPS1, 1), model=(bad_model(), None)),
     ),
     "square": (
-        lambda m, x, y, **kw: attacks.square(m, x, y, **kw),
+        lambda m, x, y, queries, p_init, **kw: attacks.square(
+            m, x, y, settings=attacks.SquareSettings(queries=queries, p_init=p_init), **kw
+        ),
         BASE,
         dict(
             _COMMON,
@@ -121,27 +141,49 @@ ATTACKS = {
         ),
     ),
     "square_on_shell": (
-        lambda m, x, y, **kw: attacks.square(m, x, y, output="probabilities", **kw),
+        lambda m, x, y, queries, **kw: attacks.square(
+            m,
+            x,
+            y,
+            settings=attacks.SquareSettings(queries=queries, output="probabilities"),
+            **kw,
+        ),
         SHELL,
         dict(_COMMON, queries=(STEPS1, 2)),
     ),
     "bpda": (
-        lambda m, x, y, **kw: attacks.bpda(m, x, y, **kw),
+        lambda m, x, y, steps, **kw: attacks.bpda(
+            m, x, y, settings=attacks.BPDASettings(steps=steps), **kw
+        ),
         SHELL,
         dict(_COMMON, steps=(STEPS0, 1), shell=(bad_model(), None)),
     ),
     "bpda_restarts": (
-        lambda m, x, y, **kw: attacks.bpda_restarts(m, x, y, **kw),
+        lambda m, x, y, steps, **kw: attacks.bpda_restarts(
+            m, x, y, settings=attacks.BPDASettings(steps=steps, schedule="apgd"), **kw
+        ),
         SHELL,
         dict(_COMMON, steps=(STEPS0, 1), shell=(bad_model(), None)),
     ),
     "bpda_targeted": (
-        lambda m, x, y, **kw: attacks.bpda_targeted(m, x, y, **kw),
+        lambda m, x, y, steps, num_targets, **kw: attacks.bpda_targeted(
+            m,
+            x,
+            y,
+            settings=attacks.BPDASettings(steps=steps, schedule="apgd", num_targets=num_targets),
+            **kw,
+        ),
         SHELL,
         dict(_COMMON, steps=(STEPS0, 1), num_targets=(STEPS1, 1), shell=(bad_model(), None)),
     ),
     "lift": (
-        lambda m, x, y, **kw: attacks.lift(m, x, y, **kw),
+        lambda m, x, y, steps, num_targets, delta, **kw: attacks.lift(
+            m,
+            x,
+            y,
+            settings=attacks.LiftSettings(steps=steps, num_targets=num_targets, delta=delta),
+            **kw,
+        ),
         SHELL,
         dict(
             _COMMON,

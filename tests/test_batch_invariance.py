@@ -18,6 +18,7 @@ from helpers import assert_same_across_batches, small_conv, uniform_images
 from manifold_tf import attacks, seeds
 from manifold_tf.evaluation import adaptive
 from manifold_tf.evaluation.config import AdaptiveConfig
+from manifold_tf.evaluation.context import RunContext
 from manifold_tf.evaluation.store import RunStore
 from manifold_tf.shells import HedgeShell, MCNShell
 
@@ -93,13 +94,16 @@ def test_an_attack_with_per_point_seeds_gives_a_point_the_same_output_in_any_bat
         kw = dict(epsilon=16.0, seed=point[rows])
         xs, ys = x[rows], y[rows]
         if attack == "apgd_ce":
-            return attacks.apgd_ce(base, xs, ys, steps=4, restarts=2, **kw)
+            settings = attacks.APGDSettings(steps=4, restarts=2)
+            return attacks.apgd_ce(base, xs, ys, settings=settings, **kw)
         if attack == "fab":
-            return attacks.fab(base, xs, ys, steps=3, restarts=2, **kw)
+            settings = attacks.FABSettings(steps=3, restarts=2)
+            return attacks.fab(base, xs, ys, settings=settings, **kw)
         if attack == "pgd":
-            return attacks.pgd(base, xs, ys, steps=3, step_size=4.0, restarts=2, **kw)
+            settings = attacks.PGDSettings(restarts=2)
+            return attacks.pgd(base, xs, ys, steps=3, step_size=4.0, settings=settings, **kw)
         if attack == "square":
-            return attacks.square(base, xs, ys, queries=12, **kw)
+            return attacks.square(base, xs, ys, settings=attacks.SquareSettings(queries=12), **kw)
         return attacks.high_confidence(
             base, xs, ys, steps=2, step_size=4.0, random_start=True, **kw
         )
@@ -218,11 +222,13 @@ def test_a_points_adaptive_record_is_the_same_in_batches_of_30_7_and_1(tmp_path)
             x,
             y,
             dataclasses.replace(cfg, num_points=points),
-            RunStore(str(tmp_path / f"b{size}")),
-            epsilon=3.0,  # about half the points stand: every attack runs
-            cw_kwargs=dict(max_iterations=3),
-            seed=3,
-            batch_points=size,
+            RunContext(
+                store=RunStore(str(tmp_path / f"b{size}")),
+                epsilon=3.0,  # about half the points stand: every attack runs
+                cw_settings=attacks.CWSettings(max_iterations=3),
+                seed=3,
+                batch_points=size,
+            ),
         )
         runs[size] = _record_rows(run.records)
         worst[size] = {

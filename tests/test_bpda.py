@@ -50,7 +50,14 @@ def test_outputs_stay_in_the_ball_and_success_is_the_shells_answer(conv, kind):
     shell = shells[kind]
     y = shell.embed(x)["label"].numpy()  # the shell's clean answers: success = the attack moved it
     eps, steps = 3.0, 4
-    out = bpda(shell, x, y, epsilon=eps, steps=steps, random_start=True, seed=1)
+    out = bpda(
+        shell,
+        x,
+        y,
+        epsilon=eps,
+        settings=attacks.BPDASettings(steps=steps, random_start=True),
+        seed=1,
+    )
     assert isinstance(out, AttackResult) and set(out.details) == BPDA_DETAILS
     np.testing.assert_array_equal(out.details["target"], -1)  # untargeted
     assert_in_ball_and_box(out.x_adv, x, eps)
@@ -65,9 +72,23 @@ def test_outputs_stay_in_the_ball_and_success_is_the_shells_answer(conv, kind):
     if kind == "mcn":  # MCN ranks by log-odds: the surrogate is positive exactly when it is wrong
         np.testing.assert_array_equal(out.score > 0, out.success)
     # Deterministic under a seed; another seed starts elsewhere.
-    same = bpda(shell, x, y, epsilon=eps, steps=steps, random_start=True, seed=1)
+    same = bpda(
+        shell,
+        x,
+        y,
+        epsilon=eps,
+        settings=attacks.BPDASettings(steps=steps, random_start=True),
+        seed=1,
+    )
     assert_results_equal(out, same)
-    other = bpda(shell, x, y, epsilon=eps, steps=steps, random_start=True, seed=2)
+    other = bpda(
+        shell,
+        x,
+        y,
+        epsilon=eps,
+        settings=attacks.BPDASettings(steps=steps, random_start=True),
+        seed=2,
+    )
     assert not np.array_equal(out.x_adv, other.x_adv)
     # Finished rows leave the batch, yet nothing retraces: one trace for every batch size.
     assert shell.embed_function.experimental_get_tracing_count() == 1
@@ -83,11 +104,25 @@ def test_x_init_is_projected_and_a_start_that_already_fools_the_shell_is_kept(co
     start = np.clip(far, x - eps, x + eps).astype(np.float32)
     fooled = shell.embed(start)["label"].numpy() != y
     assert fooled.any() and not fooled.all()  # both kinds of start, for the test to mean something
-    out = bpda(shell, x, y, epsilon=eps, steps=0, x_init=far.astype(np.float32))
+    out = bpda(
+        shell,
+        x,
+        y,
+        epsilon=eps,
+        settings=attacks.BPDASettings(steps=0),
+        x_init=far.astype(np.float32),
+    )
     np.testing.assert_array_equal(out.x_adv, start)  # steps=0: the projected start, unchanged
     np.testing.assert_array_equal(out.success, fooled)
     np.testing.assert_array_equal(out.details["steps_used"], 0)
-    out = bpda(shell, x, y, epsilon=eps, steps=3, x_init=far.astype(np.float32))
+    out = bpda(
+        shell,
+        x,
+        y,
+        epsilon=eps,
+        settings=attacks.BPDASettings(steps=3),
+        x_init=far.astype(np.float32),
+    )
     np.testing.assert_array_equal(out.x_adv[fooled], start[fooled])  # a success is never moved
     np.testing.assert_array_equal(out.details["steps_used"][fooled], 0)
     assert_in_ball_and_box(out.x_adv, x, eps)
@@ -99,11 +134,11 @@ def test_zero_budget_returns_x_and_the_shells_clean_answer(conv):
     label = shell.embed(x)["label"].numpy()
     y = (label + 1) % 3  # wrong on purpose: the shell "fails" at x itself, at step 0
     y[:2] = label[:2]
-    out = bpda(shell, x, y, epsilon=0.0, steps=2)
+    out = bpda(shell, x, y, epsilon=0.0, settings=attacks.BPDASettings(steps=2))
     np.testing.assert_array_equal(out.x_adv, x)
     np.testing.assert_array_equal(out.success, label != y)
     np.testing.assert_array_equal(out.details["steps_used"], np.where(label != y, 0, 2))
-    empty = bpda(shell, x[:0], y[:0], epsilon=1.0, steps=2)
+    empty = bpda(shell, x[:0], y[:0], epsilon=1.0, settings=attacks.BPDASettings(steps=2))
     assert empty.x_adv.shape == (0,) + SHAPE and empty.success.shape == (0,)
     assert len(empty) == 0 and set(empty.details) == BPDA_DETAILS
 
@@ -164,7 +199,7 @@ def test_mcn_on_a_binary_linear_base_is_broken_exactly_below_the_linear_margin()
     shell = MCNShell(base, p["delta"], steps=1)
     np.testing.assert_array_equal(shell.embed(x)["label"].numpy(), y)
 
-    out = bpda(shell, x, y, epsilon=eps, steps=3, step_size=eps)
+    out = bpda(shell, x, y, epsilon=eps, settings=attacks.BPDASettings(steps=3, step_size=eps))
     breakable = np.abs(p["ratio"]) < 1.0
     np.testing.assert_array_equal(out.success, breakable)
     np.testing.assert_array_equal(out.details["steps_used"], np.where(breakable, 1, 3))
@@ -207,21 +242,55 @@ def test_every_variant_meets_the_binary_linear_oracle(variant):
         shell = NCNShell(base, 0.9, delta_max=16.0, steps=20, rounds=3)
     np.testing.assert_array_equal(shell.embed(x)["label"].numpy(), y)
     run = dict(
-        apgd=lambda: bpda(shell, x, y, epsilon=eps, steps=3, schedule="apgd"),
-        targeted=lambda: bpda(shell, x, y, epsilon=eps, steps=3, step_size=eps, target=1 - y),
+        apgd=lambda: bpda(
+            shell, x, y, epsilon=eps, settings=attacks.BPDASettings(steps=3, schedule="apgd")
+        ),
+        targeted=lambda: bpda(
+            shell,
+            x,
+            y,
+            epsilon=eps,
+            settings=attacks.BPDASettings(steps=3, step_size=eps),
+            target=1 - y,
+        ),
         targeted_apgd=lambda: bpda(
-            shell, x, y, epsilon=eps, steps=3, target=1 - y, schedule="apgd"
+            shell,
+            x,
+            y,
+            epsilon=eps,
+            settings=attacks.BPDASettings(steps=3, schedule="apgd"),
+            target=1 - y,
         ),
         restarts=lambda: attacks.bpda_restarts(
-            shell, x, y, epsilon=eps, steps=3, random_restarts=2, seed=4
+            shell,
+            x,
+            y,
+            epsilon=eps,
+            settings=attacks.BPDASettings(schedule="apgd", steps=3, random_restarts=2),
+            seed=4,
         ),
-        top_k=lambda: attacks.bpda_targeted(shell, x, y, epsilon=eps, steps=3, num_targets="all"),
-        lift=lambda: attacks.lift(shell, x, y, epsilon=eps, steps=3),
-        lift_bpda=lambda: attacks.lift(shell, x, y, epsilon=eps, steps=3, bpda_steps=2),
+        top_k=lambda: attacks.bpda_targeted(
+            shell,
+            x,
+            y,
+            epsilon=eps,
+            settings=attacks.BPDASettings(schedule="apgd", steps=3, num_targets="all"),
+        ),
+        lift=lambda: attacks.lift(shell, x, y, epsilon=eps, settings=attacks.LiftSettings(steps=3)),
+        lift_bpda=lambda: attacks.lift(
+            shell, x, y, epsilon=eps, settings=attacks.LiftSettings(steps=3, bpda_steps=2)
+        ),
         eot_random_start=lambda: bpda(
-            shell, x, y, epsilon=eps, steps=3, schedule="apgd", eot_samples=2, seed=1
+            shell,
+            x,
+            y,
+            epsilon=eps,
+            settings=attacks.BPDASettings(steps=3, schedule="apgd", eot_samples=2),
+            seed=1,
         ),
-        ncn=lambda: bpda(shell, x, y, epsilon=eps, steps=3, schedule="apgd"),
+        ncn=lambda: bpda(
+            shell, x, y, epsilon=eps, settings=attacks.BPDASettings(steps=3, schedule="apgd")
+        ),
     )[variant]
     out = run()
     np.testing.assert_array_equal(out.success, breakable)
@@ -254,7 +323,13 @@ def test_eot_on_a_random_start_mcn_shell_verifies_each_success_on_a_fresh_draw(c
     for i in range(len(x)):
         xi = x[i : i + 1]
         yi = shell.embed(xi)["label"].numpy()
-        out = bpda(shell, xi, yi, epsilon=3.0, steps=steps, schedule="apgd", eot_samples=3)
+        out = bpda(
+            shell,
+            xi,
+            yi,
+            epsilon=3.0,
+            settings=attacks.BPDASettings(steps=steps, schedule="apgd", eot_samples=3),
+        )
         assert_in_ball_and_box(out.x_adv, xi, 3.0)
         fresh = shell.embed(out.x_adv)["label"].numpy()
         np.testing.assert_array_equal(out.success, fresh != yi)
@@ -285,11 +360,11 @@ def test_bad_inputs_raise_naming_the_problem(conv):
     with pytest.raises(ValueError, match="epsilon.*pixel range"):
         bpda(shell, x, y, epsilon=300.0)
     with pytest.raises(ValueError, match="steps.*-1"):
-        bpda(shell, x, y, epsilon=1.0, steps=-1)
+        bpda(shell, x, y, epsilon=1.0, settings=attacks.BPDASettings(steps=-1))
     with pytest.raises(ValueError, match="steps.*2.5"):
-        bpda(shell, x, y, epsilon=1.0, steps=2.5)
+        bpda(shell, x, y, epsilon=1.0, settings=attacks.BPDASettings(steps=2.5))
     with pytest.raises(ValueError, match="step_size.*-0.5"):
-        bpda(shell, x, y, epsilon=1.0, step_size=-0.5)
+        bpda(shell, x, y, epsilon=1.0, settings=attacks.BPDASettings(step_size=-0.5))
     with pytest.raises(ValueError, match=r"0\.\.2"):
         bpda(shell, x, np.full(len(x), 3, np.int32), epsilon=1.0)
     with pytest.raises(ValueError, match=r"shape \[6\]"):
@@ -299,7 +374,7 @@ def test_bad_inputs_raise_naming_the_problem(conv):
     with pytest.raises(ValueError, match=r"pixel values in \[0, 255\]"):
         bpda(shell, x / 255.0 - 0.5, y, epsilon=1.0)
     with pytest.raises(ValueError, match="x_init.*random_start"):
-        bpda(shell, x, y, epsilon=1.0, x_init=x, random_start=True)
+        bpda(shell, x, y, epsilon=1.0, x_init=x, settings=attacks.BPDASettings(random_start=True))
     with pytest.raises(ValueError, match=r"x_init must have shape \(6, 8, 8, 3\)"):
         bpda(shell, x, y, epsilon=1.0, x_init=x[:2])
 
@@ -320,7 +395,8 @@ def test_bpda_applies_the_shells_declared_stand_in_for_its_search():
     base = small_conv(seed=4, classes=3, shape=(6, 6, 3))
     x = uniform_images(5, (6, 6, 3), seed=1)
     y = base(x).numpy().argmax(1)
-    kw = dict(epsilon=6.0, steps=1, step_size=2.0)  # one step: the same gradient, mirrored
+    # one step: the same gradient, mirrored
+    kw = dict(epsilon=6.0, settings=attacks.BPDASettings(steps=1, step_size=2.0))
     plain = attacks.bpda(MCNShell(base, 4.0, steps=2), x, y, **kw)
     mirrored = attacks.bpda(Mirrored(base, 4.0, steps=2), x, y, **kw)
     assert Mirrored.calls >= 1

@@ -3,6 +3,8 @@ where only an attack on the shell succeeds, a provably robust shell, invariants 
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -85,8 +87,9 @@ def test_bpda_fools_a_shell_that_transfer_attacks_on_the_base_do_not():
     # Transfer: PGD on the base (both losses, random restarts) goes up the ramp to mu + 6u and
     # fools the base there, but the shell's ball around that point still holds mu: it stays right.
     for loss in ("xent", "cw"):
+        settings = attacks.PGDSettings(loss=loss, restarts=3)
         res = attacks.pgd(
-            base, x, y, epsilon=eps, steps=10, step_size=1.5, loss=loss, restarts=3, seed=0
+            base, x, y, epsilon=eps, steps=10, step_size=1.5, settings=settings, seed=0
         )
         x_t = res.x_adv
         assert res.success[0], loss
@@ -94,7 +97,7 @@ def test_bpda_fools_a_shell_that_transfer_attacks_on_the_base_do_not():
         assert shell.embed(x_t)["label"].numpy()[0] == 1, loss
 
     # BPDA ranks the pocket above the ramp by the shell's own scores and steps towards it.
-    out = bpda(shell, x, y, epsilon=eps, steps=10)
+    out = bpda(shell, x, y, epsilon=eps, settings=attacks.BPDASettings(steps=10))
     assert out.success[0] and out.details["shell_label"][0] == 2
     assert_in_ball_and_box(out.x_adv, x, eps)
     assert shell.embed(out.x_adv)["label"].numpy()[0] == 2
@@ -143,18 +146,25 @@ def test_lift_breaks_mcn_where_transfer_attacks_from_the_base_do_not():
     # ball around their x' still holds mu, and the cliff stays out of its reach: it stays right.
     transfers = [
         attacks.pgd(
-            base, x, y, epsilon=eps, steps=10, step_size=1.0, loss=loss, random_start=False
+            base,
+            x,
+            y,
+            epsilon=eps,
+            steps=10,
+            step_size=1.0,
+            settings=attacks.PGDSettings(loss=loss, random_start=False),
         ).x_adv
         for loss in ("xent", "cw")
     ]
-    transfers.append(attacks.apgd_ce(base, x, y, epsilon=eps, steps=10, restarts=2).x_adv)
+    apgd = attacks.APGDSettings(steps=10, restarts=2)
+    transfers.append(attacks.apgd_ce(base, x, y, epsilon=eps, settings=apgd).x_adv)
     for x_t in transfers:
         assert_in_ball_and_box(x_t, x, eps)
         assert shell.embed(x_t)["label"].numpy()[0] == 1
 
     # Lift: the base's most confident class-2 point within eps + delta, clipped to the eps ball,
     # puts the cliff within delta of x': MCN answers 2 there, though the base is right.
-    out = attacks.lift(shell, x, y, epsilon=eps, steps=10)
+    out = attacks.lift(shell, x, y, epsilon=eps, settings=attacks.LiftSettings(steps=10))
     assert out.success[0] and out.details["shell_label"][0] == 2 and out.details["target"][0] == 2
     # At x the shell ranks the ramp's class 0 above class 2: lifting 0 fails (the ramp is capped
     # and mu stays within delta), the second target breaks it, at x' itself.
@@ -199,16 +209,32 @@ def test_a_provably_robust_shell_is_not_broken_inside_its_radius_but_is_beyond()
 
     eps = 0.95 * radius.min()
     for out in (
-        attacks.bpda_restarts(shell, x, y, epsilon=eps, steps=5, random_restarts=1),
-        attacks.bpda_targeted(shell, x, y, epsilon=eps, steps=5, num_targets="all"),
-        attacks.lift(shell, x, y, epsilon=eps, steps=5, bpda_steps=2),
+        attacks.bpda_restarts(
+            shell,
+            x,
+            y,
+            epsilon=eps,
+            settings=attacks.BPDASettings(schedule="apgd", steps=5, random_restarts=1),
+        ),
+        attacks.bpda_targeted(
+            shell,
+            x,
+            y,
+            epsilon=eps,
+            settings=attacks.BPDASettings(schedule="apgd", steps=5, num_targets="all"),
+        ),
+        attacks.lift(
+            shell, x, y, epsilon=eps, settings=attacks.LiftSettings(steps=5, bpda_steps=2)
+        ),
     ):
         assert not out.success.any()
         assert_in_ball_and_box(out.x_adv, x, eps)
         assert (out.score < 0).all()
     # Not vacuous: beyond the base's own radius (MCN answers as the base, nearly) it falls.
     big = float(min(1.2 * base_radius.max(), 255.0))
-    out = attacks.bpda_restarts(shell, x, y, epsilon=big, steps=5)
+    out = attacks.bpda_restarts(
+        shell, x, y, epsilon=big, settings=attacks.BPDASettings(schedule="apgd", steps=5)
+    )
     assert out.success.all(), (big, base_radius)
     np.testing.assert_array_equal(shell.embed(out.x_adv)["label"].numpy() != y, True)
 
@@ -235,11 +261,24 @@ def test_suite_outputs_are_verified_in_the_ball_and_deterministic(conv, cw_shell
         kwargs = dict(epsilon=eps, seed=3, progress=lambda *a: calls.append(a))
         if attack == "restarts":
             return attacks.bpda_restarts(
-                shell, x, y, steps=3, x_init=np.clip(x + 2.0, 0, 255), random_restarts=1, **kwargs
+                shell,
+                x,
+                y,
+                settings=attacks.BPDASettings(schedule="apgd", steps=3, random_restarts=1),
+                x_init=np.clip(x + 2.0, 0, 255),
+                **kwargs,
             )
         if attack == "top_k":
-            return attacks.bpda_targeted(shell, x, y, steps=3, num_targets=2, **kwargs)
-        return attacks.lift(shell, x, y, steps=4, bpda_steps=2, **kwargs)
+            return attacks.bpda_targeted(
+                shell,
+                x,
+                y,
+                settings=attacks.BPDASettings(schedule="apgd", steps=3, num_targets=2),
+                **kwargs,
+            )
+        return attacks.lift(
+            shell, x, y, settings=attacks.LiftSettings(steps=4, bpda_steps=2), **kwargs
+        )
 
     out = run()
     assert isinstance(out, AttackResult)
@@ -272,29 +311,47 @@ def test_bad_inputs_of_the_strengthened_attacks_raise_naming_the_problem(conv):
     with pytest.raises(ValueError, match=r"target must lie in 0\.\.2"):
         bpda(shell, x, y, epsilon=1.0, target=np.full(len(x), 5, np.int32))
     with pytest.raises(ValueError, match="schedule.*'adam'"):
-        bpda(shell, x, y, epsilon=1.0, schedule="adam")
+        bpda(shell, x, y, epsilon=1.0, settings=attacks.BPDASettings(schedule="adam"))
     with pytest.raises(ValueError, match="step_size is for schedule='sign'.*0.5"):
-        bpda(shell, x, y, epsilon=1.0, schedule="apgd", step_size=0.5)
+        bpda(
+            shell, x, y, epsilon=1.0, settings=attacks.BPDASettings(schedule="apgd", step_size=0.5)
+        )
     with pytest.raises(ValueError, match="eot_samples.*-1"):
-        bpda(shell, x, y, epsilon=1.0, eot_samples=-1)
+        bpda(shell, x, y, epsilon=1.0, settings=attacks.BPDASettings(eot_samples=-1))
     with pytest.raises(ValueError, match="progress must be a callable.*int"):
         bpda(shell, x, y, epsilon=1.0, progress=3)
     with pytest.raises(ValueError, match=r"num_targets must be 'all' or 1\.\.2.*5"):
-        attacks.bpda_targeted(shell, x, y, epsilon=1.0, num_targets=5)
+        attacks.bpda_targeted(
+            shell, x, y, epsilon=1.0, settings=attacks.BPDASettings(schedule="apgd", num_targets=5)
+        )
     with pytest.raises(ValueError, match="num_targets.*'some'"):
-        attacks.bpda_targeted(shell, x, y, epsilon=1.0, num_targets="some")
+        attacks.bpda_targeted(
+            shell,
+            x,
+            y,
+            epsilon=1.0,
+            settings=attacks.BPDASettings(schedule="apgd", num_targets="some"),
+        )
     with pytest.raises(ValueError, match="no start"):
-        attacks.bpda_restarts(shell, x, y, epsilon=1.0, from_x=False)
+        attacks.bpda_restarts(
+            shell, x, y, epsilon=1.0, settings=attacks.BPDASettings(schedule="apgd", from_x=False)
+        )
     with pytest.raises(ValueError, match="random_restarts.*-2"):
-        attacks.bpda_restarts(shell, x, y, epsilon=1.0, random_restarts=-2)
+        attacks.bpda_restarts(
+            shell,
+            x,
+            y,
+            epsilon=1.0,
+            settings=attacks.BPDASettings(schedule="apgd", random_restarts=-2),
+        )
     with pytest.raises(ValueError, match=r"x_init must have shape \(6, 8, 8, 3\)"):
         attacks.bpda_restarts(shell, x, y, epsilon=1.0, x_init=x[:2])
     with pytest.raises(ValueError, match="epsilon \\+ delta.*exceeds the pixel range"):
-        attacks.lift(shell, x, y, epsilon=250.0, delta=10.0)
+        attacks.lift(shell, x, y, epsilon=250.0, settings=attacks.LiftSettings(delta=10.0))
     with pytest.raises(ValueError, match="delta.*-1"):
-        attacks.lift(shell, x, y, epsilon=1.0, delta=-1.0)
+        attacks.lift(shell, x, y, epsilon=1.0, settings=attacks.LiftSettings(delta=-1.0))
     with pytest.raises(ValueError, match="bpda_steps.*1.5"):
-        attacks.lift(shell, x, y, epsilon=1.0, bpda_steps=1.5)
+        attacks.lift(shell, x, y, epsilon=1.0, settings=attacks.LiftSettings(bpda_steps=1.5))
     with pytest.raises(ValueError, match="must be a model shell.*got Functional"):
         attacks.lift(base, x, y, epsilon=1.0)
     with pytest.raises(ValueError, match=r"pixel values in \[0, 255\]"):
@@ -308,13 +365,15 @@ def test_points_the_shell_gets_wrong_at_x_report_its_answer_there(conv, attack):
     label = shell.embed(x)["label"].numpy()
     y = label.copy()
     y[:3] = (label[:3] + 1) % 3  # the shell is wrong at x on the first three points
-    kwargs = dict(epsilon=2.0, steps=1)
     if attack == "restarts":
-        out = attacks.bpda_restarts(shell, x, y, **kwargs)
+        settings = attacks.BPDASettings(steps=1, schedule="apgd")
+        out = attacks.bpda_restarts(shell, x, y, epsilon=2.0, settings=settings)
     elif attack == "top_k":
-        out = attacks.bpda_targeted(shell, x, y, num_targets=1, **kwargs)
+        settings = attacks.BPDASettings(steps=1, schedule="apgd", num_targets=1)
+        out = attacks.bpda_targeted(shell, x, y, epsilon=2.0, settings=settings)
     else:
-        out = attacks.lift(shell, x, y, num_targets=1, **kwargs)
+        settings = attacks.LiftSettings(steps=1, num_targets=1)
+        out = attacks.lift(shell, x, y, epsilon=2.0, settings=settings)
     assert out.success[:3].all()
     np.testing.assert_array_equal(out.x_adv[:3], x[:3])
     np.testing.assert_array_equal(out.details["steps_used"][:3], 0)
@@ -324,3 +383,48 @@ def test_points_the_shell_gets_wrong_at_x_report_its_answer_there(conv, attack):
     np.testing.assert_array_equal(out.score > 0, out.success)  # the shell's (MCN) margin
     if attack != "top_k":  # untargeted runs, or no run (lift at x): no target
         np.testing.assert_array_equal(out.details["target"][:3], -1)
+
+
+def test_settings_objects_validate_on_construction_naming_the_field(conv):
+    """BPDASettings / LiftSettings refuse a bad knob when built (before any attack runs), hold
+    normalised values, and are frozen; a chain refuses one run's random start."""
+    base, x, shells = conv
+    bad_bpda = [
+        (dict(steps=-1), "steps.*-1"),
+        (dict(schedule="adam"), "schedule.*'adam'"),
+        (dict(schedule="apgd", step_size=1.0), "step_size is for schedule='sign'"),
+        (dict(step_size=300.0), "step_size.*pixel range"),
+        (dict(eot_samples=1.5), "eot_samples.*1.5"),
+        (dict(warm_steps=-1), "warm_steps.*-1"),
+        (dict(proxy=base), "proxy must be a copy of the shell.*Functional"),
+        (dict(random_restarts=-1), "random_restarts.*-1"),
+        (dict(num_targets=0), "num_targets.*0"),
+        (dict(from_x="yes"), "from_x must be True or False"),
+        (dict(random_start=None), "random_start must be True or False"),
+    ]
+    for kw, match in bad_bpda:
+        with pytest.raises(ValueError, match=match):
+            attacks.BPDASettings(**kw)
+    bad_lift = [
+        (dict(delta=-1.0), "delta.*-1"),
+        (dict(steps=-2), "steps.*-2"),
+        (dict(schedule="adam"), "schedule.*'adam'"),
+        (dict(bpda_steps=0.5), "bpda_steps.*0.5"),
+        (dict(eot_samples=-1), "eot_samples.*-1"),
+        (dict(num_targets="most"), "num_targets.*'most'"),
+    ]
+    for kw, match in bad_lift:
+        with pytest.raises(ValueError, match=match):
+            attacks.LiftSettings(**kw)
+    s = attacks.BPDASettings(steps=5.0, random_restarts=np.int64(2), num_targets=2.0)
+    assert (s.steps, s.random_restarts, s.num_targets) == (5, 2, 2)
+    assert all(type(v) is int for v in (s.steps, s.random_restarts, s.num_targets))
+    assert attacks.BPDASettings(num_targets="all").num_targets == "all"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.steps = 3
+    assert attacks.LiftSettings(steps=4.0).steps == 4
+    y = np.zeros(len(x), np.int32)
+    with pytest.raises(ValueError, match="random_start is one run's start.*random_restarts"):
+        attacks.bpda_restarts(
+            shells["mcn"], x, y, epsilon=1.0, settings=attacks.BPDASettings(random_start=True)
+        )

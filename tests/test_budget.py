@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from helpers import small_conv
-from manifold_tf.attacks import Step
+from manifold_tf.attacks import CWSettings, Step
 from manifold_tf.evaluation import adaptive, adaptive_budget, adaptive_report, adaptive_suites
 from manifold_tf.evaluation.config import AdaptiveConfig, BaseAttackConfig, DefenceConfig
+from manifold_tf.evaluation.context import RunContext
 from manifold_tf.evaluation.defence import run_table2
 from manifold_tf.evaluation.store import RunStore, SettingsMismatch
 from manifold_tf.evaluation.walk import continue_batches, walk_order
@@ -27,7 +28,7 @@ SMALL = AdaptiveConfig(
     shell_attacks=("transfer_cw", "bpda"),
     budget=None,
 )
-CW = dict(max_iterations=2)
+CW = CWSettings(max_iterations=2)
 # What a batch's record holds besides its timing: equal across runs on the same points and seeds.
 OUTCOME = ("indices", "base_broken_by", "shell_broken_by", "shell_adv", "attempted", "cost")
 
@@ -85,12 +86,9 @@ def run(setup, path, config, *, resume=False, clock=None):
         x,
         y,
         config,
-        store,
-        epsilon=6.0,
-        cw_kwargs=CW,
-        seed=0,
-        batch_points=4,
-        clock=clock or Clock(),
+        RunContext(
+            store=store, epsilon=6.0, cw_settings=CW, seed=0, batch_points=4, clock=clock or Clock()
+        ),
     )
     return out, store
 
@@ -175,7 +173,8 @@ def test_table2_on_more_walked_points_keeps_its_finished_batches(tmp_path):
 
     def table2(walk, resume):
         store = RunStore(str(tmp_path / "t2"), resume=resume)
-        out = run_table2(base, shell, x, y, config, store, epsilon=6.0, seed=0, walk=walk)
+        context = RunContext.for_defence(config, store, epsilon=6.0, seed=0)
+        out = run_table2(base, shell, x, y, config, context, walk=walk)
         store.close()
         return out
 
@@ -208,7 +207,9 @@ def test_the_planned_duration_counts_the_points_the_budget_fits():
     class Shell:
         num_classes = 10
 
-    cw = dict(max_iterations=10, initial_const=1e-5, largest_const=20.0, stop_within_epsilon=True)
+    cw = CWSettings(
+        max_iterations=10, initial_const=1e-5, largest_const=20.0, stop_within_epsilon=True
+    )
 
     def phases_for(n):
         return estimate.defence_passes(

@@ -23,6 +23,7 @@ import pytest
 
 from helpers import small_conv, subprocess_env
 from manifold_tf import interrupts
+from manifold_tf.attacks import CWSettings
 from manifold_tf.evaluation import (
     adaptive,
     adaptive_budget,
@@ -33,6 +34,7 @@ from manifold_tf.evaluation import (
     suite_batch,
 )
 from manifold_tf.evaluation.config import AdaptiveConfig, ShellConfig, ThreatConfig, shell_kinds
+from manifold_tf.evaluation.context import RunContext
 from manifold_tf.evaluation.store import RunStore
 from manifold_tf.shells import SHELLS, HedgeShell, MCNShell
 from test_custom_defence import DitherShell
@@ -49,7 +51,7 @@ SMALL = AdaptiveConfig(
     shell_attacks=("transfer_cw", "bpda"),
     budget=None,
 )
-CW = dict(max_iterations=2)
+CW = CWSettings(max_iterations=2)
 EPSILON = 1.0  # CW (2 steps) breaks none, the base suite some: both suites have work
 KINDS = ("mcn", "test_dither")
 
@@ -92,12 +94,14 @@ def compare_run(setup, path, *, kinds=KINDS, config=SMALL, resume=False, clock=N
         x,
         y,
         config,
-        store,
-        epsilon=EPSILON,
-        cw_kwargs=CW,
-        seed=0,
-        batch_points=4,
-        **({} if clock is None else dict(clock=clock)),
+        RunContext(
+            store=store,
+            epsilon=EPSILON,
+            cw_settings=CW,
+            seed=0,
+            batch_points=4,
+            **({} if clock is None else dict(clock=clock)),
+        ),
     )
     return comparison, store
 
@@ -138,11 +142,7 @@ def singles(setup, tmp_path_factory):
                 x,
                 y,
                 SMALL,
-                store,
-                epsilon=EPSILON,
-                cw_kwargs=CW,
-                seed=0,
-                batch_points=4,
+                RunContext(store=store, epsilon=EPSILON, cw_settings=CW, seed=0, batch_points=4),
             )
         adaptive_report.write_adaptive_report(run, x, store)
         summary = json.load(open(store.path("summary.json")))

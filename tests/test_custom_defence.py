@@ -20,8 +20,10 @@ import tensorflow as tf
 
 from helpers import nearest_centre_model
 from manifold_tf import shells
+from manifold_tf.attacks import CWSettings
 from manifold_tf.evaluation import adaptive, adaptive_report
 from manifold_tf.evaluation.config import AdaptiveConfig, ShellConfig, ThreatConfig
+from manifold_tf.evaluation.context import RunContext
 from manifold_tf.evaluation.store import RunStore
 from manifold_tf.shells import FactorShell, register
 from manifold_tf.validation import PIXEL_MAX
@@ -121,11 +123,13 @@ def test_a_defence_defined_outside_the_package_runs_the_whole_verdict(tmp_path):
         x,
         y,
         cfg,
-        store,
-        epsilon=24.0,
-        cw_kwargs=dict(max_iterations=5),
-        seed=0,
-        batch_points=6,
+        RunContext(
+            store=store,
+            epsilon=24.0,
+            cw_settings=CWSettings(max_iterations=5),
+            seed=0,
+            batch_points=6,
+        ),
     )
     report = adaptive_report.write_adaptive_report(run, x, store)
     assert report["verdict"]["n"] == 12

@@ -16,6 +16,8 @@ import pytest
 import warm
 from helpers import subprocess_env, without_timings
 from manifold_tf.evaluation import defence, walk
+from manifold_tf.evaluation.context import RunContext
+from manifold_tf.evaluation.store import RunStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -264,16 +266,20 @@ def test_a_second_shell_reuses_the_first_runs_adversarial_examples(
         defence._reusable_attack(uninterrupted, 0, settings, np.asarray(saved["indices"]))
 
 
-def test_where_cw_fails_the_shell_is_probed_inside_the_ball(tiny_checkpoint):
+def test_where_cw_fails_the_shell_is_probed_inside_the_ball(tiny_checkpoint, tmp_path):
+    from manifold_tf.attacks import CWSettings
     from manifold_tf.data import synthetic_arrays
     from manifold_tf.shells import MCNShell
 
     base = keras.saving.load_model(tiny_checkpoint)
     x, y = synthetic_arrays("test", num_examples=6)
     shell = MCNShell(base, 8.0, steps=2, jit_compile=False)
-    record, x_adv = defence.defence_batch(
-        base, shell, x, y, epsilon=1.0, attack=dict(max_iterations=5), shell_batch_size=6
+    context = RunContext(
+        store=RunStore(str(tmp_path / "run")),
+        epsilon=1.0,
+        cw_settings=CWSettings(max_iterations=5),
     )
+    record, x_adv = defence.defence_batch(base, shell, x, y, context=context, shell_batch_size=6)
     probes = np.asarray(record["probe"])
     # At 1 px CW cannot break the nearest-centre model: every point gets a probe x' != x.
     assert probes.all() and not any(record["base_success"])

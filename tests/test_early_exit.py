@@ -90,8 +90,9 @@ def test_a_point_broken_early_pays_only_up_to_its_checkpoint():
     x = x.reshape((6,) + SHAPE).astype(np.float32)
     y = np.where(signs > 0, 0, 1).astype(np.int32)
     breakable = ratios < 1.0
-    on = attacks.apgd_ce(model, x, y, epsilon=eps, steps=steps)
-    off = attacks.apgd_ce(model, x, y, epsilon=eps, steps=steps, early_exit=False)
+    on = attacks.apgd_ce(model, x, y, epsilon=eps, settings=attacks.APGDSettings(steps=steps))
+    off_settings = attacks.APGDSettings(steps=steps, early_exit=False)
+    off = attacks.apgd_ce(model, x, y, epsilon=eps, settings=off_settings)
     first = projected.apgd_checkpoints(steps)[1]
     assert first == math.ceil(0.22 * steps) < steps
     np.testing.assert_array_equal(on.success, breakable)
@@ -111,8 +112,11 @@ def test_a_point_broken_early_pays_only_up_to_its_checkpoint():
 )
 def test_apgd_breaks_the_same_points_and_the_others_end_as_without_early_exit(conv, name, kw):
     model, x, y = conv
-    on = getattr(attacks, name)(model, x, y, seed=2, **kw)
-    off = getattr(attacks, name)(model, x, y, seed=2, early_exit=False, **kw)
+    epsilon, knobs = kw["epsilon"], {k: v for k, v in kw.items() if k != "epsilon"}
+    on_settings = attacks.APGDSettings(**knobs)
+    off_settings = attacks.APGDSettings(early_exit=False, **knobs)
+    on = getattr(attacks, name)(model, x, y, epsilon=epsilon, settings=on_settings, seed=2)
+    off = getattr(attacks, name)(model, x, y, epsilon=epsilon, settings=off_settings, seed=2)
     ok = on.success
     assert 0 < ok.sum() < len(x), ok  # both paths run
     np.testing.assert_array_equal(ok, off.success)
@@ -132,7 +136,8 @@ def test_apgd_breaks_the_same_points_and_the_others_end_as_without_early_exit(co
 def test_apgd_t_tries_targets_in_the_models_order_and_stops_at_the_first_success(conv):
     model, x, y = conv
     steps, num_targets = 12, 4
-    res = attacks.apgd_t(model, x, y, epsilon=2.0, steps=steps, num_targets=num_targets, seed=5)
+    settings = attacks.APGDSettings(steps=steps, num_targets=num_targets)
+    res = attacks.apgd_t(model, x, y, epsilon=2.0, settings=settings, seed=5)
     clean = model(x).numpy()
     order = np.argsort(-clean, axis=1, kind="stable")
     ranked = order[order != y[:, None]].reshape(len(x), -1)  # wrong labels, highest logit first
@@ -149,9 +154,12 @@ def test_apgd_t_tries_targets_in_the_models_order_and_stops_at_the_first_success
 
 def test_fab_with_early_exit_breaks_the_same_points_for_less(conv):
     model, x, y = conv
-    kw = dict(epsilon=2.0, steps=12, num_targets=3, seed=1)
-    on = attacks.fab_t(model, x, y, early_exit=True, **kw)
-    off = attacks.fab_t(model, x, y, **kw)  # FAB's default: the whole run (the smallest norm)
+    kw = dict(epsilon=2.0, seed=1)
+    on_settings = attacks.FABSettings(steps=12, num_targets=3, early_exit=True)
+    # FAB's default: the whole run (the smallest norm)
+    off_settings = attacks.FABSettings(steps=12, num_targets=3)
+    on = attacks.fab_t(model, x, y, settings=on_settings, **kw)
+    off = attacks.fab_t(model, x, y, settings=off_settings, **kw)
     ok = on.success
     assert 0 < ok.sum() < len(x), ok
     np.testing.assert_array_equal(ok, off.success)
@@ -173,9 +181,11 @@ def test_one_trace_per_setting_for_every_batch_size_and_segment():
     for n, eps in ((7, 3.0), (4, 2.0)):
         x = uniform_images(n, SHAPE, seed=n)
         y = np.argmax(model(x).numpy(), axis=1).astype(np.int32)
-        attacks.apgd_ce(model, x, y, epsilon=eps, steps=10, seed=n)
-        attacks.apgd_t(model, x, y, epsilon=eps, steps=10, num_targets=2, seed=n)
-        attacks.fab_t(model, x, y, epsilon=eps, steps=10, num_targets=2, early_exit=True)
+        apgd = attacks.APGDSettings(steps=10, num_targets=2)
+        attacks.apgd_ce(model, x, y, epsilon=eps, settings=apgd, seed=n)
+        attacks.apgd_t(model, x, y, epsilon=eps, settings=apgd, seed=n)
+        fab = attacks.FABSettings(steps=10, num_targets=2, early_exit=True)
+        attacks.fab_t(model, x, y, epsilon=eps, settings=fab)
     counts = {
         k: c
         for kind in ("apgd", "apgd_finish", "fab", "fab_finish")

@@ -4,6 +4,7 @@ compilation and bad inputs. Units: pixels (0..255)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -14,7 +15,7 @@ from scipy.optimize import linprog
 import helpers
 from helpers import assert_in_ball_and_box, linear_model, uniform_images
 from manifold_tf import compiled
-from manifold_tf.attacks.fab import fab, fab_t, project_linf_hyperplane
+from manifold_tf.attacks.fab import FABSettings, fab, fab_t, project_linf_hyperplane
 
 SHAPE = (4, 4, 3)
 DIM = int(np.prod(SHAPE))
@@ -133,13 +134,13 @@ def test_targeted_reaches_the_boundary_of_each_target(linear):
     model, x, y, z, to = linear
     order = np.argsort(-z, axis=1, kind="stable")
     t = order[:, 1]  # FAB-T's first target: the highest wrong clean logit
-    res = fab_t(model, x, y, epsilon=60.0, num_targets=1)
+    res = fab_t(model, x, y, epsilon=60.0, settings=FABSettings(num_targets=1))
     ratio = res.details["norm"] / to[np.arange(len(x)), t]
     assert np.all(ratio >= 1.0 - 1e-5) and np.all(ratio <= CLOSE), ratio
     np.testing.assert_array_equal(res.details["target"], t)
     np.testing.assert_array_equal(res.base_passes, 100)  # one gradient per step
     # All three targets on points out of every target's reach: each run takes part.
-    res = fab_t(model, x, y, epsilon=1.0, num_targets=3, steps=100)
+    res = fab_t(model, x, y, epsilon=1.0, settings=FABSettings(num_targets=3, steps=100))
     assert not res.success.any()
     np.testing.assert_array_equal(res.base_passes, 300)
     # The kept run is the one of the smallest norm (the nearest of the three targets).
@@ -159,16 +160,16 @@ def test_success_iff_epsilon_above_the_minimal_norm(linear, targeted):
             x[i : i + 1],
             y[i : i + 1],
             epsilon=best[i] * 1.02,
+            settings=FABSettings(num_targets=3),
             targeted=targeted,
-            num_targets=3,
         )
         below = fab(
             model,
             x[i : i + 1],
             y[i : i + 1],
             epsilon=best[i] * 0.98,
+            settings=FABSettings(num_targets=3),
             targeted=targeted,
-            num_targets=3,
         )
         assert above.success[0] and not below.success[0], (above.details, below.details)
         assert_in_ball_and_box(below.x_adv, x[i : i + 1], best[i] * 0.98)
@@ -207,7 +208,14 @@ def test_box_constraint_binds_and_the_linear_programs_minimum_is_found():
     assert np.all(lam > 1.2 * free_formula)  # the box binds
     np.testing.assert_allclose(lam, 12.0, rtol=1e-3)
     for targeted in (False, True):
-        res = fab(model, x.reshape((n,) + SHAPE), y, epsilon=30.0, targeted=targeted, num_targets=1)
+        res = fab(
+            model,
+            x.reshape((n,) + SHAPE),
+            y,
+            epsilon=30.0,
+            settings=FABSettings(num_targets=1),
+            targeted=targeted,
+        )
         ratio = res.details["norm"] / lam
         assert np.all(ratio >= 1.0 - 1e-4) and np.all(ratio <= CLOSE), ratio
         assert res.success.all()
@@ -234,7 +242,8 @@ def predicted_wrong(model, x_adv, y):
 def test_outputs_in_ball_and_box_and_success_is_a_fresh_prediction(conv, targeted):
     model, x, y = conv
     eps = 4.0
-    res = fab(model, x, y, epsilon=eps, steps=10, restarts=2, targeted=targeted, num_targets=2)
+    settings = FABSettings(steps=10, restarts=2, num_targets=2)
+    res = fab(model, x, y, epsilon=eps, settings=settings, targeted=targeted)
     assert_in_ball_and_box(res.x_adv, x, eps)
     np.testing.assert_array_equal(res.success, predicted_wrong(model, res.x_adv, y))
     assert 0 < res.success[2:].sum() < 10  # some points broken, some not: both paths run
@@ -253,18 +262,18 @@ def test_outputs_in_ball_and_box_and_success_is_a_fresh_prediction(conv, targete
 
 def test_zero_budget_returns_x_and_empty_batch(conv):
     model, x, y = conv
-    res = fab(model, x, y, epsilon=0.0, steps=5)
+    res = fab(model, x, y, epsilon=0.0, settings=FABSettings(steps=5))
     np.testing.assert_array_equal(res.x_adv, x)
     np.testing.assert_array_equal(res.success, predicted_wrong(model, x, y))
     assert res.cost["base_passes"] == 0
-    empty = fab_t(model, x[:0], y[:0], epsilon=4.0, steps=5, num_targets=2)
+    empty = fab_t(model, x[:0], y[:0], epsilon=4.0, settings=FABSettings(steps=5, num_targets=2))
     assert len(empty) == 0 and empty.x_adv.shape == (0,) + SHAPE
     assert empty.details["norm"].shape == (0,)
 
 
 def test_deterministic_under_seed(conv):
     model, x, y = conv
-    kw = dict(epsilon=2.0, steps=5, restarts=3)  # restarts: the random starts run
+    kw = dict(epsilon=2.0, settings=FABSettings(steps=5, restarts=3))  # restarts: random starts
     a = fab(model, x, y, seed=5, **kw)
     b = fab(model, x, y, seed=5, **kw)
     np.testing.assert_array_equal(a.x_adv, b.x_adv)
@@ -279,10 +288,11 @@ def test_restarts_start_at_seeded_random_points_and_survive_a_zero_gradient():
     x = uniform_images(16, SHAPE, seed=0)
     x[:, 0, 0, 0] = 1.5
     y = np.ones(16, np.int32)
-    first = fab(model, x, y, epsilon=4.0, steps=3, restarts=1)
+    first = fab(model, x, y, epsilon=4.0, settings=FABSettings(steps=3, restarts=1))
     assert not first.success.any() and np.all(np.isinf(first.details["norm"]))
     np.testing.assert_array_equal(first.x_adv, x)
-    runs = [fab(model, x, y, epsilon=4.0, steps=3, restarts=3, seed=s) for s in (1, 1, 2)]
+    three = FABSettings(steps=3, restarts=3)
+    runs = [fab(model, x, y, epsilon=4.0, settings=three, seed=s) for s in (1, 1, 2)]
     assert runs[0].success.any() and np.all(runs[0].details["run"][runs[0].success] > 0)
     np.testing.assert_array_equal(runs[0].x_adv, runs[1].x_adv)
     assert not np.array_equal(runs[0].details["norm"], runs[2].details["norm"])
@@ -295,8 +305,8 @@ def test_compiled_once_per_setting_for_every_batch_size():
     for n in (3, 7):
         x = uniform_images(n, SHAPE, seed=n)
         y = np.argmax(model(x).numpy(), axis=1).astype(np.int32)
-        fab(model, x, y, epsilon=3.0, steps=3, restarts=2, seed=n)
-        fab_t(model, x, y, epsilon=3.0, steps=3, num_targets=3, seed=n)
+        fab(model, x, y, epsilon=3.0, settings=FABSettings(steps=3, restarts=2), seed=n)
+        fab_t(model, x, y, epsilon=3.0, settings=FABSettings(steps=3, num_targets=3), seed=n)
     counts = compiled.tracing_counts(model, "fab")
     assert len(counts) == 2 and all(c == 1 for c in counts.values()), counts
 
@@ -304,16 +314,43 @@ def test_compiled_once_per_setting_for_every_batch_size():
 def test_bad_inputs_raise(conv):
     model, x, y = conv
     with pytest.raises(ValueError, match="num_targets must be <= num_classes - 1 = 9"):
-        fab_t(model, x, y, epsilon=1.0, num_targets=10)
+        fab_t(model, x, y, epsilon=1.0, settings=FABSettings(num_targets=10))
     with pytest.raises(ValueError, match="eta"):
-        fab(model, x, y, epsilon=1.0, eta=0.5)
+        fab(model, x, y, epsilon=1.0, settings=FABSettings(eta=0.5))
     with pytest.raises(ValueError, match="beta"):
-        fab(model, x, y, epsilon=1.0, beta=0.0)
+        fab(model, x, y, epsilon=1.0, settings=FABSettings(beta=0.0))
     with pytest.raises(ValueError, match="steps"):
-        fab(model, x, y, epsilon=1.0, steps=-1)
+        fab(model, x, y, epsilon=1.0, settings=FABSettings(steps=-1))
     with pytest.raises(ValueError, match="restarts"):
-        fab(model, x, y, epsilon=1.0, restarts=0)
+        fab(model, x, y, epsilon=1.0, settings=FABSettings(restarts=0))
     with pytest.raises(ValueError, match="epsilon"):
         fab(model, x, y, epsilon=-1.0)
     with pytest.raises(ValueError, match="pixel values"):
         fab(model, x / 255.0 - 0.5, y, epsilon=1.0)
+
+
+@pytest.mark.parametrize(
+    "field, bad",
+    [
+        ("steps", -1),
+        ("restarts", 0),
+        ("num_targets", 0),
+        ("alpha_max", 1.5),
+        ("alpha_max", float("nan")),
+        ("eta", 0.5),
+        ("beta", 0.0),
+        ("beta", 1.1),
+    ],
+)
+def test_settings_refuse_bad_values_naming_the_field(field, bad):
+    with pytest.raises(ValueError, match=field):
+        FABSettings(**{field: bad})
+
+
+def test_settings_are_normalised_frozen_and_hashable():
+    s = FABSettings(steps=np.int64(4), alpha_max=np.float32(0.25), eta=1, early_exit=1)
+    assert (s.steps, s.alpha_max, s.eta, s.early_exit) == (4, 0.25, 1.0, True)
+    assert type(s.steps) is int and type(s.alpha_max) is float and type(s.early_exit) is bool
+    assert hash(s) == hash(FABSettings(steps=4, alpha_max=0.25, eta=1.0, early_exit=True))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.beta = 0.5

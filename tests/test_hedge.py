@@ -180,7 +180,7 @@ def test_bpda_attacks_hedge_through_f_at_its_point():
     rows = bpda.surrogate_rows(shell.scores(out), y.astype(np.int64))
     assert (rows.down_label == y).all() and (rows.up_label != y).all()
     # A linear base is broken at a large budget (the shell's 4-px hedge cannot undo 60 px).
-    res = bpda.bpda(shell, x, y, epsilon=60.0, steps=10)
+    res = bpda.bpda(shell, x, y, epsilon=60.0, settings=bpda.BPDASettings(steps=10))
     assert res.success.all()
     assert_in_ball_and_box(res.x_adv, x, 60.0)
     assert (shell.predict(res.x_adv, verbose=0).argmax(1) != y).all()

@@ -63,12 +63,19 @@ def test_an_attack_reading_its_start_ends_as_one_that_predicts_it(setup, attack)
 
     def run(memory):
         if attack == "lift":
-            return attacks.lift(shell, x, y, epsilon=4.0, num_targets=2, steps=2, known=memory)
+            return attacks.lift(
+                shell,
+                x,
+                y,
+                epsilon=4.0,
+                settings=attacks.LiftSettings(num_targets=2, steps=2),
+                known=memory,
+            )
         fn = getattr(attacks, attack)
-        kw = dict(epsilon=4.0, steps=3, x_init=x_init, seed=3, known=memory)
+        settings = attacks.BPDASettings(steps=3, schedule="apgd")
         if attack == "bpda_targeted":
-            kw.update(num_targets=2, from_x=False)
-        return fn(shell, x, y, **kw)
+            settings = attacks.BPDASettings(steps=3, schedule="apgd", num_targets=2, from_x=False)
+        return fn(shell, x, y, epsilon=4.0, settings=settings, x_init=x_init, seed=3, known=memory)
 
     paid, read = run(None), run(known)
     # Every point is the same; the first prediction of each run (and the ranking) was not paid.

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from helpers import small_conv
-from manifold_tf.attacks import AttackResult, Step, run_standing
+from manifold_tf.attacks import AttackResult, CWSettings, Step, run_standing
 from manifold_tf.evaluation import adaptive, adaptive_report, ledger
 from manifold_tf.evaluation.config import AdaptiveConfig
+from manifold_tf.evaluation.context import RunContext
 from manifold_tf.evaluation.store import RunStore
 from manifold_tf.shells import MCNShell
 
@@ -45,11 +46,13 @@ def run(tmp_path_factory):
         x,
         y,
         CONFIG,
-        store,
-        epsilon=12.0,
-        cw_kwargs=dict(max_iterations=3),
-        seed=0,
-        batch_points=4,
+        RunContext(
+            store=store,
+            epsilon=12.0,
+            cw_settings=CWSettings(max_iterations=3),
+            seed=0,
+            batch_points=4,
+        ),
     )
     report = adaptive_report.write_adaptive_report(out, x, store)
     return out, report, store, shell

@@ -97,3 +97,24 @@ def test_unrolled_steps_give_the_while_loop_result(optimizer):
     np.testing.assert_allclose(z_unrolled.numpy(), z_loop.numpy(), atol=1e-5)
     np.testing.assert_allclose(f_unrolled.numpy(), f_loop.numpy(), rtol=1e-6)
     assert float(tf.reduce_max(tf.abs(z_loop - x))) > 1.0  # it moved
+
+
+def test_adam_constants_validate_and_default_to_tf_v1s():
+    from manifold_tf.projected import ADAM, AdamConstants
+
+    assert (ADAM.beta1, ADAM.beta2, ADAM.epsilon) == (0.9, 0.999, 1e-8)
+    for field, bad in (("beta1", 1.0), ("beta2", -0.1), ("epsilon", 0.0)):
+        with pytest.raises(ValueError, match=field):
+            AdamConstants(**{field: bad})
+    # Other constants reach the Adam steps: a larger epsilon shrinks the first step.
+    x = tf.zeros([1, 4])
+
+    def objective(z):
+        return tf.reduce_sum(z * tf.constant([[1.0, -2.0, 3.0, 0.5]]), axis=1)
+
+    kwargs = dict(radius=100.0, steps=1, step_size=1.0, optimizer="adam", return_best=False)
+    z_default, _ = projected_ascent(objective, x, x + 50.0, **kwargs)
+    z_damped, _ = projected_ascent(
+        objective, x, x + 50.0, adam=AdamConstants(epsilon=1.0), **kwargs
+    )
+    assert np.all(np.abs(z_damped.numpy() - 50.0) < np.abs(z_default.numpy() - 50.0))

@@ -153,25 +153,30 @@ def _call(name, model, shell, x, y, eps, steps):
     if name == "pgd":
         return attacks.pgd(model, x, y, epsilon=eps, steps=steps, step_size=1.0)
     if name == "apgd_ce":
-        return attacks.apgd_ce(model, x, y, epsilon=eps, steps=steps)
+        return attacks.apgd_ce(model, x, y, epsilon=eps, settings=attacks.APGDSettings(steps=steps))
     if name == "apgd_t":
-        return attacks.apgd_t(model, x, y, epsilon=eps, steps=steps, num_targets=1)
+        settings = attacks.APGDSettings(steps=steps, num_targets=1)
+        return attacks.apgd_t(model, x, y, epsilon=eps, settings=settings)
     if name == "high_confidence":
         return attacks.high_confidence(model, x, y, epsilon=eps, steps=steps, step_size=1.0)
     if name == "cw_linf":
-        return attacks.cw_linf(
-            model, x, y, epsilon=eps, max_iterations=steps, max_total_iterations=6
-        )
+        settings = attacks.CWSettings(max_iterations=steps, max_total_iterations=6)
+        return attacks.cw_linf(model, x, y, epsilon=eps, settings=settings)
     if name == "square":
-        return attacks.square(model, x, y, epsilon=eps, queries=steps)
+        return attacks.square(
+            model, x, y, epsilon=eps, settings=attacks.SquareSettings(queries=steps)
+        )
     if name == "fab":
-        return attacks.fab(model, x, y, epsilon=eps, steps=steps)
+        return attacks.fab(model, x, y, epsilon=eps, settings=attacks.FABSettings(steps=steps))
     if name == "fab_t":
-        return attacks.fab_t(model, x, y, epsilon=eps, steps=steps, num_targets=1)
+        settings = attacks.FABSettings(steps=steps, num_targets=1)
+        return attacks.fab_t(model, x, y, epsilon=eps, settings=settings)
     if name == "bpda":
-        return attacks.bpda(shell, x, y, epsilon=eps, steps=steps)
+        return attacks.bpda(shell, x, y, epsilon=eps, settings=attacks.BPDASettings(steps=steps))
     if name == "lift":
-        return attacks.lift(shell, x, y, epsilon=eps, num_targets=1, steps=steps)
+        return attacks.lift(
+            shell, x, y, epsilon=eps, settings=attacks.LiftSettings(num_targets=1, steps=steps)
+        )
     raise AssertionError(name)
 
 
@@ -237,7 +242,11 @@ def test_lift_when_the_shell_is_already_wrong_at_every_point(shell):
     x = np.random.default_rng(0).uniform(0, 255, (1, *SHAPE)).astype(np.float32)
     answer = int(np.argmax(shell.predict(x, verbose=0), -1)[0])
     res = attacks.lift(
-        shell, x, np.array([(answer + 1) % CLASSES]), epsilon=4.0, num_targets=1, steps=1
+        shell,
+        x,
+        np.array([(answer + 1) % CLASSES]),
+        epsilon=4.0,
+        settings=attacks.LiftSettings(num_targets=1, steps=1),
     )
     np.testing.assert_array_equal(res.x_adv, x)
     assert res.success.tolist() == [True] and res.details["shell_label"].tolist() == [answer]

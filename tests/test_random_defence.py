@@ -22,8 +22,10 @@ import tensorflow as tf
 
 from helpers import small_conv, uniform_images
 from manifold_tf import seeds
+from manifold_tf.attacks import CWSettings
 from manifold_tf.evaluation import adaptive, adaptive_report, random_draws
 from manifold_tf.evaluation.config import AdaptiveConfig
+from manifold_tf.evaluation.context import RunContext
 from manifold_tf.evaluation.store import RunStore
 from manifold_tf.shells import FactorShell, MCNShell
 
@@ -111,11 +113,13 @@ def _run(shell, base, x, y, store, **suite):
         x,
         y,
         cfg,
-        store,
-        epsilon=4.0,
-        cw_kwargs=dict(max_iterations=2),
-        seed=0,
-        batch_points=100,
+        RunContext(
+            store=store,
+            epsilon=4.0,
+            cw_settings=CWSettings(max_iterations=2),
+            seed=0,
+            batch_points=100,
+        ),
     )
     return run, adaptive_report.write_adaptive_report(run, x, store)
 

@@ -10,6 +10,7 @@ import pytest
 from helpers import small_conv
 from manifold_tf import reporting
 from manifold_tf.evaluation import separation, stats
+from manifold_tf.evaluation.config import SeparationConfig
 from manifold_tf.evaluation.store import RunStore
 
 
@@ -71,10 +72,11 @@ def tiny_problem():
 
 def test_run_separation_saves_and_resumes(tmp_path, monkeypatch):
     model, images, labels = tiny_problem()
-    kw = dict(delta=8.0, num_batches=3, batch_points=4, seed=1, attack=dict(steps=3))
+    config = SeparationConfig(batches=3, batch_points=4, steps=3)
+    kw = dict(delta=8.0, seed=1)
     run_dir = str(tmp_path / "run")
     batch_dir = os.path.join(run_dir, "separation")
-    first = separation.run_separation(model, images, labels, store=RunStore(run_dir), **kw)
+    first = separation.run_separation(model, images, labels, config, store=RunStore(run_dir), **kw)
     assert first["confidence"].shape == (3, 4)
     assert sorted(os.listdir(batch_dir)) == [f"batch_{b:03d}.json" for b in range(3)] + [
         "settings.json"
@@ -91,7 +93,7 @@ def test_run_separation_saves_and_resumes(tmp_path, monkeypatch):
         attacks, "high_confidence", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     second = separation.run_separation(
-        model, images, labels, store=RunStore(run_dir, resume=True), **kw
+        model, images, labels, config, store=RunStore(run_dir, resume=True), **kw
     )
     assert len(calls) == 1
     np.testing.assert_allclose(second["confidence"], first["confidence"], atol=1e-6)
@@ -99,7 +101,12 @@ def test_run_separation_saves_and_resumes(tmp_path, monkeypatch):
     # Other settings in the same directory are refused rather than mixed.
     with pytest.raises(ValueError, match="delta: saved 8.0, now 4.0"):
         separation.run_separation(
-            model, images, labels, store=RunStore(run_dir, resume=True), **dict(kw, delta=4.0)
+            model,
+            images,
+            labels,
+            config,
+            store=RunStore(run_dir, resume=True),
+            **dict(kw, delta=4.0),
         )
 
 
@@ -115,31 +122,18 @@ def test_plot_separation_curve(tmp_path):
 def test_convergence_check_reruns_the_first_batches_and_a_restart_never_lowers_the_count(tmp_path):
     model, images, labels = tiny_problem()
     store = RunStore(str(tmp_path / "run"))
-    attack = dict(steps=2, step_size=8.0, optimizer="sign", random_start=False)
-    run = separation.run_separation(
-        model,
-        images,
-        labels,
-        delta=8.0,
-        num_batches=3,
+    config = SeparationConfig(
+        batches=3,
         batch_points=4,
-        seed=1,
-        attack=attack,
-        store=store,
+        steps=2,
+        step_size=8.0,
+        optimizer="sign",
+        random_start=False,
+        convergence_steps=(5,),
+        convergence_batches=2,
     )
-    out = separation.convergence_check(
-        model,
-        images,
-        labels,
-        run,
-        delta=8.0,
-        steps=(5,),
-        batches=2,
-        attack=attack,
-        seed=1,
-        p=0.5,
-        store=store,
-    )
+    run = separation.run_separation(model, images, labels, config, delta=8.0, seed=1, store=store)
+    out = separation.convergence_check(model, images, labels, run, config, p=0.5, store=store)
     assert out["points"] == 8 and [r["name"] for r in out["rows"]] == [
         "2 steps (main run)",
         "5 steps",
@@ -151,3 +145,30 @@ def test_convergence_check_reruns_the_first_batches_and_a_restart_never_lowers_t
         "batch_001.json",
         "settings.json",
     ]
+
+
+def test_a_named_run_and_its_convergence_check_use_its_protocols_and_the_searched_radius(tmp_path):
+    # The run searches N(x, delta + extra_radius) and records that radius; the convergence check
+    # reruns the run's own settings (radius, seed, attack) under "<protocol>_convergence".
+    model, images, labels = tiny_problem()
+    store = RunStore(str(tmp_path / "run"))
+    config = SeparationConfig(
+        batches=2, batch_points=3, steps=2, extra_radius=4.0, convergence_steps=(3,)
+    )
+    run = separation.run_separation(
+        model, images, labels, config, delta=4.0, seed=2, store=store, name="m"
+    )
+    assert run["settings"]["delta"] == 8.0
+    assert run["settings"]["attack"] == config.attack(4.0)
+    assert config.attack(4.0)["step_size"] == pytest.approx(2.5 * 8.0 / 2)
+    out = separation.convergence_check(
+        model, images, labels, run, config, p=0.5, store=store, name="m"
+    )
+    assert out["points"] == 6 and out["rows"][0]["name"] == "2 steps (main run)"
+    folders = sorted(f for f in os.listdir(tmp_path / "run") if not f.startswith("."))
+    assert folders == ["separation_m", "separation_m_convergence"]
+    saved = store.settings("separation_m_convergence")
+    assert (saved["delta"], saved["seed"]) == (8.0, 2)
+    assert saved["variants"][0][1]["step_size"] == pytest.approx(2.5 * 8.0 / 3)
+    off = SeparationConfig(convergence_batches=0)
+    assert separation.convergence_check(model, images, labels, run, off, p=0.5) == {}

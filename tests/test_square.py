@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -44,7 +46,7 @@ def conv():
 def test_outputs_stay_in_the_ball_and_success_is_the_models_answer(conv):
     base, x, y = conv
     eps, budget = 12.0, 60
-    out = square(base, x, y, epsilon=eps, queries=budget, seed=3)
+    out = square(base, x, y, epsilon=eps, settings=attacks.SquareSettings(queries=budget), seed=3)
     assert isinstance(out, attacks.AttackResult)
     assert set(out.details) == {"queries", "margin"}
     queries, margin = out.details["queries"], out.details["margin"]
@@ -61,12 +63,12 @@ def test_outputs_stay_in_the_ball_and_success_is_the_models_answer(conv):
     # A base model: queries are forward passes, neither shell predictions nor base_passes.
     assert out.cost == {"base_passes": 0, "shell_predictions": 0}
     # Deterministic under a seed; another seed searches elsewhere.
-    same = square(base, x, y, epsilon=eps, queries=budget, seed=3)
+    same = square(base, x, y, epsilon=eps, settings=attacks.SquareSettings(queries=budget), seed=3)
     for field in ("x_adv", "success", "base_passes", "shell_predictions", "score"):
         np.testing.assert_array_equal(getattr(out, field), getattr(same, field))
     for key in out.details:
         np.testing.assert_array_equal(out.details[key], same.details[key])
-    other = square(base, x, y, epsilon=eps, queries=budget, seed=4)
+    other = square(base, x, y, epsilon=eps, settings=attacks.SquareSettings(queries=budget), seed=4)
     assert not np.array_equal(out.x_adv, other.x_adv)
     # Points that shrink away from the batch do not retrace the compiled forward pass.
     assert [v for k, v in attacks.tracing_counts(base).items() if k[0] == "square"] == [1]
@@ -80,7 +82,9 @@ def test_points_that_succeed_stop_being_queried_and_batches_are_bounded(conv):
         calls.append(int(z.shape[0]))
         return base(z, training=False)
 
-    out = square(counted, x, y, epsilon=12.0, queries=40, batch_size=3)
+    out = square(
+        counted, x, y, epsilon=12.0, settings=attacks.SquareSettings(queries=40, batch_size=3)
+    )
     # Every query counted once, plus the final verification of every point.
     assert sum(calls) == out.details["queries"].sum() + len(x)
     assert max(calls) <= 3
@@ -88,7 +92,14 @@ def test_points_that_succeed_stop_being_queried_and_batches_are_bounded(conv):
     assert out.success.any() and sum(calls) < 41 * len(x)
     np.testing.assert_array_equal(out.success, predict(base, out.x_adv) != y)
     seen = []
-    square(base, x, y, epsilon=12.0, queries=10, progress=lambda q, left: seen.append((q, left)))
+    square(
+        base,
+        x,
+        y,
+        epsilon=12.0,
+        settings=attacks.SquareSettings(queries=10),
+        progress=lambda q, left: seen.append((q, left)),
+    )
     assert [q for q, _ in seen] == list(range(2, 11))[: len(seen)]
     assert all(0 <= left <= len(x) for _, left in seen)
 
@@ -97,12 +108,12 @@ def test_zero_budget_returns_x_and_succeeds_only_where_x_is_already_wrong(conv):
     base, x, label = conv
     y = (label + 1) % 3
     y[:3] = label[:3]
-    out = square(base, x, y, epsilon=0.0, queries=50)
+    out = square(base, x, y, epsilon=0.0, settings=attacks.SquareSettings(queries=50))
     np.testing.assert_array_equal(out.x_adv, x)
     np.testing.assert_array_equal(out.success, label != y)
     np.testing.assert_array_equal(out.details["queries"], 1)
     # With a budget, a point already wrong at x costs one query and stays at x.
-    out = square(base, x, y, epsilon=8.0, queries=20)
+    out = square(base, x, y, epsilon=8.0, settings=attacks.SquareSettings(queries=20))
     np.testing.assert_array_equal(out.x_adv[3:], x[3:])
     np.testing.assert_array_equal(out.details["queries"][3:], 1)
     assert out.success[3:].all()
@@ -157,7 +168,7 @@ def test_on_a_linear_model_success_matches_the_certified_margin():
     weak, robust = ratio < 0.75, ratio > 1.0
     assert weak.sum() >= 5 and robust.sum() >= 5  # both kinds, for the test to mean something
 
-    out = square(model, x, y, epsilon=eps, queries=1000, seed=0)
+    out = square(model, x, y, epsilon=eps, settings=attacks.SquareSettings(queries=1000), seed=0)
     assert_in_ball_and_box(out.x_adv, x, eps)
     assert out.success[weak].all(), ratio[weak & ~out.success]
     assert not out.success[robust].any()
@@ -181,7 +192,13 @@ def test_square_breaks_an_mcn_shell_exactly_where_the_linear_base_allows():
     shell = MCNShell(base, p["delta"], steps=1)
     np.testing.assert_array_equal(predict(shell, x), y)
 
-    out = square(shell, x, y, epsilon=eps, queries=300, output="probabilities")
+    out = square(
+        shell,
+        x,
+        y,
+        epsilon=eps,
+        settings=attacks.SquareSettings(queries=300, output="probabilities"),
+    )
     assert_in_ball_and_box(out.x_adv, x, eps)
     np.testing.assert_array_equal(out.success, np.abs(ratio) < 1.0)
     np.testing.assert_array_equal(out.success, predict(shell, out.x_adv) != y)
@@ -202,9 +219,22 @@ def test_square_through_per_point_label_slots_is_square_through_the_shell_when_s
     y = predict(shell, x)
     slots = np.stack([np.roll(np.arange(3), k) for k in range(len(x))]).astype(np.int32)
     seed = np.arange(len(x)) + 5
-    plain = square(shell, x, y, epsilon=64.0, queries=12, output="probabilities", seed=seed)
+    plain = square(
+        shell,
+        x,
+        y,
+        epsilon=64.0,
+        settings=attacks.SquareSettings(queries=12, output="probabilities"),
+        seed=seed,
+    )
     slotted = square(
-        shell, x, y, epsilon=64.0, queries=12, output="probabilities", seed=seed, slots=slots
+        shell,
+        x,
+        y,
+        epsilon=64.0,
+        settings=attacks.SquareSettings(queries=12, output="probabilities"),
+        seed=seed,
+        slots=slots,
     )
     assert plain.success.any() and not plain.success.all()  # the queries decide something
     np.testing.assert_array_equal(slotted.x_adv, plain.x_adv)
@@ -213,12 +243,25 @@ def test_square_through_per_point_label_slots_is_square_through_the_shell_when_s
     # Restricted to y and one wrong label, a point can be fooled only by that label's search.
     two = np.stack([y, (y + 1) % 3], axis=1).astype(np.int32)
     out = square(
-        shell, x, y, epsilon=64.0, queries=12, output="probabilities", seed=seed, slots=two
+        shell,
+        x,
+        y,
+        epsilon=64.0,
+        settings=attacks.SquareSettings(queries=12, output="probabilities"),
+        seed=seed,
+        slots=two,
     )
     fooled = out.success
     np.testing.assert_array_equal(predict(shell, out.x_adv)[fooled] != y[fooled], True)
     with pytest.raises(ValueError, match=r"slots must be int labels \[N=8"):
-        square(shell, x, y, epsilon=1.0, output="probabilities", slots=two[:3])
+        square(
+            shell,
+            x,
+            y,
+            epsilon=1.0,
+            settings=attacks.SquareSettings(output="probabilities"),
+            slots=two[:3],
+        )
     with pytest.raises(ValueError, match="embed_labels.*Functional|embed_labels.*Model"):
         square(base, x, y, epsilon=1.0, slots=two)
 
@@ -234,17 +277,17 @@ def test_bad_inputs_raise_naming_the_problem(conv):
     with pytest.raises(ValueError, match="epsilon.*pixel range"):
         square(base, x, y, epsilon=300.0)
     with pytest.raises(ValueError, match="queries.*0"):
-        square(base, x, y, epsilon=1.0, queries=0)
+        square(base, x, y, epsilon=1.0, settings=attacks.SquareSettings(queries=0))
     with pytest.raises(ValueError, match="queries.*2.5"):
-        square(base, x, y, epsilon=1.0, queries=2.5)
+        square(base, x, y, epsilon=1.0, settings=attacks.SquareSettings(queries=2.5))
     with pytest.raises(ValueError, match="p_init.*1.5"):
-        square(base, x, y, epsilon=1.0, p_init=1.5)
+        square(base, x, y, epsilon=1.0, settings=attacks.SquareSettings(p_init=1.5))
     with pytest.raises(ValueError, match="p_init.*0"):
-        square(base, x, y, epsilon=1.0, p_init=0.0)
+        square(base, x, y, epsilon=1.0, settings=attacks.SquareSettings(p_init=0.0))
     with pytest.raises(ValueError, match="output.*softmax"):
-        square(base, x, y, epsilon=1.0, output="softmax")
+        square(base, x, y, epsilon=1.0, settings=attacks.SquareSettings(output="softmax"))
     with pytest.raises(ValueError, match="batch_size.*0"):
-        square(base, x, y, epsilon=1.0, batch_size=0)
+        square(base, x, y, epsilon=1.0, settings=attacks.SquareSettings(batch_size=0))
     with pytest.raises(ValueError, match=r"0\.\.2"):
         square(base, x, np.full(len(x), 3), epsilon=1.0)
     with pytest.raises(ValueError, match=r"shape \[8\]"):
@@ -258,4 +301,13 @@ def test_bad_inputs_raise_naming_the_problem(conv):
     with pytest.raises(ValueError, match="output='probabilities'"):
         square(softmax, x, y, epsilon=1.0)
     with pytest.raises(ValueError, match="output='logits'"):
-        square(base, x, y, epsilon=1.0, output="probabilities")
+        square(base, x, y, epsilon=1.0, settings=attacks.SquareSettings(output="probabilities"))
+
+
+def test_square_settings_hold_normalised_values_and_are_frozen():
+    s = attacks.SquareSettings(queries=12.0, p_init=1, batch_size=np.int64(4))
+    assert (s.queries, s.p_init, s.batch_size, s.output) == (12, 1.0, 4, "logits")
+    assert type(s.queries) is int and type(s.p_init) is float and type(s.batch_size) is int
+    assert attacks.SquareSettings() == attacks.SquareSettings(queries=1000, p_init=0.8)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.queries = 3

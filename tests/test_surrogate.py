@@ -5,6 +5,7 @@ and the costs add up."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import numpy as np
@@ -14,6 +15,7 @@ from helpers import assert_results_equal, linear_model, small_conv, uniform_imag
 from manifold_tf import attacks
 from manifold_tf.attacks.surrogate import proxy_slots, rank_labels
 from manifold_tf.evaluation import adaptive_suites, estimate
+from manifold_tf.evaluation.adaptive_config import SHELL_ATTACKS
 from manifold_tf.evaluation.config import AdaptiveConfig
 from manifold_tf.shells import (
     AntiAdversaryShell,
@@ -138,8 +140,12 @@ def test_fewer_labels_keep_y_and_the_best_wrong_ones(setup, kind):
 def test_bpda_through_the_shell_itself_is_bpda(setup):
     _, x, mcn, _ = setup
     y = mcn.embed(x)["label"].numpy()
-    plain = attacks.bpda(mcn, x, y, epsilon=3.0, steps=3, schedule="apgd")
-    same = attacks.bpda(mcn, x, y, epsilon=3.0, steps=3, schedule="apgd", proxy=mcn)
+    plain = attacks.bpda(
+        mcn, x, y, epsilon=3.0, settings=attacks.BPDASettings(steps=3, schedule="apgd")
+    )
+    same = attacks.bpda(
+        mcn, x, y, epsilon=3.0, settings=attacks.BPDASettings(steps=3, schedule="apgd", proxy=mcn)
+    )
     assert_results_equal(plain, same)
 
 
@@ -149,8 +155,12 @@ def test_an_exact_copy_changes_no_outcome_only_the_cost(setup):
     _, x, mcn, _ = setup
     y = mcn.embed(x)["label"].numpy()
     copy = mcn._replace()
-    plain = attacks.bpda(mcn, x, y, epsilon=3.0, steps=4, schedule="apgd")
-    through = attacks.bpda(mcn, x, y, epsilon=3.0, steps=4, schedule="apgd", proxy=copy)
+    plain = attacks.bpda(
+        mcn, x, y, epsilon=3.0, settings=attacks.BPDASettings(steps=4, schedule="apgd")
+    )
+    through = attacks.bpda(
+        mcn, x, y, epsilon=3.0, settings=attacks.BPDASettings(steps=4, schedule="apgd", proxy=copy)
+    )
     assert plain.success.any() and not plain.success.all(), plain.success  # not vacuous
     np.testing.assert_array_equal(through.success, plain.success)
     np.testing.assert_array_equal(through.x_adv, plain.x_adv)
@@ -188,7 +198,9 @@ def test_bpda_never_reports_a_success_the_shell_does_not_confirm(setup, monkeypa
     assert (liar.embed(x)["label"].numpy() == 0).all()  # it claims every point, at every step
     full_rows = counted(monkeypatch, shell, "embed_function")
     steps = 4
-    out = attacks.bpda(shell, x, y, epsilon=0.5, steps=steps, proxy=liar)
+    out = attacks.bpda(
+        shell, x, y, epsilon=0.5, settings=attacks.BPDASettings(steps=steps, proxy=liar)
+    )
     assert sum(full_rows) == out.shell_predictions.sum()  # counted as the shell's, all of them
     again = shell.embed(out.x_adv)["label"].numpy()
     np.testing.assert_array_equal(out.success, again != y)  # the shell's word, not the liar's
@@ -220,7 +232,14 @@ def test_costs_add_up_through_a_label_restricted_proxy(setup, monkeypatch, targe
         return lambda z, *rest: grad_rows.append(len(z)) or fn(z, *rest)
 
     monkeypatch.setattr(bpda_module, "_grad_function", counting_grad)
-    out = attacks.bpda(mcn, x, y, epsilon=3.0, steps=5, schedule="apgd", target=target, proxy=proxy)
+    out = attacks.bpda(
+        mcn,
+        x,
+        y,
+        epsilon=3.0,
+        settings=attacks.BPDASettings(steps=5, schedule="apgd", proxy=proxy),
+        target=target,
+    )
     assert out.success.any()
     assert sum(proxy_rows) > 0 and sum(full_rows) > len(x)
     assert out.shell_predictions.sum() == sum(full_rows)  # only the shell's own predictions
@@ -241,14 +260,20 @@ def test_restarts_through_a_proxy_attack_only_the_points_left(setup, monkeypatch
 
     def spy(shell, xs, ys, **kw):
         seen.append(len(ys))
-        assert kw["proxy"] is proxy
+        assert kw["settings"].proxy is proxy
         return real(shell, xs, ys, **kw)
 
     monkeypatch.setattr(importlib.import_module("manifold_tf.attacks.bpda_suite"), "bpda", spy)
     out = attacks.bpda_restarts(
-        mcn, x, y, epsilon=2.0, steps=3, random_restarts=2, seed=1, proxy=proxy
+        mcn,
+        x,
+        y,
+        epsilon=2.0,
+        settings=attacks.BPDASettings(schedule="apgd", steps=3, random_restarts=2, proxy=proxy),
+        seed=1,
     )
-    first = real(mcn, x, y, epsilon=2.0, steps=3, schedule="apgd", seed=1, proxy=proxy)
+    one_run = attacks.BPDASettings(steps=3, schedule="apgd", proxy=proxy)
+    first = real(mcn, x, y, epsilon=2.0, settings=one_run, seed=1)
     assert seen[0] == len(x) and seen[1] == len(x) - first.success.sum()
     assert all(b <= a for a, b in zip(seen, seen[1:], strict=False))
     assert (mcn.embed(out.x_adv)["label"].numpy() != y)[out.success].all()
@@ -260,7 +285,14 @@ def test_eot_through_a_proxy_checks_on_the_random_shell(setup):
     y = shell.embed(x)["label"].numpy()
     proxy = shell.proxy(steps=1, labels=2)
     assert proxy.is_random and proxy.with_seed(9).proxy_labels == 2  # EOT copies stay proxies
-    out = attacks.bpda(shell, x, y, epsilon=3.0, steps=3, eot_samples=2, proxy=proxy, seed=2)
+    out = attacks.bpda(
+        shell,
+        x,
+        y,
+        epsilon=3.0,
+        settings=attacks.BPDASettings(steps=3, eot_samples=2, proxy=proxy),
+        seed=2,
+    )
     assert (shell.embed(out.x_adv)["label"].numpy() != y)[out.success].all()
 
 
@@ -268,12 +300,18 @@ def test_bad_proxies_are_refused(setup):
     base, x, mcn, _ = setup
     y = mcn.embed(x)["label"].numpy()
     with pytest.raises(ValueError, match="proxy must be a copy of the shell"):
-        attacks.bpda(mcn, x, y, epsilon=1.0, steps=1, proxy=base)
+        attacks.bpda(mcn, x, y, epsilon=1.0, settings=attacks.BPDASettings(steps=1, proxy=base))
     other = MCNShell(small_conv(classes=3), 4.0, steps=1)
     with pytest.raises(ValueError, match="3 classes"):
-        attacks.bpda(mcn, x, y, epsilon=1.0, steps=1, proxy=other)
+        attacks.bpda(mcn, x, y, epsilon=1.0, settings=attacks.BPDASettings(steps=1, proxy=other))
     with pytest.raises(ValueError, match="not both"):
-        attacks.bpda(mcn, x, y, epsilon=1.0, steps=1, proxy=mcn.proxy(steps=1), warm_steps=1)
+        attacks.bpda(
+            mcn,
+            x,
+            y,
+            epsilon=1.0,
+            settings=attacks.BPDASettings(steps=1, proxy=mcn.proxy(steps=1), warm_steps=1),
+        )
 
 
 def test_the_suite_steers_by_the_configured_proxy_and_counts_it(setup, monkeypatch):
@@ -294,7 +332,7 @@ def test_the_suite_steers_by_the_configured_proxy_and_counts_it(setup, monkeypat
         real = getattr(attacks, name)
 
         def spy(*a, _real=real, _name=name, **kw):
-            seen[_name] = kw["proxy"]
+            seen[_name] = kw["settings"].proxy
             return _real(*a, **kw)
 
         monkeypatch.setattr(suite_module.attacks, name, spy)
@@ -324,7 +362,9 @@ def test_the_suite_steers_by_the_configured_proxy_and_counts_it(setup, monkeypat
 
 def test_the_plan_counts_the_proxy_at_its_cost(setup):
     _, _, mcn, _ = setup
-    cw = dict(max_iterations=10, initial_const=1e-2, largest_const=1.0, stop_within_epsilon=True)
+    cw = attacks.CWSettings(
+        max_iterations=10, initial_const=1e-2, largest_const=1.0, stop_within_epsilon=True
+    )
 
     def plan(**changes):
         settings = {**dict(proxy_steps=0, proxy_labels=0, square_proxy_steps=0), **changes}
@@ -393,3 +433,40 @@ def test_the_copies_a_verdict_steers_by_are_recorded_with_its_settings(setup):
     settings = adaptive.shell_settings(mcn, default)
     assert settings["proxies"] == got and settings["shell"] == "mcn"
     assert "proxies" not in adaptive.shell_settings(ncn, default)
+
+
+def test_the_suite_builds_each_attacks_settings_once_from_the_config(setup):
+    """``AdaptiveConfig.bpda_settings`` and the suite's table: BPDA's and targeted BPDA's knobs
+    (APGD steps, EOT on a random shell only, the proxies), lift's and Square's, in the suite's
+    order; the suite follows ``shell_attacks``' order."""
+    base, x, mcn, _ = setup
+    rnd = MCNShell(base, 4.0, steps=3, random_start=True, seed=5)
+    cfg = AdaptiveConfig(
+        steps=3, restarts=2, targets=0, eot_samples=4, lift_steps=7, square_queries=9
+    )
+    assert cfg.bpda_settings(mcn) == attacks.BPDASettings(
+        steps=3, schedule="apgd", proxy=cfg.attack_proxy(mcn), from_x=True, random_restarts=2
+    )
+    targeted = cfg.bpda_settings(rnd, attack="bpda_targeted")
+    assert targeted == attacks.BPDASettings(
+        steps=3,
+        schedule="apgd",
+        eot_samples=4,
+        proxy=cfg.attack_proxy(rnd, attack="bpda_targeted"),
+        from_x=False,
+        num_targets="all",
+    )
+    with pytest.raises(ValueError, match="attack"):
+        cfg.bpda_settings(mcn, attack="square")
+    table = adaptive_suites.shell_table(cfg, mcn)
+    assert [name for name, _, _ in table] == list(SHELL_ATTACKS)
+    settings = {name: s for name, _, s in table}
+    assert settings["transfer_confident"] == 3
+    assert settings["lift"] == attacks.LiftSettings(num_targets="all", steps=7)
+    assert settings["bpda"] == cfg.bpda_settings(mcn)
+    assert settings["square"].settings == attacks.SquareSettings(queries=9, output="probabilities")
+    assert settings["square"].model is cfg.attack_proxy(mcn, attack="square")
+    some = dataclasses.replace(cfg, shell_attacks=("square", "transfer_cw", "lift"))
+    steps = adaptive_suites.shell_suite(mcn, base, some, x, epsilon=1.0, seed=0)
+    assert [s.name for s in steps] == ["square", "transfer_cw", "lift"]
+    np.testing.assert_array_equal(steps[1].run(x, np.zeros(6), np.arange(2, 4)).x_adv, x[2:4])

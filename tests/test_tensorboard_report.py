@@ -21,9 +21,11 @@ from werkzeug import test as werkzeug_test
 
 from helpers import small_conv
 from manifold_tf import reporting
+from manifold_tf.attacks import CWSettings
 from manifold_tf.cli import summaries
 from manifold_tf.evaluation import adaptive, adaptive_report, presets, tensorboard_report
 from manifold_tf.evaluation.config import AdaptiveConfig
+from manifold_tf.evaluation.context import RunContext
 from manifold_tf.evaluation.store import RunStore
 from manifold_tf.shells import MCNShell, NCNShell
 
@@ -250,7 +252,12 @@ def test_a_real_verdict_writes_event_files_beside_summary_json_and_they_can_be_r
     )
     store = RunStore(str(tmp_path / "run"))
     run = adaptive.run_adaptive(
-        base, shell, x, y, config, store, epsilon=6.0, cw_kwargs=dict(max_iterations=2), seed=0
+        base,
+        shell,
+        x,
+        y,
+        config,
+        RunContext(store=store, epsilon=6.0, cw_settings=CWSettings(max_iterations=2), seed=0),
     )
     adaptive_report.write_adaptive_report(run, x, store)
     summary = reporting.read_json(store.path("summary.json"))

@@ -8,19 +8,24 @@ attacks ("attack only the points still standing, first success wins") are run by
 On base models:
 
 - :func:`pgd`: L-inf projected gradient descent (Madry et al.), untargeted or targeted, with
-  cross-entropy or CW-margin loss and random restarts.
+  cross-entropy or CW-margin loss and random restarts; knobs in :class:`PGDSettings`.
 - :func:`apgd_ce`, :func:`apgd_dlr`, :func:`apgd_t`: Auto-PGD (Croce & Hein 2020), L-inf, with
-  the cross-entropy, DLR and targeted DLR losses, AutoAttack-style restarts.
-- :func:`fab`, :func:`fab_t`: FAB (Croce & Hein 2020), the minimal L-inf adversarial point.
+  the cross-entropy, DLR and targeted DLR losses, AutoAttack-style restarts; knobs in
+  :class:`APGDSettings`.
+- :func:`fab`, :func:`fab_t`: FAB (Croce & Hein 2020), the minimal L-inf adversarial point; knobs
+  in :class:`FABSettings`.
 - :func:`high_confidence`: for each point, the largest wrong-label confidence reachable in
   ``N(x, epsilon)`` (the search of the paper's separation test, Section 4 / Table 1).
-- :func:`cw_linf`: Carlini & Wagner's L-inf attack, batched.
-- :func:`square`: the score-based Square attack (also on shells).
+- :func:`cw_linf`: Carlini & Wagner's L-inf attack, batched; knobs in :class:`CWSettings`
+  (presets ``CW_PAPER``, ``CW_CPU``).
+- :func:`square`: the score-based Square attack (also on shells); knobs in
+  :class:`SquareSettings`.
 
 On a model shell (adaptive attacks): :func:`bpda` (the identity approximation: untargeted or
 targeted, fixed or APGD steps, EOT for random shells); :func:`bpda_restarts`,
 :func:`bpda_targeted` chain runs on the points still standing; :func:`lift` attacks MCN_delta
-through a wider ball of the base (:mod:`manifold_tf.attacks.bpda_suite`).
+through a wider ball of the base (:mod:`manifold_tf.attacks.bpda_suite`). Knobs in
+:class:`BPDASettings` and :class:`LiftSettings`.
 
 PGD and the high-confidence search are both one call of :func:`projected.projected_ascent`.
 Each attack runs as one compiled ``tf.function`` per (model, static settings), cached in
@@ -30,17 +35,30 @@ sizes. Every returned image lies in its L-inf ball and in the box [0, 255].
 """
 
 from manifold_tf import compiled as _compiled
-from manifold_tf.attacks.apgd import apgd_ce, apgd_dlr, apgd_t, dlr_loss, dlr_targeted_loss
-from manifold_tf.attacks.bpda import bpda
-from manifold_tf.attacks.bpda_suite import bpda_restarts, bpda_targeted, lift, target_order
-from manifold_tf.attacks.carlini_wagner import CW_CPU, CW_PAPER, cw_linf, cw_settings
+from manifold_tf.attacks.apgd import (
+    APGDSettings,
+    apgd_ce,
+    apgd_dlr,
+    apgd_t,
+    dlr_loss,
+    dlr_targeted_loss,
+)
+from manifold_tf.attacks.bpda import BPDASettings, bpda
+from manifold_tf.attacks.bpda_suite import (
+    LiftSettings,
+    bpda_restarts,
+    bpda_targeted,
+    lift,
+    target_order,
+)
+from manifold_tf.attacks.carlini_wagner import CW_CPU, CW_PAPER, CWSettings, cw_linf
 from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE
-from manifold_tf.attacks.fab import fab, fab_t, project_linf_hyperplane
+from manifold_tf.attacks.fab import FABSettings, fab, fab_t, project_linf_hyperplane
 from manifold_tf.attacks.high_confidence import high_confidence
-from manifold_tf.attacks.pgd import LOSSES, pgd
+from manifold_tf.attacks.pgd import LOSSES, PGDSettings, pgd
 from manifold_tf.attacks.result import AttackResult
 from manifold_tf.attacks.runner import Step, Suite, run_standing
-from manifold_tf.attacks.square import square
+from manifold_tf.attacks.square import SquareSettings, square
 
 # The kinds of compiled function the attacks on base models register in manifold_tf.compiled.
 _KINDS = ("pgd", "high_confidence", "cw_linf", "apgd", "square", "fab")
@@ -52,10 +70,17 @@ def tracing_counts(model) -> dict:
 
 
 __all__ = [
+    "APGDSettings",
+    "BPDASettings",
     "CW_CPU",
     "CW_PAPER",
+    "CWSettings",
     "DEFAULT_JIT_COMPILE",
+    "FABSettings",
     "LOSSES",
+    "LiftSettings",
+    "SquareSettings",
+    "PGDSettings",
     "AttackResult",
     "Step",
     "Suite",
@@ -66,7 +91,6 @@ __all__ = [
     "bpda_restarts",
     "bpda_targeted",
     "cw_linf",
-    "cw_settings",
     "dlr_loss",
     "dlr_targeted_loss",
     "fab",

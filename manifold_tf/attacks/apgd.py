@@ -19,16 +19,59 @@ APGD-T, as in AutoAttack); within a run, the highest-loss misclassified iterate 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import tensorflow as tf
 
 from manifold_tf import compiled, projected, seeds
 from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE, checkpoint_stops, margin, prepare
 from manifold_tf.attacks.result import AttackResult
-from manifold_tf.attacks.runner import Step, run_standing, targets_by_restarts, top_wrong_labels
+from manifold_tf.attacks.runner import TargetRun, check_num_targets, run_targets
 from manifold_tf.validation import check_int
 
 _DLR_EPS = 1e-12  # AutoAttack's guard against a zero denominator
+_NEEDED_CLASSES = {"ce": 2, "dlr": 3, "dlr_targeted": 4}
+
+
+@dataclass(frozen=True)
+class APGDSettings:
+    """APGD's knobs, for :func:`apgd_ce`, :func:`apgd_dlr` and :func:`apgd_t` (AutoAttack's values
+    by default); refused with a ValueError naming the field when out of range.
+
+    Attributes:
+      steps: APGD iterations per run (AutoAttack: 100), >= 0.
+      restarts: runs from independent random starts (APGD-T: per target), >= 1; each attacks only
+        the points still standing.
+      num_targets: APGD-T only: its targets, the highest wrong labels of the clean logits
+        (AutoAttack: 9; at most ``K - 1``, checked against the model).
+      early_exit: a point leaves a run at the first of APGD's checkpoints where it has reached a
+        misclassified iterate (its output: the highest-loss misclassified iterate so far).
+        ``False``: every run takes all its ``steps`` on each point it starts on (AutoAttack's
+        way; the same points succeed, at more cost).
+      jit_compile: compile each run with XLA (XLA then compiles once per batch size it meets).
+    """
+
+    steps: int = 100
+    restarts: int = 1
+    num_targets: int = 9
+    early_exit: bool = True
+    jit_compile: bool = DEFAULT_JIT_COMPILE
+
+    def __post_init__(self) -> None:
+        checked = dict(
+            steps=check_int(self.steps, "steps", 0),
+            restarts=check_int(self.restarts, "restarts", 1),
+            num_targets=check_int(self.num_targets, "num_targets", 1),
+            # Flags are read for their truth value, as they always were.
+            early_exit=bool(self.early_exit),
+            jit_compile=bool(self.jit_compile),
+        )
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+
+_DEFAULTS = APGDSettings()
 
 
 def _check_classes(logits: tf.Tensor, needed: int, what: str) -> None:
@@ -124,7 +167,7 @@ def _state_shapes(image_shape: tuple) -> list:
     return [(s, b if k == 6 else f32) for k, s in enumerate(shapes)]
 
 
-def _run(iterate, finish, x, y, target, eps, keys, steps, early_exit):
+def _run(iterate, finish, x, y, target, eps, keys, settings: APGDSettings):
     """One APGD run on ``M`` points: ``(x_adv [M, ...], f [M], success [M], passes [M])``;
     ``keys`` int64 ``[M]`` key each point's random start (:func:`manifold_tf.seeds.row_keys`).
 
@@ -132,13 +175,14 @@ def _run(iterate, finish, x, y, target, eps, keys, steps, early_exit):
     a misclassified iterate leave there with their best misclassified point, and the others go on
     alone (their iterates do not depend on the batch, so they end as in an uninterrupted run).
     """
+    steps = settings.steps
     m = len(x)
     z_out, f_out = np.array(x, np.float32), np.full(m, -np.inf, np.float32)
     ok_out, passes = np.zeros(m, bool), np.zeros(m, np.int64)
     xt, yt, tt = tf.constant(x), tf.constant(y, tf.int32), tf.constant(target, tf.int32)
     state = projected.apgd_start(xt, projected.random_start_rows(xt, eps, keys), eps)
     rows, done = np.arange(m), 0
-    for stop in checkpoint_stops(steps, early_exit):
+    for stop in checkpoint_stops(steps, settings.early_exit):
         state = iterate(xt, yt, tt, eps, state, tf.constant(stop, tf.int32))
         passes[rows] += stop - done
         done = stop
@@ -161,37 +205,24 @@ def _run(iterate, finish, x, y, target, eps, keys, steps, early_exit):
     return z_out, f_out, ok_out, passes
 
 
-def _apgd(
-    model, x, y, *, loss, epsilon, steps, restarts, num_targets, seed, jit_compile, early_exit
-):
-    steps = check_int(steps, "steps", 0)
-    restarts = check_int(restarts, "restarts", 1)
+def _prepare(model, x, y, epsilon, loss: str, settings: APGDSettings):
+    """``(x, y, epsilon)`` checked (:func:`common.prepare`), and the model's classes against what
+    ``loss`` (and APGD-T's ``num_targets``) needs."""
     x, y, num_classes, epsilon = prepare(model, x, y, epsilon, "epsilon")
-    needed = {"ce": 2, "dlr": 3, "dlr_targeted": 4}[loss]
+    needed = _NEEDED_CLASSES[loss]
     if num_classes < needed:
         raise ValueError(
             f"APGD with the {loss} loss needs at least {needed} classes; "
             f"the model has {num_classes}."
         )
     if loss == "dlr_targeted":
-        num_targets = check_int(num_targets, "num_targets", 1)
-        if num_targets > num_classes - 1:
-            raise ValueError(
-                f"num_targets must be <= num_classes - 1 = {num_classes - 1}; got {num_targets}."
-            )
-    n = int(x.shape[0])
-    point_seed = seeds.per_point(seed, n)
-    if n == 0:
-        return AttackResult.unattacked(x.numpy())
-    # The clean forward pass: already-misclassified points are not attacked (they keep x), and
-    # APGD-T's targets are the top wrong labels of the clean logits, highest first.
-    clean = model(x, training=False).numpy()
-    y_np = y.numpy()
-    targets = np.zeros((n, 1), np.int32)
-    if loss == "dlr_targeted":
-        targets = top_wrong_labels(clean, y_np, num_targets)
+        check_num_targets(settings.num_targets, num_classes)
+    return x, y, epsilon
 
-    image_shape = tuple(int(d) for d in x.shape[1:])
+
+def _compile(model, loss: str, settings: APGDSettings, image_shape: tuple):
+    """``(iterate, finish)``: a run's segment and its last forward pass, cached per (model,
+    loss, steps, image shape)."""
     # A None batch axis: one trace serves every number of points still standing, in every
     # segment of every run.
     images, labels = (
@@ -205,53 +236,54 @@ def _apgd(
     )
     iterate = compiled.cached(
         model,
-        ("apgd", loss, steps, image_shape),
-        _build_iterate(loss, steps),
-        jit_compile=jit_compile,
+        ("apgd", loss, settings.steps, image_shape),
+        _build_iterate(loss, settings.steps),
+        jit_compile=settings.jit_compile,
         input_signature=[images, labels, labels, scalar, state, tf.TensorSpec([], tf.int32)],
     )
     finish = compiled.cached(
         model,
         ("apgd_finish", loss, image_shape),
         _build_finish(loss),
-        jit_compile=jit_compile,
+        jit_compile=settings.jit_compile,
         input_signature=[images, labels, labels, scalar, state],
     )
+    return iterate, finish
+
+
+def _apgd(model, x, y, epsilon, loss: str, settings: APGDSettings, seed) -> AttackResult:
+    x, y, epsilon = _prepare(model, x, y, epsilon, loss, settings)
+    n = int(x.shape[0])
+    point_seed = seeds.per_point(seed, n)
+    if n == 0:
+        return AttackResult.unattacked(x.numpy())
+    # The clean forward pass: already-misclassified points are not attacked (they keep x), and
+    # APGD-T's targets are the top wrong labels of the clean logits, highest first.
+    clean = model(x, training=False).numpy()
+    iterate, finish = _compile(model, loss, settings, tuple(int(d) for d in x.shape[1:]))
     eps = tf.constant(epsilon, tf.float32)
 
-    def step(j: int, r: int, run: int) -> Step:
-        def attack(xs, ys, idx):
-            keys = seeds.fold(point_seed[idx], "apgd", run)
-            z, f, ok, passes = _run(
-                iterate, finish, xs, ys, targets[idx, j], eps, keys, steps, early_exit
-            )
-            return AttackResult(
-                z,
-                ok,
-                base_passes=passes,
-                score=f,
-                details=dict(target=np.where(loss == "dlr_targeted", targets[idx, j], -1)),
-            )
-
-        return Step(f"target {j + 1}, restart {r + 1}", attack)
+    def attack(xs, ys, idx, target, run: TargetRun) -> AttackResult:
+        keys = seeds.fold(point_seed[idx], "apgd", run.index)
+        # An untargeted loss reads no target: label 0 stands in for -1.
+        z, f, ok, passes = _run(iterate, finish, xs, ys, np.maximum(target, 0), eps, keys, settings)
+        return AttackResult(z, ok, base_passes=passes, score=f, details=dict(target=target))
 
     # Across APGD-T's targets the runner compares different targets' losses among failures: all
     # scale-free DLR values.
-    chain = targets_by_restarts(step, targets.shape[1], restarts)
-    return run_standing(chain, x.numpy(), y_np, broken=np.argmax(clean, axis=1) != y_np).result
+    return run_targets(
+        attack,
+        x.numpy(),
+        y.numpy(),
+        clean,
+        num_targets=settings.num_targets if loss == "dlr_targeted" else None,
+        restarts=settings.restarts,
+        name=lambda run: f"target {run.rank + 1}, restart {run.restart + 1}",
+    ).result
 
 
 def apgd_ce(
-    model,
-    x,
-    y,
-    *,
-    epsilon: float,
-    steps: int = 100,
-    restarts: int = 1,
-    seed: int = 0,
-    jit_compile: bool = DEFAULT_JIT_COMPILE,
-    early_exit: bool = True,
+    model, x, y, *, epsilon: float, settings: APGDSettings = _DEFAULTS, seed=0
 ) -> AttackResult:
     """APGD-CE: Auto-PGD ascending the cross-entropy of the true label, L-inf.
 
@@ -262,16 +294,10 @@ def apgd_ce(
       x: images ``[N, H, W, C]`` float, pixels 0..255.
       y: true int labels ``[N]``.
       epsilon: L-inf budget in pixels (8 means 8/255 of the range).
-      steps: APGD iterations per run (AutoAttack: 100).
-      restarts: runs from independent random starts; each attacks only the points still standing.
+      settings: :class:`APGDSettings` (steps, restarts, early exit, XLA); ``num_targets`` unused.
       seed: seeds the random starts: an int, or an int array ``[N]`` of per-point seeds (each
         point's starts then depend on its own seed only, not on the batch:
         :func:`manifold_tf.seeds.row_keys`). Stateless: same seed and inputs, same output.
-      jit_compile: compile each run with XLA (XLA then compiles once per batch size it meets).
-      early_exit: a point leaves a run at the first of APGD's checkpoints where it has reached a
-        misclassified iterate (its output: the highest-loss misclassified iterate so far).
-        ``False``: every run takes all its ``steps`` on each point it starts on (AutoAttack's
-        way; the same points succeed, at more cost).
 
     Returns:
       :class:`AttackResult`: ``x_adv`` ``[N, H, W, C]`` float32 inside ``N(x, epsilon)`` and
@@ -283,83 +309,29 @@ def apgd_ce(
       per point as spent), and one forward pass over the points that did not leave: at most
       ``restarts * steps`` forward+backward passes per point.
     """
-    return _apgd(
-        model,
-        x,
-        y,
-        loss="ce",
-        epsilon=epsilon,
-        steps=steps,
-        restarts=restarts,
-        num_targets=1,
-        seed=seed,
-        jit_compile=jit_compile,
-        early_exit=early_exit,
-    )
+    return _apgd(model, x, y, epsilon, "ce", settings, seed)
 
 
 def apgd_dlr(
-    model,
-    x,
-    y,
-    *,
-    epsilon: float,
-    steps: int = 100,
-    restarts: int = 1,
-    seed: int = 0,
-    jit_compile: bool = DEFAULT_JIT_COMPILE,
-    early_exit: bool = True,
+    model, x, y, *, epsilon: float, settings: APGDSettings = _DEFAULTS, seed=0
 ) -> AttackResult:
     """APGD-DLR: Auto-PGD ascending the untargeted :func:`dlr_loss` (``K >= 3``), L-inf.
 
     Arguments, output and cost as :func:`apgd_ce`.
     """
-    return _apgd(
-        model,
-        x,
-        y,
-        loss="dlr",
-        epsilon=epsilon,
-        steps=steps,
-        restarts=restarts,
-        num_targets=1,
-        seed=seed,
-        jit_compile=jit_compile,
-        early_exit=early_exit,
-    )
+    return _apgd(model, x, y, epsilon, "dlr", settings, seed)
 
 
 def apgd_t(
-    model,
-    x,
-    y,
-    *,
-    epsilon: float,
-    steps: int = 100,
-    num_targets: int = 9,
-    restarts: int = 1,
-    seed: int = 0,
-    jit_compile: bool = DEFAULT_JIT_COMPILE,
-    early_exit: bool = True,
+    model, x, y, *, epsilon: float, settings: APGDSettings = _DEFAULTS, seed=0
 ) -> AttackResult:
     """APGD-T: Auto-PGD ascending :func:`dlr_targeted_loss` (``K >= 4``), L-inf.
 
-    ``restarts`` runs per target, for the ``num_targets`` (``<= K - 1``; AutoAttack: 9) highest
-    wrong labels of the clean logits, in that order; every run attacks only the points still
-    standing. Success is misclassification (as in AutoAttack), not reaching the target. Other
-    arguments and the output as :func:`apgd_ce`. Cost: at most ``num_targets * restarts * steps``
-    forward+backward passes per point (a point leaves once broken).
+    ``settings.restarts`` runs per target, for the ``settings.num_targets`` (``<= K - 1``;
+    AutoAttack: 9) highest wrong labels of the clean logits, in that order; every run attacks
+    only the points still standing. Success is misclassification (as in AutoAttack), not reaching
+    the target. Other arguments and the output as :func:`apgd_ce`. Cost: at most
+    ``num_targets * restarts * steps`` forward+backward passes per point (a point leaves once
+    broken).
     """
-    return _apgd(
-        model,
-        x,
-        y,
-        loss="dlr_targeted",
-        epsilon=epsilon,
-        steps=steps,
-        restarts=restarts,
-        num_targets=num_targets,
-        seed=seed,
-        jit_compile=jit_compile,
-        early_exit=early_exit,
-    )
+    return _apgd(model, x, y, epsilon, "dlr_targeted", settings, seed)

@@ -56,6 +56,8 @@ import numpy as np
 import tensorflow as tf
 
 from manifold_tf import compiled, projected, seeds
+from manifold_tf.attacks.bpda_apgd import ApgdSchedule
+from manifold_tf.attacks.bpda_settings import DEFAULT_BPDA, BPDASettings
 from manifold_tf.attacks.common import check_progress
 from manifold_tf.attacks.known import KnownOutputs, embed
 from manifold_tf.attacks.proxied import check_best, check_proxy, confirmed
@@ -66,16 +68,14 @@ from manifold_tf.shells import FactorShell, log_odds
 from manifold_tf.validation import (
     PIXEL_MAX,
     PIXEL_MIN,
-    check_choice,
     check_int,
     validate_images,
     validate_labels,
     validate_radius,
 )
 
-__all__ = ["SCHEDULES", "bpda", "check_progress"]
+__all__ = ["SCHEDULES", "BPDASettings", "bpda", "check_progress"]
 
-APGD_RHO, APGD_MOMENTUM = 0.75, 0.75  # Croce & Hein 2020
 # shell -> {seed: copy of the shell with that seed} (EOT samples; one trace per copy).
 _COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -212,16 +212,10 @@ def bpda(
     y,
     *,
     epsilon: float,
-    steps: int = 20,
-    step_size: float | None = None,
+    settings: BPDASettings = DEFAULT_BPDA,
     x_init=None,
-    random_start: bool = False,
-    seed: int = 0,
     target=None,
-    schedule: str = "sign",
-    eot_samples: int = 0,
-    warm_steps: int = 0,
-    proxy=None,
+    seed: int = 0,
     known: KnownOutputs | None = None,
     progress=None,
 ) -> AttackResult:
@@ -231,36 +225,18 @@ def bpda(
     done and keeps that ``x'``; the others step along the surrogate's gradient, projected.
 
     Args:
-      shell: an MCNShell, NCNShell or CarliniWagnerShell (``embed_function``, ``base``).
+      shell: a factor shell (:class:`~manifold_tf.shells.FactorShell`: ``embed_function``,
+        ``base``).
       x: clean images ``[N, H, W, 3]``, float, pixels 0..255. y: true labels ``[N]`` (int).
-      epsilon: L-inf budget in pixels (8 means 8/255). steps: attack steps ``>= 0``.
-      step_size: pixels per signed step of ``schedule="sign"``; default ``2.5 * epsilon / steps``.
-        Not for ``"apgd"`` (which starts at ``2 * epsilon`` and halves it).
+      epsilon: L-inf budget in pixels (8 means 8/255).
+      settings: the attack's knobs, :class:`BPDASettings` (default: 20 signed steps of
+        ``2.5 * epsilon / steps``, no EOT, the shell at every step; its docstring tells what the
+        schedules, EOT, ``warm_steps`` and a ``proxy`` do).
       x_init: optional start ``[N, H, W, 3]`` (e.g. a transfer ``x'``), projected into the ball.
-      random_start: start uniformly in ``N(x, epsilon)`` (from ``seed``); not with ``x_init``.
-      seed: seeds the random start and the choice of EOT seeds: an int, or an int array ``[N]``
-        of per-point seeds (a point's start then ignores its batch: :func:`manifold_tf.seeds`).
       target: optional wrong labels ``[N]``: a targeted run (the surrogate raises the target
         against the best other label); success is still any wrong answer of the shell.
-      schedule: ``"sign"`` (fixed steps) or ``"apgd"`` (Auto-PGD's schedule and momentum).
-      eot_samples: for a shell with ``random_start``: average the gradient and the progress
-        measure over this many copies with other seeds (0: use the shell's own evaluation).
-        Ignored for deterministic shells.
-      warm_steps: with ``> 0`` (a deterministic shell that offers
-        :meth:`~manifold_tf.shells.FactorShell.warm_search`), the steps between the first and
-        the last evaluate the attacker's approximation of the shell instead of the shell: its
-        search warm-started from the previous step's points, ``warm_steps`` steps per label.
-        Every success it claims is checked with the shell itself (and the last iterate is
-        always the shell's), so reported successes stay the shell's; only the gradient and
-        the progress measure come from the approximation.
-      proxy: a cheaper copy of the shell (``shell.proxy(steps=..., labels=...)``, issue 22's
-        surrogate) to steer by: the steps between the first and the last take their gradient,
-        progress measure and decisions from it (and EOT's copies are its copies); every success
-        it claims is checked on the shell before the point is frozen (the point goes on if the
-        shell disagrees), the first and last iterates are the shell's, and at the end each
-        point's best iterate by the proxy's margin is checked on the shell too. A proxy
-        searching some labels only searches ``y``, the target and the best wrong labels by the
-        shell's ranking at the start. ``None`` (or the shell itself): the shell at every step.
+      seed: seeds the random start and the choice of EOT seeds: an int, or an int array ``[N]``
+        of per-point seeds (a point's start then ignores its batch: :func:`manifold_tf.seeds`).
       known: the shell's outputs at images already evaluated
         (:class:`~manifold_tf.attacks.known.KnownOutputs`): an iterate is read from it when it
         holds every row (no shell prediction paid: the first, at x or at a transfer x'), else
@@ -290,103 +266,164 @@ def bpda(
     passes.
     """
     x, y, epsilon, target = prepare(shell, x, y, epsilon, target)
-    steps = check_int(steps, "steps", 0)
-    warm_steps = check_int(warm_steps, "warm_steps", 0)
-    schedule = check_choice(schedule, "schedule", SCHEDULES)
-    if schedule == "apgd" and step_size is not None:
-        raise ValueError(
-            f"step_size is for schedule='sign'; APGD starts at 2 * epsilon and halves "
-            f"it (got step_size={step_size})."
-        )
+    steps = settings.steps
     step_size = validate_radius(
-        madry_step_size(epsilon, steps) if step_size is None else step_size, "step_size"
+        madry_step_size(epsilon, steps) if settings.step_size is None else settings.step_size,
+        "step_size",
     )
     progress = check_progress(progress)
-    sur = check_proxy(shell, proxy)
-    if sur is not shell and warm_steps:
+    sur = check_proxy(shell, settings.proxy)
+    if sur is not shell and settings.warm_steps:
         raise ValueError("give a proxy or warm_steps, not both (two approximations of the shell).")
     seeds.per_point(seed, len(x))  # a clear error for a seed array of the wrong shape
-    copies = eot_shells(sur, eot_samples, seed)
-    if x_init is not None:
-        if random_start:
-            raise ValueError("give either x_init or random_start=True, not both.")
-        start = np.clip(check_x_init(shell, x, x_init), x - epsilon, x + epsilon)
-    elif random_start:
-        keys = seeds.row_keys(seed, len(x), "bpda", 0)
-        start = projected.random_start_rows(tf.constant(x), epsilon, keys).numpy()
-    else:
-        start = x
+    copies = eot_shells(sur, settings.eot_samples, seed)
+    start = _start(shell, x, epsilon, x_init, settings.random_start, seed)
     res = empty_result(start, steps, target)
     if len(x) == 0:
         return as_result(res)
-    lo_box, hi_box = np.maximum(x - epsilon, PIXEL_MIN), np.minimum(x + epsilon, PIXEL_MAX)
-    grad_fn = _grad_function(shell.base, tuple(shell.image_shape), int(shell.num_classes))
-    x_adv = res["x_adv"]
-    apgd = _Apgd(start, epsilon, steps) if schedule == "apgd" else None
-    active = np.arange(len(x))
-    warm = None if copies or not warm_steps else shell.warm_search(warm_steps)
-    z_prev = None  # the search's points at the previous iterate (warm start), [active, C, ...]
-    slots = None  # [N, S]: the labels a proxy searching some labels only searches per point
-    if sur is not shell:  # its best iterate by its own margin, checked on the shell at the end
-        best = dict(x=start.copy(), margin=np.full(len(x), -np.inf), k=np.zeros(len(x), np.int32))
-
-    def search(net, xs, idx):
-        if slots is None:
-            return net.embed_function(tf.constant(xs))
-        return net.embed_labels(xs, slots[idx])
-
+    run = _Run(shell, sur, x, y, target, epsilon, settings, copies, known, res)
     for k in range(steps + 1):
-        current = x_adv[active]
-        approx = 0 < k < steps and (sur is not shell or (warm is not None and z_prev is not None))
+        current = run.x_adv[run.active]
+        out, approx = run.evaluate(k, current)
+        keep = run.retire(k)
+        if progress is not None:
+            progress(k if run.active.size else steps, steps, int(run.active.size))
+        if k == steps or run.active.size == 0:
+            break
+        if run.warm is not None:
+            run.z_prev = out["z"].numpy()[keep]
+        current = current[keep]
+        run.ascend(k, current, run.samples(current, keep, out, approx), step_size)
+    if sur is not shell:
+        check_best(shell, y, res, run.best, known)
+    return as_result(res)
+
+
+def _start(shell, x: np.ndarray, epsilon: float, x_init, random_start: bool, seed) -> np.ndarray:
+    """The first iterate ``[N, ...]``: ``x_init`` projected into the ball, a seeded uniform point
+    of ``N(x, epsilon)``, or ``x``."""
+    if x_init is not None:
+        if random_start:
+            raise ValueError("give either x_init or random_start=True, not both.")
+        return np.clip(check_x_init(shell, x, x_init), x - epsilon, x + epsilon)
+    if random_start:
+        keys = seeds.row_keys(seed, len(x), "bpda", 0)
+        return projected.random_start_rows(tf.constant(x), epsilon, keys).numpy()
+    return x
+
+
+class _Run:
+    """The working state of one BPDA run between its steps (numpy, per point): the points still
+    standing (``active``), the shell's or the approximation's outputs, the step schedule."""
+
+    def __init__(
+        self, shell, sur, x, y, target, epsilon, settings: BPDASettings, copies, known, res
+    ):
+        self.shell, self.sur, self.y, self.target = shell, sur, y, target
+        self.copies, self.known, self.res = copies, known, res
+        self.steps, self.warm_steps = settings.steps, settings.warm_steps
+        start = res["x_adv"]  # the first iterate: nothing has stepped yet (copied below)
+        self.lo_box = np.maximum(x - epsilon, PIXEL_MIN)
+        self.hi_box = np.minimum(x + epsilon, PIXEL_MAX)
+        self.grad_fn = _grad_function(shell.base, tuple(shell.image_shape), int(shell.num_classes))
+        self.x_adv = res["x_adv"]
+        self.apgd = (
+            ApgdSchedule(start, epsilon, self.steps) if settings.schedule == "apgd" else None
+        )
+        self.active = np.arange(len(x))
+        self.warm = None if copies or not self.warm_steps else shell.warm_search(self.warm_steps)
+        self.z_prev = (
+            None  # the search's points at the previous iterate (warm start), [active, C, ...]
+        )
+        self.slots = (
+            None  # [N, S]: the labels a proxy searching some labels only searches per point
+        )
+        self.best = None
+        self.pick = self.margin = None
+        if sur is not shell:  # its best iterate by its own margin, checked on the shell at the end
+            n = len(x)
+            self.best = dict(x=start.copy(), margin=np.full(n, -np.inf), k=np.zeros(n, np.int32))
+
+    def search(self, net, xs, idx):
+        if self.slots is None:
+            return net.embed_function(tf.constant(xs))
+        return net.embed_labels(xs, self.slots[idx])
+
+    def evaluate(self, k: int, current: np.ndarray) -> tuple[dict, bool]:
+        """The outputs at the iterate ``current`` of the active points (the approximation's between
+        the first and the last step, each success it claims checked on the shell; else the
+        shell's) and whether they are the approximation's; sets ``pick`` and ``margin``."""
+        shell, sur, res, active = self.shell, self.sur, self.res, self.active
+        approx = 0 < k < self.steps and (
+            sur is not shell or (self.warm is not None and self.z_prev is not None)
+        )
         if approx:  # the approximation decides, each success it claims checked on the shell
             if sur is not shell:
-                out = search(sur, current, active)
+                out = self.search(sur, current, active)
                 res["base_passes"][active] += sur.passes_per_prediction()
             else:
-                out = warm(tf.constant(current), tf.constant(z_prev))
-                res["base_passes"][active] += shell.rows_per_image * warm_steps
+                out = self.warm(tf.constant(current), tf.constant(self.z_prev))
+                res["base_passes"][active] += shell.rows_per_image * self.warm_steps
             sc = sur.scores(out)
-            pick, margin, claimed = confirmed(shell, current, y[active], sc, res, active, known)
+            self.pick, self.margin, claimed = confirmed(
+                shell, current, self.y[active], sc, res, active, self.known
+            )
             if sur is not shell:
-                own = np.where(claimed, -np.inf, surrogate_rows(sc, y[active]).margin)
-                better = own > best["margin"][active]
-                best["x"][active[better]] = current[better]
-                best["margin"][active[better]], best["k"][active[better]] = own[better], k
+                self._track_best(k, current, sc, claimed)
         else:
-            out, paid = embed(shell, current, known)
+            out, paid = embed(shell, current, self.known)
             res["shell_evals"][active] += int(paid)
             sc = shell.scores(out)
-            pick, margin = sc.pick, surrogate_rows(sc, y[active]).margin
+            self.pick, self.margin = sc.pick, surrogate_rows(sc, self.y[active]).margin
             if k == 0 and sur is not shell and sur.proxy_labels is not None:
-                slots = proxy_slots(sc, y, sur.proxy_labels, int(shell.num_classes), target)
-        res["shell_label"][active], res["margin"][active] = pick, margin
-        done = pick != y[active]
+                c = int(shell.num_classes)
+                self.slots = proxy_slots(sc, self.y, sur.proxy_labels, c, self.target)
+        return out, approx
+
+    def _track_best(self, k: int, current: np.ndarray, sc, claimed: np.ndarray) -> None:
+        """Keeps each active point's best iterate by the proxy's own margin (not a claimed one)."""
+        active, best = self.active, self.best
+        own = np.where(claimed, -np.inf, surrogate_rows(sc, self.y[active]).margin)
+        better = own > best["margin"][active]
+        best["x"][active[better]] = current[better]
+        best["margin"][active[better]], best["k"][active[better]] = own[better], k
+
+    def retire(self, k: int) -> np.ndarray:
+        """Records the label and margin of step ``k``; the points now wrong are done (frozen at
+        this iterate). Returns ``keep`` ``[active before]`` bool, the points still standing."""
+        res, active = self.res, self.active
+        res["shell_label"][active], res["margin"][active] = self.pick, self.margin
+        done = self.pick != self.y[active]
         res["success"][active[done]] = True
         res["steps_used"][active[done]] = k
-        keep, active = ~done, active[~done]
-        if progress is not None:
-            progress(k if active.size else steps, steps, int(active.size))
-        if k == steps or active.size == 0:
-            break
-        if warm is not None:
-            z_prev = out["z"].numpy()[keep]
-        current = current[keep]
-        tk = None if target is None else target[active]
-        if copies:
-            samples = [(c, search(c, current, active)) for c in copies]
-            if sur is shell:
-                res["shell_evals"][active] += len(copies)
-            else:
-                res["base_passes"][active] += len(copies) * sur.passes_per_prediction()
-        else:
-            net = sur if approx else shell
-            samples = [(net, {key: tf.boolean_mask(v, keep) for key, v in out.items()})]
-        rows = [surrogate_rows(c.scores(o), y[active], tk) for c, o in samples]
+        self.active = active[~done]
+        return ~done
 
-        def cat(f, rows=rows):
+    def samples(self, current: np.ndarray, keep: np.ndarray, out: dict, approx: bool) -> list:
+        """``[(net, outputs at current)]`` the gradient averages over: EOT's copies, else the
+        outputs of this step's evaluation on the points still standing."""
+        active, res, shell, sur = self.active, self.res, self.shell, self.sur
+        if not self.copies:
+            net = sur if approx else shell
+            return [(net, {key: tf.boolean_mask(v, keep) for key, v in out.items()})]
+        samples = [(c, self.search(c, current, active)) for c in self.copies]
+        if sur is shell:
+            res["shell_evals"][active] += len(self.copies)
+        else:
+            res["base_passes"][active] += len(self.copies) * sur.passes_per_prediction()
+        return samples
+
+    def ascend(self, k: int, current: np.ndarray, samples: list, step_size: float) -> None:
+        """One projected step of the active points from ``current`` along the surrogate's
+        gradient averaged over ``samples`` (signed, or APGD's)."""
+        active, res = self.active, self.res
+        tk = None if self.target is None else self.target[active]
+        rows = [surrogate_rows(c.scores(o), self.y[active], tk) for c, o in samples]
+
+        def cat(f):
             return tf.constant(np.concatenate([getattr(r, f) for r in rows]))
 
-        g = grad_fn(
+        g = self.grad_fn(
             tf.concat([o["z"] for _, o in samples], 0),
             cat("up"),
             cat("up_label"),
@@ -396,53 +433,12 @@ def bpda(
         ).numpy()
         g = g.reshape((len(samples), len(active)) + g.shape[1:]).mean(0)
         # The shell's declared stand-in for its search (identity by default: g unchanged).
-        g = np.asarray(shell.bpda_vjp(current, g))
+        g = np.asarray(self.shell.bpda_vjp(current, g))
         res["base_passes"][active] += 2 * len(samples)
-        lo, hi = lo_box[active], hi_box[active]
-        if apgd is None:
+        lo, hi = self.lo_box[active], self.hi_box[active]
+        if self.apgd is None:
             nxt = np.clip(current + step_size * np.sign(g), lo, hi)
         else:
             f = np.mean(np.clip([r.margin for r in rows], -1e9, 1e9), axis=0)  # no inf - inf
-            nxt = apgd.step(k, active, current, g, f, lo, hi)
-        x_adv[active] = nxt
-    if sur is not shell:
-        check_best(shell, y, res, best, known)
-    return as_result(res)
-
-
-class _Apgd:
-    """Auto-PGD's step-size schedule and momentum (as :func:`projected.apgd_ascent`), per point, in
-    numpy: the BPDA loop evaluates the real shell between steps, so it cannot be one compiled loop.
-    The objective ``f`` is the shell's margin at the current iterate (higher is better)."""
-
-    def __init__(self, start: np.ndarray, epsilon: float, steps: int):
-        n = len(start)
-        self.eta = np.full(n, 2.0 * epsilon, np.float32)
-        self.x_prev, self.x_best = start.copy(), start.copy()
-        self.g_best = np.zeros_like(start)
-        self.f_prev, self.f_best = np.full(n, np.inf), np.full(n, -np.inf)
-        self.f_last = np.full(n, -np.inf)
-        self.count, self.reduced_last = np.zeros(n), np.zeros(n, bool)
-        checks = [w for w in projected.apgd_checkpoints(steps) if w < steps]
-        self.since = {w: float(w - prev) for prev, w in zip(checks, checks[1:], strict=False)}
-
-    def step(self, i, a, z, g, f, lo, hi):
-        expand = (-1,) + (1,) * (z.ndim - 1)
-        self.count[a] += f > self.f_prev[a]
-        better = f > self.f_best[a]
-        self.x_best[a[better]], self.g_best[a[better]] = z[better], g[better]
-        self.f_best[a[better]] = f[better]
-        if i in self.since:
-            reduce = (self.count[a] < APGD_RHO * self.since[i]) | (
-                ~self.reduced_last[a] & (self.f_best[a] <= self.f_last[a])
-            )
-            self.eta[a[reduce]] /= 2.0
-            z = np.where(reduce.reshape(expand), self.x_best[a], z)
-            g = np.where(reduce.reshape(expand), self.g_best[a], g)
-            f = np.where(reduce, self.f_best[a], f)
-            self.f_last[a], self.reduced_last[a], self.count[a] = self.f_best[a], reduce, 0.0
-        alpha = APGD_MOMENTUM if i > 0 else 1.0  # the first step has no previous point
-        z_step = np.clip(z + self.eta[a].reshape(expand) * np.sign(g), lo, hi)
-        z_new = np.clip(z + alpha * (z_step - z) + (1.0 - alpha) * (z - self.x_prev[a]), lo, hi)
-        self.x_prev[a], self.f_prev[a] = z, f
-        return z_new.astype(np.float32)
+            nxt = self.apgd.step(k, active, current, g, f, lo, hi)
+        self.x_adv[active] = nxt

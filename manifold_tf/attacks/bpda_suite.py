@@ -30,33 +30,28 @@ from manifold_tf.attacks.bpda import (
     prepare,
     surrogate_rows,
 )
+from manifold_tf.attacks.bpda_settings import (
+    DEFAULT_CHAIN,
+    DEFAULT_LIFT,
+    BPDASettings,
+    LiftSettings,
+    check_num_targets,
+)
 from manifold_tf.attacks.known import KnownOutputs, embed
 from manifold_tf.attacks.result import AttackResult
 from manifold_tf.attacks.runner import Step, run_standing
 from manifold_tf.attacks.surrogate import rank_labels
-from manifold_tf.projected import SCHEDULES, madry_step_size
+from manifold_tf.projected import madry_step_size
 from manifold_tf.shells import log_odds
-from manifold_tf.validation import PIXEL_MAX, check_choice, check_int, validate_radius
+from manifold_tf.validation import PIXEL_MAX, validate_radius
 
-__all__ = ["bpda_restarts", "bpda_targeted", "lift", "target_order"]
+__all__ = ["LiftSettings", "bpda_restarts", "bpda_targeted", "lift", "target_order"]
 
 
 def _sub_progress(progress, offset: int, total: int):
     if progress is None:
         return None
     return lambda done, _, standing: progress(offset + done, total, standing)
-
-
-def _num_targets(num_targets, num_classes: int) -> int:
-    if num_targets == "all":
-        return num_classes - 1
-    k = check_int(num_targets, "num_targets", 1)
-    if k > num_classes - 1:
-        raise ValueError(
-            f"num_targets must be 'all' or 1..{num_classes - 1} (the wrong labels); "
-            f"got {num_targets!r}."
-        )
-    return k
 
 
 def target_order(
@@ -76,11 +71,17 @@ def target_order(
     return order[order != y[:, None]].reshape(m, c - 1).astype(np.int32)
 
 
-def _starts(shell, x, epsilon, x_init, from_x, random_restarts, seed):
-    starts = [x] if from_x else []
+def _starts(shell, x, epsilon, x_init, settings: BPDASettings, seed) -> list[np.ndarray]:
+    """The chain's starts ``[N, ...]`` in order: ``x``, ``x_init``, then seeded random points."""
+    if settings.random_start:
+        raise ValueError(
+            "random_start is one run's start; a chain takes random_restarts (seeded points of "
+            "the ball) instead."
+        )
+    starts = [x] if settings.from_x else []
     if x_init is not None:
         starts.append(check_x_init(shell, x, x_init))
-    for r in range(check_int(random_restarts, "random_restarts", 0)):
+    for r in range(settings.random_restarts):
         keys = seeds.row_keys(seed, len(x), "bpda restart", r + 1)
         starts.append(projected.random_start_rows(tf.constant(x), epsilon, keys).numpy())
     if not starts:
@@ -88,8 +89,11 @@ def _starts(shell, x, epsilon, x_init, from_x, random_restarts, seed):
     return starts
 
 
-def _chain(shell, x, y, epsilon, steps, runs, progress, kwargs) -> AttackResult:
+def _chain(
+    shell, x, y, epsilon, settings: BPDASettings, runs, seed, known, progress
+) -> AttackResult:
     """Runs ``runs`` = [(start [N, ...], target [N] or None)] in order on the points standing."""
+    steps = settings.steps
     total = len(runs) * steps
 
     def step(r: int, start, target) -> Step:
@@ -99,11 +103,12 @@ def _chain(shell, x, y, epsilon, steps, runs, progress, kwargs) -> AttackResult:
                 xs,
                 ys,
                 epsilon=epsilon,
-                steps=steps,
+                settings=settings,
                 x_init=start[idx],
                 target=None if target is None else target[idx],
+                seed=seeds.take(seed, idx),
+                known=known,
                 progress=_sub_progress(progress, r * steps, total),
-                **dict(kwargs, seed=seeds.take(kwargs["seed"], idx)),
             )
 
         return Step(f"run {r}", attack)
@@ -120,43 +125,26 @@ def bpda_restarts(
     y,
     *,
     epsilon: float,
-    steps: int = 20,
+    settings: BPDASettings = DEFAULT_CHAIN,
     x_init=None,
-    from_x: bool = True,
-    random_restarts: int = 0,
     target=None,
     seed: int = 0,
-    schedule: str = "apgd",
-    step_size: float | None = None,
-    eot_samples: int = 0,
-    warm_steps: int = 0,
-    proxy=None,
     known: KnownOutputs | None = None,
     progress=None,
 ) -> AttackResult:
-    """BPDA from several starts, in order: ``x`` (if ``from_x``), ``x_init`` (if given), then
-    ``random_restarts`` seeded uniform points of ``N(x, epsilon)``; each run attacks only the points
-    still standing. Other arguments as :func:`~manifold_tf.attacks.bpda.bpda` (``target`` makes
-    every run targeted; ``proxy``: every run steers by that copy of the shell). Cost per point:
-    the sum over the runs it took part in (at most
+    """BPDA from several starts, in order: ``x`` (if ``settings.from_x``), ``x_init`` (if given),
+    then ``settings.random_restarts`` seeded uniform points of ``N(x, epsilon)``; each run attacks
+    only the points still standing. ``settings`` (:class:`BPDASettings`; default: 20 APGD steps
+    from ``x``) is every run's; other arguments as :func:`~manifold_tf.attacks.bpda.bpda`
+    (``target`` makes every run targeted; ``settings.proxy``: every run steers by that copy of the
+    shell). Cost per point: the sum over the runs it took part in (at most
     ``runs * (steps + 1)`` shell predictions, plus EOT's, and ``2 * runs * steps * max(1, eot)``
     base passes).
     """
     x, y, epsilon, target = prepare(shell, x, y, epsilon, target)
-    steps = check_int(steps, "steps", 0)
-    starts = _starts(shell, x, epsilon, x_init, from_x, random_restarts, seed)
-    kwargs = dict(
-        schedule=schedule,
-        step_size=step_size,
-        eot_samples=eot_samples,
-        seed=seed,
-        warm_steps=warm_steps,
-        proxy=proxy,
-        known=known,
-    )
-    return _chain(
-        shell, x, y, epsilon, steps, [(s, target) for s in starts], check_progress(progress), kwargs
-    )
+    starts = _starts(shell, x, epsilon, x_init, settings, seed)
+    runs = [(s, target) for s in starts]
+    return _chain(shell, x, y, epsilon, settings, runs, seed, known, check_progress(progress))
 
 
 def bpda_targeted(
@@ -165,45 +153,28 @@ def bpda_targeted(
     y,
     *,
     epsilon: float,
-    num_targets=3,
-    steps: int = 20,
+    settings: BPDASettings = DEFAULT_CHAIN,
     x_init=None,
-    from_x: bool = True,
-    random_restarts: int = 0,
     seed: int = 0,
-    schedule: str = "apgd",
-    step_size: float | None = None,
-    eot_samples: int = 0,
-    warm_steps: int = 0,
-    proxy=None,
     known: KnownOutputs | None = None,
     progress=None,
 ) -> AttackResult:
-    """Targeted BPDA for the ``num_targets`` best wrong labels (int, or ``"all"``) by the shell's
-    ranking at ``x`` (:func:`target_order`), best first; for each target the starts of
-    :func:`bpda_restarts`. Every run attacks only the points still standing; success is any wrong
-    answer of the shell. Cost per point: one shell prediction at ``x`` for the ranking, then at
-    most ``num_targets * starts`` runs, each as :func:`~manifold_tf.attacks.bpda.bpda`.
+    """Targeted BPDA for the ``settings.num_targets`` best wrong labels (int, or ``"all"``;
+    default 3) by the shell's ranking at ``x`` (:func:`target_order`), best first; for each
+    target the starts of :func:`bpda_restarts`, with the same ``settings``. Every run attacks
+    only the points still standing; success is any wrong answer of the shell. Cost per point: one
+    shell prediction at ``x`` for the ranking, then at most ``num_targets * starts`` runs, each
+    as :func:`~manifold_tf.attacks.bpda.bpda`.
     """
     x, y, epsilon, _ = prepare(shell, x, y, epsilon)
-    steps = check_int(steps, "steps", 0)
-    k = _num_targets(num_targets, int(shell.num_classes))
-    starts = _starts(shell, x, epsilon, x_init, from_x, random_restarts, seed)
+    k = check_num_targets(settings.num_targets, int(shell.num_classes))
+    starts = _starts(shell, x, epsilon, x_init, settings, seed)
     if len(x) == 0:
-        return bpda(shell, x, y, epsilon=epsilon, steps=steps)
+        return bpda(shell, x, y, epsilon=epsilon, settings=BPDASettings(steps=settings.steps))
     at_x, paid = embed(shell, x, known)
     order = target_order(shell, x, y, at_x)
     runs = [(s, order[:, j]) for j in range(k) for s in starts]
-    kwargs = dict(
-        schedule=schedule,
-        step_size=step_size,
-        eot_samples=eot_samples,
-        seed=seed,
-        warm_steps=warm_steps,
-        proxy=proxy,
-        known=known,
-    )
-    res = _chain(shell, x, y, epsilon, steps, runs, check_progress(progress), kwargs)
+    res = _chain(shell, x, y, epsilon, settings, runs, seed, known, check_progress(progress))
     return res.with_cost(shell_predictions=int(paid))  # the ranking at x
 
 
@@ -249,12 +220,7 @@ def lift(
     y,
     *,
     epsilon: float,
-    delta: float | None = None,
-    num_targets="all",
-    steps: int = 20,
-    schedule: str = "apgd",
-    bpda_steps: int = 0,
-    eot_samples: int = 0,
+    settings: LiftSettings = DEFAULT_LIFT,
     seed: int = 0,
     known: KnownOutputs | None = None,
     progress=None,
@@ -281,11 +247,13 @@ def lift(
     ``y``'s distance. For the CarliniWagnerShell likewise (its search is CW's, not a maximisation).
 
     Args:
-      delta: the shell's radius in pixels; default ``shell.search_radius`` (MCN: ``delta``, NCN:
-        ``delta_max``). ``epsilon + delta`` must be ``<= 255``.
-      steps, schedule: the base ascent's (``"apgd"``: 2 (epsilon + delta) halved on APGD's
-        schedule; ``"sign"``: ``2.5 (epsilon + delta) / steps`` per step).
-      bpda_steps, eot_samples, seed: of the follow-up BPDA (APGD schedule).
+      settings: :class:`LiftSettings` (default: every wrong label, 20 APGD steps, no BPDA):
+        ``delta`` the shell's radius in pixels; default ``shell.search_radius`` (MCN: ``delta``,
+        NCN: ``delta_max``). ``epsilon + delta`` must be ``<= 255``.
+        ``steps``, ``schedule``: the base ascent's (``"apgd"``: 2 (epsilon + delta) halved on
+        APGD's schedule; ``"sign"``: ``2.5 (epsilon + delta) / steps`` per step).
+        ``bpda_steps``, ``eot_samples``: of the follow-up BPDA (APGD schedule).
+      seed: of the follow-up BPDA.
       known: the shell's outputs at images already evaluated
         (:class:`~manifold_tf.attacks.known.KnownOutputs`): the ranking at ``x`` is read from
         it when it holds every point (no shell prediction paid).
@@ -300,22 +268,23 @@ def lift(
     (and one forward) base passes and one shell prediction, plus the follow-up BPDA's cost.
     """
     x, y, epsilon, _ = prepare(shell, x, y, epsilon)
-    steps = check_int(steps, "steps", 0)
-    bpda_steps = check_int(bpda_steps, "bpda_steps", 0)
-    schedule = check_choice(schedule, "schedule", SCHEDULES)
+    steps, bpda_steps = settings.steps, settings.bpda_steps
     progress = check_progress(progress)
-    delta = shell.search_radius if delta is None else delta
+    delta = shell.search_radius if settings.delta is None else settings.delta
     radius = validate_radius(epsilon + validate_radius(delta, "delta"), "epsilon + delta")
-    k = _num_targets(num_targets, int(shell.num_classes))
+    k = check_num_targets(settings.num_targets, int(shell.num_classes))
     if len(x) == 0:
-        return bpda(shell, x, y, epsilon=epsilon, steps=bpda_steps)
+        return bpda(shell, x, y, epsilon=epsilon, settings=BPDASettings(steps=bpda_steps))
     out, paid = embed(shell, x, known)
     at_x = shell.scores(out)
     wrong_at_x = at_x.pick != y
     order = target_order(shell, x, y, out)
-    fn = _lift_function(shell.base, tuple(shell.image_shape), steps, schedule)
+    fn = _lift_function(shell.base, tuple(shell.image_shape), steps, settings.schedule)
     total = k * (steps + bpda_steps)
     lo, hi = np.maximum(x - epsilon, 0.0), np.minimum(x + epsilon, PIXEL_MAX)
+    # The follow-up targeted BPDA from x' (APGD), or zero steps: the shell's check of x' alone.
+    follow = BPDASettings(steps=bpda_steps, schedule="apgd", eot_samples=settings.eot_samples)
+    check_only = BPDASettings(steps=0)
 
     def step(j: int) -> Step:
         def attack(xs, ys, idx):
@@ -330,18 +299,23 @@ def lift(
                     xs,
                     ys,
                     epsilon=epsilon,
-                    steps=bpda_steps,
+                    settings=follow,
                     x_init=start,
                     target=t,
-                    schedule="apgd",
-                    eot_samples=eot_samples,
                     seed=seeds.take(seed, idx),
                     known=known,
                     progress=_sub_progress(progress, j * (steps + bpda_steps) + steps, total),
                 )
             else:  # zero BPDA steps: the verification of x' alone, with the target recorded
                 got = bpda(
-                    shell, xs, ys, epsilon=epsilon, steps=0, x_init=start, target=t, known=known
+                    shell,
+                    xs,
+                    ys,
+                    epsilon=epsilon,
+                    settings=check_only,
+                    x_init=start,
+                    target=t,
+                    known=known,
                 )
             return got.with_cost(base_passes=steps)
 

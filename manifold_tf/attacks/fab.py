@@ -35,6 +35,8 @@ forward pass at that point says.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import tensorflow as tf
 
@@ -42,10 +44,10 @@ from manifold_tf import compiled, projected, seeds
 from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE, checkpoint_stops, prepare
 from manifold_tf.attacks.fab_projection import project_linf_hyperplane
 from manifold_tf.attacks.result import AttackResult
-from manifold_tf.attacks.runner import Step, run_standing, targets_by_restarts, top_wrong_labels
+from manifold_tf.attacks.runner import Suite, TargetRun, check_num_targets, run_targets
 from manifold_tf.validation import PIXEL_MAX, PIXEL_MIN, check_int
 
-__all__ = ["fab", "fab_t", "project_linf_hyperplane"]
+__all__ = ["FABSettings", "fab", "fab_t", "project_linf_hyperplane"]
 
 _TINY = 1e-12  # AutoAttack's guard for ||w||_1 = 0 (a flat logit difference)
 _MIN_STEP = 1e-8  # AutoAttack's floor on |delta| in alpha (both steps zero: alpha = 1/2)
@@ -56,8 +58,11 @@ _ZERO = tf.UnconnectedGradients.ZERO
 
 def _build_iterate(steps: int, targeted: bool):
     def build(net):
-        def run(x, y, target, x1, best, best_norm, k, stop, alpha_max, eta, beta):
-            # Iterations k..stop-1 of a run from x1; images flat [n, D], best_norm [n].
+        def run(x, y, target, state, stop, knobs):
+            # Iterations k..stop-1 of a run; state (k, x1, best, best_norm): the iteration, the
+            # iterate and the best adversarial point, flat [n, D], and its norm [n]; knobs
+            # (alpha_max, eta, beta).
+            alpha_max, eta, beta = knobs
             shape = tf.shape(x)
             n = shape[0]
             x0 = tf.reshape(x, [n, -1])
@@ -114,7 +119,7 @@ def _build_iterate(steps: int, targeted: bool):
             return tf.while_loop(
                 lambda k, *_: k < tf.minimum(stop, steps),
                 body,
-                (k, x1, best, best_norm),
+                tuple(state),
                 maximum_iterations=steps,
             )
 
@@ -158,12 +163,15 @@ def _start(x: np.ndarray, eps: float, keys: np.ndarray, random: bool) -> tf.Tens
     return tf.clip_by_value(x0 + 0.5 * eps * u, PIXEL_MIN, PIXEL_MAX)
 
 
-def _run(iterate, finish, x, y, target, eps, keys, restart, stops, settings):
+def _run(fns, x, y, target, eps, keys, restart, stops, knobs):
     """One FAB run on ``M`` points: ``(x_adv, success, norm, iterations)``, each ``[M]`` rows.
 
-    The run pauses at ``stops`` (the last is ``steps``); at each pause before the last, the points
-    with an adversarial point within ``eps`` leave with their best so far, the others go on alone.
+    ``fns``: the compiled ``(iterate, finish)``; ``knobs``: ``(alpha_max, eta, beta)`` float32
+    scalars. The run pauses at ``stops`` (the last is ``steps``); at each pause before the last,
+    the points with an adversarial point within ``eps`` leave with their best so far, the others
+    go on alone.
     """
+    iterate, finish = fns
     m = len(x)
     xt, yt, tt = tf.constant(x), tf.constant(y, tf.int32), tf.constant(target, tf.int32)
     x1 = _start(x, eps, keys, restart > 0)
@@ -172,7 +180,7 @@ def _run(iterate, finish, x, y, target, eps, keys, restart, stops, settings):
     iterations, rows, done, k = np.zeros(m, np.int64), np.arange(m), 0, tf.constant(0)
     for stop in stops:
         k, x1, best, best_norm = iterate(
-            xt, yt, tt, x1, best, best_norm, k, tf.constant(stop, tf.int32), *settings
+            xt, yt, tt, (k, x1, best, best_norm), tf.constant(stop, tf.int32), knobs
         )
         iterations[rows] += stop - done
         done = stop
@@ -213,22 +221,114 @@ def _check_unit(value, name: str, low: float, high: float, low_open: bool = Fals
     return value
 
 
+@dataclass(frozen=True)
+class FABSettings:
+    """FAB's knobs, for :func:`fab` and :func:`fab_t` (AutoAttack's values by default); refused
+    with a ValueError naming the field when out of range.
+
+    Attributes:
+      steps: FAB iterations per run (AutoAttack: 100), >= 0.
+      restarts: runs per target, >= 1; the first starts at ``x``, the others at random points
+        (see the module docstring). Each run attacks only the points still standing.
+      num_targets: FAB-T only: its targets, the highest wrong labels of the clean logits
+        (AutoAttack: 9; at most ``K - 1``, checked against the model).
+      alpha_max: cap of the bias toward ``x``, in [0, 1]. eta: overshoot, in [1, 2]. beta:
+        backward step, in (0, 1].
+      early_exit: stop searching a point once it has an adversarial point within ``epsilon``
+        (checked at APGD's checkpoints, 22%, 41%, ... of a run: ``common.checkpoint_stops``):
+        the same points succeed, at less cost, but ``norm`` is then the smallest norm found up to
+        that checkpoint, not over the whole run. Off by default (FAB is a minimal-norm attack);
+        an evaluation that needs only success turns it on.
+      jit_compile: compile each run with XLA (XLA then compiles once per batch size it meets).
+    """
+
+    steps: int = 100
+    restarts: int = 1
+    num_targets: int = 9
+    alpha_max: float = 0.1
+    eta: float = 1.05
+    beta: float = 0.9
+    early_exit: bool = False
+    jit_compile: bool = DEFAULT_JIT_COMPILE
+
+    def __post_init__(self) -> None:
+        checked = dict(
+            steps=check_int(self.steps, "steps", 0),
+            restarts=check_int(self.restarts, "restarts", 1),
+            num_targets=check_int(self.num_targets, "num_targets", 1),
+            alpha_max=_check_unit(self.alpha_max, "alpha_max", 0.0, 1.0),
+            eta=_check_unit(self.eta, "eta", 1.0, 2.0),
+            beta=_check_unit(self.beta, "beta", 0.0, 1.0, low_open=True),
+            # Flags are read for their truth value, as they always were.
+            early_exit=bool(self.early_exit),
+            jit_compile=bool(self.jit_compile),
+        )
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+
+
+_DEFAULTS = FABSettings()
+
+
+def _compile(model, settings: FABSettings, targeted: bool, image_shape: tuple):
+    """``(iterate, finish)``: a run's iterations and its last forward pass, cached per (model,
+    steps, targeted, image shape)."""
+    # A None batch axis: one trace serves every number of points still standing.
+    images, labels = (
+        tf.TensorSpec((None,) + image_shape, tf.float32),
+        tf.TensorSpec([None], tf.int32),
+    )
+    flat, rows = tf.TensorSpec([None, int(np.prod(image_shape))], tf.float32), tf.TensorSpec([None])
+    scalar, count = tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.int32)
+    iterate = compiled.cached(
+        model,
+        ("fab", settings.steps, targeted, image_shape),
+        _build_iterate(settings.steps, targeted),
+        jit_compile=settings.jit_compile,
+        input_signature=[
+            images,
+            labels,
+            labels,
+            (count, flat, flat, rows),
+            count,
+            (scalar,) * 3,
+        ],
+    )
+    finish = compiled.cached(
+        model,
+        ("fab_finish", image_shape),
+        _build_finish(),
+        jit_compile=settings.jit_compile,
+        input_signature=[images, labels, flat, rows, scalar],
+    )
+    return iterate, finish
+
+
+def _with_norms(suite: Suite, wrong: np.ndarray) -> AttackResult:
+    """The merged result of FAB's runs, with ``norm`` and ``target`` for the points no run
+    attacked (``wrong`` ``[N]``: misclassified at ``x``, norm 0; else ``inf``, target -1) and
+    ``score = -norm``."""
+    result = suite.result
+    n = len(wrong)
+    details = dict(result.details)
+    unattacked = details["run"] < 0
+    norm = details.get("norm", np.full(n, np.inf, np.float32)).astype(np.float32)
+    norm[unattacked] = np.where(wrong[unattacked], 0.0, np.inf)
+    target = details.get("target", np.full(n, -1, np.int32)).astype(np.int32)
+    target[unattacked] = -1
+    details.update(norm=norm, target=target)
+    return result.replace(score=-norm, details=details)
+
+
 def fab(
     model,
     x,
     y,
     *,
     epsilon: float,
-    steps: int = 100,
-    restarts: int = 1,
+    settings: FABSettings = _DEFAULTS,
     targeted: bool = False,
-    num_targets: int = 9,
-    alpha_max: float = 0.1,
-    eta: float = 1.05,
-    beta: float = 0.9,
-    seed: int = 0,
-    jit_compile: bool = DEFAULT_JIT_COMPILE,
-    early_exit: bool = False,
+    seed=0,
 ) -> AttackResult:
     """FAB, L-inf: the smallest adversarial perturbation found, and success within ``epsilon``.
 
@@ -238,22 +338,13 @@ def fab(
       y: true int labels ``[N]``.
       epsilon: L-inf budget in pixels (8 means 8/255 of the range): decides success and scales
         the restarts' random starts; the search itself minimises the norm.
-      steps: FAB iterations per run (AutoAttack: 100).
-      restarts: runs per target; the first starts at ``x``, the others at random points (see
-        the module docstring). Each run attacks only the points still standing.
+      settings: :class:`FABSettings` (steps, restarts, num_targets, alpha_max, eta, beta, early
+        exit, XLA).
       targeted: FAB-T (AutoAttack's standard version): one set of runs per target label, the
-        ``num_targets`` highest wrong labels of the clean logits (``<= K - 1``; AutoAttack: 9).
-        Success is still misclassification.
-      alpha_max: cap of the bias toward ``x`` in [0, 1]. eta: overshoot in [1, 2]. beta:
-        backward step in (0, 1].
+        ``settings.num_targets`` highest wrong labels of the clean logits (``<= K - 1``;
+        AutoAttack: 9). Success is still misclassification.
       seed: seeds the restarts' starts: an int, or an int array ``[N]`` of per-point seeds (a
         point's starts then depend on its own seed only, not on the batch). Stateless.
-      jit_compile: compile each run with XLA (XLA then compiles once per batch size it meets).
-      early_exit: stop searching a point once it has an adversarial point within ``epsilon``
-        (checked at APGD's checkpoints, 22%, 41%, ... of a run: ``common.checkpoint_stops``):
-        the same points succeed, at less cost, but ``norm`` is then the smallest norm found up to
-        that checkpoint, not over the whole run. Off by default (FAB is a minimal-norm attack);
-        an evaluation that needs only success turns it on.
 
     Returns:
       An :class:`~manifold_tf.attacks.result.AttackResult` of ``N`` rows: ``x_adv`` inside
@@ -272,20 +363,10 @@ def fab(
     passes, counted as ``K``. ``base_passes`` counts these gradient passes: at most
     ``num_targets * restarts * steps`` (FAB-T) or ``restarts * steps * K`` (untargeted) per point.
     """
-    steps = check_int(steps, "steps", 0)
-    restarts = check_int(restarts, "restarts", 1)
-    alpha_max = _check_unit(alpha_max, "alpha_max", 0.0, 1.0)
-    eta = _check_unit(eta, "eta", 1.0, 2.0)
-    beta = _check_unit(beta, "beta", 0.0, 1.0, low_open=True)
+    targeted = bool(targeted)
     x, y, num_classes, epsilon = prepare(model, x, y, epsilon, "epsilon")
     if targeted:
-        num_targets = check_int(num_targets, "num_targets", 1)
-        if num_targets > num_classes - 1:
-            raise ValueError(
-                f"num_targets must be <= num_classes - 1 = {num_classes - 1}; got "
-                f"{num_targets}. Pass num_targets={num_classes - 1} to try every "
-                f"wrong label."
-            )
+        check_num_targets(settings.num_targets, num_classes)
     x_np, y_np = x.numpy(), y.numpy()
     n = len(x_np)
     point_seed = seeds.per_point(seed, n)
@@ -296,110 +377,41 @@ def fab(
     # The clean forward pass: misclassified points are successes at x, and FAB-T's targets are
     # the top wrong labels of the clean logits.
     clean = model(x, training=False).numpy()
-    wrong = np.argmax(clean, axis=1) != y_np
-    if targeted:
-        targets = top_wrong_labels(clean, y_np, num_targets)
-    else:
-        targets = np.full((n, 1), -1)
-    targets = targets.astype(np.int32)
-
-    image_shape = tuple(int(d) for d in x.shape[1:])
-    # A None batch axis: one trace serves every number of points still standing.
-    images, labels = (
-        tf.TensorSpec((None,) + image_shape, tf.float32),
-        tf.TensorSpec([None], tf.int32),
-    )
-    flat, rows = tf.TensorSpec([None, int(np.prod(image_shape))], tf.float32), tf.TensorSpec([None])
-    scalar, count = tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.int32)
-    iterate = compiled.cached(
-        model,
-        ("fab", steps, bool(targeted), image_shape),
-        _build_iterate(steps, bool(targeted)),
-        jit_compile=jit_compile,
-        input_signature=[images, labels, labels, flat, flat, rows, count, count] + [scalar] * 3,
-    )
-    finish = compiled.cached(
-        model,
-        ("fab_finish", image_shape),
-        _build_finish(),
-        jit_compile=jit_compile,
-        input_signature=[images, labels, flat, rows, scalar],
-    )
+    fns = _compile(model, settings, targeted, tuple(int(d) for d in x.shape[1:]))
     per_step = 1 if targeted else num_classes
-    settings = [tf.constant(v, tf.float32) for v in (alpha_max, eta, beta)]
-    stops = checkpoint_stops(steps, early_exit)
+    knobs = tuple(
+        tf.constant(v, tf.float32) for v in (settings.alpha_max, settings.eta, settings.beta)
+    )
+    stops = checkpoint_stops(settings.steps, settings.early_exit)
 
-    def make_step(j: int, restart: int, run: int) -> Step:
-        def step(xs, ys, idx):
-            tgt = targets[idx, j]
-            keys = seeds.fold(point_seed[idx], "fab", run)
-            z, ok, norm, iterations = _run(
-                iterate,
-                finish,
-                xs,
-                ys,
-                np.maximum(tgt, 0),
-                epsilon,
-                keys,
-                restart,
-                stops,
-                settings,
-            )
-            return AttackResult(
-                z,
-                ok,
-                base_passes=iterations * per_step,
-                score=-norm,
-                details={"norm": norm, "target": tgt},
-            )
+    def attack(xs, ys, idx, target, run: TargetRun) -> AttackResult:
+        keys = seeds.fold(point_seed[idx], "fab", run.index)
+        z, ok, norm, iterations = _run(
+            fns, xs, ys, np.maximum(target, 0), epsilon, keys, run.restart, stops, knobs
+        )
+        return AttackResult(
+            z,
+            ok,
+            base_passes=iterations * per_step,
+            score=-norm,
+            details={"norm": norm, "target": target},
+        )
 
-        name = f"fab-t{j}-r{restart}" if targeted else f"fab-r{restart}"
-        return Step(name, step)
-
-    steps_list = targets_by_restarts(make_step, targets.shape[1], restarts)
-    if epsilon == 0.0:
-        steps_list = []  # only x is in the ball: nothing to search
-    result = run_standing(steps_list, x_np, y_np, broken=wrong).result
-    details = dict(result.details)
-    unattacked = details["run"] < 0
-    norm = details.get("norm", np.full(n, np.inf, np.float32)).astype(np.float32)
-    norm[unattacked] = np.where(wrong[unattacked], 0.0, np.inf)
-    target = details.get("target", np.full(n, -1, np.int32)).astype(np.int32)
-    target[unattacked] = -1
-    details.update(norm=norm, target=target)
-    return result.replace(score=-norm, details=details)
+    suite = run_targets(
+        attack,
+        x_np,
+        y_np,
+        clean,
+        num_targets=settings.num_targets if targeted else None,
+        # epsilon 0: only x is in the ball, nothing to search (no run at all)
+        restarts=settings.restarts if epsilon != 0.0 else 0,
+        name=lambda run: f"fab-t{run.rank}-r{run.restart}" if targeted else f"fab-r{run.restart}",
+    )
+    return _with_norms(suite, np.argmax(clean, axis=1) != y_np)
 
 
 def fab_t(
-    model,
-    x,
-    y,
-    *,
-    epsilon: float,
-    steps: int = 100,
-    restarts: int = 1,
-    num_targets: int = 9,
-    alpha_max: float = 0.1,
-    eta: float = 1.05,
-    beta: float = 0.9,
-    seed: int = 0,
-    jit_compile: bool = DEFAULT_JIT_COMPILE,
-    early_exit: bool = False,
+    model, x, y, *, epsilon: float, settings: FABSettings = _DEFAULTS, seed=0
 ) -> AttackResult:
     """FAB-T, AutoAttack's targeted FAB: :func:`fab` with ``targeted=True`` (see there)."""
-    return fab(
-        model,
-        x,
-        y,
-        epsilon=epsilon,
-        steps=steps,
-        restarts=restarts,
-        targeted=True,
-        num_targets=num_targets,
-        alpha_max=alpha_max,
-        eta=eta,
-        beta=beta,
-        seed=seed,
-        jit_compile=jit_compile,
-        early_exit=early_exit,
-    )
+    return fab(model, x, y, epsilon=epsilon, settings=settings, targeted=True, seed=seed)

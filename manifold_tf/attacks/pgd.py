@@ -3,15 +3,50 @@ core."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 
 from manifold_tf import compiled, projected, seeds
 from manifold_tf.attacks.common import DEFAULT_JIT_COMPILE, goal, margin, prepare
 from manifold_tf.attacks.result import AttackResult
-from manifold_tf.validation import check_int, validate_radius
+from manifold_tf.validation import check_choice, check_int, validate_radius
 
 LOSSES = ("xent", "cw")
+
+
+@dataclasses.dataclass(frozen=True)
+class PGDSettings:
+    """PGD's knobs besides its budget (:func:`pgd`); a ValueError names a bad field.
+
+    Attributes:
+      loss: ``"xent"`` ascends the cross-entropy of ``y`` (targeted: ascends ``log F(x)_y``);
+        ``"cw"`` ascends ``max_{j != y} Z_j - Z_y`` (targeted: ``Z_y - max_{j != y} Z_j``).
+      random_start: start each run at a uniform point of ``N(x, epsilon)`` (else at ``x``).
+      restarts: independent runs, >= 1; per example the best is kept: a successful point
+        (misclassified, or classified as the target) before an unsuccessful one, then the highest
+        loss.
+      targeted: ``y`` are targets to reach instead of labels to leave.
+    """
+
+    loss: str = "xent"
+    random_start: bool = True
+    restarts: int = 1
+    targeted: bool = False
+
+    def __post_init__(self) -> None:
+        checked = dict(
+            loss=check_choice(self.loss, "loss", LOSSES),
+            random_start=bool(self.random_start),
+            restarts=check_int(self.restarts, "restarts", 1),
+            targeted=bool(self.targeted),
+        )
+        for name, value in checked.items():  # plain Python values: equal settings, equal keys
+            object.__setattr__(self, name, value)
+
+
+_DEFAULTS = PGDSettings()
 
 
 def pgd(
@@ -22,25 +57,21 @@ def pgd(
     epsilon: float,
     steps: int,
     step_size: float,
-    loss: str = "xent",
-    random_start: bool = True,
-    restarts: int = 1,
-    targeted: bool = False,
+    settings: PGDSettings = _DEFAULTS,
     seed: int = 0,
     jit_compile: bool = DEFAULT_JIT_COMPILE,
 ) -> AttackResult:
-    """L-inf PGD: ``restarts`` runs of ``steps`` signed-gradient steps of ``step_size`` pixels.
+    """L-inf PGD: ``settings.restarts`` runs of ``steps`` signed-gradient steps of ``step_size``
+    pixels.
 
     Args:
       model: Keras model, images ``[N, H, W, C]`` (0..255) -> logits ``[N, K]``.
       x: images ``[N, H, W, C]`` float, pixels 0..255.
       y: int labels ``[N]``: the true labels (untargeted: move away from them) or the targets.
       epsilon: L-inf budget in pixels (8 means 8/255 of the range).
-      loss: ``"xent"`` ascends the cross-entropy of ``y`` (targeted: ascends ``log F(x)_y``);
-        ``"cw"`` ascends ``max_{j != y} Z_j - Z_y`` (targeted: ``Z_y - max_{j != y} Z_j``).
-      random_start: start each run at a uniform point of ``N(x, epsilon)`` (else at ``x``).
-      restarts: independent runs; per example the best is kept: a successful point (misclassified,
-        or classified as the target) before an unsuccessful one, then the highest loss.
+      steps, step_size: signed-gradient steps per run and their size in pixels.
+      settings: :class:`PGDSettings` (loss, random start, restarts, targeted); default: untargeted
+        cross-entropy from a random start, one run.
       seed: seeds the random starts (deterministic for a given seed): an int, or an int array
         ``[N]`` of per-point seeds (a point's starts then depend on its own seed only, not on the
         batch: :func:`manifold_tf.seeds.row_keys`).
@@ -52,16 +83,17 @@ def pgd(
       the loss there. Cost: ``restarts * steps`` forward+backward passes and ``restarts * 2``
       forward passes of the model (``base_passes`` counts the former).
     """
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}; got {loss!r}.")
+    if not isinstance(settings, PGDSettings):
+        raise TypeError(f"settings must be a PGDSettings; got {type(settings).__name__}.")
+    loss, random_start = settings.loss, settings.random_start
+    restarts, targeted = settings.restarts, settings.targeted
     steps = check_int(steps, "steps", 0)
-    restarts = check_int(restarts, "restarts", 1)
     step_size = validate_radius(step_size, "step_size")
     x, y, _, epsilon = prepare(model, x, y, epsilon, "epsilon")
     point_seed = seeds.per_point(seed, int(x.shape[0]))
     if x.shape[0] == 0:
         return AttackResult.unattacked(x.numpy())
-    key = ("pgd", steps, loss, bool(random_start), restarts, bool(targeted))
+    key = ("pgd", steps, loss, random_start, restarts, targeted)
 
     def build(net):
         def loss_of(logits, labels):

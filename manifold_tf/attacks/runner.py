@@ -1,7 +1,8 @@
 """One runner for "attack only the points still standing; the first success per point wins".
 
-AutoAttack's loop, written once: APGD's restarts and target labels, the BPDA chains, ``lift`` and
-both suites of the adaptive evaluation are lists of :class:`Step` run by :func:`run_standing`.
+AutoAttack's loop, written once: APGD's and FAB's restarts and target labels (both through
+:func:`run_targets`), the BPDA chains, ``lift`` and both suites of the adaptive evaluation are
+lists of :class:`Step` run by :func:`run_standing`.
 
 A step sees only the points no earlier step broke (its batch shrinks), and is told their indices
 in the whole batch so that it can pick per-point inputs (a transfer start, a target label). A point
@@ -21,7 +22,16 @@ import numpy as np
 
 from manifold_tf.attacks.result import AttackResult
 
-__all__ = ["Step", "Suite", "run_standing", "targets_by_restarts", "top_wrong_labels"]
+__all__ = [
+    "Step",
+    "Suite",
+    "TargetRun",
+    "check_num_targets",
+    "run_standing",
+    "run_targets",
+    "targets_by_restarts",
+    "top_wrong_labels",
+]
 
 # The value a detail holds for points no step ran on: -1 for labels and counts, NaN for values.
 _EMPTY = {"i": -1, "u": 0, "f": np.nan, "b": False}
@@ -174,3 +184,64 @@ def targets_by_restarts(
     the next: ``make(j, r, run)`` for target ``j``, restart ``r``, ``run = j * restarts + r`` (a
     run's index, which seeds its random start)."""
     return [make(j, r, j * restarts + r) for j in range(num_targets) for r in range(restarts)]
+
+
+def check_num_targets(num_targets: int, num_classes: int) -> int:
+    """``num_targets`` (an int >= 1), refused above ``num_classes - 1`` (the wrong labels)."""
+    if num_targets > num_classes - 1:
+        raise ValueError(
+            f"num_targets must be <= num_classes - 1 = {num_classes - 1}; got "
+            f"{num_targets}. Pass num_targets={num_classes - 1} to try every "
+            f"wrong label."
+        )
+    return num_targets
+
+
+@dataclass(frozen=True)
+class TargetRun:
+    """One run of :func:`run_targets`: ``rank`` of its target among the wrong labels (0: the
+    highest; 0 for an untargeted attack), ``restart`` within that target (0: the first run) and
+    ``index`` = ``rank * restarts + restart`` over all runs (what seeds its random start)."""
+
+    rank: int
+    restart: int
+    index: int
+
+
+# (x [M, ...], y [M], idx [M] indices in the whole batch, target [M] int32 (-1: untargeted), run)
+#   -> AttackResult of M rows
+TargetRunFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, TargetRun], AttackResult]
+
+
+def run_targets(
+    attack: TargetRunFn,
+    x: np.ndarray,
+    y: np.ndarray,
+    clean_logits: np.ndarray,
+    *,
+    num_targets: int | None,
+    restarts: int,
+    name: Callable[[TargetRun], str],
+) -> Suite:
+    """AutoAttack's targets x restarts: runs ``attack`` on the points still standing.
+
+    Targets are each point's ``num_targets`` highest wrong labels by ``clean_logits`` ``[N, K]``
+    (:func:`top_wrong_labels`); ``num_targets=None``: one untargeted set of runs, target -1.
+    Per target, ``restarts`` runs in the order of :func:`targets_by_restarts` (``restarts=0``: no
+    run at all), each a :class:`Step` named ``name(run)``; points the clean logits already
+    misclassify are broken before the first (``"clean"``, not attacked). ``x``: images
+    ``[N, H, W, C]`` (pixels), ``y``: labels ``[N]``. Returns :func:`run_standing`'s
+    :class:`Suite`.
+    """
+    y = np.asarray(y)
+    if num_targets is None:
+        targets = np.full((len(y), 1), -1, np.int32)
+    else:
+        targets = top_wrong_labels(clean_logits, y, num_targets)
+
+    def make(rank: int, restart: int, index: int) -> Step:
+        run = TargetRun(rank, restart, index)
+        return Step(name(run), lambda xs, ys, idx: attack(xs, ys, idx, targets[idx, rank], run))
+
+    chain = targets_by_restarts(make, targets.shape[1], restarts)
+    return run_standing(chain, x, y, broken=np.argmax(clean_logits, axis=1) != y)

@@ -34,6 +34,7 @@ Units: pixels (0..255) for images and ``epsilon``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -54,7 +55,7 @@ from manifold_tf.validation import (
     validate_radius,
 )
 
-__all__ = ["OUTPUTS", "p_schedule", "square"]
+__all__ = ["OUTPUTS", "SquareSettings", "p_schedule", "square"]
 
 OUTPUTS = ("logits", "probabilities")
 # The paper's schedule on a 10,000-query run: p_init / 2**k after the k-th of these iterations.
@@ -62,6 +63,38 @@ _P_STEPS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 # A proposal equal to the current image is redrawn; for eps > 0 each redraw fails with probability
 # 2**-channels, unless eps is below float32 resolution at every pixel of the window: then give up.
 _MAX_REDRAWS = 64
+
+
+@dataclass(frozen=True)
+class SquareSettings:
+    """Square's knobs, validated on construction.
+
+    Attributes:
+      queries: model evaluations per image, at most (the clean image, the stripes, then
+        ``queries - 2`` random-search iterations); the final verification call is not counted.
+      p_init: initial fraction of pixels per window, in (0, 1]. 0.8 is AutoAttack's choice for
+        small budgets; the reference script's default 0.05 was tuned for 10,000 ImageNet queries.
+      output: ``"logits"`` or ``"probabilities"``, what the model returns (checked on ``x``).
+      batch_size: at most this many images per model call (``None``: all still standing at once).
+    """
+
+    queries: int = 1000
+    p_init: float = 0.8
+    output: str = "logits"
+    batch_size: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "queries", check_int(self.queries, "queries", 1))
+        p_init = check_positive(self.p_init, "p_init")
+        if not 0.0 < p_init <= 1.0:
+            raise ValueError(f"p_init must lie in (0, 1]; got {p_init}.")
+        object.__setattr__(self, "p_init", p_init)
+        check_choice(self.output, "output", OUTPUTS)
+        if self.batch_size is not None:
+            object.__setattr__(self, "batch_size", check_int(self.batch_size, "batch_size", 1))
+
+
+DEFAULT_SQUARE = SquareSettings()
 
 
 def p_schedule(p_init: float, iteration: int, n_iters: int) -> float:
@@ -164,11 +197,8 @@ def square(
     y,
     *,
     epsilon: float,
-    queries: int = 1000,
-    p_init: float = 0.8,
+    settings: SquareSettings = DEFAULT_SQUARE,
     seed: int = 0,
-    output: str = "logits",
-    batch_size: int | None = None,
     slots: np.ndarray | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> AttackResult:
@@ -182,16 +212,12 @@ def square(
       x: clean images ``[N, H, W, C]``, float, pixels 0..255.
       y: true labels ``[N]`` (int).
       epsilon: L-inf budget in pixels (8 means 8/255).
-      queries: model evaluations per image, at most (the clean image, the stripes, then
-        ``queries - 2`` random-search iterations); the final verification call is not counted.
-      p_init: initial fraction of pixels per window, in (0, 1]. 0.8 is AutoAttack's choice for
-        small budgets; the reference script's default 0.05 was tuned for 10,000 ImageNet queries.
+      settings: :class:`SquareSettings` (``queries``, ``p_init``, ``output``, ``batch_size``;
+        default: 1000 queries on logits, ``p_init = 0.8``, one call for all images standing).
       seed: an int, or an int array ``[N]`` of per-point seeds: every draw for a point (its
         stripes, windows and signs) is keyed by its seed, the iteration and the redraw
         (:mod:`manifold_tf.seeds`), so with per-point seeds a point's search does not depend on
         the other points of the batch. Same seed, model and inputs give the same output.
-      output: ``"logits"`` or ``"probabilities"``, what ``model`` returns (checked on ``x``).
-      batch_size: at most this many images per model call (``None``: all still standing at once).
       slots: for a proxy copy of a shell that searches some labels only
         (:meth:`~manifold_tf.shells.FactorShell.proxy` with ``labels``): the labels it searches
         per point, int ``[N, S]`` (:func:`~manifold_tf.attacks.surrogate.proxy_slots`); each
@@ -211,33 +237,19 @@ def square(
     if not callable(model):
         raise ValueError(f"model must be callable (images -> scores); got {type(model).__name__}.")
     epsilon = validate_radius(epsilon, "epsilon")
-    queries = check_int(queries, "queries", 1)
-    p_init = check_positive(p_init, "p_init")
-    if not 0.0 < p_init <= 1.0:
-        raise ValueError(f"p_init must lie in (0, 1]; got {p_init}.")
-    check_choice(output, "output", OUTPUTS)
-    if batch_size is not None:
-        batch_size = check_int(batch_size, "batch_size", 1)
+    queries, output = settings.queries, settings.output
     # A shell declares its image shape; a base model its input layer's (None: any callable).
     shape = getattr(model, "image_shape", None) or input_image_shape(model)
     x = validate_images(x, image_shape=shape).numpy()
     n, h, w, c = x.shape
     point_seed = seeds.per_point(seed, n)  # a bad seed is refused on an empty batch too
-    if slots is not None:
-        slots = np.asarray(slots)
-        if not isinstance(model, FactorShell) or slots.ndim != 2 or len(slots) != n:
-            raise ValueError(
-                f"slots must be int labels [N={n}, S] for a shell that searches labels one by "
-                f"one (FactorShell.embed_labels: a proxy searching some labels); got shape "
-                f"{slots.shape} for {type(model).__name__}."
-            )
-        slots = slots.astype(np.int32)
+    slots = _check_slots(model, slots, n)
     if n == 0:
         validate_labels(y, num_examples=0, num_classes=1)
         return AttackResult.unattacked(
             x, queries=np.zeros(0, np.int32), margin=np.zeros(0, np.float32)
         )
-    score = _scorer(model, output, (h, w, c), batch_size, slots)
+    score = _scorer(model, output, (h, w, c), settings.batch_size, slots)
     every = np.arange(n)
     eps = np.float32(epsilon)
 
@@ -268,33 +280,12 @@ def square(
         loss[idx] = np.inf
         query(idx, best[idx])
 
-    rows_h, cols_w = np.arange(h), np.arange(w)
     for it in range(queries - 2 if epsilon > 0 else 0):
         idx = np.flatnonzero(loss >= 0)
         if not len(idx):
             break
-        m = len(idx)
-        s = min(max(int(round(np.sqrt(p_schedule(p_init, it, queries - 1) * h * w))), 1), h, w)
-        corner = seeds.integers_rows(
-            seeds.fold(point_seed[idx], "square window", it), [h - s + 1, w - s + 1], (2,)
-        )
-        top, left = corner[:, :1], corner[:, 1:]
-        window = ((rows_h >= top) & (rows_h < top + s))[:, :, None, None] & (
-            (cols_w >= left) & (cols_w < left + s)
-        )[:, None, :, None]  # [m, h, w, 1]
-        xi, bi = x[idx], best[idx]
-        cand = np.empty_like(bi)
-        todo = np.arange(m)
-        for redraw in range(_MAX_REDRAWS):
-            keys = seeds.fold(point_seed[idx[todo]], "square signs", it, redraw)
-            signs = (2 * seeds.integers_rows(keys, 2, (1, 1, c)) - 1).astype(np.float32)
-            cand[todo] = np.clip(
-                np.where(window[todo], xi[todo] + eps * signs, bi[todo]), PIXEL_MIN, PIXEL_MAX
-            )
-            todo = todo[(cand[todo] == bi[todo]).reshape(len(todo), -1).all(axis=1)]
-            if not len(todo):
-                break
-        query(idx, cand)
+        p = p_schedule(settings.p_init, it, queries - 1)
+        query(idx, _proposal(x[idx], best[idx], point_seed[idx], it, p, eps))
 
     # Verification: the model's own answer at x_adv, on every image.
     final = score(best, every)
@@ -306,3 +297,48 @@ def square(
         shell_predictions=spent if isinstance(model, FactorShell) else 0,
         details=dict(queries=spent, margin=margin),
     )
+
+
+def _check_slots(model, slots, n: int) -> np.ndarray | None:
+    """``slots`` as int32 ``[N, S]`` (``None`` kept): only for a shell's label-restricted copy."""
+    if slots is None:
+        return None
+    slots = np.asarray(slots)
+    if not isinstance(model, FactorShell) or slots.ndim != 2 or len(slots) != n:
+        raise ValueError(
+            f"slots must be int labels [N={n}, S] for a shell that searches labels one by "
+            f"one (FactorShell.embed_labels: a proxy searching some labels); got shape "
+            f"{slots.shape} for {type(model).__name__}."
+        )
+    return slots.astype(np.int32)
+
+
+def _proposal(
+    xi: np.ndarray, bi: np.ndarray, point_seed: np.ndarray, it: int, p: float, eps: np.float32
+) -> np.ndarray:
+    """Iteration ``it``'s candidates ``[m, H, W, C]`` for the images standing (clean ``xi``,
+    current ``bi``, seeds ``point_seed`` ``[m]``): a random ``s x s`` window, ``s`` from the
+    fraction ``p`` of pixels, set to ``x + eps * sign_c``; a candidate equal to ``bi`` is
+    redrawn."""
+    m, h, w, c = bi.shape
+    s = min(max(int(round(np.sqrt(p * h * w))), 1), h, w)
+    corner = seeds.integers_rows(
+        seeds.fold(point_seed, "square window", it), [h - s + 1, w - s + 1], (2,)
+    )
+    top, left = corner[:, :1], corner[:, 1:]
+    rows_h, cols_w = np.arange(h), np.arange(w)
+    window = ((rows_h >= top) & (rows_h < top + s))[:, :, None, None] & (
+        (cols_w >= left) & (cols_w < left + s)
+    )[:, None, :, None]  # [m, h, w, 1]
+    cand = np.empty_like(bi)
+    todo = np.arange(m)
+    for redraw in range(_MAX_REDRAWS):
+        keys = seeds.fold(point_seed[todo], "square signs", it, redraw)
+        signs = (2 * seeds.integers_rows(keys, 2, (1, 1, c)) - 1).astype(np.float32)
+        cand[todo] = np.clip(
+            np.where(window[todo], xi[todo] + eps * signs, bi[todo]), PIXEL_MIN, PIXEL_MAX
+        )
+        todo = todo[(cand[todo] == bi[todo]).reshape(len(todo), -1).all(axis=1)]
+        if not len(todo):
+            break
+    return cand

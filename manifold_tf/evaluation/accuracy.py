@@ -30,18 +30,23 @@ def _attacks(config: AccuracyConfig, num_classes: int, epsilon: float) -> dict:
             epsilon=epsilon,
             steps=config.pgd_steps,
             step_size=config.pgd_step_size,
-            restarts=config.pgd_restarts,
+            settings=attacks.PGDSettings(restarts=config.pgd_restarts),
             seed=s,
         )
     }
     if config.apgd_steps:
         out["APGD-CE"] = lambda m, x, y, s: attacks.apgd_ce(
-            m, x, y, epsilon=epsilon, steps=config.apgd_steps, seed=s
+            m, x, y, epsilon=epsilon, settings=attacks.APGDSettings(steps=config.apgd_steps), seed=s
         )
         if num_classes >= 4:  # the targeted DLR loss needs four logits
             targets = min(config.apgd_targets, num_classes - 1)
             out["APGD-T"] = lambda m, x, y, s: attacks.apgd_t(
-                m, x, y, epsilon=epsilon, steps=config.apgd_steps, num_targets=targets, seed=s
+                m,
+                x,
+                y,
+                epsilon=epsilon,
+                settings=attacks.APGDSettings(steps=config.apgd_steps, num_targets=targets),
+                seed=s,
             )
     return out
 

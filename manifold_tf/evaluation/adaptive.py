@@ -17,7 +17,6 @@ and with a ``budget`` when its time is spent. The sanity checks of Carlini et al
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import numpy as np
 
@@ -26,6 +25,7 @@ from manifold_tf.attacks import run_standing  # noqa: F401  (bench_surrogate rea
 from manifold_tf.attacks.known import KnownOutputs
 from manifold_tf.evaluation import adaptive_budget
 from manifold_tf.evaluation.adaptive_config import AdaptiveConfig
+from manifold_tf.evaluation.context import RunContext
 from manifold_tf.evaluation.suite_batch import (  # noqa: F401  (this module's API too)
     TransferPoint,
     adaptive_batch,
@@ -123,7 +123,14 @@ def _zero_and_sweep(shell, x, y, idx, config: AdaptiveConfig, epsilon: float, se
     g_x = shell_labels(shell, x, record=known)
     right = g_x == y
     point_seed = seeds.point_seeds(seed, idx[right])
-    zero = attacks.bpda(shell, x[right], y[right], epsilon=0.0, steps=2, seed=point_seed)
+    zero = attacks.bpda(
+        shell,
+        x[right],
+        y[right],
+        epsilon=0.0,
+        settings=attacks.BPDASettings(steps=2),
+        seed=point_seed,
+    )
     again = shell_labels(shell, x)
     epsilons = sorted({float(epsilon), float(min(2 * epsilon, 255)), float(config.large_epsilon)})
     sweep = []
@@ -136,10 +143,12 @@ def _zero_and_sweep(shell, x, y, idx, config: AdaptiveConfig, epsilon: float, se
             x[right],
             y[right],
             epsilon=eps,
-            steps=config.sanity_steps,
-            schedule="apgd",
+            settings=attacks.BPDASettings(
+                steps=config.sanity_steps,
+                schedule="apgd",
+                proxy=None if proxy is shell else proxy,
+            ),
             seed=point_seed,
-            proxy=None if proxy is shell else proxy,
             known=known,
         )
         ok = verified_labels(shell, out.x_adv, y[right], known)[0] != y[right]
@@ -189,15 +198,10 @@ def shell_settings(shell, config: AdaptiveConfig) -> dict:
 def verdict_settings(
     shell_settings: dict | None,
     config: AdaptiveConfig,
+    context: RunContext,
     *,
-    epsilon: float,
-    cw_kwargs: dict,
-    seed: int,
-    permutation: str,
     num_points: int,
-    batch_points: int,
     num_test_points: int,
-    metadata: dict | None,
 ) -> dict:
     """The settings a verdict is bound with (JSON form); ``shell_settings`` None: the base suite's
     alone (a comparison's shared records)."""
@@ -205,17 +209,17 @@ def verdict_settings(
     return reporting.to_jsonable(
         dict(
             protocol="adaptive (METHOD.md, Adaptive evaluation)",
-            epsilon=float(epsilon),
+            epsilon=float(context.epsilon),
             **shell,
             suite=config,
-            base_attack_cw=cw_kwargs,
-            seed=int(seed),
+            base_attack_cw=context.cw_settings.recorded(),
+            seed=int(context.seed),
             seeding="per point: the run's seed and the point's index (random shells: the input)",
-            permutation=permutation,
+            permutation=context.permutation,
             num_points=int(num_points),
-            batch_points=int(batch_points),
+            batch_points=int(context.batch_points),
             num_test_points=int(num_test_points),
-            **(metadata or {}),
+            **(context.metadata or {}),
         )
     )
 
@@ -226,52 +230,44 @@ def run_adaptive(
     images: np.ndarray,
     labels: np.ndarray,
     config: AdaptiveConfig,
-    store,
+    context: RunContext,
     *,
-    epsilon: float,
-    cw_kwargs: dict,
-    seed: int = 0,
-    permutation: str = "numpy",
-    batch_points: int = 30,
-    metadata: dict | None = None,
-    clock=time.perf_counter,
     seconds_per_point: float | None = None,
 ) -> AdaptiveRun | None:
     """Runs (or resumes) the suite on the points of the order, batch by batch, until the stopping
     rule holds (``num_points`` reached, the answer decided, or the budget spent:
-    :mod:`~manifold_tf.evaluation.adaptive_budget`; ``clock`` times the budget, and
+    :mod:`~manifold_tf.evaluation.adaptive_budget`; ``context.clock`` times the budget, and
     ``seconds_per_point``, the plan's, sizes the first batch under it). A resumed run
     keeps its finished batches and may be given a larger ``num_points`` or budget (the attack
-    settings must not change).
+    settings must not change). ``images``: the test set ``[M, H, W, C]``, pixels; ``labels``
+    ``[M]``; ``context``: the store, epsilon, base attack, seed, order and batch size.
 
     Reuses the CW ``x'`` of a Table-2 run in the same store for the points it has. Under several
     workers each computes its own batches and only the chief returns the :class:`AdaptiveRun`
     (the others return None); a stopping rule then runs in rounds
     (:meth:`~manifold_tf.evaluation.adaptive_budget.Schedule.in_rounds`).
     """
-    order = walk_order(len(images), seed=seed, kind=permutation)[: config.num_points]
-    sequential_run = config.until == "decided" or config.budget is not None
+    store = context.store
+    order = walk_order(len(images), seed=context.seed, kind=context.permutation)
+    order = order[: config.num_points]
     settings = verdict_settings(
         shell_settings(shell, config),
         config,
-        epsilon=epsilon,
-        cw_kwargs=cw_kwargs,
-        seed=seed,
-        permutation=permutation,
+        context,
         num_points=len(order),
-        batch_points=batch_points,
         num_test_points=len(images),
-        metadata=metadata,
     )
     # More points or time extend a run: its finished batches stay what they were.
     settings = store.bind(PROTOCOL, settings, free=("strategy",) + adaptive_budget.EXTENDS)
     known = _known_transfer(store, images)
     saved = {b: store.load(PROTOCOL, b) for b in store.finished(PROTOCOL)}
-    batches = continue_batches(order, {b: r["indices"] for b, r in saved.items()}, batch_points)
+    batches = continue_batches(
+        order, {b: r["indices"] for b, r in saved.items()}, context.batch_points
+    )
     records = [saved.get(b) for b in range(len(batches))]
     progress = store.progress([len(b) for b in batches], records, "adaptive")
     note = store.load_note(PROTOCOL, adaptive_budget.CUT_NOTE) or dict(cut=[])
-    deadline = adaptive_budget.deadline(config, list(saved.values()), note, clock)
+    deadline = adaptive_budget.deadline(config, list(saved.values()), note, context.clock)
 
     def run_batch(b: int, idx: np.ndarray) -> dict | None:
         """Batch ``b`` evaluated and saved (None: the deadline cut it)."""
@@ -282,32 +278,14 @@ def run_adaptive(
             labels[idx].astype(np.int64),
             idx,
             config=config,
-            epsilon=epsilon,
-            cw_kwargs=cw_kwargs,
+            context=context,
             known_transfer=known,
-            seed=seed,
             desc=f"adaptive batch {b + 1}/{len(batches)}",
             stop=None if deadline is None else deadline.passed,
-            clock=clock,
         )
         if out is None:
             return None
-        record, x_worst, x_cw = out
-        record["batch"] = b
-        store.save(
-            PROTOCOL,
-            b,
-            record,
-            arrays={"xadv": x_worst.astype(np.float32), "xcw": x_cw.astype(np.float32)},
-        )
-        progress.update(
-            len(idx),
-            extra=(
-                f"batch {b + 1}/{len(batches)}: shell robust {record['shell_broken_by'].count('')}/"
-                f"{len(idx)}, base robust {record['base_broken_by'].count('')}/{len(idx)}"
-            ),
-        )
-        return record
+        return _save_batch(store, b, out, progress, len(batches))
 
     schedule = adaptive_budget.Schedule(
         config=config,
@@ -315,21 +293,56 @@ def run_adaptive(
         protocol=PROTOCOL,
         order=order,
         n_total=len(images),
-        batch_points=batch_points,
+        batch_points=context.batch_points,
         seconds_per_point=seconds_per_point,
         note=note,
-        clock=clock,
+        clock=context.clock,
     )
-    if not sequential_run:
-        records, stopping = schedule.every_batch(batches, records, run_batch)
-    elif store.workers.distributed:
-        records, stopping = schedule.in_rounds(batches, records, run_batch, deadline)
-    else:
-        records, stopping = schedule.in_order(batches, records, run_batch, deadline)
+    records, stopping = _schedule_batches(config, schedule, batches, records, run_batch, deadline)
     if not store.workers.is_chief:
         return None  # the chief runs the sanity checks and writes the reports
     store = store.alone()
     sanity = sanity_checks(
-        shell, images, labels, order, config, store, epsilon=epsilon, seed=seed, records=records
+        shell,
+        images,
+        labels,
+        order,
+        config,
+        store,
+        epsilon=context.epsilon,
+        seed=context.seed,
+        records=records,
     )
     return AdaptiveRun(records, settings, sanity, stopping)
+
+
+def _save_batch(store, b: int, out: tuple, progress, num_batches: int) -> dict:
+    """Batch ``b``'s ``out`` (:func:`adaptive_batch`'s ``(record, x_worst, x_cw)``) saved and
+    counted; its record."""
+    record, x_worst, x_cw = out
+    record["batch"] = b
+    store.save(
+        PROTOCOL,
+        b,
+        record,
+        arrays={"xadv": x_worst.astype(np.float32), "xcw": x_cw.astype(np.float32)},
+    )
+    n = len(record["indices"])
+    progress.update(
+        n,
+        extra=(
+            f"batch {b + 1}/{num_batches}: shell robust {record['shell_broken_by'].count('')}/"
+            f"{n}, base robust {record['base_broken_by'].count('')}/{n}"
+        ),
+    )
+    return record
+
+
+def _schedule_batches(config: AdaptiveConfig, schedule, batches, records, run_batch, deadline):
+    """``(records, stopping)``: every batch, or under a stopping rule in order (several workers:
+    in rounds) until it holds."""
+    if not (config.until == "decided" or config.budget is not None):
+        return schedule.every_batch(batches, records, run_batch)
+    if schedule.store.workers.distributed:
+        return schedule.in_rounds(batches, records, run_batch, deadline)
+    return schedule.in_order(batches, records, run_batch, deadline)

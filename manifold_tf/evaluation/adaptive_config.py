@@ -10,6 +10,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from manifold_tf.attacks.bpda_settings import BPDASettings
 from manifold_tf.evaluation.paired_intervals import DEFAULT_METHOD, PAIRED_METHODS
 from manifold_tf.settings import setting
 from manifold_tf.validation import check_choice, check_int, validate_radius
@@ -216,6 +217,25 @@ class AdaptiveConfig:
         if self.proxy_steps is None and self.proxy_labels is None:
             return shell.default_proxy(attack=attack)
         return shell.proxy(steps=self.proxy_steps or None, labels=self.proxy_labels or None)
+
+    def bpda_settings(self, shell, *, attack: str = "bpda") -> BPDASettings:
+        """The knobs of the suite's BPDA on ``shell``: ``steps`` APGD steps, ``eot_samples`` EOT
+        copies for a random shell (none for a deterministic one), ``warm_steps``, steering by
+        :meth:`attack_proxy`. ``"bpda"`` starts from x, the transfer x' and ``restarts`` random
+        points; ``"bpda_targeted"`` from the transfer x' alone, for ``targets`` wrong labels
+        (0: all)."""
+        check_choice(attack, "attack", ("bpda", "bpda_targeted"))
+        common = dict(
+            steps=self.steps,
+            schedule="apgd",
+            eot_samples=self.eot_samples if shell.is_random else 0,
+            warm_steps=self.warm_steps,
+            proxy=self.attack_proxy(shell, attack=attack),
+        )
+        if attack == "bpda":
+            return BPDASettings(**common, from_x=True, random_restarts=self.restarts)
+        targets = "all" if self.targets == 0 else self.targets
+        return BPDASettings(**common, from_x=False, num_targets=targets)
 
     def proxies(self, shell) -> dict:
         """What each proxied attack steers by, resolved for ``shell`` (JSON form, recorded with a

@@ -21,17 +21,22 @@ Units: pixels (0..255).
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
+import keras
 import numpy as np
 from absl import logging
 
 from manifold_tf import attacks, reporting, seeds
 from manifold_tf.attacks import AttackResult, Step
-from manifold_tf.attacks.known import embed
+from manifold_tf.attacks.known import KnownOutputs, embed
 from manifold_tf.attacks.surrogate import proxy_slots
 from manifold_tf.evaluation.config import AdaptiveConfig
 from manifold_tf.projected import madry_step_size
+from manifold_tf.shells import FactorShell
 
 
 class Ticker:
@@ -72,6 +77,142 @@ def given(name: str, x_given: np.ndarray) -> Step:
     return Step(name, lambda xs, ys, idx: AttackResult(x_given[idx], np.zeros(len(idx), bool)))
 
 
+@dataclass(frozen=True, eq=False)
+class ShellTarget:
+    """What every attack of :func:`shell_suite` is given besides its settings: the shell and its
+    base, CW's ``x'`` on F ``[N, H, W, C]`` (pixels), the budget ``epsilon`` (pixels), the batch's
+    per-point seeds int64 ``[N]``, the shell's known outputs and the progress lines' prefix."""
+
+    shell: FactorShell
+    base: keras.Model
+    x_cw: np.ndarray
+    epsilon: float
+    seed: np.ndarray
+    known: KnownOutputs | None
+    desc: str
+
+
+@dataclass(frozen=True)
+class ShellSquare:
+    """Square on the shell: the copy it queries (the shell or its proxy) and Square's knobs."""
+
+    model: FactorShell
+    settings: attacks.SquareSettings
+
+
+def _transfer_cw(t: ShellTarget, settings: None, xs, ys, idx) -> AttackResult:
+    """CW's ``x'`` on F: no cost, success left to the suite's verification."""
+    return AttackResult(t.x_cw[idx], np.zeros(len(idx), bool))
+
+
+def _transfer_confident(t: ShellTarget, steps: int, xs, ys, idx) -> AttackResult:
+    """The most confident wrong point of ``N(x, epsilon)`` for F (``steps`` signed steps)."""
+    return attacks.high_confidence(
+        t.base,
+        xs,
+        ys,
+        epsilon=t.epsilon,
+        steps=steps,
+        step_size=madry_step_size(t.epsilon, steps),
+        seed=seeds.take(t.seed, idx),
+    )
+
+
+def _lift(t: ShellTarget, settings: attacks.LiftSettings, xs, ys, idx) -> AttackResult:
+    return attacks.lift(
+        t.shell,
+        xs,
+        ys,
+        epsilon=t.epsilon,
+        settings=settings,
+        seed=seeds.take(t.seed, idx),
+        known=t.known,
+        progress=Ticker(f"{t.desc}: lift"),
+    )
+
+
+def _bpda(t: ShellTarget, settings: attacks.BPDASettings, xs, ys, idx) -> AttackResult:
+    """BPDA from x, the transfer x' and the random restarts (:func:`attacks.bpda_restarts`)."""
+    return attacks.bpda_restarts(
+        t.shell,
+        xs,
+        ys,
+        epsilon=t.epsilon,
+        settings=settings,
+        x_init=t.x_cw[idx],
+        seed=seeds.take(t.seed, idx),
+        known=t.known,
+        progress=Ticker(f"{t.desc}: bpda"),
+    )
+
+
+def _bpda_targeted(t: ShellTarget, settings: attacks.BPDASettings, xs, ys, idx) -> AttackResult:
+    """Targeted BPDA from the transfer x' (:func:`attacks.bpda_targeted`)."""
+    return attacks.bpda_targeted(
+        t.shell,
+        xs,
+        ys,
+        epsilon=t.epsilon,
+        settings=settings,
+        x_init=t.x_cw[idx],
+        seed=seeds.take(t.seed, idx),
+        known=t.known,
+        progress=Ticker(f"{t.desc}: bpda_targeted"),
+    )
+
+
+def _square(t: ShellTarget, square: ShellSquare, xs, ys, idx) -> AttackResult:
+    """Square on the shell's probabilities through ``square.model`` (the shell or its proxy); a
+    proxy searching some labels searches ``y`` and the wrong labels the shell ranks best at ``xs``
+    (its output there is known from the suite's check at ``x``, or paid as one shell
+    prediction)."""
+    shell, model = t.shell, square.model
+    slots, paid = None, 0
+    if model is not shell and model.proxy_labels is not None and len(xs):
+        out, paid = embed(shell, xs, t.known)
+        slots = proxy_slots(shell.scores(out), ys, model.proxy_labels, int(shell.num_classes))
+    result = _on_proxy(
+        shell,
+        model,
+        attacks.square(
+            model,
+            xs,
+            ys,
+            epsilon=t.epsilon,
+            settings=square.settings,
+            seed=seeds.take(t.seed, idx),
+            slots=slots,
+            progress=_square_ticker(f"{t.desc}: square (queries)", square.settings.queries),
+        ),
+    )
+    if paid:
+        result = result.with_cost(shell_predictions=np.ones(len(xs), np.int64))
+    return result
+
+
+def shell_table(config: AdaptiveConfig, shell) -> tuple[tuple[str, Callable, object], ...]:
+    """Every attack on the shell as ``(name, attack, settings)``, in :data:`SHELL_ATTACKS` order,
+    the settings built once from ``config`` for ``shell``; ``attack(target, settings, xs, ys,
+    idx)`` with ``target`` a :class:`ShellTarget`. BPDA, targeted BPDA and Square steer by the
+    copies of :meth:`AdaptiveConfig.attack_proxy`."""
+    targets = "all" if config.targets == 0 else config.targets
+    lift = attacks.LiftSettings(num_targets=targets, steps=config.lift_steps)
+    bpda = config.bpda_settings(shell)
+    targeted = config.bpda_settings(shell, attack="bpda_targeted")
+    square = ShellSquare(
+        config.attack_proxy(shell, attack="square"),
+        attacks.SquareSettings(queries=config.square_queries, output="probabilities"),
+    )
+    return (
+        ("transfer_cw", _transfer_cw, None),
+        ("transfer_confident", _transfer_confident, config.steps),
+        ("lift", _lift, lift),
+        ("bpda", _bpda, bpda),
+        ("bpda_targeted", _bpda_targeted, targeted),
+        ("square", _square, square),
+    )
+
+
 def shell_suite(
     shell,
     base,
@@ -83,125 +224,17 @@ def shell_suite(
     desc: str = "adaptive",
     known=None,
 ) -> list[Step]:
-    """The attacks on the shell, in ``config.shell_attacks`` order (``x_cw``: CW's ``x'`` on F;
-    ``seed``: the batch's per-point seeds int64 ``[N]``, :func:`manifold_tf.seeds.point_seeds`,
-    each step passing on those of the points it runs on; ``known``: the shell's outputs at the
-    images it was asked about, :class:`~manifold_tf.attacks.known.KnownOutputs`)."""
-    eot = config.eot_samples if shell.is_random else 0
-    targets = "all" if config.targets == 0 else config.targets
-    proxy = config.attack_proxy(shell)
-    targeted_proxy = config.attack_proxy(shell, attack="bpda_targeted")
-    square_model = config.attack_proxy(shell, attack="square")
-    steps = {
-        "transfer_cw": lambda: given("transfer_cw", x_cw),
-        "transfer_confident": lambda: Step(
-            "transfer_confident",
-            lambda xs, ys, idx: attacks.high_confidence(
-                base,
-                xs,
-                ys,
-                epsilon=epsilon,
-                steps=config.steps,
-                step_size=madry_step_size(epsilon, config.steps),
-                seed=seeds.take(seed, idx),
-            ),
-        ),
-        "lift": lambda: Step(
-            "lift",
-            lambda xs, ys, idx: attacks.lift(
-                shell,
-                xs,
-                ys,
-                epsilon=epsilon,
-                num_targets=targets,
-                steps=config.lift_steps,
-                seed=seeds.take(seed, idx),
-                known=known,
-                progress=Ticker(f"{desc}: lift"),
-            ),
-        ),
-        "bpda": lambda: Step(
-            "bpda",
-            lambda xs, ys, idx: attacks.bpda_restarts(
-                shell,
-                xs,
-                ys,
-                epsilon=epsilon,
-                steps=config.steps,
-                x_init=x_cw[idx],
-                from_x=True,
-                random_restarts=config.restarts,
-                seed=seeds.take(seed, idx),
-                eot_samples=eot,
-                warm_steps=config.warm_steps,
-                proxy=proxy,
-                known=known,
-                progress=Ticker(f"{desc}: bpda"),
-            ),
-        ),
-        "bpda_targeted": lambda: Step(
-            "bpda_targeted",
-            lambda xs, ys, idx: attacks.bpda_targeted(
-                shell,
-                xs,
-                ys,
-                epsilon=epsilon,
-                num_targets=targets,
-                steps=config.steps,
-                x_init=x_cw[idx],
-                from_x=False,
-                seed=seeds.take(seed, idx),
-                eot_samples=eot,
-                warm_steps=config.warm_steps,
-                proxy=targeted_proxy,
-                known=known,
-                progress=Ticker(f"{desc}: bpda_targeted"),
-            ),
-        ),
-        "square": lambda: Step(
-            "square",
-            lambda xs, ys, idx: _square(
-                shell,
-                square_model,
-                xs,
-                ys,
-                epsilon=epsilon,
-                queries=config.square_queries,
-                seed=seeds.take(seed, idx),
-                known=known,
-                desc=desc,
-            ),
-        ),
-    }
-    return [steps[name]() for name in config.shell_attacks]
-
-
-def _square(shell, model, xs, ys, *, epsilon, queries, seed, known, desc) -> AttackResult:
-    """Square on the shell's probabilities through ``model`` (the shell or its proxy); a proxy
-    searching some labels searches ``y`` and the wrong labels the shell ranks best at ``xs`` (its
-    output there is known from the suite's check at ``x``, or paid as one shell prediction)."""
-    slots, paid = None, 0
-    if model is not shell and model.proxy_labels is not None and len(xs):
-        out, paid = embed(shell, xs, known)
-        slots = proxy_slots(shell.scores(out), ys, model.proxy_labels, int(shell.num_classes))
-    result = _on_proxy(
-        shell,
-        model,
-        attacks.square(
-            model,
-            xs,
-            ys,
-            epsilon=epsilon,
-            queries=queries,
-            seed=seed,
-            output="probabilities",
-            slots=slots,
-            progress=_square_ticker(f"{desc}: square (queries)", queries),
-        ),
-    )
-    if paid:
-        result = result.with_cost(shell_predictions=np.ones(len(xs), np.int64))
-    return result
+    """The attacks on the shell (:func:`shell_table`), in ``config.shell_attacks`` order
+    (``x_cw``: CW's ``x'`` on F; ``seed``: the batch's per-point seeds int64 ``[N]``,
+    :func:`manifold_tf.seeds.point_seeds`, each step passing on those of the points it runs on;
+    ``known``: the shell's outputs at the images it was asked about,
+    :class:`~manifold_tf.attacks.known.KnownOutputs`)."""
+    target = ShellTarget(shell, base, x_cw, epsilon, seed, known, desc)
+    table = {name: (attack, settings) for name, attack, settings in shell_table(config, shell)}
+    return [
+        Step(name, functools.partial(table[name][0], target, table[name][1]))
+        for name in config.shell_attacks
+    ]
 
 
 def _on_proxy(shell, model, out: AttackResult) -> AttackResult:
@@ -229,15 +262,19 @@ def base_suite(
     steps = config.base_apgd_steps
     runs = {
         "apgd_ce": lambda xs, ys, idx: attacks.apgd_ce(
-            base, xs, ys, epsilon=epsilon, steps=steps, seed=seeds.take(seed, idx)
+            base,
+            xs,
+            ys,
+            epsilon=epsilon,
+            settings=attacks.APGDSettings(steps=steps),
+            seed=seeds.take(seed, idx),
         ),
         "apgd_t": lambda xs, ys, idx: attacks.apgd_t(
             base,
             xs,
             ys,
             epsilon=epsilon,
-            steps=steps,
-            num_targets=targets,
+            settings=attacks.APGDSettings(steps=steps, num_targets=targets),
             seed=seeds.take(seed, idx),
         ),
         "fab_t": lambda xs, ys, idx: attacks.fab(
@@ -245,18 +282,17 @@ def base_suite(
             xs,
             ys,
             epsilon=epsilon,
-            steps=steps,
+            # early_exit: only success counts here, not FAB's smallest norm
+            settings=attacks.FABSettings(steps=steps, num_targets=targets, early_exit=True),
             targeted=True,
-            num_targets=targets,
             seed=seeds.take(seed, idx),
-            early_exit=True,  # only success counts here, not FAB's smallest norm
         ),
         "square": lambda xs, ys, idx: attacks.square(
             base,
             xs,
             ys,
             epsilon=epsilon,
-            queries=config.base_square_queries,
+            settings=attacks.SquareSettings(queries=config.base_square_queries),
             seed=seeds.take(seed, idx),
         ),
     }

@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -36,6 +35,7 @@ from absl import logging
 from manifold_tf.evaluation import adaptive, adaptive_budget, suite_batch
 from manifold_tf.evaluation.adaptive import PROTOCOL, AdaptiveRun, verdict_settings
 from manifold_tf.evaluation.adaptive_config import AdaptiveConfig
+from manifold_tf.evaluation.context import RunContext
 from manifold_tf.evaluation.store import RunStore
 from manifold_tf.evaluation.walk import continue_batches, walk_order
 
@@ -131,208 +131,263 @@ def run_comparison(
     images: np.ndarray,
     labels: np.ndarray,
     config: AdaptiveConfig,
-    store,
+    context: RunContext,
     *,
-    epsilon: float,
-    cw_kwargs: dict,
-    seed: int = 0,
-    permutation: str = "numpy",
-    batch_points: int = 30,
-    metadata: dict | None = None,
-    clock=time.perf_counter,
     seconds_per_point: float | None = None,
 ) -> Comparison:
     """Runs (or resumes) the verdict of every shell of ``shells`` (kind -> shell around ``base``)
     on the first ``config.num_points`` points of the seeded order, batch by batch, the base's
     suite once per batch (module docstring). Arguments as
     :func:`~manifold_tf.evaluation.adaptive.run_adaptive`'s; one process only."""
-    kinds = check_kinds(shells)
-    if store.workers.distributed:
+    check_kinds(shells)
+    if context.store.workers.distributed:
         raise ValueError("a comparison of several shells runs in one process: drop TF_CONFIG.")
-    order = walk_order(len(images), seed=seed, kind=permutation)[: config.num_points]
-    common = dict(
-        epsilon=epsilon,
-        cw_kwargs=cw_kwargs,
-        seed=seed,
-        permutation=permutation,
-        num_points=len(order),
-        batch_points=batch_points,
-        num_test_points=len(images),
-        metadata=metadata,
-    )
-    free = ("strategy",) + adaptive_budget.EXTENDS
-    base_settings = store.bind(BASE, verdict_settings(None, config, **common), free=free)
-    subs = {k: store.sub(k) for k in kinds}
-    settings = {
-        k: subs[k].bind(
-            PROTOCOL,
-            verdict_settings(adaptive.shell_settings(shells[k], config), config, **common),
-            free=free,
+    run = _Comparing(base, shells, images, labels, config, context, seconds_per_point)
+    for b in range(len(run.batches)):  # the batches planned now (a shrunk batch adds none)
+        if not run.batch(b):
+            break
+    else:
+        run.last_look()
+    return run.result()
+
+
+class _Comparing:
+    """A comparison as it runs: per batch the base's half (``base_recs``) and each kind's record
+    (``recs``, kind -> list), the stopping rules, and why it stopped (``stopping``, before batch
+    ``stopped_at``)."""
+
+    def __init__(self, base, shells: dict, images, labels, config, context, seconds_per_point):
+        self.base, self.shells, self.kinds = base, shells, list(shells)
+        self.images, self.labels, self.config, self.context = images, labels, config, context
+        self.store, self.clock = context.store, context.clock
+        self.seconds_per_point = seconds_per_point
+        self.order = walk_order(len(images), seed=context.seed, kind=context.permutation)
+        self.order = self.order[: config.num_points]
+        self._bind()
+        self.batches, self.base_recs, self.recs = _saved_batches(
+            self.store, self.subs, self.order, context.batch_points
         )
-        for k in kinds
-    }
-    batches, base_recs, recs = _saved_batches(store, subs, order, batch_points)
+        # Table 2's CW x' where it ran first (a resumed comparison on more points), as run_adaptive.
+        self.known = adaptive._known_transfer(self.subs[self.kinds[0]], images)
+        self._rules()
 
-    # Table 2's CW x' where it ran first (a resumed comparison on more points), as run_adaptive.
-    known = adaptive._known_transfer(subs[kinds[0]], images)
+    def _bind(self) -> None:
+        """Binds the base's settings and each kind's in its folder (``subs``)."""
+        config, context, kinds = self.config, self.context, self.kinds
+        common = dict(num_points=len(self.order), num_test_points=len(self.images))
+        free = ("strategy",) + adaptive_budget.EXTENDS
+        self.base_settings = self.store.bind(
+            BASE, verdict_settings(None, config, context, **common), free=free
+        )
+        self.subs = {k: self.store.sub(k) for k in kinds}
+        self.settings = {
+            k: self.subs[k].bind(
+                PROTOCOL,
+                verdict_settings(
+                    adaptive.shell_settings(self.shells[k], config), config, context, **common
+                ),
+                free=free,
+            )
+            for k in kinds
+        }
 
-    def done(b: int) -> bool:
-        return base_recs[b] is not None and all(recs[k][b] is not None for k in kinds)
+    def _rules(self) -> None:
+        """The stopping rules (budget, decided), the deadline and the progress bar."""
+        config, n_total, batches = self.config, len(self.images), self.batches
+        self.sequential = config.until == "decided" or config.budget is not None
+        self.note = self.store.load_note(BASE, adaptive_budget.CUT_NOTE) or dict(cut=[])
+        self.budget_rule = adaptive_budget.stopping_rule(
+            dataclasses.replace(config, until="points"), n_total, self.note, self.seconds_per_point
+        )
+        self.decided = _decided(config, n_total)
+        paid = [c for b in range(len(batches)) if (c := self._combined(b))]
+        self.deadline = adaptive_budget.deadline(config, paid, self.note, self.clock)
+        n = len(self.order)
+        self.stopping = dict(rule="points", reason=f"all {n} planned points were evaluated", n=n)
+        self.stopped_at = len(batches)
+        self.progress = self.store.progress(
+            [len(i) for i in batches],
+            [True if self.done(b) else None for b in range(len(batches))],
+            "comparison",
+        )
 
-    def finished(upto: int) -> list[dict]:  # the done batches before ``upto`` (a prefix)
+    def _combined(self, b: int) -> dict | None:
+        return _combined(self.base_recs[b], [self.recs[k][b] for k in self.kinds])
+
+    def done(self, b: int) -> bool:
+        """The base and every kind finished batch ``b``."""
+        return self.base_recs[b] is not None and all(
+            self.recs[k][b] is not None for k in self.kinds
+        )
+
+    def finished(self, upto: int) -> list[dict]:
+        """The done batches before ``upto`` (a prefix), as the budget sees them."""
         out = []
         for b in range(upto):
-            if not done(b):
+            if not self.done(b):
                 break
-            out.append(_combined(base_recs[b], [recs[k][b] for k in kinds]))
+            out.append(self._combined(b))
         return out
 
-    sequential_run = config.until == "decided" or config.budget is not None
-    note = store.load_note(BASE, adaptive_budget.CUT_NOTE) or dict(cut=[])
-    budget_rule = adaptive_budget.stopping_rule(
-        dataclasses.replace(config, until="points"), len(images), note, seconds_per_point
-    )
-    decided = _decided(config, len(images))
-    paid = [
-        c
-        for b in range(len(batches))
-        if (c := _combined(base_recs[b], [recs[k][b] for k in kinds]))
-    ]
-    deadline = adaptive_budget.deadline(config, paid, note, clock)
-    stopping = dict(
-        rule="points", reason=f"all {len(order)} planned points were evaluated", n=int(len(order))
-    )
-    stopped_at = len(batches)
-    progress = store.progress(
-        [len(i) for i in batches],
-        [True if done(b) else None for b in range(len(batches))],
-        "comparison",
-    )
+    def cut(self, b: int, points: int, started: float) -> None:
+        """The deadline cut batch ``b`` (``points`` points, begun at ``started``): it stops here."""
+        part = dict(batch=b, points=points, seconds=self.clock() - started)
+        self.stopping = adaptive_budget.cut_stop(
+            self.config, self.finished(b), part, self.store, BASE, self.note
+        )
+        self.stopped_at = b
 
-    def cut(b: int, points: int, started: float) -> None:
-        nonlocal stopping, stopped_at
-        part = dict(batch=b, points=points, seconds=clock() - started)
-        stopping = adaptive_budget.cut_stop(config, finished(b), part, store, BASE, note)
-        stopped_at = b
+    def look(self, b: int) -> np.ndarray | None:
+        """Batch ``b``'s points (shrunk to the time left when none of it is saved), or None when
+        a stopping rule holds before it (``stopping`` says which)."""
+        idx = self.batches[b]
+        if not self.sequential:
+            return idx
+        before = self.finished(b)  # every batch before b is done (a cut ends the loop)
+        why = self.decided({k: self.recs[k][:b] for k in self.kinds})
+        if why is None:
+            # A done batch was paid for: only the sequential rule may stop before it.
+            left = math.inf if self.done(b) or self.deadline is None else self.deadline.left()
+            why = self.budget_rule(before, left=left, want=len(idx))
+        if why is not None:
+            self.stopping, self.stopped_at = why, b
+            return None
+        if all(r is None for r in self.base_recs[b:]):  # a smaller batch may fit the time left
+            left = math.inf if self.deadline is None else self.deadline.left()
+            fit = adaptive_budget.fits(before, left, len(idx), self.seconds_per_point)
+            idx = adaptive_budget.shrink(
+                self.order, self.batches, self.base_recs, b, fit, self.context.batch_points
+            )
+            for k in self.kinds:  # no shell half without its base half: none from b on
+                self.recs[k] = self.recs[k][:b] + [None] * (len(self.batches) - b)
+        return idx
 
-    for b in range(len(batches)):
-        idx = batches[b]
-        if sequential_run:
-            before = finished(b)  # every batch before b is done (a cut ends the loop)
-            why = decided({k: recs[k][:b] for k in kinds})
-            if why is None:
-                # A done batch was paid for: only the sequential rule may stop before it.
-                left = math.inf if done(b) or deadline is None else deadline.left()
-                why = budget_rule(before, left=left, want=len(idx))
-            if why is not None:
-                stopping, stopped_at = why, b
-                break
-            if all(r is None for r in base_recs[b:]):  # a smaller batch may fit the time left
-                left = math.inf if deadline is None else deadline.left()
-                fit = adaptive_budget.fits(before, left, len(idx), seconds_per_point)
-                idx = adaptive_budget.shrink(order, batches, base_recs, b, fit, batch_points)
-                for k in kinds:  # no shell half without its base half: none from b on
-                    recs[k] = recs[k][:b] + [None] * (len(batches) - b)
-        if done(b):
-            continue
-        x = images[idx].astype(np.float32)
-        y = labels[idx].astype(np.int64)
-        stop = None if deadline is None else deadline.passed
-        started = clock()
-        if base_recs[b] is None:
-            half = suite_batch.base_batch(
-                base,
-                x,
-                y,
-                idx,
-                config=config,
-                epsilon=epsilon,
-                cw_kwargs=cw_kwargs,
-                known_transfer=known,
-                seed=seed,
-                stop=stop,
-            )
-            if half is None:
-                cut(b, len(idx), started)
-                break
-            part, x_cw = half
-            part = dict(
-                batch=b,
-                indices=[int(i) for i in idx],
-                labels=y.tolist(),
-                **part,
-                seconds=dict(total=clock() - started),
-            )
-            store.save(BASE, b, part, arrays={"xcw": x_cw.astype(np.float32)})
-            base_recs[b] = part
+    def batch(self, b: int) -> bool:
+        """Batch ``b`` looked at, its missing halves computed and saved; False when it ends the
+        comparison (a stopping rule held, or the deadline cut it)."""
+        idx = self.look(b)
+        if idx is None:
+            return False
+        if self.done(b):
+            return True
+        x = self.images[idx].astype(np.float32)
+        y = self.labels[idx].astype(np.int64)
+        stop = None if self.deadline is None else self.deadline.passed
+        started = self.clock()
+        if self.base_recs[b] is None:
+            x_cw = self._base_half(b, idx, x, y, stop, started)
+            if x_cw is None:
+                self.cut(b, len(idx), started)
+                return False
         else:
-            x_cw = store.load_array(BASE, b, "xcw")
-        for k in kinds:
-            if recs[k][b] is not None:
+            x_cw = self.store.load_array(BASE, b, "xcw")
+        started = self._shell_halves(b, idx, x, y, x_cw, stop, started)
+        if not self.done(b):
+            self.cut(b, len(idx), started)
+            return False
+        self.progress.update(
+            len(idx),
+            extra=f"batch {b + 1}/{len(self.batches)}: robust base "
+            f"{self.base_recs[b]['base_broken_by'].count('')}/{len(idx)}, "
+            + ", ".join(f"{k} {self.recs[k][b]['shell_broken_by'].count('')}" for k in self.kinds),
+        )
+        return True
+
+    def _base_half(self, b: int, idx, x, y, stop, started: float) -> np.ndarray | None:
+        """The base's half of batch ``b`` computed and saved: its CW x' ``[N, H, W, C]``, or None
+        when ``stop()`` cut it."""
+        half = suite_batch.base_batch(
+            self.base,
+            x,
+            y,
+            idx,
+            config=self.config,
+            context=self.context,
+            known_transfer=self.known,
+            stop=stop,
+        )
+        if half is None:
+            return None
+        part, x_cw = half
+        part = dict(
+            batch=b,
+            indices=[int(i) for i in idx],
+            labels=y.tolist(),
+            **part,
+            seconds=dict(total=self.clock() - started),
+        )
+        self.store.save(BASE, b, part, arrays={"xcw": x_cw.astype(np.float32)})
+        self.base_recs[b] = part
+        return x_cw
+
+    def _shell_halves(self, b: int, idx, x, y, x_cw, stop, started: float) -> float:
+        """Each kind's missing half of batch ``b``, saved in its folder, until ``stop()`` cuts
+        one; returns when the last one began (``started`` if none ran)."""
+        for k in self.kinds:
+            if self.recs[k][b] is not None:
                 continue
-            started = clock()
+            started = self.clock()
             out = suite_batch.shell_batch(
-                shells[k],
-                base,
+                self.shells[k],
+                self.base,
                 x,
                 y,
                 idx,
-                base_recs[b],
-                x_cw,
-                config=config,
-                epsilon=epsilon,
-                seed=seed,
-                desc=f"{k}: batch {b + 1}/{len(batches)}",
+                (self.base_recs[b], x_cw),
+                config=self.config,
+                context=self.context,
+                desc=f"{k}: batch {b + 1}/{len(self.batches)}",
                 stop=stop,
             )
             if out is None:
                 break
             record, x_worst = out
-            record["seconds"]["total"] = base_recs[b]["seconds"]["total"] + clock() - started
+            record["seconds"]["total"] = (
+                self.base_recs[b]["seconds"]["total"] + self.clock() - started
+            )
             record["batch"] = b
             arrays = {"xadv": x_worst.astype(np.float32), "xcw": x_cw.astype(np.float32)}
-            subs[k].save(PROTOCOL, b, record, arrays=arrays)
-            recs[k][b] = record
-        if not done(b):
-            cut(b, len(idx), started)
-            break
-        progress.update(
-            len(idx),
-            extra=f"batch {b + 1}/{len(batches)}: robust base "
-            f"{base_recs[b]['base_broken_by'].count('')}/{len(idx)}, "
-            + ", ".join(f"{k} {recs[k][b]['shell_broken_by'].count('')}" for k in kinds),
-        )
-    else:
-        why = decided({k: recs[k] for k in kinds}) if sequential_run else None
+            self.subs[k].save(PROTOCOL, b, record, arrays=arrays)
+            self.recs[k][b] = record
+        return started
+
+    def last_look(self) -> None:
+        """After the last planned batch: the sequential rule may have decided there."""
+        why = self.decided({k: self.recs[k] for k in self.kinds}) if self.sequential else None
         if why is not None:  # decided at the last planned batch
-            stopping = why
-    n_done = len(finished(stopped_at))
-    runs = {
-        k: AdaptiveRun(
-            recs[k][:n_done],
-            settings[k],
-            adaptive.sanity_checks(
-                shells[k],
-                images,
-                labels,
-                order,
-                config,
-                subs[k],
-                epsilon=epsilon,
-                seed=seed,
-                records=recs[k][:n_done],
-            ),
-            stopping,
+            self.stopping = why
+
+    def result(self) -> Comparison:
+        """The done batches' records, each kind's sanity checks (run now) and why it stopped."""
+        n_done = len(self.finished(self.stopped_at))
+        runs = {
+            k: AdaptiveRun(
+                self.recs[k][:n_done],
+                self.settings[k],
+                adaptive.sanity_checks(
+                    self.shells[k],
+                    self.images,
+                    self.labels,
+                    self.order,
+                    self.config,
+                    self.subs[k],
+                    epsilon=self.context.epsilon,
+                    seed=self.context.seed,
+                    records=self.recs[k][:n_done],
+                ),
+                self.stopping,
+            )
+            for k in self.kinds
+        }
+        return Comparison(
+            runs=runs,
+            base_records=self.base_recs[:n_done],
+            settings=self.base_settings,
+            passes_per_prediction={
+                k: int(self.shells[k].passes_per_prediction()) for k in self.kinds
+            },
+            stopping=self.stopping,
         )
-        for k in kinds
-    }
-    return Comparison(
-        runs=runs,
-        base_records=base_recs[:n_done],
-        settings=base_settings,
-        passes_per_prediction={k: int(shells[k].passes_per_prediction()) for k in kinds},
-        stopping=stopping,
-    )
 
 
 def read_comparison(directory: str, kinds=None) -> Comparison:

@@ -18,9 +18,11 @@ Units: pixels (0..255) for every radius, budget and step size.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 from manifold_tf import projected, shells
+from manifold_tf.cw_search import CWSettings
 from manifold_tf.evaluation.adaptive_config import AdaptiveConfig
 from manifold_tf.settings import setting
 from manifold_tf.shells.registry import parse_kinds as shell_kinds
@@ -242,20 +244,24 @@ class BaseAttackConfig:
                 f"{self.largest_const}."
             )
 
-    def cw_kwargs(self) -> dict:
-        """Keyword arguments of :func:`manifold_tf.attacks.cw_linf`."""
-        return dict(
-            max_iterations=int(self.max_iterations),
-            stop_within_epsilon=bool(self.stop_within_epsilon),
-            learning_rate=float(self.learning_rate),
-            initial_const=float(self.initial_const),
-            largest_const=float(self.largest_const),
+    @functools.cached_property
+    def cw_settings(self) -> CWSettings:
+        """The attack's :class:`~manifold_tf.cw_search.CWSettings` (the paper's for the knobs not
+        set here), built once and passed whole (``settings=`` of
+        :func:`manifold_tf.attacks.cw_linf`); its ``recorded()`` is what reports record."""
+        return CWSettings(
+            max_iterations=self.max_iterations,
+            stop_within_epsilon=self.stop_within_epsilon,
+            learning_rate=self.learning_rate,
+            initial_const=self.initial_const,
+            largest_const=self.largest_const,
         )
 
 
 @dataclass(frozen=True)
 class ShellConfig:
-    """The model shell around the base: MCN_delta, NCN_p or the paper's CarliniWagnerShell.
+    """The model shell around the base: a registered kind (MCN_delta, NCN_p, the paper's
+    CarliniWagnerShell, Hedge, the anti-adversary, or one added with ``shells.register``).
 
     Its delta and p are the threat model's (:class:`ThreatConfig`). The shell registry
     (:func:`manifold_tf.shells.build`) reads the other fields by name.

@@ -22,6 +22,7 @@ from absl import logging
 
 from manifold_tf import attacks, reporting
 from manifold_tf.evaluation.config import DefenceConfig
+from manifold_tf.evaluation.context import RunContext
 from manifold_tf.evaluation.inputs import predict_logits
 from manifold_tf.evaluation.store import RunStore
 from manifold_tf.evaluation.walk import continue_batches, select_correct_points, walk_order
@@ -124,8 +125,7 @@ def defence_batch(
     x: np.ndarray,
     y: np.ndarray,
     *,
-    epsilon: float,
-    attack: dict,
+    context: RunContext,
     shell_batch_size: int,
     desc: str = "",
     precomputed: tuple[np.ndarray, list] | None = None,
@@ -138,15 +138,17 @@ def defence_batch(
     vulnerabilities" (base-robust points the shell gets wrong) would be 0 for every deterministic
     shell; instead ``x'`` is a probe: PGD with the CW margin loss on the base (20 steps from
     ``x``, within ``epsilon``), and the shell is run on it. The base-attack column stays CW's.
-    ``attack``: keyword arguments of :func:`manifold_tf.attacks.cw_linf` (its schedule).
+    ``context``: the run's budget ``epsilon`` (pixels) and CW's settings (``cw_settings``, of
+    :func:`manifold_tf.attacks.cw_linf`).
     ``precomputed``: ``(x_adv, attack_iterations, base_success)`` of the same attack on the same
     points (another shell's run), reused. ``cw``: CW's result on these points, already computed
     (by the adaptive evaluation, same attack and labels): the probe still runs.
     """
+    epsilon, attack = validate_radius(context.epsilon, "epsilon"), context.cw_settings
     t0 = time.perf_counter()
     if precomputed is None:
         if cw is None:
-            cw = attacks.cw_linf(base, x, y, epsilon=epsilon, **attack)
+            cw = attacks.cw_linf(base, x, y, epsilon=epsilon, settings=attack)
         # A copy: the probe below overwrites the points where CW failed.
         x_adv, iterations = np.array(cw.x_adv), np.asarray(cw.details["iterations"]).tolist()
         found = np.asarray(cw.success, bool)
@@ -162,8 +164,7 @@ def defence_batch(
                 epsilon=epsilon,
                 steps=PROBE_STEPS,
                 step_size=madry_step_size(epsilon, PROBE_STEPS),
-                loss="cw",
-                random_start=False,
+                settings=attacks.PGDSettings(loss="cw", random_start=False),
             )
             x_adv[~success] = probe.x_adv
     else:
@@ -254,15 +255,13 @@ def run_table2(
     images: np.ndarray,
     labels: np.ndarray,
     config: DefenceConfig,
-    store: RunStore,
+    context: RunContext,
     *,
-    epsilon: float,
-    seed: int = 0,
-    metadata: dict | None = None,
     walk: int | None = None,
     known_cw: dict | None = None,
 ) -> DefenceRun | None:
-    """Runs (or resumes) the Table-2 protocol in ``store``; returns its records, writes no report.
+    """Runs (or resumes) the Table-2 protocol in ``context.store``; returns its records, writes no
+    report.
 
     Args:
       base: Keras model, images -> logits. shell: a shell wrapping it (built from ``config.shell``).
@@ -272,10 +271,11 @@ def run_table2(
         earlier run with the same base model, data, points, epsilon and attack settings (checked):
         its ``x'`` are reused instead of attacking again, so that two shells are compared on the
         same adversarial examples at the cost of the shells alone.
-      store: the run store; receives ``defence/batch_XXX.json`` and ``batch_XXX_xadv.npy`` as each
-        batch finishes.
-      epsilon: the attacker's L-inf budget, pixels (the threat model's).
-      metadata: recorded in the settings (checkpoint, dataset ...): a resumed run must match it.
+      context: the run (:meth:`RunContext.for_defence` of ``config``, checked): ``store``
+        receives ``defence/batch_XXX.json`` and ``batch_XXX_xadv.npy`` as each batch finishes;
+        ``epsilon``, the attacker's L-inf budget, pixels (the threat model's); ``seed``;
+        ``metadata``, recorded in the settings (checkpoint, dataset ...): a resumed run must
+        match it.
       walk: see :func:`table2_points` (``None``: the paper's point count).
       known_cw: point index -> :class:`~manifold_tf.evaluation.adaptive.TransferPoint` (CW's
         ``x'``, success and iterations on that point, as the adaptive evaluation computed them
@@ -289,40 +289,20 @@ def run_table2(
       :func:`~manifold_tf.evaluation.defence_report.write_defence_report`); ``None`` on the other
       workers, whose part is done.
     """
-    attack = config.attack.cw_kwargs()
-    epsilon, batch_points = validate_radius(epsilon, "epsilon"), config.batch_points
+    context.check_defence(config)
+    store, seed = context.store, context.seed
+    epsilon, batch_points = validate_radius(context.epsilon, "epsilon"), config.batch_points
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels).astype(np.int64)
     validate_images(images)
     points = np.concatenate(table2_points(base, images, labels, config, seed=seed, walk=walk))
     num_batches = -(-len(points) // batch_points)
-    settings = reporting.to_jsonable(
-        dict(
-            protocol="Table 2 (METHOD.md, Defence evaluation)",
-            shell=shell.settings(),
-            epsilon=float(epsilon),
-            attack=attack,
-            num_batches=int(num_batches),
-            batch_points=int(batch_points),
-            seed=int(seed),
-            permutation=config.permutation,
-            num_test_points=int(len(images)),
-            **(metadata or {}),
-            **({} if walk is None else dict(walk=int(walk))),
-        )
-    )
+    settings = _table2_settings(shell, config, context, num_batches, len(images), walk)
     # A resumed run on more points (the verdict reached more) keeps its finished batches, a last
     # partial one included, and goes on after them: the point count is free on resume.
     settings = store.bind(PROTOCOL, settings, free=("strategy", "num_batches", "walk"))
-    saved = {b: store.load(PROTOCOL, b) for b in store.finished(PROTOCOL)}
-    try:
-        indices = continue_batches(
-            points, {b: r["indices"] for b, r in saved.items()}, batch_points
-        )
-    except ValueError as e:
-        raise ValueError(f"{store.path(PROTOCOL)}: {e}") from None
+    indices, records = _saved_table2(store, points, batch_points)
     num_batches = len(indices)
-    records: list[dict | None] = [saved.get(b) for b in range(num_batches)]
     done = sum(r is not None for r in records)
     progress = store.progress([len(i) for i in indices], records, "defence")
     if done:
@@ -343,43 +323,81 @@ def run_table2(
                 else f"CW L-inf attack (eps {epsilon:g}) on {len(idx)} points ..."
             )
         )
-        cw = None
-        if precomputed is None and known_cw and all(int(i) in known_cw for i in idx):
-            cw = attacks.AttackResult(
-                np.stack([known_cw[int(i)].x_adv for i in idx]),
-                np.array([known_cw[int(i)].success for i in idx]),
-                details=dict(iterations=np.array([known_cw[int(i)].iterations for i in idx])),
-            )
         record, x_adv = defence_batch(
             base,
             shell,
             images[idx],
             labels[idx],
-            epsilon=epsilon,
-            attack=attack,
+            context=context,
             shell_batch_size=config.shell.batch_size,
             desc=f"batch {b + 1}/{num_batches}",
             precomputed=precomputed,
-            cw=cw,
+            cw=None if precomputed is not None else _known_cw(known_cw, idx),
         )
         record = dict(batch=b, indices=idx.tolist(), **record)
         store.save(PROTOCOL, b, record, arrays={"xadv": x_adv.astype(np.float32)})
         records[b] = record
-        rates = batch_rates(record)
-        size = len(idx)
-        progress.update(
-            size,
-            extra=(
-                f"batch {b + 1}/{num_batches}: base attack {rates['base_successes']}/{size}, "
-                f"shell attack {rates['shell_successes']}/{size}, retained {rates['retained']}/"
-                f"{size} (attack {record['seconds']['attack']:.0f} s, shell "
-                f"{record['seconds']['shell']:.0f} s)"
-            ),
-        )
+        progress.update(len(idx), extra=_batch_note(b, num_batches, record))
     records = store.gather(PROTOCOL, num_batches)
     if not store.workers.is_chief:
         return None  # the chief writes the reports
     return DefenceRun(records=records, settings=settings)
+
+
+def _table2_settings(
+    shell, config: DefenceConfig, context: RunContext, num_batches: int, num_test: int, walk
+) -> dict:
+    """The settings Table 2 is bound with (JSON form), on ``num_test`` test points."""
+    return reporting.to_jsonable(
+        dict(
+            protocol="Table 2 (METHOD.md, Defence evaluation)",
+            shell=shell.settings(),
+            epsilon=float(context.epsilon),
+            attack=config.attack.cw_settings.recorded(),
+            num_batches=int(num_batches),
+            batch_points=int(config.batch_points),
+            seed=int(context.seed),
+            permutation=config.permutation,
+            num_test_points=int(num_test),
+            **(context.metadata or {}),
+            **({} if walk is None else dict(walk=int(walk))),
+        )
+    )
+
+
+def _saved_table2(store: RunStore, points: np.ndarray, batch_points: int) -> tuple[list, list]:
+    """``(indices, records)``: Table 2's batches of ``points`` after those ``store`` finished,
+    and the finished records (None for the others)."""
+    saved = {b: store.load(PROTOCOL, b) for b in store.finished(PROTOCOL)}
+    try:
+        indices = continue_batches(
+            points, {b: r["indices"] for b, r in saved.items()}, batch_points
+        )
+    except ValueError as e:
+        raise ValueError(f"{store.path(PROTOCOL)}: {e}") from None
+    return indices, [saved.get(b) for b in range(len(indices))]
+
+
+def _known_cw(known_cw: dict | None, idx: np.ndarray) -> attacks.AttackResult | None:
+    """CW's result on points ``idx`` from the verdict (``known_cw``), when it has all of them."""
+    if not (known_cw and all(int(i) in known_cw for i in idx)):
+        return None
+    return attacks.AttackResult(
+        np.stack([known_cw[int(i)].x_adv for i in idx]),
+        np.array([known_cw[int(i)].success for i in idx]),
+        details=dict(iterations=np.array([known_cw[int(i)].iterations for i in idx])),
+    )
+
+
+def _batch_note(b: int, num_batches: int, record: dict) -> str:
+    """The progress line of Table 2's finished batch ``b``."""
+    rates, size = batch_rates(record), len(record["indices"])
+    return (
+        f"batch {b + 1}/{num_batches}: base attack {rates['base_successes']}/{size}, "
+        f"shell attack {rates['shell_successes']}/{size}, retained {rates['retained']}/"
+        f"{size} (attack {record['seconds']['attack']:.0f} s, shell "
+        f"{record['seconds']['shell']:.0f} s)"
+    )
 
 
 # The settings a reused x' must share with this run (--base_attack_from_run).

@@ -26,9 +26,27 @@ def _pct(rate: float, count: int, n: int) -> str:
     return f"{100 * rate:.2f}% ({count}/{n})"
 
 
+# Settings the report's header already states, left out of its list of the other settings.
+_HEADER_SETTINGS = (
+    "shell",
+    "attack",
+    "epsilon",
+    "protocol",
+    "num_batches",
+    "batch_points",
+    "seed",
+    "permutation",
+    "num_test_points",
+)
+
+
 def defence_markdown(report: dict) -> str:
     """The report as Markdown: settings, Table 2 per batch and on average, categories, paper's."""
-    s = report["settings"]
+    return _settings_markdown(report) + f"\n{_table_markdown(report)}\n" + _notes_markdown(report)
+
+
+def _table_markdown(report: dict) -> str:
+    """Table 2: one row per batch and the average (rates with counts, then the categories)."""
     rows = []
     for name, r in [(f"Batch #{i + 1}", r) for i, r in enumerate(report["per_batch"])] + [
         ("Average", report["average"])
@@ -44,7 +62,7 @@ def defence_markdown(report: dict) -> str:
                 *[r["categories"][c] for c in CATEGORIES],
             ]
         )
-    table = reporting.markdown_table(
+    return reporting.markdown_table(
         [
             "",
             "points",
@@ -55,17 +73,11 @@ def defence_markdown(report: dict) -> str:
         ],
         rows,
     )
-    avg = report["average"]
-    cats = "\n".join(f"- `{c}` ({CATEGORY_TITLES[c]}): {avg['categories'][c]}" for c in CATEGORIES)
-    paper = PAPER_TABLE2
-    unmet = report.get("ncn_unmet")
-    unmet_text = (
-        f"NCN fallback (no label met p, the most confident label answered): "
-        f"{unmet['clean']}/{unmet['points']} points at x, {unmet['adversarial']}/{unmet['points']} "
-        f"at x'.\n\n"
-        if unmet
-        else ""
-    )
+
+
+def _settings_markdown(report: dict) -> str:
+    """The title, the caveat, the points and every setting (ends with a newline)."""
+    s, avg = report["settings"], report["average"]
     return (
         f"# Defence evaluation (Table 2 protocol): {s['shell']['shell'].upper()} shell\n\n"
         f"**Transfer only, not the verdict.** {PROTOCOL_BIAS}\n\n"
@@ -81,23 +93,23 @@ def defence_markdown(report: dict) -> str:
         f"Settings:\n\n- shell: `{json.dumps(s['shell'])}`\n"
         f"- base attack: CW L-inf, untargeted, epsilon {s['epsilon']:g} px: "
         f"`{json.dumps(s['attack'])}`\n"
-        + "".join(
-            f"- {k}: `{v}`\n"
-            for k, v in s.items()
-            if k
-            not in (
-                "shell",
-                "attack",
-                "epsilon",
-                "protocol",
-                "num_batches",
-                "batch_points",
-                "seed",
-                "permutation",
-                "num_test_points",
-            )
-        )
-        + f"\n{table}\n"
+        + "".join(f"- {k}: `{v}`\n" for k, v in s.items() if k not in _HEADER_SETTINGS)
+    )
+
+
+def _notes_markdown(report: dict) -> str:
+    """What the columns mean, the categories, NCN's fallback count, the paper's figures, time."""
+    s, avg, paper = report["settings"], report["average"], PAPER_TABLE2
+    cats = "\n".join(f"- `{c}` ({CATEGORY_TITLES[c]}): {avg['categories'][c]}" for c in CATEGORIES)
+    unmet = report.get("ncn_unmet")
+    unmet_text = (
+        f"NCN fallback (no label met p, the most confident label answered): "
+        f"{unmet['clean']}/{unmet['points']} points at x, {unmet['adversarial']}/{unmet['points']} "
+        f"at x'.\n\n"
+        if unmet
+        else ""
+    )
+    return (
         f"Shell attack success: `G(x') != y` and `G(x') != G(x)`. Retained accuracy: `G(x) = y`. "
         f"Base attack success: CW found `x'` with `||x' - x||_inf <= {s['epsilon']:g}` that the "
         f"base misclassifies.\n\nCategories:\n\n{cats}\n- base-robust points the shell made "

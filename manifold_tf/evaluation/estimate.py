@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from manifold_tf import reporting
 from manifold_tf.compiled import graph_function
+from manifold_tf.cw_search import CWSettings
 from manifold_tf.shells import FactorShell
 
 
@@ -38,15 +39,15 @@ def passes_per_second(base, image_shape=(32, 32, 3), batch: int = 32, repeats: i
     return batch * repeats / max(time.perf_counter() - start, 1e-9)
 
 
-def cw_passes(attack: dict) -> float:
+def cw_passes(attack: CWSettings) -> float:
     """Upper bound on CW L-inf passes per point: every constant of the schedule, plus tau rounds."""
-    constants = math.ceil(math.log2(attack["largest_const"] / attack["initial_const"])) + 1
-    tau_rounds = 1 if attack["stop_within_epsilon"] else 35  # 255 -> 1 px in steps of 0.9
-    return attack["max_iterations"] * (constants + tau_rounds)
+    constants = math.ceil(math.log2(attack.largest_const / attack.initial_const)) + 1
+    tau_rounds = 1 if attack.stop_within_epsilon else 35  # 255 -> 1 px in steps of 0.9
+    return attack.max_iterations * (constants + tau_rounds)
 
 
 def defence_passes(
-    *, table2_points: int, num_points: int, shell, per_prediction: int, cw: dict, suite
+    *, table2_points: int, num_points: int, shell, per_prediction: int, cw: CWSettings, suite
 ) -> dict:
     """Pass counts per phase of a defence run (``suite=None``: Table 2 only)."""
     phases = {

@@ -4,6 +4,7 @@ text."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import tensorflow as tf
@@ -25,6 +26,7 @@ from manifold_tf.evaluation import (
 from manifold_tf.evaluation import inputs as inputs_lib
 from manifold_tf.evaluation.accuracy import run_accuracy
 from manifold_tf.evaluation.config import P_AUTO, EvaluationConfig
+from manifold_tf.evaluation.context import RunContext, defence_metadata
 from manifold_tf.evaluation.store import RunStore
 from manifold_tf.shells import calibrate
 
@@ -78,7 +80,6 @@ def _separation(config: EvaluationConfig) -> str:
             "--p=auto chooses NCN's p from held-out confidences (--shell=ncn); the "
             "separation test needs a number: give --p=0.9 (or another level)."
         )
-    radius = cfg.radius(threat.delta)
     store = _store(config, "separation")
     inputs = inputs_lib.resolve(config.inputs, run_dir=store.directory)
     models = [(inputs.checkpoint, inputs_lib.load_model(inputs, width=config.inputs.width))]
@@ -100,32 +101,18 @@ def _separation(config: EvaluationConfig) -> str:
             model,
             x,
             y,
-            delta=radius,
-            num_batches=cfg.batches,
-            batch_points=cfg.batch_points,
-            seed=config.run.seed,
-            attack=cfg.attack(threat.delta),
+            cfg,
+            delta=threat.delta,
             p=threat.p,
+            seed=config.run.seed,
             store=store,
-            protocol=f"separation_{name}",
-            desc=f"separation {name}",
+            name=name,
             model_name=inputs_lib.model_identity(ckpt),
         )
         runs[name] = (ckpt, run)
         if cfg.convergence_batches and cfg.convergence_steps:
             convergence[name] = separation.convergence_check(
-                model,
-                x,
-                y,
-                run,
-                delta=radius,
-                steps=cfg.convergence_steps,
-                batches=cfg.convergence_batches,
-                attack=cfg.attack(threat.delta),
-                seed=config.run.seed,
-                p=threat.p,
-                store=store,
-                protocol=f"separation_{name}_convergence",
+                model, x, y, run, cfg, p=threat.p, store=store, name=name
             )
     report = separation.separation_report(
         runs, p=threat.p, dataset=inputs.dataset, data_dir=inputs.data_dir, convergence=convergence
@@ -161,20 +148,19 @@ def _shell_p(config: EvaluationConfig, base, x, num_points: int):
     return p, record
 
 
-def _table2(base, shell, x, y, config: EvaluationConfig, store, metadata, walk, known_cw):
-    """Table 2 on ``walk`` points of the order (``None``: the paper's count)."""
-    return defence.run_table2(
-        base,
-        shell,
-        x,
-        y,
-        config.defence,
-        store,
-        epsilon=config.threat.epsilon,
-        seed=config.run.seed,
-        metadata=metadata,
-        walk=walk,
-        known_cw=known_cw,
+def _strategy(config: EvaluationConfig, workers: Workers):
+    """The distribution strategy the defence evaluation builds its models under."""
+    cfg = config.defence
+    if workers.distributed and cfg.strategy == "mirrored":
+        raise ValueError(
+            "--defence_strategy=mirrored spreads one process's batches over its "
+            "devices; with TF_CONFIG the workers split the batches instead: run one "
+            "worker per device (BUILD.md)."
+        )
+    return (
+        tf.distribute.MirroredStrategy()
+        if cfg.strategy == "mirrored"
+        else tf.distribute.get_strategy()
     )
 
 
@@ -196,17 +182,7 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
     logging.info(
         "defence evaluation on %s (%s): %s", inputs.dataset, inputs.note, inputs.checkpoint
     )
-    if workers.distributed and cfg.strategy == "mirrored":
-        raise ValueError(
-            "--defence_strategy=mirrored spreads one process's batches over its "
-            "devices; with TF_CONFIG the workers split the batches instead: run one "
-            "worker per device (BUILD.md)."
-        )
-    strategy = (
-        tf.distribute.MirroredStrategy()
-        if cfg.strategy == "mirrored"
-        else tf.distribute.get_strategy()
-    )
+    strategy = _strategy(config, workers)
 
     def load():
         with strategy.scope():
@@ -215,88 +191,28 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
     # The chief first: it may train and cache the quick synthetic model the others then load.
     base = workers.chief_first(load, "model")
     x, y = inputs.load_test()
-    suite = config.adaptive
-    num_points = min(suite.num_points, len(x))
+    num_points = min(config.adaptive.num_points, len(x))
     p, p_auto = _shell_p(config, base, x, num_points)
     with strategy.scope():
         shell = cfg.shell.build(base, config.threat, seed=config.run.seed, p=p)
-    metadata = dict(
-        checkpoint=os.path.abspath(inputs.checkpoint),
-        dataset=inputs.dataset,
-        data_dir=inputs.data_dir and os.path.abspath(inputs.data_dir),
-        strategy=f"{cfg.strategy} ({strategy.num_replicas_in_sync} replicas)",
+    replicas = f"{cfg.strategy} ({strategy.num_replicas_in_sync} replicas)"
+    metadata = defence_metadata(inputs, replicas, p_auto)
+    context = RunContext.for_defence(
+        cfg, store, epsilon=config.threat.epsilon, seed=config.run.seed, metadata=metadata
     )
-    if p_auto is not None:
-        metadata["p_auto"] = p_auto
     walk = num_points if cfg.points == "walked" else None
-
-    def phases_for(n: int) -> dict:
-        return estimate.defence_passes(
-            table2_points=n if walk else cfg.batches * cfg.batch_points,
-            num_points=n,
-            shell=shell,
-            per_prediction=shell.passes_per_prediction(),
-            cw=cfg.attack.cw_kwargs(),
-            suite=suite,
-        )
-
-    rate = estimate.passes_per_second(base, shell.image_shape)
-    budget = suite.budget_seconds if suite.attack != "none" and not workers.distributed else None
-    phases, note = estimate.under_budget(
-        phases_for, budget_s=budget, rate=rate, num_points=num_points, batch_points=cfg.batch_points
+    phases_for = functools.partial(_phases, config, shell, walk)
+    seconds_per_point = _plan(config, base, shell.image_shape, phases_for, num_points, workers)
+    result, report = _verdict_and_table2(
+        base, shell, x, y, config, context, walk, seconds_per_point, inputs.class_names
     )
-    logging.info("%s%s", estimate.describe(phases, rate), f"\n{note}" if note else "")
-    known_cw = {}
-    sequential = suite.attack != "none" and (suite.until == "decided" or suite.budget is not None)
-    table2_first = workers.distributed and not sequential
-    if table2_first:
-        # Several workers split Table 2's batches, then the verdict's: Table 2 first, so that no
-        # worker waits at a barrier while the chief alone runs the sanity checks and writes the
-        # verdict. (With a stopping rule Table 2 follows the verdict, on the points it reached.)
-        table2 = _table2(base, shell, x, y, config, store, metadata, walk, known_cw)
-    result = None
-    if suite.attack != "none":
-        # The verdict first (one process): with a budget or the sequential rule, Table 2 then runs
-        # on the points the verdict reached, reusing its CW x' (the same attack, points, labels).
-        run = adaptive.run_adaptive(
-            base,
-            shell,
-            x,
-            y,
-            dataclasses.replace(suite, num_points=num_points),
-            store,
-            epsilon=config.threat.epsilon,
-            cw_kwargs=cfg.attack.cw_kwargs(),
-            seed=config.run.seed,
-            permutation=cfg.permutation,
-            batch_points=cfg.batch_points,
-            metadata=metadata,
-            seconds_per_point=estimate.verdict_seconds_per_point(
-                phases_for(num_points), rate, num_points, expected=True
-            ),
-        )
-        if run is not None:  # the chief writes the reports
-            result = adaptive_report.write_adaptive_report(
-                run, x, store.alone(), class_names=inputs.class_names
-            )
-        if walk is not None and not table2_first:  # the chief tells every worker how far
-            reached = sum(len(r["indices"]) for r in run.records) if run is not None else 0
-            walk = int(workers.all_sum([reached], "points reached")[0])
-        known_cw = adaptive.transfer_points(store)
-    if not table2_first:
-        table2 = _table2(base, shell, x, y, config, store, metadata, walk, known_cw)
-    report = None
-    if table2 is not None:  # the chief writes the reports
-        report = defence_report.write_defence_report(
-            table2.records, table2.settings, x, store.alone(), class_names=inputs.class_names
-        )
     if not workers.is_chief:
         return (
             f"{workers.describe()}: its batches are in {store.directory}; the chief (worker 0) "
             f"writes the reports."
         )
     table2_text = defence_report.defence_markdown(report)
-    if suite.attack == "none":
+    if config.adaptive.attack == "none":
         return f"{table2_text}\nreports written to {store.directory}"
     verdict = adaptive_report.adaptive_markdown(result)
     return (
@@ -306,19 +222,106 @@ def _defence(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
     )
 
 
+def _phases(config: EvaluationConfig, shell, walk, n: int) -> dict:
+    """The plan's phases (:func:`~manifold_tf.evaluation.estimate.defence_passes`) of one shell
+    with the verdict on ``n`` points."""
+    cfg = config.defence
+    return estimate.defence_passes(
+        table2_points=n if walk else cfg.batches * cfg.batch_points,
+        num_points=n,
+        shell=shell,
+        per_prediction=shell.passes_per_prediction(),
+        cw=cfg.attack.cw_settings,
+        suite=config.adaptive,
+    )
+
+
+def _plan(config: EvaluationConfig, base, image_shape, phases_for, num_points: int, workers):
+    """Logs the plan (``phases_for(n)``: each phase's passes, and its expected time, under the
+    verdict's budget); returns the verdict's expected seconds per point, which sizes its first
+    batch (None: no verdict)."""
+    suite = config.adaptive
+    rate = estimate.passes_per_second(base, image_shape)
+    budget = suite.budget_seconds if suite.attack != "none" and not workers.distributed else None
+    phases, note = estimate.under_budget(
+        phases_for,
+        budget_s=budget,
+        rate=rate,
+        num_points=num_points,
+        batch_points=config.defence.batch_points,
+    )
+    logging.info("%s%s", estimate.describe(phases, rate), f"\n{note}" if note else "")
+    if suite.attack == "none":
+        return None
+    return estimate.verdict_seconds_per_point(
+        phases_for(num_points), rate, num_points, expected=True
+    )
+
+
+def _verdict_and_table2(
+    base,
+    shell,
+    x,
+    y,
+    config: EvaluationConfig,
+    context: RunContext,
+    walk,
+    seconds_per_point,
+    class_names,
+) -> tuple[dict | None, dict | None]:
+    """``(verdict report, Table 2 report)`` (None: not run, or on a worker other than the chief).
+
+    The verdict first (one process): with a budget or the sequential rule, Table 2 then runs on
+    the points the verdict reached, reusing its CW x' (the same attack, points, labels).
+    """
+    suite, store = config.adaptive, context.store
+    workers = store.workers
+    known_cw = {}
+    sequential = suite.attack != "none" and (suite.until == "decided" or suite.budget is not None)
+    table2_first = workers.distributed and not sequential
+    if table2_first:
+        # Several workers split Table 2's batches, then the verdict's: Table 2 first, so that no
+        # worker waits at a barrier while the chief alone runs the sanity checks and writes the
+        # verdict. (With a stopping rule Table 2 follows the verdict, on the points it reached.)
+        table2 = defence.run_table2(
+            base, shell, x, y, config.defence, context, walk=walk, known_cw=known_cw
+        )
+    result = None
+    if suite.attack != "none":
+        run = adaptive.run_adaptive(
+            base,
+            shell,
+            x,
+            y,
+            dataclasses.replace(suite, num_points=min(suite.num_points, len(x))),
+            context,
+            seconds_per_point=seconds_per_point,
+        )
+        if run is not None:  # the chief writes the reports
+            result = adaptive_report.write_adaptive_report(
+                run, x, store.alone(), class_names=class_names
+            )
+        if walk is not None and not table2_first:  # the chief tells every worker how far
+            reached = sum(len(r["indices"]) for r in run.records) if run is not None else 0
+            walk = int(workers.all_sum([reached], "points reached")[0])
+        known_cw = adaptive.transfer_points(store)
+    if not table2_first:
+        table2 = defence.run_table2(
+            base, shell, x, y, config.defence, context, walk=walk, known_cw=known_cw
+        )
+    report = None
+    if table2 is not None:  # the chief writes the reports
+        report = defence_report.write_defence_report(
+            table2.records, table2.settings, x, store.alone(), class_names=class_names
+        )
+    return result, report
+
+
 def _comparison_plan(config: EvaluationConfig, shells: dict, walk, n: int) -> dict:
     """The plan's phases for a comparison: CW and the base's suite once, each shell's own."""
-    cfg, out = config.defence, {}
+    out = {}
     for kind, shell in shells.items():
-        phases = estimate.defence_passes(
-            table2_points=n if walk else cfg.batches * cfg.batch_points,
-            num_points=n,
-            shell=shell,
-            per_prediction=shell.passes_per_prediction(),
-            cw=cfg.attack.cw_kwargs(),
-            suite=config.adaptive,
-        )
-        for name, passes in phases.items():
+        for name, passes in _phases(config, shell, walk, n).items():
             own = "on the shell" in name or name.startswith(
                 ("Table 2: the shell", "adaptive: sanity")
             )
@@ -354,25 +357,14 @@ def _comparison(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
     logging.info(
         "comparing %s on %s (%s): %s", kinds, inputs.dataset, inputs.note, inputs.checkpoint
     )
-    metadata = dict(
-        checkpoint=os.path.abspath(inputs.checkpoint),
-        dataset=inputs.dataset,
-        data_dir=inputs.data_dir and os.path.abspath(inputs.data_dir),
-        strategy=f"{cfg.strategy} (1 replicas)",
+    metadata = defence_metadata(inputs, f"{cfg.strategy} (1 replicas)", p_auto)
+    context = RunContext.for_defence(
+        cfg, store, epsilon=config.threat.epsilon, seed=config.run.seed, metadata=metadata
     )
-    if p_auto is not None:
-        metadata["p_auto"] = p_auto
     walk = num_points if cfg.points == "walked" else None
-    rate = estimate.passes_per_second(base, next(iter(shells.values())).image_shape)
-    budget = suite.budget_seconds if suite.attack != "none" else None
-    phases, note = estimate.under_budget(
-        lambda n: _comparison_plan(config, shells, walk, n),
-        budget_s=budget,
-        rate=rate,
-        num_points=num_points,
-        batch_points=cfg.batch_points,
-    )
-    logging.info("%s%s", estimate.describe(phases, rate), f"\n{note}" if note else "")
+    shape = next(iter(shells.values())).image_shape
+    phases_for = functools.partial(_comparison_plan, config, shells, walk)
+    seconds_per_point = _plan(config, base, shape, phases_for, num_points, workers)
     comparison = None
     if suite.attack != "none":
         comparison = compare.run_comparison(
@@ -381,41 +373,12 @@ def _comparison(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
             x,
             y,
             dataclasses.replace(suite, num_points=num_points),
-            store,
-            epsilon=config.threat.epsilon,
-            cw_kwargs=cfg.attack.cw_kwargs(),
-            seed=config.run.seed,
-            permutation=cfg.permutation,
-            batch_points=cfg.batch_points,
-            metadata=metadata,
-            seconds_per_point=estimate.verdict_seconds_per_point(
-                _comparison_plan(config, shells, walk, num_points), rate, num_points, expected=True
-            ),
+            context,
+            seconds_per_point=seconds_per_point,
         )
         if walk is not None:
             walk = sum(len(r["indices"]) for r in comparison.base_records)
-    table2 = {}
-    for i, k in enumerate(kinds):
-        sub = store.sub(k)
-        attack = cfg.attack
-        if i and not attack.from_run:  # the first defence's x' (CW's and the probe's), reused
-            attack = dataclasses.replace(attack, from_run=store.sub(kinds[0]).directory)
-        run = defence.run_table2(
-            base,
-            shells[k],
-            x,
-            y,
-            dataclasses.replace(cfg, shell=cfg.shell.for_kind(k), attack=attack),
-            sub,
-            epsilon=config.threat.epsilon,
-            seed=config.run.seed,
-            metadata=metadata,
-            walk=walk,
-            known_cw=adaptive.transfer_points(sub),
-        )
-        table2[k] = defence_report.write_defence_report(
-            run.records, run.settings, x, sub, class_names=inputs.class_names
-        )
+    table2 = _comparison_table2(base, shells, x, y, config, context, walk, inputs.class_names)
     if comparison is None:
         text = "\n".join(defence_report.defence_markdown(table2[k]) for k in kinds)
         return f"{text}\nreports written to {store.directory} (<kind>/defence.md)"
@@ -427,3 +390,30 @@ def _comparison(config: EvaluationConfig, workers: Workers = SINGLE) -> str:
         f"(comparison.json, comparison.md, comparison.png; per defence <kind>/summary.json, "
         f"adaptive.md, defence.md)"
     )
+
+
+def _comparison_table2(
+    base, shells: dict, x, y, config: EvaluationConfig, context: RunContext, walk, class_names
+) -> dict:
+    """Table 2 per defence, in its folder, on the ``walk`` points the verdict reached; kind ->
+    its report (the first defence's x', CW's and the probe's, reused by the others)."""
+    cfg, store, kinds, table2 = config.defence, context.store, list(shells), {}
+    for i, k in enumerate(kinds):
+        sub = store.sub(k)
+        attack = cfg.attack
+        if i and not attack.from_run:  # the first defence's x' (CW's and the probe's), reused
+            attack = dataclasses.replace(attack, from_run=store.sub(kinds[0]).directory)
+        run = defence.run_table2(
+            base,
+            shells[k],
+            x,
+            y,
+            dataclasses.replace(cfg, shell=cfg.shell.for_kind(k), attack=attack),
+            context.on(sub),
+            walk=walk,
+            known_cw=adaptive.transfer_points(sub),
+        )
+        table2[k] = defence_report.write_defence_report(
+            run.records, run.settings, x, sub, class_names=class_names
+        )
+    return table2

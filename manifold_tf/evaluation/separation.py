@@ -26,6 +26,7 @@ import time
 import numpy as np
 
 from manifold_tf import attacks, reporting, seeds
+from manifold_tf.evaluation.config import SeparationConfig
 from manifold_tf.evaluation.stats import chebyshev_epsilon, clopper_pearson
 from manifold_tf.projected import madry_step_size
 from manifold_tf.validation import validate_radius
@@ -113,55 +114,53 @@ def run_separation(
     model,
     images: np.ndarray,
     labels: np.ndarray,
+    config: SeparationConfig,
     *,
     delta: float,
-    num_batches: int = 10,
-    batch_points: int = 30,
-    seed: int = 0,
-    attack: dict | None = None,
-    store=None,
-    protocol: str = "separation",
-    desc: str = "separation",
     p: float = 0.9,
+    seed: int = 0,
+    store=None,
+    name: str | None = None,
     model_name: str | None = None,
 ) -> dict:
-    """Runs the high-confidence attack on ``num_batches`` seeded random batches.
+    """Runs the high-confidence attack on ``config.batches`` seeded random batches.
 
     Args:
       model: Keras model, images -> logits.
       images, labels: the test set, ``[M, 32, 32, 3]`` pixels and ``[M]`` ints.
-      delta: neighbourhood radius in pixels.
-      attack: keyword arguments of :func:`attacks.high_confidence` (``steps``, ``step_size``,
-        ``optimizer``, ``random_start``, ``jit_compile``); defaults: 20 sign steps of
-        ``delta / 8`` pixels (2.5 * delta / steps, Madry's rule), no random start.
-      store: a :class:`~manifold_tf.evaluation.store.RunStore`: each batch is saved as it finishes
-        under ``protocol``, and a resumed run loads the finished ones (same settings, checked).
+      config: the test's settings: ``batches`` of ``batch_points`` points, the attack
+        (:meth:`SeparationConfig.attack`: by default 20 sign steps of Madry's ``2.5 * radius /
+        steps`` pixels, no random start) and the searched radius ``config.radius(delta)``.
+      delta: the threat model's radius, pixels.
       p: the threshold shown in the progress lines (the statistics come from :func:`summarize`).
+      store: a :class:`~manifold_tf.evaluation.store.RunStore`: each batch is saved as it finishes
+        under the protocol ``separation_<name>`` (``separation`` without a name), and a resumed run
+        loads the finished ones (same settings, checked).
+      name: the model's name in the protocol and the progress lines.
       model_name: recorded in the settings, so that a resumed run never mixes two models.
 
     Returns:
-      dict: ``settings``, ``indices``/``labels``/``wrong_label``/``clean_correct`` per batch,
-      ``confidence`` ``[num_batches, batch_points]``, ``seconds`` per batch.
+      dict: ``settings`` (``delta``: the searched radius), ``indices``/``labels``/``wrong_label``/
+      ``clean_correct`` per batch, ``confidence`` ``[batches, batch_points]``, ``seconds`` per
+      batch.
     """
 
-    delta = validate_radius(delta, "delta")
-    attack = dict(attack or {})
-    attack.setdefault("steps", 20)
-    attack.setdefault("step_size", madry_step_size(delta, attack["steps"]))
-    attack.setdefault("optimizer", "sign")
-    attack.setdefault("random_start", False)
+    radius = validate_radius(config.radius(delta), "delta")
+    attack = config.attack(delta)
+    num_batches, batch_points = int(config.batches), int(config.batch_points)
     indices = sample_indices(
         len(images), num_batches=num_batches, batch_points=batch_points, seed=seed
     )
     settings = dict(
-        delta=delta,
-        num_batches=int(num_batches),
-        batch_points=int(batch_points),
+        delta=radius,
+        num_batches=num_batches,
+        batch_points=batch_points,
         seed=int(seed),
-        attack={k: v for k, v in attack.items() if k != "jit_compile"},
+        attack=dict(attack),
         num_test_points=int(len(images)),
         model=model_name,
     )
+    protocol = _protocol(name)
     batches: list[dict | None] = [None] * num_batches
     if store is not None:
         settings = store.bind(protocol, settings)
@@ -169,27 +168,15 @@ def run_separation(
             batches[b] = store.load(protocol, b)
     done = sum(r is not None for r in batches)
     progress = reporting.Progress(
-        num_batches * batch_points, desc, unit="points", initial=done * batch_points
+        num_batches * batch_points,
+        protocol.replace("_", " ", 1),  # "separation <name>"
+        unit="points",
+        initial=done * batch_points,
     )
     for b in range(num_batches):
         if batches[b] is not None:
             continue
-        start = time.perf_counter()
-        idx = indices[b]
-        x, y = images[idx].astype(np.float32), labels[idx].astype(np.int32)
-        seeded = seeds.point_seeds(seed, idx)  # a point's draws do not depend on its batch
-        out = attacks.high_confidence(model, x, y, epsilon=delta, seed=seeded, **attack)
-        conf, wrong = out.details["confidence"], out.details["label"]
-        pred = np.argmax(model(x, training=False).numpy(), axis=-1)
-        result = dict(
-            batch=b,
-            indices=idx.tolist(),
-            labels=y.tolist(),
-            confidence=np.asarray(conf, np.float64).tolist(),
-            wrong_label=np.asarray(wrong).tolist(),
-            clean_correct=(pred == y).tolist(),
-            seconds=time.perf_counter() - start,
-        )
+        result = _attack_batch(model, images, labels, indices[b], b, radius, seed, attack)
         if store is not None:
             store.save(protocol, b, result)
         batches[b] = result
@@ -206,48 +193,76 @@ def run_separation(
     )
 
 
+def _protocol(name: str | None) -> str:
+    """The run store protocol of a model's run: ``separation`` or ``separation_<name>``."""
+    return "separation" if name is None else f"separation_{name}"
+
+
+def _attack_batch(
+    model, images, labels, idx: np.ndarray, b: int, radius: float, seed: int, attack: dict
+) -> dict:
+    """Batch ``b`` (test points ``idx``): the largest wrong-label confidence within ``radius``
+    pixels of each point, its label and whether the model is right at the point."""
+    start = time.perf_counter()
+    x, y = images[idx].astype(np.float32), labels[idx].astype(np.int32)
+    seeded = seeds.point_seeds(seed, idx)  # a point's draws do not depend on its batch
+    out = attacks.high_confidence(model, x, y, epsilon=radius, seed=seeded, **attack)
+    conf, wrong = out.details["confidence"], out.details["label"]
+    pred = np.argmax(model(x, training=False).numpy(), axis=-1)
+    return dict(
+        batch=b,
+        indices=idx.tolist(),
+        labels=y.tolist(),
+        confidence=np.asarray(conf, np.float64).tolist(),
+        wrong_label=np.asarray(wrong).tolist(),
+        clean_correct=(pred == y).tolist(),
+        seconds=time.perf_counter() - start,
+    )
+
+
 def convergence_check(
     model,
     images: np.ndarray,
     labels: np.ndarray,
     run: dict,
+    config: SeparationConfig,
     *,
-    delta: float,
-    steps: tuple[int, ...],
-    batches: int,
-    attack: dict,
-    seed: int,
     p: float,
     store=None,
-    protocol: str = "separation_convergence",
+    name: str | None = None,
 ) -> dict:
-    """Reruns the search on the first ``batches`` batches of ``run`` with more steps and a restart.
+    """Reruns the search on the first ``config.convergence_batches`` batches of ``run`` with more
+    steps and a restart.
 
-    Rows: the main run, each of ``steps`` (same optimiser, Madry's step rule), and the main run's
-    settings from a random start combined with the main run (per point the higher confidence: a
-    restart). A count that still grows with steps or restarts has not converged, and the main
-    count understates the model's true rate by at least the difference.
+    Rows: the main run, each of ``config.convergence_steps`` (same optimiser, Madry's step rule),
+    and the main run's settings from a random start combined with the main run (per point the
+    higher confidence: a restart). A count that still grows with steps or restarts has not
+    converged, and the main count understates the model's true rate by at least the difference.
+    The radius, seed and attack are the run's (``run["settings"]``); ``store`` and ``name`` as for
+    :func:`run_separation` (protocol ``separation_<name>_convergence``).
     """
 
-    batches = min(int(batches), len(run["indices"]))
+    batches = min(int(config.convergence_batches), len(run["indices"]))
     if batches == 0:
         return {}
+    delta, seed, attack = (run["settings"][k] for k in ("delta", "seed", "attack"))
     idx = np.concatenate([np.asarray(i) for i in run["indices"][:batches]])
     x, y = images[idx].astype(np.float32), labels[idx].astype(np.int32)
     main = np.concatenate([np.asarray(c) for c in run["confidence"][:batches]])
     variants = [
         (f"{s} steps", dict(attack, steps=int(s), step_size=madry_step_size(delta, s)))
-        for s in steps
+        for s in config.convergence_steps
     ]
     variants.append(
         (f"{attack['steps']} steps + 1 random restart", dict(attack, random_start=True))
     )
+    protocol = f"{_protocol(name)}_convergence"
     settings = dict(delta=delta, points=idx.tolist(), variants=[v for v in variants], seed=seed)
     if store is not None:
         store.bind(protocol, settings)
     rows = [dict(name=f"{attack['steps']} steps (main run)", count=int(counts_at(main, p)[0]))]
     progress = reporting.Progress(len(variants), "separation convergence", unit="runs")
-    for b, (name, kwargs) in enumerate(variants):
+    for b, (row, kwargs) in enumerate(variants):
         saved = store.load(protocol, b) if store is not None else None
         if saved is None:
             conf = attacks.high_confidence(
@@ -256,11 +271,11 @@ def convergence_check(
             conf = np.asarray(conf, np.float64)
             if kwargs.get("random_start"):
                 conf = np.maximum(conf, main)
-            saved = dict(name=name, confidence=conf.tolist(), count=int(counts_at(conf, p)[0]))
+            saved = dict(name=row, confidence=conf.tolist(), count=int(counts_at(conf, p)[0]))
             if store is not None:
                 store.save(protocol, b, saved)
         rows.append(dict(name=saved["name"], count=saved["count"]))
-        progress.update(1, extra=f"{name}: {saved['count']}/{len(idx)} at p={p:g}")
+        progress.update(1, extra=f"{row}: {saved['count']}/{len(idx)} at p={p:g}")
     return dict(points=int(len(idx)), p=float(p), rows=rows)
 
 

@@ -9,7 +9,6 @@ a single-shell run writes. A base half is JSON-ready (it is saved and read back 
 
 from __future__ import annotations
 
-import time
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -21,6 +20,7 @@ from manifold_tf.attacks import run_standing
 from manifold_tf.attacks.known import KnownOutputs
 from manifold_tf.evaluation import adaptive_suites, random_draws
 from manifold_tf.evaluation.adaptive_config import AdaptiveConfig
+from manifold_tf.evaluation.context import RunContext
 from manifold_tf.evaluation.inputs import predict_logits
 from manifold_tf.evaluation.ledger import attempted_masks, batch_ledger
 from manifold_tf.shells import answer
@@ -80,7 +80,7 @@ def cw_transfer(base, x, y, epsilon, cw_kwargs, known: dict, indices) -> attacks
         if int(i) in known:
             x_adv[k], success[k], iterations[k] = known[int(i)]
     if todo:
-        cw = attacks.cw_linf(base, x[todo], y[todo], epsilon=epsilon, **cw_kwargs)
+        cw = attacks.cw_linf(base, x[todo], y[todo], epsilon=epsilon, settings=cw_kwargs)
         x_adv[todo], success[todo] = cw.x_adv, cw.success
         iterations[todo] = cw.details["iterations"]
     return attacks.AttackResult(x_adv, success, details=dict(iterations=iterations))
@@ -93,19 +93,20 @@ def base_batch(
     indices,
     *,
     config: AdaptiveConfig,
-    epsilon: float,
-    cw_kwargs: dict,
+    context: RunContext,
     known_transfer: dict,
-    seed: int,
     stop=None,
 ) -> tuple[dict, np.ndarray] | None:
-    """The base's half of a batch: ``(part, x_cw [N, H, W, C])``, CW's x' on the base and the
-    base's suite from it, or None when ``stop()`` ended the suite before its last step.
+    """The base's half of a batch of images ``x`` ``[N, H, W, C]`` (pixels, points ``indices`` of
+    the test set): ``(part, x_cw [N, H, W, C])``, CW's x' on the base (``context.cw_settings``,
+    or ``known_transfer``'s) and the base's suite from it, or None when ``stop()`` ended the suite
+    before its last step.
 
     ``part`` (JSON-ready): ``base_clean``, ``base_broken_by``, ``base_attacks``, ``base_passes``
     (the suite's forward+backward passes), ``base_ledger`` (attack -> ``[N]`` passes),
     ``base_seconds`` (per attack), ``cw_success``, ``cw_iterations``.
     """
+    epsilon, cw_kwargs, seed = context.epsilon, context.cw_settings, context.seed
     f_x = predict_logits(base, x).argmax(-1)
     cw = cw_transfer(base, x, y, epsilon, cw_kwargs, known_transfer, indices)
 
@@ -138,40 +139,51 @@ def base_batch(
     return part, cw.x_adv
 
 
+class _ShellChecks:
+    """The shell's fresh predictions during one batch's suite on images ``x`` ``[N, H, W, C]``:
+    G at ``x`` (``clean``), then, called as ``run_standing``'s ``verify``, at every ``x'``."""
+
+    def __init__(self, shell, x: np.ndarray, y: np.ndarray):
+        self.shell, self.y = shell, y
+        # The shell's outputs at x and at every x' it verifies: BPDA, targeted BPDA and lift start
+        # from those images (x, CW's x') and read their first prediction from here.
+        self.known = KnownOutputs(shell)
+        self.clean = shell_labels(shell, x, record=self.known)
+        self.counts = [len(y)]  # shell predictions outside the attacks: G at x
+        self.adv = self.clean.copy()  # the shell's answer at each point's breaking x' (else G(x))
+        self.verified = []  # per attack that ran, in order: [M] bool, its x' predicted afresh
+
+    def __call__(self, x_adv: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """``[M]`` bool: the shell is wrong at ``x_adv`` (points ``idx`` of the batch)."""
+        y = self.y
+        got, fresh = verified_labels(self.shell, x_adv, y[idx], self.known)
+        self.counts.append(int(fresh.sum()))
+        self.verified.append(fresh)
+        self.adv[idx[got != y[idx]]] = got[got != y[idx]]  # a broken point is attacked no more
+        return got != y[idx]
+
+
 def shell_batch(
     shell,
     base,
     x,
     y,
     indices,
-    part: dict,
-    x_cw: np.ndarray,
+    half: tuple[dict, np.ndarray],
     *,
     config: AdaptiveConfig,
-    epsilon: float,
-    seed: int,
+    context: RunContext,
     desc: str = "",
     stop=None,
 ) -> tuple[dict, np.ndarray] | None:
-    """The shell's half of a batch on top of the base's ``part`` (:func:`base_batch`):
-    ``(record, x_worst [N, H, W, C])`` (the breaking x' per point, else x), or None when
-    ``stop()`` ended the suite early. ``record["seconds"]["total"]`` is left to the caller (None),
-    who times the batch."""
-    n = len(y)
-    # The shell's outputs at x and at every x' it verifies: BPDA, targeted BPDA and lift start
-    # from those images (x, CW's x') and read their first prediction from here.
-    known = KnownOutputs(shell)
-    g_x = shell_labels(shell, x, record=known)
-    checks = [n]  # shell predictions outside the attacks: G at x
-    shell_adv = g_x.copy()  # the shell's answer at each point's breaking x' (G(x) where none)
-    verified = []  # per attack that ran, in order: [M] bool, its x' predicted afresh
-
-    def shell_wrong(x_adv, idx):
-        got, fresh = verified_labels(shell, x_adv, y[idx], known)
-        checks.append(int(fresh.sum()))
-        verified.append(fresh)
-        shell_adv[idx[got != y[idx]]] = got[got != y[idx]]  # a broken point is attacked no more
-        return got != y[idx]
+    """The shell's half of a batch of images ``x`` ``[N, H, W, C]`` (pixels) on top of the base's
+    ``half = (part, x_cw)`` (:func:`base_batch`): ``(record, x_worst [N, H, W, C])`` (the breaking
+    x' per point, else x), or None when ``stop()`` ended the suite early.
+    ``record["seconds"]["total"]`` is left to the caller (None), who times the batch."""
+    part, x_cw = half
+    epsilon, seed = context.epsilon, context.seed
+    checks = _ShellChecks(shell, x, y)
+    known, g_x = checks.known, checks.clean
 
     def log_step(name, attempted, broken, seconds):
         if desc:
@@ -192,15 +204,26 @@ def shell_batch(
         x,
         y,
         broken=g_x != y,
-        verify=shell_wrong,
+        verify=checks,
         on_step=log_step,
         stop=stop,
     )
     if not shell_run.complete:
         return None
-    x_worst, fresh, draws = random_draws.worst(shell, config, x, y, g_x, shell_run, shell_labels)
+    worst = random_draws.worst(shell, config, x, y, g_x, shell_run, shell_labels)
+    return _shell_record(shell, indices, x, y, part, checks, shell_run, worst), worst[0]
+
+
+def _shell_record(
+    shell, indices, x, y, part: dict, checks: _ShellChecks, shell_run, worst: tuple
+) -> dict:
+    """A batch's record (:func:`shell_batch`): the base's ``part``, the shell's outcomes
+    (``checks``, ``shell_run``), its cost and ledger; ``worst``: :func:`random_draws.worst`'s
+    ``(x_worst [N, H, W, C], fresh [N], draws)``."""
+    x_worst, fresh, draws = worst
+    n = len(y)
     shell_cost = shell_run.result.cost
-    shell_predictions = sum(checks) + int(fresh.sum()) + shell_cost["shell_predictions"]
+    shell_predictions = sum(checks.counts) + int(fresh.sum()) + shell_cost["shell_predictions"]
     cost = dict(
         base_passes=int(
             part["base_passes"]
@@ -213,15 +236,15 @@ def shell_batch(
     base_run = SimpleNamespace(
         step_cost={k: dict(base_passes=np.asarray(v)) for k, v in part["base_ledger"].items()}
     )
-    record = dict(
+    return dict(
         indices=[int(i) for i in indices],
         labels=y.tolist(),
         base_clean=part["base_clean"],
-        shell_clean=g_x.tolist(),
+        shell_clean=checks.clean.tolist(),
         base_broken_by=part["base_broken_by"],
         base_attacks=part["base_attacks"],
         shell_broken_by=shell_run.broken_by.tolist(),
-        shell_adv=shell_adv.tolist(),
+        shell_adv=checks.adv.tolist(),
         attempted=shell_run.attempted,
         linf=np.abs(x_worst - x).reshape(n, -1).max(-1).tolist(),
         cost=cost,
@@ -229,8 +252,8 @@ def shell_batch(
             base_run,
             shell_run,
             per_prediction=shell.passes_per_prediction(),
-            shell_checks=np.full(n, checks[0] // max(n, 1)) + fresh,
-            verified=_verified_per_attack(shell_run, verified),
+            shell_checks=np.full(n, checks.counts[0] // max(n, 1)) + fresh,
+            verified=_verified_per_attack(shell_run, checks.verified),
             cw_iterations=np.asarray(part["cw_iterations"]),
         ),
         seconds=dict(total=None, **shell_run.seconds, base=part["base_seconds"]),
@@ -238,7 +261,6 @@ def shell_batch(
         cw_iterations=part["cw_iterations"],
         **draws,
     )
-    return record, x_worst
 
 
 def _verified_per_attack(shell_run, verified: list) -> dict:
@@ -261,17 +283,16 @@ def adaptive_batch(
     indices,
     *,
     config: AdaptiveConfig,
-    epsilon: float,
-    cw_kwargs: dict,
+    context: RunContext,
     known_transfer: dict,
-    seed: int,
     desc: str = "",
     stop=None,
-    clock=time.perf_counter,
 ) -> tuple[dict, np.ndarray, np.ndarray] | None:
-    """One batch of both suites: ``(record, x_worst [N, H, W, C], x_cw [N, H, W, C])`` (the
-    breaking x' per point, else x; CW's x' on the base), or None when ``stop()`` (asked between
-    attack steps) ended it before every step ran."""
+    """One batch of both suites on images ``x`` ``[N, H, W, C]`` (pixels): ``(record, x_worst
+    [N, H, W, C], x_cw [N, H, W, C])`` (the breaking x' per point, else x; CW's x' on the base),
+    or None when ``stop()`` (asked between attack steps) ended it before every step ran.
+    ``record["seconds"]["total"]``: the batch's seconds on ``context.clock``."""
+    clock = context.clock
     t0 = clock()
     half = base_batch(
         base,
@@ -279,31 +300,17 @@ def adaptive_batch(
         y,
         indices,
         config=config,
-        epsilon=epsilon,
-        cw_kwargs=cw_kwargs,
+        context=context,
         known_transfer=known_transfer,
-        seed=seed,
         stop=stop,
     )
     if half is None:
         return None
-    part, x_cw = half
     out = shell_batch(
-        shell,
-        base,
-        x,
-        y,
-        indices,
-        part,
-        x_cw,
-        config=config,
-        epsilon=epsilon,
-        seed=seed,
-        desc=desc,
-        stop=stop,
+        shell, base, x, y, indices, half, config=config, context=context, desc=desc, stop=stop
     )
     if out is None:
         return None
     record, x_worst = out
     record["seconds"]["total"] = clock() - t0
-    return record, x_worst, x_cw
+    return record, x_worst, half[1]

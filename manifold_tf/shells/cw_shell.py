@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from manifold_tf import projected
-from manifold_tf.cw_search import cw_inner, cw_schedule, to_tanh_space
+from manifold_tf.cw_search import CWSettings, cw_inner, cw_schedule, to_tanh_space
 from manifold_tf.shells.base import DEFAULT_JIT_COMPILE, FactorShell, Scores, jit_kwargs, log_odds
 from manifold_tf.shells.registry import register
 from manifold_tf.validation import (
@@ -198,11 +198,7 @@ class CarliniWagnerShell(FactorShell):
         xt = tf.repeat(x, c - 1, axis=0)
         # One constant-growing round at a fixed tau: min_tau = tau ends an example at its first
         # success (the next tau would be below it), as one call of the original's inner loop.
-        out = cw_schedule(
-            self.base,
-            xt,
-            targets,
-            epsilon=PAPER_CODE_TAU,
+        settings = CWSettings(
             targeted=True,
             max_iterations=self.max_iterations,
             learning_rate=self.learning_rate,
@@ -211,6 +207,7 @@ class CarliniWagnerShell(FactorShell):
             min_tau=PAPER_CODE_TAU,
             **PAPER_CODE_CONSTS,
         )
+        out = cw_schedule(self.base, xt, targets, epsilon=PAPER_CODE_TAU, settings=settings)
         ok = out["has_last"]
         cand = tf.where(tf.reshape(ok, [-1, 1, 1, 1]), out["x_last"], xt)
         cand = tf.reshape(cand, tf.concat([[n, c - 1], tf.shape(x)[1:]], axis=0))

@@ -183,68 +183,19 @@ class NCNShell(FactorShell):
         else:
             width = tf.shape(slots)[1]
             xt, labels = tf.repeat(x, width, axis=0), tf.reshape(slots, [-1])
+        search = _PenaltySearch(self, xt, labels)
+        return self._choose(search, search.run(), width, slots)
+
+    def _choose(self, search: _PenaltySearch, best: tuple, width, slots: tf.Tensor | None) -> dict:
+        """``embed``'s output from the search's per-row ``best`` (:meth:`_PenaltySearch.keep`):
+        per label its nearest feasible point, else its most confident one; ``t*`` the nearest
+        label meeting ``p``, else the most confident (``width`` labels per image)."""
 
         def per_slot(v):
             return tf.reshape(v, tf.concat([tf.stack([-1, width]), tf.shape(v)[1:]], axis=0))
 
-        rows = tf.shape(xt)[0]
-        axes = list(range(1, len(xt.shape)))
-        expand = [-1] + [1] * len(axes)
-        logit_p = self.logit_p  # F_t >= p  <=>  log-odds >= logit(p)
-
-        def point(s, w):
-            return tf.clip_by_value(
-                xt + tf.reshape(self.delta_max * s, expand) * tf.tanh(w), 0.0, PIXEL_MAX
-            )
-
-        def target_odds(z):
-            return log_odds(self._logits(z), labels)
-
-        def keep(z, odds, best):
-            """Nearest feasible point so far (and its log-odds), and most confident point so far."""
-            bz, bd, bf, cz, cf = best
-            d = tf.reduce_max(tf.abs(z - xt), axis=axes)
-            nearer = (odds >= logit_p) & (d < bd)
-            bz = tf.where(tf.reshape(nearer, expand), z, bz)
-            bd = tf.where(nearer, d, bd)
-            bf = tf.where(nearer, odds, bf)
-            surer = odds > cf
-            cz = tf.where(tf.reshape(surer, expand), z, cz)
-            return bz, bd, bf, cz, tf.where(surer, odds, cf)
-
-        def body(i, s, w, ms, vs, mw, vw, best):
-            round_ = tf.cast(i // max(self.steps, 1), tf.float32)
-            alpha = self.alpha * tf.pow(self.alpha_factor, round_)
-            with tf.GradientTape() as tape:
-                tape.watch([s, w])
-                z = point(s, w)
-                odds = target_odds(z)
-                q = self.delta_max * s + alpha * tf.square(tf.nn.relu(logit_p - odds))
-                total_q = tf.reduce_sum(q)  # rows are independent: the sum's gradient is per row
-            gs, gw = tape.gradient(
-                total_q, [s, w], unconnected_gradients=tf.UnconnectedGradients.ZERO
-            )
-            best = keep(z, odds, best)
-            ds, ms, vs = adam_step(gs, ms, vs, i + 1, self.learning_rate)
-            dw, mw, vw = adam_step(gw, mw, vw, i + 1, self.learning_rate)
-            s = tf.clip_by_value(s - ds, 0.0, 1.0)
-            w = w - dw
-            return i + 1, s, w, ms, vs, mw, vw, best
-
-        odds0 = target_odds(xt)
-        inf = tf.fill([rows], np.float32(np.inf))
-        best = keep(xt, odds0, (xt, inf, -inf, xt, -inf))
-        # Start at x (w = 0) with the whole box available (s = 1): dz/dw = r is then non-zero.
-        s0 = tf.ones([rows])
-        w0 = tf.zeros_like(xt)
-        total = self.steps * self.rounds
-        state = (tf.constant(0), s0, w0, tf.zeros_like(s0), tf.zeros_like(s0), w0, w0, best)
-        _, s, w, *_, best = tf.while_loop(
-            lambda i, *_: i < total, body, state, maximum_iterations=total
-        )
-        z_last = point(s, w)
-        bz, bd, bf, cz, cf = keep(z_last, target_odds(z_last), best)
-
+        xt, axes, expand = search.xt, search.axes, search.expand
+        bz, bd, bf, cz, cf = best
         found = tf.math.is_finite(bd)
         z_rows = tf.where(tf.reshape(found, expand), bz, cz)
         distances = per_slot(tf.reduce_max(tf.abs(z_rows - xt), axis=axes))
@@ -270,3 +221,77 @@ class NCNShell(FactorShell):
         if slots is not None:
             out["slot_labels"] = slots
         return out
+
+
+class _PenaltySearch:
+    """One graph trace of NCN's quadratic-penalty search (:class:`NCNShell`) on rows ``xt``
+    ``[R, H, W, 3]`` (pixels), each for its target label ``labels`` ``[R]``."""
+
+    def __init__(self, shell: NCNShell, xt: tf.Tensor, labels: tf.Tensor):
+        self.shell, self.xt, self.labels = shell, xt, labels
+        self.rows = tf.shape(xt)[0]
+        self.axes = list(range(1, len(xt.shape)))
+        self.expand = [-1] + [1] * len(self.axes)
+        self.logit_p = shell.logit_p  # F_t >= p  <=>  log-odds >= logit(p)
+
+    def point(self, s, w):
+        """``z = clip(x + delta_max * s * tanh(w), 0, 255)``."""
+        return tf.clip_by_value(
+            self.xt + tf.reshape(self.shell.delta_max * s, self.expand) * tf.tanh(w),
+            0.0,
+            PIXEL_MAX,
+        )
+
+    def target_odds(self, z):
+        return log_odds(self.shell._logits(z), self.labels)
+
+    def keep(self, z, odds, best):
+        """Nearest feasible point so far (and its log-odds), and most confident point so far."""
+        bz, bd, bf, cz, cf = best
+        d = tf.reduce_max(tf.abs(z - self.xt), axis=self.axes)
+        nearer = (odds >= self.logit_p) & (d < bd)
+        bz = tf.where(tf.reshape(nearer, self.expand), z, bz)
+        bd = tf.where(nearer, d, bd)
+        bf = tf.where(nearer, odds, bf)
+        surer = odds > cf
+        cz = tf.where(tf.reshape(surer, self.expand), z, cz)
+        return bz, bd, bf, cz, tf.where(surer, odds, cf)
+
+    def body(self, i, s, w, ms, vs, mw, vw, best):
+        """One Adam step on ``Q = r + alpha * max(logit(p) - o_t(z), 0)^2`` (``alpha`` of the
+        round of step ``i``), keeping the current iterate first."""
+        shell = self.shell
+        round_ = tf.cast(i // max(shell.steps, 1), tf.float32)
+        alpha = shell.alpha * tf.pow(shell.alpha_factor, round_)
+        with tf.GradientTape() as tape:
+            tape.watch([s, w])
+            z = self.point(s, w)
+            odds = self.target_odds(z)
+            q = shell.delta_max * s + alpha * tf.square(tf.nn.relu(self.logit_p - odds))
+            total_q = tf.reduce_sum(q)  # rows are independent: the sum's gradient is per row
+        gs, gw = tape.gradient(total_q, [s, w], unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        best = self.keep(z, odds, best)
+        ds, ms, vs = adam_step(gs, ms, vs, i + 1, shell.learning_rate)
+        dw, mw, vw = adam_step(gw, mw, vw, i + 1, shell.learning_rate)
+        s = tf.clip_by_value(s - ds, 0.0, 1.0)
+        w = w - dw
+        return i + 1, s, w, ms, vs, mw, vw, best
+
+    def run(self) -> tuple:
+        """``best`` after every iterate (``x`` first, the last iterate last): ``(bz, bd, bf, cz,
+        cf)``, the nearest feasible point, its distance (pixels; inf: none) and log-odds, the
+        most confident point and its log-odds."""
+        xt, rows = self.xt, self.rows
+        odds0 = self.target_odds(xt)
+        inf = tf.fill([rows], np.float32(np.inf))
+        best = self.keep(xt, odds0, (xt, inf, -inf, xt, -inf))
+        # Start at x (w = 0) with the whole box available (s = 1): dz/dw = r is then non-zero.
+        s0 = tf.ones([rows])
+        w0 = tf.zeros_like(xt)
+        total = self.shell.steps * self.shell.rounds
+        state = (tf.constant(0), s0, w0, tf.zeros_like(s0), tf.zeros_like(s0), w0, w0, best)
+        _, s, w, *_, best = tf.while_loop(
+            lambda i, *_: i < total, self.body, state, maximum_iterations=total
+        )
+        z_last = self.point(s, w)
+        return self.keep(z_last, self.target_odds(z_last), best)

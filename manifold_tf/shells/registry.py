@@ -53,7 +53,8 @@ def build(
     """The shell of ``kind`` around ``base``: ``SHELLS[kind].from_settings(...)``.
 
     Args:
-      kind: a registered kind (``"mcn"``, ``"ncn"``, ``"cw"`` or one added with :func:`register`).
+      kind: a registered kind (built in: ``"mcn"``, ``"ncn"``, ``"cw"``, ``"hedge"``,
+        ``"anti_adversary"``; or one added with :func:`register`).
       base: Keras model, images ``[N, H, W, C]`` (pixels 0..255) -> logits ``[N, C]``.
       settings: the evaluation's shell settings, read by attribute name (see
         :meth:`FactorShell.from_settings`).
