@@ -131,9 +131,12 @@ def _lift(t: ShellTarget, settings: attacks.LiftSettings, xs, ys, idx) -> Attack
     )
 
 
-def _bpda(t: ShellTarget, settings: attacks.BPDASettings, xs, ys, idx) -> AttackResult:
-    """BPDA from x, the transfer x' and the random restarts (:func:`attacks.bpda_restarts`)."""
-    return attacks.bpda_restarts(
+def _bpda(
+    chain, name: str, t: ShellTarget, settings: attacks.BPDASettings, xs, ys, idx
+) -> AttackResult:
+    """One of BPDA's chains from the transfer x' (``chain``: :func:`attacks.bpda_restarts`, which
+    also starts at x and at random points, or :func:`attacks.bpda_targeted`)."""
+    return chain(
         t.shell,
         xs,
         ys,
@@ -142,22 +145,7 @@ def _bpda(t: ShellTarget, settings: attacks.BPDASettings, xs, ys, idx) -> Attack
         x_init=t.x_cw[idx],
         seed=seeds.take(t.seed, idx),
         known=t.known,
-        progress=Ticker(f"{t.desc}: bpda"),
-    )
-
-
-def _bpda_targeted(t: ShellTarget, settings: attacks.BPDASettings, xs, ys, idx) -> AttackResult:
-    """Targeted BPDA from the transfer x' (:func:`attacks.bpda_targeted`)."""
-    return attacks.bpda_targeted(
-        t.shell,
-        xs,
-        ys,
-        epsilon=t.epsilon,
-        settings=settings,
-        x_init=t.x_cw[idx],
-        seed=seeds.take(t.seed, idx),
-        known=t.known,
-        progress=Ticker(f"{t.desc}: bpda_targeted"),
+        progress=Ticker(f"{t.desc}: {name}"),
     )
 
 
@@ -207,8 +195,12 @@ def shell_table(config: AdaptiveConfig, shell) -> tuple[tuple[str, Callable, obj
         ("transfer_cw", _transfer_cw, None),
         ("transfer_confident", _transfer_confident, config.steps),
         ("lift", _lift, lift),
-        ("bpda", _bpda, bpda),
-        ("bpda_targeted", _bpda_targeted, targeted),
+        ("bpda", functools.partial(_bpda, attacks.bpda_restarts, "bpda"), bpda),
+        (
+            "bpda_targeted",
+            functools.partial(_bpda, attacks.bpda_targeted, "bpda_targeted"),
+            targeted,
+        ),
         ("square", _square, square),
     )
 
